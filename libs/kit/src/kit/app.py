@@ -1,0 +1,65 @@
+"""The parts every FastAPI app here is assembled from, in one place."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+
+from fastapi import FastAPI
+from prometheus_client import CollectorRegistry
+from starlette.middleware.cors import CORSMiddleware
+from starlette.middleware.gzip import GZipMiddleware
+
+from kit.errors import install_problem_handlers
+from kit.health import ReadinessCheck, health_router
+from kit.metrics import HttpMetrics, MetricsMiddleware, metrics_router
+from kit.middleware import (
+    BodySizeLimitMiddleware,
+    RequestIdMiddleware,
+    TimingMiddleware,
+    TrustedHostMiddleware,
+)
+from kit.settings import ServiceSettings
+
+
+def add_common_middleware(
+    app: FastAPI, settings: ServiceSettings, registry: CollectorRegistry
+) -> HttpMetrics:
+    """Installs the shared middleware; returns the HTTP metrics it records into.
+
+    `add_middleware` wraps what is already there, so the last one added runs
+    first: request id, then timing, metrics, host check, CORS, GZip, body limit.
+    """
+    metrics = HttpMetrics(registry)
+    app.add_middleware(BodySizeLimitMiddleware, max_bytes=settings.max_body_bytes)
+    app.add_middleware(GZipMiddleware, minimum_size=1024)
+    if settings.cors_origins:
+        app.add_middleware(
+            CORSMiddleware,
+            allow_origins=settings.cors_origins,
+            # credentials never go with a wildcard origin
+            allow_credentials="*" not in settings.cors_origins,
+            allow_methods=["*"],
+            allow_headers=["*"],
+            expose_headers=["X-Request-ID", "X-Process-Time", "ETag", "Retry-After"],
+        )
+    app.add_middleware(TrustedHostMiddleware, allowed_hosts=settings.trusted_hosts)
+    app.add_middleware(MetricsMiddleware, metrics=metrics)
+    app.add_middleware(TimingMiddleware)
+    app.add_middleware(RequestIdMiddleware)
+    return metrics
+
+
+def assemble(
+    app: FastAPI,
+    settings: ServiceSettings,
+    *,
+    readiness: Mapping[str, ReadinessCheck],
+    registry: CollectorRegistry | None = None,
+) -> HttpMetrics:
+    """Middleware, problem+json handlers, `/healthz`, `/readyz` and `/metrics`."""
+    registry = registry or CollectorRegistry()
+    metrics = add_common_middleware(app, settings, registry)
+    install_problem_handlers(app)
+    app.include_router(health_router(readiness))
+    app.include_router(metrics_router(registry))
+    return metrics

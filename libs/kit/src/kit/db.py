@@ -1,0 +1,90 @@
+"""Async SQLAlchemy plumbing shared by the services that own a database."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import AsyncIterator
+from typing import Any
+
+import asyncpg
+from fastapi import Request
+from sqlalchemy import MetaData, text
+from sqlalchemy.engine import make_url
+from sqlalchemy.ext.asyncio import (
+    AsyncEngine,
+    AsyncSession,
+    async_sessionmaker,
+    create_async_engine,
+)
+
+logger = logging.getLogger("kit.db")
+
+# Explicit constraint names, so Alembic can drop and alter them by name.
+NAMING_CONVENTION = {
+    "ix": "ix_%(column_0_label)s",
+    "uq": "uq_%(table_name)s_%(column_0_N_name)s",
+    "ck": "ck_%(table_name)s_%(constraint_name)s",
+    "fk": "fk_%(table_name)s_%(column_0_name)s_%(referred_table_name)s",
+    "pk": "pk_%(table_name)s",
+}
+
+
+def new_metadata() -> MetaData:
+    return MetaData(naming_convention=NAMING_CONVENTION)
+
+
+def make_engine(url: str, **overrides: Any) -> AsyncEngine:
+    """An engine that survives a PostgreSQL restart: stale connections are
+    tested before use (`pool_pre_ping`) and recycled after half an hour."""
+    options: dict[str, Any] = {
+        "pool_pre_ping": True,
+        "pool_size": 10,
+        "max_overflow": 10,
+        "pool_recycle": 1800,
+        "pool_timeout": 10,
+    }
+    options.update(overrides)
+    return create_async_engine(url, **options)
+
+
+def make_sessionmaker(engine: AsyncEngine) -> async_sessionmaker[AsyncSession]:
+    return async_sessionmaker(engine, expire_on_commit=False, autoflush=False)
+
+
+async def session_dependency(request: Request) -> AsyncIterator[AsyncSession]:
+    """One session per request; services commit their own writes, this only closes."""
+    sessionmaker: async_sessionmaker[AsyncSession] = request.state.sessionmaker
+    async with sessionmaker() as session:
+        yield session
+
+
+async def check_database(request: Request) -> None:
+    engine: AsyncEngine = request.state.engine
+    async with engine.connect() as connection:
+        await connection.execute(text("SELECT 1"))
+
+
+def asyncpg_dsn(url: str) -> str:
+    """The plain `postgresql://` form asyncpg itself accepts."""
+    return make_url(url).set(drivername="postgresql").render_as_string(hide_password=False)
+
+
+async def ensure_database(url: str) -> None:
+    """Creates the URL's database if it is missing (first start of a fresh server)."""
+    parsed = make_url(url)
+    name = parsed.database
+    if not name:
+        return
+    server = asyncpg_dsn(parsed.set(database="postgres").render_as_string(hide_password=False))
+    connection = await asyncpg.connect(server)
+    try:
+        exists = await connection.fetchval("SELECT 1 FROM pg_database WHERE datname = $1", name)
+        if not exists:
+            quoted = '"' + name.replace('"', '""') + '"'
+            try:
+                await connection.execute(f"CREATE DATABASE {quoted}")
+                logger.info("created database %s", name)
+            except asyncpg.DuplicateDatabaseError:
+                pass  # created meanwhile by a concurrent migrate step
+    finally:
+        await connection.close()

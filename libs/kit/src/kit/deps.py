@@ -1,0 +1,54 @@
+"""FastAPI dependencies for the caller's identity, shared by every service."""
+
+from __future__ import annotations
+
+from typing import Annotated
+
+from fastapi import Depends, Request
+from fastapi.security import OAuth2PasswordBearer
+
+from kit.errors import Forbidden, Unauthenticated
+from kit.security import Principal, TokenVerifier
+
+oauth2_scheme = OAuth2PasswordBearer(tokenUrl="/auth/token", auto_error=False)
+
+
+def get_verifier(request: Request) -> TokenVerifier:
+    verifier: TokenVerifier = request.state.verifier
+    return verifier
+
+
+VerifierDep = Annotated[TokenVerifier, Depends(get_verifier)]
+
+
+async def current_principal(
+    verifier: VerifierDep, token: Annotated[str | None, Depends(oauth2_scheme)]
+) -> Principal:
+    if token is None:
+        raise Unauthenticated("A bearer token is required")
+    return await verifier.verify(token)
+
+
+async def optional_principal(
+    verifier: VerifierDep, token: Annotated[str | None, Depends(oauth2_scheme)]
+) -> Principal | None:
+    return None if token is None else await verifier.verify(token)
+
+
+CurrentPrincipal = Annotated[Principal, Depends(current_principal)]
+OptionalPrincipal = Annotated[Principal | None, Depends(optional_principal)]
+
+
+class RequireRole:
+    """A class dependency: `Depends(RequireRole("admin"))` admits only that role."""
+
+    def __init__(self, role: str) -> None:
+        self.role = role
+
+    async def __call__(self, principal: CurrentPrincipal) -> Principal:
+        if self.role not in principal.roles:
+            raise Forbidden(f"The {self.role!r} role is required")
+        return principal
+
+
+AdminPrincipal = Annotated[Principal, Depends(RequireRole("admin"))]

@@ -1,0 +1,216 @@
+"""Domain errors and their one mapping to RFC 9457 problem+json responses.
+
+Services raise the plain exceptions below; they never pick status codes.
+`install_problem_handlers` turns each into the one error format every service
+and the gateway share.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Mapping, Sequence
+from typing import Any, ClassVar
+
+from fastapi import FastAPI, Request
+from fastapi.encoders import jsonable_encoder
+from fastapi.exceptions import RequestValidationError, WebSocketRequestValidationError
+from starlette.exceptions import HTTPException
+from starlette.responses import JSONResponse
+
+from kit.context import request_id_var
+
+PROBLEM_JSON = "application/problem+json"
+logger = logging.getLogger("kit.errors")
+
+
+class DomainError(Exception):
+    """Base of every error a service raises on purpose."""
+
+    status: ClassVar[int] = 400
+    title: ClassVar[str] = "Bad request"
+    slug: ClassVar[str] = "bad-request"
+
+    def __init__(
+        self,
+        detail: str | None = None,
+        *,
+        headers: Mapping[str, str] | None = None,
+        **extensions: Any,
+    ) -> None:
+        super().__init__(detail or self.title)
+        self.detail = detail or self.title
+        self.headers = dict(headers or {})
+        self.extensions = extensions
+
+
+class Unauthenticated(DomainError):
+    status, title, slug = 401, "Not authenticated", "unauthenticated"
+
+    def __init__(self, detail: str | None = None, *, scheme: str = "Bearer") -> None:
+        super().__init__(detail, headers={"WWW-Authenticate": scheme})
+
+
+class Forbidden(DomainError):
+    status, title, slug = 403, "Forbidden", "forbidden"
+
+
+class NotFound(DomainError):
+    status, title, slug = 404, "Not found", "not-found"
+
+
+class Conflict(DomainError):
+    status, title, slug = 409, "Conflict", "conflict"
+
+
+class PayloadTooLarge(DomainError):
+    status, title, slug = 413, "Payload too large", "payload-too-large"
+
+
+class PreconditionFailed(DomainError):
+    status, title, slug = 412, "Precondition failed", "precondition-failed"
+
+
+class PreconditionRequired(DomainError):
+    status, title, slug = 428, "Precondition required", "precondition-required"
+
+
+class InvalidInput(DomainError):
+    """Input that passed parsing but breaks a rule; `errors` names the fields."""
+
+    status, title, slug = 422, "Validation failed", "validation-failed"
+
+    def __init__(self, detail: str | None = None, *, errors: Sequence[Mapping[str, Any]]) -> None:
+        super().__init__(detail, errors=[dict(error) for error in errors])
+
+
+class RateLimited(DomainError):
+    status, title, slug = 429, "Too many requests", "rate-limited"
+
+    def __init__(self, detail: str | None = None, *, retry_after: int) -> None:
+        retry_after = max(1, retry_after)
+        super().__init__(detail, headers={"Retry-After": str(retry_after)}, retry_after=retry_after)
+
+
+class BadGateway(DomainError):
+    status, title, slug = 502, "Bad gateway", "bad-gateway"
+
+
+class ServiceUnavailable(DomainError):
+    status, title, slug = 503, "Service unavailable", "service-unavailable"
+
+
+class GatewayTimeout(DomainError):
+    status, title, slug = 504, "Gateway timeout", "gateway-timeout"
+
+
+def problem_type(slug: str) -> str:
+    return f"urn:problem-type:{slug}"
+
+
+def problem_body(
+    *, status: int, title: str, slug: str, detail: str, **extensions: Any
+) -> dict[str, Any]:
+    body: dict[str, Any] = {
+        "type": problem_type(slug),
+        "title": title,
+        "status": status,
+        "detail": detail,
+        "instance": request_id_var.get(),
+    }
+    body.update(extensions)
+    return body
+
+
+def problem_response(
+    *,
+    status: int,
+    title: str,
+    slug: str,
+    detail: str,
+    headers: Mapping[str, str] | None = None,
+    **extensions: Any,
+) -> JSONResponse:
+    body = problem_body(status=status, title=title, slug=slug, detail=detail, **extensions)
+    return JSONResponse(
+        jsonable_encoder(body), status_code=status, headers=headers, media_type=PROBLEM_JSON
+    )
+
+
+def domain_error_response(error: DomainError) -> JSONResponse:
+    return problem_response(
+        status=error.status,
+        title=error.title,
+        slug=error.slug,
+        detail=error.detail,
+        headers=error.headers,
+        **error.extensions,
+    )
+
+
+def validation_errors(errors: Sequence[Any]) -> list[dict[str, Any]]:
+    """Pydantic's error list, cut down to what a client can act on (no echoed input)."""
+    return [
+        {"loc": list(error.get("loc", ())), "msg": error.get("msg", ""), "type": error.get("type")}
+        for error in errors
+    ]
+
+
+def validation_problem(errors: Sequence[Any]) -> JSONResponse:
+    cleaned = validation_errors(errors)
+    fields = ", ".join(".".join(str(part) for part in error["loc"]) for error in cleaned)
+    return problem_response(
+        status=422,
+        title=InvalidInput.title,
+        slug=InvalidInput.slug,
+        detail=f"Invalid input: {fields}" if fields else "Invalid input",
+        errors=cleaned,
+    )
+
+
+_STATUS_SLUGS = {
+    400: ("Bad request", "bad-request"),
+    401: ("Not authenticated", "unauthenticated"),
+    403: ("Forbidden", "forbidden"),
+    404: ("Not found", "not-found"),
+    405: ("Method not allowed", "method-not-allowed"),
+    406: ("Not acceptable", "not-acceptable"),
+    413: ("Payload too large", "payload-too-large"),
+    415: ("Unsupported media type", "unsupported-media-type"),
+}
+
+
+async def _on_domain_error(request: Request, error: Exception) -> JSONResponse:
+    assert isinstance(error, DomainError)
+    return domain_error_response(error)
+
+
+async def _on_validation_error(request: Request, error: Exception) -> JSONResponse:
+    assert isinstance(error, RequestValidationError)
+    return validation_problem(error.errors())
+
+
+async def _on_http_exception(request: Request, error: Exception) -> JSONResponse:
+    assert isinstance(error, HTTPException)
+    title, slug = _STATUS_SLUGS.get(error.status_code, ("Error", f"http-{error.status_code}"))
+    detail = error.detail if isinstance(error.detail, str) else title
+    return problem_response(
+        status=error.status_code, title=title, slug=slug, detail=detail, headers=error.headers
+    )
+
+
+async def _on_unexpected(request: Request, error: Exception) -> JSONResponse:
+    logger.exception("unhandled error", exc_info=error)
+    return problem_response(
+        status=500,
+        title="Internal server error",
+        slug="internal",
+        detail="The server failed to handle this request; it has been logged.",
+    )
+
+
+def install_problem_handlers(app: FastAPI) -> None:
+    app.add_exception_handler(DomainError, _on_domain_error)
+    app.add_exception_handler(RequestValidationError, _on_validation_error)
+    app.add_exception_handler(WebSocketRequestValidationError, _on_validation_error)
+    app.add_exception_handler(HTTPException, _on_http_exception)
+    app.add_exception_handler(Exception, _on_unexpected)

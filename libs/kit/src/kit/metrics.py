@@ -1,0 +1,106 @@
+"""Prometheus metrics: a pure-ASGI middleware that counts requests by route
+template, and `/metrics`, behind HTTP Basic when credentials are configured."""
+
+from __future__ import annotations
+
+import secrets
+import time
+from typing import Annotated
+
+from fastapi import APIRouter, Depends, Request, Response
+from fastapi.security import HTTPBasic, HTTPBasicCredentials
+from prometheus_client import (
+    CONTENT_TYPE_LATEST,
+    CollectorRegistry,
+    Counter,
+    Histogram,
+    generate_latest,
+)
+from starlette.routing import Match
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from kit.errors import Unauthenticated
+from kit.settings import ServiceSettings
+
+_basic = HTTPBasic(auto_error=False)
+
+
+class HttpMetrics:
+    def __init__(self, registry: CollectorRegistry) -> None:
+        self.registry = registry
+        self.requests = Counter(
+            "http_requests_total",
+            "HTTP requests by route template, method and status",
+            ["route", "method", "status"],
+            registry=registry,
+        )
+        self.latency = Histogram(
+            "http_request_duration_seconds",
+            "Time to the response head, by route template",
+            ["route", "method"],
+            registry=registry,
+        )
+
+
+def route_template(scope: Scope) -> str:
+    """The matched route's path template, so `/products/{id}` is one series, not millions."""
+    app = scope.get("app")
+    router = getattr(app, "router", None)
+    for route in getattr(router, "routes", []):
+        match, _ = route.matches(scope)
+        if match == Match.FULL:
+            return str(getattr(route, "path", "unmatched"))
+    return "unmatched"
+
+
+class MetricsMiddleware:
+    def __init__(self, app: ASGIApp, *, metrics: HttpMetrics) -> None:
+        self.app = app
+        self.metrics = metrics
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        started = time.perf_counter()
+        status = 500
+
+        async def observing_send(message: Message) -> None:
+            nonlocal status
+            if message["type"] == "http.response.start":
+                status = message["status"]
+                route = route_template(scope)
+                self.metrics.latency.labels(route, scope["method"]).observe(
+                    time.perf_counter() - started
+                )
+                self.metrics.requests.labels(route, scope["method"], str(status)).inc()
+            await send(message)
+
+        await self.app(scope, receive, observing_send)
+
+
+def require_metrics_credentials(
+    request: Request, credentials: Annotated[HTTPBasicCredentials | None, Depends(_basic)]
+) -> None:
+    settings: ServiceSettings = request.state.settings
+    if settings.metrics_user is None or settings.metrics_password is None:
+        return
+    if credentials is None:
+        raise Unauthenticated("Metrics need HTTP Basic credentials", scheme="Basic")
+    # compare_digest over bytes: the time taken does not reveal how much matched
+    user_ok = secrets.compare_digest(credentials.username.encode(), settings.metrics_user.encode())
+    password_ok = secrets.compare_digest(
+        credentials.password.encode(), settings.metrics_password.get_secret_value().encode()
+    )
+    if not (user_ok and password_ok):
+        raise Unauthenticated("Wrong metrics credentials", scheme="Basic")
+
+
+def metrics_router(registry: CollectorRegistry) -> APIRouter:
+    router = APIRouter(tags=["metrics"], include_in_schema=False)
+
+    @router.get("/metrics", dependencies=[Depends(require_metrics_credentials)])
+    async def metrics() -> Response:
+        return Response(generate_latest(registry), media_type=CONTENT_TYPE_LATEST)
+
+    return router

@@ -1,0 +1,234 @@
+"""Access-token verification, shared by every service and the gateway.
+
+Tokens are signed by auth with an asymmetric key named by `kid`; everyone
+else verifies them against auth's JWKS. The algorithm allow-list is explicit
+(so `alg: none` and HS256-with-the-public-key are refused before any key is
+touched), keys are parsed once and cached by `kid`, and a revoked `jti` (or a
+user revoked wholesale) is refused through Redis.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+import httpx
+from jose import ExpiredSignatureError, JWTError, jwk, jwt
+from jose.backends.base import Key
+from jose.exceptions import JWTClaimsError
+from redis.asyncio import Redis
+from redis.exceptions import RedisError
+
+from kit.errors import ServiceUnavailable, Unauthenticated
+
+logger = logging.getLogger("kit.security")
+
+ACCESS_TOKEN_TYPE = "access"
+_REQUIRED_CLAIMS = {
+    "require_exp": True,
+    "require_iat": True,
+    "require_iss": True,
+    "require_aud": True,
+    "require_sub": True,
+    "require_jti": True,
+}
+
+
+def revoked_token_key(jti: str) -> str:
+    return f"auth:revoked:jti:{jti}"
+
+
+def revoked_user_key(user_id: str) -> str:
+    """Holds a unix time: that user's tokens issued before it are refused."""
+    return f"auth:revoked:user:{user_id}"
+
+
+@dataclass(frozen=True, slots=True)
+class Principal:
+    """Who a verified access token speaks for."""
+
+    user_id: str
+    name: str
+    roles: frozenset[str]
+    jti: str
+    issued_at: int
+    expires_at: int
+
+    @property
+    def is_admin(self) -> bool:
+        return "admin" in self.roles
+
+
+@dataclass(frozen=True, slots=True)
+class VerificationKey:
+    kid: str
+    algorithm: str
+    key: Key
+
+
+class KeySource(Protocol):
+    async def key_for(self, kid: str) -> VerificationKey | None: ...
+
+
+def parse_jwks(
+    document: Mapping[str, Any], algorithms: Iterable[str]
+) -> dict[str, VerificationKey]:
+    """Parses every usable key of a JWKS once; keys for other algorithms are ignored."""
+    allowed = set(algorithms)
+    keys: dict[str, VerificationKey] = {}
+    for entry in document.get("keys", []):
+        kid, algorithm = entry.get("kid"), entry.get("alg")
+        if not isinstance(kid, str) or algorithm not in allowed or entry.get("use", "sig") != "sig":
+            continue
+        try:
+            keys[kid] = VerificationKey(kid, algorithm, jwk.construct(entry, algorithm))
+        except JWTError:
+            logger.warning("skipping unusable JWKS key %s", kid)
+    return keys
+
+
+class JwksKeySource:
+    """Keys from a JWKS URL, cached; an unknown `kid` refetches at most every few seconds."""
+
+    def __init__(
+        self,
+        url: str,
+        *,
+        http: httpx.AsyncClient,
+        algorithms: Iterable[str],
+        min_refresh_seconds: float = 5.0,
+    ) -> None:
+        self.url = url
+        self.http = http
+        self.algorithms = tuple(algorithms)
+        self.min_refresh_seconds = min_refresh_seconds
+        self._keys: dict[str, VerificationKey] = {}
+        self._fetched_at = float("-inf")
+        self._lock = asyncio.Lock()
+
+    async def key_for(self, kid: str) -> VerificationKey | None:
+        key = self._keys.get(kid)
+        if key is not None:
+            return key
+        async with self._lock:
+            if kid not in self._keys and self._refresh_due():
+                await self.refresh()
+        return self._keys.get(kid)
+
+    def _refresh_due(self) -> bool:
+        return time.monotonic() - self._fetched_at >= self.min_refresh_seconds
+
+    async def refresh(self) -> None:
+        self._fetched_at = time.monotonic()
+        try:
+            response = await self.http.get(self.url, timeout=5.0)
+            response.raise_for_status()
+            self._keys = parse_jwks(response.json(), self.algorithms)
+        except (httpx.HTTPError, ValueError) as error:
+            logger.warning("JWKS fetch from %s failed: %s", self.url, error)
+
+
+class TokenVerifier:
+    def __init__(
+        self,
+        *,
+        keys: KeySource,
+        issuer: str,
+        audience: str,
+        algorithms: Iterable[str],
+        redis: Redis | None,
+    ) -> None:
+        self.keys = keys
+        self.issuer = issuer
+        self.audience = audience
+        self.algorithms = frozenset(algorithms)
+        self.redis = redis
+
+    async def verify(self, token: str) -> Principal:
+        claims = await self.verified_claims(token)
+        principal = Principal(
+            user_id=str(claims["sub"]),
+            name=str(claims.get("name", "")),
+            roles=frozenset(claims.get("roles", [])),
+            jti=str(claims["jti"]),
+            issued_at=int(claims["iat"]),
+            expires_at=int(claims["exp"]),
+        )
+        await self.ensure_not_revoked(principal)
+        return principal
+
+    async def verified_claims(self, token: str) -> dict[str, Any]:
+        try:
+            header = jwt.get_unverified_header(token)
+        except JWTError as error:
+            raise Unauthenticated("Malformed token") from error
+        algorithm, kid = header.get("alg"), header.get("kid")
+        if algorithm not in self.algorithms:
+            raise Unauthenticated("Token algorithm is not allowed")
+        if not isinstance(kid, str):
+            raise Unauthenticated("Token has no key id")
+        key = await self.keys.key_for(kid)
+        if key is None or key.algorithm != algorithm:
+            raise Unauthenticated("Token signed by an unknown key")
+        try:
+            claims: dict[str, Any] = jwt.decode(
+                token,
+                key.key,
+                algorithms=[key.algorithm],
+                audience=self.audience,
+                issuer=self.issuer,
+                options=_REQUIRED_CLAIMS,
+            )
+        except ExpiredSignatureError as error:
+            raise Unauthenticated("Token expired") from error
+        except JWTClaimsError as error:
+            raise Unauthenticated("Token claims are invalid") from error
+        except JWTError as error:
+            raise Unauthenticated("Invalid token") from error
+        if claims.get("typ") != ACCESS_TOKEN_TYPE:
+            raise Unauthenticated("Not an access token")
+        return claims
+
+    async def ensure_not_revoked(self, principal: Principal) -> None:
+        if self.redis is None:
+            return
+        try:
+            token_revoked, user_revoked_before = await self.redis.mget(
+                revoked_token_key(principal.jti), revoked_user_key(principal.user_id)
+            )
+        except RedisError as error:
+            raise ServiceUnavailable("Token revocation list is unreachable; retry") from error
+        if token_revoked is not None:
+            raise Unauthenticated("Token revoked")
+        if user_revoked_before is not None and principal.issued_at < float(user_revoked_before):
+            raise Unauthenticated("Token revoked")
+
+
+def bearer_from_headers(authorization: str | None) -> str | None:
+    if not authorization:
+        return None
+    scheme, _, token = authorization.partition(" ")
+    return token.strip() or None if scheme.lower() == "bearer" else None
+
+
+def bearer_from_subprotocols(subprotocols: Iterable[str]) -> str | None:
+    """Browsers send the token as the subprotocol pair `bearer, <token>`."""
+    offered = list(subprotocols)
+    for index, name in enumerate(offered[:-1]):
+        if name == "bearer":
+            return offered[index + 1]
+    return None
+
+
+class StaticKeySource:
+    """A fixed set of keys: auth's own key ring, or a test's."""
+
+    def __init__(self, keys: Mapping[str, VerificationKey]) -> None:
+        self._keys = dict(keys)
+
+    async def key_for(self, kid: str) -> VerificationKey | None:
+        return self._keys.get(kid)

@@ -1,0 +1,46 @@
+"""Settings every service shares; each service subclasses `ServiceSettings`.
+
+Order of precedence: environment, then `.env`, then the defaults here, which
+are the values compose.yaml runs with, so `docker compose up` needs no `.env`.
+"""
+
+from __future__ import annotations
+
+import socket
+from typing import Annotated
+
+from pydantic import AnyHttpUrl, Field, RedisDsn, SecretStr, field_validator
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
+
+
+def _split_csv(value: object) -> object:
+    if isinstance(value, str):
+        return [item.strip() for item in value.split(",") if item.strip()]
+    return value
+
+
+class ServiceSettings(BaseSettings):
+    model_config = SettingsConfigDict(env_file=".env", extra="ignore", frozen=True)
+
+    service_name: str = "service"
+    log_level: str = "INFO"
+    node_id: str = Field(default_factory=socket.gethostname)
+
+    redis_url: RedisDsn = RedisDsn("redis://redis:6379/0")
+
+    jwt_issuer: str = "bazaar-auth"
+    jwt_audience: str = "bazaar"
+    jwks_url: AnyHttpUrl = AnyHttpUrl("http://auth:8000/auth/.well-known/jwks.json")
+    jwt_algorithms: Annotated[list[str], NoDecode] = ["ES256"]
+
+    metrics_user: str | None = None
+    metrics_password: SecretStr | None = None
+
+    cors_origins: Annotated[list[str], NoDecode] = []
+    trusted_hosts: Annotated[list[str], NoDecode] = ["*"]
+    max_body_bytes: int = Field(default=1_048_576, gt=0)
+
+    @field_validator("cors_origins", "trusted_hosts", "jwt_algorithms", mode="before")
+    @classmethod
+    def _comma_separated(cls, value: object) -> object:
+        return _split_csv(value)

@@ -1,0 +1,242 @@
+"""Test helpers every service's suite uses: real PostgreSQL and Redis from
+Testcontainers (images from POSTGRES_IMAGE / REDIS_IMAGE), Alembic against a
+test database, and uvicorn on a loopback port for tests that need a real
+socket (WebSockets, the gateway's upstreams).
+
+Load it with `pytest_plugins = ["kit.testing"]` in a conftest.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import socket
+import time
+import uuid
+from collections.abc import AsyncIterator, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import asyncpg
+import pytest
+import uvicorn
+from redis.asyncio import Redis
+from redis.exceptions import RedisError
+from starlette.types import ASGIApp
+from testcontainers.core.container import DockerContainer
+
+POSTGRES_IMAGE = os.environ.get("POSTGRES_IMAGE", "postgres:17")
+REDIS_IMAGE = os.environ.get("REDIS_IMAGE", "redis:7")
+STARTUP_TIMEOUT_SECONDS = 60.0
+
+
+def free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port: int = probe.getsockname()[1]
+        return port
+
+
+@dataclass
+class Service:
+    """A started container with a fixed host port, so it keeps it across restarts."""
+
+    container: DockerContainer
+    port: int
+
+    def restart(self) -> None:
+        self.container.get_wrapped_container().restart(timeout=5)
+
+    def stop(self) -> None:
+        self.container.get_wrapped_container().stop(timeout=5)
+
+    def start(self) -> None:
+        self.container.get_wrapped_container().start()
+
+
+async def wait_for_postgres(url: str, within: float = STARTUP_TIMEOUT_SECONDS) -> None:
+    deadline = time.monotonic() + within
+    while True:
+        try:
+            connection = await asyncpg.connect(url, timeout=2)
+        except (TimeoutError, OSError, asyncpg.PostgresError):
+            if time.monotonic() > deadline:
+                raise
+            await asyncio.sleep(0.2)
+        else:
+            await connection.close()
+            return
+
+
+async def wait_for_redis(url: str, within: float = STARTUP_TIMEOUT_SECONDS) -> None:
+    deadline = time.monotonic() + within
+    client = Redis.from_url(url)
+    try:
+        while True:
+            try:
+                await client.ping()
+                return
+            except (OSError, RedisError):
+                if time.monotonic() > deadline:
+                    raise
+                await asyncio.sleep(0.2)
+    finally:
+        await client.aclose()
+
+
+@pytest.fixture(scope="session")
+def postgres_service() -> Iterator[Service]:
+    port = free_port()
+    container = (
+        DockerContainer(POSTGRES_IMAGE)
+        .with_env("POSTGRES_USER", "test")
+        .with_env("POSTGRES_PASSWORD", "test")
+        .with_env("POSTGRES_DB", "test")
+        .with_bind_ports(5432, port)
+        .with_command("postgres -c fsync=off -c synchronous_commit=off -c max_connections=300")
+    )
+    container.start()
+    try:
+        asyncio.run(wait_for_postgres(f"postgresql://test:test@127.0.0.1:{port}/test"))
+        yield Service(container, port)
+    finally:
+        container.stop()
+
+
+@pytest.fixture(scope="session")
+def redis_service() -> Iterator[Service]:
+    port = free_port()
+    container = DockerContainer(REDIS_IMAGE).with_bind_ports(6379, port)
+    container.start()
+    try:
+        asyncio.run(wait_for_redis(f"redis://127.0.0.1:{port}/0"))
+        yield Service(container, port)
+    finally:
+        container.stop()
+
+
+@pytest.fixture(scope="session")
+def postgres_server_url(postgres_service: Service) -> str:
+    """`postgresql+asyncpg://` URL of the server, without a database name."""
+    return f"postgresql+asyncpg://test:test@127.0.0.1:{postgres_service.port}"
+
+
+@pytest.fixture(scope="session")
+def redis_url(redis_service: Service) -> str:
+    return f"redis://127.0.0.1:{redis_service.port}/0"
+
+
+def unique_database_url(server_url: str, prefix: str) -> str:
+    return f"{server_url}/{prefix}_{uuid.uuid4().hex[:8]}"
+
+
+def alembic_config(service_dir: Path, url: str) -> object:
+    from alembic.config import Config
+
+    config = Config(str(service_dir / "alembic.ini"))
+    config.set_main_option("script_location", str(service_dir / "migrations"))
+    config.attributes["url"] = url
+    return config
+
+
+async def migrate(service_dir: Path, url: str, revision: str = "head") -> None:
+    """`alembic upgrade` in a worker thread: env.py runs its own event loop."""
+    from alembic import command
+
+    config = alembic_config(service_dir, url)
+    await asyncio.to_thread(command.upgrade, config, revision)  # type: ignore[arg-type]
+
+
+async def downgrade(service_dir: Path, url: str, revision: str = "base") -> None:
+    from alembic import command
+
+    config = alembic_config(service_dir, url)
+    await asyncio.to_thread(command.downgrade, config, revision)  # type: ignore[arg-type]
+
+
+@contextlib.asynccontextmanager
+async def serve(app: ASGIApp, *, port: int | None = None) -> AsyncIterator[str]:
+    """Runs `app` under uvicorn on 127.0.0.1 in this event loop; yields its base URL."""
+    port = port or free_port()
+    config = uvicorn.Config(
+        app, host="127.0.0.1", port=port, log_level="warning", lifespan="on", ws_ping_interval=None
+    )
+    server = uvicorn.Server(config)
+    task = asyncio.create_task(server.serve())
+    try:
+        while not server.started:
+            if task.done():
+                task.result()
+                raise RuntimeError("uvicorn stopped before it started")
+            await asyncio.sleep(0.01)
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        server.should_exit = True
+        await task
+
+
+class TokenMinter:
+    """Signs access tokens the way auth does, with a throwaway ES256 key.
+
+    Services' tests pass `minter.key_source` to `create_app` and mint tokens
+    for any user and role without running auth.
+    """
+
+    def __init__(self, *, issuer: str = "bazaar-auth", audience: str = "bazaar") -> None:
+        from cryptography.hazmat.primitives import serialization
+        from cryptography.hazmat.primitives.asymmetric import ec
+        from jose import jwk
+
+        from kit.security import StaticKeySource, VerificationKey
+
+        private = ec.generate_private_key(ec.SECP256R1())
+        self.private_pem = private.private_bytes(
+            serialization.Encoding.PEM,
+            serialization.PrivateFormat.PKCS8,
+            serialization.NoEncryption(),
+        ).decode()
+        self.public_pem = (
+            private.public_key()
+            .public_bytes(
+                serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo
+            )
+            .decode()
+        )
+        self.kid = uuid.uuid4().hex
+        self.issuer = issuer
+        self.audience = audience
+        public_jwk = jwk.construct(self.public_pem, "ES256").to_dict()
+        self.jwks = {"keys": [{**public_jwk, "kid": self.kid, "alg": "ES256", "use": "sig"}]}
+        self.key_source = StaticKeySource(
+            {self.kid: VerificationKey(self.kid, "ES256", jwk.construct(self.public_pem, "ES256"))}
+        )
+
+    def token(
+        self,
+        *,
+        user_id: str | None = None,
+        name: str = "Test User",
+        roles: tuple[str, ...] = ("user",),
+        lifetime: int = 900,
+        **overrides: object,
+    ) -> str:
+        from jose import jwt
+
+        now = int(time.time())
+        claims: dict[str, object] = {
+            "sub": user_id or str(uuid.uuid4()),
+            "name": name,
+            "roles": list(roles),
+            "iat": now,
+            "exp": now + lifetime,
+            "jti": uuid.uuid4().hex,
+            "iss": self.issuer,
+            "aud": self.audience,
+            "typ": "access",
+        }
+        claims.update(overrides)
+        encoded: str = jwt.encode(
+            claims, self.private_pem, algorithm="ES256", headers={"kid": self.kid}
+        )
+        return encoded
