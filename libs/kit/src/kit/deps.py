@@ -13,7 +13,8 @@ from kit.security import Principal, TokenVerifier
 oauth2_scheme = OAuth2PasswordBearer(tokenUrl="/auth/token", auto_error=False)
 
 
-def get_verifier(request: Request) -> TokenVerifier:
+async def get_verifier(request: Request) -> TokenVerifier:
+    # async: FastAPI would run a plain `def` dependency in a worker thread
     verifier: TokenVerifier = request.state.verifier
     return verifier
 

@@ -20,7 +20,10 @@ def _split_csv(value: object) -> object:
 
 
 class ServiceSettings(BaseSettings):
-    model_config = SettingsConfigDict(env_file=".env", extra="ignore", frozen=True)
+    # env_ignore_empty: compose passes `${VAR:-}` as an empty string, which means "unset"
+    model_config = SettingsConfigDict(
+        env_file=".env", extra="ignore", frozen=True, env_ignore_empty=True
+    )
 
     service_name: str = "service"
     log_level: str = "INFO"

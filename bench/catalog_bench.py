@@ -1,0 +1,329 @@
+"""Catalog read path against the same service's trivial endpoint.
+
+Starts PostgreSQL (Testcontainers, image from POSTGRES_IMAGE), migrates and
+seeds it, runs the catalog under uvicorn (httptools + uvloop, one worker, as
+the container does) on loopback, then loads, one after the other:
+
+- `GET /healthz` (the trivial endpoint: middleware + routing, no I/O),
+- `GET /catalog/products/{id}` (random ids out of the seeded ones),
+- `GET /catalog/products?limit=20` (a first page, each product with its category).
+
+and reports requests per second and p50/p99 latency, each as a ratio to
+/healthz. The goal: get-by-id at least 0.5x /healthz's rps. The load comes
+from `wrk` (closed loop, one thread) when it is installed, else from an
+aiohttp loop in a separate process.
+
+    uv run python bench/catalog_bench.py --json /tmp/catalog.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import json
+import os
+import random
+import shutil
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+import uuid
+from collections.abc import AsyncIterator, Iterator
+from dataclasses import asdict, dataclass
+from decimal import Decimal
+from pathlib import Path
+from typing import Any
+
+import httpx
+from sqlalchemy import insert
+from sqlalchemy.ext.asyncio import create_async_engine
+from testcontainers.core.container import DockerContainer
+
+from catalog.models import Category, Product
+from kit.testing import POSTGRES_IMAGE, free_port, migrate, wait_for_postgres
+
+SERVICE_DIR = Path(__file__).resolve().parents[1] / "services" / "catalog"
+PRODUCTS = 10_000
+CATEGORIES = 20
+ID_SAMPLE = 1_000
+WORDS = ["red", "green", "blue", "apple", "pear", "bread", "lamp", "chair", "table", "soap"]
+
+
+@dataclass
+class Result:
+    name: str
+    rps: float
+    p50_ms: float
+    p99_ms: float
+    requests: int
+    errors: int
+
+
+@contextlib.contextmanager
+def postgres() -> Iterator[str]:
+    port = free_port()
+    container = (
+        DockerContainer(POSTGRES_IMAGE)
+        .with_env("POSTGRES_USER", "bench")
+        .with_env("POSTGRES_PASSWORD", "bench")
+        .with_env("POSTGRES_DB", "bench")
+        .with_bind_ports(5432, port)
+        .with_command("postgres -c fsync=off -c synchronous_commit=off")
+    )
+    container.start()
+    try:
+        asyncio.run(wait_for_postgres(f"postgresql://bench:bench@127.0.0.1:{port}/bench"))
+        yield f"postgresql+asyncpg://bench:bench@{direct_address(container, port)}/catalog"
+    finally:
+        container.stop()
+
+
+def direct_address(container: DockerContainer, port: int) -> str:
+    """The container's own address when this host can reach it: a published
+    port goes through docker-proxy, a userland copy that compose's network
+    does not have (and that costs more CPU than the query)."""
+    wrapped = container.get_wrapped_container()
+    wrapped.reload()
+    address = wrapped.attrs.get("NetworkSettings", {}).get("IPAddress")
+    if address:
+        with contextlib.suppress(OSError), socket.create_connection((address, 5432), timeout=1):
+            return f"{address}:5432"
+    return f"127.0.0.1:{port}"
+
+
+def pinned(command: list[str], core: int) -> list[str]:
+    """Server on one core and load generator on the other, when there are two."""
+    if shutil.which("taskset") and (os.cpu_count() or 1) > 1:
+        return ["taskset", "-c", str(core), *command]
+    return command
+
+
+def product_name(number: int) -> str:
+    words = []
+    while True:
+        number, digit = divmod(number, len(WORDS))
+        words.append(WORDS[digit])
+        if number == 0:
+            return " ".join(words).title()
+
+
+async def seed(url: str) -> list[str]:
+    """Categories and products; returns a sample of product ids."""
+    await migrate(SERVICE_DIR, url)
+    engine = create_async_engine(url)
+    rng = random.Random(7)
+    try:
+        async with engine.begin() as connection:
+            await connection.execute(
+                insert(Category),
+                [{"slug": f"category-{n}", "name": f"Category {n}"} for n in range(CATEGORIES)],
+            )
+            rows = [
+                {
+                    "id": uuid.uuid4(),
+                    "name": product_name(number),
+                    "price": Decimal(rng.randint(100, 50_000)) / 100,
+                    "tags": rng.sample(WORDS, 2),
+                    "category_id": number % CATEGORIES + 1,
+                }
+                for number in range(PRODUCTS)
+            ]
+            await connection.execute(insert(Product), rows)
+            await connection.exec_driver_sql("ANALYZE")
+    finally:
+        await engine.dispose()
+    return [str(row["id"]) for row in rng.sample(rows, ID_SAMPLE)]
+
+
+@contextlib.asynccontextmanager
+async def catalog_server(database_url: str) -> AsyncIterator[str]:
+    port = free_port()
+    env = {
+        **os.environ,
+        "DATABASE_URL": database_url,
+        "REDIS_URL": f"redis://127.0.0.1:{free_port()}/0",  # reads never touch Redis
+        "LOG_LEVEL": "WARNING",
+    }
+    command = [
+        sys.executable, "-m", "uvicorn", "catalog.main:create_app", "--factory",
+        "--host", "127.0.0.1", "--port", str(port), "--http", "httptools", "--loop", "uvloop",
+        "--log-level", "warning", "--no-access-log",
+    ]  # fmt: skip
+    process = subprocess.Popen(pinned(command, 1), env=env, stdout=subprocess.DEVNULL)  # noqa: ASYNC220 - started once, before any load
+    base = f"http://127.0.0.1:{port}"
+    try:
+        async with httpx.AsyncClient() as client:
+            deadline = time.monotonic() + 30
+            while True:
+                with contextlib.suppress(httpx.TransportError):
+                    if (await client.get(f"{base}/healthz")).status_code == 200:
+                        break
+                if process.poll() is not None or time.monotonic() > deadline:
+                    raise RuntimeError("the catalog did not start")
+                await asyncio.sleep(0.1)
+        yield base
+    finally:
+        process.terminate()
+        process.wait(timeout=10)
+
+
+WRK_REPORT = """
+done = function(summary, latency, requests)
+  local e = summary.errors
+  io.write(string.format(
+    "RESULT %d %d %d %d %d\\n", summary.requests, summary.duration,
+    latency:percentile(50), latency:percentile(99),
+    e.connect + e.read + e.write + e.timeout + e.status))
+end
+"""
+
+
+def wrk_script(paths: list[str]) -> str:
+    listed = ",".join(json.dumps(path) for path in paths)
+    return (
+        f"local paths = {{{listed}}}\n"
+        "request = function() return wrk.format('GET', paths[math.random(#paths)]) end\n"
+        + WRK_REPORT
+    )
+
+
+def run_wrk(name: str, base: str, paths: list[str], args: argparse.Namespace) -> Result:
+    with tempfile.NamedTemporaryFile("w", suffix=".lua", delete=False) as script:
+        script.write(wrk_script(paths))
+    try:
+        for duration in (args.warmup, args.duration):
+            output = subprocess.run(
+                pinned(
+                    ["wrk", "-t1", f"-c{args.connections}", f"-d{duration}s", "-s", script.name, base],
+                    0,
+                ),
+                capture_output=True, text=True, check=True,
+            ).stdout  # fmt: skip
+    finally:
+        os.unlink(script.name)
+    line = next(line for line in output.splitlines() if line.startswith("RESULT "))
+    requests, duration_us, p50_us, p99_us, errors = (int(part) for part in line.split()[1:])
+    return Result(
+        name, requests / (duration_us / 1e6), p50_us / 1e3, p99_us / 1e3, requests, errors
+    )
+
+
+def aiohttp_load(base: str, paths: list[str], connections: int, seconds: float) -> dict[str, Any]:
+    """A closed loop of `connections` workers, in its own process (see run_aiohttp)."""
+    import aiohttp
+
+    async def load() -> dict[str, Any]:
+        latencies: list[float] = []
+        errors = 0
+        stop = time.perf_counter() + seconds
+        connector = aiohttp.TCPConnector(limit=connections)
+        async with aiohttp.ClientSession(base, connector=connector) as session:
+
+            async def worker() -> None:
+                nonlocal errors
+                while time.perf_counter() < stop:
+                    started = time.perf_counter()
+                    async with session.get(random.choice(paths)) as response:
+                        await response.read()
+                        errors += response.status >= 400
+                    latencies.append(time.perf_counter() - started)
+
+            started = time.perf_counter()
+            await asyncio.gather(*(worker() for _ in range(connections)))
+            elapsed = time.perf_counter() - started
+        return {"latencies": latencies, "errors": errors, "elapsed": elapsed}
+
+    return asyncio.run(load())
+
+
+def run_aiohttp(name: str, base: str, paths: list[str], args: argparse.Namespace) -> Result:
+    import concurrent.futures
+
+    with concurrent.futures.ProcessPoolExecutor(1) as pool:
+        pool.submit(aiohttp_load, base, paths, args.connections, args.warmup).result()
+        figures = pool.submit(aiohttp_load, base, paths, args.connections, args.duration).result()
+    latencies = sorted(figures["latencies"])
+    count = len(latencies)
+    return Result(
+        name,
+        count / figures["elapsed"],
+        latencies[count // 2] * 1e3,
+        latencies[min(count - 1, int(count * 0.99))] * 1e3,
+        count,
+        figures["errors"],
+    )
+
+
+def report(results: list[Result], tool: str, args: argparse.Namespace) -> dict[str, Any]:
+    baseline = results[0]
+    print(f"\ncatalog read path vs /healthz ({tool}, c={args.connections}, {args.duration}s each)")
+    print(
+        f"{'endpoint':<18}{'rps':>9}{'p50 ms':>9}{'p99 ms':>9}{'rps x':>8}{'p50 x':>8}{'p99 x':>8}"
+    )
+    for result in results:
+        print(
+            f"{result.name:<18}{result.rps:>9.0f}{result.p50_ms:>9.2f}{result.p99_ms:>9.2f}"
+            f"{result.rps / baseline.rps:>8.2f}{result.p50_ms / baseline.p50_ms:>8.2f}"
+            f"{result.p99_ms / baseline.p99_ms:>8.2f}"
+        )
+    by_id = results[1].rps / baseline.rps
+    verdict = "met" if by_id >= args.goal else "NOT met"
+    print(f"goal: get-by-id >= {args.goal}x /healthz rps -> {by_id:.2f}x, {verdict}")
+    return {
+        "tool": tool,
+        "connections": args.connections,
+        "duration_seconds": args.duration,
+        "products": PRODUCTS,
+        "results": [asdict(result) for result in results],
+        "ratios": {
+            result.name: {
+                "rps": result.rps / baseline.rps,
+                "p50": result.p50_ms / baseline.p50_ms,
+                "p99": result.p99_ms / baseline.p99_ms,
+            }
+            for result in results[1:]
+        },
+        "goal": {"get_by_id_rps_ratio": args.goal, "met": by_id >= args.goal},
+    }
+
+
+async def bench(database_url: str, args: argparse.Namespace) -> dict[str, Any]:
+    ids = await seed(database_url)
+    tool = "wrk" if shutil.which("wrk") and not args.aiohttp else "aiohttp"
+    run = run_wrk if tool == "wrk" else run_aiohttp
+    async with catalog_server(database_url) as base:
+        targets = {
+            "healthz": ["/healthz"],
+            "get_by_id": [f"/catalog/products/{product_id}" for product_id in ids],
+            "list_page_20": ["/catalog/products?limit=20"],
+        }
+        async with httpx.AsyncClient(base_url=base) as client:
+            for paths in targets.values():
+                response = await client.get(paths[0])
+                assert response.status_code == 200, response.text
+        results = [
+            await asyncio.to_thread(run, name, base, paths, args) for name, paths in targets.items()
+        ]
+    return report(results, tool, args)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--json", type=Path, help="write the figures here")
+    parser.add_argument("--duration", type=int, default=8, help="seconds per endpoint")
+    parser.add_argument("--warmup", type=int, default=2, help="seconds of warm-up per endpoint")
+    parser.add_argument("--connections", type=int, default=32)
+    parser.add_argument("--goal", type=float, default=0.5)
+    parser.add_argument("--aiohttp", action="store_true", help="load with aiohttp, not wrk")
+    args = parser.parse_args()
+    with postgres() as database_url:
+        figures = asyncio.run(bench(database_url, args))
+    if args.json:
+        args.json.write_text(json.dumps(figures, indent=2))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,82 @@
+"""The gateway's settings: kit's shared ones plus upstream pools, health, limits."""
+
+from __future__ import annotations
+
+from typing import Annotated
+
+from pydantic import AnyHttpUrl, Field, field_validator
+from pydantic_settings import NoDecode
+
+from kit.settings import ServiceSettings
+
+UpstreamList = Annotated[list[AnyHttpUrl], NoDecode, Field(min_length=1)]
+
+
+def _split_upstreams(value: object) -> object:
+    if isinstance(value, str):
+        return [item.strip() for item in value.split(",") if item.strip()]
+    return value
+
+
+class Settings(ServiceSettings):
+    service_name: str = "gateway"
+
+    # Each pool is one or more base URLs. A host name is resolved by DNS to
+    # every replica's address (compose and Swarm's dnsrr return one address per
+    # replica) and re-resolved every `dns_refresh_seconds`; IP literals are
+    # taken as they are, so `http://10.0.0.5:8000,http://10.0.0.6:8000` works.
+    auth_upstream: UpstreamList = Field(default_factory=lambda: [AnyHttpUrl("http://auth:8000")])
+    catalog_upstream: UpstreamList = Field(
+        default_factory=lambda: [AnyHttpUrl("http://catalog:8000")]
+    )
+    chat_upstream: UpstreamList = Field(default_factory=lambda: [AnyHttpUrl("http://chat:8000")])
+    dns_refresh_seconds: float = Field(default=5.0, gt=0)
+
+    # Seconds without a byte from the upstream (before the response head, or
+    # between body chunks) before the request fails with 504.
+    auth_timeout_seconds: float = Field(default=10.0, gt=0)
+    catalog_timeout_seconds: float = Field(default=10.0, gt=0)
+    chat_timeout_seconds: float = Field(default=30.0, gt=0)
+    connect_timeout_seconds: float = Field(default=2.0, gt=0)
+
+    # Passive health: a refused connection ejects a replica at once, this many
+    # 5xx answers (or timeouts) in a row eject it; ejection lasts `eject_seconds`.
+    eject_after_failures: int = Field(default=3, ge=1)
+    eject_seconds: float = Field(default=10.0, ge=0)
+    # Another replica is tried this many times for idempotent requests whose
+    # connection failed before anything was sent.
+    retries: int = Field(default=2, ge=0)
+
+    # Active health: GET `health_check_path` on every replica; 0 turns it off.
+    health_check_interval_seconds: float = Field(default=5.0, ge=0)
+    health_check_timeout_seconds: float = Field(default=2.0, gt=0)
+    health_check_path: str = "/readyz"
+
+    # Fixed-window limits per client address (anonymous) and per user.
+    rate_limit_enabled: bool = True
+    rate_limit_anonymous: int = Field(default=300, ge=1)
+    rate_limit_user: int = Field(default=1200, ge=1)
+    rate_limit_window_seconds: int = Field(default=60, ge=1)
+    # When Redis cannot answer: let the request through (open) or refuse it (503).
+    rate_limit_fail_open: bool = True
+    redis_timeout_seconds: float = Field(default=0.5, gt=0)
+
+    # Keep a client's X-Forwarded-* (append to X-Forwarded-For) only when
+    # another trusted proxy stands in front of the gateway.
+    trust_forwarded_headers: bool = False
+
+    openapi_cache_seconds: float = Field(default=300.0, ge=0)
+    ws_max_message_bytes: int = Field(default=1_048_576, gt=0)
+
+    @field_validator("auth_upstream", "catalog_upstream", "chat_upstream", mode="before")
+    @classmethod
+    def _comma_separated_upstreams(cls, value: object) -> object:
+        return _split_upstreams(value)
+
+    @field_validator("auth_upstream", "catalog_upstream", "chat_upstream")
+    @classmethod
+    def _plain_http_origins(cls, value: list[AnyHttpUrl]) -> list[AnyHttpUrl]:
+        for url in value:
+            if url.scheme != "http" or url.path not in (None, "", "/") or url.query:
+                raise ValueError(f"{url} must be http://host:port (paths are never rewritten)")
+        return value

@@ -1,0 +1,177 @@
+"""The gateway app: `create_app()` builds it; the lifespan opens every resource.
+
+The outermost layers are kit's pure-ASGI middleware (request id, timing,
+trusted hosts), then CORS and GZip. Under them a dispatcher sends `/auth`,
+`/catalog` and `/chat` (HTTP and WebSocket) to the proxy, a plain ASGI
+handler, and everything else to the gateway's own FastAPI app (`/healthz`,
+`/readyz`, `/metrics`, `/openapi.json`, `/docs`).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+from collections.abc import AsyncIterator, Mapping
+from typing import Any, TypedDict
+
+from fastapi import FastAPI
+from fastapi.openapi.utils import get_openapi
+from redis.asyncio import Redis
+from starlette.middleware.cors import CORSMiddleware
+from starlette.middleware.gzip import GZipMiddleware
+from starlette.types import ASGIApp, Receive, Scope, Send
+
+from gateway.config import Settings
+from gateway.openapi import MergedOpenApi
+from gateway.proxy import Proxy
+from gateway.router import docs_router
+from gateway.runtime import Route, Runtime
+from gateway.websocket import WebSocketProxy
+from kit.errors import install_problem_handlers
+from kit.health import check_redis, health_router
+from kit.logs import configure_logging
+from kit.metrics import MetricsMiddleware, metrics_router
+from kit.middleware import RequestIdMiddleware, TimingMiddleware, TrustedHostMiddleware
+from kit.security import KeySource, TokenVerifier
+
+logger = logging.getLogger("gateway.main")
+TITLE = "Bazaar API"
+EXPOSED_HEADERS = [
+    "X-Request-ID",
+    "X-Process-Time",
+    "ETag",
+    "Retry-After",
+    "RateLimit-Limit",
+    "RateLimit-Remaining",
+    "RateLimit-Reset",
+]
+
+
+class State(TypedDict):
+    settings: Settings
+    redis: Redis
+    verifier: TokenVerifier
+    runtime: Runtime
+
+
+class Dispatcher:
+    """Routes by the first path segment; nothing is rewritten."""
+
+    def __init__(
+        self,
+        routes: Mapping[str, Route],
+        *,
+        proxy: Proxy,
+        websockets: WebSocketProxy,
+        api: ASGIApp,
+    ) -> None:
+        self.routes = dict(routes)
+        self.proxy = proxy
+        self.websockets = websockets
+        self.api = api
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        kind = scope["type"]
+        if kind == "http" or kind == "websocket":
+            route = self.routes.get(scope["path"][1:].partition("/")[0])
+            if route is not None:
+                if kind == "http":
+                    await self.proxy(route, scope, receive, send)
+                else:
+                    await self.websockets(route, scope, receive, send)
+                return
+        await self.api(scope, receive, send)
+
+
+class GZipWhenAccepted:
+    """GZip only for clients that accept it; others skip the wrapper entirely.
+
+    Starlette's GZipMiddleware skips text/event-stream and already-encoded
+    bodies; WebSockets never reach it.
+    """
+
+    def __init__(self, app: ASGIApp, *, minimum_size: int = 1024) -> None:
+        self.app = app
+        self.gzip = GZipMiddleware(app, minimum_size=minimum_size, compresslevel=6)
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "http":
+            for name, value in scope["headers"]:
+                if name == b"accept-encoding":
+                    if b"gzip" in value:
+                        await self.gzip(scope, receive, send)
+                        return
+                    break
+        await self.app(scope, receive, send)
+
+
+class Gateway:
+    """The ASGI app uvicorn runs; `runtime` and `api` are there for tests."""
+
+    def __init__(self, settings: Settings, *, key_source: KeySource | None = None) -> None:
+        self.settings = settings
+        self.runtime = runtime = Runtime(settings, key_source=key_source)
+        self.api = build_api(runtime)
+        proxy = Proxy(runtime)
+        dispatcher = Dispatcher(
+            runtime.routes,
+            proxy=proxy,
+            websockets=WebSocketProxy(runtime, proxy),
+            api=MetricsMiddleware(self.api, metrics=runtime.metrics.http),
+        )
+        app: ASGIApp = GZipWhenAccepted(dispatcher)
+        if settings.cors_origins:
+            app = CORSMiddleware(
+                app,
+                allow_origins=settings.cors_origins,
+                # credentials never go with a wildcard origin
+                allow_credentials="*" not in settings.cors_origins,
+                allow_methods=["*"],
+                allow_headers=["*"],
+                expose_headers=EXPOSED_HEADERS,
+            )
+        app = TrustedHostMiddleware(app, allowed_hosts=settings.trusted_hosts)
+        app = TimingMiddleware(app)
+        self.app = RequestIdMiddleware(app)
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        await self.app(scope, receive, send)
+
+
+def build_api(runtime: Runtime) -> FastAPI:
+    @contextlib.asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[State]:
+        await runtime.start()
+        try:
+            yield State(
+                settings=runtime.settings,
+                redis=runtime.redis,
+                verifier=runtime.verifier,
+                runtime=runtime,
+            )
+        finally:
+            await runtime.stop()
+
+    api = FastAPI(
+        title="Bazaar gateway",
+        lifespan=lifespan,
+        openapi_url=None,
+        docs_url=None,
+        redoc_url=None,
+    )
+    install_problem_handlers(api)
+    api.include_router(health_router({"redis": check_redis}))
+    api.include_router(metrics_router(runtime.registry))
+
+    def own_spec() -> dict[str, Any]:
+        return get_openapi(title=api.title, version="1", routes=api.routes)
+
+    api.include_router(docs_router(MergedOpenApi(runtime, own_spec, title=TITLE), title=TITLE))
+    return api
+
+
+def create_app(settings: Settings | None = None, *, key_source: KeySource | None = None) -> Gateway:
+    """`key_source` replaces the JWKS for token verification (tests)."""
+    settings = settings or Settings()
+    configure_logging(service=settings.service_name, level=settings.log_level)
+    return Gateway(settings, key_source=key_source)

@@ -1,0 +1,239 @@
+"""The HTTP data path: a plain ASGI handler that forwards one request to one
+replica over pooled keep-alive connections and streams both bodies.
+
+Order per request: edge auth (a present token must verify), rate limit,
+choose a replica (least in flight), send. A connection that fails before
+anything was written is retried on another replica for idempotent methods;
+everything else becomes problem+json: 502 (upstream failed), 503 (no replica
+available, answered at once), 504 (upstream silent for the route's timeout).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import AsyncIterator
+
+import aiohttp
+from starlette.types import Message, Receive, Scope, Send
+
+from gateway.errors import refuse, request_id
+from gateway.headers import HeaderPolicy, downstream_headers, upstream_request
+from gateway.pool import Replica
+from gateway.ratelimit import Quota
+from gateway.runtime import Route, Runtime
+from kit.errors import (
+    BadGateway,
+    DomainError,
+    GatewayTimeout,
+    ServiceUnavailable,
+    problem_response,
+)
+from kit.security import Principal, bearer_from_headers
+
+logger = logging.getLogger("gateway.proxy")
+
+IDEMPOTENT_METHODS = frozenset({"GET", "HEAD", "OPTIONS", "TRACE", "PUT", "DELETE"})
+CLIENT_CLOSED_REQUEST = 499  # nginx's code, for metrics only: nobody receives it
+
+
+class ClientDisconnected(Exception):
+    """The client went away while its request body was being forwarded."""
+
+
+class StreamedBody:
+    """A request body still arriving from the client, forwarded chunk by chunk."""
+
+    __slots__ = ("disconnected", "finished", "first", "receive")
+
+    def __init__(self, first: bytes, receive: Receive) -> None:
+        self.first = first
+        self.receive = receive
+        self.disconnected = False
+        self.finished = False
+
+    def __aiter__(self) -> AsyncIterator[bytes]:
+        return self._chunks()
+
+    async def _chunks(self) -> AsyncIterator[bytes]:
+        if self.first:
+            yield self.first
+        while True:
+            message = await self.receive()
+            if message["type"] == "http.disconnect":
+                # raising (not returning) keeps a truncated body from looking complete
+                self.disconnected = True
+                raise ClientDisconnected
+            chunk = message.get("body", b"")
+            if chunk:
+                yield chunk
+            if not message.get("more_body", False):
+                self.finished = True
+                return
+
+
+async def _until_disconnect(receive: Receive) -> None:
+    while (await receive())["type"] != "http.disconnect":
+        pass
+
+
+class Proxy:
+    def __init__(self, runtime: Runtime) -> None:
+        self.runtime = runtime
+        self.metrics = runtime.metrics
+        self.retries = runtime.settings.retries
+        self.policy = HeaderPolicy.for_http(
+            trust_forwarded=runtime.settings.trust_forwarded_headers
+        )
+
+    async def authenticate(self, authorization: str | None) -> Principal | None:
+        """The token's principal; None without a token. Raises Unauthenticated."""
+        if authorization is None:
+            return None
+        token = bearer_from_headers(authorization)
+        if token is None:
+            return None
+        return await self.runtime.verifier.verify(token)
+
+    async def admit(self, scope: Scope, authorization: str | None) -> Quota | None:
+        principal = await self.authenticate(authorization)
+        limiter = self.runtime.limiter
+        if limiter is None:
+            return None
+        client = scope.get("client")
+        return await limiter.hit(
+            user_id=principal.user_id if principal else None,
+            client_address=client[0] if client else "",
+        )
+
+    async def __call__(self, route: Route, scope: Scope, receive: Receive, send: Send) -> None:
+        started = time.perf_counter()
+        try:
+            status = await self.forward(route, scope, receive, send)
+        except DomainError as error:
+            status = error.status
+            await refuse(scope, receive, send, error)
+        except Exception:
+            logger.exception("proxying failed")
+            status = 500
+            await problem_response(
+                status=500,
+                title="Internal server error",
+                slug="internal",
+                detail="The gateway failed to handle this request; it has been logged.",
+            )(scope, receive, send)
+        self.metrics.request(route.name, scope["method"], status, time.perf_counter() - started)
+
+    async def forward(self, route: Route, scope: Scope, receive: Receive, send: Send) -> int:
+        outgoing = upstream_request(scope, self.policy, request_id(scope))
+        quota = await self.admit(scope, outgoing.authorization)
+
+        body: bytes | StreamedBody | None = None
+        if outgoing.has_body:
+            message = await receive()
+            if message["type"] == "http.disconnect":
+                return CLIENT_CLOSED_REQUEST
+            chunk: bytes = message.get("body", b"")
+            body = StreamedBody(chunk, receive) if message.get("more_body") else chunk
+
+        method: str = scope["method"]
+        # a body still streaming from the client cannot be sent twice
+        replayable = method in IDEMPOTENT_METHODS and not isinstance(body, StreamedBody)
+        pool = route.pool
+        session = self.runtime.session
+        tried: list[Replica] = []
+        while True:
+            replica = pool.choose(tried)
+            if replica is None:
+                if tried:
+                    raise BadGateway(f"The {route.name} service is unreachable")
+                raise ServiceUnavailable(
+                    f"No {route.name} replica is available",
+                    headers={"Retry-After": str(pool.retry_after())},
+                )
+            replica.in_flight += 1
+            sent_at = time.perf_counter()
+            try:
+                response = await session.request(
+                    method,
+                    replica.url(scope["raw_path"] or scope["path"].encode(), scope["query_string"]),
+                    headers=outgoing.headers,
+                    data=body,
+                    allow_redirects=False,
+                    timeout=route.timeout,
+                )
+            except (aiohttp.ClientConnectorError, aiohttp.ConnectionTimeoutError) as error:
+                # the connection never opened: nothing was sent
+                replica.in_flight -= 1
+                pool.failed(replica, unreachable=True)
+                if replayable and len(tried) < self.retries:
+                    tried.append(replica)
+                    self.metrics.retries.labels(route.name).inc()
+                    continue
+                raise BadGateway(f"The {route.name} service is unreachable") from error
+            except aiohttp.ServerTimeoutError as error:
+                replica.in_flight -= 1
+                pool.failed(replica)
+                raise GatewayTimeout(
+                    f"The {route.name} service did not answer within {route.timeout_seconds:g} s"
+                ) from error
+            except (aiohttp.ClientError, OSError, ClientDisconnected) as error:
+                replica.in_flight -= 1
+                if isinstance(body, StreamedBody) and body.disconnected:
+                    return CLIENT_CLOSED_REQUEST
+                pool.failed(replica)
+                raise BadGateway(f"The {route.name} service failed to answer") from error
+            break
+
+        try:
+            self.metrics.upstream(route.name, time.perf_counter() - sent_at)
+            if response.status >= 500:
+                pool.failed(replica)
+            else:
+                pool.succeeded(replica)
+            await self.relay(response, quota, body, receive, send)
+            return response.status
+        finally:
+            replica.in_flight -= 1
+            response.release()
+
+    async def relay(
+        self,
+        response: aiohttp.ClientResponse,
+        quota: Quota | None,
+        body: bytes | StreamedBody | None,
+        receive: Receive,
+        send: Send,
+    ) -> None:
+        headers = downstream_headers(response.raw_headers)
+        if quota is not None:
+            headers.extend(quota.headers())
+        start: Message = {
+            "type": "http.response.start",
+            "status": response.status,
+            "headers": headers,
+        }
+        content = response.content
+        if content.is_eof():
+            # the whole body came with the head: one message, no streaming machinery
+            await send(start)
+            await send({"type": "http.response.body", "body": await content.read()})
+            return
+        await send(start)
+        watcher: asyncio.Future[None] | None = None
+        if not isinstance(body, StreamedBody) or body.finished:
+            # the request body is read, so receive() now only reports a disconnect;
+            # a client gone mid-stream closes the upstream response
+            watcher = asyncio.ensure_future(_until_disconnect(receive))
+            watcher.add_done_callback(lambda done: None if done.cancelled() else response.close())
+        try:
+            while chunk := await content.readany():
+                await send({"type": "http.response.body", "body": chunk, "more_body": True})
+            await send({"type": "http.response.body", "body": b""})
+        except (aiohttp.ClientError, TimeoutError, OSError) as error:
+            # the head is out: all that is left is to cut the response short
+            logger.warning("upstream response broke off: %s", error)
+        finally:
+            if watcher is not None:
+                watcher.cancel()

@@ -1,0 +1,170 @@
+"""What the proxy needs at run time: routes and their pools, the upstream
+client session, Redis, the token verifier, the rate limiter. Built without I/O
+in `create_app`, opened and closed by the lifespan."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+
+import aiohttp
+import httpx
+from prometheus_client import CollectorRegistry
+from redis.asyncio import Redis
+
+from gateway.config import Settings
+from gateway.metrics import GatewayMetrics
+from gateway.pool import HealthProber, Pool
+from gateway.ratelimit import RateLimiter
+from kit.security import JwksKeySource, KeySource, TokenVerifier
+
+logger = logging.getLogger("gateway.runtime")
+
+ROUTE_NAMES = ("auth", "catalog", "chat")
+
+
+@dataclass(eq=False, slots=True)
+class Route:
+    """One path prefix and the pool serving it; `/catalog` goes to catalog as is."""
+
+    name: str
+    pool: Pool
+    timeout_seconds: float
+    timeout: aiohttp.ClientTimeout
+
+
+def build_routes(settings: Settings) -> dict[str, Route]:
+    upstreams = {
+        "auth": (settings.auth_upstream, settings.auth_timeout_seconds),
+        "catalog": (settings.catalog_upstream, settings.catalog_timeout_seconds),
+        "chat": (settings.chat_upstream, settings.chat_timeout_seconds),
+    }
+    routes: dict[str, Route] = {}
+    for name, (urls, timeout_seconds) in upstreams.items():
+        targets = [(str(url.host), url.port or 80) for url in urls]
+        pool = Pool(
+            name,
+            targets,
+            eject_after_failures=settings.eject_after_failures,
+            eject_seconds=settings.eject_seconds,
+            probing=settings.health_check_interval_seconds > 0,
+        )
+        timeout = aiohttp.ClientTimeout(
+            total=None, sock_connect=settings.connect_timeout_seconds, sock_read=timeout_seconds
+        )
+        routes[name] = Route(name, pool, timeout_seconds, timeout)
+    return routes
+
+
+class Runtime:
+    session: aiohttp.ClientSession
+    http: httpx.AsyncClient
+    redis: Redis
+    verifier: TokenVerifier
+    limiter: RateLimiter | None
+    prober: HealthProber
+
+    def __init__(self, settings: Settings, *, key_source: KeySource | None = None) -> None:
+        self.settings = settings
+        self.key_source = key_source
+        self.routes = build_routes(settings)
+        self.registry = CollectorRegistry()
+        self.metrics = GatewayMetrics(
+            self.registry, lambda: [route.pool for route in self.routes.values()]
+        )
+        # open WebSocket relays, closed with 1012 when the gateway stops
+        self.websockets: set[Callable[[], Awaitable[None]]] = set()
+        self._tasks: list[asyncio.Task[None]] = []
+
+    async def start(self) -> None:
+        settings = self.settings
+        connector = aiohttp.TCPConnector(
+            limit=0, limit_per_host=0, keepalive_timeout=30, enable_cleanup_closed=False
+        )
+        self.session = aiohttp.ClientSession(
+            connector=connector,
+            # a shared jar would hand one user's cookies to the next
+            cookie_jar=aiohttp.DummyCookieJar(),
+            # bodies pass through as the upstream encoded them
+            auto_decompress=False,
+            timeout=aiohttp.ClientTimeout(
+                total=None, sock_connect=settings.connect_timeout_seconds
+            ),
+            read_bufsize=2**16,
+        )
+        self.http = httpx.AsyncClient(timeout=10.0)
+        self.redis = Redis.from_url(
+            str(settings.redis_url),
+            socket_timeout=settings.redis_timeout_seconds,
+            socket_connect_timeout=settings.redis_timeout_seconds,
+        )
+        keys = self.key_source or JwksKeySource(
+            str(settings.jwks_url), http=self.http, algorithms=settings.jwt_algorithms
+        )
+        self.verifier = TokenVerifier(
+            keys=keys,
+            issuer=settings.jwt_issuer,
+            audience=settings.jwt_audience,
+            algorithms=settings.jwt_algorithms,
+            redis=self.redis,
+        )
+        self.limiter = None
+        if settings.rate_limit_enabled:
+            self.limiter = RateLimiter(
+                self.redis,
+                anonymous_limit=settings.rate_limit_anonymous,
+                user_limit=settings.rate_limit_user,
+                window_seconds=settings.rate_limit_window_seconds,
+                fail_open=settings.rate_limit_fail_open,
+                metrics=self.metrics,
+            )
+        self.prober = HealthProber(
+            self.session,
+            path=settings.health_check_path,
+            timeout_seconds=settings.health_check_timeout_seconds,
+        )
+        # the first membership and probe round before the first request
+        await asyncio.gather(*(self.discover(route.pool) for route in self.routes.values()))
+        for route in self.routes.values():
+            if route.pool.uses_dns:
+                self._tasks.append(asyncio.create_task(self._rediscover(route.pool)))
+            if settings.health_check_interval_seconds > 0:
+                self._tasks.append(asyncio.create_task(self._probe_periodically(route.pool)))
+
+    async def discover(self, pool: Pool) -> None:
+        added = await pool.refresh()
+        if added and self.settings.health_check_interval_seconds > 0:
+            await self.prober.probe_all(pool, added)
+
+    async def _rediscover(self, pool: Pool) -> None:
+        while True:
+            await asyncio.sleep(self.settings.dns_refresh_seconds)
+            try:
+                await self.discover(pool)
+            except Exception:
+                logger.exception("%s pool: discovery failed", pool.name)
+
+    async def _probe_periodically(self, pool: Pool) -> None:
+        while True:
+            await asyncio.sleep(self.settings.health_check_interval_seconds)
+            try:
+                await self.prober.probe_all(pool)
+            except Exception:
+                logger.exception("%s pool: health probes failed", pool.name)
+
+    async def stop(self) -> None:
+        for task in self._tasks:
+            task.cancel()
+        for task in self._tasks:
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+        self._tasks.clear()
+        # Sockets still open (a server that does not close them itself): 1012,
+        # "service restart", so clients reconnect, through another gateway.
+        await asyncio.gather(*(close() for close in list(self.websockets)), return_exceptions=True)
+        await self.session.close()
+        await self.http.aclose()
+        await self.redis.aclose()

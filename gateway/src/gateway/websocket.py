@@ -1,0 +1,232 @@
+"""WebSocket proxying: the upgrade goes to a replica chosen like any request,
+then frames are relayed one by one in both directions and close codes pass
+through. The token may come as `Authorization: Bearer` or as the subprotocol
+pair `bearer, <token>`; it is verified before any upstream is contacted."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+
+import aiohttp
+from starlette.types import Receive, Scope, Send
+
+from gateway.errors import refuse, request_id
+from gateway.headers import HeaderPolicy, OutgoingRequest, upstream_request
+from gateway.pool import Replica
+from gateway.proxy import Proxy
+from gateway.runtime import Route, Runtime
+from kit.errors import BadGateway, DomainError, GatewayTimeout, NotFound, ServiceUnavailable
+from kit.security import bearer_from_subprotocols
+
+logger = logging.getLogger("gateway.websocket")
+
+WS_GOING_AWAY = 1001
+WS_SERVICE_RESTART = 1012
+WS_BAD_GATEWAY = 1014
+# codes that describe a connection but may not be sent in a close frame
+_NOT_ON_THE_WIRE = {1005: 1000, 1006: WS_GOING_AWAY, 1015: WS_GOING_AWAY}
+
+
+def wire_close_code(code: int) -> int:
+    code = _NOT_ON_THE_WIRE.get(code, code)
+    return code if 1000 <= code <= 1014 or 3000 <= code <= 4999 else 1000
+
+
+class UpgradeRefused(Exception):
+    """The upstream answered the upgrade with a plain HTTP status."""
+
+    def __init__(self, status: int) -> None:
+        super().__init__(status)
+        self.status = status
+
+
+class WebSocketProxy:
+    def __init__(self, runtime: Runtime, proxy: Proxy) -> None:
+        self.runtime = runtime
+        self.proxy = proxy
+        self.metrics = runtime.metrics
+        self.policy = HeaderPolicy.for_websocket(
+            trust_forwarded=runtime.settings.trust_forwarded_headers
+        )
+
+    async def __call__(self, route: Route, scope: Scope, receive: Receive, send: Send) -> None:
+        started = time.perf_counter()
+        if (await receive())["type"] != "websocket.connect":
+            return
+        outgoing = upstream_request(scope, self.policy, request_id(scope))
+        subprotocols: list[str] = list(scope.get("subprotocols", ()))
+        authorization = outgoing.authorization
+        if authorization is None and (token := bearer_from_subprotocols(subprotocols)):
+            authorization = f"Bearer {token}"
+        try:
+            await self.proxy.admit(scope, authorization)
+            upstream, replica = await self.connect(route, scope, outgoing, subprotocols)
+        except UpgradeRefused as refused:
+            # mirror the replica's refusal: a policy close reads as 403 to the client
+            self.metrics.request(route.name, "GET", refused.status, time.perf_counter() - started)
+            await send({"type": "websocket.close", "code": 1008, "reason": ""})
+            return
+        except DomainError as error:
+            self.metrics.request(route.name, "GET", error.status, time.perf_counter() - started)
+            await refuse(scope, receive, send, error)
+            return
+        self.metrics.request(route.name, "GET", 101, time.perf_counter() - started)
+        try:
+            await send(
+                {"type": "websocket.accept", "subprotocol": upstream.protocol, "headers": []}
+            )
+            relay = Relay(upstream, receive, send)
+            self.runtime.websockets.add(relay.shut_down)
+            try:
+                await relay.run()
+            finally:
+                self.runtime.websockets.discard(relay.shut_down)
+        finally:
+            replica.in_flight -= 1
+            if not upstream.closed:
+                await upstream.close(code=WS_GOING_AWAY)
+
+    async def connect(
+        self, route: Route, scope: Scope, outgoing: OutgoingRequest, subprotocols: list[str]
+    ) -> tuple[aiohttp.ClientWebSocketResponse, Replica]:
+        pool = route.pool
+        tried: list[Replica] = []
+        while True:
+            replica = pool.choose(tried)
+            if replica is None:
+                if tried:
+                    raise BadGateway(f"The {route.name} service is unreachable")
+                raise ServiceUnavailable(
+                    f"No {route.name} replica is available",
+                    headers={"Retry-After": str(pool.retry_after())},
+                )
+            replica.in_flight += 1
+            try:
+                async with asyncio.timeout(route.timeout_seconds):
+                    upstream = await self.runtime.session.ws_connect(
+                        replica.url(
+                            scope["raw_path"] or scope["path"].encode(), scope["query_string"]
+                        ),
+                        protocols=subprotocols,
+                        headers=outgoing.headers,
+                        autoclose=False,
+                        autoping=True,
+                        max_msg_size=self.runtime.settings.ws_max_message_bytes,
+                    )
+            except aiohttp.WSServerHandshakeError as error:
+                replica.in_flight -= 1
+                if error.status >= 500:
+                    pool.failed(replica)
+                    raise BadGateway(f"The {route.name} service refused the upgrade") from error
+                if error.status == 404:
+                    raise NotFound("No WebSocket endpoint at this path") from error
+                raise UpgradeRefused(error.status) from error
+            except (aiohttp.ClientConnectorError, aiohttp.ConnectionTimeoutError) as error:
+                replica.in_flight -= 1
+                pool.failed(replica, unreachable=True)
+                if len(tried) < self.proxy.retries:
+                    tried.append(replica)
+                    self.metrics.retries.labels(route.name).inc()
+                    continue
+                raise BadGateway(f"The {route.name} service is unreachable") from error
+            except TimeoutError as error:
+                replica.in_flight -= 1
+                pool.failed(replica)
+                raise GatewayTimeout(
+                    f"The {route.name} service did not accept within {route.timeout_seconds:g} s"
+                ) from error
+            except (aiohttp.ClientError, OSError) as error:
+                replica.in_flight -= 1
+                pool.failed(replica)
+                raise BadGateway(f"The {route.name} service failed the upgrade") from error
+            pool.succeeded(replica)
+            return upstream, replica
+
+
+class Relay:
+    """Frames both ways, unbuffered; whichever side closes first, the other follows."""
+
+    def __init__(
+        self, upstream: aiohttp.ClientWebSocketResponse, receive: Receive, send: Send
+    ) -> None:
+        self.upstream = upstream
+        self.receive = receive
+        self.send = send
+        self.client_open = True
+
+    async def run(self) -> None:
+        downstream = asyncio.create_task(self.upstream_to_client())
+        try:
+            await self.client_to_upstream()
+        finally:
+            if not downstream.done():
+                with contextlib.suppress(asyncio.TimeoutError):
+                    await asyncio.wait_for(asyncio.shield(downstream), 5.0)
+            downstream.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await downstream
+
+    async def client_to_upstream(self) -> None:
+        upstream = self.upstream
+        while True:
+            message = await self.receive()
+            kind = message["type"]
+            if kind == "websocket.receive":
+                text = message.get("text")
+                try:
+                    if text is not None:
+                        await upstream.send_str(text)
+                    else:
+                        await upstream.send_bytes(message.get("bytes") or b"")
+                except (aiohttp.ClientError, ConnectionError):
+                    pass  # the upstream is closing; its close frame is on its way
+            elif kind == "websocket.disconnect":
+                self.client_open = False
+                if not upstream.closed:
+                    reason = str(message.get("reason") or "").encode()[:123]
+                    await upstream.close(
+                        code=wire_close_code(int(message.get("code", 1000))), message=reason
+                    )
+                return
+
+    async def upstream_to_client(self) -> None:
+        upstream = self.upstream
+        while True:
+            message = await upstream.receive()
+            kind = message.type
+            try:
+                if kind is aiohttp.WSMsgType.TEXT:
+                    await self.send({"type": "websocket.send", "text": message.data})
+                elif kind is aiohttp.WSMsgType.BINARY:
+                    await self.send({"type": "websocket.send", "bytes": message.data})
+                elif kind is aiohttp.WSMsgType.CLOSE:
+                    code = wire_close_code(int(message.data or 1000))
+                    await self.close_client(code, str(message.extra or ""))
+                    await upstream.close(code=code)
+                    return
+                elif kind is aiohttp.WSMsgType.CLOSING:
+                    return  # the client closed first and we are closing the upstream
+                elif kind in (aiohttp.WSMsgType.CLOSED, aiohttp.WSMsgType.ERROR):
+                    # an upstream that vanished without a close frame: "bad gateway"
+                    lost = upstream.close_code
+                    code = WS_BAD_GATEWAY if lost is None or lost == 1006 else lost
+                    await self.close_client(wire_close_code(code), "")
+                    return
+            except OSError:
+                # the client is gone; its disconnect reaches client_to_upstream
+                self.client_open = False
+                return
+
+    async def close_client(self, code: int, reason: str) -> None:
+        if self.client_open:
+            self.client_open = False
+            await self.send({"type": "websocket.close", "code": code, "reason": reason[:123]})
+
+    async def shut_down(self) -> None:
+        """The gateway is stopping: 1012 tells the client to reconnect elsewhere."""
+        await self.close_client(WS_SERVICE_RESTART, "gateway restarting")
+        if not self.upstream.closed:
+            await self.upstream.close(code=WS_GOING_AWAY)

@@ -1,0 +1,123 @@
+from __future__ import annotations
+
+import contextlib
+from collections.abc import AsyncIterator
+from typing import TYPE_CHECKING, Any
+
+import httpx
+import pytest
+from asgi_lifespan import LifespanManager
+from pydantic import AnyHttpUrl, RedisDsn
+
+from gateway.config import Settings
+from gateway.main import Gateway, create_app
+
+from .upstreams import Upstream
+
+if TYPE_CHECKING:
+    from kit.testing import TokenMinter
+
+pytest_plugins = ["kit.testing"]
+# kit.testing is imported inside functions: a top-level import would load the
+# plugin before pytest can rewrite its asserts
+
+
+@pytest.fixture(scope="session")
+def minter() -> TokenMinter:
+    from kit.testing import TokenMinter
+
+    return TokenMinter()
+
+
+def urls(*bases: str) -> list[AnyHttpUrl]:
+    return [AnyHttpUrl(base) for base in bases]
+
+
+def dead_url() -> str:
+    """A loopback port nobody listens on: connections are refused."""
+    from kit.testing import free_port
+
+    return f"http://127.0.0.1:{free_port()}"
+
+
+def gateway_settings(redis_url: str, **overrides: Any) -> Settings:
+    values: dict[str, Any] = {
+        "redis_url": RedisDsn(redis_url),
+        "log_level": "WARNING",
+        "health_check_interval_seconds": 0,
+        "rate_limit_enabled": False,
+        "eject_seconds": 0.5,
+        "auth_upstream": urls(dead_url()),
+        "catalog_upstream": urls(dead_url()),
+        "chat_upstream": urls(dead_url()),
+    }
+    values.update(overrides)
+    return Settings(**values)
+
+
+@contextlib.asynccontextmanager
+async def running_upstream(node: str, **options: Any) -> AsyncIterator[tuple[Upstream, str]]:
+    from kit.testing import serve
+
+    upstream = Upstream(node, **options)
+    async with serve(upstream.app) as base_url:
+        yield upstream, base_url
+
+
+@contextlib.asynccontextmanager
+async def running_gateway(
+    settings: Settings, minter: TokenMinter
+) -> AsyncIterator[tuple[Gateway, httpx.AsyncClient]]:
+    from kit.testing import serve
+
+    app = create_app(settings, key_source=minter.key_source)
+    async with serve(app) as base_url, httpx.AsyncClient(base_url=base_url) as client:
+        yield app, client
+
+
+@contextlib.asynccontextmanager
+async def in_process_gateway(
+    settings: Settings, minter: TokenMinter
+) -> AsyncIterator[tuple[Gateway, httpx.AsyncClient]]:
+    """The gateway driven through ASGITransport: no server in front of it that
+    would read X-Forwarded-* itself; the client address is 127.0.0.1."""
+    app = create_app(settings, key_source=minter.key_source)
+    async with LifespanManager(app) as manager:
+        transport = httpx.ASGITransport(app=manager.app)
+        async with httpx.AsyncClient(transport=transport, base_url="http://edge.test") as client:
+            yield app, client
+
+
+@pytest.fixture
+async def upstream() -> AsyncIterator[tuple[Upstream, str]]:
+    async with running_upstream("one") as running:
+        yield running
+
+
+@pytest.fixture
+async def gateway(
+    upstream: tuple[Upstream, str], redis_url: str, minter: TokenMinter
+) -> AsyncIterator[tuple[Gateway, httpx.AsyncClient]]:
+    """A gateway whose catalog and chat pools are the one upstream."""
+    _, base_url = upstream
+    settings = gateway_settings(
+        redis_url, catalog_upstream=urls(base_url), chat_upstream=urls(base_url)
+    )
+    async with running_gateway(settings, minter) as running:
+        yield running
+
+
+@pytest.fixture
+def clean_redis_url(redis_url: str) -> str:
+    """A database of its own, emptied, for tests that count keys."""
+    import redis
+
+    url = redis_url.rsplit("/", 1)[0] + "/1"
+    client = redis.Redis.from_url(url)
+    client.flushdb()
+    client.close()
+    return url
+
+
+def header_values(echoed: dict[str, Any], name: str) -> list[str]:
+    return [value for key, value in echoed["headers"] if key == name]

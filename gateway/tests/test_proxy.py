@@ -1,0 +1,203 @@
+"""The HTTP data path against real upstreams on loopback ports."""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import time
+from collections.abc import AsyncIterator
+
+import httpx
+
+from gateway.main import Gateway
+from kit.testing import TokenMinter
+
+from .conftest import (
+    dead_url,
+    gateway_settings,
+    header_values,
+    in_process_gateway,
+    running_gateway,
+    running_upstream,
+    urls,
+)
+from .upstreams import Upstream
+
+GatewayClient = tuple[Gateway, httpx.AsyncClient]
+
+
+async def test_forwards_method_path_query_and_body_unchanged(
+    gateway: GatewayClient, upstream: tuple[Upstream, str]
+) -> None:
+    _, client = gateway
+    response = await client.put("/catalog/echo?b=2&a=%20x", content=b"payload")
+    assert response.status_code == 200
+    echoed = response.json()
+    assert echoed["method"] == "PUT"
+    assert echoed["path"] == "/catalog/echo"
+    assert echoed["query"] == "b=2&a=%20x"
+    assert echoed["body"] == "payload"
+    assert upstream[0].hits == 1
+
+
+async def test_sets_forwarded_headers_and_passes_the_request_id(
+    upstream: tuple[Upstream, str], redis_url: str, minter: TokenMinter
+) -> None:
+    settings = gateway_settings(redis_url, catalog_upstream=urls(upstream[1]))
+    async with in_process_gateway(settings, minter) as (_, client):
+        response = await client.get(
+            "/catalog/echo",
+            headers={
+                "X-Request-ID": "req-123",
+                "X-Forwarded-For": "6.6.6.6",
+                "X-Forwarded-Proto": "https",
+                "X-Forwarded-Host": "spoofed.example",
+            },
+        )
+    assert response.status_code == 200
+    echoed = response.json()
+    assert header_values(echoed, "x-forwarded-for") == ["127.0.0.1"]
+    assert header_values(echoed, "x-forwarded-proto") == ["http"]
+    assert header_values(echoed, "x-forwarded-host") == ["edge.test"]
+    assert header_values(echoed, "host") == ["edge.test"]
+    assert header_values(echoed, "x-request-id") == ["req-123"]
+    assert response.headers["x-request-id"] == "req-123"
+    assert float(response.headers["x-process-time"]) >= 0
+
+
+async def test_strips_hop_by_hop_headers_both_ways(gateway: GatewayClient) -> None:
+    _, client = gateway
+    response = await client.get(
+        "/catalog/echo",
+        headers={
+            "Connection": "keep-alive, x-client-secret",
+            "X-Client-Secret": "1",
+            "Keep-Alive": "timeout=5",
+            "TE": "trailers",
+            "Proxy-Authorization": "Basic Zm9vOmJhcg==",
+            "X-End-To-End": "kept",
+        },
+    )
+    assert response.status_code == 200
+    names = {name for name, _ in response.json()["headers"]}
+    assert not names & {"x-client-secret", "keep-alive", "te", "proxy-authorization"}
+    assert header_values(response.json(), "x-end-to-end") == ["kept"]
+
+    response = await client.get("/catalog/hop")
+    assert response.status_code == 200
+    assert response.text == "ok"
+    assert response.headers["x-end-to-end"] == "1"
+    assert "x-hop-secret" not in response.headers
+    assert "keep-alive" not in response.headers
+    assert response.headers.get_list("server") == ["uvicorn"]
+
+
+async def test_streams_a_large_request_body_as_it_arrives(
+    gateway: GatewayClient, upstream: tuple[Upstream, str]
+) -> None:
+    _, client = gateway
+    service, _ = upstream
+    chunk = bytes(range(256)) * 256  # 64 KiB
+    expected = hashlib.sha256()
+
+    async def body() -> AsyncIterator[bytes]:
+        yield chunk
+        expected.update(chunk)
+        # the rest only once the upstream has the first chunk: nothing buffers it
+        await asyncio.wait_for(service.first_chunk_seen.wait(), 5)
+        for _ in range(127):
+            expected.update(chunk)
+            yield chunk
+
+    response = await client.post("/catalog/upload", content=body())
+    assert response.status_code == 200
+    assert response.json() == {"bytes": 128 * len(chunk), "sha256": expected.hexdigest()}
+
+
+async def test_streams_the_response_body_as_it_arrives(
+    gateway: GatewayClient, upstream: tuple[Upstream, str]
+) -> None:
+    _, client = gateway
+    service, _ = upstream
+    async with client.stream(
+        "GET", "/catalog/stream?chunks=64&size=65536", headers={"Accept-Encoding": "identity"}
+    ) as response:
+        assert response.status_code == 200
+        chunks = response.aiter_raw()
+        first = await asyncio.wait_for(anext(chunks), 5)
+        assert first
+        assert set(first) == {ord("a")}
+        # the first chunk arrived while the upstream still holds back the rest
+        service.release_stream.set()
+        received = len(first) + sum([len(chunk) async for chunk in chunks])
+    assert received == 64 * 65536
+
+
+async def test_compresses_for_clients_that_accept_gzip(gateway: GatewayClient) -> None:
+    _, client = gateway
+    response = await client.get("/catalog/echo", headers={"X-Padding": "p" * 4000})
+    assert response.status_code == 200
+    assert response.headers["content-encoding"] == "gzip"
+    assert response.json()["path"] == "/catalog/echo"
+    plain = await client.get("/catalog/echo", headers={"Accept-Encoding": "identity"})
+    assert "content-encoding" not in plain.headers
+
+
+async def test_retries_an_idempotent_request_on_another_replica(
+    redis_url: str, minter: TokenMinter
+) -> None:
+    async with running_upstream("live") as (service, live):
+        settings = gateway_settings(redis_url, catalog_upstream=urls(dead_url(), live))
+        async with running_gateway(settings, minter) as (_app, client):
+            statuses = [(await client.get("/catalog/echo")).status_code for _ in range(4)]
+            metrics = (await client.get("/metrics")).text
+    assert statuses == [200, 200, 200, 200]
+    assert service.hits == 4
+    assert 'gateway_upstream_retries_total{route="catalog"} 1.0' in metrics
+
+
+async def test_never_retries_a_post(redis_url: str, minter: TokenMinter) -> None:
+    async with running_upstream("live") as (service, live):
+        settings = gateway_settings(redis_url, catalog_upstream=urls(dead_url(), live))
+        async with running_gateway(settings, minter) as (_, client):
+            responses = [await client.post("/catalog/echo", content=b"x") for _ in range(2)]
+    assert sorted(r.status_code for r in responses) == [200, 502]
+    failed = next(r for r in responses if r.status_code == 502)
+    assert failed.headers["content-type"] == "application/problem+json"
+    assert failed.json()["title"] == "Bad gateway"
+    assert failed.json()["instance"] == failed.headers["x-request-id"]
+    assert service.hits == 1
+
+
+async def test_times_out_with_504(redis_url: str, minter: TokenMinter) -> None:
+    async with running_upstream("slow") as (_, base_url):
+        settings = gateway_settings(
+            redis_url, catalog_upstream=urls(base_url), catalog_timeout_seconds=0.2
+        )
+        async with running_gateway(settings, minter) as (_, client):
+            started = time.monotonic()
+            response = await client.get("/catalog/slow?seconds=1")
+            elapsed = time.monotonic() - started
+    assert response.status_code == 504
+    assert response.json()["title"] == "Gateway timeout"
+    assert "0.2 s" in response.json()["detail"]
+    assert elapsed < 0.9
+
+
+async def test_answers_503_at_once_without_a_healthy_replica(
+    redis_url: str, minter: TokenMinter
+) -> None:
+    settings = gateway_settings(
+        redis_url, catalog_upstream=urls(dead_url()), health_check_interval_seconds=5
+    )
+    async with running_gateway(settings, minter) as (_, client):
+        started = time.monotonic()
+        response = await client.get("/catalog/echo")
+        elapsed = time.monotonic() - started
+    assert response.status_code == 503
+    body = response.json()
+    assert body["title"] == "Service unavailable"
+    assert body["detail"] == "No catalog replica is available"
+    assert body["instance"] == response.headers["x-request-id"]
+    assert int(response.headers["retry-after"]) >= 1
+    assert elapsed < 0.2

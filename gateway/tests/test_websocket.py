@@ -1,0 +1,134 @@
+"""WebSocket proxying: frames, subprotocols, close codes, refusals, shutdown."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+
+import httpx
+import pytest
+from websockets.asyncio.client import connect
+from websockets.exceptions import ConnectionClosed, InvalidStatus
+
+from gateway.main import Gateway
+from kit.testing import TokenMinter
+
+from .conftest import gateway_settings, running_gateway, running_upstream, urls
+from .upstreams import Upstream
+
+GatewayClient = tuple[Gateway, httpx.AsyncClient]
+
+
+def ws_url(client: httpx.AsyncClient, path: str) -> str:
+    return str(client.base_url).replace("http://", "ws://") + path
+
+
+async def test_relays_frames_both_ways_with_the_bearer_header(
+    gateway: GatewayClient, minter: TokenMinter
+) -> None:
+    _, client = gateway
+    token = minter.token()
+    async with connect(
+        ws_url(client, "/chat/ws/lobby?since=4"),
+        additional_headers={"Authorization": f"Bearer {token}"},
+    ) as socket:
+        ready = json.loads(await socket.recv())
+        assert ready == {
+            "type": "ready",
+            "node": "one",
+            "authorization": f"Bearer {token}",
+            "query": "since=4",
+        }
+        await socket.send("hello")
+        assert await socket.recv() == "echo:hello"
+        await socket.send(b"\x00\x01")
+        assert await socket.recv() == b"echo:\x00\x01"
+        assert socket.response is not None
+        assert socket.response.headers["x-request-id"]
+
+
+async def test_answers_with_the_subprotocol_the_upstream_chose(
+    gateway: GatewayClient, minter: TokenMinter
+) -> None:
+    _, client = gateway
+    token = minter.token()
+    async with connect(
+        ws_url(client, "/chat/ws/lobby"),
+        subprotocols=["bearer", token],  # type: ignore[list-item]
+    ) as socket:
+        assert socket.subprotocol == "bearer"
+        assert json.loads(await socket.recv())["type"] == "ready"
+
+
+async def test_passes_the_upstream_close_code_to_the_client(gateway: GatewayClient) -> None:
+    _, client = gateway
+    async with connect(ws_url(client, "/chat/ws/lobby")) as socket:
+        await socket.recv()
+        await socket.send("close:4001")
+        with pytest.raises(ConnectionClosed) as closed:
+            await socket.recv()
+    assert closed.value.rcvd is not None
+    assert closed.value.rcvd.code == 4001
+    assert closed.value.rcvd.reason == "bye"
+
+
+async def test_passes_the_client_close_code_to_the_upstream(
+    gateway: GatewayClient, upstream: tuple[Upstream, str]
+) -> None:
+    _, client = gateway
+    service, _ = upstream
+    async with connect(ws_url(client, "/chat/ws/lobby")) as socket:
+        await socket.recv()
+        await socket.close(code=4000, reason="leaving")
+    await asyncio.wait_for(service.ws_closed.wait(), 5)
+    assert service.ws_closed_with == 4000
+
+
+async def test_refuses_the_upgrade_for_an_invalid_token(
+    gateway: GatewayClient, upstream: tuple[Upstream, str], minter: TokenMinter
+) -> None:
+    _, client = gateway
+    service, _ = upstream
+    expired = minter.token(lifetime=-60)
+    for offered in (
+        {"additional_headers": {"Authorization": "Bearer not-a-token"}},
+        {"subprotocols": ["bearer", expired]},
+    ):
+        with pytest.raises(InvalidStatus) as refused:
+            async with connect(ws_url(client, "/chat/ws/lobby"), **offered):
+                pass
+        assert refused.value.response.status_code == 401
+        problem = json.loads(refused.value.response.body or b"{}")
+        assert problem["title"] == "Not authenticated"
+    assert service.ws_connects == 0
+
+
+async def test_closes_client_sockets_with_1012_when_the_gateway_stops(
+    redis_url: str, minter: TokenMinter
+) -> None:
+    async with running_upstream("one") as (service, base_url):
+        settings = gateway_settings(redis_url, chat_upstream=urls(base_url))
+        async with running_gateway(settings, minter) as (_, client):
+            socket = await connect(ws_url(client, "/chat/ws/lobby"))
+            await socket.recv()
+        # the gateway has stopped
+        with pytest.raises(ConnectionClosed) as closed:
+            await socket.recv()
+        await socket.close()
+        await asyncio.wait_for(service.ws_closed.wait(), 5)
+    assert closed.value.rcvd is not None
+    assert closed.value.rcvd.code == 1012
+
+
+async def test_refuses_the_upgrade_with_503_without_a_replica(
+    redis_url: str, minter: TokenMinter
+) -> None:
+    settings = gateway_settings(redis_url, health_check_interval_seconds=5)
+    async with running_gateway(settings, minter) as (_, client):
+        with pytest.raises(InvalidStatus) as refused:
+            async with connect(ws_url(client, "/chat/ws/lobby")):
+                pass
+    assert refused.value.response.status_code == 503
+    assert json.loads(refused.value.response.body or b"{}")["detail"] == (
+        "No chat replica is available"
+    )

@@ -1,0 +1,208 @@
+"""A small real upstream service for the gateway's tests, run by uvicorn on a
+loopback port. It serves the same paths under any service prefix, since the
+gateway rewrites nothing."""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+from collections.abc import AsyncIterator
+from typing import Any
+
+from starlette.applications import Starlette
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response, StreamingResponse
+from starlette.routing import Route, WebSocketRoute
+from starlette.websockets import WebSocket, WebSocketDisconnect
+
+ALL_METHODS = ["GET", "HEAD", "POST", "PUT", "PATCH", "DELETE"]
+
+
+class Upstream:
+    """One fake replica; tests read what it saw and flip how it behaves."""
+
+    def __init__(self, node: str, *, spec: dict[str, Any] | None = None) -> None:
+        self.node = node
+        self.spec = spec or {"openapi": "3.1.0", "info": {"title": node, "version": "1"}}
+        self.hits = 0
+        self.ready = True
+        self.failing = False
+        self.first_chunk_seen = asyncio.Event()
+        self.release_stream = asyncio.Event()
+        self.ws_connects = 0
+        self.ws_closed_with: int | None = None
+        self.ws_closed = asyncio.Event()
+        self.app = Starlette(
+            routes=[
+                Route("/readyz", self.readyz),
+                Route("/openapi.json", self.openapi),
+                Route("/{service}/echo", self.echo, methods=ALL_METHODS),
+                Route("/{service}/upload", self.upload, methods=["POST", "PUT"]),
+                Route("/{service}/stream", self.stream),
+                Route("/{service}/slow", self.slow),
+                Route("/{service}/flaky", self.flaky, methods=ALL_METHODS),
+                Route("/{service}/hop", self.hop),
+                WebSocketRoute("/{service}/ws/{room}", self.websocket),
+            ]
+        )
+
+    async def readyz(self, request: Request) -> Response:
+        return JSONResponse({"ready": self.ready}, status_code=200 if self.ready else 503)
+
+    async def openapi(self, request: Request) -> Response:
+        return JSONResponse(self.spec)
+
+    async def echo(self, request: Request) -> Response:
+        self.hits += 1
+        body = await request.body()
+        return JSONResponse(
+            {
+                "node": self.node,
+                "method": request.method,
+                "path": request.url.path,
+                "query": request.url.query,
+                "headers": [[k.decode(), v.decode()] for k, v in request.scope["headers"]],
+                "body": body.decode(errors="replace"),
+            }
+        )
+
+    async def upload(self, request: Request) -> Response:
+        self.hits += 1
+        digest = hashlib.sha256()
+        size = 0
+        async for chunk in request.stream():
+            if chunk and not self.first_chunk_seen.is_set():
+                self.first_chunk_seen.set()
+            digest.update(chunk)
+            size += len(chunk)
+        return JSONResponse({"bytes": size, "sha256": digest.hexdigest()})
+
+    async def stream(self, request: Request) -> Response:
+        """One chunk, then the rest once the test releases it: proves nothing buffers."""
+        self.hits += 1
+        chunks = int(request.query_params.get("chunks", "4"))
+        size = int(request.query_params.get("size", "1024"))
+
+        async def body() -> AsyncIterator[bytes]:
+            yield b"a" * size
+            await self.release_stream.wait()
+            for _ in range(chunks - 1):
+                yield b"b" * size
+
+        return StreamingResponse(body(), media_type="application/octet-stream")
+
+    async def slow(self, request: Request) -> Response:
+        self.hits += 1
+        await asyncio.sleep(float(request.query_params.get("seconds", "1")))
+        return JSONResponse({"node": self.node})
+
+    async def flaky(self, request: Request) -> Response:
+        self.hits += 1
+        if self.failing:
+            return JSONResponse({"node": self.node}, status_code=500)
+        return JSONResponse({"node": self.node})
+
+    async def hop(self, request: Request) -> Response:
+        self.hits += 1
+        return Response(
+            b"ok",
+            headers={
+                "Connection": "x-hop-secret",
+                "X-Hop-Secret": "1",
+                "Keep-Alive": "timeout=5",
+                "X-End-To-End": "1",
+            },
+        )
+
+    async def websocket(self, websocket: WebSocket) -> None:
+        self.ws_connects += 1
+        offered = websocket.scope.get("subprotocols", [])
+        await websocket.accept(subprotocol="bearer" if "bearer" in offered else None)
+        await websocket.send_json(
+            {
+                "type": "ready",
+                "node": self.node,
+                "authorization": websocket.headers.get("authorization"),
+                "query": websocket.url.query,
+            }
+        )
+        try:
+            while True:
+                message = await websocket.receive()
+                if message["type"] == "websocket.disconnect":
+                    self.ws_closed_with = message.get("code")
+                    return
+                text = message.get("text")
+                if text is not None and text.startswith("close:"):
+                    await websocket.close(code=int(text.removeprefix("close:")), reason="bye")
+                    return
+                if text is not None:
+                    await websocket.send_text(f"echo:{text}")
+                else:
+                    await websocket.send_bytes(b"echo:" + (message.get("bytes") or b""))
+        except WebSocketDisconnect as disconnect:
+            self.ws_closed_with = disconnect.code
+        finally:
+            self.ws_closed.set()
+
+
+def service_spec(service: str, *, item_field: str) -> dict[str, Any]:
+    """An OpenAPI document shaped like FastAPI's, with names every service uses."""
+    validation = {
+        "properties": {"detail": {"items": {"type": "string"}, "type": "array"}},
+        "title": "HTTPValidationError",
+        "type": "object",
+    }
+    return {
+        "openapi": "3.1.0",
+        "info": {"title": service, "version": "1"},
+        "paths": {
+            f"/{service}/items": {
+                "get": {
+                    "tags": ["items"],
+                    "operationId": "list_items",
+                    "security": [{"OAuth2PasswordBearer": []}],
+                    "responses": {
+                        "200": {
+                            "description": "ok",
+                            "content": {
+                                "application/json": {
+                                    "schema": {"$ref": "#/components/schemas/Item"}
+                                }
+                            },
+                        },
+                        "422": {
+                            "description": "invalid",
+                            "content": {
+                                "application/json": {
+                                    "schema": {"$ref": "#/components/schemas/HTTPValidationError"}
+                                }
+                            },
+                        },
+                    },
+                }
+            },
+            f"/{service}/only-{service}": {
+                "post": {
+                    "operationId": f"create_{service}",
+                    "responses": {"201": {"description": "x"}},
+                }
+            },
+            "/healthz": {
+                "get": {"operationId": "healthz", "responses": {"200": {"description": "ok"}}}
+            },
+        },
+        "components": {
+            "schemas": {
+                "Item": {"properties": {item_field: {"type": "string"}}, "type": "object"},
+                "HTTPValidationError": validation,
+            },
+            "securitySchemes": {
+                "OAuth2PasswordBearer": {
+                    "type": "oauth2",
+                    "flows": {"password": {"scopes": {}, "tokenUrl": "/auth/token"}},
+                }
+            },
+        },
+        "tags": [{"name": "items", "description": f"{service} items"}],
+    }

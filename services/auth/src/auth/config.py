@@ -1,0 +1,56 @@
+"""Auth's settings: kit's shared ones plus users, tokens, keys, throttling and mail."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from pydantic import EmailStr, Field, PostgresDsn, SecretStr
+
+from kit.settings import ServiceSettings
+
+OWASP_ARGON2_MEMORY_KIB = 19_456
+OWASP_ARGON2_TIME_COST = 2
+OWASP_ARGON2_PARALLELISM = 1
+
+
+class Settings(ServiceSettings):
+    service_name: str = "auth"
+    database_url: PostgresDsn = PostgresDsn("postgresql+asyncpg://bazaar:bazaar@postgres:5432/auth")
+
+    admin_email: EmailStr | None = None
+    admin_password: SecretStr | None = None
+
+    access_token_ttl_seconds: int = Field(default=900, gt=0)
+    refresh_token_ttl_seconds: int = Field(default=14 * 24 * 3600, gt=0)
+
+    # The private ES256 key as PEM, from a secret; without one a key is
+    # generated once and kept in the database, shared by every replica.
+    signing_key: SecretStr | None = None
+    signing_key_file: Path | None = None
+    # How long a replica trusts its cached key ring before re-reading it, so a
+    # rotation made elsewhere reaches every replica.
+    key_ring_refresh_seconds: float = Field(default=30.0, ge=0)
+
+    argon2_memory_cost_kib: int = Field(default=OWASP_ARGON2_MEMORY_KIB, ge=8)
+    argon2_time_cost: int = Field(default=OWASP_ARGON2_TIME_COST, ge=1)
+    argon2_parallelism: int = Field(default=OWASP_ARGON2_PARALLELISM, ge=1)
+
+    # Failed logins counted per account and per client address within the
+    # window; past the limit, logins answer 429 until the window ends.
+    login_failures_per_account: int = Field(default=5, ge=1)
+    login_failures_per_client: int = Field(default=20, ge=1)
+    login_failure_window_seconds: int = Field(default=900, ge=1)
+
+    users_page_max: int = Field(default=100, ge=1)
+
+    smtp_url: SecretStr | None = None
+    mail_from: str = "Bazaar <no-reply@bazaar.invalid>"
+    smtp_timeout_seconds: float = Field(default=10.0, gt=0)
+
+    def signing_key_pem(self) -> str | None:
+        """The configured private key, from the setting or the file it names."""
+        if self.signing_key is not None:
+            return self.signing_key.get_secret_value()
+        if self.signing_key_file is not None:
+            return self.signing_key_file.read_text()
+        return None

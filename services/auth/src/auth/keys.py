@@ -1,0 +1,281 @@
+"""The signing-key ring: which ES256 key signs, which public keys verify.
+
+Without a configured secret, the first replica to start generates a key and
+stores it in the database under an advisory lock, so every replica signs with
+the same one. A configured key is recorded by its public half only, so after
+the secret is replaced its tokens still verify until they expire.
+
+Rotate with `python -m auth.keys rotate` (DATABASE_URL set): a new key signs
+from then on, and the old one stays in the JWKS for one access-token lifetime
+plus the replicas' key-ring refresh interval.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import base64
+import hashlib
+import json
+import logging
+import time
+import uuid
+from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+from jose import jwk
+from jose.backends.base import Key
+from sqlalchemy import delete, or_, select, text, update
+from sqlalchemy.exc import SQLAlchemyError
+from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
+
+from auth.config import Settings
+from auth.models import SigningKey
+from kit.db import make_engine, make_sessionmaker
+from kit.errors import ServiceUnavailable
+from kit.security import VerificationKey
+
+logger = logging.getLogger("auth.keys")
+
+ALGORITHM = "ES256"
+# pg_advisory_xact_lock id serialising key creation across replicas ("authkey")
+_KEY_LOCK_ID = 0x617574686B6579
+# an unknown kid triggers a re-read at most this often
+_UNKNOWN_KID_REFRESH_SECONDS = 5.0
+_CLOCK_LEEWAY = timedelta(seconds=60)
+
+
+@dataclass(frozen=True, slots=True)
+class ActiveKey:
+    kid: str
+    private_key: Key
+
+
+def generate_private_pem() -> str:
+    private = ec.generate_private_key(ec.SECP256R1())
+    return private.private_bytes(
+        serialization.Encoding.PEM,
+        serialization.PrivateFormat.PKCS8,
+        serialization.NoEncryption(),
+    ).decode()
+
+
+def public_pem_of(private_pem: str) -> str:
+    private = serialization.load_pem_private_key(private_pem.encode(), password=None)
+    if not isinstance(private, ec.EllipticCurvePrivateKey) or private.curve.name != "secp256r1":
+        raise ValueError("The signing key must be an EC P-256 private key (ES256)")
+    return (
+        private.public_key()
+        .public_bytes(serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo)
+        .decode()
+    )
+
+
+def public_jwk(public_pem: str) -> dict[str, Any]:
+    fields: dict[str, Any] = jwk.construct(public_pem, ALGORITHM).to_dict()
+    return fields
+
+
+def thumbprint(public_pem: str) -> str:
+    """RFC 7638 thumbprint: the same key gets the same `kid` on every replica."""
+    fields = public_jwk(public_pem)
+    canonical = json.dumps(
+        {name: fields[name] for name in ("crv", "kty", "x", "y")},
+        separators=(",", ":"),
+        sort_keys=True,
+    )
+    digest = hashlib.sha256(canonical.encode()).digest()
+    return base64.urlsafe_b64encode(digest).rstrip(b"=").decode()
+
+
+def retention(settings: Settings) -> timedelta:
+    """How long a retired key stays published: until every token it signed expired."""
+    return (
+        timedelta(seconds=settings.access_token_ttl_seconds + settings.key_ring_refresh_seconds)
+        + _CLOCK_LEEWAY
+    )
+
+
+async def _lock_ring(session: AsyncSession) -> None:
+    await session.execute(text("SELECT pg_advisory_xact_lock(:id)"), {"id": _KEY_LOCK_ID})
+
+
+async def _retire_all_except(session: AsyncSession, kid: str | None) -> None:
+    statement = update(SigningKey).where(SigningKey.retired_at.is_(None))
+    if kid is not None:
+        statement = statement.where(SigningKey.kid != kid)
+    await session.execute(statement.values(retired_at=datetime.now(UTC)))
+
+
+async def _insert_generated(session: AsyncSession) -> str:
+    private_pem = generate_private_pem()
+    public_pem = public_pem_of(private_pem)
+    kid = uuid.uuid4().hex
+    session.add(
+        SigningKey(kid=kid, algorithm=ALGORITHM, public_pem=public_pem, private_pem=private_pem)
+    )
+    return kid
+
+
+async def ensure_signing_key(
+    sessionmaker: async_sessionmaker[AsyncSession], settings: Settings
+) -> None:
+    """Makes the ring hold exactly one unretired key: the configured one, or a stored one."""
+    configured = settings.signing_key_pem()
+    async with sessionmaker() as session, session.begin():
+        await _lock_ring(session)
+        if configured is not None:
+            public_pem = public_pem_of(configured)
+            kid = thumbprint(public_pem)
+            known = await session.get(SigningKey, kid)
+            if known is None:
+                session.add(SigningKey(kid=kid, algorithm=ALGORITHM, public_pem=public_pem))
+            elif known.retired_at is not None:
+                known.retired_at = None
+            await session.flush()
+            await _retire_all_except(session, kid)
+            return
+        current = await session.scalar(
+            select(SigningKey)
+            .where(SigningKey.retired_at.is_(None), SigningKey.private_pem.is_not(None))
+            .order_by(SigningKey.created_at.desc())
+            .limit(1)
+        )
+        kid = current.kid if current is not None else await _insert_generated(session)
+        await session.flush()
+        # a key once supplied as a secret, no longer configured, stops signing
+        await _retire_all_except(session, kid)
+
+
+async def rotate(sessionmaker: async_sessionmaker[AsyncSession], settings: Settings) -> str:
+    """Retires the signing key, stores a new one, drops keys past retention; returns the kid."""
+    if settings.signing_key_pem() is not None:
+        raise RuntimeError("The signing key comes from a secret: rotate by replacing the secret")
+    async with sessionmaker() as session, session.begin():
+        await _lock_ring(session)
+        await _retire_all_except(session, None)
+        kid = await _insert_generated(session)
+        cutoff = datetime.now(UTC) - retention(settings)
+        await session.execute(delete(SigningKey).where(SigningKey.retired_at < cutoff))
+    logger.info("rotated signing key; %s now signs", kid)
+    return kid
+
+
+class KeyRing:
+    """Auth's own key source: the kit verifier reads keys here, not over HTTP.
+
+    The ring is re-read from the database when older than
+    `key_ring_refresh_seconds`, so a rotation on another replica arrives.
+    """
+
+    def __init__(
+        self, *, sessionmaker: async_sessionmaker[AsyncSession], settings: Settings
+    ) -> None:
+        self.sessionmaker = sessionmaker
+        self.settings = settings
+        configured = settings.signing_key_pem()
+        self._configured: ActiveKey | None = None
+        if configured is not None:
+            kid = thumbprint(public_pem_of(configured))
+            self._configured = ActiveKey(kid, jwk.construct(configured, ALGORITHM))
+        self._active: ActiveKey | None = None
+        self._public: dict[str, VerificationKey] = {}
+        self._jwks: dict[str, Any] = {"keys": []}
+        self._loaded_at = float("-inf")
+        self._lock = asyncio.Lock()
+
+    @property
+    def loaded(self) -> bool:
+        return self._active is not None
+
+    async def reload(self) -> None:
+        cutoff = datetime.now(UTC) - retention(self.settings)
+        async with self.sessionmaker() as session:
+            rows = (
+                await session.scalars(
+                    select(SigningKey)
+                    .where(or_(SigningKey.retired_at.is_(None), SigningKey.retired_at > cutoff))
+                    .order_by(SigningKey.created_at.desc())
+                )
+            ).all()
+        active = self._configured
+        if active is None:
+            current = next(
+                (row for row in rows if row.retired_at is None and row.private_pem is not None),
+                None,
+            )
+            if current is not None and current.private_pem is not None:
+                reuse = self._active is not None and self._active.kid == current.kid
+                active = (
+                    self._active
+                    if reuse
+                    else ActiveKey(current.kid, jwk.construct(current.private_pem, ALGORITHM))
+                )
+        public = {
+            row.kid: self._public.get(row.kid)
+            or VerificationKey(row.kid, row.algorithm, jwk.construct(row.public_pem, row.algorithm))
+            for row in rows
+        }
+        self._jwks = {
+            "keys": [
+                {**public_jwk(row.public_pem), "kid": row.kid, "alg": row.algorithm, "use": "sig"}
+                for row in rows
+            ]
+        }
+        self._public, self._active = public, active
+        self._loaded_at = time.monotonic()
+
+    async def _refresh(self, *, older_than: float) -> None:
+        if time.monotonic() - self._loaded_at < older_than:
+            return
+        async with self._lock:
+            if time.monotonic() - self._loaded_at < older_than:
+                return
+            try:
+                await self.reload()
+            except (SQLAlchemyError, OSError) as error:
+                if not self.loaded:
+                    raise ServiceUnavailable("Signing keys are not available yet") from error
+                logger.warning("key ring refresh failed, keeping cached keys: %s", error)
+
+    async def active_key(self) -> ActiveKey:
+        await self._refresh(older_than=self.settings.key_ring_refresh_seconds)
+        if self._active is None:
+            raise ServiceUnavailable("Signing keys are not available yet")
+        return self._active
+
+    async def key_for(self, kid: str) -> VerificationKey | None:
+        await self._refresh(older_than=self.settings.key_ring_refresh_seconds)
+        key = self._public.get(kid)
+        if key is None:
+            await self._refresh(
+                older_than=min(_UNKNOWN_KID_REFRESH_SECONDS, self.settings.key_ring_refresh_seconds)
+            )
+            key = self._public.get(kid)
+        return key
+
+    async def jwks(self) -> dict[str, Any]:
+        await self._refresh(older_than=self.settings.key_ring_refresh_seconds)
+        return self._jwks
+
+
+async def _main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(prog="python -m auth.keys", description=__doc__)
+    parser.add_argument("command", choices=["rotate"])
+    parser.parse_args(argv)
+    settings = Settings()
+    engine = make_engine(str(settings.database_url))
+    try:
+        kid = await rotate(make_sessionmaker(engine), settings)
+    finally:
+        await engine.dispose()
+    logging.getLogger().info("new signing key %s", kid)
+    print(kid)  # noqa: T201 - the command's output
+
+
+if __name__ == "__main__":
+    logging.basicConfig(level=logging.INFO)
+    asyncio.run(_main())

@@ -1,0 +1,136 @@
+"""The auth app: `create_app()` builds it; the lifespan owns every resource."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections.abc import AsyncIterator
+from typing import TypedDict
+
+from fastapi import FastAPI, Request
+from redis.asyncio import Redis
+from sqlalchemy.exc import SQLAlchemyError
+from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker
+
+from auth import service
+from auth.config import Settings
+from auth.errors import install_dependency_error_handlers
+from auth.keys import KeyRing, ensure_signing_key
+from auth.passwords import Passwords
+from auth.router import router
+from kit.app import assemble
+from kit.db import check_database, make_engine, make_sessionmaker
+from kit.health import check_redis
+from kit.logs import configure_logging
+from kit.security import KeySource, TokenVerifier
+
+logger = logging.getLogger("auth.main")
+STARTUP_RETRY_MAX_SECONDS = 10.0
+
+
+class State(TypedDict):
+    settings: Settings
+    engine: AsyncEngine
+    sessionmaker: async_sessionmaker[AsyncSession]
+    redis: Redis
+    key_ring: KeyRing
+    passwords: Passwords
+    verifier: TokenVerifier
+
+
+async def bootstrap(
+    *,
+    sessionmaker: async_sessionmaker[AsyncSession],
+    key_ring: KeyRing,
+    passwords: Passwords,
+    settings: Settings,
+) -> None:
+    """Signing key and admin account, retried until the database answers.
+
+    Runs in the background, so the app serves /healthz (and a 503 /readyz)
+    while PostgreSQL is still starting: Swarm has no depends_on.
+    """
+    delay = 0.2
+    while True:
+        try:
+            await ensure_signing_key(sessionmaker, settings)
+            await key_ring.reload()
+            await service.ensure_admin(
+                sessionmaker=sessionmaker, passwords=passwords, settings=settings
+            )
+            await passwords.burn_verify("warm-up")  # computes the dummy hash now
+            logger.info("auth bootstrap complete")
+            return
+        except (SQLAlchemyError, OSError) as error:
+            logger.warning("auth bootstrap waiting for the database: %s", error)
+            await asyncio.sleep(delay)
+            delay = min(delay * 2, STARTUP_RETRY_MAX_SECONDS)
+
+
+async def check_signing_key(request: Request) -> None:
+    if not request.state.key_ring.loaded:
+        raise RuntimeError("signing key not loaded yet")
+
+
+def create_app(settings: Settings | None = None, *, key_source: KeySource | None = None) -> FastAPI:
+    """`key_source` replaces the key ring for verification only (tests)."""
+    settings = settings or Settings()
+    configure_logging(service=settings.service_name, level=settings.log_level)
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[State]:
+        engine = make_engine(str(settings.database_url))
+        sessionmaker = make_sessionmaker(engine)
+        redis = Redis.from_url(str(settings.redis_url))
+        key_ring = KeyRing(sessionmaker=sessionmaker, settings=settings)
+        passwords = Passwords.from_settings(settings)
+        verifier = TokenVerifier(
+            keys=key_source or key_ring,
+            issuer=settings.jwt_issuer,
+            audience=settings.jwt_audience,
+            algorithms=settings.jwt_algorithms,
+            redis=redis,
+        )
+        startup = asyncio.create_task(
+            bootstrap(
+                sessionmaker=sessionmaker,
+                key_ring=key_ring,
+                passwords=passwords,
+                settings=settings,
+            )
+        )
+        try:
+            yield State(
+                settings=settings,
+                engine=engine,
+                sessionmaker=sessionmaker,
+                redis=redis,
+                key_ring=key_ring,
+                passwords=passwords,
+                verifier=verifier,
+            )
+        finally:
+            startup.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await startup
+            await redis.aclose()
+            await engine.dispose()
+
+    app = FastAPI(
+        title="Bazaar auth",
+        summary="Accounts, password logins, ES256 access tokens, rotating refresh tokens",
+        lifespan=lifespan,
+    )
+    assemble(
+        app,
+        settings,
+        readiness={
+            "database": check_database,
+            "redis": check_redis,
+            "signing_key": check_signing_key,
+        },
+    )
+    install_dependency_error_handlers(app)
+    app.include_router(router)
+    return app

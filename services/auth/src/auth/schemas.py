@@ -1,0 +1,121 @@
+"""Request and response bodies."""
+
+from __future__ import annotations
+
+import uuid
+from datetime import datetime
+from typing import Annotated, Literal
+
+from email_validator import EmailNotValidError, validate_email
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    StringConstraints,
+    ValidationInfo,
+    field_validator,
+)
+
+from auth.models import User
+
+MIN_PASSWORD_LENGTH = 8
+# argon2 hashes any length, but a megabyte "password" is a cheap DoS
+MAX_PASSWORD_LENGTH = 1024
+
+Role = Literal["admin", "user"]
+DisplayName = Annotated[str, StringConstraints(strip_whitespace=True, min_length=1, max_length=100)]
+
+
+def normalise_email(value: str) -> str:
+    """Syntax-checked, normalised (IDNA, Unicode NFC) and lower-cased as a whole:
+    `Alice@Example.COM` and `alice@example.com` are one account."""
+    return validate_email(value.strip(), check_deliverability=False).normalized.lower()
+
+
+def login_email(value: str) -> str:
+    """The form's username as an account key; malformed input just matches no one."""
+    try:
+        return normalise_email(value)
+    except EmailNotValidError:
+        return value.strip().lower()
+
+
+class RegisterIn(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    email: Annotated[str, StringConstraints(max_length=320)]
+    display_name: DisplayName
+    password: Annotated[
+        str, StringConstraints(min_length=MIN_PASSWORD_LENGTH, max_length=MAX_PASSWORD_LENGTH)
+    ]
+
+    @field_validator("email")
+    @classmethod
+    def _normalise_email(cls, value: str) -> str:
+        try:
+            return normalise_email(value)
+        except EmailNotValidError as error:
+            raise ValueError(f"not a valid email address: {error}") from None
+
+    @field_validator("password")
+    @classmethod
+    def _not_the_email(cls, value: str, info: ValidationInfo) -> str:
+        email = info.data.get("email")
+        if email is not None and value.strip().lower() == email:
+            raise ValueError("the password must not be the email address")
+        return value
+
+
+class UserOut(BaseModel):
+    id: uuid.UUID
+    email: str
+    display_name: str
+    roles: list[str]
+    is_active: bool
+    created_at: datetime
+
+    @classmethod
+    def of(cls, user: User) -> UserOut:
+        return cls(
+            id=user.id,
+            email=user.email,
+            display_name=user.display_name,
+            roles=list(user.roles),
+            is_active=user.is_active,
+            created_at=user.created_at,
+        )
+
+
+class UserPage(BaseModel):
+    items: list[UserOut]
+    next_cursor: str | None
+
+
+class UserPatch(BaseModel):
+    """Only the fields sent are changed (`exclude_unset`)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    roles: Annotated[list[Role], Field(min_length=1, max_length=2)] | None = None
+    is_active: bool | None = None
+    display_name: DisplayName | None = None
+
+    @field_validator("roles", "is_active", "display_name")
+    @classmethod
+    def _not_null(cls, value: object) -> object:
+        if value is None:
+            raise ValueError("may be omitted but not null")
+        return value
+
+
+class TokenPair(BaseModel):
+    access_token: str
+    refresh_token: str
+    token_type: Literal["bearer"] = "bearer"
+    expires_in: int
+
+
+class RefreshIn(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    refresh_token: Annotated[str, StringConstraints(min_length=1, max_length=256)]

@@ -1,0 +1,335 @@
+"""Users, logins and token families: the SQL and the rules, no HTTP."""
+
+from __future__ import annotations
+
+import base64
+import logging
+import time
+import uuid
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+from redis.asyncio import Redis
+from redis.exceptions import RedisError
+from sqlalchemy import func, select, update
+from sqlalchemy.dialects.postgresql import insert
+from sqlalchemy.exc import IntegrityError
+from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
+
+from auth.config import Settings
+from auth.errors import (
+    EmailTaken,
+    InvalidCredentials,
+    InvalidRefreshToken,
+    SelfLockout,
+    UserNotFound,
+)
+from auth.keys import KeyRing
+from auth.models import ROLE_ADMIN, ROLE_USER, RefreshToken, User
+from auth.passwords import Passwords
+from auth.schemas import normalise_email
+from auth.tokens import issue_access_token, new_refresh_token, refresh_token_hash
+from kit.errors import ServiceUnavailable
+from kit.security import Principal, revoked_token_key, revoked_user_key
+
+logger = logging.getLogger("auth.service")
+
+
+@dataclass(frozen=True, slots=True)
+class IssuedTokens:
+    access_token: str
+    refresh_token: str
+    expires_in: int
+
+
+# --- users -----------------------------------------------------------------
+
+
+async def register(
+    *,
+    session: AsyncSession,
+    passwords: Passwords,
+    email: str,
+    password: str,
+    display_name: str,
+    roles: Sequence[str] = (ROLE_USER,),
+) -> User:
+    """`email` arrives normalised (see `schemas.normalise_email`)."""
+    if await session.scalar(select(User.id).where(User.email == email)) is not None:
+        raise EmailTaken
+    user = User(
+        email=email,
+        display_name=display_name,
+        password_hash=await passwords.hash(password),
+        roles=list(roles),
+    )
+    session.add(user)
+    try:
+        await session.commit()
+    except IntegrityError as error:  # registered concurrently since the check
+        await session.rollback()
+        raise EmailTaken from error
+    await session.refresh(user)
+    return user
+
+
+async def get_user(*, session: AsyncSession, user_id: uuid.UUID) -> User:
+    user = await session.get(User, user_id)
+    if user is None:
+        raise UserNotFound
+    return user
+
+
+def encode_cursor(email: str) -> str:
+    return base64.urlsafe_b64encode(email.encode()).decode().rstrip("=")
+
+
+def decode_cursor(cursor: str) -> str:
+    try:
+        return base64.urlsafe_b64decode(cursor + "=" * (-len(cursor) % 4)).decode()
+    except (ValueError, UnicodeDecodeError):
+        return ""
+
+
+async def list_users(
+    *, session: AsyncSession, limit: int, cursor: str | None
+) -> tuple[list[User], str | None]:
+    """Keyset pagination by email (unique), so pages never skip or repeat."""
+    query = select(User).order_by(User.email).limit(limit + 1)
+    if cursor:
+        query = query.where(User.email > decode_cursor(cursor))
+    users = list((await session.scalars(query)).all())
+    if len(users) > limit:
+        return users[:limit], encode_cursor(users[limit - 1].email)
+    return users, None
+
+
+async def update_user(
+    *,
+    session: AsyncSession,
+    redis: Redis,
+    settings: Settings,
+    actor: Principal,
+    user_id: uuid.UUID,
+    changes: Mapping[str, Any],
+) -> User:
+    """Applies an admin's partial update.
+
+    Deactivating revokes the user's refresh tokens and, through kit's per-user
+    revocation time, every live access token at once. Taking a role away
+    revokes the access tokens only: a refresh then yields the reduced roles.
+    """
+    user = await get_user(session=session, user_id=user_id)
+    if str(user.id) == actor.user_id and (
+        changes.get("is_active") is False
+        or ("roles" in changes and ROLE_ADMIN not in changes["roles"])
+    ):
+        raise SelfLockout
+    deactivated = changes.get("is_active") is False and user.is_active
+    demoted = "roles" in changes and not set(user.roles) <= set(changes["roles"])
+    if "roles" in changes:
+        user.roles = sorted(set(changes["roles"]))
+    if "is_active" in changes:
+        user.is_active = changes["is_active"]
+    if "display_name" in changes:
+        user.display_name = changes["display_name"]
+    if deactivated:
+        await session.execute(
+            update(RefreshToken)
+            .where(RefreshToken.user_id == user.id, RefreshToken.revoked_at.is_(None))
+            .values(revoked_at=datetime.now(UTC))
+        )
+    await session.commit()
+    if deactivated or demoted:
+        await _revoke_user_tokens(redis=redis, settings=settings, user_id=user.id)
+    await session.refresh(user)
+    return user
+
+
+async def _revoke_user_tokens(*, redis: Redis, settings: Settings, user_id: uuid.UUID) -> None:
+    # kept one access-token lifetime (plus leeway): every older token has expired by then
+    ttl = settings.access_token_ttl_seconds + 60
+    try:
+        await redis.set(revoked_user_key(str(user_id)), repr(time.time()), ex=ttl)
+    except RedisError as error:
+        raise ServiceUnavailable("Token revocation list is unreachable; retry") from error
+
+
+async def ensure_admin(
+    *, sessionmaker: async_sessionmaker[AsyncSession], passwords: Passwords, settings: Settings
+) -> None:
+    """Makes ADMIN_EMAIL an admin, creating it with ADMIN_PASSWORD if missing.
+
+    Idempotent and safe when replicas start together (one INSERT ... ON
+    CONFLICT). An existing account keeps its password.
+    """
+    if settings.admin_email is None or settings.admin_password is None:
+        return
+    email = normalise_email(settings.admin_email)
+    password_hash = await passwords.hash(settings.admin_password.get_secret_value())
+    statement = insert(User).values(
+        id=uuid.uuid4(),
+        email=email,
+        display_name="Administrator",
+        password_hash=password_hash,
+        roles=[ROLE_ADMIN, ROLE_USER],
+    )
+    statement = statement.on_conflict_do_update(
+        index_elements=[User.email],
+        set_={"roles": func.array_append(User.roles, ROLE_ADMIN)},
+        where=~User.roles.contains([ROLE_ADMIN]),
+    )
+    async with sessionmaker() as session:
+        await session.execute(statement)
+        await session.commit()
+    logger.info("admin account %s ensured", email)
+
+
+# --- logins and token families -----------------------------------------------
+
+
+async def authenticate(
+    *, session: AsyncSession, passwords: Passwords, email: str, password: str
+) -> User:
+    """The user for these credentials, upgrading an outdated hash on the way.
+
+    An unknown email still costs one full verification (a dummy hash), so its
+    401 cannot be told from a wrong password's by timing.
+    """
+    user = await session.scalar(select(User).where(User.email == email))
+    if user is None:
+        await passwords.burn_verify(password)
+        raise InvalidCredentials
+    if not await passwords.verify(user.password_hash, password) or not user.is_active:
+        raise InvalidCredentials
+    if passwords.needs_rehash(user.password_hash):
+        user.password_hash = await passwords.hash(password)
+        await session.commit()
+        logger.info("upgraded password hash of user %s", user.id)
+    return user
+
+
+async def _not_before(redis: Redis, user_id: uuid.UUID) -> float | None:
+    try:
+        marker = await redis.get(revoked_user_key(str(user_id)))
+    except RedisError as error:
+        raise ServiceUnavailable("Token revocation list is unreachable; retry") from error
+    return None if marker is None else float(marker)
+
+
+async def issue_tokens(
+    *,
+    session: AsyncSession,
+    redis: Redis,
+    key_ring: KeyRing,
+    settings: Settings,
+    user: User,
+    family_id: uuid.UUID | None = None,
+) -> IssuedTokens:
+    """A new access token and the next refresh token of the family (a new
+    family for a fresh login). Adds the refresh row and commits."""
+    family_id = family_id or uuid.uuid4()
+    access = issue_access_token(
+        key=await key_ring.active_key(),
+        user_id=user.id,
+        name=user.display_name,
+        roles=user.roles,
+        family_id=family_id,
+        issuer=settings.jwt_issuer,
+        audience=settings.jwt_audience,
+        lifetime_seconds=settings.access_token_ttl_seconds,
+        not_before=await _not_before(redis, user.id),
+    )
+    refresh = new_refresh_token()
+    now = datetime.now(UTC)
+    session.add(
+        RefreshToken(
+            token_hash=refresh_token_hash(refresh),
+            family_id=family_id,
+            user_id=user.id,
+            access_jti=access.jti,
+            access_expires_at=datetime.fromtimestamp(access.expires_at, UTC),
+            expires_at=now + timedelta(seconds=settings.refresh_token_ttl_seconds),
+        )
+    )
+    await session.commit()
+    return IssuedTokens(access.token, refresh, settings.access_token_ttl_seconds)
+
+
+async def rotate_refresh_token(
+    *,
+    session: AsyncSession,
+    redis: Redis,
+    key_ring: KeyRing,
+    settings: Settings,
+    refresh_token: str,
+) -> IssuedTokens:
+    """Spends a refresh token for a new pair in the same family.
+
+    The row is locked (`FOR UPDATE`), so of two concurrent uses one wins and
+    the other sees it used. A used token presented again means it was copied:
+    the whole family is revoked, the token that replaced it included.
+    """
+    token = await session.scalar(
+        select(RefreshToken)
+        .where(RefreshToken.token_hash == refresh_token_hash(refresh_token))
+        .with_for_update()
+    )
+    now = datetime.now(UTC)
+    if token is None or token.revoked_at is not None or token.expires_at <= now:
+        await session.rollback()
+        raise InvalidRefreshToken
+    if token.used_at is not None:
+        logger.warning("refresh token reused; revoking family %s", token.family_id)
+        await revoke_family(session=session, redis=redis, family_id=token.family_id)
+        await session.commit()
+        raise InvalidRefreshToken("Refresh token was already used; the session is revoked")
+    user = await session.get(User, token.user_id)
+    if user is None or not user.is_active:
+        await revoke_family(session=session, redis=redis, family_id=token.family_id)
+        await session.commit()
+        raise InvalidRefreshToken
+    token.used_at = now
+    return await issue_tokens(
+        session=session,
+        redis=redis,
+        key_ring=key_ring,
+        settings=settings,
+        user=user,
+        family_id=token.family_id,
+    )
+
+
+async def revoke_family(*, session: AsyncSession, redis: Redis, family_id: uuid.UUID) -> None:
+    """Revokes every refresh token of the family and blocklists the access
+    tokens issued with them that have not expired yet. Caller commits."""
+    now = datetime.now(UTC)
+    rows = await session.execute(
+        update(RefreshToken)
+        .where(RefreshToken.family_id == family_id, RefreshToken.revoked_at.is_(None))
+        .values(revoked_at=now)
+        .returning(RefreshToken.access_jti, RefreshToken.access_expires_at)
+    )
+    live = [(jti, expires_at) for jti, expires_at in rows.all() if expires_at > now]
+    for jti, expires_at in live:
+        await blocklist(redis=redis, jti=jti, expires_at=int(expires_at.timestamp()))
+
+
+async def blocklist(*, redis: Redis, jti: str, expires_at: int) -> None:
+    """kit's verifier refuses this `jti` until the token would have expired anyway."""
+    ttl = max(1, expires_at - int(time.time()) + 1)
+    try:
+        await redis.set(revoked_token_key(jti), "1", ex=ttl)
+    except RedisError as error:
+        raise ServiceUnavailable("Token revocation list is unreachable; retry") from error
+
+
+async def logout(
+    *, session: AsyncSession, redis: Redis, principal: Principal, family_id: uuid.UUID | None
+) -> None:
+    await blocklist(redis=redis, jti=principal.jti, expires_at=principal.expires_at)
+    if family_id is not None:
+        await revoke_family(session=session, redis=redis, family_id=family_id)
+        await session.commit()

@@ -1,0 +1,76 @@
+"""Issuing tokens: ES256 access tokens and opaque refresh tokens.
+
+Verification is kit's job (`kit.security.TokenVerifier`); this module only
+mints what it checks.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+import secrets
+import time
+import uuid
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+from jose import jwt
+
+from auth.keys import ALGORITHM, ActiveKey
+from kit.security import ACCESS_TOKEN_TYPE
+
+REFRESH_TOKEN_BYTES = 32
+
+
+@dataclass(frozen=True, slots=True)
+class AccessToken:
+    token: str
+    jti: str
+    expires_at: int
+
+
+def issue_access_token(
+    *,
+    key: ActiveKey,
+    user_id: uuid.UUID,
+    name: str,
+    roles: Sequence[str],
+    family_id: uuid.UUID,
+    issuer: str,
+    audience: str,
+    lifetime_seconds: int,
+    not_before: float | None = None,
+) -> AccessToken:
+    """`not_before` is the user's revocation time, if any: a token minted in the
+    same second must still be newer than it, so `iat` is rounded up past it."""
+    now = time.time()
+    issued_at = int(now)
+    if not_before is not None and issued_at < not_before:
+        issued_at = math.ceil(not_before)
+    jti = uuid.uuid4().hex
+    expires_at = int(now) + lifetime_seconds
+    claims = {
+        "sub": str(user_id),
+        "name": name,
+        "roles": list(roles),
+        "iat": issued_at,
+        "exp": expires_at,
+        "jti": jti,
+        "iss": issuer,
+        "aud": audience,
+        "typ": ACCESS_TOKEN_TYPE,
+        # the login session (refresh-token family), so logout can end it
+        "sid": str(family_id),
+    }
+    token: str = jwt.encode(claims, key.private_key, algorithm=ALGORITHM, headers={"kid": key.kid})
+    return AccessToken(token, jti, expires_at)
+
+
+def new_refresh_token() -> str:
+    return secrets.token_urlsafe(REFRESH_TOKEN_BYTES)
+
+
+def refresh_token_hash(token: str) -> str:
+    """Only this digest is stored: a leaked table cannot be replayed. The token
+    has 256 random bits, so a fast hash is enough (no password stretching)."""
+    return hashlib.sha256(token.encode()).hexdigest()

@@ -1,0 +1,110 @@
+from __future__ import annotations
+
+import asyncio
+import itertools
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+from asgi_lifespan import LifespanManager
+from fastapi import FastAPI
+from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker
+
+from auth.config import Settings
+from auth.deps import client_address
+from auth.main import create_app
+from kit.db import make_engine, make_sessionmaker
+
+pytest_plugins = ["kit.testing"]
+
+SERVICE_DIR = Path(__file__).resolve().parents[1]
+ADMIN_EMAIL = "root@example.com"
+ADMIN_PASSWORD = "admin-password-1"
+# argon2id at a few hundred microseconds for bulk fixtures; OWASP's parameters
+# are exercised on their own in test_passwords.py
+CHEAP_ARGON2: dict[str, Any] = {"argon2_memory_cost_kib": 64, "argon2_time_cost": 1}
+_addresses = itertools.count(1)
+
+
+def make_settings(database_url: str, redis_url: str, **overrides: Any) -> Settings:
+    values: dict[str, Any] = {
+        "database_url": database_url,
+        "redis_url": redis_url,
+        "admin_email": ADMIN_EMAIL,
+        "admin_password": ADMIN_PASSWORD,
+        "login_failures_per_account": 3,
+        "login_failures_per_client": 6,
+        "log_level": "WARNING",
+        **CHEAP_ARGON2,
+    }
+    values.update(overrides)
+    return Settings(**values)
+
+
+async def fresh_database(postgres_server_url: str) -> str:
+    # imported here: a top-level import would load the plugin before pytest
+    # can rewrite its asserts
+    from kit.testing import migrate, unique_database_url
+
+    url = unique_database_url(postgres_server_url, "auth")
+    await migrate(SERVICE_DIR, url)
+    return url
+
+
+async def wait_until_ready(client: httpx.AsyncClient, *, within: float = 20.0) -> None:
+    """The bootstrap (signing key, admin) runs in the background after start-up."""
+    async with asyncio.timeout(within):
+        while True:
+            if (await client.get("/readyz")).status_code == 200:
+                return
+            await asyncio.sleep(0.02)
+
+
+@pytest.fixture(scope="session")
+async def database_url(postgres_server_url: str) -> str:
+    return await fresh_database(postgres_server_url)
+
+
+@pytest.fixture(scope="session")
+def settings(database_url: str, redis_url: str) -> Settings:
+    return make_settings(database_url, redis_url)
+
+
+@pytest.fixture(scope="session")
+async def engine(database_url: str) -> AsyncIterator[AsyncEngine]:
+    engine = make_engine(database_url, pool_size=2, max_overflow=2)
+    yield engine
+    await engine.dispose()
+
+
+@pytest.fixture(scope="session")
+def sessionmaker(engine: AsyncEngine) -> async_sessionmaker[AsyncSession]:
+    return make_sessionmaker(engine)
+
+
+@pytest.fixture(scope="session")
+async def app(settings: Settings) -> AsyncIterator[FastAPI]:
+    application = create_app(settings)
+    async with LifespanManager(application) as manager:
+        async with httpx.AsyncClient(
+            transport=httpx.ASGITransport(manager.app), base_url="http://auth"
+        ) as probe:
+            await wait_until_ready(probe)
+        application.state.asgi = manager.app
+        yield application
+
+
+@pytest.fixture
+async def client(app: FastAPI) -> AsyncIterator[httpx.AsyncClient]:
+    """Each test logs in from its own client address, so per-client login
+    throttling in one test never spills into another."""
+    number = next(_addresses)
+    address = f"10.0.{number // 250}.{number % 250 + 1}"
+    app.dependency_overrides[client_address] = lambda: address
+    async with httpx.AsyncClient(
+        transport=httpx.ASGITransport(app.state.asgi), base_url="http://auth"
+    ) as http:
+        yield http
+    app.dependency_overrides.pop(client_address, None)

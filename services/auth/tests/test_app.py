@@ -1,0 +1,204 @@
+"""Start-up, readiness, metrics, the admin bootstrap and the welcome email."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections.abc import AsyncIterator, Awaitable, Callable
+
+import httpx
+import pytest
+from asgi_lifespan import LifespanManager
+from sqlalchemy import select
+from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
+
+from auth import service
+from auth.config import Settings
+from auth.main import create_app
+from auth.models import User
+from auth.passwords import Passwords
+from kit.testing import free_port
+
+from .conftest import CHEAP_ARGON2, make_settings, wait_until_ready
+from .factories import register, unique_email
+
+StartApp = Callable[[Settings], Awaitable[httpx.AsyncClient]]
+
+
+@pytest.fixture
+async def client_for() -> AsyncIterator[StartApp]:
+    """Yields a function that starts an app with these settings and returns its client."""
+    async with contextlib.AsyncExitStack() as stack:
+
+        async def start(settings: Settings) -> httpx.AsyncClient:
+            manager = await stack.enter_async_context(LifespanManager(create_app(settings)))
+            return await stack.enter_async_context(
+                httpx.AsyncClient(
+                    transport=httpx.ASGITransport(manager.app), base_url="http://auth"
+                )
+            )
+
+        yield start
+
+
+async def test_ready_when_database_redis_and_key_are(client: httpx.AsyncClient) -> None:
+    response = await client.get("/readyz")
+    assert response.status_code == 200
+    assert response.json() == {
+        "status": "ok",
+        "checks": {"database": "ok", "redis": "ok", "signing_key": "ok"},
+    }
+
+
+async def test_starts_and_reports_not_ready_while_the_database_is_down(
+    client_for: StartApp, redis_url: str
+) -> None:
+    unreachable = f"postgresql+asyncpg://nobody:nothing@127.0.0.1:{free_port()}/auth"
+    client = await client_for(make_settings(unreachable, redis_url))
+    assert (await client.get("/healthz")).json() == {"status": "ok"}
+    response = await client.get("/readyz")
+    assert response.status_code == 503
+    assert response.headers["content-type"] == "application/problem+json"
+    checks = response.json()["checks"]
+    assert checks["redis"] == "ok"
+    assert checks["database"].startswith("failed")
+    assert checks["signing_key"].startswith("failed")
+    login = await client.post("/auth/token", data={"username": "a@example.com", "password": "x"})
+    assert login.status_code == 503
+
+
+async def test_metrics_need_basic_auth_when_configured(
+    client_for: StartApp, database_url: str, redis_url: str
+) -> None:
+    settings = make_settings(
+        database_url, redis_url, metrics_user="prometheus", metrics_password="scrape-secret"
+    )
+    client = await client_for(settings)
+    anonymous = await client.get("/metrics")
+    assert anonymous.status_code == 401
+    assert anonymous.headers["content-type"] == "application/problem+json"
+    wrong = await client.get("/metrics", auth=("prometheus", "guess"))
+    assert wrong.status_code == 401
+    right = await client.get("/metrics", auth=("prometheus", "scrape-secret"))
+    assert right.status_code == 200
+    assert "http_requests_total" in right.text
+
+
+async def test_admin_bootstrap_is_idempotent_across_replicas(
+    sessionmaker: async_sessionmaker[AsyncSession], database_url: str, redis_url: str
+) -> None:
+    email = unique_email("boss")
+    settings = make_settings(
+        database_url, redis_url, admin_email=email, admin_password="boss password"
+    )
+    passwords = Passwords(memory_cost_kib=64, time_cost=1, parallelism=1)
+    await asyncio.gather(
+        *(
+            service.ensure_admin(sessionmaker=sessionmaker, passwords=passwords, settings=settings)
+            for _ in range(3)
+        )
+    )
+    async with sessionmaker() as session:
+        users = (await session.scalars(select(User).where(User.email == email))).all()
+    assert len(users) == 1
+    assert sorted(users[0].roles) == ["admin", "user"]
+
+
+async def test_admin_bootstrap_promotes_an_existing_account(
+    client: httpx.AsyncClient,
+    sessionmaker: async_sessionmaker[AsyncSession],
+    database_url: str,
+    redis_url: str,
+) -> None:
+    account = await register(client)
+    settings = make_settings(
+        database_url, redis_url, admin_email=account.email, admin_password="other password"
+    )
+    passwords = Passwords(memory_cost_kib=64, time_cost=1, parallelism=1)
+    for _ in range(2):
+        await service.ensure_admin(
+            sessionmaker=sessionmaker, passwords=passwords, settings=settings
+        )
+    async with sessionmaker() as session:
+        user = await session.scalar(select(User).where(User.email == account.email))
+    assert user is not None
+    assert user.roles == ["user", "admin"]
+    # the account keeps its own password
+    assert await passwords.verify(user.password_hash, account.password)
+
+
+class SmtpSink:
+    """Just enough of an SMTP server to receive one message over a real socket."""
+
+    def __init__(self) -> None:
+        self.messages: list[str] = []
+        self.received = asyncio.Event()
+
+    async def handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        writer.write(b"220 sink ready\r\n")
+        while line := await reader.readline():
+            command = line.decode().strip().upper()
+            if command.startswith(("EHLO", "HELO")):
+                writer.write(b"250 sink\r\n")
+            elif command == "DATA":
+                writer.write(b"354 go ahead\r\n")
+                await writer.drain()
+                data = await reader.readuntil(b"\r\n.\r\n")
+                self.messages.append(data.decode())
+                self.received.set()
+                writer.write(b"250 queued\r\n")
+            elif command == "QUIT":
+                writer.write(b"221 bye\r\n")
+                await writer.drain()
+                break
+            else:
+                writer.write(b"250 ok\r\n")
+            await writer.drain()
+        writer.close()
+
+
+async def test_welcome_email_goes_out_over_smtp(
+    client_for: StartApp, database_url: str, redis_url: str
+) -> None:
+    sink = SmtpSink()
+    server = await asyncio.start_server(sink.handle, "127.0.0.1", 0)
+    port = server.sockets[0].getsockname()[1]
+    try:
+        settings = make_settings(database_url, redis_url, smtp_url=f"smtp://127.0.0.1:{port}")
+        client = await client_for(settings)
+        await wait_until_ready(client)
+        email = unique_email()
+        await register(client, email=email, display_name="Linus")
+        async with asyncio.timeout(10):
+            await sink.received.wait()
+    finally:
+        server.close()
+        await server.wait_closed()
+    (message,) = sink.messages
+    assert f"To: {email}" in message
+    assert "Subject: Welcome to Bazaar" in message
+    assert "Hello Linus" in message
+
+
+async def test_a_failing_mail_server_never_fails_the_registration(
+    client_for: StartApp,
+    database_url: str,
+    redis_url: str,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    settings = make_settings(
+        database_url, redis_url, smtp_url=f"smtp://127.0.0.1:{free_port()}", **CHEAP_ARGON2
+    )
+    client = await client_for(settings)
+    await wait_until_ready(client)
+    # the app's logging set-up replaced the root handlers, caplog's included
+    mail_logger = logging.getLogger("auth.mail")
+    mail_logger.addHandler(caplog.handler)
+    try:
+        account = await register(client)
+    finally:
+        mail_logger.removeHandler(caplog.handler)
+    (failure,) = [record for record in caplog.records if record.name == "auth.mail"]
+    assert failure.levelname == "WARNING"
+    assert failure.getMessage().startswith(f"welcome email to {account.email} failed: ")

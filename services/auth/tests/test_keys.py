@@ -1,0 +1,205 @@
+"""The key ring: generated once across replicas, a configured secret, rotation."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import subprocess
+import sys
+from collections.abc import AsyncIterator
+from datetime import UTC, datetime, timedelta
+
+import httpx
+import pytest
+from asgi_lifespan import LifespanManager
+from jose import jwk, jwt
+from sqlalchemy import func, select, update
+from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
+
+from auth.config import Settings
+from auth.keys import (
+    KeyRing,
+    ensure_signing_key,
+    generate_private_pem,
+    public_pem_of,
+    rotate,
+    thumbprint,
+)
+from auth.main import create_app
+from auth.models import SigningKey
+from kit.db import make_engine, make_sessionmaker
+
+from .conftest import SERVICE_DIR, fresh_database, make_settings, wait_until_ready
+from .factories import login
+
+Sessionmaker = async_sessionmaker[AsyncSession]
+
+
+@pytest.fixture
+async def ring_db(postgres_server_url: str) -> AsyncIterator[tuple[str, Sessionmaker]]:
+    """A database of its own: rotation here must not disturb the shared app."""
+    url = await fresh_database(postgres_server_url)
+    engine = make_engine(url, pool_size=3, max_overflow=3)
+    yield url, make_sessionmaker(engine)
+    await engine.dispose()
+
+
+async def kids(sessionmaker: Sessionmaker, *, retired: bool) -> list[str]:
+    condition = SigningKey.retired_at.is_not(None) if retired else SigningKey.retired_at.is_(None)
+    async with sessionmaker() as session:
+        return list((await session.scalars(select(SigningKey.kid).where(condition))).all())
+
+
+@pytest.fixture
+async def app_client(
+    ring_db: tuple[str, Sessionmaker], redis_url: str, request: pytest.FixtureRequest
+) -> AsyncIterator[httpx.AsyncClient]:
+    overrides = getattr(request, "param", {})
+    settings = make_settings(ring_db[0], redis_url, key_ring_refresh_seconds=0, **overrides)
+    app = create_app(settings)
+    async with (
+        LifespanManager(app) as manager,
+        httpx.AsyncClient(
+            transport=httpx.ASGITransport(manager.app), base_url="http://auth"
+        ) as client,
+    ):
+        await wait_until_ready(client)
+        yield client
+
+
+async def test_replicas_starting_together_share_one_generated_key(
+    ring_db: tuple[str, Sessionmaker], redis_url: str
+) -> None:
+    url, sessionmaker = ring_db
+    settings = make_settings(url, redis_url)
+    await asyncio.gather(*(ensure_signing_key(sessionmaker, settings) for _ in range(4)))
+    (kid,) = await kids(sessionmaker, retired=False)
+    await ensure_signing_key(sessionmaker, settings)  # a later restart keeps it
+    assert await kids(sessionmaker, retired=False) == [kid]
+    rings = [KeyRing(sessionmaker=sessionmaker, settings=settings) for _ in range(2)]
+    for ring in rings:
+        await ring.reload()
+    assert {(await ring.active_key()).kid for ring in rings} == {kid}
+
+
+async def test_rotation_keeps_old_tokens_valid_and_signs_with_the_new_key(
+    app_client: httpx.AsyncClient, ring_db: tuple[str, Sessionmaker], redis_url: str
+) -> None:
+    url, sessionmaker = ring_db
+    before = await login(app_client, "root@example.com", "admin-password-1")
+    old_kid = jwt.get_unverified_header(before.access)["kid"]
+    new_kid = await rotate(sessionmaker, make_settings(url, redis_url))
+    assert new_kid != old_kid
+    after = await login(app_client, "root@example.com", "admin-password-1")
+    assert jwt.get_unverified_header(after.access)["kid"] == new_kid
+    published = {
+        key["kid"] for key in (await app_client.get("/auth/.well-known/jwks.json")).json()["keys"]
+    }
+    assert published == {old_kid, new_kid}
+    for tokens in (before, after):
+        assert (await app_client.get("/auth/users/me", headers=tokens.headers)).status_code == 200
+
+
+async def test_a_key_retired_longer_than_a_token_lifetime_leaves_the_jwks(
+    app_client: httpx.AsyncClient, ring_db: tuple[str, Sessionmaker], redis_url: str
+) -> None:
+    url, sessionmaker = ring_db
+    before = await login(app_client, "root@example.com", "admin-password-1")
+    old_kid = jwt.get_unverified_header(before.access)["kid"]
+    new_kid = await rotate(sessionmaker, make_settings(url, redis_url))
+    async with sessionmaker() as session:
+        await session.execute(
+            update(SigningKey)
+            .where(SigningKey.kid == old_kid)
+            .values(retired_at=datetime.now(UTC) - timedelta(hours=1))
+        )
+        await session.commit()
+    jwks = (await app_client.get("/auth/.well-known/jwks.json")).json()
+    assert [key["kid"] for key in jwks["keys"]] == [new_kid]
+    refused = await app_client.get("/auth/users/me", headers=before.headers)
+    assert refused.status_code == 401
+    assert refused.json()["detail"] == "Token signed by an unknown key"
+
+
+async def test_the_rotate_command(ring_db: tuple[str, Sessionmaker], redis_url: str) -> None:
+    url, sessionmaker = ring_db
+    await ensure_signing_key(sessionmaker, make_settings(url, redis_url))
+    (old_kid,) = await kids(sessionmaker, retired=False)
+    environment = {**os.environ, "DATABASE_URL": url}
+    environment.pop("SIGNING_KEY", None)
+    completed = await asyncio.to_thread(
+        subprocess.run,
+        [sys.executable, "-m", "auth.keys", "rotate"],
+        cwd=SERVICE_DIR,
+        env=environment,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert completed.returncode == 0, completed.stderr
+    new_kid = completed.stdout.strip()
+    assert await kids(sessionmaker, retired=False) == [new_kid]
+    assert await kids(sessionmaker, retired=True) == [old_kid]
+
+
+CONFIGURED_PEM = generate_private_pem()
+
+
+@pytest.mark.parametrize("app_client", [{"signing_key": CONFIGURED_PEM}], indirect=True)
+async def test_a_configured_key_signs_and_only_its_public_half_is_stored(
+    app_client: httpx.AsyncClient, ring_db: tuple[str, Sessionmaker]
+) -> None:
+    _, sessionmaker = ring_db
+    public_pem = public_pem_of(CONFIGURED_PEM)
+    tokens = await login(app_client, "root@example.com", "admin-password-1")
+    kid = jwt.get_unverified_header(tokens.access)["kid"]
+    assert kid == thumbprint(public_pem)
+    claims = jwt.decode(
+        tokens.access, jwk.construct(public_pem, "ES256"), algorithms=["ES256"], audience="bazaar"
+    )
+    assert claims["iss"] == "bazaar-auth"
+    async with sessionmaker() as session:
+        stored = await session.get(SigningKey, kid)
+        count = await session.scalar(select(func.count()).select_from(SigningKey))
+    assert stored is not None
+    assert stored.private_pem is None
+    assert stored.retired_at is None
+    assert count == 1
+
+
+async def test_replacing_the_configured_key_keeps_the_old_one_published(
+    ring_db: tuple[str, Sessionmaker], redis_url: str
+) -> None:
+    url, sessionmaker = ring_db
+    first, second = generate_private_pem(), generate_private_pem()
+    await ensure_signing_key(sessionmaker, make_settings(url, redis_url, signing_key=first))
+    await ensure_signing_key(sessionmaker, make_settings(url, redis_url, signing_key=second))
+    settings = make_settings(url, redis_url, signing_key=second)
+    ring = KeyRing(sessionmaker=sessionmaker, settings=settings)
+    await ring.reload()
+    assert (await ring.active_key()).kid == thumbprint(public_pem_of(second))
+    published = {key["kid"] for key in (await ring.jwks())["keys"]}
+    assert published == {thumbprint(public_pem_of(first)), thumbprint(public_pem_of(second))}
+    with pytest.raises(RuntimeError, match="replacing the secret"):
+        await rotate(sessionmaker, settings)
+
+
+async def test_a_key_that_is_not_p256_is_refused_at_start_up(
+    ring_db: tuple[str, Sessionmaker], redis_url: str
+) -> None:
+    from cryptography.hazmat.primitives import serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+
+    p384 = (
+        ec.generate_private_key(ec.SECP384R1())
+        .private_bytes(
+            serialization.Encoding.PEM,
+            serialization.PrivateFormat.PKCS8,
+            serialization.NoEncryption(),
+        )
+        .decode()
+    )
+    settings: Settings = make_settings(ring_db[0], redis_url, signing_key=p384)
+    with pytest.raises(ValueError, match="P-256"):
+        KeyRing(sessionmaker=ring_db[1], settings=settings)

@@ -1,0 +1,22 @@
+"""Catalog's settings: kit's shared ones plus its database, import key and limits."""
+
+from __future__ import annotations
+
+from pydantic import Field, PostgresDsn, SecretStr
+
+from kit.settings import ServiceSettings
+
+
+class Settings(ServiceSettings):
+    service_name: str = "catalog"
+    database_url: PostgresDsn = PostgresDsn(
+        "postgresql+asyncpg://bazaar:bazaar@postgres:5432/catalog"
+    )
+
+    # The key machine imports present in `X-API-Key` (or `api_key`); unset
+    # switches `POST /catalog/products:import` off (403).
+    catalog_api_key: SecretStr | None = None
+
+    idempotency_ttl_seconds: int = Field(default=24 * 3600, gt=0)
+    # How often a replica deletes expired idempotency keys.
+    idempotency_purge_interval_seconds: float = Field(default=600.0, gt=0)

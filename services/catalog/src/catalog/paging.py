@@ -1,0 +1,89 @@
+"""Keyset pagination: sort orders and the opaque cursor that continues one.
+
+A cursor is base64url JSON of `[sort, last sort key, last id]`. Clients treat
+it as opaque; the server checks every part, so a forged or stale cursor is a
+422, never a 500.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import enum
+import json
+import uuid
+from dataclasses import dataclass
+from datetime import datetime
+from decimal import Decimal, InvalidOperation
+
+from kit.errors import InvalidInput
+
+
+class Sort(enum.StrEnum):
+    NAME = "name"
+    NAME_DESC = "-name"
+    PRICE = "price"
+    PRICE_DESC = "-price"
+    CREATED_AT = "created_at"
+    CREATED_AT_DESC = "-created_at"
+
+    @property
+    def column(self) -> str:
+        return self.value.removeprefix("-")
+
+    @property
+    def descending(self) -> bool:
+        return self.value.startswith("-")
+
+
+SortKey = str | Decimal | datetime
+
+
+@dataclass(frozen=True, slots=True)
+class Cursor:
+    """Where the previous page ended: its last row's sort key and id."""
+
+    sort: Sort
+    key: SortKey
+    id: uuid.UUID
+
+    def encode(self) -> str:
+        key = self.key.isoformat() if isinstance(self.key, datetime) else str(self.key)
+        raw = json.dumps([self.sort.value, key, str(self.id)], separators=(",", ":"))
+        return base64.urlsafe_b64encode(raw.encode()).decode().rstrip("=")
+
+    @classmethod
+    def decode(cls, token: str, *, sort: Sort) -> Cursor:
+        try:
+            padded = token + "=" * (-len(token) % 4)
+            sort_value, key, id_value = json.loads(base64.urlsafe_b64decode(padded))
+            cursor_sort = Sort(sort_value)
+            cursor = cls(cursor_sort, _parse_key(cursor_sort, key), uuid.UUID(id_value))
+        except (ValueError, TypeError, binascii.Error, InvalidOperation) as error:
+            raise invalid_cursor("The cursor is not one this API issued") from error
+        if cursor.sort is not sort:
+            raise invalid_cursor(f"The cursor continues sort={cursor.sort}, not sort={sort}")
+        return cursor
+
+
+def _parse_key(sort: Sort, key: object) -> SortKey:
+    if not isinstance(key, str):
+        raise TypeError("sort key must be a string")
+    if sort.column == "price":
+        price = Decimal(key)
+        if not price.is_finite():
+            raise ValueError("price must be finite")
+        return price
+    if sort.column == "created_at":
+        moment = datetime.fromisoformat(key)
+        if moment.tzinfo is None:
+            raise ValueError("created_at must carry its offset")
+        return moment
+    return key
+
+
+def invalid_cursor(message: str) -> InvalidInput:
+    return InvalidInput(
+        "Invalid cursor",
+        errors=[{"loc": ["query", "cursor"], "msg": message, "type": "invalid_cursor"}],
+    )

@@ -1,0 +1,156 @@
+"""POST /catalog/products:import: the machine import behind an API key."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import httpx
+from sqlalchemy import func, select
+from sqlalchemy.ext.asyncio import AsyncSession
+
+from catalog.models import Product
+
+from .conftest import IMPORT_KEY
+from .factories import create_category, create_product, product_body
+from .test_router import assert_problem
+
+IMPORT = "/catalog/products:import"
+KEY = {"X-API-Key": IMPORT_KEY}
+
+
+async def stored(session: AsyncSession, rows: list[dict[str, Any]]) -> int:
+    """How many of these rows' names are stored (other tests commit products too)."""
+    names = [row["name"].title() for row in rows]
+    return int(await session.scalar(select(func.count()).where(Product.name.in_(names))) or 0)
+
+
+async def test_import_creates_every_product(
+    client: httpx.AsyncClient, admin_headers: dict[str, str], session: AsyncSession
+) -> None:
+    await create_category(client, admin_headers, "fruit")
+    rows = [product_body(category="fruit" if index % 2 else None) for index in range(1000)]
+    response = await client.post(IMPORT, json=rows, headers=KEY)
+    assert response.status_code == 201, response.text
+    body = response.json()
+    assert body["count"] == 1000
+    assert len(set(body["ids"])) == 1000
+    fetched = (await client.get(f"/catalog/products/{body['ids'][1]}")).json()
+    assert (fetched["name"], fetched["category"]["slug"]) == (rows[1]["name"].title(), "fruit")
+    assert await stored(session, rows) == 1000
+
+
+async def test_import_takes_the_key_from_the_query(client: httpx.AsyncClient) -> None:
+    response = await client.post(IMPORT, params={"api_key": IMPORT_KEY}, json=[product_body()])
+    assert response.status_code == 201
+    assert response.json()["count"] == 1
+
+
+async def test_import_without_or_with_a_wrong_key_is_401(
+    client: httpx.AsyncClient, admin_headers: dict[str, str]
+) -> None:
+    for headers, params in (
+        ({}, {}),
+        ({"X-API-Key": "wrong"}, {}),
+        ({}, {"api_key": "wrong"}),
+        (admin_headers, {}),
+    ):
+        response = await client.post(IMPORT, json=[product_body()], headers=headers, params=params)
+        assert_problem(response, 401)
+        assert response.headers["www-authenticate"] == "APIKey"
+
+
+async def test_import_is_all_or_nothing_with_per_row_errors(
+    client: httpx.AsyncClient, session: AsyncSession
+) -> None:
+    rows = [product_body() for _ in range(5)]
+    rows[3]["price"] = "-2"
+    rows[4]["name"] = "n"
+    response = await client.post(IMPORT, json=rows, headers=KEY)
+    problem = assert_problem(response, 422)
+    assert [(error["loc"], error["type"]) for error in problem["errors"]] == [
+        (["body", 3, "price"], "greater_than"),
+        (["body", 4, "name"], "string_too_short"),
+    ]
+    assert await stored(session, rows) == 0
+
+
+async def test_import_reports_unknown_categories_per_row(
+    client: httpx.AsyncClient, session: AsyncSession
+) -> None:
+    rows = [product_body(), product_body(category="nowhere")]
+    problem = assert_problem(await client.post(IMPORT, json=rows, headers=KEY), 422)
+    assert problem["errors"] == [
+        {
+            "loc": ["body", 1, "category"],
+            "msg": "No category with this slug",
+            "type": "unknown_category",
+        }
+    ]
+    assert await stored(session, rows) == 0
+
+
+async def test_import_duplicates_are_409_per_row(
+    client: httpx.AsyncClient, admin_headers: dict[str, str], session: AsyncSession
+) -> None:
+    existing = await create_product(client, admin_headers)
+    repeated = product_body()
+    rows: list[dict[str, Any]] = [
+        product_body(),
+        product_body(name=existing["name"]),
+        repeated,
+        dict(repeated),
+    ]
+    problem = assert_problem(await client.post(IMPORT, json=rows, headers=KEY), 409)
+    assert [error["loc"] for error in problem["errors"]] == [
+        ["body", 1, "name"],
+        ["body", 3, "name"],
+    ]
+    assert await stored(session, rows) == 1
+
+
+async def test_import_bounds_the_list(client: httpx.AsyncClient) -> None:
+    too_many = [product_body() for _ in range(1001)]
+    assert assert_problem(await client.post(IMPORT, json=too_many, headers=KEY), 422)["errors"][0][
+        "loc"
+    ] == ["body"]
+    assert assert_problem(await client.post(IMPORT, json=[], headers=KEY), 422)["errors"][0][
+        "loc"
+    ] == ["body"]
+
+
+async def test_import_is_disabled_without_a_configured_key(settings: Any, minter: Any) -> None:
+    from asgi_lifespan import LifespanManager
+
+    from catalog.main import create_app
+
+    app = create_app(
+        settings.model_copy(update={"catalog_api_key": None}), key_source=minter.key_source
+    )
+    async with (
+        LifespanManager(app) as manager,
+        httpx.AsyncClient(
+            transport=httpx.ASGITransport(manager.app), base_url="http://catalog"
+        ) as client,
+    ):
+        response = await client.post(IMPORT, json=[product_body()], headers=KEY)
+    assert (
+        assert_problem(response, 403)["detail"]
+        == "Product import is disabled: no API key is configured"
+    )
+
+
+async def test_openapi_documents_the_import_key(client: httpx.AsyncClient) -> None:
+    schema = (await client.get("/openapi.json")).json()
+    operation = schema["paths"][IMPORT]["post"]
+    assert {name for entry in operation["security"] for name in entry} == {
+        "APIKeyHeader",
+        "APIKeyQuery",
+    }
+    schemes = schema["components"]["securitySchemes"]
+    assert schemes["APIKeyHeader"] == {
+        "type": "apiKey",
+        "in": "header",
+        "name": "X-API-Key",
+        "description": "The catalog import key",
+    }
+    assert schemes["APIKeyQuery"]["in"] == "query"

@@ -1,0 +1,66 @@
+"""The app as a whole: health, readiness, shared headers, concurrency on writes."""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Any
+
+import httpx
+from asgi_lifespan import LifespanManager
+
+from catalog.main import create_app
+
+from .factories import create_product
+from .test_router import assert_problem
+
+
+async def test_healthz_and_readyz(client: httpx.AsyncClient) -> None:
+    assert (await client.get("/healthz")).json() == {"status": "ok"}
+    ready = await client.get("/readyz")
+    assert ready.status_code == 200
+    assert ready.json() == {"status": "ok", "checks": {"database": "ok", "redis": "ok"}}
+
+
+async def test_starts_without_its_database_and_says_not_ready(settings: Any) -> None:
+    from kit.testing import free_port
+
+    unreachable = settings.model_copy(
+        update={"database_url": f"postgresql+asyncpg://x:y@127.0.0.1:{free_port()}/catalog"}
+    )
+    app = create_app(unreachable)
+    async with (
+        LifespanManager(app) as manager,
+        httpx.AsyncClient(
+            transport=httpx.ASGITransport(manager.app), base_url="http://catalog"
+        ) as client,
+    ):
+        assert (await client.get("/healthz")).status_code == 200
+        problem = assert_problem(await client.get("/readyz"), 503)
+        assert problem["checks"]["database"].startswith("failed")
+        assert problem["checks"]["redis"] == "ok"
+
+
+async def test_responses_carry_request_id_and_timing(client: httpx.AsyncClient) -> None:
+    response = await client.get("/catalog/products", headers={"X-Request-ID": "abc-123"})
+    assert response.headers["x-request-id"] == "abc-123"
+    assert float(response.headers["x-process-time"]) >= 0
+    problem = assert_problem(
+        await client.get("/catalog/products", params={"limit": 0}, headers={"X-Request-ID": "r1"}),
+        422,
+    )
+    assert problem["instance"] == "r1"
+
+
+async def test_of_two_patches_from_one_etag_exactly_one_wins(
+    committed_client: httpx.AsyncClient, admin_headers: dict[str, str]
+) -> None:
+    created = await create_product(committed_client, admin_headers)
+    headers = {**admin_headers, "If-Match": '"1"'}
+    url = f"/catalog/products/{created['id']}"
+    responses = await asyncio.gather(
+        *(committed_client.patch(url, json={"price": price}, headers=headers) for price in "23")
+    )
+    assert sorted(response.status_code for response in responses) == [200, 412]
+    winner = next(response for response in responses if response.status_code == 200)
+    assert (await committed_client.get(url)).json() == winner.json()
+    assert winner.json()["version"] == 2

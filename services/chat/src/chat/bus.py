@@ -1,0 +1,199 @@
+"""Redis pub/sub between chat replicas: the one module that knows channel names.
+
+Each replica holds one subscriber connection with a pattern subscription to
+every room channel plus a channel of its own for readiness probes, so a room
+needs no subscribe round trip when its first socket arrives. Payloads carry a
+small header in front of the frame the clients receive, so a replica routes a
+message without parsing its JSON:
+
+    m:<id>:<message frame>       a stored message of the room
+    p:<node>:<presence frame>    a join/leave from replica <node>
+
+When the subscriber connection breaks, the bus reconnects with jittered
+exponential backoff, subscribes again and then calls `on_resync`, which reads
+from PostgreSQL whatever the replica missed. Publishes that fail meanwhile are
+kept (bounded) and sent again after the reconnect.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import random
+import uuid
+from collections import deque
+from collections.abc import Callable
+from typing import Any
+
+from redis.asyncio import Redis
+from redis.exceptions import RedisError
+
+logger = logging.getLogger("chat.bus")
+
+ROOM_PREFIX = "chat:room:"
+ROOM_PATTERN = ROOM_PREFIX + "*"
+BACKLOG_LIMIT = 10_000
+
+
+def room_channel(room: str) -> str:
+    return ROOM_PREFIX + room
+
+
+def node_channel(node: str) -> str:
+    return f"chat:node:{node}"
+
+
+def message_payload(message_id: int, frame: str) -> str:
+    return f"m:{message_id}:{frame}"
+
+
+def presence_payload(node: str, frame: str) -> str:
+    return f"p:{node}:{frame}"
+
+
+MessageHandler = Callable[[str, str], None]
+"""Called with (room, payload) for every publication on a room channel."""
+
+
+class Bus:
+    def __init__(
+        self,
+        *,
+        url: str,
+        node_id: str,
+        publisher: Redis,
+        on_message: MessageHandler,
+        on_resync: Callable[[], None],
+        backoff_max_seconds: float = 5.0,
+    ) -> None:
+        self.url = url
+        self.node_id = node_id
+        self.publisher = publisher
+        self.on_message = on_message
+        self.on_resync = on_resync
+        self.backoff_max_seconds = backoff_max_seconds
+        self.connected = asyncio.Event()
+        self._probes: dict[str, asyncio.Future[None]] = {}
+        self._backlog: deque[tuple[str, str]] = deque(maxlen=BACKLOG_LIMIT)
+        self._task: asyncio.Task[None] | None = None
+        self._subscriber: Redis | None = None
+        self._reconnects = 0
+
+    @property
+    def reconnects(self) -> int:
+        """How many times the subscriber came back after losing Redis."""
+        return self._reconnects
+
+    def start(self) -> None:
+        self._task = asyncio.create_task(self._run(), name="chat-bus")
+
+    async def stop(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+        await self._close_subscriber()
+
+    def force_reconnect(self) -> None:
+        """Drops the subscriber (it stopped hearing the bus) and connects a fresh one."""
+        self.connected.clear()
+        if self._task is not None:
+            self._task.cancel()
+        self._task = asyncio.create_task(self._run(reconnecting=True), name="chat-bus")
+
+    async def publish(self, channel: str, payload: str) -> None:
+        """Publishes now, or keeps the payload for after the reconnect."""
+        if not self.connected.is_set():
+            self._backlog.append((channel, payload))
+            return
+        try:
+            await self.publisher.publish(channel, payload)
+        except (RedisError, OSError) as error:
+            logger.warning("publish to %s failed, kept for later: %s", channel, error)
+            self._backlog.append((channel, payload))
+
+    async def probe(self, within: float) -> None:
+        """Publishes on this replica's own channel and waits for it to come back:
+        proof that the subscriber still hears the bus, not only that Redis answers."""
+        if not self.connected.is_set():
+            raise RuntimeError("bus subscriber is not connected")
+        token = uuid.uuid4().hex
+        arrived: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self._probes[token] = arrived
+        try:
+            await self.publisher.publish(node_channel(self.node_id), token)
+            await asyncio.wait_for(arrived, within)
+        finally:
+            self._probes.pop(token, None)
+
+    async def _run(self, *, reconnecting: bool = False) -> None:
+        delay = 0.05
+        while True:
+            try:
+                subscriber = await self._connect()
+                delay = 0.05
+                if reconnecting:
+                    self._reconnects += 1
+                reconnecting = True
+                self.connected.set()
+                logger.info("bus subscribed")
+                self.on_resync()
+                await self._flush_backlog()
+                await self._listen(subscriber)
+            except asyncio.CancelledError:
+                raise
+            except Exception as error:  # noqa: BLE001 - any failure means: reconnect
+                logger.warning("bus connection lost: %s", error)
+            self.connected.clear()
+            await self._close_subscriber()
+            await asyncio.sleep(delay * (0.5 + random.random()))
+            delay = min(delay * 2, self.backoff_max_seconds)
+
+    async def _connect(self) -> Any:
+        await self._close_subscriber()
+        self._subscriber = Redis.from_url(
+            self.url, decode_responses=True, socket_connect_timeout=2.0, socket_keepalive=True
+        )
+        pubsub = self._subscriber.pubsub()
+        await pubsub.psubscribe(ROOM_PATTERN)
+        await pubsub.subscribe(node_channel(self.node_id))
+        confirmed = 0
+        while confirmed < 2:  # both confirmations: the subscriptions are live from here
+            reply = await asyncio.wait_for(pubsub.get_message(timeout=None), 5.0)
+            if reply is not None and reply["type"] in ("subscribe", "psubscribe"):
+                confirmed += 1
+        return pubsub
+
+    async def _listen(self, pubsub: Any) -> None:
+        own_channel = node_channel(self.node_id)
+        while True:
+            reply = await pubsub.get_message(timeout=None)
+            if reply is None:
+                continue
+            kind = reply["type"]
+            if kind == "pmessage":
+                channel: str = reply["channel"]
+                self._dispatch(channel[len(ROOM_PREFIX) :], reply["data"])
+            elif kind == "message" and reply["channel"] == own_channel:
+                arrived = self._probes.get(reply["data"])
+                if arrived is not None and not arrived.done():
+                    arrived.set_result(None)
+
+    def _dispatch(self, room: str, payload: str) -> None:
+        try:
+            self.on_message(room, payload)
+        except Exception:
+            logger.exception("handling a bus message for room %s failed", room)
+
+    async def _flush_backlog(self) -> None:
+        while self._backlog:
+            channel, payload = self._backlog[0]
+            await self.publisher.publish(channel, payload)
+            self._backlog.popleft()
+
+    async def _close_subscriber(self) -> None:
+        subscriber, self._subscriber = self._subscriber, None
+        if subscriber is not None:
+            with contextlib.suppress(Exception):
+                await subscriber.aclose()

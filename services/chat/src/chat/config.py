@@ -1,0 +1,47 @@
+"""Chat settings: environment first, then `.env`, then these defaults (compose's values)."""
+
+from __future__ import annotations
+
+from pydantic import Field, PostgresDsn
+
+from kit.settings import ServiceSettings
+
+
+class Settings(ServiceSettings):
+    service_name: str = "chat"
+    database_url: PostgresDsn = PostgresDsn("postgresql+asyncpg://bazaar:bazaar@postgres:5432/chat")
+
+    max_text_length: int = Field(default=4000, gt=0)
+    """Longest message text, in characters."""
+    max_frame_bytes: int = Field(default=32_768, gt=0)
+    """Longest client frame; JSON escapes can make 4000 characters take 24 KB."""
+    max_client_id_length: int = Field(default=64, gt=0)
+
+    send_rate_per_second: float = Field(default=20.0, gt=0)
+    """Steady rate of client frames one socket may send (token bucket refill)."""
+    send_burst: int = Field(default=40, gt=0)
+    """Frames one socket may send at once before the rate applies."""
+
+    send_queue_size: int = Field(default=512, gt=0)
+    """Frames waiting for one socket; a socket whose queue overflows is closed (4008)."""
+    slow_consumer_close_seconds: float = Field(default=5.0, gt=0)
+    """How long the close frame of a dropped slow consumer may wait for its buffer to drain."""
+
+    ws_ping_interval: float = Field(default=20.0, gt=0)
+    """Protocol-level pings (uvicorn's `--ws-ping-interval`, used by `python -m chat`)."""
+    ws_ping_timeout: float = Field(default=20.0, gt=0)
+
+    gap_fill_wait_ms: int = Field(default=40, ge=0)
+    """How long a hole in a room's ids may stay open before it is read from PostgreSQL."""
+    close_on_token_expiry: bool = True
+    """Close a socket (4001) when its token expires, unless an `auth` frame renewed it."""
+
+    history_max_limit: int = Field(default=200, gt=0)
+    replay_page_size: int = Field(default=500, gt=0)
+
+    presence_ttl_seconds: float = Field(default=20.0, gt=0)
+    """A replica's presence entries vanish this long after its last heartbeat."""
+    presence_heartbeat_seconds: float = Field(default=5.0, gt=0)
+
+    bus_probe_timeout_seconds: float = Field(default=1.5, gt=0)
+    bus_backoff_max_seconds: float = Field(default=5.0, gt=0)

@@ -1,0 +1,11 @@
+"""Declarative base with the shared naming convention."""
+
+from __future__ import annotations
+
+from sqlalchemy.orm import DeclarativeBase
+
+from kit.db import new_metadata
+
+
+class Base(DeclarativeBase):
+    metadata = new_metadata()

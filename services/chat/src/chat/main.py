@@ -1,0 +1,128 @@
+"""The chat app: `create_app` builds it; the lifespan owns every connection."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections.abc import AsyncIterator
+from typing import TypedDict
+
+import httpx
+from fastapi import FastAPI, Request
+from redis.asyncio import Redis
+from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker
+
+from chat.bus import Bus
+from chat.config import Settings
+from chat.hub import CLOSE_SHUTDOWN, Hub
+from chat.presence import Presence
+from chat.router import router
+from kit.app import assemble
+from kit.db import check_database, make_engine, make_sessionmaker
+from kit.logs import configure_logging
+from kit.security import JwksKeySource, KeySource, TokenVerifier
+
+logger = logging.getLogger("chat.main")
+
+
+class State(TypedDict):
+    settings: Settings
+    engine: AsyncEngine
+    sessionmaker: async_sessionmaker[AsyncSession]
+    redis: Redis
+    http: httpx.AsyncClient
+    verifier: TokenVerifier
+    presence: Presence
+    hub: Hub
+    bus: Bus
+
+
+async def check_bus(request: Request) -> None:
+    """Ready only if a publish on this replica's channel comes back to it."""
+    bus: Bus = request.state.bus
+    settings: Settings = request.state.settings
+    await bus.probe(settings.bus_probe_timeout_seconds)
+
+
+async def heartbeat(*, hub: Hub, bus: Bus, presence: Presence, settings: Settings) -> None:
+    """Refreshes presence and checks that the subscriber still hears the bus."""
+    while True:
+        await asyncio.sleep(settings.presence_heartbeat_seconds)
+        await presence.heartbeat(hub.presence_entries())
+        if bus.connected.is_set():
+            try:
+                await bus.probe(settings.bus_probe_timeout_seconds)
+            except Exception as error:  # noqa: BLE001 - deaf or broken: start over
+                logger.warning("bus probe failed, reconnecting the subscriber: %s", error)
+                bus.force_reconnect()
+
+
+def create_app(settings: Settings | None = None, *, key_source: KeySource | None = None) -> FastAPI:
+    settings = settings or Settings()
+    configure_logging(service=settings.service_name, level=settings.log_level)
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[State]:
+        engine = make_engine(str(settings.database_url))
+        redis = Redis.from_url(
+            str(settings.redis_url), socket_connect_timeout=2.0, socket_timeout=5.0
+        )
+        http = httpx.AsyncClient()
+        keys = key_source or JwksKeySource(
+            str(settings.jwks_url), http=http, algorithms=settings.jwt_algorithms
+        )
+        verifier = TokenVerifier(
+            keys=keys,
+            issuer=settings.jwt_issuer,
+            audience=settings.jwt_audience,
+            algorithms=settings.jwt_algorithms,
+            redis=redis,
+        )
+        presence = Presence(
+            redis=redis, node_id=settings.node_id, ttl_seconds=settings.presence_ttl_seconds
+        )
+        hub = Hub(engine=engine, settings=settings, presence=presence, node_id=settings.node_id)
+        bus = Bus(
+            url=str(settings.redis_url),
+            node_id=settings.node_id,
+            publisher=redis,
+            on_message=hub.on_bus_message,
+            on_resync=hub.resync,
+            backoff_max_seconds=settings.bus_backoff_max_seconds,
+        )
+        hub.bus = bus
+        bus.start()
+        beat = asyncio.create_task(
+            heartbeat(hub=hub, bus=bus, presence=presence, settings=settings), name="heartbeat"
+        )
+        try:
+            yield State(
+                settings=settings,
+                engine=engine,
+                sessionmaker=make_sessionmaker(engine),
+                redis=redis,
+                http=http,
+                verifier=verifier,
+                presence=presence,
+                hub=hub,
+                bus=bus,
+            )
+        finally:
+            beat.cancel()
+            rooms = list(hub.feeds)
+            await hub.close_all(CLOSE_SHUTDOWN, "server shutting down")
+            await presence.clear(rooms)
+            await bus.stop()
+            await redis.aclose()
+            await http.aclose()
+            await engine.dispose()
+
+    app = FastAPI(
+        title="chat",
+        summary="Chat rooms over WebSockets, ordered and resumable across replicas",
+        lifespan=lifespan,
+    )
+    assemble(app, settings, readiness={"database": check_database, "bus": check_bus})
+    app.include_router(router)
+    return app

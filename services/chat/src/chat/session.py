@@ -1,0 +1,249 @@
+"""One chat WebSocket, from the handshake to the close.
+
+Refusals before the handshake completes are ASGI closes with 1008 (bad token,
+bad room, bad `since`) or 1013 (PostgreSQL or Redis unreachable); uvicorn turns
+a close before accept into an HTTP 403 answer to the upgrade request, so that
+is what clients see. After the `ready` frame every close carries a code from
+`chat.hub` (4001 token expired, 4008 slow consumer, 1012 shutdown, 1011
+replay failed).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+from datetime import UTC, datetime
+from typing import Any
+
+from fastapi import WebSocket
+
+from chat import service
+from chat.config import Settings
+from chat.hub import (
+    CLOSE_POLICY,
+    CLOSE_SLOW_CONSUMER,
+    CLOSE_TRY_AGAIN,
+    Connection,
+    Hub,
+    Replay,
+)
+from chat.schemas import dumps, error_frame, ready_frame, valid_room
+from kit.errors import ServiceUnavailable, Unauthenticated
+from kit.security import (
+    Principal,
+    TokenVerifier,
+    bearer_from_headers,
+    bearer_from_subprotocols,
+)
+
+logger = logging.getLogger("chat.socket")
+
+BEARER_SUBPROTOCOL = "bearer"
+
+
+def parse_since(raw: str | None) -> int | bool | None:
+    """The `since` query parameter: None when absent, False when invalid."""
+    if raw is None:
+        return None
+    return int(raw) if raw.isdigit() and len(raw) < 19 else False
+
+
+async def authenticate(websocket: WebSocket, verifier: TokenVerifier) -> tuple[Principal, bool]:
+    """The principal, and whether the token came as the `bearer` subprotocol."""
+    token = bearer_from_headers(websocket.headers.get("authorization"))
+    via_subprotocol = False
+    if token is None:
+        token = bearer_from_subprotocols(websocket.scope.get("subprotocols", []))
+        via_subprotocol = token is not None
+    if token is None:
+        raise Unauthenticated("A bearer token is required")
+    return await verifier.verify(token), via_subprotocol
+
+
+def replay_after(hub: Hub, since: int) -> Replay:
+    async def replay(connection: Connection) -> None:
+        connection.last_sent_id = since
+        page_size = hub.settings.replay_page_size
+        while True:
+            page = await service.messages_after(
+                engine=hub.engine,
+                room=connection.room,
+                after=connection.last_sent_id,
+                limit=page_size,
+            )
+            for message in page:
+                await connection.websocket.send_text(message.frame())
+                connection.last_sent_id = message.id
+            if len(page) < page_size:
+                return
+
+    return replay
+
+
+async def chat_socket(websocket: WebSocket, room: str) -> None:
+    state = websocket.state
+    settings: Settings = state.settings
+    hub: Hub = state.hub
+    verifier: TokenVerifier = state.verifier
+
+    since = parse_since(websocket.query_params.get("since"))
+    if not valid_room(room) or since is False:
+        await websocket.close(CLOSE_POLICY, "invalid room or since")
+        return
+    try:
+        principal, via_subprotocol = await authenticate(websocket, verifier)
+    except Unauthenticated as error:
+        await websocket.close(CLOSE_POLICY, error.detail)
+        return
+    except ServiceUnavailable as error:
+        await websocket.close(CLOSE_TRY_AGAIN, error.detail)
+        return
+
+    connection = Connection(
+        websocket=websocket,
+        principal=principal,
+        room=room,
+        limit=settings.send_queue_size,
+        burst=settings.send_burst,
+    )
+    try:
+        last_id = await hub.join(connection)
+    except Exception as error:  # noqa: BLE001 - the database is unreachable
+        logger.warning("joining room %s failed: %s", room, error)
+        await websocket.close(CLOSE_TRY_AGAIN, "try again later")
+        return
+    try:
+        await websocket.accept(subprotocol=BEARER_SUBPROTOCOL if via_subprotocol else None)
+    except Exception:  # noqa: BLE001 - the client left during the handshake
+        hub.leave(connection)
+        return
+
+    connection.handler = asyncio.current_task()
+    first = [ready_frame(room=room, last_id=last_id, node=hub.node_id)]
+    replay = replay_after(hub, since) if isinstance(since, int) else None
+    connection.writer = asyncio.create_task(connection.run_writer(first, replay))
+    connection.schedule_expiry(principal.expires_at, settings.close_on_token_expiry)
+    hub.spawn(hub.announce(connection, "join"))
+    try:
+        await receive_frames(connection, hub=hub, settings=settings, verifier=verifier)
+    except asyncio.CancelledError:
+        task = asyncio.current_task()
+        if not connection.kicked or task is None:
+            raise
+        task.uncancel()
+        # the close frame waits behind whatever the peer has not read yet
+        with contextlib.suppress(Exception):
+            await asyncio.wait_for(
+                websocket.close(
+                    connection.close_code or CLOSE_SLOW_CONSUMER, connection.close_reason
+                ),
+                settings.slow_consumer_close_seconds,
+            )
+    finally:
+        connection.stop()
+        if hub.leave(connection):
+            hub.spawn(hub.announce(connection, "leave"))
+
+
+def reply(hub: Hub, connection: Connection, frame: str) -> None:
+    if not connection.push_frame(frame):
+        hub.kick(connection, CLOSE_SLOW_CONSUMER, "slow consumer")
+
+
+async def receive_frames(
+    connection: Connection, *, hub: Hub, settings: Settings, verifier: TokenVerifier
+) -> None:
+    websocket = connection.websocket
+    while True:
+        event = await websocket.receive()
+        if event["type"] == "websocket.disconnect":
+            return
+        raw = event.get("text")
+        if raw is None:
+            reply(hub, connection, error_frame("Binary frames are not supported; send JSON text"))
+            continue
+        if len(raw) > settings.max_frame_bytes:
+            reply(hub, connection, error_frame(f"Frame too large (max {settings.max_frame_bytes})"))
+            continue
+        if not connection.take_token(settings.send_rate_per_second, settings.send_burst):
+            reply(hub, connection, error_frame("Rate limit exceeded; frame dropped"))
+            continue
+        try:
+            frame = json.loads(raw)
+        except ValueError:
+            reply(hub, connection, error_frame("Frame is not valid JSON"))
+            continue
+        if not isinstance(frame, dict):
+            reply(hub, connection, error_frame("Frame must be a JSON object"))
+            continue
+        kind = frame.get("type")
+        if kind == "message":
+            await on_message(connection, frame, hub=hub, settings=settings)
+        elif kind == "auth":
+            await on_auth(connection, frame, hub=hub, settings=settings, verifier=verifier)
+        else:
+            reply(hub, connection, error_frame("Unknown frame type; expected message or auth"))
+
+
+async def on_message(
+    connection: Connection, frame: dict[str, Any], *, hub: Hub, settings: Settings
+) -> None:
+    text = frame.get("text")
+    client_id = frame.get("client_id")
+    limit = settings.max_text_length
+    if not isinstance(text, str) or not 1 <= len(text) <= limit:
+        reply(hub, connection, error_frame(f"text must be a string of 1..{limit} characters"))
+        return
+    id_limit = settings.max_client_id_length
+    if client_id is not None and (
+        not isinstance(client_id, str) or not 1 <= len(client_id) <= id_limit
+    ):
+        reply(
+            hub, connection, error_frame(f"client_id must be a string of 1..{id_limit} characters")
+        )
+        return
+    try:
+        message, duplicate = await service.store_message(
+            engine=hub.engine,
+            room=connection.room,
+            user_id=connection.user_id,
+            display_name=connection.display_name,
+            text=text,
+            client_id=client_id,
+            sent_at=datetime.now(UTC),
+        )
+    except Exception as error:  # noqa: BLE001 - tell the client; it may resend with its client_id
+        logger.warning("storing a message in %s failed: %s", connection.room, error)
+        reply(hub, connection, error_frame("Message not stored; try again"))
+        return
+    if duplicate:
+        # the sender's acknowledgement again; the room already has it once
+        reply(hub, connection, message.frame())
+    else:
+        await hub.publish_message(message)
+
+
+async def on_auth(
+    connection: Connection,
+    frame: dict[str, Any],
+    *,
+    hub: Hub,
+    settings: Settings,
+    verifier: TokenVerifier,
+) -> None:
+    token = frame.get("token")
+    if not isinstance(token, str) or not token:
+        reply(hub, connection, error_frame("auth needs a token"))
+        return
+    try:
+        principal = await verifier.verify(token)
+    except (Unauthenticated, ServiceUnavailable) as error:
+        reply(hub, connection, error_frame(f"Token refused: {error.detail}"))
+        return
+    if principal.user_id != connection.user_id:
+        reply(hub, connection, error_frame("Token refused: it is for another user"))
+        return
+    connection.schedule_expiry(principal.expires_at, settings.close_on_token_expiry)
+    reply(hub, connection, dumps({"type": "auth", "expires_at": principal.expires_at}))

@@ -1,0 +1,141 @@
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator
+from datetime import UTC, datetime
+
+import httpx
+import pytest
+from redis.asyncio import Redis
+from sqlalchemy.ext.asyncio import AsyncEngine
+
+from chat import service
+from chat.bus import message_payload, room_channel
+from chat.schemas import StoredMessage
+from kit.db import make_engine
+from kit.testing import Service, TokenMinter
+
+from .factories import ChatClient, Node, chat, unique_room, wait_ready
+
+
+@pytest.fixture
+async def engine(database_url: str) -> AsyncIterator[AsyncEngine]:
+    engine = make_engine(database_url)
+    yield engine
+    await engine.dispose()
+
+
+async def store(engine: AsyncEngine, room: str, text: str) -> StoredMessage:
+    message, _ = await service.store_message(
+        engine=engine,
+        room=room,
+        user_id="direct",
+        display_name="Direct",
+        text=text,
+        client_id=None,
+        sent_at=datetime.now(UTC),
+    )
+    return message
+
+
+async def test_a_hole_is_filled_from_the_database_in_order_and_once(
+    cluster: list[Node], minter: TokenMinter, engine: AsyncEngine, redis_url: str
+) -> None:
+    room = unique_room()
+    redis = Redis.from_url(redis_url)
+    try:
+        async with chat(cluster[0], room, minter.token()) as client:
+            # 1 and 2 are stored but their publications are "lost"; 3 arrives first
+            lost = [await store(engine, room, "one"), await store(engine, room, "two")]
+            third = await store(engine, room, "three")
+            await redis.publish(room_channel(room), message_payload(3, third.frame()))
+            filled = await client.messages(3)
+            # late and repeated publications change nothing
+            for message in [*lost, third]:
+                await redis.publish(room_channel(room), message_payload(message.id, message.frame()))
+            await client.say("four")
+            (fourth,) = await client.messages(1)
+    finally:
+        await redis.aclose()
+    assert [frame["text"] for frame in filled] == ["one", "two", "three"]
+    assert [frame["id"] for frame in filled] == [1, 2, 3]
+    assert fourth["id"] == 4
+
+
+async def test_redis_outage_loses_nothing(
+    cluster: list[Node], minter: TokenMinter, redis_service: Service
+) -> None:
+    """Messages sent before, during and after an outage reach every replica, in order."""
+    room = unique_room()
+    per_phase = 8
+    async with (
+        chat(cluster[0], room, minter.token(user_id="s0")) as s0,
+        chat(cluster[1], room, minter.token(user_id="s1")) as s1,
+        chat(cluster[0], room, minter.token()) as r0,
+        chat(cluster[1], room, minter.token()) as r1,
+        chat(cluster[2], room, minter.token()) as r2,
+    ):
+
+        async def phase(name: str) -> None:
+            async def send(index: int, sender: ChatClient) -> None:
+                for seq in range(per_phase):
+                    text = f"{name}:{index}:{seq}"
+                    await sender.say(text)
+                    # the sender's replica stores and delivers it even without Redis
+                    await sender.recv_until(lambda f, text=text: f.get("text") == text)
+
+            await asyncio.gather(send(0, s0), send(1, s1))
+
+        await phase("before")
+        await asyncio.to_thread(redis_service.stop)
+        try:
+            async with httpx.AsyncClient(base_url=cluster[2].url) as http:
+                not_ready = await http.get("/readyz")
+            await phase("during")
+        finally:
+            await asyncio.to_thread(redis_service.start)
+        await phase("after")
+        total = 3 * 2 * per_phase
+        received = await asyncio.gather(
+            *(client.messages(total, within=30) for client in (r0, r1, r2))
+        )
+    assert not_ready.status_code == 503
+    assert not_ready.json()["checks"]["database"] == "ok"
+    assert not_ready.json()["checks"]["bus"].startswith("failed")
+    for frames in received:
+        assert [frame["id"] for frame in frames] == list(range(1, total + 1))
+    assert {frame["text"] for frame in received[2]} == {
+        f"{name}:{i}:{seq}"
+        for name in ("before", "during", "after")
+        for i in range(2)
+        for seq in range(per_phase)
+    }
+    for node in cluster:
+        await wait_ready(node.url, within=30)
+
+
+async def test_redis_restart_mid_stream_loses_nothing(
+    cluster: list[Node], minter: TokenMinter, redis_service: Service
+) -> None:
+    room = unique_room()
+    total = 40
+    async with (
+        chat(cluster[0], room, minter.token(user_id="writer")) as writer,
+        chat(cluster[1], room, minter.token()) as r1,
+        chat(cluster[2], room, minter.token()) as r2,
+    ):
+
+        async def write() -> None:
+            for seq in range(total):
+                await writer.say(f"m{seq}")
+                await writer.recv_until(lambda f, text=f"m{seq}": f.get("text") == text)
+
+        writing = asyncio.create_task(write())
+        await r1.messages(5)
+        await asyncio.to_thread(redis_service.restart)
+        await writing
+        received = await asyncio.gather(r1.messages(total - 5, within=30), r2.messages(total, within=30))
+    assert [frame["id"] for frame in received[0]] == list(range(6, total + 1))
+    assert [frame["id"] for frame in received[1]] == list(range(1, total + 1))
+    for node in cluster:
+        await wait_ready(node.url, within=30)

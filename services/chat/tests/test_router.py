@@ -1,0 +1,123 @@
+from __future__ import annotations
+
+import asyncio
+import time
+from typing import Any
+
+import httpx
+from redis.asyncio import Redis
+
+from chat.presence import Presence, user_entry
+from kit.testing import TokenMinter
+
+from .factories import Node, chat, unique_room
+
+
+def bearer(minter: TokenMinter) -> dict[str, str]:
+    return {"Authorization": f"Bearer {minter.token()}"}
+
+
+async def test_history_pages_oldest_first(cluster: list[Node], minter: TokenMinter) -> None:
+    room = unique_room()
+    async with chat(cluster[0], room, minter.token(user_id="h", name="Hist")) as client:
+        for seq in range(5):
+            await client.say(f"h{seq}", client_id=f"c{seq}")
+        await client.messages(5)
+    async with httpx.AsyncClient(base_url=cluster[1].url, headers=bearer(minter)) as http:
+        first = await http.get(f"/chat/rooms/{room}/messages", params={"limit": 2})
+        second = await http.get(
+            f"/chat/rooms/{room}/messages", params={"after": first.json()["next_after"], "limit": 2}
+        )
+        rest = await http.get(f"/chat/rooms/{room}/messages", params={"after": 4})
+    assert first.status_code == 200
+    body = first.json()
+    assert body["room"] == room
+    assert body["next_after"] == 2
+    assert [item["id"] for item in body["items"]] == [1, 2]
+    item = body["items"][0]
+    assert item["type"] == "message"
+    assert item["user"] == {"id": "h", "display_name": "Hist"}
+    assert item["text"] == "h0"
+    assert item["client_id"] == "c0"
+    assert [item["id"] for item in second.json()["items"]] == [3, 4]
+    assert rest.status_code == 200
+    assert rest.json() == {"room": room, "items": rest.json()["items"], "next_after": None}
+    assert [item["text"] for item in rest.json()["items"]] == ["h4"]
+
+
+async def test_history_limit_is_capped(cluster: list[Node], minter: TokenMinter) -> None:
+    async with httpx.AsyncClient(base_url=cluster[0].url, headers=bearer(minter)) as http:
+        response = await http.get("/chat/rooms/empty-room/messages", params={"limit": 10**6})
+    assert response.status_code == 200
+    assert response.json() == {"room": "empty-room", "items": [], "next_after": None}
+
+
+async def test_history_rejects_bad_input(cluster: list[Node], minter: TokenMinter) -> None:
+    async with httpx.AsyncClient(base_url=cluster[0].url, headers=bearer(minter)) as http:
+        bad_room = await http.get("/chat/rooms/bad.room/messages")
+        bad_after = await http.get("/chat/rooms/ok/messages", params={"after": -1})
+    assert bad_room.status_code == 422
+    assert bad_room.headers["content-type"] == "application/problem+json"
+    assert bad_room.json()["errors"][0]["loc"] == ["path", "room"]
+    assert bad_after.status_code == 422
+    assert bad_after.json()["errors"][0]["loc"] == ["query", "after"]
+
+
+async def presence_users(node: Node, room: str, minter: TokenMinter) -> list[dict[str, Any]]:
+    async with httpx.AsyncClient(base_url=node.url, headers=bearer(minter)) as http:
+        response = await http.get(f"/chat/rooms/{room}/presence")
+    assert response.status_code == 200
+    body: dict[str, Any] = response.json()
+    assert body["room"] == room
+    users: list[dict[str, Any]] = body["users"]
+    return users
+
+
+async def test_presence_join_and_leave_across_replicas(
+    cluster: list[Node], minter: TokenMinter
+) -> None:
+    room = unique_room()
+    async with chat(cluster[0], room, minter.token(user_id="ann", name="Ann")) as ann:
+        async with chat(cluster[1], room, minter.token(user_id="bob", name="Bob")):
+            joined = await ann.recv_until(
+                lambda f: f["type"] == "join" and f["user"]["id"] == "bob"
+            )
+            listed = await presence_users(cluster[2], room, minter)
+        left = await ann.recv_type("leave")
+        after = await presence_users(cluster[2], room, minter)
+    assert joined == {"type": "join", "room": room, "user": {"id": "bob", "display_name": "Bob"}}
+    assert listed == [
+        {"id": "ann", "display_name": "Ann", "connections": 1},
+        {"id": "bob", "display_name": "Bob", "connections": 1},
+    ]
+    assert left == {"type": "leave", "room": room, "user": {"id": "bob", "display_name": "Bob"}}
+    assert after == [{"id": "ann", "display_name": "Ann", "connections": 1}]
+
+
+async def test_presence_of_a_dead_replica_vanishes(
+    cluster: list[Node], minter: TokenMinter, redis_url: str
+) -> None:
+    room = unique_room()
+    redis = Redis.from_url(redis_url)
+    ghost = Presence(redis=redis, node_id="ghost-node", ttl_seconds=1.0)
+    try:
+        await ghost.add(room, "conn-1", user_entry("gus", "Gus"))
+        seen = await presence_users(cluster[0], room, minter)
+        deadline = time.monotonic() + 10
+        # nothing refreshes the ghost's entries: they must drop out on their own
+        while await presence_users(cluster[0], room, minter):
+            assert time.monotonic() < deadline, "presence of a dead replica did not expire"
+            await asyncio.sleep(0.1)
+    finally:
+        await redis.aclose()
+    assert seen == [{"id": "gus", "display_name": "Gus", "connections": 1}]
+
+
+async def test_readyz_proves_database_and_bus(cluster: list[Node]) -> None:
+    async with httpx.AsyncClient(base_url=cluster[0].url) as http:
+        response = await http.get("/readyz")
+        health = await http.get("/healthz")
+    assert response.status_code == 200
+    assert response.json() == {"status": "ok", "checks": {"database": "ok", "bus": "ok"}}
+    assert health.status_code == 200
+    assert health.json() == {"status": "ok"}

@@ -1,0 +1,275 @@
+from __future__ import annotations
+
+import asyncio
+import json
+import httpx
+import pytest
+from redis.asyncio import Redis
+from websockets.asyncio.client import connect
+from websockets.exceptions import ConnectionClosed, InvalidStatus
+
+from kit.security import revoked_token_key
+from kit.testing import TokenMinter
+
+from .factories import ChatClient, Node, chat, chat_uri, unique_room
+
+
+async def test_ready_frame_names_room_last_id_and_node(
+    cluster: list[Node], minter: TokenMinter
+) -> None:
+    room = unique_room()
+    async with chat(cluster[0], room, minter.token(user_id="alice", name="Alice")) as client:
+        assert client.ready == {"type": "ready", "room": room, "last_id": 0, "node": "node-a"}
+        await client.say("hello")
+        (message,) = await client.messages(1)
+    assert message["id"] == 1
+    assert message["room"] == room
+    assert message["user"] == {"id": "alice", "display_name": "Alice"}
+    assert message["text"] == "hello"
+    assert message["client_id"] is None
+    assert message["sent_at"].endswith("+00:00")
+    async with chat(cluster[1], room, minter.token()) as late:
+        assert late.ready == {"type": "ready", "room": room, "last_id": 1, "node": "node-b"}
+
+
+async def test_every_receiver_gets_every_message_once_in_order(
+    cluster: list[Node], minter: TokenMinter
+) -> None:
+    room = unique_room()
+    per_sender = 25
+    async with (
+        chat(cluster[0], room, minter.token(user_id="s0")) as s0,
+        chat(cluster[1], room, minter.token(user_id="s1")) as s1,
+        chat(cluster[2], room, minter.token(user_id="s2")) as s2,
+        chat(cluster[0], room, minter.token()) as r0,
+        chat(cluster[1], room, minter.token()) as r1,
+        chat(cluster[2], room, minter.token()) as r2,
+    ):
+        senders = [s0, s1, s2]
+
+        async def send_all(index: int, sender: ChatClient) -> None:
+            for seq in range(per_sender):
+                await sender.say(f"{index}:{seq}")
+
+        await asyncio.gather(*(send_all(i, s) for i, s in enumerate(senders)))
+        total = per_sender * len(senders)
+        received = await asyncio.gather(
+            *(client.messages(total) for client in [*senders, r0, r1, r2])
+        )
+    expected_texts = {f"{i}:{seq}" for i in range(3) for seq in range(per_sender)}
+    for frames in received:
+        assert [frame["id"] for frame in frames] == list(range(1, total + 1))
+        assert {frame["text"] for frame in frames} == expected_texts
+        for index in range(3):
+            own = [f["text"] for f in frames if f["text"].startswith(f"{index}:")]
+            assert own == [f"{index}:{seq}" for seq in range(per_sender)]
+    assert received[0] == received[-1]
+
+
+async def test_resume_with_since_has_no_gap_and_no_duplicate(
+    cluster: list[Node], minter: TokenMinter
+) -> None:
+    room = unique_room()
+    total = 60
+    async with chat(cluster[0], room, minter.token(user_id="writer")) as writer:
+
+        async def write() -> None:
+            for seq in range(total):
+                await writer.say(f"m{seq}")
+                await writer.recv_until(lambda f: f.get("text") == f"m{seq}")
+
+        async with chat(cluster[1], room, minter.token(user_id="reader")) as first:
+            sending = asyncio.create_task(write())
+            before = await first.messages(10)
+        last_seen = before[-1]["id"]
+        # reconnect elsewhere while messages keep coming
+        async with chat(cluster[2], room, minter.token(user_id="reader"), since=last_seen) as again:
+            after = await again.messages(total - last_seen)
+        await sending
+    ids = [frame["id"] for frame in before + after]
+    assert ids == list(range(1, total + 1))
+    assert [frame["text"] for frame in before + after] == [f"m{seq}" for seq in range(total)]
+
+
+async def test_since_zero_replays_the_whole_room_then_goes_live(
+    cluster: list[Node], minter: TokenMinter
+) -> None:
+    room = unique_room()
+    async with chat(cluster[0], room, minter.token()) as writer:
+        for seq in range(3):
+            await writer.say(f"old{seq}")
+        await writer.messages(3)
+        async with chat(cluster[1], room, minter.token(), since=0) as reader:
+            assert reader.ready["last_id"] == 3
+            replayed = await reader.messages(3)
+            await writer.say("new")
+            (live,) = await reader.messages(1)
+    assert [frame["id"] for frame in [*replayed, live]] == [1, 2, 3, 4]
+    assert live["text"] == "new"
+
+
+async def test_repeated_client_id_is_stored_once(cluster: list[Node], minter: TokenMinter) -> None:
+    room = unique_room()
+    token = minter.token(user_id="dup")
+    async with chat(cluster[0], room, token) as sender, chat(cluster[1], room, minter.token()) as other:
+        await sender.say("once", client_id="c-1")
+        (first,) = await sender.messages(1)
+        await sender.say("once again", client_id="c-1")
+        (repeat,) = await sender.messages(1)
+        await sender.say("next", client_id="c-2")
+        (nxt,) = await sender.messages(1)
+        seen_by_other = await other.messages(2)
+    assert repeat == first
+    assert first["text"] == "once"
+    assert first["client_id"] == "c-1"
+    assert nxt["id"] == first["id"] + 1
+    assert [frame["id"] for frame in seen_by_other] == [first["id"], nxt["id"]]
+
+
+async def test_same_client_id_from_another_user_is_a_new_message(
+    cluster: list[Node], minter: TokenMinter
+) -> None:
+    room = unique_room()
+    async with chat(cluster[0], room, minter.token(user_id="u1")) as one:
+        async with chat(cluster[0], room, minter.token(user_id="u2")) as two:
+            await one.say("a", client_id="same")
+            await one.messages(1)
+            await two.say("b", client_id="same")
+            frames = await two.messages(2)
+    assert [frame["id"] for frame in frames] == [1, 2]
+
+
+@pytest.mark.parametrize(
+    ("frame", "detail"),
+    [
+        ("not json", "Frame is not valid JSON"),
+        ("[1, 2]", "Frame must be a JSON object"),
+        ('{"type": "shout"}', "Unknown frame type; expected message or auth"),
+        ('{"type": "message"}', "text must be a string of 1..4000 characters"),
+        ('{"type": "message", "text": ""}', "text must be a string of 1..4000 characters"),
+        ('{"type": "message", "text": 5}', "text must be a string of 1..4000 characters"),
+        (
+            json.dumps({"type": "message", "text": "x" * 4001}),
+            "text must be a string of 1..4000 characters",
+        ),
+        (
+            '{"type": "message", "text": "hi", "client_id": 7}',
+            "client_id must be a string of 1..64 characters",
+        ),
+        (json.dumps({"type": "message", "text": "x" * 40_000}), "Frame too large (max 32768)"),
+        ('{"type": "auth"}', "auth needs a token"),
+        ('{"type": "auth", "token": "nope"}', "Token refused: Malformed token"),
+    ],
+)
+async def test_bad_frame_gets_an_error_and_the_socket_stays_open(
+    cluster: list[Node], minter: TokenMinter, frame: str, detail: str
+) -> None:
+    room = unique_room()
+    async with chat(cluster[0], room, minter.token()) as client:
+        await client.ws.send(frame)
+        error = await client.recv_type("error")
+        await client.say("x" * 4000)
+        (message,) = await client.messages(1)
+    assert error == {"type": "error", "detail": detail}
+    assert message["id"] == 1
+    assert len(message["text"]) == 4000
+
+
+async def test_binary_frame_gets_an_error(cluster: list[Node], minter: TokenMinter) -> None:
+    async with chat(cluster[0], unique_room(), minter.token()) as client:
+        await client.ws.send(b"\x00\x01")
+        error = await client.recv_type("error")
+    assert error == {"type": "error", "detail": "Binary frames are not supported; send JSON text"}
+
+
+async def assert_refused(node: Node, headers: dict[str, str], room: str = "lobby") -> None:
+    with pytest.raises(InvalidStatus) as refused:
+        async with connect(chat_uri(node, room), additional_headers=headers):
+            pass
+    assert refused.value.response.status_code == 403
+
+
+async def test_missing_token_is_refused_before_any_frame(cluster: list[Node]) -> None:
+    await assert_refused(cluster[0], {})
+
+
+async def test_token_in_the_query_string_is_not_accepted(
+    cluster: list[Node], minter: TokenMinter
+) -> None:
+    with pytest.raises(InvalidStatus) as refused:
+        async with connect(chat_uri(cluster[0], "lobby") + "?token=" + minter.token()):
+            pass
+    assert refused.value.response.status_code == 403
+
+
+async def test_invalid_token_is_refused(cluster: list[Node], minter: TokenMinter) -> None:
+    await assert_refused(cluster[0], {"Authorization": "Bearer not-a-jwt"})
+    stranger = TokenMinter()  # signed by a key the service does not know
+    await assert_refused(cluster[0], {"Authorization": f"Bearer {stranger.token()}"})
+
+
+async def test_expired_token_is_refused(cluster: list[Node], minter: TokenMinter) -> None:
+    await assert_refused(cluster[0], {"Authorization": f"Bearer {minter.token(lifetime=-60)}"})
+
+
+async def test_revoked_token_is_refused(
+    cluster: list[Node], minter: TokenMinter, redis_url: str
+) -> None:
+    token = minter.token(jti="revoked-jti-1")
+    async with chat(cluster[0], unique_room(), token) as client:  # accepted before revocation
+        assert client.ready["type"] == "ready"
+    redis = Redis.from_url(redis_url)
+    try:
+        await redis.set(revoked_token_key("revoked-jti-1"), "1", ex=60)
+    finally:
+        await redis.aclose()
+    await assert_refused(cluster[0], {"Authorization": f"Bearer {token}"})
+
+
+async def test_invalid_room_is_refused(cluster: list[Node], minter: TokenMinter) -> None:
+    await assert_refused(cluster[0], {"Authorization": f"Bearer {minter.token()}"}, "bad.room")
+
+
+async def test_bearer_subprotocol_is_answered_without_echoing_the_token(
+    cluster: list[Node], minter: TokenMinter
+) -> None:
+    token = minter.token()
+    async with connect(chat_uri(cluster[0], unique_room()), subprotocols=["bearer", token]) as ws:  # type: ignore[list-item]
+        ready = json.loads(await asyncio.wait_for(ws.recv(), 5))
+        assert ws.subprotocol == "bearer"
+        assert ws.response is not None
+        assert token not in str(ws.response.headers)
+    assert ready["type"] == "ready"
+
+
+async def test_token_expiry_closes_the_socket_unless_renewed(
+    cluster: list[Node], minter: TokenMinter
+) -> None:
+    room = unique_room()
+    async with (
+        chat(cluster[0], room, minter.token(user_id="brief", lifetime=2)) as expiring,
+        chat(cluster[1], room, minter.token(user_id="kept", lifetime=2)) as renewed,
+    ):
+        await renewed.send({"type": "auth", "token": minter.token(user_id="kept")})
+        ack = await renewed.recv_type("auth")
+        await renewed.send({"type": "auth", "token": minter.token(user_id="someone-else")})
+        refused = await renewed.recv_type("error")
+        with pytest.raises(ConnectionClosed) as closed:
+            while True:
+                await expiring.recv(within=5)
+        assert closed.value.rcvd is not None
+        assert closed.value.rcvd.code == 4001
+        assert closed.value.rcvd.reason == "token expired"
+        await renewed.say("still here")
+        (message,) = await renewed.messages(1)
+    assert ack["type"] == "auth"
+    assert refused == {"type": "error", "detail": "Token refused: it is for another user"}
+    assert message["text"] == "still here"
+
+
+async def test_history_and_presence_need_a_token(cluster: list[Node]) -> None:
+    async with httpx.AsyncClient(base_url=cluster[0].url) as http:
+        response = await http.get("/chat/rooms/lobby/messages")
+    assert response.status_code == 401
+    assert response.headers["content-type"] == "application/problem+json"
+    assert response.json()["title"] == "Not authenticated"

@@ -1,0 +1,83 @@
+"""The compose stack, started once per test run under its own project name and
+on a free host port, so it never collides with a stack someone left running."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import uuid
+from collections.abc import AsyncIterator, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import httpx
+import pytest
+from testcontainers.compose import DockerCompose
+
+from kit.testing import free_port
+
+ROOT = Path(__file__).resolve().parents[2]
+ADMIN_EMAIL = "admin@e2e.example.com"
+ADMIN_PASSWORD = "e2e-admin-password"
+
+
+@dataclass
+class Stack:
+    compose: DockerCompose
+    project: str
+    base_url: str
+
+    @property
+    def ws_url(self) -> str:
+        return self.base_url.replace("http://", "ws://", 1)
+
+    def compose_cmd(self, *args: str) -> subprocess.CompletedProcess[bytes]:
+        return subprocess.run(
+            [*self.compose.compose_command_property, *args], check=True, capture_output=True
+        )
+
+    def containers(self, service: str) -> list[dict[str, str]]:
+        output = self.compose_cmd("ps", "--format", "json", service).stdout.decode()
+        rows: list[dict[str, str]] = []
+        for line in output.splitlines():
+            parsed = json.loads(line) if line.strip() else []
+            rows.extend(parsed if isinstance(parsed, list) else [parsed])
+        return rows
+
+
+@pytest.fixture(scope="session")
+def stack() -> Iterator[Stack]:
+    port = free_port()
+    project = f"bazaar-e2e-{uuid.uuid4().hex[:8]}"
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("COMPOSE_PROJECT_NAME", project)
+        patch.setenv("GATEWAY_PORT", str(port))
+        patch.setenv("ADMIN_EMAIL", ADMIN_EMAIL)
+        patch.setenv("ADMIN_PASSWORD", ADMIN_PASSWORD)
+        compose = DockerCompose(
+            ROOT,
+            compose_file_name=["compose.yaml", "tests/e2e/compose.e2e.yaml"],
+            build=True,
+            wait=True,
+        )
+        try:
+            compose.start()
+        except Exception:
+            logs = subprocess.run(
+                [*compose.compose_command_property, "logs", "--no-color", "--tail", "60"],
+                capture_output=True,
+                check=False,
+            )
+            print(logs.stdout.decode(errors="replace"))  # noqa: T201 - shown when start-up fails
+            compose.stop()
+            raise
+        try:
+            yield Stack(compose, project, f"http://127.0.0.1:{port}")
+        finally:
+            compose.stop()
+
+
+@pytest.fixture
+async def client(stack: Stack) -> AsyncIterator[httpx.AsyncClient]:
+    async with httpx.AsyncClient(base_url=stack.base_url, timeout=20) as http:
+        yield http
