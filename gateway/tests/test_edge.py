@@ -147,3 +147,22 @@ async def test_fails_open_or_closed_when_redis_is_down(
         assert f'gateway_rate_limit_unavailable_total{{outcome="{outcome}"}} 2.0' in metrics
     assert responses[0].json()["detail"] == "Rate limiting is unavailable; retry shortly"
     assert upstream[0].hits == 2
+
+
+async def test_revocation_applies_to_a_token_already_verified(
+    gateway: GatewayClient, upstream: tuple[Upstream, str], minter: TokenMinter, redis_url: str
+) -> None:
+    _, client = gateway
+    jti = uuid.uuid4().hex
+    headers = {"Authorization": f"Bearer {minter.token(jti=jti)}"}
+    first = await client.get("/catalog/echo", headers=headers)
+    redis = Redis.from_url(redis_url)
+    try:
+        await redis.set(revoked_token_key(jti), "1", ex=60)
+    finally:
+        await redis.aclose()
+    second = await client.get("/catalog/echo", headers=headers)
+    assert first.status_code == 200
+    assert second.status_code == 401
+    assert second.json()["detail"] == "Token revoked"
+    assert upstream[0].hits == 1

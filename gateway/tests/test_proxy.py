@@ -65,6 +65,39 @@ async def test_sets_forwarded_headers_and_passes_the_request_id(
     assert float(response.headers["x-process-time"]) >= 0
 
 
+async def test_passes_redirects_and_head_requests_through(
+    gateway: GatewayClient, upstream: tuple[Upstream, str]
+) -> None:
+    _, client = gateway
+    moved = await client.get("/catalog/moved")
+    head = await client.head("/catalog/echo")
+    assert moved.status_code == 307
+    assert moved.headers["location"] == "/catalog/echo"
+    assert head.status_code == 200
+    assert head.content == b""
+    assert int(head.headers["content-length"]) > 0
+    assert upstream[0].hits == 2
+
+
+async def test_adds_no_headers_of_its_own_but_the_forwarding_ones(gateway: GatewayClient) -> None:
+    _, client = gateway
+    request = client.build_request("POST", "/catalog/echo", content=b"x")
+    for name in ("accept", "accept-encoding", "user-agent"):
+        del request.headers[name]
+    response = await client.send(request)
+    assert response.status_code == 200
+    names = sorted(name for name, _ in response.json()["headers"])
+    assert names == [
+        "content-length",
+        "host",
+        "x-forwarded-for",
+        "x-forwarded-host",
+        "x-forwarded-proto",
+        "x-request-id",
+    ]
+    assert "content-encoding" not in response.headers
+
+
 async def test_strips_hop_by_hop_headers_both_ways(gateway: GatewayClient) -> None:
     _, client = gateway
     response = await client.get(

@@ -42,6 +42,7 @@ class Upstream:
                 Route("/{service}/slow", self.slow),
                 Route("/{service}/flaky", self.flaky, methods=ALL_METHODS),
                 Route("/{service}/hop", self.hop),
+                Route("/{service}/moved", self.moved),
                 WebSocketRoute("/{service}/ws/{room}", self.websocket),
             ]
         )
@@ -113,6 +114,10 @@ class Upstream:
                 "X-End-To-End": "1",
             },
         )
+
+    async def moved(self, request: Request) -> Response:
+        self.hits += 1
+        return Response(status_code=307, headers={"Location": "/catalog/echo"})
 
     async def websocket(self, websocket: WebSocket) -> None:
         self.ws_connects += 1

@@ -36,6 +36,10 @@ class Stack:
             [*self.compose.compose_command_property, *args], check=True, capture_output=True
         )
 
+    def restore(self) -> None:
+        """Back to the suite's starting shape, every service healthy."""
+        self.compose_cmd("up", "--detach", "--wait", "--no-recreate", "--no-build")
+
     def containers(self, service: str) -> list[dict[str, str]]:
         output = self.compose_cmd("ps", "--format", "json", service).stdout.decode()
         rows: list[dict[str, str]] = []
@@ -75,6 +79,15 @@ def stack() -> Iterator[Stack]:
             yield Stack(compose, project, f"http://127.0.0.1:{port}")
         finally:
             compose.stop()
+
+
+@pytest.fixture
+def healthy_stack(stack: Stack) -> Iterator[Stack]:
+    """The stack, put back in shape after a test that broke part of it."""
+    try:
+        yield stack
+    finally:
+        stack.restore()
 
 
 @pytest.fixture

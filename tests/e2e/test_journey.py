@@ -6,6 +6,8 @@ import asyncio
 import uuid
 
 import httpx
+import pytest
+from websockets.exceptions import InvalidStatus
 
 from .conftest import ADMIN_EMAIL, ADMIN_PASSWORD, Stack
 from .helpers import bearer, login, open_socket, receive_json, receive_messages, register
@@ -66,11 +68,11 @@ async def test_chat_fans_out_across_replicas_in_order(
     user = await register(client)
     token = (await login(client, user["email"], user["password"]))["access_token"]
     room = f"e2e-{uuid.uuid4().hex[:8]}"
-    sockets = [await open_socket(stack.ws_url, room, token) for _ in range(4)]
+    sockets = [await open_socket(stack.ws_url, room, token) for _ in range(6)]
     try:
         readies = [await receive_json(socket) for socket in sockets]
         assert {ready["type"] for ready in readies} == {"ready"}
-        assert len({ready["node"] for ready in readies}) == 2, readies
+        assert len({ready["node"] for ready in readies}) == 3, readies
 
         per_socket = 3
         await asyncio.gather(
@@ -92,3 +94,95 @@ async def test_chat_fans_out_across_replicas_in_order(
         assert {message["room"] for message in stream} == {room}
     texts = {message["text"] for message in streams[0]}
     assert texts == {f"hello {i}-{n}" for i in range(len(sockets)) for n in range(per_socket)}
+
+
+async def test_full_journey(stack: Stack, client: httpx.AsyncClient) -> None:
+    # sign up, log in, refresh
+    user = await register(client)
+    tokens = await login(client, user["email"], user["password"])
+    refreshed = await client.post("/auth/refresh", json={"refresh_token": tokens["refresh_token"]})
+    assert refreshed.status_code == 200, refreshed.text
+    tokens = refreshed.json()
+    headers = bearer(tokens["access_token"])
+
+    # an admin stocks a category of the catalog; the user pages through it
+    admin = bearer((await login(client, ADMIN_EMAIL, ADMIN_PASSWORD))["access_token"])
+    tag = "journey" + "".join(chr(ord("a") + int(c, 16)) for c in uuid.uuid4().hex[:6])
+    created_ids = []
+    for index in range(7):
+        name = f"Item {chr(ord('a') + index)} {tag}"
+        response = await client.post(
+            "/catalog/products",
+            json={"name": name, "price": f"{index + 1}.50", "tags": [tag]},
+            headers=admin,
+        )
+        assert response.status_code == 201, response.text
+        created_ids.append(response.json()["id"])
+    seen: list[str] = []
+    params: dict[str, str | int] = {"tag": tag, "limit": 3, "sort": "-price"}
+    while True:
+        page = await client.get("/catalog/products", params=params, headers=headers)
+        assert page.status_code == 200, page.text
+        seen += [item["id"] for item in page.json()["items"]]
+        if page.json()["next_cursor"] is None:
+            break
+        params["cursor"] = page.json()["next_cursor"]
+    assert seen == list(reversed(created_ids))
+
+    # the admin edits one with If-Match; a stale version is refused
+    product_id = created_ids[0]
+    current = await client.get(f"/catalog/products/{product_id}")
+    etag = current.headers["etag"]
+    edited = await client.patch(
+        f"/catalog/products/{product_id}",
+        json={"price": "2.00"},
+        headers={**admin, "If-Match": etag},
+    )
+    assert edited.status_code == 200, edited.text
+    assert edited.json()["price"] == "2.00"
+    assert edited.json()["name"] == current.json()["name"]
+    stale = await client.patch(
+        f"/catalog/products/{product_id}",
+        json={"price": "3.00"},
+        headers={**admin, "If-Match": etag},
+    )
+    assert stale.status_code == 412
+    assert stale.headers["content-type"].startswith("application/problem+json")
+
+    # chat in two rooms, clients over every chat replica
+    rooms = [f"journey-{uuid.uuid4().hex[:6]}" for _ in range(2)]
+    sockets = {
+        room: [await open_socket(stack.ws_url, room, tokens["access_token"]) for _ in range(3)]
+        for room in rooms
+    }
+    try:
+        nodes = set()
+        for room_sockets in sockets.values():
+            for socket in room_sockets:
+                nodes.add((await receive_json(socket))["node"])
+        assert len(nodes) == 3
+        for room, room_sockets in sockets.items():
+            await room_sockets[0].send(f'{{"type": "message", "text": "in {room}"}}')
+        for room, room_sockets in sockets.items():
+            for socket in room_sockets:
+                [message] = await receive_messages(socket, 1)
+                assert (message["room"], message["text"], message["id"]) == (room, f"in {room}", 1)
+    finally:
+        for room_sockets in sockets.values():
+            await asyncio.gather(*(socket.close() for socket in room_sockets))
+
+    # log out: the token is refused everywhere at once
+    logout = await client.post("/auth/logout", headers=headers)
+    assert logout.status_code == 204
+    me = await client.get("/auth/users/me", headers=headers)
+    assert me.status_code == 401
+    assert me.headers["content-type"].startswith("application/problem+json")
+    history = await client.get(f"/chat/rooms/{rooms[0]}/messages", headers=headers)
+    assert history.status_code == 401
+    catalog = await client.get("/catalog/products", headers=headers)
+    assert catalog.status_code == 401
+    refused = await client.post("/auth/refresh", json={"refresh_token": tokens["refresh_token"]})
+    assert refused.status_code == 401
+    with pytest.raises(InvalidStatus) as refusal:
+        await open_socket(stack.ws_url, rooms[0], tokens["access_token"])
+    assert refusal.value.response.status_code in (401, 403)

@@ -193,12 +193,15 @@ class MergedOpenApi:
         return merged, not missing
 
     async def _fetch(self, name: str) -> Spec | None:
-        replica = self.runtime.routes[name].pool.choose()
+        pool = self.runtime.routes[name].pool
+        replica = pool.choose()
         if replica is None:
             return None
         try:
             response = await self.runtime.http.get(
-                str(replica.origin.with_path("/openapi.json")), timeout=5.0
+                str(replica.origin.with_path("/openapi.json")),
+                headers={"Host": pool.host_header},
+                timeout=5.0,
             )
             response.raise_for_status()
             spec = response.json()

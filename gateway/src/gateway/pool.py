@@ -85,6 +85,12 @@ class Pool:
         self._cursor = 0
 
     @property
+    def host_header(self) -> str:
+        """What the gateway's own requests (probes, OpenAPI) send as `Host`."""
+        host, port = self.targets[0]
+        return f"{host}:{port}"
+
+    @property
     def uses_dns(self) -> bool:
         return any(not is_ip_literal(host) for host, _ in self.targets)
 
@@ -197,6 +203,7 @@ class HealthProber:
         try:
             async with self.session.get(
                 replica.origin.with_path(self.path),
+                headers={"Host": pool.host_header},
                 timeout=self.timeout,
                 allow_redirects=False,
             ) as response:

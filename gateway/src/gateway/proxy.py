@@ -94,7 +94,7 @@ class Proxy:
         token = bearer_from_headers(authorization)
         if token is None:
             return None
-        return await self.runtime.verifier.verify(token)
+        return await self.runtime.authenticator.principal(token)
 
     async def admit(self, scope: Scope, authorization: str | None) -> Quota | None:
         principal = await self.authenticate(authorization)

@@ -7,11 +7,13 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import dataclass
 
 import aiohttp
 import httpx
+from aiohttp import hdrs
+from multidict import CIMultiDict, istr
 from prometheus_client import CollectorRegistry
 from redis.asyncio import Redis
 
@@ -19,11 +21,25 @@ from gateway.config import Settings
 from gateway.metrics import GatewayMetrics
 from gateway.pool import HealthProber, Pool
 from gateway.ratelimit import RateLimiter
+from gateway.tokens import EdgeAuthenticator
 from kit.security import JwksKeySource, KeySource, TokenVerifier
 
 logger = logging.getLogger("gateway.runtime")
 
 ROUTE_NAMES = ("auth", "catalog", "chat")
+
+
+class ForwardedRequest(aiohttp.ClientRequest):
+    """Sends the client's headers as they are, adding none of aiohttp's own:
+    a default `Accept-Encoding` would have the upstream compress for a client
+    that never asked, and `User-Agent`/`Accept`/`Content-Type` are the client's
+    to choose."""
+
+    DEFAULT_HEADERS: dict[istr, str] = {}  # noqa: RUF012 - aiohttp reads the class's
+    _skip_auto_headers = CIMultiDict({hdrs.CONTENT_TYPE: None})
+
+    def update_auto_headers(self, skip_auto_headers: Iterable[str] | None) -> None:
+        return
 
 
 @dataclass(eq=False, slots=True)
@@ -64,6 +80,7 @@ class Runtime:
     http: httpx.AsyncClient
     redis: Redis
     verifier: TokenVerifier
+    authenticator: EdgeAuthenticator
     limiter: RateLimiter | None
     prober: HealthProber
 
@@ -86,6 +103,7 @@ class Runtime:
         )
         self.session = aiohttp.ClientSession(
             connector=connector,
+            request_class=ForwardedRequest,
             # a shared jar would hand one user's cookies to the next
             cookie_jar=aiohttp.DummyCookieJar(),
             # bodies pass through as the upstream encoded them
@@ -111,6 +129,7 @@ class Runtime:
             algorithms=settings.jwt_algorithms,
             redis=self.redis,
         )
+        self.authenticator = EdgeAuthenticator(self.verifier)
         self.limiter = None
         if settings.rate_limit_enabled:
             self.limiter = RateLimiter(

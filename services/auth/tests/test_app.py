@@ -18,7 +18,7 @@ from auth.config import Settings
 from auth.main import create_app
 from auth.models import User
 from auth.passwords import Passwords
-from kit.testing import free_port
+from kit.testing import Service, free_port
 
 from .conftest import CHEAP_ARGON2, make_settings, wait_until_ready
 from .factories import register, unique_email
@@ -47,7 +47,7 @@ async def test_ready_when_database_redis_and_key_are(client: httpx.AsyncClient) 
     assert response.status_code == 200
     assert response.json() == {
         "status": "ok",
-        "checks": {"database": "ok", "redis": "ok", "signing_key": "ok"},
+        "checks": {"database": "ok", "redis": "ok", "bootstrap": "ok"},
     }
 
 
@@ -63,9 +63,25 @@ async def test_starts_and_reports_not_ready_while_the_database_is_down(
     checks = response.json()["checks"]
     assert checks["redis"] == "ok"
     assert checks["database"].startswith("failed")
-    assert checks["signing_key"].startswith("failed")
+    assert checks["bootstrap"].startswith("failed")
     login = await client.post("/auth/token", data={"username": "a@example.com", "password": "x"})
     assert login.status_code == 503
+
+
+async def test_logins_fail_closed_while_redis_is_down(
+    client_for: StartApp, database_url: str
+) -> None:
+    settings = make_settings(database_url, f"redis://127.0.0.1:{free_port()}/0")
+    client = await client_for(settings)
+    response = await client.post(
+        "/auth/token", data={"username": "root@example.com", "password": "admin-password-1"}
+    )
+    assert response.status_code == 503
+    assert response.headers["content-type"] == "application/problem+json"
+    assert response.json()["detail"] == "Login throttling is unavailable; retry"
+    ready = await client.get("/readyz")
+    assert ready.status_code == 503
+    assert ready.json()["checks"]["redis"].startswith("failed")
 
 
 async def test_metrics_need_basic_auth_when_configured(
@@ -202,3 +218,41 @@ async def test_a_failing_mail_server_never_fails_the_registration(
     (failure,) = [record for record in caplog.records if record.name == "auth.mail"]
     assert failure.levelname == "WARNING"
     assert failure.getMessage().startswith(f"welcome email to {account.email} failed: ")
+
+
+async def test_empty_optional_settings_count_as_unset(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    for name in ("SMTP_URL", "ADMIN_EMAIL", "ADMIN_PASSWORD", "SIGNING_KEY", "SIGNING_KEY_FILE"):
+        monkeypatch.setenv(name, "")
+    settings = Settings()
+    assert settings.smtp_url is None
+    assert settings.admin_email is None
+    assert settings.admin_password is None
+    assert settings.signing_key_pem() is None
+
+
+async def test_answers_again_after_postgres_restarts(
+    client: httpx.AsyncClient, postgres_service: Service
+) -> None:
+    """Pooled connections die with the server; pre-ping replaces them, and
+    meanwhile a request gets 503 problem+json, never a 500."""
+    account = await register(client)
+    await asyncio.to_thread(postgres_service.restart)
+    statuses: list[int] = []
+    async with asyncio.timeout(30):
+        while True:
+            response = await client.post(
+                "/auth/token", data={"username": account.email, "password": account.password}
+            )
+            statuses.append(response.status_code)
+            if response.status_code == 200:
+                break
+            assert response.status_code == 503, response.text
+            assert response.headers["content-type"] == "application/problem+json"
+            await asyncio.sleep(0.2)
+    me = await client.get(
+        "/auth/users/me", headers={"Authorization": f"Bearer {response.json()['access_token']}"}
+    )
+    assert me.status_code == 200
+    assert set(statuses) <= {200, 503}

@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import base64
 import logging
 import uuid
 
@@ -70,6 +71,8 @@ async def test_register_refuses_an_email_taken_in_another_case(client: httpx.Asy
         ({"password": "WHO@example.com"}, "password"),
         ({"email": "not-an-email"}, "email"),
         ({"display_name": "   "}, "display_name"),
+        ({"display_name": "nul\x00byte"}, "display_name"),
+        ({"email": "nul\x00@example.com"}, "email"),
     ],
 )
 async def test_register_names_the_invalid_field(
@@ -282,12 +285,12 @@ async def test_a_successful_login_resets_the_account_counter(client: httpx.Async
 # --- admin -----------------------------------------------------------------------
 
 
-async def admin_headers(client: httpx.AsyncClient) -> dict[str, str]:
+async def login_admin(client: httpx.AsyncClient) -> dict[str, str]:
     return (await login(client, ADMIN_EMAIL, ADMIN_PASSWORD)).headers
 
 
 async def test_bootstrap_admin_has_the_admin_role(client: httpx.AsyncClient) -> None:
-    response = await client.get("/auth/users/me", headers=await admin_headers(client))
+    response = await client.get("/auth/users/me", headers=await login_admin(client))
     assert response.status_code == 200
     assert response.json()["email"] == ADMIN_EMAIL
     assert "admin" in response.json()["roles"]
@@ -296,7 +299,7 @@ async def test_bootstrap_admin_has_the_admin_role(client: httpx.AsyncClient) -> 
 async def test_list_users_pages_without_gaps(client: httpx.AsyncClient) -> None:
     for _ in range(3):
         await register(client)
-    headers = await admin_headers(client)
+    headers = await login_admin(client)
     seen: list[str] = []
     cursor: str | None = None
     while True:
@@ -315,7 +318,7 @@ async def test_list_users_pages_without_gaps(client: httpx.AsyncClient) -> None:
 
 async def test_list_users_caps_the_limit(client: httpx.AsyncClient) -> None:
     response = await client.get(
-        "/auth/users", params={"limit": "100000"}, headers=await admin_headers(client)
+        "/auth/users", params={"limit": "100000"}, headers=await login_admin(client)
     )
     assert response.status_code == 200
     assert len(response.json()["items"]) <= 100
@@ -332,7 +335,7 @@ async def test_patch_changes_only_the_fields_sent(client: httpx.AsyncClient) -> 
     response = await client.patch(
         f"/auth/users/{account.id}",
         json={"display_name": "Renamed"},
-        headers=await admin_headers(client),
+        headers=await login_admin(client),
     )
     assert response.status_code == 200
     body = response.json()
@@ -348,7 +351,7 @@ async def test_patch_grants_admin_and_the_next_token_carries_it(
     response = await client.patch(
         f"/auth/users/{account.id}",
         json={"roles": ["user", "admin"]},
-        headers=await admin_headers(client),
+        headers=await login_admin(client),
     )
     assert response.status_code == 200
     assert response.json()["roles"] == ["admin", "user"]
@@ -363,7 +366,7 @@ async def test_patch_grants_admin_and_the_next_token_carries_it(
 
 async def test_taking_a_role_away_revokes_existing_tokens(client: httpx.AsyncClient) -> None:
     account = await register(client)
-    headers = await admin_headers(client)
+    headers = await login_admin(client)
     await client.patch(
         f"/auth/users/{account.id}", json={"roles": ["admin", "user"]}, headers=headers
     )
@@ -391,7 +394,7 @@ async def test_patch_rejects_invalid_changes(
 ) -> None:
     account = await register(client)
     response = await client.patch(
-        f"/auth/users/{account.id}", json=body, headers=await admin_headers(client)
+        f"/auth/users/{account.id}", json=body, headers=await login_admin(client)
     )
     assert_problem(response, 422)
 
@@ -400,13 +403,13 @@ async def test_patch_unknown_user_is_404(client: httpx.AsyncClient) -> None:
     response = await client.patch(
         f"/auth/users/{uuid.uuid4()}",
         json={"is_active": False},
-        headers=await admin_headers(client),
+        headers=await login_admin(client),
     )
     assert assert_problem(response, 404)["detail"] == "No such user"
 
 
 async def test_an_admin_cannot_lock_themselves_out(client: httpx.AsyncClient) -> None:
-    headers = await admin_headers(client)
+    headers = await login_admin(client)
     me = (await client.get("/auth/users/me", headers=headers)).json()
     for change in ({"is_active": False}, {"roles": ["user"]}):
         response = await client.patch(f"/auth/users/{me['id']}", json=change, headers=headers)
@@ -419,3 +422,35 @@ async def test_metrics_are_open_without_credentials_configured(
     response = await client.get("/metrics")
     assert response.status_code == 200
     assert "http_requests_total" in response.text
+
+
+async def test_openapi_lists_every_auth_operation(client: httpx.AsyncClient) -> None:
+    response = await client.get("/openapi.json")
+    assert response.status_code == 200
+    paths = response.json()["paths"]
+    assert {
+        "/auth/register": {"post"},
+        "/auth/token": {"post"},
+        "/auth/refresh": {"post"},
+        "/auth/logout": {"post"},
+        "/auth/users/me": {"get"},
+        "/auth/users": {"get"},
+        "/auth/users/{user_id}": {"patch"},
+        "/auth/.well-known/jwks.json": {"get"},
+    }.items() <= {path: set(operations) for path, operations in paths.items()}.items()
+
+
+async def test_hostile_strings_never_reach_the_database_as_errors(
+    client: httpx.AsyncClient,
+) -> None:
+    login = await client.post(
+        "/auth/token", data={"username": "who\x00@example.com", "password": "whatever"}
+    )
+    assert_problem(login, 401)
+    refresh = await client.post("/auth/refresh", json={"refresh_token": "\x00\x01"})
+    assert_problem(refresh, 401)
+    admin = await login_admin(client)
+    cursor = base64.urlsafe_b64encode(b"a\x00b").decode()
+    page = await client.get("/auth/users", params={"cursor": cursor}, headers=admin)
+    assert page.status_code == 200
+    assert isinstance(page.json()["items"], list)

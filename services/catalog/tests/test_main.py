@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import uuid
 from typing import Any
 
 import httpx
@@ -38,6 +39,10 @@ async def test_starts_without_its_database_and_says_not_ready(settings: Any) -> 
         problem = assert_problem(await client.get("/readyz"), 503)
         assert problem["checks"]["database"].startswith("failed")
         assert problem["checks"]["redis"] == "ok"
+        for path in ("/catalog/products", f"/catalog/products/{uuid.uuid4()}"):
+            response = await client.get(path)
+            assert assert_problem(response, 503)["detail"] == "The database is unreachable; retry"
+            assert response.headers["retry-after"] == "1"
 
 
 async def test_responses_carry_request_id_and_timing(client: httpx.AsyncClient) -> None:

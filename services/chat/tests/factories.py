@@ -3,13 +3,17 @@
 from __future__ import annotations
 
 import asyncio
+import base64
 import contextlib
 import json
+import os
+import socket
 import time
 import uuid
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
+from urllib.parse import urlsplit
 
 import httpx
 from fastapi import FastAPI
@@ -48,11 +52,13 @@ async def wait_ready(url: str, within: float = TIMEOUT) -> None:
 
 
 @contextlib.asynccontextmanager
-async def start_node(settings: Settings, minter: TokenMinter) -> AsyncIterator[Node]:
+async def start_node(
+    settings: Settings, minter: TokenMinter, **serve_options: Any
+) -> AsyncIterator[Node]:
     from kit.testing import serve
 
     app = create_app(settings, key_source=minter.key_source)
-    async with serve(app) as url:
+    async with serve(app, **serve_options) as url:
         await wait_ready(url)
         yield Node(settings.node_id, url, app)
 
@@ -116,3 +122,73 @@ async def chat(
         client.ready = await client.recv()
         assert client.ready["type"] == "ready"
         yield client
+
+
+class StalledReader:
+    """A WebSocket client on a raw socket with a tiny receive window that stops
+    reading after the handshake: the kernel's buffers fill, then the server's."""
+
+    def __init__(self, sock: socket.socket) -> None:
+        self.sock = sock
+        self.buffer = b""
+
+    @classmethod
+    async def open(cls, node: Node, room: str, token: str) -> StalledReader:
+        loop = asyncio.get_running_loop()
+        address = urlsplit(node.url)
+        sock = socket.socket()
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+        sock.setblocking(False)
+        await loop.sock_connect(sock, (address.hostname, address.port))
+        key = base64.b64encode(os.urandom(16)).decode()
+        request = (
+            f"GET /chat/ws/{room} HTTP/1.1\r\nHost: {address.netloc}\r\n"
+            "Upgrade: websocket\r\nConnection: Upgrade\r\n"
+            f"Sec-WebSocket-Key: {key}\r\nSec-WebSocket-Version: 13\r\n"
+            f"Authorization: Bearer {token}\r\n\r\n"
+        )
+        await loop.sock_sendall(sock, request.encode())
+        reader = cls(sock)
+        while b"\r\n\r\n" not in reader.buffer:
+            reader.buffer += await asyncio.wait_for(loop.sock_recv(sock, 4096), TIMEOUT)
+        head, _, reader.buffer = reader.buffer.partition(b"\r\n\r\n")
+        assert head.startswith(b"HTTP/1.1 101"), head
+        return reader
+
+    async def drain(self) -> tuple[list[dict[str, Any]], int | None, str]:
+        """Reads to the end: the text frames, then the close code and reason."""
+        loop = asyncio.get_running_loop()
+        frames: list[dict[str, Any]] = []
+        while True:
+            parsed = self._next_frame()
+            if parsed is None:
+                chunk = await asyncio.wait_for(loop.sock_recv(self.sock, 65536), TIMEOUT)
+                if not chunk:
+                    return frames, None, ""
+                self.buffer += chunk
+                continue
+            opcode, payload = parsed
+            if opcode == 0x8:
+                self.sock.close()
+                code = int.from_bytes(payload[:2], "big") if len(payload) >= 2 else None
+                return frames, code, payload[2:].decode()
+            if opcode == 0x1:
+                frames.append(json.loads(payload))
+
+    def _next_frame(self) -> tuple[int, bytes] | None:
+        data = self.buffer
+        if len(data) < 2:
+            return None
+        opcode, length, offset = data[0] & 0x0F, data[1] & 0x7F, 2
+        if length == 126:
+            if len(data) < 4:
+                return None
+            length, offset = int.from_bytes(data[2:4], "big"), 4
+        elif length == 127:
+            if len(data) < 10:
+                return None
+            length, offset = int.from_bytes(data[2:10], "big"), 10
+        if len(data) < offset + length:
+            return None
+        self.buffer = data[offset + length :]
+        return opcode, data[offset : offset + length]

@@ -156,7 +156,7 @@ async def test_same_client_id_from_another_user_is_a_new_message(
             '{"type": "message", "text": "hi", "client_id": 7}',
             "client_id must be a string of 1..64 characters",
         ),
-        (json.dumps({"type": "message", "text": "x" * 40_000}), "Frame too large (max 32768)"),
+        (json.dumps({"type": "message", "text": "x" * 70_000}), "Frame too large (max 65536)"),
         ('{"type": "auth"}', "auth needs a token"),
         ('{"type": "auth", "token": "nope"}', "Token refused: Malformed token"),
     ],

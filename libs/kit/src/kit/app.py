@@ -18,6 +18,7 @@ from kit.middleware import (
     TimingMiddleware,
     TrustedHostMiddleware,
 )
+from kit.openapi import install_problem_openapi
 from kit.settings import ServiceSettings
 
 
@@ -60,6 +61,7 @@ def assemble(
     registry = registry or CollectorRegistry()
     metrics = add_common_middleware(app, settings, registry)
     install_problem_handlers(app)
+    install_problem_openapi(app)
     app.include_router(health_router(readiness))
     app.include_router(metrics_router(registry))
     return metrics

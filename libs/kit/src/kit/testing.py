@@ -17,6 +17,7 @@ import uuid
 from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import asyncpg
 import pytest
@@ -156,12 +157,16 @@ async def downgrade(service_dir: Path, url: str, revision: str = "base") -> None
 
 
 @contextlib.asynccontextmanager
-async def serve(app: ASGIApp, *, port: int | None = None) -> AsyncIterator[str]:
-    """Runs `app` under uvicorn on 127.0.0.1 in this event loop; yields its base URL."""
+async def serve(
+    app: ASGIApp, *, port: int | None = None, **uvicorn_options: Any
+) -> AsyncIterator[str]:
+    """Runs `app` under uvicorn on 127.0.0.1 in this event loop; yields its base URL.
+
+    `uvicorn_options` go to `uvicorn.Config` (e.g. `ws_ping_interval=0.2`)."""
     port = port or free_port()
-    config = uvicorn.Config(
-        app, host="127.0.0.1", port=port, log_level="warning", lifespan="on", ws_ping_interval=None
-    )
+    options: dict[str, Any] = {"log_level": "warning", "lifespan": "on", "ws_ping_interval": None}
+    options.update(uvicorn_options)
+    config = uvicorn.Config(app, host="127.0.0.1", port=port, **options)
     server = uvicorn.Server(config)
     task = asyncio.create_task(server.serve())
     try:

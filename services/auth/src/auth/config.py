@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from pydantic import EmailStr, Field, PostgresDsn, SecretStr
+from pydantic import EmailStr, Field, PostgresDsn, SecretStr, field_validator
 
 from kit.settings import ServiceSettings
 
@@ -46,6 +46,19 @@ class Settings(ServiceSettings):
     smtp_url: SecretStr | None = None
     mail_from: str = "Bazaar <no-reply@bazaar.invalid>"
     smtp_timeout_seconds: float = Field(default=10.0, gt=0)
+
+    @field_validator(
+        "admin_email",
+        "admin_password",
+        "signing_key",
+        "signing_key_file",
+        "smtp_url",
+        mode="before",
+    )
+    @classmethod
+    def _empty_is_unset(cls, value: object) -> object:
+        # compose passes `${SMTP_URL:-}` through as an empty string
+        return None if value == "" else value
 
     def signing_key_pem(self) -> str | None:
         """The configured private key, from the setting or the file it names."""

@@ -37,6 +37,7 @@ class State(TypedDict):
     key_ring: KeyRing
     passwords: Passwords
     verifier: TokenVerifier
+    bootstrap: asyncio.Task[None]
 
 
 async def bootstrap(
@@ -60,17 +61,22 @@ async def bootstrap(
                 sessionmaker=sessionmaker, passwords=passwords, settings=settings
             )
             await passwords.burn_verify("warm-up")  # computes the dummy hash now
-            logger.info("auth bootstrap complete")
-            return
         except (SQLAlchemyError, OSError) as error:
             logger.warning("auth bootstrap waiting for the database: %s", error)
-            await asyncio.sleep(delay)
-            delay = min(delay * 2, STARTUP_RETRY_MAX_SECONDS)
+        except Exception:  # keep retrying: readiness stays 503 meanwhile
+            logger.exception("auth bootstrap failed; retrying")
+        else:
+            logger.info("auth bootstrap complete")
+            return
+        await asyncio.sleep(delay)
+        delay = min(delay * 2, STARTUP_RETRY_MAX_SECONDS)
 
 
-async def check_signing_key(request: Request) -> None:
-    if not request.state.key_ring.loaded:
-        raise RuntimeError("signing key not loaded yet")
+async def check_bootstrap(request: Request) -> None:
+    """Ready once the signing key is loaded and the admin account exists."""
+    startup: asyncio.Task[None] = request.state.bootstrap
+    if not startup.done():
+        raise RuntimeError("signing key and admin account not set up yet")
 
 
 def create_app(settings: Settings | None = None, *, key_source: KeySource | None = None) -> FastAPI:
@@ -109,6 +115,7 @@ def create_app(settings: Settings | None = None, *, key_source: KeySource | None
                 key_ring=key_ring,
                 passwords=passwords,
                 verifier=verifier,
+                bootstrap=startup,
             )
         finally:
             startup.cancel()
@@ -128,7 +135,7 @@ def create_app(settings: Settings | None = None, *, key_source: KeySource | None
         readiness={
             "database": check_database,
             "redis": check_redis,
-            "signing_key": check_signing_key,
+            "bootstrap": check_bootstrap,
         },
     )
     install_dependency_error_handlers(app)

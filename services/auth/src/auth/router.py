@@ -135,7 +135,8 @@ def _uuid_or_none(value: Any) -> uuid.UUID | None:
 
 @router.get("/users/me", summary="The caller's account")
 async def me(principal: CurrentPrincipal, session: SessionDep) -> UserOut:
-    user = await session.get(User, _uuid_or_none(principal.user_id))
+    user_id = _uuid_or_none(principal.user_id)
+    user = None if user_id is None else await session.get(User, user_id)
     if user is None or not user.is_active:
         raise Unauthenticated("This account no longer exists or is disabled")
     return UserOut.of(user)

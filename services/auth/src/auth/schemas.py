@@ -23,7 +23,13 @@ MIN_PASSWORD_LENGTH = 8
 MAX_PASSWORD_LENGTH = 1024
 
 Role = Literal["admin", "user"]
-DisplayName = Annotated[str, StringConstraints(strip_whitespace=True, min_length=1, max_length=100)]
+# no control characters (PostgreSQL text cannot even hold NUL)
+DisplayName = Annotated[
+    str,
+    StringConstraints(
+        strip_whitespace=True, min_length=1, max_length=100, pattern=r"^[^\x00-\x1f\x7f]*$"
+    ),
+]
 
 
 def normalise_email(value: str) -> str:
@@ -37,7 +43,8 @@ def login_email(value: str) -> str:
     try:
         return normalise_email(value)
     except EmailNotValidError:
-        return value.strip().lower()
+        # never stored, so it matches no account; NUL cannot even be queried
+        return value.strip().lower().replace("\x00", "")
 
 
 class RegisterIn(BaseModel):

@@ -13,6 +13,9 @@ class Settings(ServiceSettings):
         "postgresql+asyncpg://bazaar:bazaar@postgres:5432/catalog"
     )
 
+    database_pool_size: int = Field(default=10, ge=1)
+    database_pool_overflow: int = Field(default=10, ge=0)
+
     # The key machine imports present in `X-API-Key` (or `api_key`); unset
     # switches `POST /catalog/products:import` off (403).
     catalog_api_key: SecretStr | None = None

@@ -2,15 +2,17 @@
 
 from __future__ import annotations
 
+import contextlib
 import secrets
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
+from contextlib import AbstractAsyncContextManager
 from dataclasses import dataclass
 from decimal import Decimal
 from typing import Annotated
 
 from fastapi import Depends, Query, Request, Security
 from fastapi.security import APIKeyHeader, APIKeyQuery
-from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
+from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, AsyncSession, async_sessionmaker
 
 from catalog.config import Settings
 from catalog.errors import ImportDisabled
@@ -25,14 +27,33 @@ PAGE_MAX = 100
 SessionDep = Annotated[AsyncSession, Depends(session_dependency)]
 
 
-async def read_session_dependency(request: Request) -> AsyncIterator[AsyncSession]:
-    """A session for reads only: autocommit, so one SELECT is one round trip."""
-    readmaker: async_sessionmaker[AsyncSession] = request.state.readmaker
-    async with readmaker() as session:
-        yield session
+ReadConnections = Callable[[], AbstractAsyncContextManager[AsyncConnection]]
+"""Opens a connection for reads; the lifespan picks the implementation."""
 
 
-ReadSessionDep = Annotated[AsyncSession, Depends(read_session_dependency)]
+def engine_connections(engine: AsyncEngine) -> ReadConnections:
+    """Pooled connections outside any session: reads pay one round trip each."""
+    return engine.connect
+
+
+def session_connections(sessionmaker: async_sessionmaker[AsyncSession]) -> ReadConnections:
+    """The connection under a session from `sessionmaker` (tests: their transaction)."""
+
+    @contextlib.asynccontextmanager
+    async def connection() -> AsyncIterator[AsyncConnection]:
+        async with sessionmaker() as session:
+            yield await session.connection()
+
+    return connection
+
+
+async def read_connection(request: Request) -> AsyncIterator[AsyncConnection]:
+    reads: ReadConnections = request.state.reads
+    async with reads() as connection:
+        yield connection
+
+
+ReadConnectionDep = Annotated[AsyncConnection, Depends(read_connection)]
 
 
 def get_settings(request: Request) -> Settings:

@@ -8,16 +8,20 @@ import logging
 from collections.abc import AsyncIterator
 from typing import TypedDict
 
+import asyncpg
 import httpx
-from fastapi import FastAPI
+from fastapi import FastAPI, Request, Response
 from redis.asyncio import Redis
+from sqlalchemy.exc import DBAPIError, InterfaceError, OperationalError
 from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker
 
 from catalog import service
 from catalog.config import Settings
+from catalog.deps import ReadConnections, engine_connections, session_connections
 from catalog.router import router
 from kit.app import assemble
 from kit.db import check_database, make_engine, make_sessionmaker
+from kit.errors import ServiceUnavailable, domain_error_response, problem_response
 from kit.health import check_redis
 from kit.logs import configure_logging
 from kit.security import JwksKeySource, KeySource, TokenVerifier
@@ -32,8 +36,7 @@ class State(TypedDict):
     http: httpx.AsyncClient
     engine: AsyncEngine
     sessionmaker: async_sessionmaker[AsyncSession]
-    # Reads run in autocommit: no BEGIN/ROLLBACK round trips around one SELECT.
-    readmaker: async_sessionmaker[AsyncSession]
+    reads: ReadConnections
 
 
 async def purge_idempotency_keys(
@@ -51,6 +54,28 @@ async def purge_idempotency_keys(
             logger.warning("idempotency key purge failed: %s", error)
 
 
+def database_unreachable(error: Exception) -> bool:
+    if isinstance(error, DBAPIError):
+        return error.connection_invalidated or isinstance(error, OperationalError | InterfaceError)
+    return isinstance(error, OSError | asyncpg.PostgresConnectionError)
+
+
+async def on_database_error(request: Request, error: Exception) -> Response:
+    """An unreachable database is a 503 the client may retry, not a 500."""
+    if database_unreachable(error):
+        logger.warning("database unreachable: %s", error)
+        return domain_error_response(
+            ServiceUnavailable("The database is unreachable; retry", headers={"Retry-After": "1"})
+        )
+    logger.error("database error", exc_info=error)
+    return problem_response(
+        status=500,
+        title="Internal server error",
+        slug="internal",
+        detail="The server failed to handle this request; it has been logged.",
+    )
+
+
 def create_app(
     settings: Settings | None = None,
     *,
@@ -64,7 +89,16 @@ def create_app(
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[State]:
         configure_logging(service=settings.service_name, level=settings.log_level)
-        engine = make_engine(str(settings.database_url))
+        # No pre-ping: on asyncpg it costs three round trips (BEGIN, ping,
+        # ROLLBACK) on every checkout, more than the query it guards. A
+        # connection lost to a database restart is detected on use instead; the
+        # whole pool is then recycled, reads retry once, and writes answer 503.
+        engine = make_engine(
+            str(settings.database_url),
+            pool_pre_ping=False,
+            pool_size=settings.database_pool_size,
+            max_overflow=settings.database_pool_overflow,
+        )
         redis = Redis.from_url(str(settings.redis_url))
         http = httpx.AsyncClient()
         keys = key_source or JwksKeySource(
@@ -78,8 +112,10 @@ def create_app(
             redis=redis,
         )
         sessions = sessionmaker or make_sessionmaker(engine)
-        reads = sessionmaker or make_sessionmaker(
-            engine.execution_options(isolation_level="AUTOCOMMIT")
+        reads = (
+            session_connections(sessionmaker)
+            if sessionmaker is not None
+            else engine_connections(engine.execution_options(isolation_level="AUTOCOMMIT"))
         )
         purger = asyncio.create_task(
             purge_idempotency_keys(sessions, settings.idempotency_purge_interval_seconds)
@@ -92,7 +128,7 @@ def create_app(
                 http=http,
                 engine=engine,
                 sessionmaker=sessions,
-                readmaker=reads,
+                reads=reads,
             )
         finally:
             purger.cancel()
@@ -109,5 +145,7 @@ def create_app(
         description="Products and categories: keyset pages, ETags, idempotent creates.",
     )
     assemble(app, settings, readiness={"database": check_database, "redis": check_redis})
+    for error_type in (DBAPIError, OSError, asyncpg.PostgresConnectionError):
+        app.add_exception_handler(error_type, on_database_error)
     app.include_router(router)
     return app

@@ -13,7 +13,7 @@ from catalog.conditional import etag_for, if_match_versions, none_match
 from catalog.deps import (
     FiltersDep,
     PaginationDep,
-    ReadSessionDep,
+    ReadConnectionDep,
     SessionDep,
     SettingsDep,
     require_import_key,
@@ -76,15 +76,15 @@ async def create_category(
 
 
 @router.get("/categories", summary="Every category, by slug")
-async def list_categories(session: ReadSessionDep) -> list[CategoryOut]:
-    return await service.list_categories(session=session)
+async def list_categories(connection: ReadConnectionDep) -> list[CategoryOut]:
+    return await service.list_categories(connection=connection)
 
 
 @router.get("/products", response_model=ProductPage, summary="A page of products")
 async def list_products(
-    session: ReadSessionDep, page: PaginationDep, filters: FiltersDep
+    connection: ReadConnectionDep, page: PaginationDep, filters: FiltersDep
 ) -> Response:
-    result = await service.list_products(session=session, filters=filters, page=page)
+    result = await service.list_products(connection=connection, filters=filters, page=page)
     return Response(result.model_dump_json(), media_type=JSON)
 
 
@@ -140,10 +140,10 @@ async def import_products(
 )
 async def get_product(
     product_id: uuid.UUID,
-    session: ReadSessionDep,
+    connection: ReadConnectionDep,
     if_none_match: Annotated[str | None, Header(alias="If-None-Match")] = None,
 ) -> Response:
-    product = await service.get_product(session=session, product_id=product_id)
+    product = await service.get_product(connection=connection, product_id=product_id)
     etag = etag_for(product.version)
     if if_none_match is not None and none_match(if_none_match, etag):
         return Response(status_code=status.HTTP_304_NOT_MODIFIED, headers={"ETag": etag})

@@ -5,11 +5,12 @@ from __future__ import annotations
 import hashlib
 import json
 import uuid
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
+import asyncpg
 from pydantic import ValidationError
 from sqlalchemy import (
     ColumnElement,
@@ -25,9 +26,10 @@ from sqlalchemy import (
     tuple_,
     update,
 )
+from sqlalchemy.dialects.postgresql import asyncpg as asyncpg_dialect
 from sqlalchemy.dialects.postgresql import insert as pg_insert
 from sqlalchemy.exc import IntegrityError
-from sqlalchemy.ext.asyncio import AsyncSession
+from sqlalchemy.ext.asyncio import AsyncConnection, AsyncSession
 
 from catalog.deps import Pagination, ProductFilters
 from catalog.errors import (
@@ -69,21 +71,21 @@ def _product_query() -> Select[*tuple[Any, ...]]:
     ).outerjoin(Category, Product.category_id == Category.id)
 
 
-def _product_out(row: Row[*tuple[Any, ...]], category: CategoryOut | None = None) -> ProductOut:
+def _product_out(row: Mapping[Any, Any], category: CategoryOut | None = None) -> ProductOut:
     """Rows come from the database, already valid: build without re-validating."""
-    if category is None and getattr(row, "category_id", None) is not None:
+    if category is None and row.get("category_id") is not None:
         category = CategoryOut.model_construct(
-            id=row.category_id, slug=row.category_slug, name=row.category_name
+            id=row["category_id"], slug=row["category_slug"], name=row["category_name"]
         )
     return ProductOut.model_construct(
-        id=row.id,
-        name=row.name,
-        price=row.price,
-        tags=row.tags,
+        id=row["id"],
+        name=row["name"],
+        price=row["price"],
+        tags=row["tags"],
         category=category,
-        version=row.version,
-        created_at=row.created_at,
-        updated_at=row.updated_at,
+        version=row["version"],
+        created_at=row["created_at"],
+        updated_at=row["updated_at"],
     )
 
 
@@ -113,8 +115,10 @@ async def create_category(*, session: AsyncSession, data: CategoryIn) -> Categor
     return CategoryOut(id=row.id, slug=row.slug, name=row.name)
 
 
-async def list_categories(*, session: AsyncSession) -> list[CategoryOut]:
-    rows = await session.execute(select(Category.id, Category.slug, Category.name).order_by("slug"))
+async def list_categories(*, connection: AsyncConnection) -> list[CategoryOut]:
+    rows = await connection.execute(
+        select(Category.id, Category.slug, Category.name).order_by("slug")
+    )
     return [CategoryOut(id=row.id, slug=row.slug, name=row.name) for row in rows]
 
 
@@ -141,17 +145,39 @@ async def _category(
 # --- reads ------------------------------------------------------------------------------
 
 
-# Built once: the hot read skips statement construction and the ORM layer (Core
-# execution on the session's connection), leaving one round trip and little Python.
-_PRODUCT_BY_ID = _product_query().where(Product.id == bindparam("product_id"))
+# The hot read runs on the driver itself: SQL compiled once from the Core
+# statement, one prepared-statement round trip, no session, no result layer.
+# That is ~4x raw asyncpg's cost where a session + Core execute is ~14x.
+_PRODUCT_BY_ID_SQL = str(
+    _product_query()
+    .where(Product.id == bindparam("product_id"))
+    .compile(dialect=asyncpg_dialect.dialect())  # type: ignore[no-untyped-call]
+)
+# What a connection lost to a database restart raises from the driver.
+_DISCONNECTED = (asyncpg.PostgresConnectionError, asyncpg.InterfaceError, OSError)
 
 
-async def get_product(*, session: AsyncSession, product_id: uuid.UUID) -> ProductOut:
-    connection = await session.connection()
-    row = (await connection.execute(_PRODUCT_BY_ID, {"product_id": product_id})).first()
-    if row is None:
+async def _fetch_row(connection: AsyncConnection, sql: str, *args: object) -> Any:
+    """`fetchrow` on the driver; a lost connection is dropped with the whole
+    pool (every other pooled one died with it) and the read tried once more."""
+    for attempt in range(2):
+        driver = (await connection.get_raw_connection()).driver_connection
+        assert driver is not None
+        try:
+            return await driver.fetchrow(sql, *args)
+        except _DISCONNECTED as error:
+            await connection.invalidate()
+            if attempt:
+                raise ServiceUnavailable("The database is unreachable; retry") from error
+            await connection.engine.dispose(close=False)
+    raise AssertionError("unreachable")
+
+
+async def get_product(*, connection: AsyncConnection, product_id: uuid.UUID) -> ProductOut:
+    record = await _fetch_row(connection, _PRODUCT_BY_ID_SQL, product_id)
+    if record is None:
         raise ProductNotFound
-    return _product_out(row)
+    return _product_out(record)
 
 
 def _filtered(query: Select[*tuple[Any, ...]], filters: ProductFilters) -> Select[*tuple[Any, ...]]:
@@ -179,20 +205,19 @@ def _after(sort: Sort, cursor: Cursor) -> ColumnElement[bool]:
 
 
 async def list_products(
-    *, session: AsyncSession, filters: ProductFilters, page: Pagination
+    *, connection: AsyncConnection, filters: ProductFilters, page: Pagination
 ) -> ProductPage:
     column = _SORT_COLUMNS[page.sort.column]
     order = (column.desc(), Product.id.desc()) if page.sort.descending else (column, Product.id)
     query = _filtered(_product_query(), filters).order_by(*order).limit(page.limit + 1)
     if page.cursor is not None:
         query = query.where(_after(page.sort, page.cursor))
-    connection = await session.connection()
-    rows = (await connection.execute(query)).all()
+    rows = (await connection.execute(query)).mappings().all()
     items = [_product_out(row) for row in rows[: page.limit]]
     next_cursor = None
     if len(rows) > page.limit:
         last = rows[page.limit - 1]
-        next_cursor = Cursor(page.sort, getattr(last, page.sort.column), last.id).encode()
+        next_cursor = Cursor(page.sort, last[page.sort.column], last["id"]).encode()
     return ProductPage(items=items, next_cursor=next_cursor)
 
 
@@ -213,7 +238,7 @@ async def _insert_product(session: AsyncSession, data: ProductIn) -> ProductOut:
         .returning(*_PRODUCT_COLUMNS)
     )
     row = (await session.execute(statement)).one()
-    return _product_out(row, category)
+    return _product_out(row._mapping, category)
 
 
 def _name_conflict(error: IntegrityError) -> Exception:
@@ -366,7 +391,7 @@ async def update_product(
     _check_version(row.version, expected_versions)
     if not changes:
         await session.rollback()
-        return _product_out(row)
+        return _product_out(row._mapping)
     merged = _merged(row, changes)
     try:
         category = await _category(session, merged.category, loc=("body", "category"))
@@ -393,7 +418,7 @@ async def update_product(
     except BaseException:
         await session.rollback()
         raise
-    return _product_out(updated, category)
+    return _product_out(updated._mapping, category)
 
 
 async def delete_product(

@@ -13,8 +13,9 @@ class Settings(ServiceSettings):
 
     max_text_length: int = Field(default=4000, gt=0)
     """Longest message text, in characters."""
-    max_frame_bytes: int = Field(default=32_768, gt=0)
-    """Longest client frame; JSON escapes can make 4000 characters take 24 KB."""
+    max_frame_chars: int = Field(default=65_536, gt=0)
+    """Longest client frame, in characters: 4000 characters written as JSON
+    escapes (a surrogate pair is 12 characters) take up to 48,000."""
     max_client_id_length: int = Field(default=64, gt=0)
 
     send_rate_per_second: float = Field(default=20.0, gt=0)

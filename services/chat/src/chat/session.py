@@ -164,8 +164,8 @@ async def receive_frames(
         if raw is None:
             reply(hub, connection, error_frame("Binary frames are not supported; send JSON text"))
             continue
-        if len(raw) > settings.max_frame_bytes:
-            reply(hub, connection, error_frame(f"Frame too large (max {settings.max_frame_bytes})"))
+        if len(raw) > settings.max_frame_chars:
+            reply(hub, connection, error_frame(f"Frame too large (max {settings.max_frame_chars})"))
             continue
         if not connection.take_token(settings.send_rate_per_second, settings.send_burst):
             reply(hub, connection, error_frame("Rate limit exceeded; frame dropped"))

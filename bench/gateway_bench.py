@@ -1,0 +1,304 @@
+"""Gateway overhead, side by side in one run on loopback.
+
+A trivial upstream endpoint (raw ASGI, and FastAPI, on uvicorn with httptools
+and uvloop) is loaded with wrk directly, through the gateway (uvicorn,
+httptools, uvloop) and through nginx (Debian package, one worker, keep-alive
+upstream) as the reference proxy, at one connection and at 32.
+
+    uv run python bench/gateway_bench.py --json /tmp/gateway.json
+
+Goals: the gateway adds <= 0.5 ms at p50 with one connection and reaches
+>= 0.6x the direct rps. All processes share the machine's cores with wrk, so
+read ratios, not absolute numbers.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import os
+import re
+import shutil
+import socket
+import subprocess
+import sys
+import tempfile
+import textwrap
+import time
+import urllib.request
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+PATH = "/catalog/ping"
+UPSTREAM_APPS = textwrap.dedent(
+    '''
+    from fastapi import FastAPI
+
+    BODY = b'{"message":"Hello, World!"}'
+
+
+    async def raw(scope, receive, send):
+        """The physical-limit anchor: an ASGI app with nothing in it."""
+        if scope["type"] != "http":
+            return
+        await send(
+            {
+                "type": "http.response.start",
+                "status": 200,
+                "headers": [(b"content-type", b"application/json"), (b"content-length", b"27")],
+            }
+        )
+        await send({"type": "http.response.body", "body": BODY})
+
+
+    fastapi_app = FastAPI()
+
+
+    @fastapi_app.get("/catalog/ping")
+    async def ping() -> dict[str, str]:
+        return {"message": "Hello, World!"}
+    '''
+)
+
+
+def free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port: int = probe.getsockname()[1]
+        return port
+
+
+def wait_until_answers(url: str, within: float = 20.0) -> None:
+    deadline = time.monotonic() + within
+    while True:
+        try:
+            with urllib.request.urlopen(url, timeout=1) as response:
+                if response.status == 200:
+                    return
+        except OSError:
+            pass
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"{url} did not come up")
+        time.sleep(0.1)
+
+
+@contextlib.contextmanager
+def process(
+    command: list[str], *, env: dict[str, str] | None = None, cwd: str | None = None
+) -> Iterator[subprocess.Popen[bytes]]:
+    child = subprocess.Popen(
+        command,
+        env={**os.environ, **(env or {})},
+        cwd=cwd,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    try:
+        yield child
+    finally:
+        child.terminate()
+        try:
+            child.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            child.kill()
+            child.wait()
+
+
+def uvicorn(app: str, port: int, *, factory: bool = False, app_dir: str | None = None) -> list[str]:
+    command = [sys.executable, "-m", "uvicorn", app, "--host", "127.0.0.1", "--port", str(port)]
+    command += [
+        "--http",
+        "httptools",
+        "--loop",
+        "uvloop",
+        "--no-access-log",
+        "--log-level",
+        "warning",
+    ]
+    if factory:
+        command.append("--factory")
+    if app_dir:
+        command += ["--app-dir", app_dir]
+    return command
+
+
+def nginx_config(prefix: Path, port: int, upstream_port: int) -> Path:
+    config = prefix / "nginx.conf"
+    config.write_text(
+        textwrap.dedent(
+            f"""
+            worker_processes 1;
+            daemon off;
+            pid {prefix}/nginx.pid;
+            error_log {prefix}/error.log warn;
+            events {{ worker_connections 1024; }}
+            http {{
+                access_log off;
+                client_body_temp_path {prefix}/body;
+                proxy_temp_path {prefix}/proxy;
+                fastcgi_temp_path {prefix}/fastcgi;
+                uwsgi_temp_path {prefix}/uwsgi;
+                scgi_temp_path {prefix}/scgi;
+                upstream service {{ server 127.0.0.1:{upstream_port}; keepalive 64; }}
+                server {{
+                    listen 127.0.0.1:{port};
+                    location / {{
+                        proxy_pass http://service;
+                        proxy_http_version 1.1;
+                        proxy_set_header Connection "";
+                        proxy_set_header Host $host;
+                        proxy_set_header X-Forwarded-For $remote_addr;
+                    }}
+                }}
+            }}
+            """
+        )
+    )
+    return config
+
+
+_LATENCY = re.compile(r"^\s*(50|99)%\s+([\d.]+)(us|ms|s)\s*$", re.MULTILINE)
+_UNITS = {"us": 0.001, "ms": 1.0, "s": 1000.0}
+
+
+def wrk(url: str, *, connections: int, seconds: float) -> dict[str, float]:
+    command = ["wrk", "-t1", f"-c{connections}", f"-d{max(1, round(seconds))}s", "--latency", url]
+    output = subprocess.run(command, capture_output=True, text=True, check=True).stdout
+    rps_match = re.search(r"Requests/sec:\s+([\d.]+)", output)
+    if rps_match is None:
+        raise RuntimeError(f"unexpected wrk output:\n{output}")
+    latency = {p: float(v) * _UNITS[u] for p, v, u in _LATENCY.findall(output)}
+    errors = re.search(r"Non-2xx or 3xx responses: (\d+)", output)
+    return {
+        "rps": float(rps_match.group(1)),
+        "p50_ms": latency["50"],
+        "p99_ms": latency["99"],
+        "non_2xx": float(errors.group(1)) if errors else 0.0,
+    }
+
+
+def measure(
+    targets: dict[str, str], *, connections: int, seconds: float, rounds: int
+) -> dict[str, dict[str, float]]:
+    """Interleaved rounds (direct, gateway, nginx, direct, ...); the median round wins."""
+    runs: dict[str, list[dict[str, float]]] = {name: [] for name in targets}
+    for url in targets.values():
+        wrk(url, connections=connections, seconds=1)  # warm-up: connections, caches
+    for _ in range(rounds):
+        for name, url in targets.items():
+            runs[name].append(wrk(url, connections=connections, seconds=seconds))
+    return {
+        name: sorted(results, key=lambda r: r["rps"])[len(results) // 2]
+        for name, results in runs.items()
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--json", type=Path, help="write the figures here")
+    parser.add_argument("--seconds", type=float, default=3.0, help="per wrk run")
+    parser.add_argument("--rounds", type=int, default=1, help="interleaved repetitions")
+    args = parser.parse_args()
+    for tool in ("wrk", "nginx"):
+        if shutil.which(tool) is None:
+            sys.exit(f"{tool} is missing: apt-get install -y {tool}")
+
+    results: dict[str, Any] = {"path": PATH, "seconds": args.seconds, "cases": []}
+    with tempfile.TemporaryDirectory() as workdir:
+        (Path(workdir) / "bench_upstream.py").write_text(UPSTREAM_APPS)
+        for upstream_kind, app in (
+            ("raw ASGI", "bench_upstream:raw"),
+            ("FastAPI", "bench_upstream:fastapi_app"),
+        ):
+            upstream_port, gateway_port, nginx_port = free_port(), free_port(), free_port()
+            prefix = Path(workdir) / f"nginx-{upstream_port}"
+            prefix.mkdir()
+            gateway_env = {
+                "CATALOG_UPSTREAM": f"http://127.0.0.1:{upstream_port}",
+                "AUTH_UPSTREAM": f"http://127.0.0.1:{upstream_port}",
+                "CHAT_UPSTREAM": f"http://127.0.0.1:{upstream_port}",
+                "RATE_LIMIT_ENABLED": "false",
+                "HEALTH_CHECK_INTERVAL_SECONDS": "0",
+                "LOG_LEVEL": "WARNING",
+            }
+            with (
+                process(uvicorn(app, upstream_port, app_dir=workdir)),
+                process(
+                    uvicorn("gateway.main:create_app", gateway_port, factory=True),
+                    env=gateway_env,
+                    cwd=workdir,
+                ),
+                process(
+                    [
+                        "nginx",
+                        "-e",
+                        str(prefix / "error.log"),
+                        "-p",
+                        str(prefix),
+                        "-c",
+                        str(nginx_config(prefix, nginx_port, upstream_port)),
+                    ]
+                ),
+            ):
+                targets = {
+                    "direct": f"http://127.0.0.1:{upstream_port}{PATH}",
+                    "gateway": f"http://127.0.0.1:{gateway_port}{PATH}",
+                    "nginx": f"http://127.0.0.1:{nginx_port}{PATH}",
+                }
+                for url in targets.values():
+                    wait_until_answers(url)
+                for connections in (1, 32):
+                    figures = measure(
+                        targets, connections=connections, seconds=args.seconds, rounds=args.rounds
+                    )
+                    results["cases"].append(
+                        {"upstream": upstream_kind, "connections": connections, **figures}
+                    )
+    report(results)
+    if args.json:
+        args.json.write_text(json.dumps(results, indent=2))
+
+
+def report(results: dict[str, Any]) -> None:
+    print(
+        f"GET {results['path']}, wrk -t1, {results['seconds']:g} s per run, loopback, shared cores"
+    )
+    header = f"{'upstream':<9} {'c':>3} {'path':<8} {'rps':>9} {'p50 ms':>8} {'p99 ms':>8} {'rps/direct':>10} {'+p50 ms':>8}"
+    print(header)
+    print("-" * len(header))
+    for case in results["cases"]:
+        direct = case["direct"]
+        for name in ("direct", "gateway", "nginx"):
+            row = case[name]
+            ratio = row["rps"] / direct["rps"]
+            added = row["p50_ms"] - direct["p50_ms"]
+            row["rps_ratio"], row["added_p50_ms"] = round(ratio, 3), round(added, 3)
+            print(
+                f"{case['upstream']:<9} {case['connections']:>3} {name:<8} {row['rps']:>9.0f} "
+                f"{row['p50_ms']:>8.3f} {row['p99_ms']:>8.3f} {ratio:>10.2f} {added:>+8.3f}"
+            )
+    goals = []
+    for case in results["cases"]:
+        gateway, nginx = case["gateway"], case["nginx"]
+        label = f"{case['upstream']}, c={case['connections']}"
+        if case["connections"] == 1:
+            # one connection measures latency; rps there is 1 / latency for every path
+            added = gateway["added_p50_ms"]
+            figure = f"{added:+.3f} ms (nginx {nginx['added_p50_ms']:+.3f} ms)"
+            goals.append((f"{label}: gateway adds <= 0.5 ms at p50", added <= 0.5, figure))
+        else:
+            ratio = gateway["rps_ratio"]
+            figure = f"{ratio:.2f}x (nginx {nginx['rps_ratio']:.2f}x)"
+            goals.append((f"{label}: gateway >= 0.6x direct rps", ratio >= 0.6, figure))
+    print()
+    for goal, met, figure in goals:
+        print(f"[{'met' if met else 'MISSED'}] {goal}: {figure}")
+    results["goals"] = [{"goal": goal, "met": met, "figure": figure} for goal, met, figure in goals]
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,49 @@
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import pytest
+from websockets.exceptions import ConnectionClosed
+
+from chat.config import Settings
+from kit.testing import TokenMinter
+
+from .factories import StalledReader, chat, start_node, unique_room
+
+SettingsFor = Callable[..., Settings]
+
+
+async def test_shutdown_closes_every_socket_with_1012(
+    settings_for: SettingsFor, minter: TokenMinter
+) -> None:
+    room = unique_room()
+    async with start_node(settings_for("node-leaving"), minter) as node:
+        client_cm = chat(node, room, minter.token())
+        client = await client_cm.__aenter__()
+        await client.say("before shutdown")
+        await client.messages(1)
+    with pytest.raises(ConnectionClosed) as closed:
+        while True:
+            await client.recv(within=5)
+    await client_cm.__aexit__(None, None, None)
+    assert closed.value.rcvd is not None
+    assert closed.value.rcvd.code == 1012
+
+
+async def test_a_peer_that_stops_answering_pings_is_dropped(
+    settings_for: SettingsFor, minter: TokenMinter
+) -> None:
+    room = unique_room()
+    node_cm = start_node(
+        settings_for("node-pinging"), minter, ws_ping_interval=0.2, ws_ping_timeout=0.3
+    )
+    async with node_cm as node, chat(node, room, minter.token(user_id="alive")) as alive:
+        # answers nothing, not even pings
+        await StalledReader.open(node, room, minter.token(user_id="dead"))
+        joined = await alive.recv_until(lambda f: f["type"] == "join" and f["user"]["id"] == "dead")
+        left = await alive.recv_until(lambda f: f["type"] == "leave")
+        await alive.say("still fine")
+        (message,) = await alive.messages(1)
+    assert joined["type"] == "join"
+    assert left == {"type": "leave", "room": room, "user": {"id": "dead", "display_name": "Test User"}}
+    assert message["text"] == "still fine"

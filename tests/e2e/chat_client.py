@@ -1,0 +1,142 @@
+"""A chat client that behaves as a careful real one does after a fault: it
+reconnects through the gateway with `since`, and re-sends, with the same
+`client_id`, what was never acknowledged. It records everything it sees so a
+test can check that nothing was lost, reordered or delivered twice."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import time
+import uuid
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+from websockets.asyncio.client import ClientConnection
+from websockets.exceptions import ConnectionClosed, InvalidHandshake, InvalidStatus
+
+from .helpers import open_socket
+
+RECONNECT_DEADLINE_SECONDS = 45.0
+
+
+@dataclass
+class ChatClient:
+    ws_url: str
+    room: str
+    token: str
+    name: str
+    last_id: int = 0
+    socket: ClientConnection | None = None
+    nodes: list[str] = field(default_factory=list)
+    close_codes: list[int | None] = field(default_factory=list)
+    messages: list[dict[str, Any]] = field(default_factory=list)
+    duplicates: list[int] = field(default_factory=list)
+    gaps: list[tuple[int, int]] = field(default_factory=list)
+    unacked: dict[str, str] = field(default_factory=dict)
+    connected: asyncio.Event = field(default_factory=asyncio.Event)
+    _caught_up_to: int = 0
+
+    @property
+    def node(self) -> str:
+        return self.nodes[-1]
+
+    async def connect(self, *, resume: bool = False) -> None:
+        """Connects (retrying while the system recovers) and reads the `ready` frame."""
+        deadline = time.monotonic() + RECONNECT_DEADLINE_SECONDS
+        delay = 0.1
+        while True:
+            try:
+                socket = await open_socket(
+                    self.ws_url, self.room, self.token, since=self.last_id if resume else None
+                )
+                ready = json.loads(await asyncio.wait_for(socket.recv(), 10))
+                break
+            except (OSError, InvalidHandshake, InvalidStatus, ConnectionClosed, TimeoutError):
+                if time.monotonic() > deadline:
+                    raise
+                await asyncio.sleep(delay)  # back-off between reconnection attempts
+                delay = min(delay * 2, 2.0)
+        assert ready["type"] == "ready", ready
+        if not resume:
+            self.last_id = ready["last_id"]
+        self._caught_up_to = ready["last_id"]
+        self.nodes.append(ready["node"])
+        self.socket = socket
+        self.connected.set()
+
+    async def send(self, text: str) -> None:
+        client_id = uuid.uuid4().hex
+        self.unacked[client_id] = text
+        await self._send_frame(client_id, text)
+
+    async def _send_frame(self, client_id: str, text: str) -> None:
+        if self.socket is None:
+            return
+        frame = json.dumps({"type": "message", "text": text, "client_id": client_id})
+        with contextlib.suppress(ConnectionClosed):  # re-sent after the reconnection
+            await self.socket.send(frame)
+
+    async def run(self) -> None:
+        """Reads frames forever, reconnecting with `since` whenever the socket closes."""
+        while True:
+            assert self.socket is not None
+            try:
+                async for raw in self.socket:
+                    await self._on_frame(json.loads(raw))
+            except ConnectionClosed:
+                pass
+            self.close_codes.append(self.socket.close_code)
+            self.connected.clear()
+            await self.connect(resume=True)
+            if self.last_id >= self._caught_up_to:
+                await self._resend_unacked()
+
+    async def _on_frame(self, frame: dict[str, Any]) -> None:
+        if frame["type"] != "message":
+            return
+        message_id = frame["id"]
+        if message_id <= self.last_id:
+            self.duplicates.append(message_id)
+            return
+        if message_id != self.last_id + 1:
+            self.gaps.append((self.last_id, message_id))
+        self.last_id = message_id
+        self.messages.append(frame)
+        self.unacked.pop(frame.get("client_id") or "", None)
+        if message_id == self._caught_up_to:
+            # the replay after a reconnection is complete: what is still unacked was never stored
+            await self._resend_unacked()
+
+    async def _resend_unacked(self) -> None:
+        for client_id, text in list(self.unacked.items()):
+            await self._send_frame(client_id, text)
+
+    async def close(self) -> None:
+        if self.socket is not None:
+            await self.socket.close()
+
+
+async def wait_until(
+    predicate: Callable[[], bool], *, within: float = 30.0, what: Callable[[], str] | str = ""
+) -> None:
+    """Waits for `predicate()` to hold, checking after every scheduling round."""
+    deadline = time.monotonic() + within
+    while not predicate():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out waiting for {what() if callable(what) else what}")
+        await asyncio.sleep(0.02)
+
+
+def assert_complete(clients: list[ChatClient], expected_texts: set[str]) -> None:
+    """Every client saw every message exactly once, with consecutive ids."""
+    for client in clients:
+        texts = [message["text"] for message in client.messages]
+        assert client.duplicates == [], (client.name, client.duplicates)
+        assert client.gaps == [], (client.name, client.gaps)
+        assert set(texts) >= expected_texts, (client.name, expected_texts - set(texts))
+        assert len(texts) == len(set(texts)), client.name
+        ids = [message["id"] for message in client.messages]
+        assert ids == sorted(ids)

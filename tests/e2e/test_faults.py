@@ -1,0 +1,227 @@
+"""Faults on the running stack; after each, nothing accepted is lost.
+
+Each test breaks one thing (a replica killed, Redis or PostgreSQL restarted,
+a catalog replica stopped, chat scaled down and up) while clients keep
+working through the gateway, then checks message ids and rows."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import subprocess
+import time
+import uuid
+from collections.abc import AsyncIterator
+
+import httpx
+
+from .chat_client import ChatClient, assert_complete, wait_until
+from .conftest import ADMIN_EMAIL, ADMIN_PASSWORD, Stack
+from .helpers import bearer, login, open_socket, receive_json, register
+
+ROUND_SECONDS = 45.0
+
+
+@contextlib.asynccontextmanager
+async def chat_clients(
+    stack: Stack, http: httpx.AsyncClient, count: int
+) -> AsyncIterator[list[ChatClient]]:
+    user = await register(http)
+    token = (await login(http, user["email"], user["password"]))["access_token"]
+    room = f"fault-{uuid.uuid4().hex[:8]}"
+    clients = [ChatClient(stack.ws_url, room, token, name=f"c{index}") for index in range(count)]
+    for client in clients:
+        await client.connect()
+    readers = [asyncio.create_task(client.run()) for client in clients]
+    try:
+        yield clients
+    finally:
+        for reader in readers:
+            reader.cancel()
+        await asyncio.gather(*readers, return_exceptions=True)
+        await asyncio.gather(*(client.close() for client in clients), return_exceptions=True)
+
+
+async def exchange(clients: list[ChatClient], tag: str, rounds: range, sent: set[str]) -> None:
+    """Each client sends one message per round; a round ends when everyone has everything."""
+    for number in rounds:
+
+        def progress(number: int = number) -> str:
+            return f"round {number} delivered everywhere: {_progress(clients, sent)}"
+
+        for client in clients:
+            text = f"{tag}-{client.name}-{number}"
+            sent.add(text)
+            await client.send(text)
+        await wait_until(
+            lambda: all(sent <= {m["text"] for m in c.messages} for c in clients),
+            within=ROUND_SECONDS,
+            what=progress,
+        )
+
+
+async def test_killed_chat_replica_loses_nothing(
+    healthy_stack: Stack, client: httpx.AsyncClient
+) -> None:
+    async with chat_clients(healthy_stack, client, 6) as clients:
+        assert len({c.node for c in clients}) >= 2
+        sent: set[str] = set()
+        await exchange(clients, "kill", range(3), sent)
+
+        victim = clients[0].node
+        await asyncio.to_thread(_docker, "kill", victim)
+        await exchange(clients, "kill", range(3, 6), sent)
+
+        assert_complete(clients, sent)
+        moved = [c for c in clients if c.nodes[0] == victim]
+        assert moved
+        assert all(c.node != victim and c.close_codes for c in moved)
+
+
+async def test_redis_restart_loses_no_message(
+    healthy_stack: Stack, client: httpx.AsyncClient
+) -> None:
+    async with chat_clients(healthy_stack, client, 4) as clients:
+        sent: set[str] = set()
+        await exchange(clients, "redis", range(2), sent)
+
+        restart = asyncio.create_task(
+            asyncio.to_thread(healthy_stack.compose_cmd, "restart", "redis")
+        )
+        await exchange(clients, "redis", range(2, 6), sent)
+        await restart
+        await exchange(clients, "redis", range(6, 8), sent)
+
+        assert_complete(clients, sent)
+
+
+async def test_postgres_restart_every_service_recovers(
+    healthy_stack: Stack, client: httpx.AsyncClient
+) -> None:
+    admin = bearer((await login(client, ADMIN_EMAIL, ADMIN_PASSWORD))["access_token"])
+    user = await register(client)
+    token = (await login(client, user["email"], user["password"]))["access_token"]
+    before = await client.post(
+        "/catalog/products", json={"name": f"Before {_letters()}", "price": "5"}, headers=admin
+    )
+    assert before.status_code == 201
+
+    await asyncio.to_thread(healthy_stack.compose_cmd, "restart", "postgres")
+    restarted = time.monotonic()
+
+    probes = {
+        "auth": ("/auth/users/me", bearer(token)),
+        "catalog": (f"/catalog/products/{before.json()['id']}", {}),
+        "chat": ("/chat/rooms/lobby/messages", bearer(token)),
+    }
+    for name, (path, headers) in probes.items():
+        await wait_until_ok(client, path, headers, what=name)
+    assert time.monotonic() - restarted < 30
+
+    # a write retried with its idempotency key lands exactly once
+    key = uuid.uuid4().hex
+    name = f"After {_letters()}"
+    created = await post_until_created(client, admin, key, {"name": name, "price": "7.5"})
+    again = await client.post(
+        "/catalog/products",
+        json={"name": name, "price": "7.5"},
+        headers={**admin, "Idempotency-Key": key},
+    )
+    assert again.json()["id"] == created["id"]
+    for product_id in (before.json()["id"], created["id"]):
+        assert (await client.get(f"/catalog/products/{product_id}")).status_code == 200
+
+
+async def wait_until_ok(
+    client: httpx.AsyncClient, path: str, headers: dict[str, str], *, what: str
+) -> None:
+    deadline = time.monotonic() + 30
+    while True:
+        with contextlib.suppress(httpx.TransportError):
+            response = await client.get(path, headers=headers)
+            if response.status_code == 200:
+                return
+            assert response.status_code in (502, 503, 504), (what, response.text)
+        assert time.monotonic() < deadline, f"{what} did not recover within 30 s"
+        await asyncio.sleep(0.25)  # retry interval while the database comes back
+
+
+async def post_until_created(
+    client: httpx.AsyncClient, headers: dict[str, str], key: str, body: dict[str, str]
+) -> dict[str, str]:
+    deadline = time.monotonic() + 30
+    while True:
+        response = await client.post(
+            "/catalog/products", json=body, headers={**headers, "Idempotency-Key": key}
+        )
+        if response.status_code == 201:
+            created: dict[str, str] = response.json()
+            return created
+        assert response.status_code in (502, 503, 504), response.text
+        assert time.monotonic() < deadline
+        await asyncio.sleep(0.25)  # retry interval while the database comes back
+
+
+async def test_stopped_catalog_replica_is_routed_around(
+    healthy_stack: Stack, client: httpx.AsyncClient
+) -> None:
+    replicas = healthy_stack.containers("catalog")
+    assert len(replicas) == 2
+    await asyncio.to_thread(_docker, "stop", replicas[0]["ID"])
+
+    statuses = [(await client.get("/catalog/products")).status_code for _ in range(30)]
+
+    assert statuses == [200] * 30
+
+
+async def test_chat_scaled_down_then_up(healthy_stack: Stack, client: httpx.AsyncClient) -> None:
+    async with chat_clients(healthy_stack, client, 6) as clients:
+        old_nodes = {c.node for c in clients}
+        assert len(old_nodes) == 3
+        sent: set[str] = set()
+        await exchange(clients, "scale", range(2), sent)
+
+        await asyncio.to_thread(
+            healthy_stack.compose_cmd, "up", "--detach", "--no-deps", "--scale", "chat=1", "chat"
+        )
+        await exchange(clients, "scale", range(2, 4), sent)
+        survivors = {c.node for c in clients}
+        assert len(survivors) == 1
+        moved = [c for c in clients if c.nodes[0] not in survivors]
+        assert moved
+        assert all(1012 in c.close_codes for c in moved), [c.close_codes for c in moved]
+        assert_complete(clients, sent)
+
+        await asyncio.to_thread(
+            healthy_stack.compose_cmd,
+            "up",
+            "--detach",
+            "--wait",
+            "--no-deps",
+            "--scale",
+            "chat=3",
+            "chat",
+        )
+        scaled = time.monotonic()
+        user = await register(client)
+        token = (await login(client, user["email"], user["password"]))["access_token"]
+        new_node = None
+        while new_node is None:
+            socket = await open_socket(healthy_stack.ws_url, "scale-probe", token)
+            node = (await receive_json(socket))["node"]
+            await socket.close()
+            if node not in survivors:
+                new_node = node
+            assert time.monotonic() - scaled < 10, "no connection reached a new replica"
+
+
+def _progress(clients: list[ChatClient], sent: set[str]) -> list[tuple[str, list[str], int]]:
+    return [(c.name, c.nodes, len(sent - {m["text"] for m in c.messages})) for c in clients]
+
+
+def _docker(*args: str) -> None:
+    subprocess.run(["docker", *args], check=True, capture_output=True)
+
+
+def _letters() -> str:
+    return "".join(chr(ord("a") + int(c, 16)) for c in uuid.uuid4().hex[:8])
