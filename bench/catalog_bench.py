@@ -60,6 +60,18 @@ class Result:
     p99_ms: float
     requests: int
     errors: int
+    # CPU the server process spent per request (user + system): what a request
+    # costs the service, unlike rps hardly moved by other load on the machine
+    server_cpu_us: float | None = None
+
+
+def cpu_seconds(pid: int) -> float | None:
+    """User + system CPU time of a process, from /proc (None elsewhere)."""
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except OSError:
+        return None
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 @contextlib.contextmanager
@@ -139,7 +151,7 @@ async def seed(url: str) -> list[str]:
 
 
 @contextlib.asynccontextmanager
-async def catalog_server(database_url: str) -> AsyncIterator[str]:
+async def catalog_server(database_url: str) -> AsyncIterator[tuple[str, int]]:
     port = free_port()
     env = {
         **os.environ,
@@ -164,7 +176,7 @@ async def catalog_server(database_url: str) -> AsyncIterator[str]:
                 if process.poll() is not None or time.monotonic() > deadline:
                     raise RuntimeError("the catalog did not start")
                 await asyncio.sleep(0.1)
-        yield base
+        yield base, process.pid
     finally:
         process.terminate()
         process.wait(timeout=10)
@@ -190,24 +202,38 @@ def wrk_script(paths: list[str]) -> str:
     )
 
 
-def run_wrk(name: str, base: str, paths: list[str], args: argparse.Namespace) -> Result:
+def cpu_per_request(pid: int, before: float | None, requests: int) -> float | None:
+    after = cpu_seconds(pid)
+    if before is None or after is None or not requests:
+        return None
+    return (after - before) / requests * 1e6
+
+
+def run_wrk(name: str, base: str, paths: list[str], args: argparse.Namespace, pid: int) -> Result:
     with tempfile.NamedTemporaryFile("w", suffix=".lua", delete=False) as script:
         script.write(wrk_script(paths))
+
+    def wrk(seconds: int) -> str:
+        command = ["wrk", "-t1", f"-c{args.connections}", f"-d{seconds}s", "-s", script.name, base]
+        run = subprocess.run(pinned(command, 0), capture_output=True, text=True, check=True)
+        return run.stdout
+
     try:
-        for duration in (args.warmup, args.duration):
-            output = subprocess.run(
-                pinned(
-                    ["wrk", "-t1", f"-c{args.connections}", f"-d{duration}s", "-s", script.name, base],
-                    0,
-                ),
-                capture_output=True, text=True, check=True,
-            ).stdout  # fmt: skip
+        wrk(args.warmup)
+        before = cpu_seconds(pid)
+        output = wrk(args.duration)
     finally:
         os.unlink(script.name)
     line = next(line for line in output.splitlines() if line.startswith("RESULT "))
     requests, duration_us, p50_us, p99_us, errors = (int(part) for part in line.split()[1:])
     return Result(
-        name, requests / (duration_us / 1e6), p50_us / 1e3, p99_us / 1e3, requests, errors
+        name,
+        requests / (duration_us / 1e6),
+        p50_us / 1e3,
+        p99_us / 1e3,
+        requests,
+        errors,
+        cpu_per_request(pid, before, requests),
     )
 
 
@@ -239,11 +265,14 @@ def aiohttp_load(base: str, paths: list[str], connections: int, seconds: float) 
     return asyncio.run(load())
 
 
-def run_aiohttp(name: str, base: str, paths: list[str], args: argparse.Namespace) -> Result:
+def run_aiohttp(
+    name: str, base: str, paths: list[str], args: argparse.Namespace, pid: int
+) -> Result:
     import concurrent.futures
 
     with concurrent.futures.ProcessPoolExecutor(1) as pool:
         pool.submit(aiohttp_load, base, paths, args.connections, args.warmup).result()
+        before = cpu_seconds(pid)
         figures = pool.submit(aiohttp_load, base, paths, args.connections, args.duration).result()
     latencies = sorted(figures["latencies"])
     count = len(latencies)
@@ -254,20 +283,33 @@ def run_aiohttp(name: str, base: str, paths: list[str], args: argparse.Namespace
         latencies[min(count - 1, int(count * 0.99))] * 1e3,
         count,
         figures["errors"],
+        cpu_per_request(pid, before, count),
     )
+
+
+def ratio(value: float | None, base: float | None) -> float | None:
+    return None if value is None or not base else value / base
+
+
+def fmt(value: float | None, spec: str) -> str:
+    return "-" if value is None else format(value, spec)
 
 
 def report(results: list[Result], tool: str, args: argparse.Namespace) -> dict[str, Any]:
     baseline = results[0]
     print(f"\ncatalog read path vs /healthz ({tool}, c={args.connections}, {args.duration}s each)")
     print(
-        f"{'endpoint':<18}{'rps':>9}{'p50 ms':>9}{'p99 ms':>9}{'rps x':>8}{'p50 x':>8}{'p99 x':>8}"
+        f"{'endpoint':<14}{'rps':>7}{'p50 ms':>8}{'p99 ms':>8}{'cpu us':>8}"
+        f"{'rps x':>7}{'p50 x':>7}{'p99 x':>7}{'cpu x':>7}{'errors':>7}"
     )
     for result in results:
         print(
-            f"{result.name:<18}{result.rps:>9.0f}{result.p50_ms:>9.2f}{result.p99_ms:>9.2f}"
-            f"{result.rps / baseline.rps:>8.2f}{result.p50_ms / baseline.p50_ms:>8.2f}"
-            f"{result.p99_ms / baseline.p99_ms:>8.2f}"
+            f"{result.name:<14}{result.rps:>7.0f}{result.p50_ms:>8.2f}{result.p99_ms:>8.2f}"
+            f"{fmt(result.server_cpu_us, '.0f'):>8}"
+            f"{result.rps / baseline.rps:>7.2f}{result.p50_ms / baseline.p50_ms:>7.2f}"
+            f"{result.p99_ms / baseline.p99_ms:>7.2f}"
+            f"{fmt(ratio(result.server_cpu_us, baseline.server_cpu_us), '.2f'):>7}"
+            f"{result.errors:>7}"
         )
     by_id = results[1].rps / baseline.rps
     verdict = "met" if by_id >= args.goal else "NOT met"
@@ -283,6 +325,7 @@ def report(results: list[Result], tool: str, args: argparse.Namespace) -> dict[s
                 "rps": result.rps / baseline.rps,
                 "p50": result.p50_ms / baseline.p50_ms,
                 "p99": result.p99_ms / baseline.p99_ms,
+                "server_cpu": ratio(result.server_cpu_us, baseline.server_cpu_us),
             }
             for result in results[1:]
         },
@@ -294,7 +337,7 @@ async def bench(database_url: str, args: argparse.Namespace) -> dict[str, Any]:
     ids = await seed(database_url)
     tool = "wrk" if shutil.which("wrk") and not args.aiohttp else "aiohttp"
     run = run_wrk if tool == "wrk" else run_aiohttp
-    async with catalog_server(database_url) as base:
+    async with catalog_server(database_url) as (base, pid):
         targets = {
             "healthz": ["/healthz"],
             "get_by_id": [f"/catalog/products/{product_id}" for product_id in ids],
@@ -305,7 +348,8 @@ async def bench(database_url: str, args: argparse.Namespace) -> dict[str, Any]:
                 response = await client.get(paths[0])
                 assert response.status_code == 200, response.text
         results = [
-            await asyncio.to_thread(run, name, base, paths, args) for name, paths in targets.items()
+            await asyncio.to_thread(run, name, base, paths, args, pid)
+            for name, paths in targets.items()
         ]
     return report(results, tool, args)
 

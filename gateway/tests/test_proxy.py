@@ -147,6 +147,28 @@ async def test_streams_a_large_request_body_as_it_arrives(
     assert response.json() == {"bytes": 128 * len(chunk), "sha256": expected.hexdigest()}
 
 
+async def test_relays_an_early_refusal_of_an_oversized_body(
+    redis_url: str, minter: TokenMinter
+) -> None:
+    async with running_upstream("strict", max_body_bytes=1024) as (service, base_url):
+        settings = gateway_settings(redis_url, catalog_upstream=urls(base_url))
+        async with running_gateway(settings, minter) as (_, client):
+            declared = await client.post("/catalog/upload", content=b"x" * (4 * 1024 * 1024))
+
+            async def chunks() -> AsyncIterator[bytes]:
+                for _ in range(64):
+                    yield b"y" * 65536
+
+            streamed = await client.post("/catalog/upload", content=chunks())
+    assert declared.status_code == 413
+    assert declared.headers["content-type"] == "application/problem+json"
+    assert declared.json()["title"] == "Payload too large"
+    # refused by the route once 1 KiB had arrived (this app has no problem handlers)
+    assert streamed.status_code == 413
+    assert streamed.text == "The request body exceeds 1024 bytes"
+    assert service.hits == 1
+
+
 async def test_streams_the_response_body_as_it_arrives(
     gateway: GatewayClient, upstream: tuple[Upstream, str]
 ) -> None:
@@ -164,6 +186,21 @@ async def test_streams_the_response_body_as_it_arrives(
         service.release_stream.set()
         received = len(first) + sum([len(chunk) async for chunk in chunks])
     assert received == 64 * 65536
+
+
+async def test_a_client_leaving_mid_stream_releases_the_upstream(
+    gateway: GatewayClient, upstream: tuple[Upstream, str]
+) -> None:
+    _, client = gateway
+    service, _ = upstream
+    headers = {"Accept-Encoding": "identity"}
+    async with client.stream("GET", "/catalog/stream?chunks=8", headers=headers) as response:
+        assert response.status_code == 200
+        first = await asyncio.wait_for(anext(response.aiter_raw()), 5)
+        assert first == b"a" * 1024
+    # the client hung up while the upstream was holding its stream open
+    await asyncio.wait_for(service.stream_abandoned.wait(), 5)
+    assert not service.release_stream.is_set()
 
 
 async def test_compresses_for_clients_that_accept_gzip(gateway: GatewayClient) -> None:

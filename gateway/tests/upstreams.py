@@ -15,13 +15,17 @@ from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Route, WebSocketRoute
 from starlette.websockets import WebSocket, WebSocketDisconnect
 
+from kit.middleware import BodySizeLimitMiddleware
+
 ALL_METHODS = ["GET", "HEAD", "POST", "PUT", "PATCH", "DELETE"]
 
 
 class Upstream:
     """One fake replica; tests read what it saw and flip how it behaves."""
 
-    def __init__(self, node: str, *, spec: dict[str, Any] | None = None) -> None:
+    def __init__(
+        self, node: str, *, spec: dict[str, Any] | None = None, max_body_bytes: int = 2**30
+    ) -> None:
         self.node = node
         self.spec = spec or {"openapi": "3.1.0", "info": {"title": node, "version": "1"}}
         self.hits = 0
@@ -29,10 +33,11 @@ class Upstream:
         self.failing = False
         self.first_chunk_seen = asyncio.Event()
         self.release_stream = asyncio.Event()
+        self.stream_abandoned = asyncio.Event()
         self.ws_connects = 0
         self.ws_closed_with: int | None = None
         self.ws_closed = asyncio.Event()
-        self.app = Starlette(
+        self.routes = Starlette(
             routes=[
                 Route("/readyz", self.readyz),
                 Route("/openapi.json", self.openapi),
@@ -46,6 +51,8 @@ class Upstream:
                 WebSocketRoute("/{service}/ws/{room}", self.websocket),
             ]
         )
+        # refuses oversized bodies without reading them, as every service does
+        self.app = BodySizeLimitMiddleware(self.routes, max_bytes=max_body_bytes)
 
     async def readyz(self, request: Request) -> Response:
         return JSONResponse({"ready": self.ready}, status_code=200 if self.ready else 503)
@@ -86,7 +93,11 @@ class Upstream:
 
         async def body() -> AsyncIterator[bytes]:
             yield b"a" * size
-            await self.release_stream.wait()
+            try:
+                await self.release_stream.wait()
+            except asyncio.CancelledError:
+                self.stream_abandoned.set()
+                raise
             for _ in range(chunks - 1):
                 yield b"b" * size
 

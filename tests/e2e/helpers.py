@@ -54,3 +54,11 @@ async def receive_messages(socket: ClientConnection, count: int) -> list[dict[st
         if frame["type"] == "message":
             received.append(frame)
     return received
+
+
+async def receive_of_type(socket: ClientConnection, kind: str) -> dict[str, Any]:
+    """The next frame of one type, skipping the others (presence, for instance)."""
+    frame = await receive_json(socket)
+    while frame["type"] != kind:
+        frame = await receive_json(socket)
+    return frame

@@ -32,6 +32,7 @@ from kit.health import check_redis, health_router
 from kit.logs import configure_logging
 from kit.metrics import MetricsMiddleware, metrics_router
 from kit.middleware import RequestIdMiddleware, TimingMiddleware, TrustedHostMiddleware
+from kit.openapi import describe_problems
 from kit.security import KeySource, TokenVerifier
 
 logger = logging.getLogger("gateway.main")
@@ -164,7 +165,7 @@ def build_api(runtime: Runtime) -> FastAPI:
     api.include_router(metrics_router(runtime.registry))
 
     def own_spec() -> dict[str, Any]:
-        return get_openapi(title=api.title, version="1", routes=api.routes)
+        return describe_problems(get_openapi(title=api.title, version="1", routes=api.routes))
 
     api.include_router(docs_router(MergedOpenApi(runtime, own_spec, title=TITLE), title=TITLE))
     return api

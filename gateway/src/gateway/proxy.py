@@ -226,7 +226,13 @@ class Proxy:
             # the request body is read, so receive() now only reports a disconnect;
             # a client gone mid-stream closes the upstream response
             watcher = asyncio.ensure_future(_until_disconnect(receive))
-            watcher.add_done_callback(lambda done: None if done.cancelled() else response.close())
+
+            def client_gone(done: asyncio.Future[None]) -> None:
+                # uvicorn also reports a disconnect once the response is complete
+                if not done.cancelled() and not content.is_eof():
+                    response.close()
+
+            watcher.add_done_callback(client_gone)
         try:
             while chunk := await content.readany():
                 await send({"type": "http.response.body", "body": chunk, "more_body": True})

@@ -203,3 +203,19 @@ async def test_a_key_that_is_not_p256_is_refused_at_start_up(
     settings: Settings = make_settings(ring_db[0], redis_url, signing_key=p384)
     with pytest.raises(ValueError, match="P-256"):
         KeyRing(sessionmaker=ring_db[1], settings=settings)
+
+
+async def test_keys_are_parsed_once_not_per_reload(
+    ring_db: tuple[str, Sessionmaker], redis_url: str
+) -> None:
+    url, sessionmaker = ring_db
+    settings = make_settings(url, redis_url)
+    await ensure_signing_key(sessionmaker, settings)
+    ring = KeyRing(sessionmaker=sessionmaker, settings=settings)
+    await ring.reload()
+    active = await ring.active_key()
+    first = await ring.key_for(active.kid)
+    await ring.reload()
+    assert await ring.key_for(active.kid) is first
+    assert await ring.active_key() is active
+    assert await ring.key_for("no-such-kid") is None

@@ -8,8 +8,10 @@ import httpx
 import pytest
 from fastapi import FastAPI
 from jose import jwt
+from redis.asyncio import Redis
 
 from auth.deps import client_address
+from kit.security import revoked_token_key
 
 from .conftest import ADMIN_EMAIL, ADMIN_PASSWORD
 from .factories import login, register, registered_and_logged_in, unique_email
@@ -198,12 +200,19 @@ async def test_unknown_refresh_token_is_401(client: httpx.AsyncClient) -> None:
 
 
 async def test_logout_revokes_the_access_token_and_its_refresh_family(
-    client: httpx.AsyncClient,
+    client: httpx.AsyncClient, redis_url: str
 ) -> None:
     _, tokens = await registered_and_logged_in(client)
     assert (await client.post("/auth/logout", headers=tokens.headers)).status_code == 204
     body = assert_problem(await client.get("/auth/users/me", headers=tokens.headers), 401)
     assert body["detail"] == "Token revoked"
+    # blocklisted for the token's remaining life, no longer
+    redis = Redis.from_url(redis_url)
+    try:
+        ttl = await redis.ttl(revoked_token_key(jwt.get_unverified_claims(tokens.access)["jti"]))
+    finally:
+        await redis.aclose()
+    assert 0 < ttl <= 901
     refreshed = await client.post("/auth/refresh", json={"refresh_token": tokens.refresh})
     assert assert_problem(refreshed, 401)["detail"] == "Refresh token is invalid or expired"
 

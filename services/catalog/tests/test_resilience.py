@@ -6,6 +6,7 @@ import asyncio
 from typing import Any
 
 import httpx
+import pytest
 
 from .factories import create_product, product_body
 
@@ -14,6 +15,7 @@ async def test_reads_and_writes_recover_after_a_database_restart(
     committed_client: httpx.AsyncClient,
     admin_headers: dict[str, str],
     postgres_service: Any,
+    caplog: pytest.LogCaptureFixture,
 ) -> None:
     from kit.testing import wait_for_postgres
 
@@ -29,6 +31,7 @@ async def test_reads_and_writes_recover_after_a_database_restart(
     response = await committed_client.get(url)
     assert response.status_code == 200, response.text
     assert response.json() == created
+    assert "database connection lost" in caplog.text
     listed = await committed_client.get("/catalog/products", params={"q": created["name"]})
     assert listed.json()["items"] == [created]
     again = await committed_client.post(

@@ -18,6 +18,7 @@ from urllib.parse import urlsplit
 import httpx
 from fastapi import FastAPI
 from websockets.asyncio.client import ClientConnection, connect
+from websockets.exceptions import ConnectionClosed
 
 from chat.config import Settings
 from chat.main import create_app
@@ -63,6 +64,10 @@ async def start_node(
         yield Node(settings.node_id, url, app)
 
 
+def has_text(text: str) -> Callable[[dict[str, Any]], bool]:
+    return lambda frame: frame.get("text") == text
+
+
 def unique_room(prefix: str = "room") -> str:
     return f"{prefix}-{uuid.uuid4().hex[:10]}"
 
@@ -93,6 +98,16 @@ class ChatClient:
     async def messages(self, count: int, within: float = TIMEOUT) -> list[dict[str, Any]]:
         """The next `count` message frames, skipping presence frames."""
         return [await self.recv_type("message", within) for _ in range(count)]
+
+    async def close_frame(self, within: float = TIMEOUT) -> tuple[int | None, str]:
+        """Reads on until the server closes; returns its close code and reason."""
+        try:
+            while True:
+                await self.recv(within)
+        except ConnectionClosed as closed:
+            if closed.rcvd is None:
+                return None, ""
+            return closed.rcvd.code, closed.rcvd.reason
 
     async def send(self, frame: dict[str, Any]) -> None:
         await self.ws.send(json.dumps(frame))

@@ -15,7 +15,7 @@ from chat.schemas import StoredMessage
 from kit.db import make_engine
 from kit.testing import Service, TokenMinter
 
-from .factories import ChatClient, Node, chat, unique_room, wait_ready
+from .factories import ChatClient, Node, chat, has_text, unique_room, wait_ready
 
 
 @pytest.fixture
@@ -52,7 +52,9 @@ async def test_a_hole_is_filled_from_the_database_in_order_and_once(
             filled = await client.messages(3)
             # late and repeated publications change nothing
             for message in [*lost, third]:
-                await redis.publish(room_channel(room), message_payload(message.id, message.frame()))
+                await redis.publish(
+                    room_channel(room), message_payload(message.id, message.frame())
+                )
             await client.say("four")
             (fourth,) = await client.messages(1)
     finally:
@@ -82,7 +84,7 @@ async def test_redis_outage_loses_nothing(
                     text = f"{name}:{index}:{seq}"
                     await sender.say(text)
                     # the sender's replica stores and delivers it even without Redis
-                    await sender.recv_until(lambda f, text=text: f.get("text") == text)
+                    await sender.recv_until(has_text(text))
 
             await asyncio.gather(send(0, s0), send(1, s1))
 
@@ -128,13 +130,15 @@ async def test_redis_restart_mid_stream_loses_nothing(
         async def write() -> None:
             for seq in range(total):
                 await writer.say(f"m{seq}")
-                await writer.recv_until(lambda f, text=f"m{seq}": f.get("text") == text)
+                await writer.recv_until(has_text(f"m{seq}"))
 
         writing = asyncio.create_task(write())
         await r1.messages(5)
         await asyncio.to_thread(redis_service.restart)
         await writing
-        received = await asyncio.gather(r1.messages(total - 5, within=30), r2.messages(total, within=30))
+        received = await asyncio.gather(
+            r1.messages(total - 5, within=30), r2.messages(total, within=30)
+        )
     assert [frame["id"] for frame in received[0]] == list(range(6, total + 1))
     assert [frame["id"] for frame in received[1]] == list(range(1, total + 1))
     for node in cluster:

@@ -2,8 +2,8 @@ from __future__ import annotations
 
 from typing import Any
 
-from alembic.migration import MigrationContext
 from alembic.autogenerate import compare_metadata
+from alembic.migration import MigrationContext
 from sqlalchemy import text
 from sqlalchemy.engine import Connection
 
@@ -28,15 +28,21 @@ async def test_migrations_go_up_down_and_up_and_match_the_models(postgres_server
     try:
         async with engine.connect() as connection:
             tables = (
-                await connection.execute(
-                    text("SELECT tablename FROM pg_tables WHERE schemaname = 'public'")
+                (
+                    await connection.execute(
+                        text("SELECT tablename FROM pg_tables WHERE schemaname = 'public'")
+                    )
                 )
-            ).scalars().all()
+                .scalars()
+                .all()
+            )
         assert sorted(tables) == ["alembic_version"]
         await migrate(SERVICE_DIR, url)
         async with engine.connect() as connection:
             diff = await connection.run_sync(differences)
-            version = (await connection.execute(text("SELECT version_num FROM alembic_version"))).scalar_one()
+            version = (
+                await connection.execute(text("SELECT version_num FROM alembic_version"))
+            ).scalar_one()
     finally:
         await engine.dispose()
     assert diff == []

@@ -2,16 +2,17 @@ from __future__ import annotations
 
 import asyncio
 import json
+
 import httpx
 import pytest
 from redis.asyncio import Redis
 from websockets.asyncio.client import connect
-from websockets.exceptions import ConnectionClosed, InvalidStatus
+from websockets.exceptions import InvalidStatus
 
 from kit.security import revoked_token_key
 from kit.testing import TokenMinter
 
-from .factories import ChatClient, Node, chat, chat_uri, unique_room
+from .factories import ChatClient, Node, chat, chat_uri, has_text, unique_room
 
 
 async def test_ready_frame_names_room_last_id_and_node(
@@ -76,7 +77,7 @@ async def test_resume_with_since_has_no_gap_and_no_duplicate(
         async def write() -> None:
             for seq in range(total):
                 await writer.say(f"m{seq}")
-                await writer.recv_until(lambda f: f.get("text") == f"m{seq}")
+                await writer.recv_until(has_text(f"m{seq}"))
 
         async with chat(cluster[1], room, minter.token(user_id="reader")) as first:
             sending = asyncio.create_task(write())
@@ -111,7 +112,10 @@ async def test_since_zero_replays_the_whole_room_then_goes_live(
 async def test_repeated_client_id_is_stored_once(cluster: list[Node], minter: TokenMinter) -> None:
     room = unique_room()
     token = minter.token(user_id="dup")
-    async with chat(cluster[0], room, token) as sender, chat(cluster[1], room, minter.token()) as other:
+    async with (
+        chat(cluster[0], room, token) as sender,
+        chat(cluster[1], room, minter.token()) as other,
+    ):
         await sender.say("once", client_id="c-1")
         (first,) = await sender.messages(1)
         await sender.say("once again", client_id="c-1")
@@ -130,12 +134,14 @@ async def test_same_client_id_from_another_user_is_a_new_message(
     cluster: list[Node], minter: TokenMinter
 ) -> None:
     room = unique_room()
-    async with chat(cluster[0], room, minter.token(user_id="u1")) as one:
-        async with chat(cluster[0], room, minter.token(user_id="u2")) as two:
-            await one.say("a", client_id="same")
-            await one.messages(1)
-            await two.say("b", client_id="same")
-            frames = await two.messages(2)
+    async with (
+        chat(cluster[0], room, minter.token(user_id="u1")) as one,
+        chat(cluster[0], room, minter.token(user_id="u2")) as two,
+    ):
+        await one.say("a", client_id="same")
+        await one.messages(1)
+        await two.say("b", client_id="same")
+        frames = await two.messages(2)
     assert [frame["id"] for frame in frames] == [1, 2]
 
 
@@ -254,12 +260,8 @@ async def test_token_expiry_closes_the_socket_unless_renewed(
         ack = await renewed.recv_type("auth")
         await renewed.send({"type": "auth", "token": minter.token(user_id="someone-else")})
         refused = await renewed.recv_type("error")
-        with pytest.raises(ConnectionClosed) as closed:
-            while True:
-                await expiring.recv(within=5)
-        assert closed.value.rcvd is not None
-        assert closed.value.rcvd.code == 4001
-        assert closed.value.rcvd.reason == "token expired"
+        closed = await expiring.close_frame(within=5)
+        assert closed == (4001, "token expired")
         await renewed.say("still here")
         (message,) = await renewed.messages(1)
     assert ack["type"] == "auth"

@@ -272,7 +272,6 @@ async def _main(argv: list[str] | None = None) -> None:
         kid = await rotate(make_sessionmaker(engine), settings)
     finally:
         await engine.dispose()
-    logging.getLogger().info("new signing key %s", kid)
     print(kid)  # noqa: T201 - the command's output
 
 

@@ -14,7 +14,9 @@ class Settings(ServiceSettings):
     )
 
     database_pool_size: int = Field(default=10, ge=1)
-    database_pool_overflow: int = Field(default=10, ge=0)
+    # Connections beyond the pool are closed on return: under a burst they are
+    # opened and closed per request (TCP + SCRAM each), so the default is none.
+    database_pool_overflow: int = Field(default=0, ge=0)
 
     # The key machine imports present in `X-API-Key` (or `api_key`); unset
     # switches `POST /catalog/products:import` off (403).

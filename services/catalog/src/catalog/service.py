@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import uuid
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -44,6 +45,8 @@ from catalog.models import Category, IdempotencyRecord, Product
 from catalog.paging import Cursor, Sort
 from catalog.schemas import CategoryIn, CategoryOut, ProductIn, ProductOut, ProductPage
 from kit.errors import InvalidInput, ServiceUnavailable
+
+logger = logging.getLogger("catalog.service")
 
 PRODUCT_NAME_CONSTRAINT = "uq_products_category_id_name"
 CATEGORY_SLUG_CONSTRAINT = "uq_categories_slug"
@@ -169,6 +172,7 @@ async def _fetch_row(connection: AsyncConnection, sql: str, *args: object) -> An
             await connection.invalidate()
             if attempt:
                 raise ServiceUnavailable("The database is unreachable; retry") from error
+            logger.warning("database connection lost (%s); recycling the pool", error)
             await connection.engine.dispose(close=False)
     raise AssertionError("unreachable")
 

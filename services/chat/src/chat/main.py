@@ -11,6 +11,10 @@ from typing import TypedDict
 import httpx
 from fastapi import FastAPI, Request
 from redis.asyncio import Redis
+from redis.asyncio.retry import Retry
+from redis.backoff import ExponentialBackoff
+from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import TimeoutError as RedisTimeoutError
 from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker
 
 from chat.bus import Bus
@@ -66,7 +70,12 @@ def create_app(settings: Settings | None = None, *, key_source: KeySource | None
     async def lifespan(app: FastAPI) -> AsyncIterator[State]:
         engine = make_engine(str(settings.database_url))
         redis = Redis.from_url(
-            str(settings.redis_url), socket_connect_timeout=2.0, socket_timeout=5.0
+            str(settings.redis_url),
+            socket_connect_timeout=2.0,
+            socket_timeout=5.0,
+            # after a Redis restart pooled connections are dead: retry on a fresh one
+            retry=Retry(ExponentialBackoff(cap=0.2, base=0.02), retries=2),
+            retry_on_error=[RedisConnectionError, RedisTimeoutError],
         )
         http = httpx.AsyncClient()
         keys = key_source or JwksKeySource(

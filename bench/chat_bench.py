@@ -1,0 +1,432 @@
+"""Chat fan-out: latency and throughput across replicas, memory per idle socket.
+
+Starts PostgreSQL and Redis (Testcontainers), migrates, serves a JWKS, and runs
+chat replicas as uvicorn subprocesses (httptools, uvloop). One sender on
+replica A publishes at a fixed rate (a schedule, so a slow server cannot slow
+the sender down and hide its own latency); receivers sit on replica A (same
+replica as the sender) and on replica B (cross-replica, through Redis). Each
+message carries the server's `sent_at` (taken before the database write), and
+each receiver records arrival minus `sent_at`.
+
+    uv run python bench/chat_bench.py --json /tmp/chat.json
+
+Reports, per rate step: deliveries/s, p50/p99 for same- and cross-replica
+receivers, the cross/same p99 ratio, and deliveries per CPU-second spent by
+the chat replicas (from /proc). Then the resident memory a replica gains per
+idle socket. Goals: cross p99 <= 1.5x same p99; >= 10,000 deliveries per chat
+CPU-second at p99 <= 50 ms; < 50 KiB per idle socket. Receivers, replicas,
+PostgreSQL and Redis share the machine's cores, so read ratios.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import json
+import os
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Iterator
+from datetime import datetime
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parents[1]
+CHAT_DIR = ROOT / "services" / "chat"
+CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
+PAGE_KIB = os.sysconf("SC_PAGE_SIZE") // 1024
+
+RECEIVERS_PER_REPLICA = 100
+RATES = (25, 50, 100)  # messages/s; x 200 receivers = 5k, 10k, 20k deliveries/s
+STEP_SECONDS = 6.0
+IDLE_SOCKETS = 1000
+
+
+# -- worker process: many receiving (or idle) sockets --------------------------
+
+
+async def worker(url: str, token: str, count: int) -> None:
+    """Opens `count` sockets, prints READY, records latencies until STOP on stdin."""
+    import aiohttp
+
+    latencies: dict[str, list[float]] = {}
+    counts: dict[str, int] = {}
+    ready = 0
+
+    async def receive(session: aiohttp.ClientSession) -> None:
+        nonlocal ready
+        async with session.ws_connect(
+            url, headers={"Authorization": f"Bearer {token}"}, autoping=True, heartbeat=None
+        ) as ws:
+            first = await ws.receive_json()
+            assert first["type"] == "ready", first
+            ready += 1
+            async for frame in ws:
+                if frame.type != aiohttp.WSMsgType.TEXT:
+                    break
+                arrived = time.time()
+                data = json.loads(frame.data)
+                if data["type"] != "message":
+                    continue
+                step = data["text"].partition(":")[0]
+                sent = datetime.fromisoformat(data["sent_at"]).timestamp()
+                latencies.setdefault(step, []).append(round((arrived - sent) * 1000, 3))
+                counts[step] = counts.get(step, 0) + 1
+
+    connector = aiohttp.TCPConnector(limit=0)
+    async with aiohttp.ClientSession(connector=connector) as session:
+        tasks = [asyncio.create_task(receive(session)) for _ in range(count)]
+        while ready < count:
+            for task in tasks:
+                if task.done() and task.exception():
+                    raise task.exception()  # type: ignore[misc]
+            await asyncio.sleep(0.05)
+        print("READY", flush=True)
+        await asyncio.to_thread(sys.stdin.readline)
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+    print(json.dumps({"latencies": latencies, "counts": counts}), flush=True)
+
+
+class Workers:
+    def __init__(self, url: str, token: str, count: int) -> None:
+        self.process = subprocess.Popen(
+            [sys.executable, __file__, "--worker", url, token, str(count)],
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            text=True,
+        )
+        assert self.process.stdout is not None
+        line = self.process.stdout.readline()
+        if line.strip() != "READY":
+            raise RuntimeError(f"worker failed to connect: {line!r}")
+
+    def stop(self) -> dict[str, Any]:
+        assert self.process.stdin is not None and self.process.stdout is not None
+        self.process.stdin.write("STOP\n")
+        self.process.stdin.flush()
+        result: dict[str, Any] = json.loads(self.process.stdout.read())
+        self.process.wait(timeout=10)
+        return result
+
+
+# -- infrastructure --------------------------------------------------------------
+
+
+@contextlib.contextmanager
+def containers() -> Iterator[tuple[str, str]]:
+    from testcontainers.core.container import DockerContainer
+
+    from kit.testing import (
+        POSTGRES_IMAGE,
+        REDIS_IMAGE,
+        free_port,
+        wait_for_postgres,
+        wait_for_redis,
+    )
+
+    pg_port, redis_port = free_port(), free_port()
+    postgres = (
+        DockerContainer(POSTGRES_IMAGE)
+        .with_env("POSTGRES_USER", "bench")
+        .with_env("POSTGRES_PASSWORD", "bench")
+        .with_env("POSTGRES_DB", "bench")
+        .with_bind_ports(5432, pg_port)
+        .with_command("postgres -c fsync=off -c synchronous_commit=off")
+    )
+    redis = DockerContainer(REDIS_IMAGE).with_bind_ports(6379, redis_port)
+    postgres.start()
+    try:
+        redis.start()
+        try:
+            asyncio.run(wait_for_postgres(f"postgresql://bench:bench@127.0.0.1:{pg_port}/bench"))
+            asyncio.run(wait_for_redis(f"redis://127.0.0.1:{redis_port}/0"))
+            yield (
+                f"postgresql+asyncpg://bench:bench@127.0.0.1:{pg_port}/chat",
+                f"redis://127.0.0.1:{redis_port}/0",
+            )
+        finally:
+            redis.stop()
+    finally:
+        postgres.stop()
+
+
+@contextlib.contextmanager
+def jwks_server(document: dict[str, Any]) -> Iterator[str]:
+    body = json.dumps(document).encode()
+
+    class Handler(BaseHTTPRequestHandler):
+        def do_GET(self) -> None:
+            self.send_response(200)
+            self.send_header("content-type", "application/json")
+            self.send_header("content-length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        def log_message(self, *args: Any) -> None:
+            pass
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        yield f"http://127.0.0.1:{server.server_address[1]}/jwks.json"
+    finally:
+        server.shutdown()
+
+
+class Replica:
+    def __init__(self, name: str, env: dict[str, str]) -> None:
+        from kit.testing import free_port
+
+        self.name = name
+        self.port = free_port()
+        self.process = subprocess.Popen(
+            [
+                sys.executable,
+                "-m",
+                "uvicorn",
+                "chat.main:create_app",
+                "--factory",
+                "--host",
+                "127.0.0.1",
+                "--port",
+                str(self.port),
+                "--log-level",
+                "warning",
+                "--ws-ping-interval",
+                "20",
+                "--ws-ping-timeout",
+                "20",
+            ],
+            env={**env, "NODE_ID": name},
+            cwd=CHAT_DIR,
+        )
+        self.wait_ready()
+
+    def wait_ready(self, within: float = 30.0) -> None:
+        import urllib.error
+        import urllib.request
+
+        deadline = time.monotonic() + within
+        while True:
+            try:
+                with urllib.request.urlopen(f"http://127.0.0.1:{self.port}/readyz", timeout=2):
+                    return
+            except (urllib.error.URLError, OSError):
+                if time.monotonic() > deadline or self.process.poll() is not None:
+                    raise RuntimeError(f"replica {self.name} did not become ready") from None
+                time.sleep(0.1)
+
+    def ws(self, room: str) -> str:
+        return f"ws://127.0.0.1:{self.port}/chat/ws/{room}"
+
+    def cpu_seconds(self) -> float:
+        fields = Path(f"/proc/{self.process.pid}/stat").read_text().rsplit(")", 1)[1].split()
+        return (int(fields[11]) + int(fields[12])) / CLOCK_TICKS
+
+    def rss_kib(self) -> int:
+        pages = int(Path(f"/proc/{self.process.pid}/statm").read_text().split()[1])
+        return pages * PAGE_KIB
+
+    def stop(self) -> None:
+        self.process.terminate()
+        try:
+            self.process.wait(timeout=15)
+        except subprocess.TimeoutExpired:
+            self.process.kill()
+
+
+# -- measurements ------------------------------------------------------------------
+
+
+def percentile(values: list[float], share: float) -> float:
+    if not values:
+        return float("nan")
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, int(share * len(ordered)))]
+
+
+async def send_at_rate(url: str, token: str, steps: list[tuple[str, int]]) -> dict[str, int]:
+    """Sends `rate` messages/s for STEP_SECONDS per step, on a fixed schedule."""
+    import aiohttp
+
+    sent: dict[str, int] = {}
+    async with (
+        aiohttp.ClientSession() as session,
+        session.ws_connect(url, headers={"Authorization": f"Bearer {token}"}) as ws,
+    ):
+
+        async def drain() -> None:
+            async for _ in ws:
+                pass
+
+        draining = asyncio.create_task(drain())
+        for step, rate in steps:
+            total = int(rate * STEP_SECONDS)
+            started = time.monotonic()
+            for index in range(total):
+                delay = started + index / rate - time.monotonic()
+                if delay > 0:
+                    await asyncio.sleep(delay)
+                await ws.send_str(json.dumps({"type": "message", "text": f"{step}:{index}"}))
+            sent[step] = total
+            await asyncio.sleep(1.5)  # let the tail arrive before the next step
+        draining.cancel()
+    return sent
+
+
+def fan_out_per_step(same: Replica, cross: Replica, minter: Any) -> list[dict[str, Any]]:
+    """Each rate on its own, so the CPU the replicas spend is known per rate."""
+    rows = []
+    for rate in RATES:
+        room = f"bench{rate}"
+        step = f"r{rate}"
+        receivers_same = Workers(same.ws(room), minter.token(), RECEIVERS_PER_REPLICA)
+        receivers_cross = Workers(cross.ws(room), minter.token(), RECEIVERS_PER_REPLICA)
+        cpu_before = same.cpu_seconds() + cross.cpu_seconds()
+        sent = asyncio.run(send_at_rate(same.ws(room), minter.token(), [(step, rate)]))
+        cpu = same.cpu_seconds() + cross.cpu_seconds() - cpu_before
+        same_result, cross_result = receivers_same.stop(), receivers_cross.stop()
+        same_lat = same_result["latencies"].get(step, [])
+        cross_lat = cross_result["latencies"].get(step, [])
+        delivered = len(same_lat) + len(cross_lat)
+        same_p99, cross_p99 = percentile(same_lat, 0.99), percentile(cross_lat, 0.99)
+        rows.append(
+            {
+                "rate_msgs_per_s": rate,
+                "receivers": 2 * RECEIVERS_PER_REPLICA,
+                "deliveries_per_s": round(delivered / STEP_SECONDS),
+                "delivered": delivered,
+                "expected": 2 * sent[step] * RECEIVERS_PER_REPLICA,
+                "same_p50_ms": percentile(same_lat, 0.50),
+                "same_p99_ms": same_p99,
+                "cross_p50_ms": percentile(cross_lat, 0.50),
+                "cross_p99_ms": cross_p99,
+                "cross_over_same_p99": round(cross_p99 / max(same_p99, 0.001), 2),
+                "chat_cpu_seconds": round(cpu, 2),
+                "deliveries_per_chat_cpu_second": round(delivered / max(cpu, 0.01)),
+            }
+        )
+    return rows
+
+
+def idle_memory(replica: Replica, minter: Any) -> dict[str, Any]:
+    warm = Workers(replica.ws("idle"), minter.token(), 20)  # first-use allocations
+    warm.stop()
+    time.sleep(1.0)
+    before = replica.rss_kib()
+    idle = Workers(replica.ws("idle"), minter.token(), IDLE_SOCKETS)
+    time.sleep(2.0)
+    after = replica.rss_kib()
+    idle.stop()
+    return {
+        "idle_sockets": IDLE_SOCKETS,
+        "rss_before_kib": before,
+        "rss_after_kib": after,
+        "kib_per_idle_socket": round((after - before) / IDLE_SOCKETS, 1),
+    }
+
+
+def report(rows: list[dict[str, Any]], memory: dict[str, Any]) -> str:
+    lines = [
+        "chat fan-out: 1 sender on replica A; 100 receivers on A (same), 100 on B (cross)",
+        f"{'msg/s':>6} {'deliv/s':>8} {'lost':>5} {'same p50':>9} {'same p99':>9} "
+        f"{'cross p50':>10} {'cross p99':>10} {'x/s p99':>8} {'deliv/CPU-s':>12}",
+    ]
+    for row in rows:
+        lines.append(
+            f"{row['rate_msgs_per_s']:>6} {row['deliveries_per_s']:>8} "
+            f"{row['expected'] - row['delivered']:>5} "
+            f"{row['same_p50_ms']:>7.1f}ms {row['same_p99_ms']:>7.1f}ms "
+            f"{row['cross_p50_ms']:>8.1f}ms {row['cross_p99_ms']:>8.1f}ms "
+            f"{row['cross_over_same_p99']:>7.2f}x {row['deliveries_per_chat_cpu_second']:>12}"
+        )
+    lines.append(
+        f"idle sockets: {memory['idle_sockets']}, RSS {memory['rss_before_kib']} -> "
+        f"{memory['rss_after_kib']} KiB = {memory['kib_per_idle_socket']} KiB per socket "
+        "(goal < 50)"
+    )
+    return "\n".join(lines)
+
+
+def goals(rows: list[dict[str, Any]], memory: dict[str, Any]) -> dict[str, Any]:
+    within_latency = [row for row in rows if max(row["same_p99_ms"], row["cross_p99_ms"]) <= 50]
+    best = max(within_latency, key=lambda row: row["deliveries_per_s"], default=None)
+    reference = next((row for row in rows if row["rate_msgs_per_s"] == 50), rows[0])
+    return {
+        "cross_over_same_p99_at_10k": reference["cross_over_same_p99"],
+        "cross_over_same_p99_goal": 1.5,
+        "best_deliveries_per_s_at_p99_le_50ms": best and best["deliveries_per_s"],
+        "deliveries_per_chat_cpu_second_at_that_rate": best
+        and best["deliveries_per_chat_cpu_second"],
+        "deliveries_per_chat_cpu_second_goal": 10_000,
+        "kib_per_idle_socket": memory["kib_per_idle_socket"],
+        "kib_per_idle_socket_goal": 50,
+        "no_loss": all(row["delivered"] == row["expected"] for row in rows),
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--json", type=Path, help="write the figures here")
+    parser.add_argument(
+        "--worker", nargs=3, metavar=("URL", "TOKEN", "COUNT"), help=argparse.SUPPRESS
+    )
+    args = parser.parse_args()
+    if args.worker:
+        import uvloop
+
+        url, token, count = args.worker
+        uvloop.run(worker(url, token, int(count)))
+        return
+
+    from kit.testing import TokenMinter
+
+    minter = TokenMinter()
+    with containers() as (database_url, redis_url), jwks_server(minter.jwks) as jwks_url:
+        env = {
+            **os.environ,
+            "DATABASE_URL": database_url,
+            "REDIS_URL": redis_url,
+            "JWKS_URL": jwks_url,
+            "SEND_RATE_PER_SECOND": "100000",
+            "SEND_BURST": "100000",
+            "LOG_LEVEL": "WARNING",
+        }
+        subprocess.run(
+            [sys.executable, "-m", "alembic", "upgrade", "head"],
+            cwd=CHAT_DIR,
+            env=env,
+            check=True,
+            capture_output=True,
+        )
+        replicas: list[Replica] = []
+        try:
+            replicas.append(Replica("chat-a", env))
+            replicas.append(Replica("chat-b", env))
+            rows = fan_out_per_step(replicas[0], replicas[1], minter)
+            replicas.append(Replica("chat-idle", env))
+            memory = idle_memory(replicas[2], minter)
+        finally:
+            for replica in replicas:
+                replica.stop()
+    text = report(rows, memory)
+    print(text)
+    summary = goals(rows, memory)
+    print(json.dumps(summary))
+    if args.json:
+        args.json.write_text(
+            json.dumps(
+                {"steps": rows, "memory": memory, "goals": summary, "report": text}, indent=2
+            )
+        )
+
+
+if __name__ == "__main__":
+    main()
