@@ -25,11 +25,12 @@ import asyncio
 import contextlib
 import json
 import os
+import statistics
 import subprocess
 import sys
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from datetime import datetime
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
@@ -42,8 +43,10 @@ PAGE_KIB = os.sysconf("SC_PAGE_SIZE") // 1024
 
 RECEIVERS_PER_REPLICA = 100
 RATES = (25, 50, 100)  # messages/s; x 200 receivers = 5k, 10k, 20k deliveries/s
-STEP_SECONDS = 6.0
+STEP_SECONDS = 4.0
+REPEATS = 3
 IDLE_SOCKETS = 1000
+IDLE_ROOMS = 100  # 10 sockets a room: a join storm in one room costs n^2 presence frames
 
 
 # -- worker process: many receiving (or idle) sockets --------------------------
@@ -57,10 +60,13 @@ async def worker(url: str, token: str, count: int) -> None:
     counts: dict[str, int] = {}
     ready = 0
 
-    async def receive(session: aiohttp.ClientSession) -> None:
+    async def receive(session: aiohttp.ClientSession, index: int) -> None:
         nonlocal ready
         async with session.ws_connect(
-            url, headers={"Authorization": f"Bearer {token}"}, autoping=True, heartbeat=None
+            url.replace("{n}", str(index % IDLE_ROOMS)),
+            headers={"Authorization": f"Bearer {token}"},
+            autoping=True,
+            heartbeat=None,
         ) as ws:
             first = await ws.receive_json()
             assert first["type"] == "ready", first
@@ -79,7 +85,7 @@ async def worker(url: str, token: str, count: int) -> None:
 
     connector = aiohttp.TCPConnector(limit=0)
     async with aiohttp.ClientSession(connector=connector) as session:
-        tasks = [asyncio.create_task(receive(session)) for _ in range(count)]
+        tasks = [asyncio.create_task(receive(session, index)) for index in range(count)]
         while ready < count:
             for task in tasks:
                 if task.done() and task.exception():
@@ -107,7 +113,8 @@ class Workers:
             raise RuntimeError(f"worker failed to connect: {line!r}")
 
     def stop(self) -> dict[str, Any]:
-        assert self.process.stdin is not None and self.process.stdout is not None
+        assert self.process.stdin is not None
+        assert self.process.stdout is not None
         self.process.stdin.write("STOP\n")
         self.process.stdin.flush()
         result: dict[str, Any] = json.loads(self.process.stdout.read())
@@ -252,11 +259,14 @@ def percentile(values: list[float], share: float) -> float:
     return ordered[min(len(ordered) - 1, int(share * len(ordered)))]
 
 
-async def send_at_rate(url: str, token: str, steps: list[tuple[str, int]]) -> dict[str, int]:
-    """Sends `rate` messages/s for STEP_SECONDS per step, on a fixed schedule."""
+async def send_at_rate(
+    url: str, token: str, steps: list[tuple[str, int]], cpu: Callable[[], float]
+) -> dict[str, tuple[int, float]]:
+    """Sends `rate` messages/s for STEP_SECONDS per step, on a fixed schedule;
+    returns per step the count sent and the CPU-seconds the replicas spent."""
     import aiohttp
 
-    sent: dict[str, int] = {}
+    sent: dict[str, tuple[int, float]] = {}
     async with (
         aiohttp.ClientSession() as session,
         session.ws_connect(url, headers={"Authorization": f"Bearer {token}"}) as ws,
@@ -269,59 +279,79 @@ async def send_at_rate(url: str, token: str, steps: list[tuple[str, int]]) -> di
         draining = asyncio.create_task(drain())
         for step, rate in steps:
             total = int(rate * STEP_SECONDS)
+            cpu_before = cpu()
             started = time.monotonic()
             for index in range(total):
                 delay = started + index / rate - time.monotonic()
                 if delay > 0:
                     await asyncio.sleep(delay)
                 await ws.send_str(json.dumps({"type": "message", "text": f"{step}:{index}"}))
-            sent[step] = total
-            await asyncio.sleep(1.5)  # let the tail arrive before the next step
+            await asyncio.sleep(1.0)  # let the tail arrive before the next step
+            sent[step] = (total, cpu() - cpu_before)
         draining.cancel()
     return sent
 
 
-def fan_out_per_step(same: Replica, cross: Replica, minter: Any) -> list[dict[str, Any]]:
-    """Each rate on its own, so the CPU the replicas spend is known per rate."""
-    rows = []
-    for rate in RATES:
-        room = f"bench{rate}"
-        step = f"r{rate}"
-        receivers_same = Workers(same.ws(room), minter.token(), RECEIVERS_PER_REPLICA)
-        receivers_cross = Workers(cross.ws(room), minter.token(), RECEIVERS_PER_REPLICA)
-        cpu_before = same.cpu_seconds() + cross.cpu_seconds()
-        sent = asyncio.run(send_at_rate(same.ws(room), minter.token(), [(step, rate)]))
-        cpu = same.cpu_seconds() + cross.cpu_seconds() - cpu_before
-        same_result, cross_result = receivers_same.stop(), receivers_cross.stop()
+def fan_out(same: Replica, cross: Replica, minter: Any) -> list[dict[str, Any]]:
+    """Every rate REPEATS times, interleaved; each row is the median over its repeats."""
+    room = "bench"
+    steps = [(f"r{rate}x{rep}", rate) for rep in range(REPEATS) for rate in RATES]
+    receivers_same = Workers(same.ws(room), minter.token(), RECEIVERS_PER_REPLICA)
+    receivers_cross = Workers(cross.ws(room), minter.token(), RECEIVERS_PER_REPLICA)
+
+    def cpu() -> float:
+        return same.cpu_seconds() + cross.cpu_seconds()
+
+    sent = asyncio.run(send_at_rate(same.ws(room), minter.token(), steps, cpu))
+    same_result, cross_result = receivers_same.stop(), receivers_cross.stop()
+    measured: dict[int, list[dict[str, Any]]] = {}
+    for step, rate in steps:
+        count, cpu_seconds = sent[step]
         same_lat = same_result["latencies"].get(step, [])
         cross_lat = cross_result["latencies"].get(step, [])
-        delivered = len(same_lat) + len(cross_lat)
         same_p99, cross_p99 = percentile(same_lat, 0.99), percentile(cross_lat, 0.99)
-        rows.append(
+        measured.setdefault(rate, []).append(
             {
-                "rate_msgs_per_s": rate,
-                "receivers": 2 * RECEIVERS_PER_REPLICA,
-                "deliveries_per_s": round(delivered / STEP_SECONDS),
-                "delivered": delivered,
-                "expected": 2 * sent[step] * RECEIVERS_PER_REPLICA,
+                "delivered": len(same_lat) + len(cross_lat),
+                "expected": 2 * count * RECEIVERS_PER_REPLICA,
                 "same_p50_ms": percentile(same_lat, 0.50),
                 "same_p99_ms": same_p99,
                 "cross_p50_ms": percentile(cross_lat, 0.50),
                 "cross_p99_ms": cross_p99,
-                "cross_over_same_p99": round(cross_p99 / max(same_p99, 0.001), 2),
-                "chat_cpu_seconds": round(cpu, 2),
-                "deliveries_per_chat_cpu_second": round(delivered / max(cpu, 0.01)),
+                "cross_over_same_p99": cross_p99 / max(same_p99, 0.001),
+                "chat_cpu_seconds": cpu_seconds,
             }
         )
+    rows = []
+    for rate, runs in measured.items():
+        delivered = sum(run["delivered"] for run in runs)
+        cpu_seconds = sum(run["chat_cpu_seconds"] for run in runs)
+        row: dict[str, Any] = {
+            "rate_msgs_per_s": rate,
+            "receivers": 2 * RECEIVERS_PER_REPLICA,
+            "repeats": len(runs),
+            "deliveries_per_s": round(delivered / (STEP_SECONDS * len(runs))),
+            "delivered": delivered,
+            "expected": sum(run["expected"] for run in runs),
+            "chat_cpu_seconds": round(cpu_seconds, 2),
+            "deliveries_per_chat_cpu_second": round(delivered / max(cpu_seconds, 0.01)),
+        }
+        for key in ("same_p50_ms", "same_p99_ms", "cross_p50_ms", "cross_p99_ms"):
+            row[key] = round(statistics.median(run[key] for run in runs), 2)
+        row["cross_over_same_p99"] = round(
+            statistics.median(run["cross_over_same_p99"] for run in runs), 2
+        )
+        row["runs"] = runs
+        rows.append(row)
     return rows
 
 
 def idle_memory(replica: Replica, minter: Any) -> dict[str, Any]:
-    warm = Workers(replica.ws("idle"), minter.token(), 20)  # first-use allocations
+    warm = Workers(replica.ws("warm{n}"), minter.token(), 20)  # first-use allocations
     warm.stop()
     time.sleep(1.0)
     before = replica.rss_kib()
-    idle = Workers(replica.ws("idle"), minter.token(), IDLE_SOCKETS)
+    idle = Workers(replica.ws("idle{n}"), minter.token(), IDLE_SOCKETS)
     time.sleep(2.0)
     after = replica.rss_kib()
     idle.stop()
@@ -335,9 +365,14 @@ def idle_memory(replica: Replica, minter: Any) -> dict[str, Any]:
 
 def report(rows: list[dict[str, Any]], memory: dict[str, Any]) -> str:
     lines = [
-        "chat fan-out: 1 sender on replica A; 100 receivers on A (same), 100 on B (cross)",
-        f"{'msg/s':>6} {'deliv/s':>8} {'lost':>5} {'same p50':>9} {'same p99':>9} "
-        f"{'cross p50':>10} {'cross p99':>10} {'x/s p99':>8} {'deliv/CPU-s':>12}",
+        (
+            "chat fan-out: 1 sender on replica A; 100 receivers on A (same), 100 on B (cross);"
+            f" {STEP_SECONDS:.0f} s per step, medians of {REPEATS} interleaved repeats"
+        ),
+        (
+            f"{'msg/s':>6} {'deliv/s':>8} {'lost':>5} {'same p50':>9} {'same p99':>9} "
+            f"{'cross p50':>10} {'cross p99':>10} {'x/s p99':>8} {'deliv/CPU-s':>12}"
+        ),
     ]
     for row in rows:
         lines.append(
@@ -410,7 +445,7 @@ def main() -> None:
         try:
             replicas.append(Replica("chat-a", env))
             replicas.append(Replica("chat-b", env))
-            rows = fan_out_per_step(replicas[0], replicas[1], minter)
+            rows = fan_out(replicas[0], replicas[1], minter)
             replicas.append(Replica("chat-idle", env))
             memory = idle_memory(replicas[2], minter)
         finally:

@@ -106,6 +106,27 @@ async def test_limits_anonymous_clients_by_address(
     assert 'gateway_rate_limited_total{client="anonymous"} 1.0' in metrics
 
 
+async def test_refused_tokens_count_against_the_address(
+    upstream: tuple[Upstream, str], clean_redis_url: str, minter: TokenMinter
+) -> None:
+    settings = gateway_settings(
+        clean_redis_url,
+        catalog_upstream=urls(upstream[1]),
+        rate_limit_enabled=True,
+        rate_limit_anonymous=2,
+        rate_limit_window_seconds=DAY,
+    )
+    forged = {"Authorization": f"Bearer {TokenMinter().token()}"}
+    async with running_gateway(settings, minter) as (_, client):
+        statuses = [
+            (await client.get("/catalog/echo", headers=forged)).status_code for _ in range(3)
+        ]
+        anonymous = await client.get("/catalog/echo")
+    assert statuses == [401, 401, 429]
+    assert anonymous.status_code == 429
+    assert upstream[0].hits == 0
+
+
 async def test_limits_each_user_on_their_own(
     upstream: tuple[Upstream, str], clean_redis_url: str, minter: TokenMinter
 ) -> None:

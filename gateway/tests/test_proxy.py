@@ -211,6 +211,10 @@ async def test_compresses_for_clients_that_accept_gzip(gateway: GatewayClient) -
     assert response.json()["path"] == "/catalog/echo"
     plain = await client.get("/catalog/echo", headers={"Accept-Encoding": "identity"})
     assert "content-encoding" not in plain.headers
+    events = await client.get("/catalog/events", headers={"Accept-Encoding": "gzip"})
+    assert events.status_code == 200
+    assert "content-encoding" not in events.headers  # event streams are never buffered by gzip
+    assert events.text.count("data: ") == 3
 
 
 async def test_retries_an_idempotent_request_on_another_replica(

@@ -48,6 +48,7 @@ class Upstream:
                 Route("/{service}/flaky", self.flaky, methods=ALL_METHODS),
                 Route("/{service}/hop", self.hop),
                 Route("/{service}/moved", self.moved),
+                Route("/{service}/events", self.events),
                 WebSocketRoute("/{service}/ws/{room}", self.websocket),
             ]
         )
@@ -125,6 +126,13 @@ class Upstream:
                 "X-End-To-End": "1",
             },
         )
+
+    async def events(self, request: Request) -> Response:
+        async def body() -> AsyncIterator[bytes]:
+            for number in range(3):
+                yield f"id: {number}\ndata: {'x' * 2000}\n\n".encode()
+
+        return StreamingResponse(body(), media_type="text/event-stream")
 
     async def moved(self, request: Request) -> Response:
         self.hits += 1

@@ -143,6 +143,7 @@ def build_api(runtime: Runtime) -> FastAPI:
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[State]:
         await runtime.start()
+        await runtime.verifier.start()
         try:
             yield State(
                 settings=runtime.settings,
@@ -151,6 +152,7 @@ def build_api(runtime: Runtime) -> FastAPI:
                 runtime=runtime,
             )
         finally:
+            await runtime.verifier.aclose()
             await runtime.stop()
 
     api = FastAPI(

@@ -28,6 +28,7 @@ from kit.errors import (
     DomainError,
     GatewayTimeout,
     ServiceUnavailable,
+    Unauthenticated,
     problem_response,
 )
 from kit.security import Principal, bearer_from_headers
@@ -97,14 +98,21 @@ class Proxy:
         return await self.runtime.authenticator.principal(token)
 
     async def admit(self, scope: Scope, authorization: str | None) -> Quota | None:
-        principal = await self.authenticate(authorization)
+        """Edge auth, then the rate limit; raises the refusal as a DomainError."""
         limiter = self.runtime.limiter
+        client = scope.get("client")
+        address = client[0] if client else ""
+        try:
+            principal = await self.authenticate(authorization)
+        except Unauthenticated:
+            # refused tokens count against the address, so guessing is throttled too
+            if limiter is not None:
+                await limiter.hit(user_id=None, client_address=address)
+            raise
         if limiter is None:
             return None
-        client = scope.get("client")
         return await limiter.hit(
-            user_id=principal.user_id if principal else None,
-            client_address=client[0] if client else "",
+            user_id=principal.user_id if principal else None, client_address=address
         )
 
     async def __call__(self, route: Route, scope: Scope, receive: Receive, send: Send) -> None:

@@ -121,3 +121,23 @@ async def test_readyz_proves_database_and_bus(cluster: list[Node]) -> None:
     assert response.json() == {"status": "ok", "checks": {"database": "ok", "bus": "ok"}}
     assert health.status_code == 200
     assert health.json() == {"status": "ok"}
+
+
+async def test_metrics_count_messages_sockets_and_the_bus(
+    cluster: list[Node], minter: TokenMinter
+) -> None:
+    async with chat(cluster[1], unique_room(), minter.token()) as client:
+        await client.say("counted")
+        await client.messages(1)
+        async with httpx.AsyncClient(base_url=cluster[1].url) as http:
+            response = await http.get("/metrics")
+    assert response.status_code == 200
+    values = {
+        line.split(" ")[0]: float(line.split(" ")[1])
+        for line in response.text.splitlines()
+        if line.startswith("chat_")
+    }
+    assert values["chat_messages_stored_total"] >= 1
+    assert values["chat_deliveries_total"] >= 1
+    assert values["chat_sockets"] >= 1
+    assert values["chat_bus_connected"] == 1.0

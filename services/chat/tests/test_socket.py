@@ -10,7 +10,7 @@ from websockets.asyncio.client import connect
 from websockets.exceptions import InvalidStatus
 
 from kit.security import revoked_token_key
-from kit.testing import TokenMinter
+from kit.testing import Service, TokenMinter
 
 from .factories import ChatClient, Node, chat, chat_uri, has_text, unique_room
 
@@ -275,3 +275,57 @@ async def test_history_and_presence_need_a_token(cluster: list[Node]) -> None:
     assert response.status_code == 401
     assert response.headers["content-type"] == "application/problem+json"
     assert response.json()["title"] == "Not authenticated"
+
+
+async def test_concurrent_repeats_on_two_replicas_are_stored_once(
+    cluster: list[Node], minter: TokenMinter
+) -> None:
+    room = unique_room()
+    async with (
+        chat(cluster[0], room, minter.token(user_id="twin")) as left,
+        chat(cluster[1], room, minter.token(user_id="twin")) as right,
+        chat(cluster[2], room, minter.token()) as watcher,
+    ):
+        await asyncio.gather(
+            left.say("same", client_id="race-1"), right.say("same", client_id="race-1")
+        )
+        from_left = await left.recv_until(has_text("same"))
+        from_right = await right.recv_until(has_text("same"))
+        await left.say("after")
+        watched = await watcher.messages(2)
+    assert from_left["id"] == from_right["id"] == 1
+    assert [(frame["id"], frame["text"]) for frame in watched] == [(1, "same"), (2, "after")]
+
+
+async def test_since_beyond_the_newest_id_replays_nothing(
+    cluster: list[Node], minter: TokenMinter
+) -> None:
+    room = unique_room()
+    async with chat(cluster[0], room, minter.token(), since=10) as client:
+        assert client.ready["last_id"] == 0
+        for seq in range(11):
+            await client.say(f"n{seq}")
+        (first,) = await client.messages(1)
+    assert first["id"] == 11
+    assert first["text"] == "n10"
+
+
+async def test_database_outage_answers_with_an_error_and_keeps_the_socket(
+    cluster: list[Node], minter: TokenMinter, postgres_service: Service
+) -> None:
+    room = unique_room()
+    async with chat(cluster[0], room, minter.token(user_id="patient")) as client:
+        await asyncio.to_thread(postgres_service.stop)
+        try:
+            await client.say("lost?", client_id="retry-1")
+            error = await client.recv_type("error", within=20)
+        finally:
+            await asyncio.to_thread(postgres_service.start)
+        for _ in range(100):  # resend until the database is back
+            await client.say("lost?", client_id="retry-1")
+            frame = await client.recv_until(lambda f: f["type"] in ("message", "error"), within=20)
+            if frame["type"] == "message":
+                break
+    assert error == {"type": "error", "detail": "Message not stored; try again"}
+    assert frame["id"] == 1
+    assert frame["client_id"] == "retry-1"

@@ -43,7 +43,17 @@ class HttpMetrics:
 
 
 def route_template(scope: Scope) -> str:
-    """The matched route's path template, so `/products/{id}` is one series, not millions."""
+    """The matched route's path template, so `/products/{id}` is one series, not millions.
+
+    The router leaves the route it dispatched to in `scope["route"]` (also for a
+    405, where the method is not the route's); the loop is for scopes without it.
+    """
+    route = scope.get("route")
+    if route is not None:
+        methods = getattr(route, "methods", None)
+        if methods is None or scope.get("method") in methods:
+            return str(getattr(route, "path", "unmatched"))
+        return "unmatched"
     app = scope.get("app")
     router = getattr(app, "router", None)
     for route in getattr(router, "routes", []):

@@ -5,6 +5,13 @@ else verifies them against auth's JWKS. The algorithm allow-list is explicit
 (so `alg: none` and HS256-with-the-public-key are refused before any key is
 touched), keys are parsed once and cached by `kid`, and a revoked `jti` (or a
 user revoked wholesale) is refused through Redis.
+
+A token whose signature and claims verified is remembered (bounded LRU keyed
+by the token string) until its `exp`: expiry and its key's presence in the key
+source are re-checked on every hit, and failures are never remembered.
+Revocation is answered from a per-process mirror of the Redis revocation list
+(`kit.revocations`) while the verifier is started and the mirror is current,
+and by a Redis round trip per request otherwise.
 """
 
 from __future__ import annotations
@@ -12,9 +19,10 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from collections import OrderedDict
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
-from typing import Any, Protocol
+from typing import Any, Protocol, Self
 
 import httpx
 from jose import ExpiredSignatureError, JWTError, jwk, jwt
@@ -24,6 +32,7 @@ from redis.asyncio import Redis
 from redis.exceptions import RedisError
 
 from kit.errors import ServiceUnavailable, Unauthenticated
+from kit.revocations import TOKEN_PREFIX, USER_PREFIX, RevocationMirror, apply_locally
 
 logger = logging.getLogger("kit.security")
 
@@ -38,13 +47,31 @@ _REQUIRED_CLAIMS = {
 }
 
 
+MAX_CACHED_TOKENS = 4096
+_now = time.time  # the cache's clock (a module attribute so tests can move it)
+
+
 def revoked_token_key(jti: str) -> str:
-    return f"auth:revoked:jti:{jti}"
+    return f"{TOKEN_PREFIX}{jti}"
 
 
 def revoked_user_key(user_id: str) -> str:
     """Holds a unix time: that user's tokens issued before it are refused."""
-    return f"auth:revoked:user:{user_id}"
+    return f"{USER_PREFIX}{user_id}"
+
+
+async def revoke_token(redis: Redis, jti: str, *, ttl: int) -> None:
+    """Revokes one access token everywhere; raises RedisError if Redis is unreachable."""
+    key = revoked_token_key(jti)
+    await redis.set(key, "1", ex=ttl)
+    apply_locally(redis, key, "1")
+
+
+async def revoke_user(redis: Redis, user_id: str, *, before: float, ttl: int) -> None:
+    """Revokes every token of the user issued before `before` (unix time), everywhere."""
+    key = revoked_user_key(user_id)
+    await redis.set(key, repr(before), ex=ttl)
+    apply_locally(redis, key, before)
 
 
 @dataclass(frozen=True, slots=True)
@@ -132,7 +159,18 @@ class JwksKeySource:
             logger.warning("JWKS fetch from %s failed: %s", self.url, error)
 
 
+@dataclass(frozen=True, slots=True)
+class _Verified:
+    claims: dict[str, Any]
+    principal: Principal
+    key: VerificationKey
+
+
 class TokenVerifier:
+    """Verifies access tokens. `start()` (or `async with`) runs the revocation
+    mirror; without it every verification asks Redis, as does any moment the
+    mirror is not current."""
+
     def __init__(
         self,
         *,
@@ -141,27 +179,60 @@ class TokenVerifier:
         audience: str,
         algorithms: Iterable[str],
         redis: Redis | None,
+        max_cached_tokens: int = MAX_CACHED_TOKENS,
     ) -> None:
         self.keys = keys
         self.issuer = issuer
         self.audience = audience
         self.algorithms = frozenset(algorithms)
         self.redis = redis
+        self.max_cached_tokens = max_cached_tokens
+        self._verified: OrderedDict[str, _Verified] = OrderedDict()
+        self.revocations: RevocationMirror | None = None
+
+    async def start(self) -> None:
+        if self.redis is not None and self.revocations is None:
+            self.revocations = RevocationMirror(self.redis)
+            self.revocations.start()
+
+    async def aclose(self) -> None:
+        mirror, self.revocations = self.revocations, None
+        if mirror is not None:
+            await mirror.aclose()
+
+    async def __aenter__(self) -> Self:
+        await self.start()
+        return self
+
+    async def __aexit__(self, *_: object) -> None:
+        await self.aclose()
 
     async def verify(self, token: str) -> Principal:
-        claims = await self.verified_claims(token)
-        principal = Principal(
-            user_id=str(claims["sub"]),
-            name=str(claims.get("name", "")),
-            roles=frozenset(claims.get("roles", [])),
-            jti=str(claims["jti"]),
-            issued_at=int(claims["iat"]),
-            expires_at=int(claims["exp"]),
-        )
+        principal = (await self._verified_token(token)).principal
         await self.ensure_not_revoked(principal)
         return principal
 
     async def verified_claims(self, token: str) -> dict[str, Any]:
+        return dict((await self._verified_token(token)).claims)
+
+    async def _verified_token(self, token: str) -> _Verified:
+        entry = self._verified.get(token)
+        if entry is not None:
+            if _now() >= entry.principal.expires_at:
+                self._verified.pop(token, None)
+                raise Unauthenticated("Token expired")
+            if await self.keys.key_for(entry.key.kid) is entry.key:
+                self._verified.move_to_end(token)
+                return entry
+            self._verified.pop(token, None)  # its key is gone or was reloaded: verify afresh
+        claims, key = await self._decode(token)
+        entry = _Verified(claims, _principal(claims), key)
+        self._verified[token] = entry
+        if len(self._verified) > self.max_cached_tokens:
+            self._verified.popitem(last=False)
+        return entry
+
+    async def _decode(self, token: str) -> tuple[dict[str, Any], VerificationKey]:
         try:
             header = jwt.get_unverified_header(token)
         except JWTError as error:
@@ -191,10 +262,15 @@ class TokenVerifier:
             raise Unauthenticated("Invalid token") from error
         if claims.get("typ") != ACCESS_TOKEN_TYPE:
             raise Unauthenticated("Not an access token")
-        return claims
+        return claims, key
 
     async def ensure_not_revoked(self, principal: Principal) -> None:
         if self.redis is None:
+            return
+        mirror = self.revocations
+        if mirror is not None and mirror.current():
+            if mirror.refuses(principal.jti, principal.user_id, principal.issued_at):
+                raise Unauthenticated("Token revoked")
             return
         try:
             token_revoked, user_revoked_before = await self.redis.mget(
@@ -206,6 +282,17 @@ class TokenVerifier:
             raise Unauthenticated("Token revoked")
         if user_revoked_before is not None and principal.issued_at < float(user_revoked_before):
             raise Unauthenticated("Token revoked")
+
+
+def _principal(claims: Mapping[str, Any]) -> Principal:
+    return Principal(
+        user_id=str(claims["sub"]),
+        name=str(claims.get("name", "")),
+        roles=frozenset(claims.get("roles", [])),
+        jti=str(claims["jti"]),
+        issued_at=int(claims["iat"]),
+        expires_at=int(claims["exp"]),
+    )
 
 
 def bearer_from_headers(authorization: str | None) -> str | None:

@@ -98,6 +98,7 @@ def create_app(settings: Settings | None = None, *, key_source: KeySource | None
             algorithms=settings.jwt_algorithms,
             redis=redis,
         )
+        await verifier.start()
         startup = asyncio.create_task(
             bootstrap(
                 sessionmaker=sessionmaker,
@@ -121,6 +122,7 @@ def create_app(settings: Settings | None = None, *, key_source: KeySource | None
             startup.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await startup
+            await verifier.aclose()
             await redis.aclose()
             await engine.dispose()
 

@@ -32,7 +32,7 @@ from auth.passwords import Passwords
 from auth.schemas import normalise_email
 from auth.tokens import issue_access_token, new_refresh_token, refresh_token_hash
 from kit.errors import ServiceUnavailable
-from kit.security import Principal, revoked_token_key, revoked_user_key
+from kit.security import Principal, revoke_token, revoke_user, revoked_user_key
 
 logger = logging.getLogger("auth.service")
 
@@ -153,7 +153,7 @@ async def _revoke_user_tokens(*, redis: Redis, settings: Settings, user_id: uuid
     # kept one access-token lifetime (plus leeway): every older token has expired by then
     ttl = settings.access_token_ttl_seconds + 60
     try:
-        await redis.set(revoked_user_key(str(user_id)), repr(time.time()), ex=ttl)
+        await revoke_user(redis, str(user_id), before=time.time(), ttl=ttl)
     except RedisError as error:
         raise ServiceUnavailable("Token revocation list is unreachable; retry") from error
 
@@ -322,7 +322,7 @@ async def blocklist(*, redis: Redis, jti: str, expires_at: int) -> None:
     """kit's verifier refuses this `jti` until the token would have expired anyway."""
     ttl = max(1, expires_at - int(time.time()) + 1)
     try:
-        await redis.set(revoked_token_key(jti), "1", ex=ttl)
+        await revoke_token(redis, jti, ttl=ttl)
     except RedisError as error:
         raise ServiceUnavailable("Token revocation list is unreachable; retry") from error
 

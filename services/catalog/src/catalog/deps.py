@@ -6,9 +6,9 @@ import contextlib
 import secrets
 from collections.abc import AsyncIterator, Callable
 from contextlib import AbstractAsyncContextManager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from decimal import Decimal
-from typing import Annotated
+from typing import Annotated, Any
 
 from fastapi import Depends, Query, Request, Security
 from fastapi.security import APIKeyHeader, APIKeyQuery
@@ -47,16 +47,50 @@ def session_connections(sessionmaker: async_sessionmaker[AsyncSession]) -> ReadC
     return connection
 
 
-async def read_connection(request: Request) -> AsyncIterator[AsyncConnection]:
+DriverConnections = Callable[[], AbstractAsyncContextManager[Any]]
+"""Opens a bare asyncpg connection, for the hottest point reads."""
+
+
+def pool_connections(pool: Any) -> DriverConnections:
+    """Connections of an asyncpg pool."""
+    acquire: DriverConnections = pool.acquire
+    return acquire
+
+
+def session_driver_connections(
+    sessionmaker: async_sessionmaker[AsyncSession],
+) -> DriverConnections:
+    """The driver connection under a session (tests: inside their transaction)."""
+
+    @contextlib.asynccontextmanager
+    async def connection() -> AsyncIterator[Any]:
+        async with sessionmaker() as session:
+            raw = await (await session.connection()).get_raw_connection()
+            yield raw.driver_connection
+
+    return connection
+
+
+async def get_point_reads(request: Request) -> DriverConnections:
+    point_reads: DriverConnections = request.state.point_reads
+    return point_reads
+
+
+PointReadsDep = Annotated[DriverConnections, Depends(get_point_reads)]
+
+
+async def get_reads(request: Request) -> ReadConnections:
+    """Async and not a generator: FastAPI runs plain `def` dependencies in a
+    worker thread (a thread hop per request), and a generator adds an exit
+    stack; the service opens and closes the connection around its statement."""
     reads: ReadConnections = request.state.reads
-    async with reads() as connection:
-        yield connection
+    return reads
 
 
-ReadConnectionDep = Annotated[AsyncConnection, Depends(read_connection)]
+ReadsDep = Annotated[ReadConnections, Depends(get_reads)]
 
 
-def get_settings(request: Request) -> Settings:
+async def get_settings(request: Request) -> Settings:
     settings: Settings = request.state.settings
     return settings
 
@@ -71,7 +105,7 @@ class Pagination:
     cursor: Cursor | None
 
 
-def pagination(
+async def pagination(
     limit: Annotated[int, Query(ge=1, le=PAGE_MAX, description="Items per page")] = PAGE_DEFAULT,
     cursor: Annotated[
         str | None, Query(max_length=512, description="`next_cursor` of the previous page")
@@ -86,10 +120,28 @@ def pagination(
 PaginationDep = Annotated[Pagination, Depends(pagination)]
 
 
+@dataclass(frozen=True, slots=True)
 class ProductFilters:
-    """A class dependency: the list's filters, each optional and combined with AND."""
+    """The list's filters, each optional, combined with AND."""
 
-    def __init__(
+    tags: list[str] = field(default_factory=list)
+    category: str | None = None
+    q: str | None = None
+    min_price: Decimal | None = None
+    max_price: Decimal | None = None
+
+
+class FilterParser:
+    """A class dependency: its instances parse the list's filter parameters.
+
+    A callable instance with an async `__call__` rather than the class itself,
+    whose `__init__` FastAPI would run in a worker thread on every request.
+    """
+
+    def __init__(self, *, max_tags: int = 8) -> None:
+        self.max_tags = max_tags
+
+    async def __call__(
         self,
         tag: Annotated[
             list[Tag] | None, Query(description="Repeat for products carrying every tag")
@@ -100,26 +152,22 @@ class ProductFilters:
         ] = None,
         min_price: Annotated[Decimal | None, Query(ge=0, max_digits=12)] = None,
         max_price: Annotated[Decimal | None, Query(ge=0, max_digits=12)] = None,
-    ) -> None:
+    ) -> ProductFilters:
+        tags = list(dict.fromkeys(tag or []))
+        if len(tags) > self.max_tags:
+            raise filter_error("tag", f"At most {self.max_tags} tags", "too_many_tags")
         if min_price is not None and max_price is not None and min_price > max_price:
-            raise InvalidInput(
-                "min_price is above max_price",
-                errors=[
-                    {
-                        "loc": ["query", "min_price"],
-                        "msg": "min_price must not exceed max_price",
-                        "type": "range_inverted",
-                    }
-                ],
-            )
-        self.tags = list(dict.fromkeys(tag or []))
-        self.category = category
-        self.q = q
-        self.min_price = min_price
-        self.max_price = max_price
+            raise filter_error("min_price", "min_price must not exceed max_price", "range_inverted")
+        return ProductFilters(tags, category, q, min_price, max_price)
 
 
-FiltersDep = Annotated[ProductFilters, Depends()]
+def filter_error(parameter: str, message: str, kind: str) -> InvalidInput:
+    return InvalidInput(
+        message, errors=[{"loc": ["query", parameter], "msg": message, "type": kind}]
+    )
+
+
+FiltersDep = Annotated[ProductFilters, Depends(FilterParser())]
 
 api_key_header = APIKeyHeader(
     name="X-API-Key", auto_error=False, description="The catalog import key"

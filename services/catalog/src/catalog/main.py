@@ -17,10 +17,17 @@ from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker
 
 from catalog import service
 from catalog.config import Settings
-from catalog.deps import ReadConnections, engine_connections, session_connections
+from catalog.deps import (
+    DriverConnections,
+    ReadConnections,
+    engine_connections,
+    pool_connections,
+    session_connections,
+    session_driver_connections,
+)
 from catalog.router import router
 from kit.app import assemble
-from kit.db import check_database, make_engine, make_sessionmaker
+from kit.db import asyncpg_dsn, check_database, make_engine, make_sessionmaker
 from kit.errors import ServiceUnavailable, domain_error_response, problem_response
 from kit.health import check_redis
 from kit.logs import configure_logging
@@ -37,6 +44,7 @@ class State(TypedDict):
     engine: AsyncEngine
     sessionmaker: async_sessionmaker[AsyncSession]
     reads: ReadConnections
+    point_reads: DriverConnections
 
 
 async def purge_idempotency_keys(
@@ -111,12 +119,22 @@ def create_app(
             algorithms=settings.jwt_algorithms,
             redis=redis,
         )
+        await verifier.start()
         sessions = sessionmaker or make_sessionmaker(engine)
-        reads = (
-            session_connections(sessionmaker)
-            if sessionmaker is not None
-            else engine_connections(engine.execution_options(isolation_level="AUTOCOMMIT"))
+        # Get-by-id runs on a small asyncpg pool of its own: SQLAlchemy's
+        # connection checkout and return cost more CPU than the query itself.
+        # min_size=0: nothing connects until the first read.
+        point_pool = await asyncpg.create_pool(
+            asyncpg_dsn(str(settings.database_url)),
+            min_size=0,
+            max_size=settings.database_pool_size,
         )
+        if sessionmaker is not None:
+            reads = session_connections(sessionmaker)
+            point_reads = session_driver_connections(sessionmaker)
+        else:
+            reads = engine_connections(engine.execution_options(isolation_level="AUTOCOMMIT"))
+            point_reads = pool_connections(point_pool)
         purger = asyncio.create_task(
             purge_idempotency_keys(sessions, settings.idempotency_purge_interval_seconds)
         )
@@ -129,11 +147,14 @@ def create_app(
                 engine=engine,
                 sessionmaker=sessions,
                 reads=reads,
+                point_reads=point_reads,
             )
         finally:
             purger.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await purger
+            await verifier.aclose()
+            await point_pool.close()
             await http.aclose()
             await redis.aclose()
             await engine.dispose()

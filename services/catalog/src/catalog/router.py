@@ -13,7 +13,8 @@ from catalog.conditional import etag_for, if_match_versions, none_match
 from catalog.deps import (
     FiltersDep,
     PaginationDep,
-    ReadConnectionDep,
+    PointReadsDep,
+    ReadsDep,
     SessionDep,
     SettingsDep,
     require_import_key,
@@ -64,6 +65,31 @@ def required_if_match(if_match: str | None) -> frozenset[int] | None:
     return if_match_versions(if_match)
 
 
+# The hottest routes come first: Starlette tries routes in order.
+@router.get(
+    "/products/{product_id}",
+    response_model=ProductOut,
+    summary="One product, with its ETag",
+    responses={304: {"description": "Not modified (If-None-Match matched)"}},
+)
+async def get_product(
+    product_id: uuid.UUID,
+    point_reads: PointReadsDep,
+    if_none_match: Annotated[str | None, Header(alias="If-None-Match")] = None,
+) -> Response:
+    product = await service.get_product(point_reads=point_reads, product_id=product_id)
+    etag = etag_for(product.version)
+    if if_none_match is not None and none_match(if_none_match, etag):
+        return Response(status_code=status.HTTP_304_NOT_MODIFIED, headers={"ETag": etag})
+    return Response(product.model_dump_json(), media_type=JSON, headers={"ETag": etag})
+
+
+@router.get("/products", response_model=ProductPage, summary="A page of products")
+async def list_products(reads: ReadsDep, page: PaginationDep, filters: FiltersDep) -> Response:
+    result = await service.list_products(reads=reads, filters=filters, page=page)
+    return Response(result.model_dump_json(), media_type=JSON)
+
+
 @router.post(
     "/categories",
     status_code=status.HTTP_201_CREATED,
@@ -76,16 +102,8 @@ async def create_category(
 
 
 @router.get("/categories", summary="Every category, by slug")
-async def list_categories(connection: ReadConnectionDep) -> list[CategoryOut]:
-    return await service.list_categories(connection=connection)
-
-
-@router.get("/products", response_model=ProductPage, summary="A page of products")
-async def list_products(
-    connection: ReadConnectionDep, page: PaginationDep, filters: FiltersDep
-) -> Response:
-    result = await service.list_products(connection=connection, filters=filters, page=page)
-    return Response(result.model_dump_json(), media_type=JSON)
+async def list_categories(reads: ReadsDep) -> list[CategoryOut]:
+    return await service.list_categories(reads=reads)
 
 
 @router.post(
@@ -130,24 +148,6 @@ async def import_products(
 ) -> ImportResult:
     ids = await service.import_products(session=session, items=items)
     return ImportResult(count=len(ids), ids=ids)
-
-
-@router.get(
-    "/products/{product_id}",
-    response_model=ProductOut,
-    summary="One product, with its ETag",
-    responses={304: {"description": "Not modified (If-None-Match matched)"}},
-)
-async def get_product(
-    product_id: uuid.UUID,
-    connection: ReadConnectionDep,
-    if_none_match: Annotated[str | None, Header(alias="If-None-Match")] = None,
-) -> Response:
-    product = await service.get_product(connection=connection, product_id=product_id)
-    etag = etag_for(product.version)
-    if if_none_match is not None and none_match(if_none_match, etag):
-        return Response(status_code=status.HTTP_304_NOT_MODIFIED, headers={"ETag": etag})
-    return Response(product.model_dump_json(), media_type=JSON, headers={"ETag": etag})
 
 
 @router.patch(

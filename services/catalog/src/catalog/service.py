@@ -30,9 +30,9 @@ from sqlalchemy import (
 from sqlalchemy.dialects.postgresql import asyncpg as asyncpg_dialect
 from sqlalchemy.dialects.postgresql import insert as pg_insert
 from sqlalchemy.exc import IntegrityError
-from sqlalchemy.ext.asyncio import AsyncConnection, AsyncSession
+from sqlalchemy.ext.asyncio import AsyncSession
 
-from catalog.deps import Pagination, ProductFilters
+from catalog.deps import DriverConnections, Pagination, ProductFilters, ReadConnections
 from catalog.errors import (
     CategorySlugTaken,
     IdempotencyKeyReused,
@@ -118,10 +118,11 @@ async def create_category(*, session: AsyncSession, data: CategoryIn) -> Categor
     return CategoryOut(id=row.id, slug=row.slug, name=row.name)
 
 
-async def list_categories(*, connection: AsyncConnection) -> list[CategoryOut]:
-    rows = await connection.execute(
-        select(Category.id, Category.slug, Category.name).order_by("slug")
-    )
+async def list_categories(*, reads: ReadConnections) -> list[CategoryOut]:
+    async with reads() as connection:
+        rows = await connection.execute(
+            select(Category.id, Category.slug, Category.name).order_by("slug")
+        )
     return [CategoryOut(id=row.id, slug=row.slug, name=row.name) for row in rows]
 
 
@@ -160,25 +161,22 @@ _PRODUCT_BY_ID_SQL = str(
 _DISCONNECTED = (asyncpg.PostgresConnectionError, asyncpg.InterfaceError, OSError)
 
 
-async def _fetch_row(connection: AsyncConnection, sql: str, *args: object) -> Any:
-    """`fetchrow` on the driver; a lost connection is dropped with the whole
-    pool (every other pooled one died with it) and the read tried once more."""
+async def _fetch_row(connections: DriverConnections, sql: str, *args: object) -> Any:
+    """`fetchrow` on a driver connection, tried once more on a fresh connection
+    when the first one turns out to have died with a database restart."""
     for attempt in range(2):
-        driver = (await connection.get_raw_connection()).driver_connection
-        assert driver is not None
         try:
-            return await driver.fetchrow(sql, *args)
+            async with connections() as driver:
+                return await driver.fetchrow(sql, *args)
         except _DISCONNECTED as error:
-            await connection.invalidate()
             if attempt:
                 raise ServiceUnavailable("The database is unreachable; retry") from error
-            logger.warning("database connection lost (%s); recycling the pool", error)
-            await connection.engine.dispose(close=False)
+            logger.warning("database connection lost (%s); retrying on a new one", error)
     raise AssertionError("unreachable")
 
 
-async def get_product(*, connection: AsyncConnection, product_id: uuid.UUID) -> ProductOut:
-    record = await _fetch_row(connection, _PRODUCT_BY_ID_SQL, product_id)
+async def get_product(*, point_reads: DriverConnections, product_id: uuid.UUID) -> ProductOut:
+    record = await _fetch_row(point_reads, _PRODUCT_BY_ID_SQL, product_id)
     if record is None:
         raise ProductNotFound
     return _product_out(record)
@@ -209,14 +207,15 @@ def _after(sort: Sort, cursor: Cursor) -> ColumnElement[bool]:
 
 
 async def list_products(
-    *, connection: AsyncConnection, filters: ProductFilters, page: Pagination
+    *, reads: ReadConnections, filters: ProductFilters, page: Pagination
 ) -> ProductPage:
     column = _SORT_COLUMNS[page.sort.column]
     order = (column.desc(), Product.id.desc()) if page.sort.descending else (column, Product.id)
     query = _filtered(_product_query(), filters).order_by(*order).limit(page.limit + 1)
     if page.cursor is not None:
         query = query.where(_after(page.sort, page.cursor))
-    rows = (await connection.execute(query)).mappings().all()
+    async with reads() as connection:
+        rows = (await connection.execute(query)).mappings().all()
     items = [_product_out(row) for row in rows[: page.limit]]
     next_cursor = None
     if len(rows) > page.limit:

@@ -186,6 +186,14 @@ class Bus:
         except Exception:
             logger.exception("handling a bus message for room %s failed", room)
 
+    async def flush(self) -> None:
+        """Sends kept publications now, if the bus is up (the heartbeat calls this)."""
+        if self._backlog and self.connected.is_set():
+            try:
+                await self._flush_backlog()
+            except (RedisError, OSError) as error:
+                logger.warning("republishing kept messages failed: %s", error)
+
     async def _flush_backlog(self) -> None:
         while self._backlog:
             channel, payload = self._backlog[0]

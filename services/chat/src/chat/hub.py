@@ -30,6 +30,7 @@ from starlette.websockets import WebSocket
 from chat import service
 from chat.bus import Bus, message_payload, presence_payload, room_channel
 from chat.config import Settings
+from chat.metrics import ChatMetrics
 from chat.presence import Presence, user_entry
 from chat.schemas import StoredMessage, presence_frame
 
@@ -183,6 +184,10 @@ class Connection:
         self._expiry = None
         self.request_close(CLOSE_TOKEN_EXPIRED, "token expired")
 
+    def dropped(self) -> bool:
+        """Whether the hub dropped this socket (slow consumer, shutdown)."""
+        return self.kicked
+
     def stop(self) -> None:
         if self._expiry is not None:
             self._expiry.cancel()
@@ -245,6 +250,7 @@ class RoomFeed:
 
     def _deliver(self, message_id: int, frame: str) -> None:
         self.delivered = message_id
+        self.hub.metrics.deliveries.inc(len(self.connections))
         overflowed = [conn for conn in self.connections if not conn.push(message_id, frame)]
         for connection in overflowed:
             self.hub.kick(connection, CLOSE_SLOW_CONSUMER, "slow consumer")
@@ -271,6 +277,7 @@ class RoomFeed:
         """Reads every stored id above the mark (a hole, or a bus outage)."""
         self._gap_timer = None
         if self._fill_task is None and self.ready:
+            self.hub.metrics.gap_fills.inc()
             self._fill_task = asyncio.create_task(self._fill(), name=f"fill-{self.room}")
 
     async def _fill(self) -> None:
@@ -306,9 +313,16 @@ class Hub:
     """Every room feed and socket of this replica."""
 
     def __init__(
-        self, *, engine: AsyncEngine, settings: Settings, presence: Presence, node_id: str
+        self,
+        *,
+        engine: AsyncEngine,
+        settings: Settings,
+        presence: Presence,
+        node_id: str,
+        metrics: ChatMetrics,
     ) -> None:
         self.engine = engine
+        self.metrics = metrics
         self.settings = settings
         self.presence = presence
         self.node_id = node_id
@@ -338,6 +352,7 @@ class Hub:
         if self.feeds.get(room) is not feed:  # a failed start was dropped meanwhile
             return await self.join(connection)
         feed.connections.add(connection)
+        self.metrics.sockets.inc()
         connection.last_sent_id = feed.delivered
         return feed.delivered
 
@@ -347,6 +362,7 @@ class Hub:
         if feed is None or connection not in feed.connections:
             return False
         feed.connections.discard(connection)
+        self.metrics.sockets.dec()
         if not feed.connections:
             del self.feeds[connection.room]
             feed.close()
@@ -358,6 +374,8 @@ class Hub:
         if connection.kicked:
             return
         connection.kicked = True
+        if code == CLOSE_SLOW_CONSUMER:
+            self.metrics.slow_consumers.inc()
         connection.close_code, connection.close_reason = code, reason
         if self.leave(connection):
             self.spawn(self.announce(connection, "leave"))
@@ -399,6 +417,13 @@ class Hub:
 
     async def announce(self, connection: Connection, kind: str) -> None:
         """Tells the room, here and on every replica, that a socket joined or left."""
+        if kind == "join":
+            entry = user_entry(connection.user_id, connection.display_name)
+            await self.presence.add(connection.room, connection.id, entry)
+        else:
+            await self.presence.remove(connection.room, connection.id)
+        if not self.settings.presence_frames:
+            return
         frame = presence_frame(
             kind,
             room=connection.room,
@@ -408,11 +433,6 @@ class Hub:
         feed = self.feeds.get(connection.room)
         if feed is not None:
             self._push_to_room(feed, frame)
-        if kind == "join":
-            entry = user_entry(connection.user_id, connection.display_name)
-            await self.presence.add(connection.room, connection.id, entry)
-        else:
-            await self.presence.remove(connection.room, connection.id)
         if self.bus is not None:
             await self.bus.publish(
                 room_channel(connection.room), presence_payload(self.node_id, frame)

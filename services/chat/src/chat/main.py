@@ -10,7 +10,8 @@ from typing import TypedDict
 
 import httpx
 from fastapi import FastAPI, Request
-from redis.asyncio import Redis
+from prometheus_client import CollectorRegistry
+from redis.asyncio import BlockingConnectionPool, Redis
 from redis.asyncio.retry import Retry
 from redis.backoff import ExponentialBackoff
 from redis.exceptions import ConnectionError as RedisConnectionError
@@ -20,6 +21,7 @@ from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker
 from chat.bus import Bus
 from chat.config import Settings
 from chat.hub import CLOSE_SHUTDOWN, Hub
+from chat.metrics import ChatMetrics
 from chat.presence import Presence
 from chat.router import router
 from kit.app import assemble
@@ -54,6 +56,7 @@ async def heartbeat(*, hub: Hub, bus: Bus, presence: Presence, settings: Setting
     while True:
         await asyncio.sleep(settings.presence_heartbeat_seconds)
         await presence.heartbeat(hub.presence_entries())
+        await bus.flush()
         if bus.connected.is_set():
             try:
                 await bus.probe(settings.bus_probe_timeout_seconds)
@@ -65,18 +68,25 @@ async def heartbeat(*, hub: Hub, bus: Bus, presence: Presence, settings: Setting
 def create_app(settings: Settings | None = None, *, key_source: KeySource | None = None) -> FastAPI:
     settings = settings or Settings()
     configure_logging(service=settings.service_name, level=settings.log_level)
+    registry = CollectorRegistry()
+    metrics = ChatMetrics(registry)
 
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[State]:
         engine = make_engine(str(settings.database_url))
-        redis = Redis.from_url(
+        # bounded and blocking: a burst of sockets joining waits for a connection
+        # instead of failing with "Too many connections"
+        pool = BlockingConnectionPool.from_url(
             str(settings.redis_url),
+            max_connections=settings.redis_max_connections,
+            timeout=5.0,
             socket_connect_timeout=2.0,
             socket_timeout=5.0,
             # after a Redis restart pooled connections are dead: retry on a fresh one
             retry=Retry(ExponentialBackoff(cap=0.2, base=0.02), retries=2),
             retry_on_error=[RedisConnectionError, RedisTimeoutError],
         )
+        redis = Redis(connection_pool=pool)
         http = httpx.AsyncClient()
         keys = key_source or JwksKeySource(
             str(settings.jwks_url), http=http, algorithms=settings.jwt_algorithms
@@ -88,10 +98,17 @@ def create_app(settings: Settings | None = None, *, key_source: KeySource | None
             algorithms=settings.jwt_algorithms,
             redis=redis,
         )
+        await verifier.start()
         presence = Presence(
             redis=redis, node_id=settings.node_id, ttl_seconds=settings.presence_ttl_seconds
         )
-        hub = Hub(engine=engine, settings=settings, presence=presence, node_id=settings.node_id)
+        hub = Hub(
+            engine=engine,
+            settings=settings,
+            presence=presence,
+            node_id=settings.node_id,
+            metrics=metrics,
+        )
         bus = Bus(
             url=str(settings.redis_url),
             node_id=settings.node_id,
@@ -101,6 +118,8 @@ def create_app(settings: Settings | None = None, *, key_source: KeySource | None
             backoff_max_seconds=settings.bus_backoff_max_seconds,
         )
         hub.bus = bus
+        metrics.bus_connected.set_function(lambda: float(bus.connected.is_set()))
+        metrics.bus_reconnects.set_function(lambda: float(bus.reconnects))
         bus.start()
         beat = asyncio.create_task(
             heartbeat(hub=hub, bus=bus, presence=presence, settings=settings), name="heartbeat"
@@ -123,7 +142,9 @@ def create_app(settings: Settings | None = None, *, key_source: KeySource | None
             await hub.close_all(CLOSE_SHUTDOWN, "server shutting down")
             await presence.clear(rooms)
             await bus.stop()
+            await verifier.aclose()
             await redis.aclose()
+            await pool.aclose()
             await http.aclose()
             await engine.dispose()
 
@@ -132,6 +153,8 @@ def create_app(settings: Settings | None = None, *, key_source: KeySource | None
         summary="Chat rooms over WebSockets, ordered and resumable across replicas",
         lifespan=lifespan,
     )
-    assemble(app, settings, readiness={"database": check_database, "bus": check_bus})
+    assemble(
+        app, settings, readiness={"database": check_database, "bus": check_bus}, registry=registry
+    )
     app.include_router(router)
     return app

@@ -121,6 +121,9 @@ async def chat_socket(websocket: WebSocket, room: str) -> None:
         return
 
     connection.handler = asyncio.current_task()
+    if connection.dropped():  # while the handshake completed
+        await websocket.close(connection.close_code or CLOSE_SLOW_CONSUMER, connection.close_reason)
+        return
     first = [ready_frame(room=room, last_id=last_id, node=hub.node_id)]
     replay = replay_after(hub, since) if isinstance(since, int) else None
     connection.writer = asyncio.create_task(connection.run_writer(first, replay))
@@ -130,7 +133,7 @@ async def chat_socket(websocket: WebSocket, room: str) -> None:
         await receive_frames(connection, hub=hub, settings=settings, verifier=verifier)
     except asyncio.CancelledError:
         task = asyncio.current_task()
-        if not connection.kicked or task is None:
+        if not connection.dropped() or task is None:
             raise
         task.uncancel()
         # the close frame waits behind whatever the peer has not read yet
@@ -218,6 +221,7 @@ async def on_message(
         logger.warning("storing a message in %s failed: %s", connection.room, error)
         reply(hub, connection, error_frame("Message not stored; try again"))
         return
+    hub.metrics.messages.inc(0 if duplicate else 1)
     if duplicate:
         # the sender's acknowledgement again; the room already has it once
         reply(hub, connection, message.frame())
