@@ -31,6 +31,8 @@ check: install ## Lint, format check and type check
 	@$(RUN) ruff check .
 	@$(RUN) ruff format --check .
 	@$(RUN) mypy $(SOURCES) tests bench
+	@# each suite on its own: every suite has a conftest.py of the same name
+	@for suite in $(TESTS); do $(RUN) mypy $$suite; done
 
 .PHONY: unit
 unit: install ## Each service's tests against real PostgreSQL and Redis

@@ -2,6 +2,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import time
 
 import httpx
 import pytest
@@ -9,8 +10,8 @@ from redis.asyncio import Redis
 from websockets.asyncio.client import connect
 from websockets.exceptions import InvalidStatus
 
-from kit.security import revoked_token_key
-from kit.testing import Service, TokenMinter
+from kit.security import revoked_token_key, revoked_user_key
+from kit.testing import Service, TokenMinter, wait_for_postgres
 
 from .factories import ChatClient, Node, chat, chat_uri, has_text, unique_room
 
@@ -321,11 +322,36 @@ async def test_database_outage_answers_with_an_error_and_keeps_the_socket(
             error = await client.recv_type("error", within=20)
         finally:
             await asyncio.to_thread(postgres_service.start)
-        for _ in range(100):  # resend until the database is back
-            await client.say("lost?", client_id="retry-1")
-            frame = await client.recv_until(lambda f: f["type"] in ("message", "error"), within=20)
-            if frame["type"] == "message":
-                break
+            await wait_for_postgres(
+                f"postgresql://test:test@127.0.0.1:{postgres_service.port}/test"
+            )
+        await client.say("lost?", client_id="retry-1")
+        frame = await client.recv_until(lambda f: f["type"] in ("message", "error"))
     assert error == {"type": "error", "detail": "Message not stored; try again"}
     assert frame["id"] == 1
     assert frame["client_id"] == "retry-1"
+
+
+async def test_revoking_a_token_closes_its_open_socket(
+    cluster: list[Node], minter: TokenMinter, redis_url: str
+) -> None:
+    room = unique_room()
+    now = int(time.time())
+    by_token = minter.token(user_id="leaver", jti="jti-open-1")
+    by_user = minter.token(user_id="everywhere", iat=now - 10)
+    redis = Redis.from_url(redis_url)
+    try:
+        async with (
+            chat(cluster[0], room, by_token) as one,
+            chat(cluster[1], room, by_user) as two,
+            chat(cluster[2], room, minter.token(user_id="stays")) as three,
+        ):
+            await redis.set(revoked_token_key("jti-open-1"), "1", ex=60)
+            await redis.set(revoked_user_key("everywhere"), str(now), ex=60)
+            closed = await asyncio.gather(one.close_frame(), two.close_frame())
+            await three.say("still open")
+            (message,) = await three.messages(1)
+    finally:
+        await redis.aclose()
+    assert list(closed) == [(4003, "token revoked"), (4003, "token revoked")]
+    assert message["text"] == "still open"

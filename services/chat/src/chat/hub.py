@@ -24,6 +24,7 @@ from collections import deque
 from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING
 
+from redis.asyncio import Redis
 from sqlalchemy.ext.asyncio import AsyncEngine
 from starlette.websockets import WebSocket
 
@@ -33,6 +34,7 @@ from chat.config import Settings
 from chat.metrics import ChatMetrics
 from chat.presence import Presence, user_entry
 from chat.schemas import StoredMessage, presence_frame
+from kit.security import revoked_token_key, revoked_user_key
 
 if TYPE_CHECKING:
     from kit.security import Principal
@@ -45,6 +47,8 @@ CLOSE_INTERNAL = 1011
 CLOSE_SHUTDOWN = 1012
 CLOSE_TRY_AGAIN = 1013
 CLOSE_TOKEN_EXPIRED = 4001
+CLOSE_TOKEN_REVOKED = 4003
+REVOCATION_BATCH = 500
 CLOSE_SLOW_CONSUMER = 4008
 
 PENDING_LIMIT = 10_000
@@ -66,6 +70,8 @@ class Connection:
         "expires_at",
         "handler",
         "id",
+        "issued_at",
+        "jti",
         "kicked",
         "last_sent_id",
         "limit",
@@ -83,6 +89,8 @@ class Connection:
         self.user_id = principal.user_id
         self.display_name = principal.name or principal.user_id
         self.expires_at = principal.expires_at
+        self.jti = principal.jti
+        self.issued_at = principal.issued_at
         self.room = room
         self.limit = limit
         self.last_sent_id = 0
@@ -170,6 +178,11 @@ class Connection:
             return False
         self._tokens -= 1.0
         return True
+
+    def renew(self, principal: Principal, close_on_expiry: bool) -> None:
+        """Adopts a fresh token of the same user: its expiry and revocation identity."""
+        self.jti, self.issued_at = principal.jti, principal.issued_at
+        self.schedule_expiry(principal.expires_at, close_on_expiry)
 
     def schedule_expiry(self, expires_at: int, enabled: bool) -> None:
         self.expires_at = expires_at
@@ -442,6 +455,22 @@ class Hub:
         overflowed = [conn for conn in feed.connections if not conn.push_frame(frame)]
         for connection in overflowed:
             self.kick(connection, CLOSE_SLOW_CONSUMER, "slow consumer")
+
+    async def close_revoked(self, redis: Redis) -> None:
+        """Closes sockets whose token was revoked (logout) since they connected (4003)."""
+        connections = [conn for feed in self.feeds.values() for conn in feed.connections]
+        for start in range(0, len(connections), REVOCATION_BATCH):
+            batch = connections[start : start + REVOCATION_BATCH]
+            keys = []
+            for conn in batch:
+                keys += [revoked_token_key(conn.jti), revoked_user_key(conn.user_id)]
+            values = await redis.mget(keys)
+            for index, conn in enumerate(batch):
+                token_revoked, user_revoked_before = values[2 * index], values[2 * index + 1]
+                if token_revoked is not None or (
+                    user_revoked_before is not None and conn.issued_at < float(user_revoked_before)
+                ):
+                    conn.request_close(CLOSE_TOKEN_REVOKED, "token revoked")
 
     def presence_entries(self) -> dict[str, dict[str, str]]:
         return {

@@ -15,6 +15,7 @@ from redis.asyncio import BlockingConnectionPool, Redis
 from redis.asyncio.retry import Retry
 from redis.backoff import ExponentialBackoff
 from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import RedisError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker
 
@@ -51,18 +52,36 @@ async def check_bus(request: Request) -> None:
     await bus.probe(settings.bus_probe_timeout_seconds)
 
 
-async def heartbeat(*, hub: Hub, bus: Bus, presence: Presence, settings: Settings) -> None:
-    """Refreshes presence and checks that the subscriber still hears the bus."""
+async def heartbeat(
+    *, hub: Hub, bus: Bus, presence: Presence, redis: Redis, settings: Settings
+) -> None:
+    """Refreshes presence, republishes what waited for Redis, closes sockets whose
+    token was revoked, and checks that the subscriber still hears the bus."""
     while True:
         await asyncio.sleep(settings.presence_heartbeat_seconds)
-        await presence.heartbeat(hub.presence_entries())
-        await bus.flush()
-        if bus.connected.is_set():
-            try:
-                await bus.probe(settings.bus_probe_timeout_seconds)
-            except Exception as error:  # noqa: BLE001 - deaf or broken: start over
-                logger.warning("bus probe failed, reconnecting the subscriber: %s", error)
-                bus.force_reconnect()
+        try:
+            await beat_once(hub=hub, bus=bus, presence=presence, redis=redis, settings=settings)
+        except Exception:
+            logger.exception(
+                "heartbeat failed; next one in %s s", settings.presence_heartbeat_seconds
+            )
+
+
+async def beat_once(
+    *, hub: Hub, bus: Bus, presence: Presence, redis: Redis, settings: Settings
+) -> None:
+    await presence.heartbeat(hub.presence_entries())
+    await bus.flush()
+    try:
+        await hub.close_revoked(redis)
+    except (RedisError, OSError) as error:
+        logger.warning("revocation check of open sockets failed: %s", error)
+    if bus.connected.is_set():
+        try:
+            await bus.probe(settings.bus_probe_timeout_seconds)
+        except Exception as error:  # noqa: BLE001 - deaf or broken: start over
+            logger.warning("bus probe failed, reconnecting the subscriber: %s", error)
+            bus.force_reconnect()
 
 
 def create_app(settings: Settings | None = None, *, key_source: KeySource | None = None) -> FastAPI:
@@ -122,7 +141,8 @@ def create_app(settings: Settings | None = None, *, key_source: KeySource | None
         metrics.bus_reconnects.set_function(lambda: float(bus.reconnects))
         bus.start()
         beat = asyncio.create_task(
-            heartbeat(hub=hub, bus=bus, presence=presence, settings=settings), name="heartbeat"
+            heartbeat(hub=hub, bus=bus, presence=presence, redis=redis, settings=settings),
+            name="heartbeat",
         )
         try:
             yield State(

@@ -4,8 +4,8 @@ Refusals before the handshake completes are ASGI closes with 1008 (bad token,
 bad room, bad `since`) or 1013 (PostgreSQL or Redis unreachable); uvicorn turns
 a close before accept into an HTTP 403 answer to the upgrade request, so that
 is what clients see. After the `ready` frame every close carries a code from
-`chat.hub` (4001 token expired, 4008 slow consumer, 1012 shutdown, 1011
-replay failed).
+`chat.hub` (4001 token expired, 4003 token revoked, 4008 slow consumer,
+1012 shutdown, 1011 replay failed).
 """
 
 from __future__ import annotations
@@ -249,5 +249,5 @@ async def on_auth(
     if principal.user_id != connection.user_id:
         reply(hub, connection, error_frame("Token refused: it is for another user"))
         return
-    connection.schedule_expiry(principal.expires_at, settings.close_on_token_expiry)
+    connection.renew(principal, settings.close_on_token_expiry)
     reply(hub, connection, dumps({"type": "auth", "expires_at": principal.expires_at}))
