@@ -9,7 +9,7 @@ UV := $(shell command -v uv 2>/dev/null || echo "python3 -m uv")
 RUN := $(UV) run --frozen
 SERVICES := auth catalog chat
 SOURCES := libs/kit/src/kit services/auth/src/auth services/catalog/src/catalog services/chat/src/chat gateway/src/gateway
-TESTS := services/auth/tests services/catalog/tests services/chat/tests gateway/tests
+TESTS := libs/kit/tests services/auth/tests services/catalog/tests services/chat/tests gateway/tests
 
 .PHONY: help
 help: ## List the targets

@@ -23,6 +23,9 @@ pytest_plugins = ["kit.testing"]
 SERVICE_DIR = Path(__file__).resolve().parents[1]
 IMPORT_KEY = "import-key-for-tests"
 BASE_URL = "http://catalog"
+# kit's token verifier can take up to ~5 s to stop its Redis revocation
+# subscriber when it is stopped mid-handshake; allow for it.
+SHUTDOWN_TIMEOUT = 20.0
 
 
 def make_settings(database_url: str, redis_url: str, **overrides: Any) -> Settings:
@@ -90,7 +93,7 @@ async def app(
     rollback_sessions: async_sessionmaker[AsyncSession],
 ) -> AsyncIterator[FastAPI]:
     application = create_app(settings, key_source=minter.key_source, sessionmaker=rollback_sessions)
-    async with LifespanManager(application) as manager:
+    async with LifespanManager(application, shutdown_timeout=SHUTDOWN_TIMEOUT) as manager:
         application.state.asgi = manager.app
         yield application
 
@@ -130,7 +133,7 @@ async def session(
 async def committed_app(settings: Settings, minter: TokenMinter) -> AsyncIterator[FastAPI]:
     """The app on its own engine: commits are real, for tests of concurrency."""
     application = create_app(settings, key_source=minter.key_source)
-    async with LifespanManager(application) as manager:
+    async with LifespanManager(application, shutdown_timeout=SHUTDOWN_TIMEOUT) as manager:
         application.state.asgi = manager.app
         yield application
 

@@ -10,7 +10,7 @@ from sqlalchemy.ext.asyncio import AsyncSession
 
 from catalog.models import Product
 
-from .conftest import IMPORT_KEY
+from .conftest import IMPORT_KEY, SHUTDOWN_TIMEOUT
 from .factories import create_category, create_product, product_body
 from .test_router import assert_problem
 
@@ -124,10 +124,14 @@ async def test_import_is_disabled_without_a_configured_key(settings: Any, minter
     from catalog.main import create_app
 
     app = create_app(
-        settings.model_copy(update={"catalog_api_key": None}), key_source=minter.key_source
+        settings.model_copy(
+            # no Redis either: the key check comes before anything else
+            update={"catalog_api_key": None, "redis_url": "redis://127.0.0.1:9/0"}
+        ),
+        key_source=minter.key_source,
     )
     async with (
-        LifespanManager(app) as manager,
+        LifespanManager(app, shutdown_timeout=SHUTDOWN_TIMEOUT) as manager,
         httpx.AsyncClient(
             transport=httpx.ASGITransport(manager.app), base_url="http://catalog"
         ) as client,

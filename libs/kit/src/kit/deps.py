@@ -22,18 +22,24 @@ async def get_verifier(request: Request) -> TokenVerifier:
 VerifierDep = Annotated[TokenVerifier, Depends(get_verifier)]
 
 
+# These read the verifier from `request.state` themselves rather than through
+# `VerifierDep`: one dependency fewer to solve on every authenticated request.
 async def current_principal(
-    verifier: VerifierDep, token: Annotated[str | None, Depends(oauth2_scheme)]
+    request: Request, token: Annotated[str | None, Depends(oauth2_scheme)]
 ) -> Principal:
     if token is None:
         raise Unauthenticated("A bearer token is required")
+    verifier: TokenVerifier = request.state.verifier
     return await verifier.verify(token)
 
 
 async def optional_principal(
-    verifier: VerifierDep, token: Annotated[str | None, Depends(oauth2_scheme)]
+    request: Request, token: Annotated[str | None, Depends(oauth2_scheme)]
 ) -> Principal | None:
-    return None if token is None else await verifier.verify(token)
+    if token is None:
+        return None
+    verifier: TokenVerifier = request.state.verifier
+    return await verifier.verify(token)
 
 
 CurrentPrincipal = Annotated[Principal, Depends(current_principal)]

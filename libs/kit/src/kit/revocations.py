@@ -104,6 +104,7 @@ class RevocationMirror:
         self._pings: deque[float] = deque()
         self._changed = asyncio.Condition()
         self._task: asyncio.Task[None] | None = None
+        self._stopping = asyncio.Event()
         self.syncs = 0  # completed full resyncs, for observability and tests
 
     # --- the per-request side: no I/O ---------------------------------------------
@@ -138,16 +139,23 @@ class RevocationMirror:
 
     def start(self) -> None:
         if self._task is None:
+            self._stopping.clear()
             self._task = asyncio.create_task(self._run(), name="kit-revocation-mirror")
             _live.add(self)
 
     async def aclose(self) -> None:
+        """Stops the subscriber. It is asked to stop rather than cancelled first: a
+        cancellation landing in redis-py's read with a timeout can be swallowed."""
         _live.discard(self)
+        self._stopping.set()
         task, self._task = self._task, None
         if task is not None:
-            task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
+            await asyncio.wait([task], timeout=2 * self.heartbeat_seconds + 1.0)
+            while not task.done():
+                task.cancel()
+                await asyncio.wait([task], timeout=1.0)
+            if not task.cancelled() and task.exception() is not None:
+                logger.warning("revocation subscriber ended with %r", task.exception())
         self._synced = False
 
     async def wait_for(self, predicate: Callable[[], bool]) -> None:
@@ -164,15 +172,15 @@ class RevocationMirror:
 
     async def _run(self) -> None:
         delay = self.retry_seconds[0]
-        while True:
+        while not self._stopping.is_set():
+            syncs, pause = self.syncs, delay
             try:
                 await self._session()
             except asyncio.CancelledError:
                 raise
             except NotificationsUnavailable as error:
                 logger.warning("revocation mirror disabled for now: %s", error)
-                await asyncio.sleep(self.unsupported_retry_seconds)
-                continue
+                pause = self.unsupported_retry_seconds
             except (RedisError, OSError) as error:
                 logger.warning("revocation subscriber lost (%s); resyncing", error)
             except Exception:  # never die: fall back, reconnect, resync
@@ -180,8 +188,15 @@ class RevocationMirror:
             finally:
                 self._synced = False
                 await self._notify()
-            await asyncio.sleep(delay)
-            delay = min(delay * 2, self.retry_seconds[1])
+            # back off between failed attempts; a session that synced starts afresh
+            delay = (
+                self.retry_seconds[0]
+                if self.syncs > syncs
+                else min(delay * 2, self.retry_seconds[1])
+            )
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(pause if self.syncs == syncs else delay):
+                    await self._stopping.wait()
 
     async def _enable_notifications(self) -> None:
         try:
@@ -210,8 +225,10 @@ class RevocationMirror:
             await self._notify()
             await self._listen(pubsub)
         finally:
+            # bounded: after a cancelled read, redis-py's PubSub.aclose can wait forever
             with contextlib.suppress(Exception):
-                await pubsub.aclose()
+                async with asyncio.timeout(1.0):
+                    await pubsub.aclose()
 
     async def _resync(self) -> None:
         tokens: set[str] = set()
@@ -232,7 +249,7 @@ class RevocationMirror:
 
     async def _listen(self, pubsub: Any) -> None:
         next_ping = time.monotonic()
-        while True:
+        while not self._stopping.is_set():
             now = time.monotonic()
             if now >= next_ping:
                 self._pings.append(now)

@@ -17,6 +17,8 @@ class Settings(ServiceSettings):
     # Connections beyond the pool are closed on return: under a burst they are
     # opened and closed per request (TCP + SCRAM each), so the default is none.
     database_pool_overflow: int = Field(default=0, ge=0)
+    # get-by-id's own asyncpg pool (see main.py)
+    point_read_pool_size: int = Field(default=5, ge=1)
 
     # The key machine imports present in `X-API-Key` (or `api_key`); unset
     # switches `POST /catalog/products:import` off (403).

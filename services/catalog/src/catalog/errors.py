@@ -5,7 +5,14 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 from typing import Any
 
-from kit.errors import Conflict, Forbidden, InvalidInput, NotFound, PreconditionFailed
+from kit.errors import (
+    Conflict,
+    Forbidden,
+    InvalidInput,
+    NotFound,
+    PreconditionFailed,
+    ServiceUnavailable,
+)
 
 
 class ProductNotFound(NotFound):
@@ -57,3 +64,8 @@ class ImportDisabled(Forbidden):
 
 def unknown_category(loc: Sequence[str | int]) -> dict[str, Any]:
     return {"loc": list(loc), "msg": "No category with this slug", "type": "unknown_category"}
+
+
+class DatabaseUnavailable(ServiceUnavailable):
+    def __init__(self) -> None:
+        super().__init__("The database is unreachable; retry", headers={"Retry-After": "1"})

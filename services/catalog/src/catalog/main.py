@@ -25,10 +25,11 @@ from catalog.deps import (
     session_connections,
     session_driver_connections,
 )
+from catalog.errors import DatabaseUnavailable
 from catalog.router import router
 from kit.app import assemble
 from kit.db import asyncpg_dsn, check_database, make_engine, make_sessionmaker
-from kit.errors import ServiceUnavailable, domain_error_response, problem_response
+from kit.errors import domain_error_response, problem_response
 from kit.health import check_redis
 from kit.logs import configure_logging
 from kit.security import JwksKeySource, KeySource, TokenVerifier
@@ -72,9 +73,7 @@ async def on_database_error(request: Request, error: Exception) -> Response:
     """An unreachable database is a 503 the client may retry, not a 500."""
     if database_unreachable(error):
         logger.warning("database unreachable: %s", error)
-        return domain_error_response(
-            ServiceUnavailable("The database is unreachable; retry", headers={"Retry-After": "1"})
-        )
+        return domain_error_response(DatabaseUnavailable())
     logger.error("database error", exc_info=error)
     return problem_response(
         status=500,
@@ -121,19 +120,21 @@ def create_app(
         )
         await verifier.start()
         sessions = sessionmaker or make_sessionmaker(engine)
-        # Get-by-id runs on a small asyncpg pool of its own: SQLAlchemy's
-        # connection checkout and return cost more CPU than the query itself.
-        # min_size=0: nothing connects until the first read.
-        point_pool = await asyncpg.create_pool(
+        # Get-by-id has a small asyncpg pool of its own: SQLAlchemy's checkout
+        # and return cost more CPU than the query. min_size=0: nothing
+        # connects before the first read, so start-up never waits on the database.
+        point_pool = asyncpg.create_pool(
             asyncpg_dsn(str(settings.database_url)),
             min_size=0,
-            max_size=settings.database_pool_size,
+            max_size=settings.point_read_pool_size,
         )
+        await point_pool
         if sessionmaker is not None:
             reads = session_connections(sessionmaker)
             point_reads = session_driver_connections(sessionmaker)
         else:
-            reads = engine_connections(engine.execution_options(isolation_level="AUTOCOMMIT"))
+            autocommit = engine.execution_options(isolation_level="AUTOCOMMIT")
+            reads = engine_connections(autocommit)
             point_reads = pool_connections(point_pool)
         purger = asyncio.create_task(
             purge_idempotency_keys(sessions, settings.idempotency_purge_interval_seconds)
@@ -154,10 +155,10 @@ def create_app(
             with contextlib.suppress(asyncio.CancelledError):
                 await purger
             await verifier.aclose()
-            await point_pool.close()
             await http.aclose()
             await redis.aclose()
             await engine.dispose()
+            point_pool.terminate()
 
     app = FastAPI(
         title="Bazaar catalog",
