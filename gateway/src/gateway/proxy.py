@@ -95,7 +95,7 @@ class Proxy:
         token = bearer_from_headers(authorization)
         if token is None:
             return None
-        return await self.runtime.authenticator.principal(token)
+        return await self.runtime.verifier.verify(token)
 
     async def admit(self, scope: Scope, authorization: str | None) -> Quota | None:
         """Edge auth, then the rate limit; raises the refusal as a DomainError."""

@@ -21,7 +21,6 @@ from gateway.config import Settings
 from gateway.metrics import GatewayMetrics
 from gateway.pool import HealthProber, Pool
 from gateway.ratelimit import RateLimiter
-from gateway.tokens import EdgeAuthenticator
 from kit.security import JwksKeySource, KeySource, TokenVerifier
 
 logger = logging.getLogger("gateway.runtime")
@@ -80,7 +79,6 @@ class Runtime:
     http: httpx.AsyncClient
     redis: Redis
     verifier: TokenVerifier
-    authenticator: EdgeAuthenticator
     limiter: RateLimiter | None
     prober: HealthProber
 
@@ -129,7 +127,6 @@ class Runtime:
             algorithms=settings.jwt_algorithms,
             redis=self.redis,
         )
-        self.authenticator = EdgeAuthenticator(self.verifier)
         self.limiter = None
         if settings.rate_limit_enabled:
             self.limiter = RateLimiter(

@@ -245,3 +245,55 @@ class TokenMinter:
             claims, self.private_pem, algorithm="ES256", headers={"kid": self.kid}
         )
         return encoded
+
+
+@dataclass
+class MigrationRoundTrip:
+    """What a database looked like after `upgrade head`, `downgrade base`, `upgrade head`."""
+
+    tables_at_base: set[str]
+    tables_at_head: set[str]
+    indexes_at_head: dict[str, set[str]]
+    pending_changes: list[object]
+
+
+async def migration_round_trip(service_dir: Path, url: str, metadata: Any) -> MigrationRoundTrip:
+    """Runs a service's migrations up, down and up again, then compares the
+    schema they made with the models (`metadata`): an empty `pending_changes`
+    means autogenerate would find nothing to do."""
+    from alembic.autogenerate import compare_metadata
+    from alembic.migration import MigrationContext
+    from sqlalchemy import inspect
+    from sqlalchemy.engine import Connection
+    from sqlalchemy.ext.asyncio import create_async_engine
+
+    def tables(connection: Connection) -> set[str]:
+        return set(inspect(connection).get_table_names())
+
+    def indexes(connection: Connection) -> dict[str, set[str]]:
+        inspector = inspect(connection)
+        return {
+            table: {str(index["name"]) for index in inspector.get_indexes(table)}
+            for table in inspector.get_table_names()
+        }
+
+    def pending(connection: Connection) -> list[object]:
+        context = MigrationContext.configure(connection, opts={"compare_type": True})
+        return list(compare_metadata(context, metadata))
+
+    await migrate(service_dir, url)
+    await downgrade(service_dir, url, "base")
+    engine = create_async_engine(url)
+    try:
+        async with engine.connect() as connection:
+            at_base = await connection.run_sync(tables)
+        await migrate(service_dir, url)
+        async with engine.connect() as connection:
+            return MigrationRoundTrip(
+                tables_at_base=at_base,
+                tables_at_head=await connection.run_sync(tables),
+                indexes_at_head=await connection.run_sync(indexes),
+                pending_changes=await connection.run_sync(pending),
+            )
+    finally:
+        await engine.dispose()
