@@ -21,7 +21,7 @@ from gateway.config import Settings
 from gateway.metrics import GatewayMetrics
 from gateway.pool import HealthProber, Pool
 from gateway.ratelimit import RateLimiter
-from kit.security import JwksKeySource, KeySource, TokenVerifier
+from kit.security import KeySource, TokenVerifier
 
 logger = logging.getLogger("gateway.runtime")
 
@@ -117,15 +117,8 @@ class Runtime:
             socket_timeout=settings.redis_timeout_seconds,
             socket_connect_timeout=settings.redis_timeout_seconds,
         )
-        keys = self.key_source or JwksKeySource(
-            str(settings.jwks_url), http=self.http, algorithms=settings.jwt_algorithms
-        )
-        self.verifier = TokenVerifier(
-            keys=keys,
-            issuer=settings.jwt_issuer,
-            audience=settings.jwt_audience,
-            algorithms=settings.jwt_algorithms,
-            redis=self.redis,
+        self.verifier = TokenVerifier.for_service(
+            settings, redis=self.redis, keys=self.key_source, http=self.http
         )
         self.limiter = None
         if settings.rate_limit_enabled:

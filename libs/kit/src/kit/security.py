@@ -33,6 +33,7 @@ from redis.exceptions import RedisError
 
 from kit.errors import ServiceUnavailable, Unauthenticated
 from kit.revocations import TOKEN_PREFIX, USER_PREFIX, RevocationMirror, apply_locally
+from kit.settings import ServiceSettings
 
 logger = logging.getLogger("kit.security")
 
@@ -189,6 +190,31 @@ class TokenVerifier:
         self.max_cached_tokens = max_cached_tokens
         self._verified: OrderedDict[str, _Verified] = OrderedDict()
         self.revocations: RevocationMirror | None = None
+
+    @classmethod
+    def for_service(
+        cls,
+        settings: ServiceSettings,
+        *,
+        redis: Redis | None,
+        keys: KeySource | None = None,
+        http: httpx.AsyncClient | None = None,
+    ) -> TokenVerifier:
+        """The verifier a service's settings describe; keys from the JWKS URL
+        (fetched with `http`) unless a key source is given (auth's own, a test's)."""
+        if keys is None:
+            if http is None:
+                raise ValueError("a JWKS key source needs an HTTP client")
+            keys = JwksKeySource(
+                str(settings.jwks_url), http=http, algorithms=settings.jwt_algorithms
+            )
+        return cls(
+            keys=keys,
+            issuer=settings.jwt_issuer,
+            audience=settings.jwt_audience,
+            algorithms=settings.jwt_algorithms,
+            redis=redis,
+        )
 
     async def start(self) -> None:
         if self.redis is not None and self.revocations is None:

@@ -91,13 +91,7 @@ def create_app(settings: Settings | None = None, *, key_source: KeySource | None
         redis = Redis.from_url(str(settings.redis_url))
         key_ring = KeyRing(sessionmaker=sessionmaker, settings=settings)
         passwords = Passwords.from_settings(settings)
-        verifier = TokenVerifier(
-            keys=key_source or key_ring,
-            issuer=settings.jwt_issuer,
-            audience=settings.jwt_audience,
-            algorithms=settings.jwt_algorithms,
-            redis=redis,
-        )
+        verifier = TokenVerifier.for_service(settings, redis=redis, keys=key_source or key_ring)
         await verifier.start()
         startup = asyncio.create_task(
             bootstrap(

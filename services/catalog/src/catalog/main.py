@@ -32,7 +32,7 @@ from kit.db import asyncpg_dsn, check_database, make_engine, make_sessionmaker
 from kit.errors import domain_error_response, problem_response
 from kit.health import check_redis
 from kit.logs import configure_logging
-from kit.security import JwksKeySource, KeySource, TokenVerifier
+from kit.security import KeySource, TokenVerifier
 
 logger = logging.getLogger("catalog")
 
@@ -108,16 +108,7 @@ def create_app(
         )
         redis = Redis.from_url(str(settings.redis_url))
         http = httpx.AsyncClient()
-        keys = key_source or JwksKeySource(
-            str(settings.jwks_url), http=http, algorithms=settings.jwt_algorithms
-        )
-        verifier = TokenVerifier(
-            keys=keys,
-            issuer=settings.jwt_issuer,
-            audience=settings.jwt_audience,
-            algorithms=settings.jwt_algorithms,
-            redis=redis,
-        )
+        verifier = TokenVerifier.for_service(settings, redis=redis, keys=key_source, http=http)
         await verifier.start()
         sessions = sessionmaker or make_sessionmaker(engine)
         # Get-by-id has a small asyncpg pool of its own: SQLAlchemy's checkout

@@ -28,7 +28,7 @@ from chat.router import router
 from kit.app import assemble
 from kit.db import check_database, make_engine, make_sessionmaker
 from kit.logs import configure_logging
-from kit.security import JwksKeySource, KeySource, TokenVerifier
+from kit.security import KeySource, TokenVerifier
 
 logger = logging.getLogger("chat.main")
 
@@ -107,16 +107,7 @@ def create_app(settings: Settings | None = None, *, key_source: KeySource | None
         )
         redis = Redis(connection_pool=pool)
         http = httpx.AsyncClient()
-        keys = key_source or JwksKeySource(
-            str(settings.jwks_url), http=http, algorithms=settings.jwt_algorithms
-        )
-        verifier = TokenVerifier(
-            keys=keys,
-            issuer=settings.jwt_issuer,
-            audience=settings.jwt_audience,
-            algorithms=settings.jwt_algorithms,
-            redis=redis,
-        )
+        verifier = TokenVerifier.for_service(settings, redis=redis, keys=key_source, http=http)
         await verifier.start()
         presence = Presence(
             redis=redis, node_id=settings.node_id, ttl_seconds=settings.presence_ttl_seconds
