@@ -6,7 +6,7 @@ from __future__ import annotations
 import json
 import subprocess
 import uuid
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Generator, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -81,12 +81,29 @@ def stack() -> Iterator[Stack]:
             compose.stop()
 
 
+@pytest.hookimpl(wrapper=True)
+def pytest_runtest_makereport(
+    item: pytest.Item,
+) -> Generator[None, pytest.TestReport, pytest.TestReport]:
+    report = yield
+    if report.when == "call":
+        item.stash[FAILED] = report.failed
+    return report
+
+
+FAILED = pytest.StashKey[bool]()
+
+
 @pytest.fixture
-def healthy_stack(stack: Stack) -> Iterator[Stack]:
-    """The stack, put back in shape after a test that broke part of it."""
+def healthy_stack(stack: Stack, request: pytest.FixtureRequest) -> Iterator[Stack]:
+    """The stack, put back in shape after a test that broke part of it; the
+    services' last log lines are shown when the test failed."""
     try:
         yield stack
     finally:
+        if request.node.stash.get(FAILED, False):
+            logs = stack.compose.get_logs("auth", "catalog", "chat", "gateway")[0]
+            print("\n".join(logs.splitlines()[-150:]))  # noqa: T201 - shown with the failure
         stack.restore()
 
 

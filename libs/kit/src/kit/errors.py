@@ -198,7 +198,48 @@ async def _on_http_exception(request: Request, error: Exception) -> JSONResponse
     )
 
 
+# Exceptions (by class name, so kit needs neither driver) that mean "PostgreSQL
+# or Redis is restarting or unreachable": a retry will do, nothing was lost.
+_OUTAGE_NAMES = frozenset(
+    {
+        "AdminShutdownError",
+        "CannotConnectNowError",
+        "ConnectionDoesNotExistError",
+        "PostgresConnectionError",
+        "TooManyConnectionsError",
+        "OperationalError",
+        "ConnectionError",
+        "TimeoutError",
+        "BusyLoadingError",
+    }
+)
+
+
+def is_outage(error: BaseException) -> bool:
+    """Whether `error` (or what it wraps) is a lost or refused connection."""
+    pending: list[BaseException | None] = [error]
+    seen: set[int] = set()
+    while pending:
+        candidate = pending.pop()
+        if candidate is None or id(candidate) in seen or len(seen) > 8:
+            continue
+        seen.add(id(candidate))
+        if getattr(candidate, "connection_invalidated", False) or isinstance(candidate, OSError):
+            return True
+        if any(cls.__name__ in _OUTAGE_NAMES for cls in type(candidate).__mro__):
+            return True
+        pending += [getattr(candidate, "orig", None), candidate.__cause__, candidate.__context__]
+    return False
+
+
 async def _on_unexpected(request: Request, error: Exception) -> JSONResponse:
+    if is_outage(error):
+        logger.warning("dependency unavailable: %s: %s", type(error).__name__, error)
+        return domain_error_response(
+            ServiceUnavailable(
+                "A dependency is briefly unavailable; retry", headers={"Retry-After": "1"}
+            )
+        )
     logger.exception("unhandled error", exc_info=error)
     return problem_response(
         status=500,

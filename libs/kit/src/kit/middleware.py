@@ -40,7 +40,10 @@ class RequestIdMiddleware:
             return
         request_id = incoming_request_id(scope)
         scope.setdefault("state", {})["request_id"] = request_id
-        token = request_id_var.set(request_id)
+        # Not reset on the way out: the server runs each request in a task of
+        # its own, and the outermost error handler, which runs after this
+        # middleware returns, must still see the id for the problem's `instance`.
+        request_id_var.set(request_id)
 
         async def send_with_id(message: Message) -> None:
             if message["type"] in ("http.response.start", "websocket.accept"):
@@ -48,10 +51,7 @@ class RequestIdMiddleware:
                 headers[REQUEST_ID_HEADER] = request_id
             await send(message)
 
-        try:
-            await self.app(scope, receive, send_with_id)
-        finally:
-            request_id_var.reset(token)
+        await self.app(scope, receive, send_with_id)
 
 
 class TimingMiddleware:
