@@ -30,11 +30,10 @@ import contextlib
 import json
 import os
 import shutil
-import socket
 import statistics
 import sys
 import time
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
@@ -42,18 +41,15 @@ import httpx
 import uvloop
 from argon2 import PasswordHasher
 from fastapi import FastAPI
+from infra import pinned, postgres_server, redis_server
 from redis.asyncio import Redis
-from testcontainers.core.container import DockerContainer
 
 from auth.main import create_app
 from kit.deps import CurrentPrincipal
 from kit.security import TokenVerifier
 from kit.testing import (
-    POSTGRES_IMAGE,
-    REDIS_IMAGE,
     free_port,
     migrate,
-    wait_for_postgres,
     wait_for_redis,
 )
 
@@ -84,53 +80,6 @@ def bench_app() -> FastAPI:
         return {"user_id": principal.user_id, "roles": sorted(principal.roles)}
 
     return app
-
-
-def address(container: DockerContainer, port: int, published: int) -> tuple[str, int]:
-    """The container's own address if reachable (no docker-proxy hop), else the published port."""
-    wrapped = container.get_wrapped_container()
-    wrapped.reload()
-    networks = wrapped.attrs["NetworkSettings"]["Networks"].values()
-    for ip in (network.get("IPAddress") for network in networks):
-        if ip:
-            with contextlib.suppress(OSError), socket.create_connection((ip, port), timeout=1):
-                return ip, port
-    return "127.0.0.1", published
-
-
-@contextlib.contextmanager
-def containers() -> Iterator[tuple[str, str]]:
-
-    pg_port, redis_port = free_port(), free_port()
-    postgres = (
-        DockerContainer(POSTGRES_IMAGE)
-        .with_env("POSTGRES_USER", "bench")
-        .with_env("POSTGRES_PASSWORD", "bench")
-        .with_env("POSTGRES_DB", "bench")
-        .with_bind_ports(5432, pg_port)
-    )
-    redis = DockerContainer(REDIS_IMAGE).with_bind_ports(6379, redis_port)
-    postgres.start()
-    try:
-        redis.start()
-        try:
-            asyncio.run(wait_for_postgres(f"postgresql://bench:bench@127.0.0.1:{pg_port}/bench"))
-            pg_host, pg_at = address(postgres, 5432, pg_port)
-            redis_host, redis_at = address(redis, 6379, redis_port)
-            yield (
-                f"postgresql+asyncpg://bench:bench@{pg_host}:{pg_at}/auth",
-                f"redis://{redis_host}:{redis_at}/0",
-            )
-        finally:
-            redis.stop()
-    finally:
-        postgres.stop()
-
-
-def pinned(command: list[str], core: int) -> list[str]:
-    if shutil.which("taskset") and (os.cpu_count() or 1) > 1:
-        return ["taskset", "-c", str(core), *command]
-    return command
 
 
 @contextlib.asynccontextmanager
@@ -414,7 +363,8 @@ def main() -> None:
     args = parser.parse_args()
     if shutil.which("taskset") and (os.cpu_count() or 1) > 1:
         os.sched_setaffinity(0, {0})
-    with containers() as (database_url, redis_url):
+    with postgres_server() as server, redis_server() as redis_url:
+        database_url = f"{server}/auth"
         figures = uvloop.run(measure(database_url, redis_url))
     print(report(figures))
     if args.json:

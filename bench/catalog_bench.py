@@ -25,25 +25,24 @@ import json
 import os
 import random
 import shutil
-import socket
 import subprocess
 import sys
 import tempfile
 import time
 import uuid
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator
 from dataclasses import asdict, dataclass
 from decimal import Decimal
 from pathlib import Path
 from typing import Any
 
 import httpx
+from infra import pinned, postgres_server
 from sqlalchemy import insert
 from sqlalchemy.ext.asyncio import create_async_engine
-from testcontainers.core.container import DockerContainer
 
 from catalog.models import Category, Product
-from kit.testing import POSTGRES_IMAGE, free_port, migrate, wait_for_postgres
+from kit.testing import free_port, migrate
 
 SERVICE_DIR = Path(__file__).resolve().parents[1] / "services" / "catalog"
 PRODUCTS = 10_000
@@ -72,45 +71,6 @@ def cpu_seconds(pid: int) -> float | None:
     except OSError:
         return None
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
-
-
-@contextlib.contextmanager
-def postgres() -> Iterator[str]:
-    port = free_port()
-    container = (
-        DockerContainer(POSTGRES_IMAGE)
-        .with_env("POSTGRES_USER", "bench")
-        .with_env("POSTGRES_PASSWORD", "bench")
-        .with_env("POSTGRES_DB", "bench")
-        .with_bind_ports(5432, port)
-        .with_command("postgres -c fsync=off -c synchronous_commit=off")
-    )
-    container.start()
-    try:
-        asyncio.run(wait_for_postgres(f"postgresql://bench:bench@127.0.0.1:{port}/bench"))
-        yield f"postgresql+asyncpg://bench:bench@{direct_address(container, port)}/catalog"
-    finally:
-        container.stop()
-
-
-def direct_address(container: DockerContainer, port: int) -> str:
-    """The container's own address when this host can reach it: a published
-    port goes through docker-proxy, a userland copy that compose's network
-    does not have (and that costs more CPU than the query)."""
-    wrapped = container.get_wrapped_container()
-    wrapped.reload()
-    address = wrapped.attrs.get("NetworkSettings", {}).get("IPAddress")
-    if address:
-        with contextlib.suppress(OSError), socket.create_connection((address, 5432), timeout=1):
-            return f"{address}:5432"
-    return f"127.0.0.1:{port}"
-
-
-def pinned(command: list[str], core: int) -> list[str]:
-    """Server on one core and load generator on the other, when there are two."""
-    if shutil.which("taskset") and (os.cpu_count() or 1) > 1:
-        return ["taskset", "-c", str(core), *command]
-    return command
 
 
 def product_name(number: int) -> str:
@@ -363,7 +323,8 @@ def main() -> None:
     parser.add_argument("--goal", type=float, default=0.5)
     parser.add_argument("--aiohttp", action="store_true", help="load with aiohttp, not wrk")
     args = parser.parse_args()
-    with postgres() as database_url:
+    with postgres_server() as server:
+        database_url = f"{server}/catalog"
         figures = asyncio.run(bench(database_url, args))
     if args.json:
         args.json.write_text(json.dumps(figures, indent=2))

@@ -36,6 +36,8 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
 
+from infra import postgres_server, redis_server
+
 ROOT = Path(__file__).resolve().parents[1]
 CHAT_DIR = ROOT / "services" / "chat"
 CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
@@ -123,44 +125,6 @@ class Workers:
 
 
 # -- infrastructure --------------------------------------------------------------
-
-
-@contextlib.contextmanager
-def containers() -> Iterator[tuple[str, str]]:
-    from testcontainers.core.container import DockerContainer
-
-    from kit.testing import (
-        POSTGRES_IMAGE,
-        REDIS_IMAGE,
-        free_port,
-        wait_for_postgres,
-        wait_for_redis,
-    )
-
-    pg_port, redis_port = free_port(), free_port()
-    postgres = (
-        DockerContainer(POSTGRES_IMAGE)
-        .with_env("POSTGRES_USER", "bench")
-        .with_env("POSTGRES_PASSWORD", "bench")
-        .with_env("POSTGRES_DB", "bench")
-        .with_bind_ports(5432, pg_port)
-        .with_command("postgres -c fsync=off -c synchronous_commit=off")
-    )
-    redis = DockerContainer(REDIS_IMAGE).with_bind_ports(6379, redis_port)
-    postgres.start()
-    try:
-        redis.start()
-        try:
-            asyncio.run(wait_for_postgres(f"postgresql://bench:bench@127.0.0.1:{pg_port}/bench"))
-            asyncio.run(wait_for_redis(f"redis://127.0.0.1:{redis_port}/0"))
-            yield (
-                f"postgresql+asyncpg://bench:bench@127.0.0.1:{pg_port}/chat",
-                f"redis://127.0.0.1:{redis_port}/0",
-            )
-        finally:
-            redis.stop()
-    finally:
-        postgres.stop()
 
 
 @contextlib.contextmanager
@@ -424,7 +388,12 @@ def main() -> None:
     from kit.testing import TokenMinter
 
     minter = TokenMinter()
-    with containers() as (database_url, redis_url), jwks_server(minter.jwks) as jwks_url:
+    with (
+        postgres_server() as server,
+        redis_server() as redis_url,
+        jwks_server(minter.jwks) as jwks_url,
+    ):
+        database_url = f"{server}/chat"
         env = {
             **os.environ,
             "DATABASE_URL": database_url,

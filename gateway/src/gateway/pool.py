@@ -21,6 +21,8 @@ from dataclasses import dataclass, field
 import aiohttp
 from yarl import URL
 
+from kit.errors import BadGateway, ServiceUnavailable
+
 logger = logging.getLogger("gateway.pool")
 
 
@@ -114,6 +116,19 @@ class Pool:
                 if not replica.in_flight:
                     break
         return best
+
+    def choose_or_refuse(self, tried: Collection[Replica], *, service: str) -> Replica:
+        """`choose`, or the problem to answer when no replica can take the request:
+        502 after every replica failed, 503 (with `Retry-After`) when none is up."""
+        replica = self.choose(tried)
+        if replica is not None:
+            return replica
+        if tried:
+            raise BadGateway(f"The {service} service is unreachable")
+        raise ServiceUnavailable(
+            f"No {service} replica is available",
+            headers={"Retry-After": str(self.retry_after())},
+        )
 
     def retry_after(self) -> int:
         """Whole seconds until an ejected replica returns (at least 1)."""

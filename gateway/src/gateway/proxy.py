@@ -27,7 +27,6 @@ from kit.errors import (
     BadGateway,
     DomainError,
     GatewayTimeout,
-    ServiceUnavailable,
     Unauthenticated,
     problem_response,
 )
@@ -152,14 +151,7 @@ class Proxy:
         session = self.runtime.session
         tried: list[Replica] = []
         while True:
-            replica = pool.choose(tried)
-            if replica is None:
-                if tried:
-                    raise BadGateway(f"The {route.name} service is unreachable")
-                raise ServiceUnavailable(
-                    f"No {route.name} replica is available",
-                    headers={"Retry-After": str(pool.retry_after())},
-                )
+            replica = pool.choose_or_refuse(tried, service=route.name)
             replica.in_flight += 1
             sent_at = time.perf_counter()
             try:

@@ -18,7 +18,7 @@ from gateway.headers import HeaderPolicy, OutgoingRequest, upstream_request
 from gateway.pool import Replica
 from gateway.proxy import Proxy
 from gateway.runtime import Route, Runtime
-from kit.errors import BadGateway, DomainError, GatewayTimeout, NotFound, ServiceUnavailable
+from kit.errors import BadGateway, DomainError, GatewayTimeout, NotFound
 from kit.security import bearer_from_subprotocols
 
 logger = logging.getLogger("gateway.websocket")
@@ -95,14 +95,7 @@ class WebSocketProxy:
         pool = route.pool
         tried: list[Replica] = []
         while True:
-            replica = pool.choose(tried)
-            if replica is None:
-                if tried:
-                    raise BadGateway(f"The {route.name} service is unreachable")
-                raise ServiceUnavailable(
-                    f"No {route.name} replica is available",
-                    headers={"Retry-After": str(pool.retry_after())},
-                )
+            replica = pool.choose_or_refuse(tried, service=route.name)
             replica.in_flight += 1
             try:
                 async with asyncio.timeout(route.timeout_seconds):

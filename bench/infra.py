@@ -1,0 +1,69 @@
+"""What every benchmark stands on: PostgreSQL and Redis containers reached at
+their own addresses, and processes pinned to a core."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import shutil
+import socket
+from collections.abc import Iterator
+
+from testcontainers.core.container import DockerContainer
+
+from kit.testing import POSTGRES_IMAGE, REDIS_IMAGE, free_port, wait_for_postgres, wait_for_redis
+
+
+def direct_address(container: DockerContainer, port: int, published: int) -> str:
+    """`host:port` of the container itself when this host can reach it: a
+    published port goes through docker-proxy, a userland copy that compose's
+    network does not have (and that costs more CPU than a small query)."""
+    wrapped = container.get_wrapped_container()
+    wrapped.reload()
+    networks = wrapped.attrs.get("NetworkSettings", {}).get("Networks", {}).values()
+    for address in (network.get("IPAddress") for network in networks):
+        if address:
+            with contextlib.suppress(OSError), socket.create_connection((address, port), timeout=1):
+                return f"{address}:{port}"
+    return f"127.0.0.1:{published}"
+
+
+@contextlib.contextmanager
+def postgres_server() -> Iterator[str]:
+    """A throwaway PostgreSQL server; yields `postgresql+asyncpg://user:password@host:port`."""
+    published = free_port()
+    container = (
+        DockerContainer(POSTGRES_IMAGE)
+        .with_env("POSTGRES_USER", "bench")
+        .with_env("POSTGRES_PASSWORD", "bench")
+        .with_env("POSTGRES_DB", "bench")
+        .with_bind_ports(5432, published)
+        .with_command("postgres -c fsync=off -c synchronous_commit=off")
+    )
+    container.start()
+    try:
+        asyncio.run(wait_for_postgres(f"postgresql://bench:bench@127.0.0.1:{published}/bench"))
+        yield f"postgresql+asyncpg://bench:bench@{direct_address(container, 5432, published)}"
+    finally:
+        container.stop()
+
+
+@contextlib.contextmanager
+def redis_server() -> Iterator[str]:
+    """A throwaway Redis server; yields its `redis://` URL."""
+    published = free_port()
+    container = DockerContainer(REDIS_IMAGE).with_bind_ports(6379, published)
+    container.start()
+    try:
+        asyncio.run(wait_for_redis(f"redis://127.0.0.1:{published}/0"))
+        yield f"redis://{direct_address(container, 6379, published)}/0"
+    finally:
+        container.stop()
+
+
+def pinned(command: list[str], core: int) -> list[str]:
+    """The server on one core and the load on the other, when there are two."""
+    if shutil.which("taskset") and (os.cpu_count() or 1) > 1:
+        return ["taskset", "-c", str(core), *command]
+    return command
