@@ -118,7 +118,8 @@ def uvicorn(app: str, port: int, *, factory: bool = False, app_dir: str | None =
         "warning",
     ]
     if factory:
-        command.append("--factory")
+        # the gateway as its image runs it: it takes no X-Forwarded-* from clients
+        command += ["--factory", "--no-proxy-headers"]
     if app_dir:
         command += ["--app-dir", app_dir]
     return command

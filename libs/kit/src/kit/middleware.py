@@ -11,7 +11,7 @@ import re
 import time
 from collections.abc import Iterable
 
-from starlette.datastructures import Headers, MutableHeaders
+from starlette.datastructures import Headers
 from starlette.exceptions import HTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
@@ -19,14 +19,28 @@ from kit.context import request_id_var
 from kit.errors import problem_response
 
 REQUEST_ID_HEADER = "x-request-id"
+_REQUEST_ID_BYTES = REQUEST_ID_HEADER.encode()
 _VALID_REQUEST_ID = re.compile(r"^[A-Za-z0-9._:-]{1,128}$")
 
 
 def incoming_request_id(scope: Scope) -> str:
     """The client's request id when it is safe to echo and log, a new one otherwise."""
-    candidate = Headers(scope=scope).get(REQUEST_ID_HEADER, "")
+    for name, value in scope["headers"]:
+        if name == _REQUEST_ID_BYTES:
+            candidate: str = value.decode("latin-1")
+            if _VALID_REQUEST_ID.match(candidate):
+                return candidate
+            break
     # 128 random bits as 32 hex digits, without building a UUID object
-    return candidate if _VALID_REQUEST_ID.match(candidate) else os.urandom(16).hex()
+    return os.urandom(16).hex()
+
+
+def set_response_header(message: Message, name: bytes, value: bytes) -> None:
+    """Sets one header of a response-start (or accept) message, replacing any
+    of that name: a plain list pass, cheaper than a MutableHeaders per response."""
+    headers = [pair for pair in message.get("headers", ()) if pair[0].lower() != name]
+    headers.append((name, value))
+    message["headers"] = headers
 
 
 class RequestIdMiddleware:
@@ -45,11 +59,11 @@ class RequestIdMiddleware:
         # its own, and the outermost error handler, which runs after this
         # middleware returns, must still see the id for the problem's `instance`.
         request_id_var.set(request_id)
+        encoded = request_id.encode()
 
         async def send_with_id(message: Message) -> None:
             if message["type"] in ("http.response.start", "websocket.accept"):
-                headers = MutableHeaders(scope=message)
-                headers[REQUEST_ID_HEADER] = request_id
+                set_response_header(message, _REQUEST_ID_BYTES, encoded)
             await send(message)
 
         await self.app(scope, receive, send_with_id)
@@ -69,8 +83,8 @@ class TimingMiddleware:
 
         async def send_with_timing(message: Message) -> None:
             if message["type"] == "http.response.start":
-                headers = MutableHeaders(scope=message)
-                headers["x-process-time"] = f"{time.perf_counter() - started:.6f}"
+                elapsed = f"{time.perf_counter() - started:.6f}".encode()
+                set_response_header(message, b"x-process-time", elapsed)
             await send(message)
 
         await self.app(scope, receive, send_with_timing)
