@@ -1,7 +1,7 @@
 """Pure-ASGI middleware shared by every service and the gateway.
 
 Each class wraps `send` instead of buffering the response, so streaming
-bodies and WebSockets pass through untouched (BaseHTTPMiddleware would not).
+bodies and WebSockets pass through untouched (a middleware that buffers would not).
 """
 
 from __future__ import annotations
