@@ -71,6 +71,15 @@ async def test_lost_connections_answer_503_with_retry_after() -> None:
             assert response.json()["instance"] == "req-2"
 
 
+async def test_driver_errors_are_answered_inside_the_middleware_stack() -> None:
+    async with client() as http:
+        response = await http.get("/refused", headers={"X-Request-ID": "req-4"})
+
+    assert response.status_code == 503
+    assert response.headers["x-request-id"] == "req-4"
+    assert float(response.headers["x-process-time"]) >= 0
+
+
 async def test_a_bug_is_a_500_that_reveals_nothing_but_the_request_id() -> None:
     async with client() as http:
         response = await http.get("/bug", headers={"X-Request-ID": "req-3"})

@@ -7,6 +7,7 @@ and the gateway share.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 from collections.abc import Mapping, Sequence
 from typing import Any, ClassVar
@@ -208,6 +209,7 @@ _OUTAGE_NAMES = frozenset(
         "PostgresConnectionError",
         "TooManyConnectionsError",
         "OperationalError",
+        "InterfaceError",
         "ConnectionError",
         "TimeoutError",
         "BusyLoadingError",
@@ -232,15 +234,9 @@ def is_outage(error: BaseException) -> bool:
     return False
 
 
-async def _on_unexpected(request: Request, error: Exception) -> JSONResponse:
-    if is_outage(error):
-        logger.warning("dependency unavailable: %s: %s", type(error).__name__, error)
-        return domain_error_response(
-            ServiceUnavailable(
-                "A dependency is briefly unavailable; retry", headers={"Retry-After": "1"}
-            )
-        )
-    logger.exception("unhandled error", exc_info=error)
+def internal_error_response(error: BaseException) -> JSONResponse:
+    """A logged 500 that reveals nothing of the failure but the request id."""
+    logger.error("unhandled error", exc_info=error)
     return problem_response(
         status=500,
         title="Internal server error",
@@ -249,9 +245,45 @@ async def _on_unexpected(request: Request, error: Exception) -> JSONResponse:
     )
 
 
+def outage_response(error: BaseException) -> JSONResponse:
+    logger.warning("dependency unavailable: %s: %s", type(error).__name__, error)
+    return domain_error_response(
+        ServiceUnavailable(
+            "A dependency is briefly unavailable; retry", headers={"Retry-After": "1"}
+        )
+    )
+
+
+async def _on_unexpected(request: Request, error: Exception) -> JSONResponse:
+    return outage_response(error) if is_outage(error) else internal_error_response(error)
+
+
+def _dependency_error_classes() -> list[type[Exception]]:
+    """The driver errors a lost PostgreSQL or Redis connection surfaces as.
+    Handled inside the middleware stack, so the 503 still carries the
+    request id and timing headers; imported only where the driver is installed."""
+    classes: list[type[Exception]] = [OSError]
+    with contextlib.suppress(ImportError):
+        from redis.exceptions import RedisError
+
+        classes.append(RedisError)
+    with contextlib.suppress(ImportError):
+        from sqlalchemy.exc import DBAPIError
+        from sqlalchemy.exc import TimeoutError as PoolTimeout
+
+        classes += [DBAPIError, PoolTimeout]
+    with contextlib.suppress(ImportError):
+        import asyncpg
+
+        classes += [asyncpg.PostgresConnectionError, asyncpg.InterfaceError]
+    return classes
+
+
 def install_problem_handlers(app: FastAPI) -> None:
     app.add_exception_handler(DomainError, _on_domain_error)
     app.add_exception_handler(RequestValidationError, _on_validation_error)
     app.add_exception_handler(WebSocketRequestValidationError, _on_validation_error)
     app.add_exception_handler(HTTPException, _on_http_exception)
+    for error_class in _dependency_error_classes():
+        app.add_exception_handler(error_class, _on_unexpected)
     app.add_exception_handler(Exception, _on_unexpected)

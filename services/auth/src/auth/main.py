@@ -15,7 +15,6 @@ from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker
 
 from auth import service
 from auth.config import Settings
-from auth.errors import install_dependency_error_handlers
 from auth.keys import KeyRing, ensure_signing_key
 from auth.passwords import Passwords
 from auth.router import router
@@ -134,6 +133,5 @@ def create_app(settings: Settings | None = None, *, key_source: KeySource | None
             "bootstrap": check_bootstrap,
         },
     )
-    install_dependency_error_handlers(app)
     app.include_router(router)
     return app

@@ -12,7 +12,7 @@ import asyncpg
 import httpx
 from fastapi import FastAPI, Request, Response
 from redis.asyncio import Redis
-from sqlalchemy.exc import DBAPIError, InterfaceError, OperationalError
+from sqlalchemy.exc import DBAPIError
 from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker
 
 from catalog import service
@@ -29,7 +29,7 @@ from catalog.errors import DatabaseUnavailable
 from catalog.router import router
 from kit.app import assemble
 from kit.db import asyncpg_dsn, check_database, make_engine, make_sessionmaker
-from kit.errors import domain_error_response, problem_response
+from kit.errors import domain_error_response, internal_error_response, is_outage
 from kit.health import check_redis
 from kit.logs import configure_logging
 from kit.security import KeySource, TokenVerifier
@@ -63,24 +63,13 @@ async def purge_idempotency_keys(
             logger.warning("idempotency key purge failed: %s", error)
 
 
-def database_unreachable(error: Exception) -> bool:
-    if isinstance(error, DBAPIError):
-        return error.connection_invalidated or isinstance(error, OperationalError | InterfaceError)
-    return isinstance(error, OSError | asyncpg.PostgresConnectionError)
-
-
 async def on_database_error(request: Request, error: Exception) -> Response:
-    """An unreachable database is a 503 the client may retry, not a 500."""
-    if database_unreachable(error):
+    """kit's handling, with this service's own words for the one dependency
+    its reads and writes need."""
+    if is_outage(error):
         logger.warning("database unreachable: %s", error)
         return domain_error_response(DatabaseUnavailable())
-    logger.error("database error", exc_info=error)
-    return problem_response(
-        status=500,
-        title="Internal server error",
-        slug="internal",
-        detail="The server failed to handle this request; it has been logged.",
-    )
+    return internal_error_response(error)
 
 
 def create_app(
