@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import logging
 import uuid
-from collections.abc import Mapping, Sequence
+from collections.abc import AsyncIterator, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import Any
@@ -267,13 +268,24 @@ def _name_conflict(error: IntegrityError) -> Exception:
     return error
 
 
-async def create_product(*, session: AsyncSession, data: ProductIn) -> ProductOut:
+@contextlib.asynccontextmanager
+async def _committed(session: AsyncSession) -> AsyncIterator[None]:
+    """Commits what the block wrote; on any error undoes it, a product name
+    already taken in its category becoming ProductNameTaken."""
     try:
-        product = await _insert_product(session, data)
+        yield
         await session.commit()
     except IntegrityError as error:
         await session.rollback()
         raise _name_conflict(error) from error
+    except BaseException:
+        await session.rollback()
+        raise
+
+
+async def create_product(*, session: AsyncSession, data: ProductIn) -> ProductOut:
+    async with _committed(session):
+        product = await _insert_product(session, data)
     return product
 
 
@@ -318,7 +330,7 @@ async def create_product_once(
         )
         .returning(IdempotencyRecord.key)
     )
-    try:
+    async with _committed(session):
         claimed = (await session.execute(claim)).first() is not None
         if not claimed:
             return await _replay(session, owner=owner, key=key, fingerprint=fingerprint)
@@ -329,13 +341,6 @@ async def create_product_once(
             .where(IdempotencyRecord.owner == owner, IdempotencyRecord.key == key)
             .values(status_code=201, response_body=body)
         )
-        await session.commit()
-    except IntegrityError as error:
-        await session.rollback()
-        raise _name_conflict(error) from error
-    except BaseException:
-        await session.rollback()
-        raise
     return StoredResponse(status_code=201, body=body, replayed=False)
 
 
@@ -413,7 +418,7 @@ async def update_product(
         await session.rollback()
         return _product_out(row._mapping)
     merged = _merged(row, changes)
-    try:
+    async with _committed(session):
         category = await _category(session, merged.category, loc=("body", "category"))
         statement = (
             update(Product)
@@ -431,13 +436,6 @@ async def update_product(
         updated = (await session.execute(statement)).first()
         if updated is None:
             raise StaleVersion
-        await session.commit()
-    except IntegrityError as error:
-        await session.rollback()
-        raise _name_conflict(error) from error
-    except BaseException:
-        await session.rollback()
-        raise
     return _product_out(updated._mapping, category)
 
 
@@ -511,10 +509,6 @@ async def import_products(*, session: AsyncSession, items: Sequence[ProductIn]) 
         }
         for product_id, item in zip(ids, items, strict=True)
     ]
-    try:
+    async with _committed(session):
         await session.execute(insert(Product), rows)
-        await session.commit()
-    except IntegrityError as error:
-        await session.rollback()
-        raise _name_conflict(error) from error
     return ids
