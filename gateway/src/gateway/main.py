@@ -29,6 +29,7 @@ from gateway.runtime import Route, Runtime
 from gateway.websocket import WebSocketProxy
 from kit.errors import install_problem_handlers
 from kit.health import check_redis, health_router
+from kit.heap import settled_heap
 from kit.logs import configure_logging
 from kit.metrics import MetricsMiddleware, metrics_router
 from kit.middleware import RequestIdMiddleware, TimingMiddleware, TrustedHostMiddleware
@@ -145,12 +146,13 @@ def build_api(runtime: Runtime) -> FastAPI:
         await runtime.start()
         await runtime.verifier.start()
         try:
-            yield State(
-                settings=runtime.settings,
-                redis=runtime.redis,
-                verifier=runtime.verifier,
-                runtime=runtime,
-            )
+            with settled_heap():
+                yield State(
+                    settings=runtime.settings,
+                    redis=runtime.redis,
+                    verifier=runtime.verifier,
+                    runtime=runtime,
+                )
         finally:
             await runtime.verifier.aclose()
             await runtime.stop()

@@ -21,6 +21,7 @@ from auth.router import router
 from kit.app import assemble
 from kit.db import check_database, make_engine, make_sessionmaker
 from kit.health import check_redis
+from kit.heap import settled_heap
 from kit.logs import configure_logging
 from kit.security import KeySource, TokenVerifier
 
@@ -101,16 +102,17 @@ def create_app(settings: Settings | None = None, *, key_source: KeySource | None
             )
         )
         try:
-            yield State(
-                settings=settings,
-                engine=engine,
-                sessionmaker=sessionmaker,
-                redis=redis,
-                key_ring=key_ring,
-                passwords=passwords,
-                verifier=verifier,
-                bootstrap=startup,
-            )
+            with settled_heap():
+                yield State(
+                    settings=settings,
+                    engine=engine,
+                    sessionmaker=sessionmaker,
+                    redis=redis,
+                    key_ring=key_ring,
+                    passwords=passwords,
+                    verifier=verifier,
+                    bootstrap=startup,
+                )
         finally:
             startup.cancel()
             with contextlib.suppress(asyncio.CancelledError):

@@ -10,14 +10,15 @@ from dataclasses import dataclass, field
 from decimal import Decimal
 from typing import Annotated, Any
 
-import asyncpg
 from fastapi import Depends, Query, Request, Security
 from fastapi.security import APIKeyHeader, APIKeyQuery
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, AsyncSession, async_sessionmaker
 
+from catalog.batching import BatchedReads
 from catalog.config import Settings
 from catalog.errors import ImportDisabled
 from catalog.paging import Cursor, Sort
+from catalog.point_pool import PointReadPool
 from catalog.schemas import Slug, Tag
 from kit.db import session_dependency
 from kit.errors import InvalidInput, Unauthenticated
@@ -51,14 +52,10 @@ def session_connections(sessionmaker: async_sessionmaker[AsyncSession]) -> ReadC
 DriverConnections = Callable[[], AbstractAsyncContextManager[Any]]
 """Opens a bare asyncpg connection, for the hottest point reads."""
 
-# What a connection lost to a database restart raises from the driver.
-DISCONNECTED = (asyncpg.PostgresConnectionError, asyncpg.InterfaceError, OSError)
 
-
-def pool_connections(pool: Any) -> DriverConnections:
-    """Connections of an asyncpg pool: a checkout costs a fraction of SQLAlchemy's."""
-    acquire: DriverConnections = pool.acquire
-    return acquire
+def pool_connections(pool: PointReadPool) -> DriverConnections:
+    """Leases from the point-read pool: a checkout costs a fraction of SQLAlchemy's."""
+    return pool.acquire
 
 
 def session_driver_connections(
@@ -75,12 +72,12 @@ def session_driver_connections(
     return connection
 
 
-async def get_point_reads(request: Request) -> DriverConnections:
-    point_reads: DriverConnections = request.state.point_reads
+async def get_point_reads(request: Request) -> BatchedReads:
+    point_reads: BatchedReads = request.state.point_reads
     return point_reads
 
 
-PointReadsDep = Annotated[DriverConnections, Depends(get_point_reads)]
+PointReadsDep = Annotated[BatchedReads, Depends(get_point_reads)]
 
 
 async def get_reads(request: Request) -> ReadConnections:

@@ -16,9 +16,9 @@ from sqlalchemy.exc import DBAPIError
 from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker
 
 from catalog import service
+from catalog.batching import BatchedReads
 from catalog.config import Settings
 from catalog.deps import (
-    DriverConnections,
     ReadConnections,
     engine_connections,
     pool_connections,
@@ -26,11 +26,13 @@ from catalog.deps import (
     session_driver_connections,
 )
 from catalog.errors import DatabaseUnavailable
+from catalog.point_pool import PointReadPool
 from catalog.router import router
 from kit.app import assemble
 from kit.db import asyncpg_dsn, check_database, make_engine, make_sessionmaker
 from kit.errors import domain_error_response, internal_error_response, is_outage
 from kit.health import check_redis
+from kit.heap import settled_heap
 from kit.logs import configure_logging
 from kit.security import KeySource, TokenVerifier
 
@@ -45,7 +47,7 @@ class State(TypedDict):
     engine: AsyncEngine
     sessionmaker: async_sessionmaker[AsyncSession]
     reads: ReadConnections
-    point_reads: DriverConnections
+    point_reads: BatchedReads
 
 
 async def purge_idempotency_keys(
@@ -100,40 +102,38 @@ def create_app(
         verifier = TokenVerifier.for_service(settings, redis=redis, keys=key_source, http=http)
         await verifier.start()
         sessions = sessionmaker or make_sessionmaker(engine)
-        # Get-by-id has a small asyncpg pool of its own: SQLAlchemy's checkout
-        # and return cost more CPU than the query. min_size=0: nothing
-        # connects before the first read, so start-up never waits on the database.
-        point_pool = asyncpg.create_pool(
-            asyncpg_dsn(str(settings.database_url)),
-            min_size=0,
-            max_size=settings.point_read_pool_size,
-            # These connections only ever run one read-only statement outside a
-            # transaction, so there is no session state to reset on release;
-            # asyncpg's default reset would cost a second round trip per read.
-            reset=_nothing_to_reset,
+        # Get-by-id has a lean pool of its own (see point_pool.py); it connects
+        # on first use, so start-up never waits on the database.
+        point_pool = PointReadPool(
+            asyncpg_dsn(str(settings.database_url)), max_size=settings.point_read_pool_size
         )
-        await point_pool
         if sessionmaker is not None:
             reads = session_connections(sessionmaker)
-            point_reads = session_driver_connections(sessionmaker)
+            # the tests' one connection takes one statement at a time
+            point_reads = service.product_reads(
+                session_driver_connections(sessionmaker), max_in_flight=1
+            )
         else:
             autocommit = engine.execution_options(isolation_level="AUTOCOMMIT")
             reads = engine_connections(autocommit)
-            point_reads = pool_connections(point_pool)
+            point_reads = service.product_reads(
+                pool_connections(point_pool), max_in_flight=settings.point_read_pool_size
+            )
         purger = asyncio.create_task(
             purge_idempotency_keys(sessions, settings.idempotency_purge_interval_seconds)
         )
         try:
-            yield State(
-                settings=settings,
-                verifier=verifier,
-                redis=redis,
-                http=http,
-                engine=engine,
-                sessionmaker=sessions,
-                reads=reads,
-                point_reads=point_reads,
-            )
+            with settled_heap():
+                yield State(
+                    settings=settings,
+                    verifier=verifier,
+                    redis=redis,
+                    http=http,
+                    engine=engine,
+                    sessionmaker=sessions,
+                    reads=reads,
+                    point_reads=point_reads,
+                )
         finally:
             purger.cancel()
             with contextlib.suppress(asyncio.CancelledError):
@@ -141,8 +141,9 @@ def create_app(
             await verifier.aclose()
             await http.aclose()
             await redis.aclose()
+            await point_reads.aclose()
             await engine.dispose()
-            point_pool.terminate()
+            await point_pool.close()
 
     app = FastAPI(
         title="Bazaar catalog",
@@ -155,7 +156,3 @@ def create_app(
         app.add_exception_handler(error_type, on_database_error)
     app.include_router(router)
     return app
-
-
-async def _nothing_to_reset(connection: asyncpg.Connection) -> None:
-    """See the point-read pool in the lifespan."""

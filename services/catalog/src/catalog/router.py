@@ -77,7 +77,7 @@ async def get_product(
     point_reads: PointReadsDep,
     if_none_match: Annotated[str | None, Header(alias="If-None-Match")] = None,
 ) -> Response:
-    product = await service.get_product(point_reads=point_reads, product_id=product_id)
+    product = await service.get_product(reads=point_reads, product_id=product_id)
     etag = etag_for(product.version)
     if if_none_match is not None and none_match(if_none_match, etag):
         return Response(status_code=status.HTTP_304_NOT_MODIFIED, headers={"ETag": etag})

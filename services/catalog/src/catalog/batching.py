@@ -1,0 +1,155 @@
+"""Concurrent get-by-id reads answered together, one statement per batch.
+
+Under load most of a point read's cost is the round trip, not the row: the
+statement's bind and send, the wake-up when the answer arrives, a connection
+checkout, and a wait for a free connection once there are more requests than
+connections. So reads that wait together are asked together: a read joins the
+pending batch, and the batch goes out as one `WHERE id = ANY($1)` when a
+connection is free for it. At most `max_in_flight` batches run at once.
+
+- Alone (light load) a read goes out at once, in a batch of one: no added wait.
+- A batch is taken only when its connection is in hand, so every read in it
+  was asked for before its statement was sent: it sees every write committed
+  before it arrived, as a read of its own would.
+- Equal keys in one batch share one row.
+- A request that gives up (cancelled) leaves the batch; the others still get
+  their rows.
+- A connection lost to a database restart is retried once on a fresh one;
+  other errors reach every read of the batch.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Callable, Hashable
+from contextlib import AbstractAsyncContextManager
+from typing import Any
+
+from catalog.point_pool import DISCONNECTED, PoolClosed
+
+logger = logging.getLogger("catalog.batching")
+
+Connections = Callable[[], AbstractAsyncContextManager[Any]]
+Futures = list[asyncio.Future[Any]]
+
+
+class BatchedReads:
+    def __init__(
+        self,
+        connections: Connections,
+        sql: str,
+        *,
+        key: str,
+        on_lost: Callable[[BaseException], BaseException],
+        max_in_flight: int,
+        max_batch: int = 100,
+    ) -> None:
+        """`sql` takes the keys as `$1` (an array) and returns a `key` column;
+        `on_lost` turns a connection lost twice in a row into the error reads raise."""
+        if max_in_flight < 1 or max_batch < 1:
+            raise ValueError("max_in_flight and max_batch must be at least 1")
+        self._connections = connections
+        self._sql = sql
+        self._key = key
+        self._on_lost = on_lost
+        self._max_in_flight = max_in_flight
+        self._max_batch = max_batch
+        self._pending: dict[Hashable, Futures] = {}
+        # batches started (waiting for a connection or running)
+        self._in_flight = 0
+        # a started batch has not taken the pending reads yet: new ones join it
+        self._gathering = False
+        self._tasks: set[asyncio.Task[None]] = set()
+        self._closed = False
+        self.batches = 0  # statements sent, for tests and metrics
+
+    async def fetch(self, key: Hashable) -> Any:
+        """The row whose key is `key`, or None."""
+        if self._closed:
+            raise PoolClosed("the reads are closed")
+        future: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
+        waiting = self._pending.get(key)
+        if waiting is None:
+            self._pending[key] = [future]
+        else:
+            waiting.append(future)
+        if not self._gathering and self._in_flight < self._max_in_flight:
+            self._start()
+        return await future
+
+    async def aclose(self) -> None:
+        """Stops the running batches; their reads, and those waiting, are cancelled."""
+        self._closed = True
+        for task in list(self._tasks):
+            task.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+        # a batch cancelled before it ran never took its reads
+        _fail(self._take(), asyncio.CancelledError())
+
+    def _start(self) -> None:
+        self._gathering = True
+        self._in_flight += 1
+        task = asyncio.get_running_loop().create_task(self._run())
+        self._tasks.add(task)
+        task.add_done_callback(self._finished)
+
+    def _finished(self, task: asyncio.Task[None]) -> None:
+        self._tasks.discard(task)
+        self._in_flight -= 1
+        if (
+            self._pending
+            and not self._closed
+            and not self._gathering
+            and self._in_flight < self._max_in_flight
+        ):
+            self._start()
+
+    def _take(self) -> dict[Hashable, Futures]:
+        self._gathering = False
+        if len(self._pending) <= self._max_batch or self._closed:
+            batch, self._pending = self._pending, {}
+            return batch
+        keys = list(self._pending)[: self._max_batch]
+        return {key: self._pending.pop(key) for key in keys}
+
+    async def _run(self) -> None:
+        batch: dict[Hashable, Futures] | None = None
+        try:
+            for attempt in range(2):
+                try:
+                    async with self._connections() as connection:
+                        if batch is None:
+                            batch = self._take()
+                        self.batches += 1
+                        rows = await connection.fetch(self._sql, list(batch))
+                    break
+                except DISCONNECTED as error:
+                    if attempt:
+                        raise self._on_lost(error) from error
+                    logger.warning("database connection lost (%s); retrying on a new one", error)
+        except BaseException as error:
+            if batch is None:
+                batch = self._take()
+            _fail(batch, error)
+            if not isinstance(error, Exception):
+                raise
+            return
+        assert batch is not None  # taken before the statement ran
+        found = {row[self._key]: row for row in rows}
+        for key, futures in batch.items():
+            row = found.get(key)
+            for future in futures:
+                if not future.done():
+                    future.set_result(row)
+
+
+def _fail(batch: dict[Hashable, Futures], error: BaseException) -> None:
+    for futures in batch.values():
+        for future in futures:
+            if future.done():
+                continue
+            if isinstance(error, asyncio.CancelledError):
+                future.cancel()
+            else:
+                future.set_exception(error)

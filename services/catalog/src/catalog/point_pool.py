@@ -1,0 +1,173 @@
+"""The connections behind get-by-id: a pool that costs less than the read.
+
+asyncpg's own pool is general purpose: every checkout and return goes through
+timeouts, a shielded release task and a session reset, which on one core costs
+more CPU than the primary-key read it serves (bench/catalog_bench.py: about
+60 µs of pool and driver per read with it, 25 µs with this one). Point reads
+need none of that, as each is one statement outside any transaction, so
+there is no session state to reset. What this pool keeps:
+
+- at most `max_size` connections, opened on first need, so start-up never
+  waits on the database;
+- a connection goes back only after a lease that ended cleanly; an error or a
+  cancellation (a statement may still be running on it) closes it, and its slot
+  passes to the next waiter, which opens a fresh connection;
+- a lost connection (the database restarted) closes every idle one with it, as
+  they died the same way, so a retry gets a new connection rather than another
+  dead one;
+- waiters are served first come, first served; idle connections last in, first
+  out, so a quiet period keeps the same few warm.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+from types import TracebackType
+from typing import Any
+
+import asyncpg
+
+# What a connection lost to a database restart raises from the driver.
+DISCONNECTED = (asyncpg.PostgresConnectionError, asyncpg.InterfaceError, OSError)
+
+
+class PoolClosed(asyncpg.InterfaceError):  # type: ignore[misc] # asyncpg is untyped
+    """The pool was closed (the app is shutting down)."""
+
+
+class PointReadPool:
+    def __init__(self, dsn: str, *, max_size: int, **connect_options: Any) -> None:
+        if max_size < 1:
+            raise ValueError("max_size must be at least 1")
+        self._dsn = dsn
+        self._max_size = max_size
+        self._connect_options = connect_options
+        self._idle: collections.deque[asyncpg.Connection] = collections.deque()
+        # A waiter gets a connection, or None: a free slot to open one in.
+        self._waiters: collections.deque[asyncio.Future[asyncpg.Connection | None]] = (
+            collections.deque()
+        )
+        # Slots taken: connections open, opening, or lent out.
+        self._size = 0
+        self._closed = False
+
+    @property
+    def size(self) -> int:
+        """Connections open or being opened."""
+        return self._size
+
+    @property
+    def closed(self) -> bool:
+        return self._closed
+
+    @property
+    def idle(self) -> int:
+        return len(self._idle)
+
+    @property
+    def waiting(self) -> int:
+        """Leases waiting for a connection."""
+        return sum(not waiter.done() for waiter in self._waiters)
+
+    def acquire(self) -> Lease:
+        """`async with pool.acquire() as connection:`, one connection for the block."""
+        return Lease(self)
+
+    async def close(self) -> None:
+        """Closes the idle connections now and the leased ones as they come back."""
+        self._closed = True
+        while self._idle:
+            self._idle.pop().terminate()
+        while self._waiters:
+            waiter = self._waiters.popleft()
+            if not waiter.done():
+                waiter.set_exception(PoolClosed("the pool is closed"))
+
+    async def _take(self) -> asyncpg.Connection:
+        if self._closed:
+            raise PoolClosed("the pool is closed")
+        while self._idle:
+            idle = self._idle.pop()
+            if not idle.is_closed():
+                return idle
+            self._size -= 1
+        if self._size >= self._max_size:
+            handed = await self._wait()
+            if handed is not None:
+                return handed
+        else:
+            self._size += 1
+        # This task holds a slot: open a connection in it, or pass the slot on.
+        try:
+            connection: asyncpg.Connection = await asyncpg.connect(
+                self._dsn, **self._connect_options
+            )
+        except BaseException:
+            self._hand_on(None)
+            raise
+        if self.closed:  # closed while connecting
+            connection.terminate()
+            self._hand_on(None)
+            raise PoolClosed("the pool is closed")
+        return connection
+
+    async def _wait(self) -> asyncpg.Connection | None:
+        waiter: asyncio.Future[asyncpg.Connection | None] = (
+            asyncio.get_running_loop().create_future()
+        )
+        self._waiters.append(waiter)
+        try:
+            return await waiter
+        except asyncio.CancelledError:
+            if waiter.done() and not waiter.cancelled():
+                # handed over just as this task was cancelled: pass it on
+                self._hand_on(waiter.result())
+            raise
+
+    def _hand_on(self, connection: asyncpg.Connection | None) -> None:
+        """Gives a connection (or, with None, a slot) to the first live waiter;
+        with none waiting, the connection goes idle or the slot is freed."""
+        while self._waiters:
+            waiter = self._waiters.popleft()
+            if not waiter.done():
+                waiter.set_result(connection)
+                return
+        if connection is None:
+            self._size -= 1
+        else:
+            self._idle.append(connection)
+
+    def _give_back(self, connection: asyncpg.Connection, error: BaseException | None) -> None:
+        if error is None and not self._closed and not connection.is_closed():
+            self._hand_on(connection)
+            return
+        connection.terminate()
+        if isinstance(error, DISCONNECTED):
+            # the idle ones lost the same server: drop them before anyone retries
+            while self._idle:
+                self._idle.pop().terminate()
+                self._size -= 1
+        self._hand_on(None)
+
+
+class Lease:
+    __slots__ = ("_connection", "_pool")
+
+    def __init__(self, pool: PointReadPool) -> None:
+        self._pool = pool
+        self._connection: asyncpg.Connection | None = None
+
+    async def __aenter__(self) -> asyncpg.Connection:
+        self._connection = await self._pool._take()
+        return self._connection
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        error: BaseException | None,
+        traceback: TracebackType | None,
+    ) -> None:
+        connection, self._connection = self._connection, None
+        if connection is not None:
+            self._pool._give_back(connection, error)
