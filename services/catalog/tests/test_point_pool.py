@@ -150,9 +150,7 @@ async def test_a_waiter_that_gives_up_takes_no_slot_with_it(dsn: str) -> None:
         await pool.close()
 
 
-async def test_a_lost_connection_takes_the_idle_ones_with_it(
-    pool: PointReadPool, dsn: str
-) -> None:
+async def test_a_lost_connection_takes_the_idle_ones_with_it(pool: PointReadPool, dsn: str) -> None:
     pids: list[int] = []
 
     async def hold_and_note(held: asyncio.Event, release: asyncio.Event) -> None:
