@@ -18,6 +18,10 @@ So, once start-up is done:
   on 3.13) to 10,000, so a request's short-lived objects mostly die before
   they are ever collected, and far fewer reach the older generations.
 
+Chat does not settle its heap: its processes mostly hold idle sockets, and
+with the heap settled chat_bench measured 43-46 KiB of memory per idle socket
+against 37 without, for no change in its fan-out latency.
+
 Reference cycles are still collected; only their cost changes. Leaving the
 block unfreezes and restores the threshold, so an app started and stopped in a
 long-lived process (tests) leaves nothing frozen behind.

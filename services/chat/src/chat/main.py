@@ -27,7 +27,6 @@ from chat.presence import Presence
 from chat.router import router
 from kit.app import assemble
 from kit.db import check_database, make_engine, make_sessionmaker
-from kit.heap import settled_heap
 from kit.logs import configure_logging
 from kit.security import KeySource, TokenVerifier
 
@@ -137,18 +136,17 @@ def create_app(settings: Settings | None = None, *, key_source: KeySource | None
             name="heartbeat",
         )
         try:
-            with settled_heap():
-                yield State(
-                    settings=settings,
-                    engine=engine,
-                    sessionmaker=make_sessionmaker(engine),
-                    redis=redis,
-                    http=http,
-                    verifier=verifier,
-                    presence=presence,
-                    hub=hub,
-                    bus=bus,
-                )
+            yield State(
+                settings=settings,
+                engine=engine,
+                sessionmaker=make_sessionmaker(engine),
+                redis=redis,
+                http=http,
+                verifier=verifier,
+                presence=presence,
+                hub=hub,
+                bus=bus,
+            )
         finally:
             beat.cancel()
             rooms = list(hub.feeds)
