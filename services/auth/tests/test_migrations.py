@@ -15,5 +15,11 @@ async def test_migrations_go_up_down_and_up_and_match_the_models(
     result = await migration_round_trip(SERVICE_DIR, url, Base.metadata)
 
     assert result.tables_at_base == {"alembic_version"}
-    assert result.tables_at_head == {"alembic_version", "users", "signing_keys", "refresh_tokens"}
+    assert result.tables_at_head == {
+        "alembic_version",
+        "users",
+        "signing_keys",
+        "refresh_tokens",
+        "password_resets",
+    }
     assert result.pending_changes == []

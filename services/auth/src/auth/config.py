@@ -43,6 +43,15 @@ class Settings(ServiceSettings):
 
     users_page_max: int = Field(default=100, ge=1)
 
+    # Password resets: how long an emailed token stays valid, how many reset
+    # emails one account gets per window (more requests are accepted, and
+    # silently send nothing), and the page the email links to (`?token=` is
+    # appended); without a link the email carries the token alone.
+    password_reset_ttl_seconds: int = Field(default=1800, gt=0)
+    password_reset_emails_per_account: int = Field(default=3, ge=1)
+    password_reset_window_seconds: int = Field(default=3600, ge=1)
+    password_reset_link: str | None = None
+
     smtp_url: SecretStr | None = None
     mail_from: str = "Bazaar <no-reply@bazaar.invalid>"
     smtp_timeout_seconds: float = Field(default=10.0, gt=0)
@@ -53,6 +62,7 @@ class Settings(ServiceSettings):
         "signing_key",
         "signing_key_file",
         "smtp_url",
+        "password_reset_link",
         mode="before",
     )
     @classmethod

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from kit.errors import (
     Conflict,
+    DomainError,
     Forbidden,
     NotFound,
     Unauthenticated,
@@ -36,3 +37,12 @@ class UserNotFound(NotFound):
 class SelfLockout(Forbidden):
     def __init__(self) -> None:
         super().__init__("Admins cannot deactivate themselves or drop their own admin role")
+
+
+class InvalidResetToken(DomainError):
+    """One answer for an unknown, expired or spent token."""
+
+    status, title, slug = 400, "Invalid reset token", "invalid-reset-token"
+
+    def __init__(self) -> None:
+        super().__init__("This password reset token is invalid, expired or already used")

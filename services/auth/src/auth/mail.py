@@ -1,4 +1,5 @@
-"""The welcome email, sent after the registration response has gone out.
+"""Emails: the welcome after a registration and the password reset token,
+each sent after the response has gone out.
 
 With `SMTP_URL` (`smtp://user:password@host:port`, or `smtps://` for implicit
 TLS; `?starttls=1` upgrades a plain connection) it goes over SMTP in a worker
@@ -45,10 +46,32 @@ def send_over_smtp(url: str, message: EmailMessage, *, timeout: float) -> None:
         client.send_message(message)
 
 
-async def send_welcome_email(*, settings: Settings, to: str, display_name: str) -> None:
-    message = welcome_message(sender=settings.mail_from, to=to, display_name=display_name)
+def reset_message(
+    *, sender: str, to: str, token: str, link: str | None, minutes: int
+) -> EmailMessage:
+    message = EmailMessage()
+    message["From"] = sender
+    message["To"] = to
+    message["Subject"] = "Reset your Bazaar password"
+    where = (
+        f"Open {link}{'&' if '?' in link else '?'}token={token}"
+        if link
+        else f"Send this token with your new password to POST /auth/password/reset:\n\n{token}"
+    )
+    message.set_content(
+        f"Someone asked to reset the password of the Bazaar account {to}.\n\n"
+        f"{where}\n\nIt works once, within {minutes} minutes. If it was not you, ignore "
+        "this email: your password stays as it is.\n"
+    )
+    return message
+
+
+async def deliver(*, settings: Settings, message: EmailMessage, what: str) -> None:
+    """Sends over SMTP in a worker thread, or logs the message without
+    `SMTP_URL`; a failure is logged, never raised (the response has gone)."""
+    to = message["To"]
     if settings.smtp_url is None:
-        logger.info("welcome email (no SMTP_URL set) to %s:\n%s", to, message.get_content())
+        logger.info("%s email (no SMTP_URL set) to %s:\n%s", what, to, message.get_content())
         return
     try:
         await asyncio.to_thread(
@@ -57,7 +80,23 @@ async def send_welcome_email(*, settings: Settings, to: str, display_name: str) 
             message,
             timeout=settings.smtp_timeout_seconds,
         )
-    except Exception as error:  # noqa: BLE001 - a lost email never fails a registration
-        logger.warning("welcome email to %s failed: %s", to, error)
+    except Exception as error:  # noqa: BLE001 - a lost email never fails the request
+        logger.warning("%s email to %s failed: %s", what, to, error)
     else:
-        logger.info("welcome email sent to %s", to)
+        logger.info("%s email sent to %s", what, to)
+
+
+async def send_welcome_email(*, settings: Settings, to: str, display_name: str) -> None:
+    message = welcome_message(sender=settings.mail_from, to=to, display_name=display_name)
+    await deliver(settings=settings, message=message, what="welcome")
+
+
+async def send_reset_email(*, settings: Settings, to: str, token: str) -> None:
+    message = reset_message(
+        sender=settings.mail_from,
+        to=to,
+        token=token,
+        link=settings.password_reset_link,
+        minutes=settings.password_reset_ttl_seconds // 60,
+    )
+    await deliver(settings=settings, message=message, what="password reset")

@@ -20,9 +20,11 @@ from auth.deps import (
     ThrottleDep,
 )
 from auth.errors import InvalidCredentials
-from auth.mail import send_welcome_email
+from auth.mail import send_reset_email, send_welcome_email
 from auth.models import User
 from auth.schemas import (
+    PasswordForgotIn,
+    PasswordResetIn,
     RefreshIn,
     RegisterIn,
     TokenPair,
@@ -31,6 +33,7 @@ from auth.schemas import (
     UserPatch,
     login_email,
 )
+from auth.throttle import allow_reset_email
 from kit.deps import AdminPrincipal, CurrentPrincipal, oauth2_scheme
 from kit.errors import Unauthenticated
 
@@ -131,6 +134,55 @@ def _uuid_or_none(value: Any) -> uuid.UUID | None:
         return uuid.UUID(str(value))
     except ValueError:
         return None
+
+
+@router.post(
+    "/password/forgot",
+    status_code=202,
+    response_class=Response,
+    summary="Email a password reset token",
+    response_description="Accepted, whether or not the email has an account",
+)
+async def forgot_password(
+    body: PasswordForgotIn,
+    session: SessionDep,
+    redis: RedisDep,
+    settings: SettingsDep,
+    background: BackgroundTasks,
+) -> Response:
+    if await allow_reset_email(redis=redis, settings=settings, email=body.email):
+        issued = await service.request_password_reset(
+            session=session, settings=settings, email=body.email
+        )
+        if issued is not None:
+            user, reset_token = issued
+            background.add_task(
+                send_reset_email, settings=settings, to=user.email, token=reset_token
+            )
+    return Response(status_code=202)
+
+
+@router.post(
+    "/password/reset",
+    status_code=204,
+    summary="Set a new password with a reset token; ends every session",
+)
+async def reset_password(
+    body: PasswordResetIn,
+    session: SessionDep,
+    redis: RedisDep,
+    passwords: PasswordsDep,
+    settings: SettingsDep,
+) -> Response:
+    await service.reset_password(
+        session=session,
+        redis=redis,
+        passwords=passwords,
+        settings=settings,
+        token=body.token,
+        password=body.password,
+    )
+    return Response(status_code=204)
 
 
 @router.get("/users/me", summary="The caller's account")

@@ -47,14 +47,17 @@ def login_email(value: str) -> str:
         return value.strip().lower().replace("\x00", "")
 
 
+Password = Annotated[
+    str, StringConstraints(min_length=MIN_PASSWORD_LENGTH, max_length=MAX_PASSWORD_LENGTH)
+]
+
+
 class RegisterIn(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     email: Annotated[str, StringConstraints(max_length=320)]
     display_name: DisplayName
-    password: Annotated[
-        str, StringConstraints(min_length=MIN_PASSWORD_LENGTH, max_length=MAX_PASSWORD_LENGTH)
-    ]
+    password: Password
 
     @field_validator("email")
     @classmethod
@@ -126,3 +129,24 @@ class RefreshIn(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     refresh_token: Annotated[str, StringConstraints(min_length=1, max_length=256)]
+
+
+class PasswordForgotIn(BaseModel):
+    """Asks for a reset email; any string is accepted as the email, and one
+    that matches no account simply gets no email."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    email: Annotated[str, StringConstraints(max_length=320)]
+
+    @field_validator("email")
+    @classmethod
+    def _as_account_key(cls, value: str) -> str:
+        return login_email(value)
+
+
+class PasswordResetIn(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    token: Annotated[str, StringConstraints(min_length=1, max_length=256)]
+    password: Password

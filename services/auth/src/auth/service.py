@@ -23,15 +23,16 @@ from auth.errors import (
     EmailTaken,
     InvalidCredentials,
     InvalidRefreshToken,
+    InvalidResetToken,
     SelfLockout,
     UserNotFound,
 )
 from auth.keys import KeyRing
-from auth.models import ROLE_ADMIN, ROLE_USER, RefreshToken, User
+from auth.models import ROLE_ADMIN, ROLE_USER, PasswordReset, RefreshToken, User
 from auth.passwords import Passwords
 from auth.schemas import normalise_email
-from auth.tokens import issue_access_token, new_refresh_token, refresh_token_hash
-from kit.errors import ServiceUnavailable
+from auth.tokens import issue_access_token, new_opaque_token, opaque_token_hash
+from kit.errors import InvalidInput, ServiceUnavailable
 from kit.security import Principal, revoke_token, revoke_user, revoked_user_key
 
 logger = logging.getLogger("auth.service")
@@ -243,11 +244,11 @@ async def issue_tokens(
         lifetime_seconds=settings.access_token_ttl_seconds,
         not_before=await _not_before(redis, user.id),
     )
-    refresh = new_refresh_token()
+    refresh = new_opaque_token()
     now = datetime.now(UTC)
     session.add(
         RefreshToken(
-            token_hash=refresh_token_hash(refresh),
+            token_hash=opaque_token_hash(refresh),
             family_id=family_id,
             user_id=user.id,
             access_jti=access.jti,
@@ -275,7 +276,7 @@ async def rotate_refresh_token(
     """
     token = await session.scalar(
         select(RefreshToken)
-        .where(RefreshToken.token_hash == refresh_token_hash(refresh_token))
+        .where(RefreshToken.token_hash == opaque_token_hash(refresh_token))
         .with_for_update()
     )
     now = datetime.now(UTC)
@@ -334,3 +335,90 @@ async def logout(
     if family_id is not None:
         await revoke_family(session=session, redis=redis, family_id=family_id)
         await session.commit()
+
+
+# --- password resets -------------------------------------------------------
+
+
+async def request_password_reset(
+    *, session: AsyncSession, settings: Settings, email: str
+) -> tuple[User, str] | None:
+    """A new reset token for the active account with this email, or None.
+
+    The caller answers the same either way and emails the token: the reply
+    never tells whether an account exists. Earlier tokens stay valid until
+    they expire or one of them is used.
+    """
+    user = await session.scalar(select(User).where(User.email == email))
+    if user is None or not user.is_active:
+        return None
+    token = new_opaque_token()
+    session.add(
+        PasswordReset(
+            token_hash=opaque_token_hash(token),
+            user_id=user.id,
+            expires_at=datetime.now(UTC) + timedelta(seconds=settings.password_reset_ttl_seconds),
+        )
+    )
+    await session.commit()
+    return user, token
+
+
+async def reset_password(
+    *,
+    session: AsyncSession,
+    redis: Redis,
+    passwords: Passwords,
+    settings: Settings,
+    token: str,
+    password: str,
+) -> None:
+    """Sets a new password with a reset token, once.
+
+    Every outstanding reset token of the user is spent with it, and every
+    session ends: refresh tokens are revoked and access tokens issued before
+    now are refused everywhere (kit's per-user revocation time), since a reset
+    usually means the old password was lost or stolen.
+    """
+    now = datetime.now(UTC)
+    reset = await session.scalar(
+        select(PasswordReset)
+        .where(PasswordReset.token_hash == opaque_token_hash(token))
+        .with_for_update()
+    )
+    user = None if reset is None else await session.get(User, reset.user_id)
+    if (
+        reset is None
+        or user is None
+        or reset.used_at is not None
+        or reset.expires_at <= now
+        or not user.is_active
+    ):
+        await session.rollback()
+        raise InvalidResetToken
+    if password.strip().lower() == user.email:
+        await session.rollback()
+        raise InvalidInput(
+            "The password must not be the email address",
+            errors=[
+                {
+                    "loc": ["body", "password"],
+                    "msg": "the password must not be the email address",
+                    "type": "value_error",
+                }
+            ],
+        )
+    user.password_hash = await passwords.hash(password)
+    await session.execute(
+        update(PasswordReset)
+        .where(PasswordReset.user_id == user.id, PasswordReset.used_at.is_(None))
+        .values(used_at=now)
+    )
+    await session.execute(
+        update(RefreshToken)
+        .where(RefreshToken.user_id == user.id, RefreshToken.revoked_at.is_(None))
+        .values(revoked_at=now)
+    )
+    await session.commit()
+    await _revoke_user_tokens(redis=redis, settings=settings, user_id=user.id)
+    logger.info("password reset for user %s", user.id)

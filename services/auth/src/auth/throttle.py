@@ -19,9 +19,13 @@ from auth.config import Settings
 from kit.errors import RateLimited, ServiceUnavailable
 
 
+def _account(email: str) -> str:
+    """The account's key part: a digest, so Redis holds no email addresses."""
+    return hashlib.sha256(email.encode()).hexdigest()[:32]
+
+
 def account_failures_key(email: str) -> str:
-    digest = hashlib.sha256(email.encode()).hexdigest()[:32]
-    return f"auth:login:failures:account:{digest}"
+    return f"auth:login:failures:account:{_account(email)}"
 
 
 def client_failures_key(client: str) -> str:
@@ -66,3 +70,25 @@ class LoginThrottle:
             await self.redis.delete(account_failures_key(email))
         except RedisError as error:
             raise ServiceUnavailable("Login throttling is unavailable; retry") from error
+
+
+def reset_emails_key(email: str) -> str:
+    return f"auth:password-reset:emails:{_account(email)}"
+
+
+async def allow_reset_email(*, redis: Redis, settings: Settings, email: str) -> bool:
+    """Counts one reset email for the account; False past the window's limit.
+
+    Whatever this answers, the client gets the same 202: the limit protects
+    the mailbox from being flooded, and says nothing about the account.
+    Redis being down fails closed (503), like the login throttle.
+    """
+    key = reset_emails_key(email)
+    try:
+        async with redis.pipeline(transaction=True) as pipe:
+            pipe.set(key, 0, ex=settings.password_reset_window_seconds, nx=True)
+            pipe.incr(key)
+            _, count = await pipe.execute()
+    except RedisError as error:
+        raise ServiceUnavailable("Reset throttling is unavailable; retry") from error
+    return int(count) <= settings.password_reset_emails_per_account

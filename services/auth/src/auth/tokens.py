@@ -66,11 +66,12 @@ def issue_access_token(
     return AccessToken(token, jti, expires_at)
 
 
-def new_refresh_token() -> str:
+def new_opaque_token() -> str:
+    """A refresh or password-reset token: random, meaningless to its holder."""
     return secrets.token_urlsafe(REFRESH_TOKEN_BYTES)
 
 
-def refresh_token_hash(token: str) -> str:
+def opaque_token_hash(token: str) -> str:
     """Only this digest is stored: a leaked table cannot be replayed. The token
     has 256 random bits, so a fast hash is enough (no password stretching)."""
     return hashlib.sha256(token.encode()).hexdigest()

@@ -1,0 +1,202 @@
+"""Password resets: the emailed token, its single use, and what a reset ends."""
+
+from __future__ import annotations
+
+import logging
+import re
+from collections.abc import Iterator
+from datetime import UTC, datetime, timedelta
+
+import httpx
+import pytest
+from sqlalchemy import select, update
+from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
+
+from auth.models import PasswordReset, User
+from auth.tokens import opaque_token_hash
+
+from .factories import login, register, registered_and_logged_in, unique_email
+
+NEW_PASSWORD = "a brand new passphrase"
+
+
+@pytest.fixture
+def mail(caplog: pytest.LogCaptureFixture) -> Iterator[pytest.LogCaptureFixture]:
+    """The emails the app logs (no SMTP_URL in tests); the app's logging set-up
+    replaced the root handlers, caplog's included, so it listens on the logger."""
+    mail_logger = logging.getLogger("auth.mail")
+    mail_logger.addHandler(caplog.handler)
+    caplog.set_level(logging.INFO, logger="auth.mail")
+    try:
+        yield caplog
+    finally:
+        mail_logger.removeHandler(caplog.handler)
+
+
+def reset_tokens(mail: pytest.LogCaptureFixture, email: str) -> list[str]:
+    tokens = []
+    # a record can reach the handler twice: through the logger and through the root
+    for record in {id(record): record for record in mail.records}.values():
+        message = record.getMessage()
+        if message.startswith(f"password reset email (no SMTP_URL set) to {email}:"):
+            found = re.search(r"POST /auth/password/reset:\n\n(\S+)\n", message)
+            assert found, message
+            tokens.append(found.group(1))
+    return tokens
+
+
+async def forgot(client: httpx.AsyncClient, email: str) -> None:
+    response = await client.post("/auth/password/forgot", json={"email": email})
+    assert response.status_code == 202, response.text
+    assert response.content == b""
+
+
+async def test_a_reset_sets_the_new_password_and_ends_every_session(
+    client: httpx.AsyncClient, mail: pytest.LogCaptureFixture
+) -> None:
+    account, tokens = await registered_and_logged_in(client)
+    await forgot(client, account.email.upper())  # any spelling of the address
+    (token,) = reset_tokens(mail, account.email)
+
+    response = await client.post(
+        "/auth/password/reset", json={"token": token, "password": NEW_PASSWORD}
+    )
+    assert response.status_code == 204, response.text
+
+    old = await client.post(
+        "/auth/token", data={"username": account.email, "password": account.password}
+    )
+    assert old.status_code == 401
+    fresh = await login(client, account.email, NEW_PASSWORD)
+    assert (await client.get("/auth/users/me", headers=fresh.headers)).status_code == 200
+    # the sessions from before the reset are over, access and refresh alike
+    assert (await client.get("/auth/users/me", headers=tokens.headers)).status_code == 401
+    refreshed = await client.post("/auth/refresh", json={"refresh_token": tokens.refresh})
+    assert refreshed.status_code == 401
+
+
+async def test_a_token_works_once_and_spends_the_others(
+    client: httpx.AsyncClient, mail: pytest.LogCaptureFixture
+) -> None:
+    account = await register(client)
+    await forgot(client, account.email)
+    await forgot(client, account.email)
+    first, second = reset_tokens(mail, account.email)
+    body = {"token": second, "password": NEW_PASSWORD}
+    assert (await client.post("/auth/password/reset", json=body)).status_code == 204
+
+    for token in (second, first):
+        again = await client.post(
+            "/auth/password/reset", json={"token": token, "password": "yet another one"}
+        )
+        assert again.status_code == 400
+        assert again.headers["content-type"] == "application/problem+json"
+        assert again.json()["detail"] == (
+            "This password reset token is invalid, expired or already used"
+        )
+    await login(client, account.email, NEW_PASSWORD)
+
+
+async def test_an_unknown_email_is_answered_alike_and_gets_nothing(
+    client: httpx.AsyncClient,
+    mail: pytest.LogCaptureFixture,
+    sessionmaker: async_sessionmaker[AsyncSession],
+) -> None:
+    nobody = unique_email("nobody")
+    await forgot(client, nobody)
+    await forgot(client, "not an email at all")
+    assert not [record for record in mail.records if "password reset" in record.getMessage()]
+    async with sessionmaker() as session:
+        assert await session.scalar(select(User).where(User.email == nobody)) is None
+
+
+async def test_an_expired_token_is_refused(
+    client: httpx.AsyncClient,
+    mail: pytest.LogCaptureFixture,
+    sessionmaker: async_sessionmaker[AsyncSession],
+) -> None:
+    account = await register(client)
+    await forgot(client, account.email)
+    (token,) = reset_tokens(mail, account.email)
+    async with sessionmaker() as session:
+        stored = await session.scalar(
+            select(PasswordReset).where(PasswordReset.token_hash == opaque_token_hash(token))
+        )
+        assert stored is not None  # only the digest is stored, never the token
+        lifetime = stored.expires_at - stored.created_at
+        assert abs(lifetime - timedelta(seconds=1800)) < timedelta(seconds=5)
+        await session.execute(
+            update(PasswordReset)
+            .where(PasswordReset.id == stored.id)
+            .values(expires_at=datetime.now(UTC) - timedelta(seconds=1))
+        )
+        await session.commit()
+    response = await client.post(
+        "/auth/password/reset", json={"token": token, "password": NEW_PASSWORD}
+    )
+    assert response.status_code == 400
+    await login(client, account.email, account.password)
+
+
+async def test_a_deactivated_account_cannot_reset(
+    client: httpx.AsyncClient,
+    mail: pytest.LogCaptureFixture,
+    sessionmaker: async_sessionmaker[AsyncSession],
+) -> None:
+    account = await register(client)
+    await forgot(client, account.email)
+    (token,) = reset_tokens(mail, account.email)
+    async with sessionmaker() as session:
+        await session.execute(
+            update(User).where(User.email == account.email).values(is_active=False)
+        )
+        await session.commit()
+    response = await client.post(
+        "/auth/password/reset", json={"token": token, "password": NEW_PASSWORD}
+    )
+    assert response.status_code == 400
+    await forgot(client, account.email)
+    assert len(reset_tokens(mail, account.email)) == 1  # and no new email
+
+
+async def test_reset_emails_per_account_are_limited_without_telling(
+    client: httpx.AsyncClient, mail: pytest.LogCaptureFixture
+) -> None:
+    account = await register(client)
+    for _ in range(5):
+        await forgot(client, account.email)
+    assert len(reset_tokens(mail, account.email)) == 3  # the window's limit
+
+
+@pytest.mark.parametrize(
+    ("body", "field"),
+    [
+        ({"token": "x", "password": "short"}, "password"),
+        ({"token": "", "password": NEW_PASSWORD}, "token"),
+        ({"token": "x" * 257, "password": NEW_PASSWORD}, "token"),
+        ({"password": NEW_PASSWORD}, "token"),
+    ],
+)
+async def test_malformed_resets_are_validation_problems(
+    client: httpx.AsyncClient, body: dict[str, str], field: str
+) -> None:
+    response = await client.post("/auth/password/reset", json=body)
+    assert response.status_code == 422
+    assert response.headers["content-type"] == "application/problem+json"
+    assert ["body", field] in [error["loc"] for error in response.json()["errors"]]
+
+
+async def test_the_new_password_must_not_be_the_email(
+    client: httpx.AsyncClient, mail: pytest.LogCaptureFixture
+) -> None:
+    account = await register(client)
+    await forgot(client, account.email)
+    (token,) = reset_tokens(mail, account.email)
+    response = await client.post(
+        "/auth/password/reset", json={"token": token, "password": account.email}
+    )
+    assert response.status_code == 422
+    assert response.json()["errors"][0]["loc"] == ["body", "password"]
+    # the token was not spent by the refused attempt
+    body = {"token": token, "password": NEW_PASSWORD}
+    assert (await client.post("/auth/password/reset", json=body)).status_code == 204
