@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import asyncio
+import json
+import re
+import time
 import uuid
 
 import httpx
@@ -186,3 +189,50 @@ async def test_full_journey(stack: Stack, client: httpx.AsyncClient) -> None:
     with pytest.raises(InvalidStatus) as refusal:
         await open_socket(stack.ws_url, rooms[0], tokens["access_token"])
     assert refusal.value.response.status_code in (401, 403)
+
+
+def emailed_reset_token(stack: Stack, email: str) -> str | None:
+    """The token of the newest reset email auth has logged for `email` (the
+    stack runs without SMTP_URL, so auth logs its emails)."""
+    stdout, _ = stack.compose.get_logs("auth")
+    found = None
+    for line in stdout.splitlines():
+        _, _, entry = line.partition("| ")
+        if f"password reset email (no SMTP_URL set) to {email}:" not in entry:
+            continue
+        message = json.loads(entry)["msg"]
+        match = re.search(r"POST /auth/password/reset:\n\n(\S+)\n", message)
+        if match:
+            found = match.group(1)
+    return found
+
+
+async def test_a_password_reset_ends_every_session(stack: Stack, client: httpx.AsyncClient) -> None:
+    user = await register(client)
+    tokens = await login(client, user["email"], user["password"])
+    forgot = await client.post("/auth/password/forgot", json={"email": user["email"]})
+    assert forgot.status_code == 202
+
+    # the email goes out after the response: wait for it to reach the log
+    deadline = time.monotonic() + 20
+    while (token := emailed_reset_token(stack, user["email"])) is None:
+        assert time.monotonic() < deadline, "no reset email was logged"
+        await asyncio.sleep(0.2)
+
+    new_password = "reset through the gateway"
+    reset = await client.post(
+        "/auth/password/reset", json={"token": token, "password": new_password}
+    )
+    assert reset.status_code == 204, reset.text
+    again = await client.post("/auth/password/reset", json={"token": token, "password": "x" * 12})
+    assert again.status_code == 400
+
+    old = bearer(tokens["access_token"])
+    assert (await client.get("/auth/users/me", headers=old)).status_code == 401
+    assert (await client.get("/chat/rooms/lobby/messages", headers=old)).status_code == 401
+    refreshed = await client.post("/auth/refresh", json={"refresh_token": tokens["refresh_token"]})
+    assert refreshed.status_code == 401
+    fresh = await login(client, user["email"], new_password)
+    assert (
+        await client.get("/auth/users/me", headers=bearer(fresh["access_token"]))
+    ).status_code == 200
