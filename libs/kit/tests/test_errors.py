@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import asyncpg
 import httpx
 from fastapi import FastAPI
 
@@ -92,5 +93,7 @@ async def test_a_bug_is_a_500_that_reveals_nothing_but_the_request_id() -> None:
 def test_outage_detection_follows_wrapped_causes() -> None:
     assert is_outage(WrappedDatabaseError(AdminShutdownError()))
     assert is_outage(TimeoutError())
+    # the driver's protocol out of step after the server dropped an idle connection
+    assert is_outage(WrappedDatabaseError(asyncpg.exceptions.InternalClientError("state")))
     assert not is_outage(WrappedDatabaseError(ValueError()))
     assert not is_outage(KeyError("x"))

@@ -10,7 +10,7 @@ from collections.abc import AsyncIterator
 import asyncpg
 import pytest
 
-from catalog.point_pool import PointReadPool, PoolClosed
+from catalog.point_pool import DISCONNECTED, PointReadPool, PoolClosed
 from kit.db import asyncpg_dsn
 
 
@@ -180,7 +180,7 @@ async def test_a_lost_connection_takes_the_idle_ones_with_it(pool: PointReadPool
         try:
             assert await backend_pid(pool) > 0
             break
-        except (asyncpg.PostgresConnectionError, asyncpg.InterfaceError, OSError):
+        except DISCONNECTED:
             assert pool.idle == 0
     else:
         pytest.fail("the pool kept handing out dead connections")

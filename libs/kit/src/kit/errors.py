@@ -203,6 +203,7 @@ async def _on_http_exception(request: Request, error: Exception) -> JSONResponse
 # or Redis is restarting or unreachable": a retry will do, nothing was lost.
 _OUTAGE_NAMES = frozenset(
     {
+        "InternalClientError",
         "AdminShutdownError",
         "CannotConnectNowError",
         "ConnectionDoesNotExistError",

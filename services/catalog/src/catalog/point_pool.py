@@ -28,8 +28,17 @@ from typing import Any
 
 import asyncpg
 
-# What a connection lost to a database restart raises from the driver.
-DISCONNECTED = (asyncpg.PostgresConnectionError, asyncpg.InterfaceError, OSError)
+# What a connection lost to a database restart (or shutdown, or a backend
+# terminated by an administrator) raises from the driver: the server's own
+# notice (57P01 and its kin), the socket's error, or, when the notice arrived
+# while the connection sat idle, asyncpg's protocol state out of step.
+DISCONNECTED = (
+    asyncpg.PostgresConnectionError,
+    asyncpg.exceptions.OperatorInterventionError,
+    asyncpg.InterfaceError,
+    asyncpg.exceptions.InternalClientError,
+    OSError,
+)
 
 
 class PoolClosed(asyncpg.InterfaceError):  # type: ignore[misc] # asyncpg is untyped
