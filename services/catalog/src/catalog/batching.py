@@ -31,6 +31,7 @@ from catalog.point_pool import DISCONNECTED, PoolClosed
 logger = logging.getLogger("catalog.batching")
 
 Connections = Callable[[], AbstractAsyncContextManager[Any]]
+"""Opens a bare asyncpg connection for the length of an `async with`."""
 Futures = list[asyncio.Future[Any]]
 
 
@@ -56,10 +57,9 @@ class BatchedReads:
         self._max_in_flight = max_in_flight
         self._max_batch = max_batch
         self._pending: dict[Hashable, Futures] = {}
-        # batches started (waiting for a connection or running)
-        self._in_flight = 0
         # a started batch has not taken the pending reads yet: new ones join it
         self._gathering = False
+        # batches started (waiting for a connection or running)
         self._tasks: set[asyncio.Task[None]] = set()
         self._closed = False
         self.batches = 0  # statements sent, for tests and metrics
@@ -74,7 +74,7 @@ class BatchedReads:
             self._pending[key] = [future]
         else:
             waiting.append(future)
-        if not self._gathering and self._in_flight < self._max_in_flight:
+        if not self._gathering and len(self._tasks) < self._max_in_flight:
             self._start()
         return await future
 
@@ -89,19 +89,17 @@ class BatchedReads:
 
     def _start(self) -> None:
         self._gathering = True
-        self._in_flight += 1
         task = asyncio.get_running_loop().create_task(self._run())
         self._tasks.add(task)
         task.add_done_callback(self._finished)
 
     def _finished(self, task: asyncio.Task[None]) -> None:
         self._tasks.discard(task)
-        self._in_flight -= 1
         if (
             self._pending
             and not self._closed
             and not self._gathering
-            and self._in_flight < self._max_in_flight
+            and len(self._tasks) < self._max_in_flight
         ):
             self._start()
 

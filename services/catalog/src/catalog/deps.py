@@ -14,7 +14,7 @@ from fastapi import Depends, Query, Request, Security
 from fastapi.security import APIKeyHeader, APIKeyQuery
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, AsyncSession, async_sessionmaker
 
-from catalog.batching import BatchedReads
+from catalog.batching import BatchedReads, Connections
 from catalog.config import Settings
 from catalog.errors import ImportDisabled
 from catalog.paging import Cursor, Sort
@@ -49,8 +49,8 @@ def session_connections(sessionmaker: async_sessionmaker[AsyncSession]) -> ReadC
     return connection
 
 
-DriverConnections = Callable[[], AbstractAsyncContextManager[Any]]
-"""Opens a bare asyncpg connection, for the hottest point reads."""
+# Bare asyncpg connections, for the hottest point reads (see batching.py).
+DriverConnections = Connections
 
 
 def pool_connections(pool: PointReadPool) -> DriverConnections:
