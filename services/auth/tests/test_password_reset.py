@@ -15,7 +15,7 @@ from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 from auth.models import PasswordReset, User
 from auth.tokens import opaque_token_hash
 
-from .factories import login, register, registered_and_logged_in, unique_email
+from .factories import Account, login, register, registered_and_logged_in, unique_email
 
 NEW_PASSWORD = "a brand new passphrase"
 
@@ -49,6 +49,16 @@ async def forgot(client: httpx.AsyncClient, email: str) -> None:
     response = await client.post("/auth/password/forgot", json={"email": email})
     assert response.status_code == 202, response.text
     assert response.content == b""
+
+
+async def account_with_reset_token(
+    client: httpx.AsyncClient, mail: pytest.LogCaptureFixture
+) -> tuple[Account, str]:
+    """A new account that has asked for one reset, and the token it was emailed."""
+    account = await register(client)
+    await forgot(client, account.email)
+    (token,) = reset_tokens(mail, account.email)
+    return account, token
 
 
 async def test_a_reset_sets_the_new_password_and_ends_every_session(
@@ -115,9 +125,7 @@ async def test_an_expired_token_is_refused(
     mail: pytest.LogCaptureFixture,
     sessionmaker: async_sessionmaker[AsyncSession],
 ) -> None:
-    account = await register(client)
-    await forgot(client, account.email)
-    (token,) = reset_tokens(mail, account.email)
+    account, token = await account_with_reset_token(client, mail)
     async with sessionmaker() as session:
         stored = await session.scalar(
             select(PasswordReset).where(PasswordReset.token_hash == opaque_token_hash(token))
@@ -143,9 +151,7 @@ async def test_a_deactivated_account_cannot_reset(
     mail: pytest.LogCaptureFixture,
     sessionmaker: async_sessionmaker[AsyncSession],
 ) -> None:
-    account = await register(client)
-    await forgot(client, account.email)
-    (token,) = reset_tokens(mail, account.email)
+    account, token = await account_with_reset_token(client, mail)
     async with sessionmaker() as session:
         await session.execute(
             update(User).where(User.email == account.email).values(is_active=False)
@@ -189,9 +195,7 @@ async def test_malformed_resets_are_validation_problems(
 async def test_the_new_password_must_not_be_the_email(
     client: httpx.AsyncClient, mail: pytest.LogCaptureFixture
 ) -> None:
-    account = await register(client)
-    await forgot(client, account.email)
-    (token,) = reset_tokens(mail, account.email)
+    account, token = await account_with_reset_token(client, mail)
     response = await client.post(
         "/auth/password/reset", json={"token": token, "password": account.email}
     )

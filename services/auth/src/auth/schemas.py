@@ -47,6 +47,14 @@ def login_email(value: str) -> str:
         return value.strip().lower().replace("\x00", "")
 
 
+PASSWORD_IS_EMAIL = "the password must not be the email address"
+
+
+def is_the_email(password: str, email: str) -> bool:
+    """A password that only spells the account's (normalised) email."""
+    return password.strip().lower() == email
+
+
 Password = Annotated[
     str, StringConstraints(min_length=MIN_PASSWORD_LENGTH, max_length=MAX_PASSWORD_LENGTH)
 ]
@@ -71,8 +79,8 @@ class RegisterIn(BaseModel):
     @classmethod
     def _not_the_email(cls, value: str, info: ValidationInfo) -> str:
         email = info.data.get("email")
-        if email is not None and value.strip().lower() == email:
-            raise ValueError("the password must not be the email address")
+        if email is not None and is_the_email(value, email):
+            raise ValueError(PASSWORD_IS_EMAIL)
         return value
 
 

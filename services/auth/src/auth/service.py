@@ -30,7 +30,7 @@ from auth.errors import (
 from auth.keys import KeyRing
 from auth.models import ROLE_ADMIN, ROLE_USER, PasswordReset, RefreshToken, User
 from auth.passwords import Passwords
-from auth.schemas import normalise_email
+from auth.schemas import PASSWORD_IS_EMAIL, is_the_email, normalise_email
 from auth.tokens import issue_access_token, new_opaque_token, opaque_token_hash
 from kit.errors import InvalidInput, ServiceUnavailable
 from kit.security import Principal, revoke_token, revoke_user, revoked_user_key
@@ -138,16 +138,21 @@ async def update_user(
     if "display_name" in changes:
         user.display_name = changes["display_name"]
     if deactivated:
-        await session.execute(
-            update(RefreshToken)
-            .where(RefreshToken.user_id == user.id, RefreshToken.revoked_at.is_(None))
-            .values(revoked_at=datetime.now(UTC))
-        )
+        await _revoke_refresh_tokens(session=session, user_id=user.id)
     await session.commit()
     if deactivated or demoted:
         await _revoke_user_tokens(redis=redis, settings=settings, user_id=user.id)
     await session.refresh(user)
     return user
+
+
+async def _revoke_refresh_tokens(*, session: AsyncSession, user_id: uuid.UUID) -> None:
+    """Ends every login session of the user (a refresh then answers 401). Caller commits."""
+    await session.execute(
+        update(RefreshToken)
+        .where(RefreshToken.user_id == user_id, RefreshToken.revoked_at.is_(None))
+        .values(revoked_at=datetime.now(UTC))
+    )
 
 
 async def _revoke_user_tokens(*, redis: Redis, settings: Settings, user_id: uuid.UUID) -> None:
@@ -396,17 +401,11 @@ async def reset_password(
     ):
         await session.rollback()
         raise InvalidResetToken
-    if password.strip().lower() == user.email:
+    if is_the_email(password, user.email):
         await session.rollback()
         raise InvalidInput(
-            "The password must not be the email address",
-            errors=[
-                {
-                    "loc": ["body", "password"],
-                    "msg": "the password must not be the email address",
-                    "type": "value_error",
-                }
-            ],
+            PASSWORD_IS_EMAIL.capitalize(),
+            errors=[{"loc": ["body", "password"], "msg": PASSWORD_IS_EMAIL, "type": "value_error"}],
         )
     user.password_hash = await passwords.hash(password)
     await session.execute(
@@ -414,11 +413,7 @@ async def reset_password(
         .where(PasswordReset.user_id == user.id, PasswordReset.used_at.is_(None))
         .values(used_at=now)
     )
-    await session.execute(
-        update(RefreshToken)
-        .where(RefreshToken.user_id == user.id, RefreshToken.revoked_at.is_(None))
-        .values(revoked_at=now)
-    )
+    await _revoke_refresh_tokens(session=session, user_id=user.id)
     await session.commit()
     await _revoke_user_tokens(redis=redis, settings=settings, user_id=user.id)
     logger.info("password reset for user %s", user.id)
