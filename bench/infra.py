@@ -3,7 +3,6 @@ their own addresses, and processes pinned to a core."""
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import os
 import shutil
@@ -12,7 +11,7 @@ from collections.abc import Iterator
 
 from testcontainers.core.container import DockerContainer
 
-from kit.testing import POSTGRES_IMAGE, REDIS_IMAGE, free_port, wait_for_postgres, wait_for_redis
+from kit.testing import postgres_container, redis_container
 
 
 def direct_address(container: DockerContainer, port: int, published: int) -> str:
@@ -32,34 +31,16 @@ def direct_address(container: DockerContainer, port: int, published: int) -> str
 @contextlib.contextmanager
 def postgres_server() -> Iterator[str]:
     """A throwaway PostgreSQL server; yields `postgresql+asyncpg://user:password@host:port`."""
-    published = free_port()
-    container = (
-        DockerContainer(POSTGRES_IMAGE)
-        .with_env("POSTGRES_USER", "bench")
-        .with_env("POSTGRES_PASSWORD", "bench")
-        .with_env("POSTGRES_DB", "bench")
-        .with_bind_ports(5432, published)
-        .with_command("postgres -c fsync=off -c synchronous_commit=off")
-    )
-    container.start()
-    try:
-        asyncio.run(wait_for_postgres(f"postgresql://bench:bench@127.0.0.1:{published}/bench"))
-        yield f"postgresql+asyncpg://bench:bench@{direct_address(container, 5432, published)}"
-    finally:
-        container.stop()
+    with postgres_container("bench") as server:
+        address = direct_address(server.container, 5432, server.port)
+        yield f"postgresql+asyncpg://bench:bench@{address}"
 
 
 @contextlib.contextmanager
 def redis_server() -> Iterator[str]:
     """A throwaway Redis server; yields its `redis://` URL."""
-    published = free_port()
-    container = DockerContainer(REDIS_IMAGE).with_bind_ports(6379, published)
-    container.start()
-    try:
-        asyncio.run(wait_for_redis(f"redis://127.0.0.1:{published}/0"))
-        yield f"redis://{direct_address(container, 6379, published)}/0"
-    finally:
-        container.stop()
+    with redis_container() as server:
+        yield f"redis://{direct_address(server.container, 6379, server.port)}/0"
 
 
 def pinned(command: list[str], core: int) -> list[str]:

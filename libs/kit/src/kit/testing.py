@@ -86,27 +86,34 @@ async def wait_for_redis(url: str, within: float = STARTUP_TIMEOUT_SECONDS) -> N
         await client.aclose()
 
 
-@pytest.fixture(scope="session")
-def postgres_service() -> Iterator[Service]:
+@contextlib.contextmanager
+def postgres_container(user: str, *settings: str) -> Iterator[Service]:
+    """A throwaway PostgreSQL server, answering; `user` is also its password and
+    database. Durability is off (nothing in it must survive); `settings` are
+    more `-c name=value` server settings."""
     port = free_port()
+    options = " ".join(
+        f"-c {setting}" for setting in ("fsync=off", "synchronous_commit=off", *settings)
+    )
     container = (
         DockerContainer(POSTGRES_IMAGE)
-        .with_env("POSTGRES_USER", "test")
-        .with_env("POSTGRES_PASSWORD", "test")
-        .with_env("POSTGRES_DB", "test")
+        .with_env("POSTGRES_USER", user)
+        .with_env("POSTGRES_PASSWORD", user)
+        .with_env("POSTGRES_DB", user)
         .with_bind_ports(5432, port)
-        .with_command("postgres -c fsync=off -c synchronous_commit=off -c max_connections=300")
+        .with_command(f"postgres {options}")
     )
     container.start()
     try:
-        asyncio.run(wait_for_postgres(f"postgresql://test:test@127.0.0.1:{port}/test"))
+        asyncio.run(wait_for_postgres(f"postgresql://{user}:{user}@127.0.0.1:{port}/{user}"))
         yield Service(container, port)
     finally:
         container.stop()
 
 
-@pytest.fixture(scope="session")
-def redis_service() -> Iterator[Service]:
+@contextlib.contextmanager
+def redis_container() -> Iterator[Service]:
+    """A throwaway Redis server, answering."""
     port = free_port()
     container = DockerContainer(REDIS_IMAGE).with_bind_ports(6379, port)
     container.start()
@@ -115,6 +122,18 @@ def redis_service() -> Iterator[Service]:
         yield Service(container, port)
     finally:
         container.stop()
+
+
+@pytest.fixture(scope="session")
+def postgres_service() -> Iterator[Service]:
+    with postgres_container("test", "max_connections=300") as service:
+        yield service
+
+
+@pytest.fixture(scope="session")
+def redis_service() -> Iterator[Service]:
+    with redis_container() as service:
+        yield service
 
 
 @pytest.fixture(scope="session")
