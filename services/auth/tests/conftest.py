@@ -46,11 +46,9 @@ def make_settings(database_url: str, redis_url: str, **overrides: Any) -> Settin
 async def fresh_database(postgres_server_url: str) -> str:
     # imported here: a top-level import would load the plugin before pytest
     # can rewrite its asserts
-    from kit.testing import migrate, unique_database_url
+    from kit.testing import migrated_database
 
-    url = unique_database_url(postgres_server_url, "auth")
-    await migrate(SERVICE_DIR, url)
-    return url
+    return await migrated_database(postgres_server_url, SERVICE_DIR)
 
 
 async def wait_until_ready(client: httpx.AsyncClient, *, within: float = 20.0) -> None:

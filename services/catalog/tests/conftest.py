@@ -41,11 +41,9 @@ def make_settings(database_url: str, redis_url: str, **overrides: Any) -> Settin
 
 @pytest.fixture(scope="session")
 async def database_url(postgres_server_url: str) -> str:
-    from kit.testing import migrate, unique_database_url
+    from kit.testing import migrated_database
 
-    url = unique_database_url(postgres_server_url, "catalog")
-    await migrate(SERVICE_DIR, url)
-    return url
+    return await migrated_database(postgres_server_url, SERVICE_DIR)
 
 
 @pytest.fixture(scope="session")

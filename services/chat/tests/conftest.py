@@ -29,11 +29,9 @@ def minter() -> TokenMinter:
 
 @pytest.fixture(scope="session")
 async def database_url(postgres_server_url: str) -> str:
-    from kit.testing import migrate, unique_database_url
+    from kit.testing import migrated_database
 
-    url = unique_database_url(postgres_server_url, "chat")
-    await migrate(SERVICE_DIR, url)
-    return url
+    return await migrated_database(postgres_server_url, SERVICE_DIR)
 
 
 @pytest.fixture(scope="session")

@@ -168,6 +168,13 @@ async def migrate(service_dir: Path, url: str, revision: str = "head") -> None:
     await asyncio.to_thread(command.upgrade, config, revision)  # type: ignore[arg-type]
 
 
+async def migrated_database(server_url: str, service_dir: Path) -> str:
+    """A new database on the server, named after the service, at its head revision."""
+    url = unique_database_url(server_url, service_dir.name)
+    await migrate(service_dir, url)
+    return url
+
+
 async def downgrade(service_dir: Path, url: str, revision: str = "base") -> None:
     from alembic import command
 
