@@ -3,7 +3,9 @@ on a free host port, so it never collides with a stack someone left running."""
 
 from __future__ import annotations
 
+import hashlib
 import json
+import os
 import subprocess
 import uuid
 from collections.abc import AsyncIterator, Generator, Iterator
@@ -49,6 +51,10 @@ class Stack:
         return rows
 
 
+def checkout_id() -> str:
+    return hashlib.sha256(str(ROOT).encode()).hexdigest()[:10]
+
+
 @pytest.fixture(scope="session")
 def stack() -> Iterator[Stack]:
     port = free_port()
@@ -56,6 +62,9 @@ def stack() -> Iterator[Stack]:
     with pytest.MonkeyPatch.context() as patch:
         patch.setenv("COMPOSE_PROJECT_NAME", project)
         patch.setenv("GATEWAY_PORT", str(port))
+        # images tagged per checkout, so two checkouts testing at once never
+        # run each other's builds
+        patch.setenv("TAG", os.environ.get("TAG") or f"e2e-{checkout_id()}")
         patch.setenv("ADMIN_EMAIL", ADMIN_EMAIL)
         patch.setenv("ADMIN_PASSWORD", ADMIN_PASSWORD)
         compose = DockerCompose(
