@@ -18,8 +18,8 @@ export function field({ label, name, type = "text", hint, ...attributes }) {
     "div",
     { class: "field" },
     h("label", { for: id }, label),
-    hint ? h("p", { class: "hint", id: `${id}-hint` }, hint) : null,
     input,
+    hint ? h("p", { class: "hint", id: `${id}-hint` }, hint) : null,
     h("p", { class: "field-error", id: `${id}-error`, hidden: true }),
   );
 }

@@ -12,6 +12,9 @@ const REFRESH_AT = 0.8;
 // a token with less left than this is refreshed before it is used
 const MIN_LIFE_MS = 15_000;
 const RETRY_MS = 5_000;
+// Whether this browser holds a session cookie worth trying (scripts cannot
+// see the HttpOnly cookie itself); spares anonymous visitors a refused refresh.
+const MARKER = "bazaar.signed-in";
 
 export class Session extends EventTarget {
   constructor() {
@@ -33,6 +36,7 @@ export class Session extends EventTarget {
 
   /** On page load: the refresh cookie, if any, signs the user back in. */
   async restore() {
+    if (!localStorage.getItem(MARKER)) return;
     try {
       await this._refresh();
     } catch (error) {
@@ -111,6 +115,7 @@ export class Session extends EventTarget {
 
   async _accept(tokens) {
     const first = !this.signedIn;
+    localStorage.setItem(MARKER, "1");
     this._accessToken = tokens.access_token;
     this._expiresAt = Date.now() + tokens.expires_in * 1000;
     this._schedule(tokens.expires_in * 1000 * REFRESH_AT);
@@ -137,6 +142,7 @@ export class Session extends EventTarget {
   }
 
   _clear() {
+    localStorage.removeItem(MARKER);
     clearTimeout(this._timer);
     this._timer = null;
     this.user = null;
