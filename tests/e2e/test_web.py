@@ -341,7 +341,7 @@ async def chat_texts(page: Page) -> list[str]:
 
 
 async def send(page: Page, text: str) -> None:
-    await page.get_by_label("Message").fill(text)
+    await page.get_by_label("Message", exact=True).fill(text)
     await page.get_by_role("button", name="Send").click()
 
 
@@ -394,7 +394,8 @@ async def test_chat_between_two_people_survives_a_killed_replica(
         sent.append(text)
         await send(tab.page, text)
     await ada.page.wait_for_function(
-        "window.connectionStates.includes('reconnecting')"
+        # a function, not an expression: the page's policy forbids eval
+        "() => window.connectionStates.includes('reconnecting')"
         " && document.querySelector('.connection').dataset.state === 'open'",
         timeout=45_000,
     )

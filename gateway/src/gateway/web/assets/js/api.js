@@ -16,7 +16,8 @@ export class ApiError extends Error {
     for (const error of this.problem.errors ?? []) {
       const names = (error.loc ?? []).slice(1).filter((part) => typeof part === "string");
       const field = names.at(-1) ?? "";
-      fields[field] = fields[field] ? `${fields[field]} ${error.msg}` : error.msg;
+      const message = String(error.msg).replace(/^Value error, /, "");
+      fields[field] = fields[field] ? `${fields[field]} ${message}` : message;
     }
     return fields;
   }
