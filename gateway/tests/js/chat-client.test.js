@@ -22,6 +22,7 @@ class ScriptedSocket {
     this.protocols = protocols;
     this.sent = [];
     this.closedWith = null;
+    this.readyState = 1;
     ScriptedSocket.opened.push(this);
   }
 
@@ -31,6 +32,7 @@ class ScriptedSocket {
 
   close(code) {
     this.closedWith = code;
+    this.readyState = 2;
   }
 
   /** The server sends a frame. */
@@ -40,6 +42,7 @@ class ScriptedSocket {
 
   /** The connection ends with `code` (1006: lost without a close frame). */
   drop(code = 1006) {
+    this.readyState = 3;
     this.onclose({ code });
   }
 
@@ -190,6 +193,21 @@ test("with nothing to replay, pending messages go out as soon as the room is rea
   s.socket().deliver({ type: "ready", room: "lobby", last_id: 5, node: "chat-2" });
   assert.deepEqual(s.socket().messagesSent(), [
     { type: "message", text: "while away", client_id: clientId },
+  ]);
+});
+
+test("a message written while the socket is closing waits for the next one", async () => {
+  const s = scenario();
+  await openRoom(s, 5);
+  const dying = s.socket();
+  dying.readyState = 2; // closing: the browser would drop the frame
+  const clientId = s.client.send("into the void");
+  assert.deepEqual(dying.messagesSent(), []);
+  dying.drop();
+  await reconnect(s);
+  s.socket().deliver({ type: "ready", room: "lobby", last_id: 5, node: "chat-2" });
+  assert.deepEqual(s.socket().messagesSent(), [
+    { type: "message", text: "into the void", client_id: clientId },
   ]);
 });
 

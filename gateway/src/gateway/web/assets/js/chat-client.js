@@ -15,6 +15,7 @@
 
 const AUTH_CLOSE_CODES = new Set([4001, 4003]); // token expired / revoked while open
 const NORMAL_CLOSURE = 1000;
+const OPEN = 1; // WebSocket.OPEN
 
 export class ChatClient extends EventTarget {
   /**
@@ -77,7 +78,9 @@ export class ChatClient extends EventTarget {
 
   /** Hands a refreshed access token to the open socket, so it is not closed at expiry. */
   renewToken(token) {
-    if (this._ready) this._socket.send(JSON.stringify({ type: "auth", token }));
+    if (this._ready && this._socket.readyState === OPEN) {
+      this._socket.send(JSON.stringify({ type: "auth", token }));
+    }
   }
 
   /** Skips the wait before the next attempt (the browser came back online). */
@@ -193,6 +196,9 @@ export class ChatClient extends EventTarget {
   }
 
   _sendMessage(clientId, text) {
+    // a socket already closing drops the frame; it stays pending and goes
+    // out again after the reconnection
+    if (this._socket.readyState !== OPEN) return;
     this._socket.send(JSON.stringify({ type: "message", text, client_id: clientId }));
   }
 

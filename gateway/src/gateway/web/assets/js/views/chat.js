@@ -42,7 +42,13 @@ export function roomsView({ navigate }) {
 export function roomView({ session, params }) {
   const room = params[0];
   const connection = h("p", { class: "connection", role: "status", dataset: { state: "connecting" } }, "Connecting…");
-  const messages = h("ol", { class: "messages", "aria-label": "Messages", "aria-live": "polite" });
+  // focusable, so keyboard users can scroll it
+  const messages = h("ol", {
+    class: "messages",
+    "aria-label": "Messages",
+    "aria-live": "polite",
+    tabindex: "0",
+  });
   const outbox = h("ul", { class: "outbox", "aria-label": "Not yet delivered" });
   const people = h("ul", { class: "presence", "aria-label": "Here now" });
   const refused = h("p", { class: "form-error", role: "alert", hidden: true });
