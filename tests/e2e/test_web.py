@@ -47,7 +47,10 @@ BROWSER_ARGS = [
     "--disable-component-update",
     "--disable-sync",
 ]
+# how long an action or an expectation waits: a sign-up hashes a password
+# twice with argon2id, and this machine is shared
 WAIT_MS = 20_000
+expect.set_options(timeout=WAIT_MS)
 
 
 def browser_executable() -> str | None:
