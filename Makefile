@@ -10,16 +10,30 @@ RUN := $(UV) run --frozen
 SERVICES := auth catalog chat
 SOURCES := libs/kit/src/kit services/auth/src/auth services/catalog/src/catalog services/chat/src/chat gateway/src/gateway
 TESTS := libs/kit/tests services/auth/tests services/catalog/tests services/chat/tests gateway/tests
+WEB := gateway/src/gateway/web
+# Debian packages, installed only when missing (CI runs as root on Debian)
+APT_INSTALL := DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends
 
 .PHONY: help
 help: ## List the targets
 	@grep -E '^[a-z0-9-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-10s %s\n", $$1, $$2}'
 
 .PHONY: install
-install: ## Install uv (if missing) and every package into .venv
+install: ## Install uv, Node and npm (if missing), every package into .venv, the npm test tools
 	@command -v uv >/dev/null 2>&1 || python3 -m uv --version >/dev/null 2>&1 \
 		|| python3 -m pip install -q "uv==$(UV_VERSION)"
 	@$(UV) sync --frozen --all-packages --quiet
+	@command -v npm >/dev/null 2>&1 || { apt-get update -qq && $(APT_INSTALL) nodejs npm >/dev/null; }
+	@[ node_modules/.package-lock.json -nt package-lock.json ] \
+		|| npm ci --no-audit --no-fund --loglevel=error
+
+.PHONY: browser
+browser: ## A Chromium for the browser tests: BROWSER_EXECUTABLE, the system's, or Debian's package
+	@if [ -n "$${BROWSER_EXECUTABLE:-}" ] || command -v chromium >/dev/null 2>&1 \
+		|| command -v chromium-browser >/dev/null 2>&1; then :; \
+	elif command -v apt-get >/dev/null 2>&1 && [ "$$(id -u)" = 0 ]; then \
+		apt-get update -qq && $(APT_INSTALL) chromium >/dev/null; \
+	else $(RUN) playwright install chromium; fi
 
 .PHONY: fmt
 fmt: install ## Format and auto-fix
@@ -33,13 +47,16 @@ check: install ## Lint, format check and type check
 	@$(RUN) mypy $(SOURCES) tests bench
 	@# each suite on its own: every suite has a conftest.py of the same name
 	@for suite in $(TESTS); do $(RUN) mypy $$suite; done
+	@# the web client is plain ES modules: at least each one must parse
+	@for module in $$(find $(WEB) gateway/tests/js -name '*.js'); do node --check $$module; done
 
 .PHONY: unit
 unit: install ## Each service's tests against real PostgreSQL and Redis
 	@for suite in $(TESTS); do echo "== $$suite"; $(RUN) pytest -q $$suite; done
+	@echo "== gateway/tests/js"; node --test gateway/tests/js/
 
 .PHONY: e2e
-e2e: install ## The compose stack through the gateway
+e2e: install browser ## The compose stack through the gateway, and the web client in Chromium
 	@$(RUN) pytest -q tests/e2e
 
 .PHONY: test

@@ -1,5 +1,5 @@
 """The gateway's own endpoints and edge middleware: health, metrics, CORS,
-trusted hosts, the merged OpenAPI and its docs page."""
+trusted hosts and the merged OpenAPI (its docs page: test_webapp)."""
 
 from __future__ import annotations
 
@@ -98,7 +98,6 @@ async def test_merges_the_services_openapi_documents(redis_url: str, minter: Tok
         async with running_gateway(settings, minter) as (_, client):
             response = await client.get("/openapi.json")
             again = await client.get("/openapi.json")
-            docs = await client.get("/docs")
     assert response.status_code == 200
     spec = response.json()
     assert again.json() == spec
@@ -136,6 +135,3 @@ async def test_merges_the_services_openapi_documents(redis_url: str, minter: Tok
     tag_names = [tag["name"] for tag in spec["tags"]]
     assert "auth: items" in tag_names
     assert "catalog: items" in tag_names
-    assert docs.status_code == 200
-    assert "/openapi.json" in docs.text
-    assert "swagger-ui" in docs.text

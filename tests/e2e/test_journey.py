@@ -201,7 +201,8 @@ def emailed_reset_token(stack: Stack, email: str) -> str | None:
         if f"password reset email (no SMTP_URL set) to {email}:" not in entry:
             continue
         message = json.loads(entry)["msg"]
-        match = re.search(r"POST /auth/password/reset:\n\n(\S+)\n", message)
+        # a link to the web client's reset page, or the bare token
+        match = re.search(r"(?:POST /auth/password/reset:\n\n|[?&]token=)(\S+)\n", message)
         if match:
             found = match.group(1)
     return found

@@ -4,7 +4,8 @@ The outermost layers are kit's pure-ASGI middleware (request id, timing,
 trusted hosts), then CORS and GZip. Under them a dispatcher sends `/auth`,
 `/catalog` and `/chat` (HTTP and WebSocket) to the proxy, a plain ASGI
 handler, and everything else to the gateway's own FastAPI app (`/healthz`,
-`/readyz`, `/metrics`, `/openapi.json`, `/docs`).
+`/readyz`, `/metrics`, `/openapi.json`, `/docs`, and the web client at `/`),
+whose every response carries the page security headers (`webapp`).
 """
 
 from __future__ import annotations
@@ -26,6 +27,7 @@ from gateway.openapi import MergedOpenApi
 from gateway.proxy import Proxy
 from gateway.router import docs_router
 from gateway.runtime import Route, Runtime
+from gateway.webapp import SecurityHeaders, install_web
 from gateway.websocket import WebSocketProxy
 from kit.errors import install_problem_handlers
 from kit.health import check_redis, health_router
@@ -119,7 +121,7 @@ class Gateway:
             runtime.routes,
             proxy=proxy,
             websockets=WebSocketProxy(runtime, proxy),
-            api=MetricsMiddleware(self.api, metrics=runtime.metrics.http),
+            api=MetricsMiddleware(SecurityHeaders(self.api), metrics=runtime.metrics.http),
         )
         app: ASGIApp = GZipWhenAccepted(dispatcher)
         if settings.cors_origins:
@@ -171,7 +173,8 @@ def build_api(runtime: Runtime) -> FastAPI:
     def own_spec() -> dict[str, Any]:
         return describe_problems(get_openapi(title=api.title, version="1", routes=api.routes))
 
-    api.include_router(docs_router(MergedOpenApi(runtime, own_spec, title=TITLE), title=TITLE))
+    api.include_router(docs_router(MergedOpenApi(runtime, own_spec, title=TITLE)))
+    install_web(api)
     return api
 
 

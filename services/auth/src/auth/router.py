@@ -10,6 +10,7 @@ from fastapi.security import OAuth2PasswordRequestForm
 from jose import jwt
 
 from auth import service
+from auth.cookies import RefreshCookieDep
 from auth.deps import (
     ClientAddress,
     KeyRingDep,
@@ -19,7 +20,7 @@ from auth.deps import (
     SettingsDep,
     ThrottleDep,
 )
-from auth.errors import InvalidCredentials
+from auth.errors import InvalidCredentials, InvalidRefreshToken
 from auth.mail import send_reset_email, send_welcome_email
 from auth.models import User
 from auth.schemas import (
@@ -41,12 +42,15 @@ router = APIRouter(prefix="/auth", tags=["auth"])
 PasswordForm = Annotated[OAuth2PasswordRequestForm, Depends()]
 
 
-def _pair(tokens: service.IssuedTokens) -> TokenPair:
-    return TokenPair(
+def _pair(
+    tokens: service.IssuedTokens, cookie: RefreshCookieDep, settings: SettingsDep
+) -> TokenPair:
+    pair = TokenPair(
         access_token=tokens.access_token,
         refresh_token=tokens.refresh_token,
         expires_in=tokens.expires_in,
     )
+    return cookie.deliver(pair, max_age=settings.refresh_token_ttl_seconds)
 
 
 @router.post("/register", status_code=201, summary="Create an account")
@@ -70,7 +74,9 @@ async def register(
     return UserOut.of(user)
 
 
-@router.post("/token", summary="Log in with the OAuth2 password form")
+@router.post(
+    "/token", summary="Log in with the OAuth2 password form", response_model_exclude_none=True
+)
 async def token(
     form: PasswordForm,
     session: SessionDep,
@@ -80,6 +86,7 @@ async def token(
     settings: SettingsDep,
     throttle: ThrottleDep,
     client: ClientAddress,
+    cookie: RefreshCookieDep,
 ) -> TokenPair:
     email = login_email(form.username)
     await throttle.ensure_allowed(email=email, client=client)
@@ -94,25 +101,33 @@ async def token(
     tokens = await service.issue_tokens(
         session=session, redis=redis, key_ring=key_ring, settings=settings, user=user
     )
-    return _pair(tokens)
+    return _pair(tokens, cookie, settings)
 
 
-@router.post("/refresh", summary="Exchange a refresh token for a new pair")
+@router.post(
+    "/refresh",
+    summary="Exchange a refresh token (body, or cookie) for a new pair",
+    response_model_exclude_none=True,
+)
 async def refresh(
-    body: RefreshIn,
     session: SessionDep,
     redis: RedisDep,
     key_ring: KeyRingDep,
     settings: SettingsDep,
+    cookie: RefreshCookieDep,
+    body: RefreshIn | None = None,
 ) -> TokenPair:
+    refresh_token = body.refresh_token if body is not None else cookie.value
+    if not refresh_token:
+        raise InvalidRefreshToken("No refresh token in the body or the cookie")
     tokens = await service.rotate_refresh_token(
         session=session,
         redis=redis,
         key_ring=key_ring,
         settings=settings,
-        refresh_token=body.refresh_token,
+        refresh_token=refresh_token,
     )
-    return _pair(tokens)
+    return _pair(tokens, cookie, settings)
 
 
 @router.post("/logout", status_code=204, summary="Revoke this access token and its session")
@@ -121,12 +136,15 @@ async def logout(
     raw_token: Annotated[str | None, Depends(oauth2_scheme)],
     session: SessionDep,
     redis: RedisDep,
+    cookie: RefreshCookieDep,
 ) -> Response:
     # the token was verified by CurrentPrincipal; read the session id it carries
     claims = jwt.get_unverified_claims(raw_token or "")
     family_id = _uuid_or_none(claims.get("sid"))
     await service.logout(session=session, redis=redis, principal=principal, family_id=family_id)
-    return Response(status_code=204)
+    answer = Response(status_code=204)
+    cookie.clear(answer)
+    return answer
 
 
 def _uuid_or_none(value: Any) -> uuid.UUID | None:

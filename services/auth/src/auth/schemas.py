@@ -128,7 +128,8 @@ class UserPatch(BaseModel):
 
 class TokenPair(BaseModel):
     access_token: str
-    refresh_token: str
+    # absent when it was delivered as a cookie (auth.cookies)
+    refresh_token: str | None = None
     token_type: Literal["bearer"] = "bearer"
     expires_in: int
 
