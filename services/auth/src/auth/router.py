@@ -5,11 +5,11 @@ from __future__ import annotations
 import uuid
 from typing import Annotated, Any
 
-from fastapi import APIRouter, BackgroundTasks, Depends, Query, Response
-from fastapi.security import OAuth2PasswordRequestForm
+from fastapi import APIRouter, BackgroundTasks, Depends, Form, Query, Request, Response
 from jose import jwt
 
 from auth import service
+from auth.clients import authenticate_client
 from auth.deps import (
     ClientAddress,
     KeyRingDep,
@@ -19,7 +19,7 @@ from auth.deps import (
     SettingsDep,
     ThrottleDep,
 )
-from auth.errors import InvalidCredentials
+from auth.grants import check_form, grant, oauth_errors
 from auth.mail import send_reset_email, send_welcome_email
 from auth.models import User
 from auth.schemas import (
@@ -28,24 +28,30 @@ from auth.schemas import (
     RefreshIn,
     RegisterIn,
     TokenPair,
+    TokenRequest,
     UserOut,
     UserPage,
     UserPatch,
-    login_email,
 )
 from auth.throttle import allow_reset_email
 from kit.deps import AdminPrincipal, CurrentPrincipal, oauth2_scheme
 from kit.errors import Unauthenticated
 
 router = APIRouter(prefix="/auth", tags=["auth"])
-PasswordForm = Annotated[OAuth2PasswordRequestForm, Depends()]
+TokenForm = Annotated[TokenRequest, Form()]
+TOKEN_FIELDS = tuple(TokenRequest.model_fields)
 
 
-def _pair(tokens: service.IssuedTokens) -> TokenPair:
+def token_response(tokens: service.IssuedTokens, response: Response) -> TokenPair:
+    """The one place a token response is shaped, for `/auth/token` and
+    `/auth/refresh` alike: nothing may cache it (RFC 6749 section 5.1)."""
+    response.headers["Cache-Control"] = "no-store"
+    response.headers["Pragma"] = "no-cache"
     return TokenPair(
         access_token=tokens.access_token,
         refresh_token=tokens.refresh_token,
         expires_in=tokens.expires_in,
+        scope=tokens.scope,
     )
 
 
@@ -70,9 +76,20 @@ async def register(
     return UserOut.of(user)
 
 
-@router.post("/token", summary="Log in with the OAuth2 password form")
+@router.post(
+    "/token",
+    summary="OAuth 2.0 token endpoint: password, refresh_token, client_credentials",
+    description="RFC 6749. Errors are problem+json with `error` and `error_description`: "
+    "400 `invalid_request`, `invalid_grant` (wrong email or password, unusable refresh "
+    "token), `unsupported_grant_type`, `invalid_scope`, `unauthorized_client`; 401 "
+    "`invalid_client`; 429 `temporarily_unavailable` with `Retry-After` after too many "
+    "failed logins.",
+    response_model_exclude_none=True,
+)
 async def token(
-    form: PasswordForm,
+    request: Request,
+    form: TokenForm,
+    response: Response,
     session: SessionDep,
     redis: RedisDep,
     key_ring: KeyRingDep,
@@ -81,25 +98,36 @@ async def token(
     throttle: ThrottleDep,
     client: ClientAddress,
 ) -> TokenPair:
-    email = login_email(form.username)
-    await throttle.ensure_allowed(email=email, client=client)
-    try:
-        user = await service.authenticate(
-            session=session, passwords=passwords, email=email, password=form.password
+    with oauth_errors():
+        await check_form(request, TOKEN_FIELDS)
+        caller = authenticate_client(
+            settings=settings,
+            authorization=request.headers.get("authorization"),
+            client_id=form.client_id,
+            client_secret=form.client_secret,
         )
-    except InvalidCredentials:
-        await throttle.record_failure(email=email, client=client)
-        raise
-    await throttle.record_success(email=email)
-    tokens = await service.issue_tokens(
-        session=session, redis=redis, key_ring=key_ring, settings=settings, user=user
-    )
-    return _pair(tokens)
+        tokens = await grant(
+            form,
+            caller,
+            session=session,
+            redis=redis,
+            key_ring=key_ring,
+            passwords=passwords,
+            settings=settings,
+            throttle=throttle,
+            client_address=client,
+        )
+    return token_response(tokens, response)
 
 
-@router.post("/refresh", summary="Exchange a refresh token for a new pair")
+@router.post(
+    "/refresh",
+    summary="Exchange a refresh token for a new pair (JSON; `/auth/token` is the standard way)",
+    response_model_exclude_none=True,
+)
 async def refresh(
     body: RefreshIn,
+    response: Response,
     session: SessionDep,
     redis: RedisDep,
     key_ring: KeyRingDep,
@@ -112,7 +140,7 @@ async def refresh(
         settings=settings,
         refresh_token=body.refresh_token,
     )
-    return _pair(tokens)
+    return token_response(tokens, response)
 
 
 @router.post("/logout", status_code=204, summary="Revoke this access token and its session")
