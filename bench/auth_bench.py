@@ -14,7 +14,7 @@ interleaved over a few rounds with a closed-loop keep-alive client:
 and reports rps, p50 and p99 and the ratios authenticated / public (goal
 >= 0.8x). Then the p50 of a full login (`POST /auth/token`: throttle check,
 argon2id verification at OWASP parameters, refresh-token insert, signing)
-against one bare argon2id verification, the p50 of an unknown email's 401,
+against one bare argon2id verification, the p50 of an unknown email's refusal,
 and the per-call cost of kit's `TokenVerifier.verify` alone.
 
 The server and the load client are pinned to different cores when
