@@ -15,10 +15,10 @@ from typing import Any
 import httpx
 import jwt
 import pytest
-from authlib.integrations.httpx_client import AsyncOAuth2Client, OAuthError
 
 from .conftest import IMPORTER, RESOURCE_SERVER, Stack
 from .helpers import bearer, register
+from .oauth_client import AsyncOAuth2Client, OAuthError
 
 DISCOVERY = "/.well-known/openid-configuration"
 
