@@ -27,6 +27,15 @@ async def test_unknown_gateway_paths_are_problem_json(redis_url: str, minter: To
     assert response.json()["instance"] == response.headers["x-request-id"]
 
 
+async def test_rfc8414_root_well_known_path_redirects_to_auths_metadata(
+    redis_url: str, minter: TokenMinter
+) -> None:
+    async with running_gateway(gateway_settings(redis_url), minter) as (_, client):
+        response = await client.get("/.well-known/oauth-authorization-server/auth")
+    assert response.status_code == 308
+    assert response.headers["location"] == "/auth/.well-known/oauth-authorization-server"
+
+
 async def test_metrics_count_requests_by_route_prefix_and_status(
     upstream: tuple[Upstream, str], redis_url: str, minter: TokenMinter
 ) -> None:

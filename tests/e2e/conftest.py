@@ -21,6 +21,9 @@ from kit.testing import free_port
 ROOT = Path(__file__).resolve().parents[2]
 ADMIN_EMAIL = "admin@e2e.example.com"
 ADMIN_PASSWORD = "e2e-admin-password"
+# the confidential clients compose.e2e.yaml configures
+IMPORTER = ("e2e-importer", "e2e-importer-secret-0123456789")
+RESOURCE_SERVER = ("e2e-reports", "e2e-reports-secret-0123456789")
 
 
 @dataclass
@@ -67,6 +70,9 @@ def stack() -> Iterator[Stack]:
         patch.setenv("TAG", os.environ.get("TAG") or f"e2e-{checkout_id()}")
         patch.setenv("ADMIN_EMAIL", ADMIN_EMAIL)
         patch.setenv("ADMIN_PASSWORD", ADMIN_PASSWORD)
+        # the address tests reach the gateway at: discovery's URLs and the issuer
+        patch.setenv("PUBLIC_BASE_URL", f"http://127.0.0.1:{port}")
+        patch.delenv("JWT_ISSUER", raising=False)
         compose = DockerCompose(
             ROOT,
             compose_file_name=["compose.yaml", "tests/e2e/compose.e2e.yaml"],

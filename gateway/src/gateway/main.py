@@ -4,8 +4,9 @@ The outermost layers are kit's pure-ASGI middleware (request id, timing,
 trusted hosts), then CORS and GZip. Under them a dispatcher sends `/auth`,
 `/catalog` and `/chat` (HTTP and WebSocket) to the proxy, a plain ASGI
 handler, and everything else to the gateway's own FastAPI app (`/healthz`,
-`/readyz`, `/metrics`, `/openapi.json`, `/docs`, and the web client at `/`),
-whose every response carries the page security headers (`webapp`).
+`/readyz`, `/metrics`, `/openapi.json`, `/docs`, RFC 8414's root well-known
+path for auth's metadata, and the web client at `/`), whose every response
+carries the page security headers (`webapp`).
 """
 
 from __future__ import annotations
@@ -25,7 +26,7 @@ from starlette.types import ASGIApp, Receive, Scope, Send
 from gateway.config import Settings
 from gateway.openapi import MergedOpenApi
 from gateway.proxy import Proxy
-from gateway.router import docs_router
+from gateway.router import docs_router, well_known_router
 from gateway.runtime import Route, Runtime
 from gateway.webapp import SecurityHeaders, install_web
 from gateway.websocket import WebSocketProxy
@@ -174,6 +175,7 @@ def build_api(runtime: Runtime) -> FastAPI:
         return describe_problems(get_openapi(title=api.title, version="1", routes=api.routes))
 
     api.include_router(docs_router(MergedOpenApi(runtime, own_spec, title=TITLE)))
+    api.include_router(well_known_router())
     install_web(api)
     return api
 

@@ -25,12 +25,13 @@ from kit.security import (
     revoked_token_key,
     revoked_user_key,
 )
+from kit.settings import DEFAULT_JWT_ISSUER
 from kit.testing import Service, TokenMinter, wait_for_redis
 
 
 def make_verifier(keys: KeySource, redis: Redis | None) -> TokenVerifier:
     return TokenVerifier(
-        keys=keys, issuer="bazaar-auth", audience="bazaar", algorithms=["ES256"], redis=redis
+        keys=keys, issuer=DEFAULT_JWT_ISSUER, audience="bazaar", algorithms=["ES256"], redis=redis
     )
 
 
@@ -128,7 +129,7 @@ async def test_cached_token_is_verified_afresh_when_its_key_changes(minter: Toke
 async def test_cache_is_bounded_and_claims_are_copies(minter: TokenMinter) -> None:
     verifier = TokenVerifier(
         keys=minter.key_source,
-        issuer="bazaar-auth",
+        issuer=DEFAULT_JWT_ISSUER,
         audience="bazaar",
         algorithms=["ES256"],
         redis=None,

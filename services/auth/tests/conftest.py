@@ -26,6 +26,13 @@ ADMIN_PASSWORD = "admin-password-1"
 # are exercised on their own in test_passwords.py
 CHEAP_ARGON2: dict[str, Any] = {"argon2_memory_cost_kib": 64, "argon2_time_cost": 1}
 _addresses = itertools.count(1)
+# confidential clients: a machine importer and a resource server that introspects
+IMPORTER = ("catalog-importer", "importer-secret-0123456789")
+RESOURCE_SERVER = ("reports", "reports/secret+with:odd chars")
+OAUTH_CLIENTS: dict[str, Any] = {
+    IMPORTER[0]: {"secret": IMPORTER[1], "scopes": ["catalog:import", "catalog:read"]},
+    RESOURCE_SERVER[0]: {"secret": RESOURCE_SERVER[1], "introspect": True, "name": "Reports"},
+}
 
 
 def make_settings(database_url: str, redis_url: str, **overrides: Any) -> Settings:
@@ -37,6 +44,7 @@ def make_settings(database_url: str, redis_url: str, **overrides: Any) -> Settin
         "login_failures_per_account": 3,
         "login_failures_per_client": 6,
         "log_level": "WARNING",
+        "oauth_clients": OAUTH_CLIENTS,
         **CHEAP_ARGON2,
     }
     values.update(overrides)

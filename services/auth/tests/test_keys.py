@@ -28,6 +28,7 @@ from auth.keys import (
 from auth.main import create_app
 from auth.models import SigningKey
 from kit.db import make_engine, make_sessionmaker
+from kit.settings import DEFAULT_JWT_ISSUER
 
 from .conftest import SERVICE_DIR, fresh_database, make_settings, wait_until_ready
 from .factories import login
@@ -158,7 +159,7 @@ async def test_a_configured_key_signs_and_only_its_public_half_is_stored(
     claims = jwt.decode(
         tokens.access, jwk.construct(public_pem, "ES256"), algorithms=["ES256"], audience="bazaar"
     )
-    assert claims["iss"] == "bazaar-auth"
+    assert claims["iss"] == DEFAULT_JWT_ISSUER
     async with sessionmaker() as session:
         stored = await session.get(SigningKey, kid)
         count = await session.scalar(select(func.count()).select_from(SigningKey))

@@ -76,7 +76,8 @@ async def test_a_reset_sets_the_new_password_and_ends_every_session(
     old = await client.post(
         "/auth/token", data={"username": account.email, "password": account.password}
     )
-    assert old.status_code == 401
+    assert old.status_code == 400
+    assert old.json()["error"] == "invalid_grant"
     fresh = await login(client, account.email, NEW_PASSWORD)
     assert (await client.get("/auth/users/me", headers=fresh.headers)).status_code == 200
     # the sessions from before the reset are over, access and refresh alike

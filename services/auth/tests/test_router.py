@@ -12,6 +12,7 @@ from redis.asyncio import Redis
 
 from auth.deps import client_address
 from kit.security import revoked_token_key
+from kit.settings import DEFAULT_JWT_ISSUER
 
 from .conftest import ADMIN_EMAIL, ADMIN_PASSWORD
 from .factories import login, register, registered_and_logged_in, unique_email
@@ -120,14 +121,15 @@ async def test_login_returns_a_bearer_pair_with_the_design_claims(
     assert claims["sub"] == account.id
     assert claims["name"] == account.display_name
     assert claims["roles"] == ["user"]
-    assert claims["iss"] == "bazaar-auth"
+    assert claims["iss"] == DEFAULT_JWT_ISSUER
     assert claims["aud"] == "bazaar"
     assert claims["typ"] == "access"
+    assert claims["scope"] == body["scope"] == "openid profile email"
     assert claims["exp"] - claims["iat"] == 900
     assert claims["jti"]
 
 
-async def test_unknown_email_and_wrong_password_get_the_same_401(
+async def test_unknown_email_and_wrong_password_get_the_same_invalid_grant(
     client: httpx.AsyncClient,
 ) -> None:
     account = await register(client)
@@ -137,9 +139,11 @@ async def test_unknown_email_and_wrong_password_get_the_same_401(
     unknown = await client.post(
         "/auth/token", data={"username": unique_email(), "password": "not the password"}
     )
-    wrong_body, unknown_body = assert_problem(wrong, 401), assert_problem(unknown, 401)
-    assert wrong_body["detail"] == unknown_body["detail"] == "Incorrect email or password"
-    assert wrong.headers["www-authenticate"] == unknown.headers["www-authenticate"] == "Bearer"
+    wrong_body, unknown_body = assert_problem(wrong, 400), assert_problem(unknown, 400)
+    assert wrong_body == {**unknown_body, "instance": wrong_body["instance"]}
+    assert wrong_body["detail"] == "Incorrect email or password"
+    assert wrong_body["error"] == "invalid_grant"
+    assert wrong_body["error_description"] == "Incorrect email or password"
 
 
 async def test_me_returns_the_caller(client: httpx.AsyncClient) -> None:
@@ -235,13 +239,15 @@ async def test_failed_logins_for_one_account_are_throttled(client: httpx.AsyncCl
         wrong = await client.post(
             "/auth/token", data={"username": account.email, "password": "wrong password"}
         )
-        assert_problem(wrong, 401)
+        assert_problem(wrong, 400)
     right = await client.post(
         "/auth/token", data={"username": account.email, "password": account.password}
     )
     body = assert_problem(right, 429)
     assert 0 < int(right.headers["retry-after"]) <= 900
     assert body["retry_after"] == int(right.headers["retry-after"])
+    # an OAuth library recognises it as an error, not a token
+    assert body["error"] == "temporarily_unavailable"
 
 
 async def test_an_unknown_account_is_throttled_like_a_real_one(
@@ -251,7 +257,7 @@ async def test_an_unknown_account_is_throttled_like_a_real_one(
     for _ in range(3):
         assert_problem(
             await client.post("/auth/token", data={"username": email, "password": "guess 1234"}),
-            401,
+            400,
         )
     assert_problem(
         await client.post("/auth/token", data={"username": email, "password": "guess 1234"}), 429
@@ -268,7 +274,7 @@ async def test_failed_logins_from_one_client_are_throttled(
             await client.post(
                 "/auth/token", data={"username": unique_email(), "password": "guess 1234"}
             ),
-            401,
+            400,
         )
     blocked = await client.post(
         "/auth/token", data={"username": account.email, "password": account.password}
@@ -455,7 +461,7 @@ async def test_hostile_strings_never_reach_the_database_as_errors(
     login = await client.post(
         "/auth/token", data={"username": "who\x00@example.com", "password": "whatever"}
     )
-    assert_problem(login, 401)
+    assert_problem(login, 400)
     refresh = await client.post("/auth/refresh", json={"refresh_token": "\x00\x01"})
     assert_problem(refresh, 401)
     admin = await login_admin(client)

@@ -1,4 +1,4 @@
-"""POST /catalog/products:import: the machine import behind an API key."""
+"""POST /catalog/products:import: the machine import, by client token or API key."""
 
 from __future__ import annotations
 
@@ -9,6 +9,7 @@ from sqlalchemy import func, select
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from catalog.models import Product
+from kit.testing import TokenMinter
 
 from .conftest import IMPORT_KEY, SHUTDOWN_TIMEOUT
 from .factories import create_category, create_product, product_body
@@ -45,18 +46,56 @@ async def test_import_takes_the_key_from_the_query(client: httpx.AsyncClient) ->
     assert response.json()["count"] == 1
 
 
-async def test_import_without_or_with_a_wrong_key_is_401(
-    client: httpx.AsyncClient, admin_headers: dict[str, str]
+async def test_import_without_credentials_or_with_a_wrong_key_is_401(
+    client: httpx.AsyncClient,
 ) -> None:
-    for headers, params in (
-        ({}, {}),
-        ({"X-API-Key": "wrong"}, {}),
-        ({}, {"api_key": "wrong"}),
-        (admin_headers, {}),
-    ):
+    missing = await client.post(IMPORT, json=[product_body()])
+    assert_problem(missing, 401)
+    assert missing.headers["www-authenticate"] == 'APIKey, Bearer scope="catalog:import"'
+    for headers, params in (({"X-API-Key": "wrong"}, {}), ({}, {"api_key": "wrong"})):
         response = await client.post(IMPORT, json=[product_body()], headers=headers, params=params)
         assert_problem(response, 401)
         assert response.headers["www-authenticate"] == "APIKey"
+
+
+async def test_import_takes_a_machine_clients_token_with_the_import_scope(
+    client: httpx.AsyncClient, minter: TokenMinter, session: AsyncSession
+) -> None:
+    token = minter.token(
+        user_id="catalog-importer",
+        roles=(),
+        client_id="catalog-importer",
+        scope="catalog:read catalog:import",
+    )
+    rows = [product_body() for _ in range(3)]
+    response = await client.post(IMPORT, json=rows, headers={"Authorization": f"Bearer {token}"})
+    assert response.status_code == 201, response.text
+    assert response.json()["count"] == 3
+    assert await stored(session, rows) == 3
+
+
+async def test_a_token_without_the_import_scope_is_403(
+    client: httpx.AsyncClient, minter: TokenMinter, admin_headers: dict[str, str]
+) -> None:
+    """An admin's own token is not an import credential: only the scope is."""
+    other_scope = minter.token(user_id="reports", roles=(), scope="catalog:read")
+    for headers in (admin_headers, {"Authorization": f"Bearer {other_scope}"}):
+        response = await client.post(IMPORT, json=[product_body()], headers=headers)
+        body = assert_problem(response, 403)
+        assert body["error"] == "insufficient_scope"
+        assert response.headers["www-authenticate"] == (
+            'Bearer error="insufficient_scope", scope="catalog:import"'
+        )
+
+
+async def test_an_invalid_token_is_401_even_next_to_a_good_key(
+    client: httpx.AsyncClient, minter: TokenMinter
+) -> None:
+    expired = minter.token(scope="catalog:import", lifetime=-60)
+    response = await client.post(
+        IMPORT, json=[product_body()], headers={**KEY, "Authorization": f"Bearer {expired}"}
+    )
+    assert assert_problem(response, 401)["detail"] == "Token expired"
 
 
 async def test_import_is_all_or_nothing_with_per_row_errors(
@@ -137,9 +176,8 @@ async def test_import_is_disabled_without_a_configured_key(settings: Any, minter
         ) as client,
     ):
         response = await client.post(IMPORT, json=[product_body()], headers=KEY)
-    assert (
-        assert_problem(response, 403)["detail"]
-        == "Product import is disabled: no API key is configured"
+    assert assert_problem(response, 403)["detail"].startswith(
+        "Import by API key is disabled: no key is configured"
     )
 
 
@@ -149,6 +187,7 @@ async def test_openapi_documents_the_import_key(client: httpx.AsyncClient) -> No
     assert {name for entry in operation["security"] for name in entry} == {
         "APIKeyHeader",
         "APIKeyQuery",
+        "ImportClient",
     }
     schemes = schema["components"]["securitySchemes"]
     assert schemes["APIKeyHeader"] == {
@@ -158,3 +197,6 @@ async def test_openapi_documents_the_import_key(client: httpx.AsyncClient) -> No
         "description": "The catalog import key",
     }
     assert schemes["APIKeyQuery"]["in"] == "query"
+    flow = schemes["ImportClient"]["flows"]["clientCredentials"]
+    assert flow == {"tokenUrl": "/auth/token", "scopes": {"catalog:import": "Import products"}}
+    assert {"ImportClient": ["catalog:import"]} in operation["security"]

@@ -12,6 +12,11 @@ from typing import Annotated
 from pydantic import AnyHttpUrl, Field, RedisDsn, SecretStr, field_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
+# The issuer identifier: auth's public URL through the gateway on its default
+# port. OpenID Connect and RFC 8414 clients find the discovery document at
+# `<issuer>/.well-known/openid-configuration`, so it must be a URL they can reach.
+DEFAULT_JWT_ISSUER = "http://localhost:8000/auth"
+
 
 def _split_csv(value: object) -> object:
     if isinstance(value, str):
@@ -31,7 +36,7 @@ class ServiceSettings(BaseSettings):
 
     redis_url: RedisDsn = RedisDsn("redis://redis:6379/0")
 
-    jwt_issuer: str = "bazaar-auth"
+    jwt_issuer: str = DEFAULT_JWT_ISSUER
     jwt_audience: str = "bazaar"
     jwks_url: AnyHttpUrl = AnyHttpUrl("http://auth:8000/auth/.well-known/jwks.json")
     jwt_algorithms: Annotated[list[str], NoDecode] = ["ES256"]

@@ -27,6 +27,8 @@ from redis.exceptions import RedisError
 from starlette.types import ASGIApp
 from testcontainers.core.container import DockerContainer
 
+from kit.settings import DEFAULT_JWT_ISSUER
+
 POSTGRES_IMAGE = os.environ.get("POSTGRES_IMAGE", "postgres:17")
 REDIS_IMAGE = os.environ.get("REDIS_IMAGE", "redis:7")
 STARTUP_TIMEOUT_SECONDS = 60.0
@@ -214,7 +216,7 @@ class TokenMinter:
     for any user and role without running auth.
     """
 
-    def __init__(self, *, issuer: str = "bazaar-auth", audience: str = "bazaar") -> None:
+    def __init__(self, *, issuer: str = DEFAULT_JWT_ISSUER, audience: str = "bazaar") -> None:
         from cryptography.hazmat.primitives import serialization
         from cryptography.hazmat.primitives.asymmetric import ec
         from jose import jwk

@@ -1,16 +1,59 @@
-"""Auth's settings: kit's shared ones plus users, tokens, keys, throttling and mail."""
+"""Auth's settings: kit's shared ones plus users, tokens, keys, throttling,
+mail, the public URL and the OAuth clients."""
 
 from __future__ import annotations
 
+import re
+import uuid
 from pathlib import Path
+from typing import Annotated
 
-from pydantic import EmailStr, Field, PostgresDsn, SecretStr, field_validator
+from pydantic import (
+    AnyHttpUrl,
+    BaseModel,
+    ConfigDict,
+    EmailStr,
+    Field,
+    PostgresDsn,
+    SecretStr,
+    StringConstraints,
+    field_validator,
+)
 
 from kit.settings import ServiceSettings
 
 OWASP_ARGON2_MEMORY_KIB = 19_456
 OWASP_ARGON2_TIME_COST = 2
 OWASP_ARGON2_PARALLELISM = 1
+
+
+# RFC 6749 appendix A.4: a scope token is printable ASCII without space, `"` or `\\`
+ScopeToken = Annotated[str, StringConstraints(pattern=r"^[\x21\x23-\x5b\x5d-\x7e]{1,128}$")]
+# What a user's access token is granted: OpenID Connect's claims about the user
+USER_SCOPES = ("openid", "profile", "email")
+_CLIENT_ID = re.compile(r"^[A-Za-z0-9._~-]{1,64}$")
+MIN_CLIENT_SECRET_LENGTH = 16
+
+
+class OAuthClient(BaseModel):
+    """A confidential (machine) client: it authenticates with its secret and
+    may use the client_credentials grant for `scopes`; with `introspect` it
+    may also ask `/auth/introspect` about tokens (a resource server)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    secret: Annotated[SecretStr, Field(min_length=MIN_CLIENT_SECRET_LENGTH, max_length=256)]
+    scopes: tuple[ScopeToken, ...] = ()
+    introspect: bool = False
+    name: Annotated[str, StringConstraints(min_length=1, max_length=100)] | None = None
+
+    @field_validator("scopes")
+    @classmethod
+    def _no_user_scopes(cls, value: tuple[str, ...]) -> tuple[str, ...]:
+        taken = sorted(set(value) & set(USER_SCOPES))
+        if taken:
+            raise ValueError(f"{', '.join(taken)}: scopes about a user, not for a machine client")
+        return tuple(dict.fromkeys(value))
 
 
 class Settings(ServiceSettings):
@@ -52,6 +95,17 @@ class Settings(ServiceSettings):
     password_reset_window_seconds: int = Field(default=3600, ge=1)
     password_reset_link: str | None = None
 
+    # Where clients outside reach the gateway (scheme, host and port, no
+    # path): the discovery document's endpoints are built on it. JWT_ISSUER
+    # should be this plus `/auth`, so that discovery is served at
+    # `<issuer>/.well-known/openid-configuration`.
+    public_base_url: AnyHttpUrl = AnyHttpUrl("http://localhost:8000")
+
+    # Confidential clients by client_id, as JSON, for example
+    # {"catalog-importer": {"secret": "...", "scopes": ["catalog:import"]},
+    #  "reports": {"secret": "...", "introspect": true}}.
+    oauth_clients: dict[str, OAuthClient] = Field(default_factory=dict)
+
     smtp_url: SecretStr | None = None
     mail_from: str = "Bazaar <no-reply@bazaar.invalid>"
     smtp_timeout_seconds: float = Field(default=10.0, gt=0)
@@ -69,6 +123,32 @@ class Settings(ServiceSettings):
     def _empty_is_unset(cls, value: object) -> object:
         # compose passes `${SMTP_URL:-}` through as an empty string
         return None if value == "" else value
+
+    @field_validator("public_base_url")
+    @classmethod
+    def _origin_only(cls, value: AnyHttpUrl) -> AnyHttpUrl:
+        if value.path not in (None, "", "/") or value.query or value.fragment:
+            raise ValueError("must be scheme://host[:port] with no path, query or fragment")
+        return value
+
+    @field_validator("oauth_clients")
+    @classmethod
+    def _plain_client_ids(cls, value: dict[str, OAuthClient]) -> dict[str, OAuthClient]:
+        for client_id in value:
+            if not _CLIENT_ID.match(client_id):
+                raise ValueError(f"client id {client_id!r}: 1-64 of A-Z a-z 0-9 . _ ~ -")
+            # a client's tokens carry its id as `sub`; a UUID could be a user's
+            try:
+                uuid.UUID(client_id)
+            except ValueError:
+                continue
+            raise ValueError(f"client id {client_id!r} must not be a UUID (users' ids are)")
+        return value
+
+    @property
+    def public_origin(self) -> str:
+        """`public_base_url` without its trailing slash."""
+        return str(self.public_base_url).rstrip("/")
 
     def signing_key_pem(self) -> str | None:
         """The configured private key, from the setting or the file it names."""

@@ -47,11 +47,11 @@ class RefreshCookie:
     def deliver(self, pair: TokenPair, *, max_age: int) -> TokenPair:
         """The pair as the client asked for it: the refresh token in the body,
         or in the cookie and left out of the body."""
-        if not self.wanted:
+        if not self.wanted or pair.refresh_token is None:
             return pair
         self.response.set_cookie(
             COOKIE_NAME,
-            pair.refresh_token or "",
+            pair.refresh_token,
             max_age=max_age,
             path=COOKIE_PATH,
             secure=self.secure,

@@ -15,7 +15,9 @@ from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker
 
 from auth import service
 from auth.config import Settings
+from auth.discovery import warn_if_issuer_is_elsewhere
 from auth.keys import KeyRing, ensure_signing_key
+from auth.oauth_router import router as oauth_router
 from auth.passwords import Passwords
 from auth.router import router
 from kit.app import assemble
@@ -83,6 +85,7 @@ def create_app(settings: Settings | None = None, *, key_source: KeySource | None
     """`key_source` replaces the key ring for verification only (tests)."""
     settings = settings or Settings()
     configure_logging(service=settings.service_name, level=settings.log_level)
+    warn_if_issuer_is_elsewhere(settings)
 
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[State]:
@@ -123,7 +126,7 @@ def create_app(settings: Settings | None = None, *, key_source: KeySource | None
 
     app = FastAPI(
         title="Bazaar auth",
-        summary="Accounts, password logins, ES256 access tokens, rotating refresh tokens",
+        summary="Accounts, OAuth 2.0 logins, ES256 access tokens, rotating refresh tokens",
         lifespan=lifespan,
     )
     assemble(
@@ -136,4 +139,5 @@ def create_app(settings: Settings | None = None, *, key_source: KeySource | None
         },
     )
     app.include_router(router)
+    app.include_router(oauth_router)
     return app

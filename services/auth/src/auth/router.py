@@ -5,11 +5,11 @@ from __future__ import annotations
 import uuid
 from typing import Annotated, Any
 
-from fastapi import APIRouter, BackgroundTasks, Depends, Query, Response
-from fastapi.security import OAuth2PasswordRequestForm
+from fastapi import APIRouter, BackgroundTasks, Depends, Form, Query, Request, Response
 from jose import jwt
 
 from auth import service
+from auth.clients import authenticate_client
 from auth.cookies import RefreshCookieDep
 from auth.deps import (
     ClientAddress,
@@ -20,7 +20,8 @@ from auth.deps import (
     SettingsDep,
     ThrottleDep,
 )
-from auth.errors import InvalidCredentials, InvalidRefreshToken
+from auth.errors import InvalidRefreshToken
+from auth.grants import check_form, grant, oauth_errors
 from auth.mail import send_reset_email, send_welcome_email
 from auth.models import User
 from auth.schemas import (
@@ -29,26 +30,36 @@ from auth.schemas import (
     RefreshIn,
     RegisterIn,
     TokenPair,
+    TokenRequest,
     UserOut,
     UserPage,
     UserPatch,
-    login_email,
 )
 from auth.throttle import allow_reset_email
 from kit.deps import AdminPrincipal, CurrentPrincipal, oauth2_scheme
 from kit.errors import Unauthenticated
 
 router = APIRouter(prefix="/auth", tags=["auth"])
-PasswordForm = Annotated[OAuth2PasswordRequestForm, Depends()]
+TokenForm = Annotated[TokenRequest, Form()]
+TOKEN_FIELDS = tuple(TokenRequest.model_fields)
 
 
-def _pair(
-    tokens: service.IssuedTokens, cookie: RefreshCookieDep, settings: SettingsDep
+def token_response(
+    tokens: service.IssuedTokens,
+    response: Response,
+    cookie: RefreshCookieDep,
+    settings: SettingsDep,
 ) -> TokenPair:
+    """The one place a token response is shaped, for `/auth/token` and
+    `/auth/refresh` alike: nothing may cache it (RFC 6749 section 5.1), and a
+    browser that asked for it gets its refresh token as a cookie."""
+    response.headers["Cache-Control"] = "no-store"
+    response.headers["Pragma"] = "no-cache"
     pair = TokenPair(
         access_token=tokens.access_token,
         refresh_token=tokens.refresh_token,
         expires_in=tokens.expires_in,
+        scope=tokens.scope,
     )
     return cookie.deliver(pair, max_age=settings.refresh_token_ttl_seconds)
 
@@ -75,10 +86,19 @@ async def register(
 
 
 @router.post(
-    "/token", summary="Log in with the OAuth2 password form", response_model_exclude_none=True
+    "/token",
+    summary="OAuth 2.0 token endpoint: password, refresh_token, client_credentials",
+    description="RFC 6749. Errors are problem+json with `error` and `error_description`: "
+    "400 `invalid_request`, `invalid_grant` (wrong email or password, unusable refresh "
+    "token), `unsupported_grant_type`, `invalid_scope`, `unauthorized_client`; 401 "
+    "`invalid_client`; 429 `temporarily_unavailable` with `Retry-After` after too many "
+    "failed logins.",
+    response_model_exclude_none=True,
 )
 async def token(
-    form: PasswordForm,
+    request: Request,
+    form: TokenForm,
+    response: Response,
     session: SessionDep,
     redis: RedisDep,
     key_ring: KeyRingDep,
@@ -88,28 +108,36 @@ async def token(
     client: ClientAddress,
     cookie: RefreshCookieDep,
 ) -> TokenPair:
-    email = login_email(form.username)
-    await throttle.ensure_allowed(email=email, client=client)
-    try:
-        user = await service.authenticate(
-            session=session, passwords=passwords, email=email, password=form.password
+    with oauth_errors():
+        await check_form(request, TOKEN_FIELDS)
+        caller = authenticate_client(
+            settings=settings,
+            authorization=request.headers.get("authorization"),
+            client_id=form.client_id,
+            client_secret=form.client_secret,
         )
-    except InvalidCredentials:
-        await throttle.record_failure(email=email, client=client)
-        raise
-    await throttle.record_success(email=email)
-    tokens = await service.issue_tokens(
-        session=session, redis=redis, key_ring=key_ring, settings=settings, user=user
-    )
-    return _pair(tokens, cookie, settings)
+        tokens = await grant(
+            form,
+            caller,
+            session=session,
+            redis=redis,
+            key_ring=key_ring,
+            passwords=passwords,
+            settings=settings,
+            throttle=throttle,
+            client_address=client,
+        )
+    return token_response(tokens, response, cookie, settings)
 
 
 @router.post(
     "/refresh",
-    summary="Exchange a refresh token (body, or cookie) for a new pair",
+    summary="Exchange a refresh token (JSON body, or the cookie) for a new pair; "
+    "`/auth/token` is the standard way",
     response_model_exclude_none=True,
 )
 async def refresh(
+    response: Response,
     session: SessionDep,
     redis: RedisDep,
     key_ring: KeyRingDep,
@@ -127,7 +155,7 @@ async def refresh(
         settings=settings,
         refresh_token=refresh_token,
     )
-    return _pair(tokens, cookie, settings)
+    return token_response(tokens, response, cookie, settings)
 
 
 @router.post("/logout", status_code=204, summary="Revoke this access token and its session")

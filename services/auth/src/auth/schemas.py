@@ -127,11 +127,80 @@ class UserPatch(BaseModel):
 
 
 class TokenPair(BaseModel):
+    """A token response (RFC 6749 section 5.1). `refresh_token` is absent for
+    a machine client (client_credentials); `scope` is what was granted."""
+
     access_token: str
     # absent when it was delivered as a cookie (auth.cookies)
     refresh_token: str | None = None
     token_type: Literal["bearer"] = "bearer"
     expires_in: int
+    scope: str
+
+
+class TokenRequest(BaseModel):
+    """The token endpoint's form (`application/x-www-form-urlencoded`).
+
+    Every field is optional here so that a missing or malformed one is
+    answered as RFC 6749 asks (400 `invalid_request`, `unsupported_grant_type`)
+    rather than with a 422; parameters it does not know are ignored.
+    """
+
+    grant_type: str | None = Field(
+        default=None, description="`password`, `refresh_token` or `client_credentials`"
+    )
+    username: str | None = Field(default=None, description="password grant: the email")
+    password: str | None = Field(default=None, description="password grant")
+    refresh_token: str | None = Field(default=None, description="refresh_token grant")
+    scope: str | None = Field(
+        default=None,
+        description="space-separated; users: `openid profile email` (always granted whole); "
+        "machine clients: a subset of their own scopes (all of them when omitted)",
+    )
+    client_id: str | None = Field(default=None, description="client_secret_post or a public client")
+    client_secret: str | None = Field(default=None, description="client_secret_post")
+
+
+class TokenLookup(BaseModel):
+    """The form of revocation (RFC 7009) and introspection (RFC 7662)."""
+
+    token: str | None = None
+    token_type_hint: str | None = Field(
+        default=None, description="`access_token` or `refresh_token`; only speeds the lookup"
+    )
+    client_id: str | None = None
+    client_secret: str | None = None
+
+
+class Introspection(BaseModel):
+    """RFC 7662 section 2.2. An inactive token is `{"active": false}` alone;
+    the other members describe an active one (`name`, `roles` and `sid` are
+    this system's claims, for resource servers that do not read the JWT)."""
+
+    active: bool
+    scope: str | None = None
+    client_id: str | None = None
+    token_type: str | None = None
+    exp: int | None = None
+    iat: int | None = None
+    sub: str | None = None
+    aud: str | list[str] | None = None
+    iss: str | None = None
+    jti: str | None = None
+    name: str | None = None
+    roles: list[str] | None = None
+    sid: str | None = None
+
+
+class UserInfo(BaseModel):
+    """OpenID Connect Core section 5.3: the standard claims the token's scope
+    allows (`profile`: name, updated_at; `email`: email, email_verified)."""
+
+    sub: str
+    name: str | None = None
+    updated_at: int | None = None
+    email: str | None = None
+    email_verified: bool | None = None
 
 
 class RefreshIn(BaseModel):
@@ -159,3 +228,28 @@ class PasswordResetIn(BaseModel):
 
     token: Annotated[str, StringConstraints(min_length=1, max_length=256)]
     password: Password
+
+
+class ServerMetadata(BaseModel):
+    """RFC 8414 authorization-server metadata, which is also what OpenID
+    Connect Discovery reads. No authorization endpoint (there is no
+    browser-redirect flow), so `response_types_supported` is empty and no ID
+    tokens are issued; `access_token_signing_alg_values_supported` (an
+    extension member) names the algorithms access tokens are signed with."""
+
+    issuer: str
+    token_endpoint: str
+    jwks_uri: str
+    revocation_endpoint: str
+    introspection_endpoint: str
+    userinfo_endpoint: str
+    service_documentation: str
+    grant_types_supported: list[str]
+    response_types_supported: list[str]
+    scopes_supported: list[str]
+    claims_supported: list[str]
+    subject_types_supported: list[str]
+    token_endpoint_auth_methods_supported: list[str]
+    revocation_endpoint_auth_methods_supported: list[str]
+    introspection_endpoint_auth_methods_supported: list[str]
+    access_token_signing_alg_values_supported: list[str]

@@ -18,7 +18,7 @@ from sqlalchemy.dialects.postgresql import insert
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
-from auth.config import Settings
+from auth.config import USER_SCOPES, OAuthClient, Settings
 from auth.errors import (
     EmailTaken,
     InvalidCredentials,
@@ -31,18 +31,30 @@ from auth.keys import KeyRing
 from auth.models import ROLE_ADMIN, ROLE_USER, PasswordReset, RefreshToken, User
 from auth.passwords import Passwords
 from auth.schemas import PASSWORD_IS_EMAIL, is_the_email, normalise_email
-from auth.tokens import issue_access_token, new_opaque_token, opaque_token_hash
+from auth.tokens import (
+    issue_access_token,
+    issue_client_token,
+    new_opaque_token,
+    opaque_token_hash,
+)
 from kit.errors import InvalidInput, ServiceUnavailable
 from kit.security import Principal, revoke_token, revoke_user, revoked_user_key
 
 logger = logging.getLogger("auth.service")
 
 
+# Every user token is granted all of these: they only name what the token may
+# read about its own user (userinfo). A refresh grants the same again.
+USER_SCOPE = " ".join(USER_SCOPES)
+
+
 @dataclass(frozen=True, slots=True)
 class IssuedTokens:
     access_token: str
-    refresh_token: str
+    # None for a machine client: client_credentials issues no refresh token
+    refresh_token: str | None
     expires_in: int
+    scope: str
 
 
 # --- users -----------------------------------------------------------------
@@ -244,6 +256,7 @@ async def issue_tokens(
         name=user.display_name,
         roles=user.roles,
         family_id=family_id,
+        scope=USER_SCOPE,
         issuer=settings.jwt_issuer,
         audience=settings.jwt_audience,
         lifetime_seconds=settings.access_token_ttl_seconds,
@@ -262,7 +275,31 @@ async def issue_tokens(
         )
     )
     await session.commit()
-    return IssuedTokens(access.token, refresh, settings.access_token_ttl_seconds)
+    return IssuedTokens(access.token, refresh, settings.access_token_ttl_seconds, USER_SCOPE)
+
+
+async def issue_client_tokens(
+    *,
+    key_ring: KeyRing,
+    settings: Settings,
+    client_id: str,
+    client: OAuthClient,
+    scopes: Sequence[str],
+) -> IssuedTokens:
+    """A machine client's access token for `scopes` (already checked against
+    the client's own); nothing is stored, and no refresh token is issued: the
+    client asks again with its secret (RFC 6749 section 4.4.3)."""
+    scope = " ".join(scopes)
+    access = issue_client_token(
+        key=await key_ring.active_key(),
+        client_id=client_id,
+        name=client.name or client_id,
+        scope=scope,
+        issuer=settings.jwt_issuer,
+        audience=settings.jwt_audience,
+        lifetime_seconds=settings.access_token_ttl_seconds,
+    )
+    return IssuedTokens(access.token, None, settings.access_token_ttl_seconds, scope)
 
 
 async def rotate_refresh_token(
@@ -340,6 +377,58 @@ async def logout(
     if family_id is not None:
         await revoke_family(session=session, redis=redis, family_id=family_id)
         await session.commit()
+
+
+async def revoke_refresh_token(*, session: AsyncSession, redis: Redis, refresh_token: str) -> bool:
+    """Ends the login session a refresh token belongs to (RFC 7009): its whole
+    family and the live access tokens issued with it, as logout does. A spent
+    token of the family works too. False for a token auth never issued."""
+    family_id = await session.scalar(
+        select(RefreshToken.family_id).where(
+            RefreshToken.token_hash == opaque_token_hash(refresh_token)
+        )
+    )
+    if family_id is None:
+        await session.rollback()
+        return False
+    await revoke_family(session=session, redis=redis, family_id=family_id)
+    await session.commit()
+    return True
+
+
+@dataclass(frozen=True, slots=True)
+class ActiveRefreshToken:
+    user_id: uuid.UUID
+    family_id: uuid.UUID
+    issued_at: datetime
+    expires_at: datetime
+
+
+async def active_refresh_token(
+    *, session: AsyncSession, refresh_token: str
+) -> ActiveRefreshToken | None:
+    """What introspection tells of a refresh token that a refresh would accept
+    right now: not spent, not revoked, not expired, its account active."""
+    row = (
+        await session.execute(
+            select(
+                RefreshToken.user_id,
+                RefreshToken.family_id,
+                RefreshToken.created_at,
+                RefreshToken.expires_at,
+            )
+            .join(User, User.id == RefreshToken.user_id)
+            .where(
+                RefreshToken.token_hash == opaque_token_hash(refresh_token),
+                RefreshToken.used_at.is_(None),
+                RefreshToken.revoked_at.is_(None),
+                RefreshToken.expires_at > func.now(),
+                User.is_active,
+            )
+        )
+    ).one_or_none()
+    await session.rollback()
+    return None if row is None else ActiveRefreshToken(*row)
 
 
 # --- password resets -------------------------------------------------------

@@ -13,6 +13,7 @@ import time
 import uuid
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Any
 
 from jose import jwt
 
@@ -36,13 +37,70 @@ def issue_access_token(
     name: str,
     roles: Sequence[str],
     family_id: uuid.UUID,
+    scope: str,
     issuer: str,
     audience: str,
     lifetime_seconds: int,
     not_before: float | None = None,
 ) -> AccessToken:
-    """`not_before` is the user's revocation time, if any: a token minted in the
-    same second must still be newer than it, so `iat` is rounded up past it."""
+    """A user's access token. `not_before` is the user's revocation time, if
+    any: a token minted in the same second must still be newer than it, so
+    `iat` is rounded up past it."""
+    return _signed(
+        key=key,
+        claims={
+            "sub": str(user_id),
+            "name": name,
+            "roles": list(roles),
+            "scope": scope,
+            # the login session (refresh-token family), so logout can end it
+            "sid": str(family_id),
+        },
+        issuer=issuer,
+        audience=audience,
+        lifetime_seconds=lifetime_seconds,
+        not_before=not_before,
+    )
+
+
+def issue_client_token(
+    *,
+    key: ActiveKey,
+    client_id: str,
+    name: str,
+    scope: str,
+    issuer: str,
+    audience: str,
+    lifetime_seconds: int,
+) -> AccessToken:
+    """A machine client's access token (client_credentials grant): the client
+    is its own subject (RFC 9068), it has no roles, and `scope` says what it
+    may do."""
+    return _signed(
+        key=key,
+        claims={
+            "sub": client_id,
+            "client_id": client_id,
+            "name": name,
+            "roles": [],
+            "scope": scope,
+        },
+        issuer=issuer,
+        audience=audience,
+        lifetime_seconds=lifetime_seconds,
+        not_before=None,
+    )
+
+
+def _signed(
+    *,
+    key: ActiveKey,
+    claims: dict[str, Any],
+    issuer: str,
+    audience: str,
+    lifetime_seconds: int,
+    not_before: float | None,
+) -> AccessToken:
     now = time.time()
     issued_at = int(now)
     if not_before is not None and issued_at < not_before:
@@ -50,17 +108,13 @@ def issue_access_token(
     jti = uuid.uuid4().hex
     expires_at = int(now) + lifetime_seconds
     claims = {
-        "sub": str(user_id),
-        "name": name,
-        "roles": list(roles),
+        **claims,
         "iat": issued_at,
         "exp": expires_at,
         "jti": jti,
         "iss": issuer,
         "aud": audience,
         "typ": ACCESS_TOKEN_TYPE,
-        # the login session (refresh-token family), so logout can end it
-        "sid": str(family_id),
     }
     token: str = jwt.encode(claims, key.private_key, algorithm=ALGORITHM, headers={"kid": key.kid})
     return AccessToken(token, jti, expires_at)

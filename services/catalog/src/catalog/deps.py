@@ -1,4 +1,5 @@
-"""Dependencies routes read like prose: the session, paging, filters, the import key."""
+"""Dependencies routes read like prose: the session, paging, filters, the import
+credentials."""
 
 from __future__ import annotations
 
@@ -11,17 +12,19 @@ from decimal import Decimal
 from typing import Annotated, Any
 
 from fastapi import Depends, Query, Request, Security
-from fastapi.security import APIKeyHeader, APIKeyQuery
+from fastapi.openapi.models import OAuthFlowClientCredentials, OAuthFlows
+from fastapi.security import APIKeyHeader, APIKeyQuery, OAuth2
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, AsyncSession, async_sessionmaker
 
 from catalog.batching import BatchedReads, Connections
 from catalog.config import Settings
-from catalog.errors import ImportDisabled
+from catalog.errors import ImportDisabled, MissingImportScope
 from catalog.paging import Cursor, Sort
 from catalog.point_pool import PointReadPool
 from catalog.schemas import Slug, Tag
 from kit.db import session_dependency
 from kit.errors import InvalidInput, Unauthenticated
+from kit.security import TokenVerifier, bearer_from_headers
 
 PAGE_DEFAULT = 20
 PAGE_MAX = 100
@@ -170,26 +173,56 @@ def filter_error(parameter: str, message: str, kind: str) -> InvalidInput:
 
 FiltersDep = Annotated[ProductFilters, Depends(FilterParser())]
 
+IMPORT_SCOPE = "catalog:import"
+
 api_key_header = APIKeyHeader(
     name="X-API-Key", auto_error=False, description="The catalog import key"
 )
 api_key_query = APIKeyQuery(
     name="api_key", auto_error=False, description="The catalog import key (query form)"
 )
+# A machine client (auth's OAUTH_CLIENTS) with the catalog:import scope gets its
+# token from auth's token endpoint with the client_credentials grant.
+import_client = OAuth2(
+    flows=OAuthFlows(
+        clientCredentials=OAuthFlowClientCredentials(
+            tokenUrl="/auth/token", scopes={IMPORT_SCOPE: "Import products"}
+        )
+    ),
+    scheme_name="ImportClient",
+    description="A machine client's access token (client_credentials grant) with the "
+    f"{IMPORT_SCOPE} scope",
+    auto_error=False,
+)
+_CHALLENGE = f'APIKey, Bearer scope="{IMPORT_SCOPE}"'
 
 
 async def require_import_key(
+    request: Request,
     settings: SettingsDep,
     from_header: Annotated[str | None, Security(api_key_header)],
     from_query: Annotated[str | None, Security(api_key_query)],
+    authorization: Annotated[str | None, Security(import_client, scopes=[IMPORT_SCOPE])],
 ) -> None:
-    """Admits machine imports carrying the configured API key."""
+    """Admits machine imports: a bearer token with the catalog:import scope, or
+    the configured API key."""
+    token = bearer_from_headers(authorization)
+    if token is not None:
+        verifier: TokenVerifier = request.state.verifier
+        await verifier.verify(token)  # signature, claims and revocation
+        claims = await verifier.verified_claims(token)
+        if IMPORT_SCOPE not in str(claims.get("scope", "")).split():
+            raise MissingImportScope(IMPORT_SCOPE)
+        return
     expected = settings.catalog_api_key
-    if expected is None:
-        raise ImportDisabled
     presented = from_header or from_query
     if not presented:
-        raise Unauthenticated("An API key is required (X-API-Key)", scheme="APIKey")
+        raise Unauthenticated(
+            f"An API key (X-API-Key) or a bearer token with the {IMPORT_SCOPE} scope is required",
+            scheme=_CHALLENGE,
+        )
+    if expected is None:
+        raise ImportDisabled
     # compare_digest: the time taken does not reveal how much of the key matched
     if not secrets.compare_digest(presented.encode(), expected.get_secret_value().encode()):
         raise Unauthenticated("Wrong API key", scheme="APIKey")

@@ -59,7 +59,22 @@ class IdempotencyKeyReused(InvalidInput):
 
 class ImportDisabled(Forbidden):
     def __init__(self) -> None:
-        super().__init__("Product import is disabled: no API key is configured")
+        super().__init__(
+            "Import by API key is disabled: no key is configured; use a machine client's "
+            "access token with the catalog:import scope"
+        )
+
+
+class MissingImportScope(Forbidden):
+    """RFC 6750 section 3.1: a valid token without the scope the import needs."""
+
+    def __init__(self, scope: str) -> None:
+        super().__init__(
+            f"Importing needs a token with the {scope!r} scope",
+            headers={"WWW-Authenticate": f'Bearer error="insufficient_scope", scope="{scope}"'},
+            error="insufficient_scope",
+            error_description=f"Importing needs a token with the {scope!r} scope",
+        )
 
 
 def unknown_category(loc: Sequence[str | int]) -> dict[str, Any]:

@@ -139,7 +139,7 @@ async def create_product(
 @router.post(
     "/products:import",
     status_code=status.HTTP_201_CREATED,
-    summary="Import products, all or nothing (API key)",
+    summary="Import products, all or nothing (machine client token or API key)",
     dependencies=[Security(require_import_key)],
 )
 async def import_products(
