@@ -30,7 +30,7 @@ async def test_a_login_that_asks_gets_the_refresh_token_only_as_a_cookie(
 ) -> None:
     response = await cookie_login(client)
 
-    assert set(response.json()) == {"access_token", "token_type", "expires_in"}
+    assert set(response.json()) == {"access_token", "token_type", "expires_in", "scope"}
     header = refresh_cookie(response)
     assert header.startswith("bazaar_refresh=")
     attributes = {part.strip().lower() for part in header.split(";")[1:]}
