@@ -306,7 +306,11 @@ async def test_the_merged_openapi_documents_oauth_and_swagger_authorize_works(
     client_flow = schemes["ImportClient"]["flows"]["clientCredentials"]
     docs = await client.get("/docs")
     assert docs.status_code == 200
-    assert "/openapi.json" in docs.text
+    # the page starts Swagger UI from a served script, on the merged document
+    assert '<script src="/assets/js/docs.js"' in docs.text
+    starter = await client.get("/assets/js/docs.js")
+    assert starter.status_code == 200
+    assert 'url: "/openapi.json"' in starter.text
 
     # Swagger UI's "Authorize", password flow: the form with an empty scope,
     # client credentials in the body (none typed) or as an empty Basic header
