@@ -29,8 +29,9 @@ from chat.hub import (
     Hub,
     Replay,
 )
-from chat.schemas import dumps, error_frame, ready_frame, valid_room
+from chat.schemas import dumps, error_frame, invalid_frame, ready_frame, valid_room
 from kit.errors import ServiceUnavailable, Unauthenticated
+from kit.inputs import json_errors
 from kit.security import (
     Principal,
     TokenVerifier,
@@ -180,6 +181,10 @@ async def receive_frames(
             continue
         if not isinstance(frame, dict):
             reply(hub, connection, error_frame("Frame must be a JSON object"))
+            continue
+        if problems := json_errors(frame, ()):
+            # NUL, lone surrogates, numbers beyond 64 bits: named, never stored
+            reply(hub, connection, invalid_frame(problems))
             continue
         kind = frame.get("type")
         if kind == "message":
