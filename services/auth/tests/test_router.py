@@ -231,7 +231,7 @@ async def test_logout_leaves_other_sessions_alone(client: httpx.AsyncClient) -> 
 
 async def test_failed_logins_for_one_account_are_throttled(client: httpx.AsyncClient) -> None:
     account = await register(client)
-    for _ in range(3):  # login_failures_per_account in the test settings
+    for _ in range(3):  # login_failures_per_account_and_client in the test settings
         wrong = await client.post(
             "/auth/token", data={"username": account.email, "password": "wrong password"}
         )

@@ -19,7 +19,6 @@ from auth.deps import (
     SettingsDep,
     ThrottleDep,
 )
-from auth.errors import InvalidCredentials
 from auth.mail import send_reset_email, send_welcome_email
 from auth.models import User
 from auth.schemas import (
@@ -82,15 +81,11 @@ async def token(
     client: ClientAddress,
 ) -> TokenPair:
     email = login_email(form.username)
-    await throttle.ensure_allowed(email=email, client=client)
-    try:
+    # counted before the password is checked; see throttle.py
+    async with throttle.attempt(email=email, client=client):
         user = await service.authenticate(
             session=session, passwords=passwords, email=email, password=form.password
         )
-    except InvalidCredentials:
-        await throttle.record_failure(email=email, client=client)
-        raise
-    await throttle.record_success(email=email)
     tokens = await service.issue_tokens(
         session=session, redis=redis, key_ring=key_ring, settings=settings, user=user
     )
@@ -173,8 +168,9 @@ async def reset_password(
     redis: RedisDep,
     passwords: PasswordsDep,
     settings: SettingsDep,
+    throttle: ThrottleDep,
 ) -> Response:
-    await service.reset_password(
+    user = await service.reset_password(
         session=session,
         redis=redis,
         passwords=passwords,
@@ -182,6 +178,8 @@ async def reset_password(
         token=body.token,
         password=body.password,
     )
+    # the owner proved who they are: failed-login counts against the account go
+    await throttle.forgive(email=user.email)
     return Response(status_code=204)
 
 
