@@ -11,7 +11,7 @@ from decimal import Decimal
 from typing import Annotated, Any
 
 from fastapi import Depends, Query, Request, Security
-from fastapi.security import APIKeyHeader, APIKeyQuery
+from fastapi.security import APIKeyHeader
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, AsyncSession, async_sessionmaker
 
 from catalog.batching import BatchedReads, Connections
@@ -173,21 +173,17 @@ FiltersDep = Annotated[ProductFilters, Depends(FilterParser())]
 api_key_header = APIKeyHeader(
     name="X-API-Key", auto_error=False, description="The catalog import key"
 )
-api_key_query = APIKeyQuery(
-    name="api_key", auto_error=False, description="The catalog import key (query form)"
-)
 
 
 async def require_import_key(
     settings: SettingsDep,
-    from_header: Annotated[str | None, Security(api_key_header)],
-    from_query: Annotated[str | None, Security(api_key_query)],
+    presented: Annotated[str | None, Security(api_key_header)],
 ) -> None:
-    """Admits machine imports carrying the configured API key."""
+    """Admits machine imports carrying the configured API key, in the header
+    only: a key in a query string ends up in access logs, proxies and history."""
     expected = settings.catalog_api_key
     if expected is None:
         raise ImportDisabled
-    presented = from_header or from_query
     if not presented:
         raise Unauthenticated("An API key is required (X-API-Key)", scheme="APIKey")
     # compare_digest: the time taken does not reveal how much of the key matched
