@@ -16,7 +16,10 @@ and lets one address open any number of connections. `EdgeHttpProtocol`
 - a head size limit, `MAX_HEADER_BYTES`, else 431 and close;
 - at most `MAX_CONNECTIONS_PER_CLIENT` open connections per client address
   (HTTP and WebSocket alike; 0 turns it off); the next is answered 429 and closed;
-- uvicorn's bare-text 400 for a malformed request becomes problem+json.
+- uvicorn's bare-text 400 for a malformed request becomes problem+json;
+- a body answered before it was read whole (413) is read and dropped for at
+  most `DRAIN_SECONDS`, so the client, which reads only once it has sent
+  everything, gets the answer instead of a reset connection.
 
 The guard reads its settings from the lifespan state (the gateway's `runtime`),
 so it follows the settings the app was built with; without it (an app that
@@ -54,6 +57,8 @@ _SLUGS = {
     431: "header-too-large",
 }
 LINGER_SECONDS = 1.0
+# how long the rest of a body already answered (413) is read and dropped
+DRAIN_SECONDS = 5.0
 
 
 def raw_problem(status: int, detail: str, *, retry_after: int | None = None) -> bytes:
@@ -79,6 +84,10 @@ def raw_problem(status: int, detail: str, *, retry_after: int | None = None) -> 
     if retry_after is not None:
         head.append(f"retry-after: {retry_after}")
     return ("\r\n".join(head) + "\r\n\r\n").encode() + body
+
+
+class HeadTooLarge(Exception):
+    """The request head is larger than the edge accepts."""
 
 
 class EdgeGuard:
@@ -159,10 +168,13 @@ class EdgeHttpProtocol(HttpToolsProtocol):
             self.ws_protocol_class = _counting(self.ws_protocol_class)
         self.address: str | None = None  # set while this connection holds a slot
         self.timer: asyncio.TimerHandle | None = None
-        self.head_bytes = 0
+        self.head_bytes = 0  # raw bytes received while the head is still owed
+        self.head_size = 0  # the head as parsed: request line and headers
+        self.head_too_large = False
         self.reading_head = True
         self.first_request = True
         self.request_begun = False
+        self.draining_since = 0.0
         self.refusing = False
 
     # -- connection -------------------------------------------------------------
@@ -200,11 +212,19 @@ class EdgeHttpProtocol(HttpToolsProtocol):
         guard = self.guard
         if guard is not None and self.reading_head:
             self.head_bytes += len(data)
-            if self.head_bytes > guard.max_header_bytes:
-                guard.refused("header_too_large")
-                self.refuse(431, f"The request head exceeds {guard.max_header_bytes} bytes")
-                return
         super().data_received(data)
+        # a head still unfinished after this many bytes (one endless line, say)
+        if guard is not None and self.reading_head and self.head_bytes > guard.max_header_bytes:
+            self.head_too_large = True
+            self.send_400_response("")
+
+    def on_url(self, url: bytes) -> None:
+        self.head_size += len(url)
+        super().on_url(url)
+
+    def on_header(self, name: bytes, value: bytes) -> None:
+        self.head_size += len(name) + len(value) + 4
+        super().on_header(name, value)
 
     def handle_websocket_upgrade(self) -> None:
         self.disarm()
@@ -217,6 +237,12 @@ class EdgeHttpProtocol(HttpToolsProtocol):
             self.address = None
 
     def send_400_response(self, msg: str) -> None:
+        if self.refusing or self.transport.is_closing():
+            return
+        if self.head_too_large and self.guard is not None:
+            self.guard.refused("header_too_large")
+            self.refuse(431, f"The request head exceeds {self.guard.max_header_bytes} bytes")
+            return
         self.transport.write(raw_problem(400, msg))
         self.transport.close()
 
@@ -224,6 +250,7 @@ class EdgeHttpProtocol(HttpToolsProtocol):
 
     def on_message_begin(self) -> None:
         super().on_message_begin()
+        self.head_size = 0
         self.request_begun = True
         if self.first_request:
             self.first_request = False  # its deadline runs from the connection's start
@@ -233,6 +260,11 @@ class EdgeHttpProtocol(HttpToolsProtocol):
             self.arm(self.guard.header_timeout_seconds, self.head_timed_out)
 
     def on_headers_complete(self) -> None:
+        guard = self.guard
+        if guard is not None and self.head_size > guard.max_header_bytes:
+            # raised through the parser: uvicorn answers with send_400_response
+            self.head_too_large = True
+            raise HeadTooLarge
         self.reading_head = False
         super().on_headers_complete()
         if self.guard is not None and self.address is not None:
@@ -240,13 +272,23 @@ class EdgeHttpProtocol(HttpToolsProtocol):
 
     def on_body(self, body: bytes) -> None:
         super().on_body(body)
+        if self.cycle is not None and self.cycle.response_complete:
+            # answered early (a 413, say): the rest is read and dropped, so the
+            # client can finish sending and read the answer, but not for ever
+            now = self.loop.time()
+            self.draining_since = self.draining_since or now
+            if now - self.draining_since > DRAIN_SECONDS:
+                self.transport.close()
+                return
         if self.guard is not None and self.timer is not None:
             self.arm(self.guard.body_idle_timeout_seconds, self.body_timed_out)
 
     def on_message_complete(self) -> None:
         self.disarm()
+        self.draining_since = 0.0
         self.request_begun = False
         self.reading_head = True
+        self.head_bytes = 0
         super().on_message_complete()
 
     # -- timers -------------------------------------------------------------------

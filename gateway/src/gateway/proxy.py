@@ -52,10 +52,10 @@ class BodyTooLarge(Exception):
 
 
 def too_large(limit: int) -> PayloadTooLarge:
-    # the rest of the body is not wanted: the connection closes after the answer
-    return PayloadTooLarge(
-        f"The request body exceeds {limit} bytes", headers={"Connection": "close"}
-    )
+    # The connection stays open: a client sends its whole body before it reads
+    # the answer, and a close now would reset the connection under it, answer
+    # lost. The edge reads the rest and drops it (for a few seconds at most).
+    return PayloadTooLarge(f"The request body exceeds {limit} bytes")
 
 
 class StreamedBody:
