@@ -49,7 +49,10 @@ from kit.errors import RateLimited, ServiceUnavailable
 
 logger = logging.getLogger("auth.throttle")
 
-REDIS_TIMEOUT_SECONDS = 0.5
+# Long enough that a busy machine is not taken for an outage (falling back
+# then would count attempts twice and admit more), short enough that a frozen
+# Redis delays one login, not all of them (the next second skips it).
+REDIS_TIMEOUT_SECONDS = 3.0
 REDIS_BACKOFF_SECONDS = 1.0
 LOCAL_ENTRIES_MAX = 100_000
 REFUSAL = "Too many failed logins; try again later"

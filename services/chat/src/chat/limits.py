@@ -33,7 +33,10 @@ logger = logging.getLogger("chat.limits")
 PROCESSES_KEY = "chat:limits:processes"
 CLOSE_TOO_MANY_SOCKETS = 4029
 """Close code for a socket over the user's limit: accepted, then closed at once."""
-REDIS_TIMEOUT_SECONDS = 0.25
+# Long enough that a busy machine is not taken for an outage (each replica
+# alone would then admit more), short enough that a frozen Redis holds up a
+# socket's frames for one moment (the next second skips Redis)
+REDIS_TIMEOUT_SECONDS = 2.0
 REDIS_BACKOFF_SECONDS = 1.0
 SOCKET_COUNTS_TTL_SECONDS = 24 * 3600
 
