@@ -21,6 +21,7 @@ from kit.testing import free_port
 ROOT = Path(__file__).resolve().parents[2]
 ADMIN_EMAIL = "admin@e2e.example.com"
 ADMIN_PASSWORD = "e2e-admin-password"
+IMPORT_KEY = "e2e-import-key"
 
 
 @dataclass
@@ -67,6 +68,7 @@ def stack() -> Iterator[Stack]:
         patch.setenv("TAG", os.environ.get("TAG") or f"e2e-{checkout_id()}")
         patch.setenv("ADMIN_EMAIL", ADMIN_EMAIL)
         patch.setenv("ADMIN_PASSWORD", ADMIN_PASSWORD)
+        patch.setenv("CATALOG_API_KEY", IMPORT_KEY)
         compose = DockerCompose(
             ROOT,
             compose_file_name=["compose.yaml", "tests/e2e/compose.e2e.yaml"],
