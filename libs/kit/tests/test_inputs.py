@@ -10,7 +10,7 @@ from typing import Annotated, Any
 import asyncpg
 import httpx
 import pytest
-from fastapi import FastAPI, Form, Header, Query, WebSocket
+from fastapi import APIRouter, FastAPI, Form, Header, Query, WebSocket
 from pydantic import BaseModel
 from sqlalchemy import text
 from sqlalchemy.exc import DBAPIError
@@ -23,7 +23,6 @@ from kit.inputs import (
     MAX_PARAMETER_CHARS,
     integer_text_error,
     json_errors,
-    unscreened_routes,
 )
 from kit.settings import ServiceSettings
 from kit.testing import serve
@@ -182,16 +181,25 @@ async def test_a_websocket_handshake_is_screened_too() -> None:
     assert b"string_nul" in refused.value.response.body
 
 
-def test_every_route_of_an_assembled_app_is_screened() -> None:
-    assert unscreened_routes(screened_app()) == []
+async def test_routes_included_after_assembly_are_screened_and_earlier_ones_refused() -> None:
+    router = APIRouter(prefix="/included")
+
+    @router.get("/{name}")
+    async def included(name: str) -> str:
+        return name
+
+    app = FastAPI()
+    assemble(app, ServiceSettings(), readiness={})
+    app.include_router(router)
+    transport = httpx.ASGITransport(app=app, raise_app_exceptions=False)
+    async with httpx.AsyncClient(transport=transport, base_url="http://test") as http:
+        refused = await http.get("/included/a%00b")
+    assert_refused(refused, ["path", "name"], "string_nul")
+
     late = FastAPI()
-
-    @late.get("/before")
-    async def before() -> None:
-        return None
-
-    assemble(late, ServiceSettings(), readiness={})
-    assert unscreened_routes(late) == ["/before"]
+    late.include_router(router)
+    with pytest.raises(RuntimeError, match="before any route is added"):
+        assemble(late, ServiceSettings(), readiness={})
 
 
 def test_integer_text_follows_what_pydantic_reads_as_an_integer() -> None:

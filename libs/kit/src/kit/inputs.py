@@ -36,6 +36,7 @@ from fastapi import Depends, FastAPI, params
 from fastapi.dependencies.utils import get_flat_params
 from fastapi.exceptions import RequestValidationError, WebSocketRequestValidationError
 from starlette.requests import HTTPConnection, Request
+from starlette.routing import Route
 
 MAX_PARAMETER_CHARS = 8192
 MAX_JSON_STRING_CHARS = 65_536
@@ -261,16 +262,13 @@ async def screen_request(connection: HTTPConnection) -> None:
 
 
 def install_screening(app: FastAPI) -> None:
-    """Every route added to `app` from now on is screened first (FastAPI gives
-    a router's dependencies to each route as it is added)."""
+    """Every route added to `app` from now on is screened first (a router's
+    dependencies go to each route as it is added, or included). Raises if a
+    route came first: it would silently go unscreened."""
+    early = [route for route in app.router.routes if type(route) is not Route]
+    if early:
+        raise RuntimeError(
+            "the input screen must be installed (kit.app.assemble called) before any route "
+            f"is added; found {[getattr(route, 'path', route) for route in early]}"
+        )
     app.router.dependencies.append(Depends(screen_request))
-
-
-def unscreened_routes(app: FastAPI) -> list[str]:
-    """Routes added before `install_screening` (a test per service asserts none)."""
-    return [
-        str(getattr(route, "path", route))
-        for route in app.routes
-        if (dependant := getattr(route, "dependant", None)) is not None
-        and screen_request not in [dependency.call for dependency in dependant.dependencies]
-    ]
