@@ -401,6 +401,8 @@ def main() -> None:
             "JWKS_URL": jwks_url,
             "SEND_RATE_PER_SECOND": "100000",
             "SEND_BURST": "100000",
+            # every socket of the benchmark belongs to one user
+            "MAX_SOCKETS_PER_USER": "1000000",
             "LOG_LEVEL": "WARNING",
         }
         subprocess.run(

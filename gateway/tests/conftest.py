@@ -47,6 +47,8 @@ def gateway_settings(redis_url: str, **overrides: Any) -> Settings:
         "health_check_interval_seconds": 0,
         "rate_limit_enabled": False,
         "eject_seconds": 0.5,
+        # the body limit has tests of its own; others stream large bodies
+        "max_body_bytes": 64 * 1024 * 1024,
         "auth_upstream": urls(dead_url()),
         "catalog_upstream": urls(dead_url()),
         "chat_upstream": urls(dead_url()),

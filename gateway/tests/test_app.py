@@ -42,15 +42,16 @@ async def test_metrics_count_requests_by_route_prefix_and_status(
     settings = gateway_settings(redis_url, catalog_upstream=urls(upstream[1]))
     async with running_gateway(settings, minter) as (_, client):
         await client.get("/catalog/echo")
-        await client.get("/auth/users/me")  # auth's pool is a dead port: 502
+        await client.get("/auth/users/me")  # auth's pool is a dead port: 503
         response = await client.get("/metrics")
     assert response.status_code == 200
     text = response.text
     assert 'http_requests_total{method="GET",route="catalog",status="200"} 1.0' in text
-    assert 'http_requests_total{method="GET",route="auth",status="502"} 1.0' in text
+    assert 'http_requests_total{method="GET",route="auth",status="503"} 1.0' in text
     assert 'gateway_upstream_duration_seconds_count{route="catalog"} 1.0' in text
     assert 'gateway_upstream_replicas{route="catalog",state="available"} 1.0' in text
-    assert 'gateway_upstream_replicas{route="auth",state="ejected"} 1.0' in text
+    assert 'gateway_upstream_replicas{route="auth",state="down"} 1.0' in text
+    assert 'gateway_upstream_panic{route="catalog"} 0.0' in text
 
 
 async def test_cors_preflight_is_answered_at_the_edge(

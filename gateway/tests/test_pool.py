@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import socket
 import time
 from collections.abc import Awaitable, Callable
 
@@ -11,6 +12,7 @@ from pydantic import ValidationError
 
 from gateway.config import Settings
 from gateway.pool import Pool
+from kit.errors import ServiceUnavailable
 from kit.testing import TokenMinter
 
 from .conftest import dead_url, gateway_settings, running_gateway, running_upstream, urls
@@ -41,12 +43,29 @@ async def test_resolves_host_names_to_every_address() -> None:
     assert pool.replicas[0].in_flight == 3
 
 
-async def test_keeps_the_last_membership_when_dns_fails() -> None:
-    pool = make_pool(("127.0.0.1", 8000))
-    await pool.refresh()
-    pool.targets.append(("no-such-host.invalid", 8000))
+async def test_keeps_the_last_membership_when_dns_does_not_answer(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    pool = make_pool(("catalog.test", 8000))
+    pool.update([("10.0.0.1", 8000)])
+
+    async def no_answer(*args: object, **kwargs: object) -> list[object]:
+        raise socket.gaierror(socket.EAI_AGAIN, "Temporary failure in name resolution")
+
+    monkeypatch.setattr(asyncio.get_running_loop(), "getaddrinfo", no_answer)
     assert await pool.refresh() == []
-    assert [(r.address, r.port) for r in pool.replicas] == [("127.0.0.1", 8000)]
+    assert [(r.address, r.port) for r in pool.replicas] == [("10.0.0.1", 8000)]
+
+
+async def test_a_name_with_no_address_left_empties_the_pool() -> None:
+    pool = make_pool(("no-such-host.invalid", 8000))
+    pool.update([("10.0.0.1", 8000)])
+    await pool.refresh()
+    assert pool.replicas == []
+    with pytest.raises(ServiceUnavailable) as refused:
+        pool.choose_or_refuse([], service="catalog")
+    assert refused.value.detail == "No catalog replica is available"
+    assert refused.value.headers["Retry-After"] == "1"
 
 
 async def test_chooses_the_replica_with_fewest_requests_in_flight() -> None:
@@ -61,53 +80,169 @@ async def test_chooses_the_replica_with_fewest_requests_in_flight() -> None:
     assert {pool.choose() for _ in range(3)} == {first, second, third}
 
 
-async def test_ejects_after_failures_and_on_refused_connections() -> None:
+async def test_a_streak_of_sickness_signals_ejects_and_an_answer_breaks_it() -> None:
     pool = make_pool(("10.0.0.1", 80), ("10.0.0.2", 80))
     await pool.refresh()
     first, second = pool.replicas
     pool.failed(first)
-    pool.succeeded(first)
+    pool.succeeded(first)  # any answer that is not 502/503/504: the replica works
     pool.failed(first)
-    assert pool.choose(tried=[second]) is first  # a success broke the streak
+    assert pool.choose(tried=[second]) is first
     pool.failed(first)
-    assert pool.choose(tried=[second]) is None
-    pool.failed(second, unreachable=True)
-    assert pool.choose() is None
-    assert 29 <= pool.retry_after() <= 30
+    assert {pool.choose() for _ in range(4)} == {second}
+    assert pool.states() == {"available": 1, "ejected": 1, "unhealthy": 0, "down": 0}
 
 
-async def test_new_replicas_wait_for_a_probe_when_probing() -> None:
-    pool = make_pool(("10.0.0.1", 80), probing=True)
+async def test_never_ejects_more_than_half_the_pool() -> None:
+    pool = make_pool(("10.0.0.1", 80), ("10.0.0.2", 80), ("10.0.0.3", 80))
     await pool.refresh()
+    for replica in pool.replicas:
+        for _ in range(5 * pool.eject_after_failures):
+            pool.failed(replica)
+    assert pool.states()["ejected"] == 1
+    single = make_pool(("10.0.0.9", 80))
+    await single.refresh()
+    for _ in range(10):
+        single.failed(single.replicas[0])
+    assert single.choose() is single.replicas[0]
+
+
+async def test_a_refused_replica_is_skipped_at_once_and_none_left_is_a_503() -> None:
+    pool = make_pool(("10.0.0.1", 80), ("10.0.0.2", 80))
+    await pool.refresh()
+    first, second = pool.replicas
+    pool.unreachable(first)
+    assert {pool.choose() for _ in range(3)} == {second}
+    pool.unreachable(second)
     assert pool.choose() is None
+    assert pool.states()["down"] == 2
+    with pytest.raises(ServiceUnavailable) as refused:
+        pool.choose_or_refuse([], service="catalog")
+    assert 29 <= int(refused.value.headers["Retry-After"]) <= 30
 
 
-async def test_ejects_a_failing_replica_and_takes_it_back(
+async def test_panics_to_every_live_replica_when_fewer_than_half_are_healthy() -> None:
+    pool = make_pool(("10.0.0.1", 80), ("10.0.0.2", 80), ("10.0.0.3", 80))
+    await pool.refresh()
+    first, second, third = pool.replicas
+    second.healthy = False
+    assert not pool.panicking()
+    assert {pool.choose() for _ in range(6)} == {first, third}
+    third.healthy = False  # one of three healthy: every live replica takes traffic
+    assert pool.panicking()
+    assert {pool.choose() for _ in range(6)} == {first, second, third}
+    first.healthy = False
+    pool.unreachable(third)  # a refused replica stays out even in a panic
+    assert {pool.choose() for _ in range(6)} == {first, second}
+
+
+async def test_new_replicas_wait_for_an_answered_probe_when_probing() -> None:
+    pool = make_pool(("10.0.0.1", 80), ("10.0.0.2", 80), probing=True)
+    await pool.refresh()
+    first, second = pool.replicas
+    assert pool.choose() is None
+    pool.probed(first, ready=None)  # timed out: still not known to listen
+    assert pool.choose() is None
+    pool.probed(first, ready=False)  # answered "not ready": live, but unhealthy
+    assert pool.choose() is first  # the only live replica, so a panic sends to it
+    pool.probed(second, ready=True)
+    assert {pool.choose() for _ in range(4)} == {second}
+
+
+async def test_a_busy_replica_needs_consecutive_failed_probes_to_be_unhealthy() -> None:
+    pool = make_pool(("10.0.0.1", 80), ("10.0.0.2", 80), probing=True)
+    await pool.refresh()
+    first, second = pool.replicas
+    pool.probed(first, ready=True)
+    pool.probed(second, ready=True)
+    pool.probed(first, ready=None)
+    pool.probed(first, ready=None)
+    pool.probed(first, ready=True)  # a probe answered: the streak starts over
+    pool.probed(first, ready=None)
+    pool.probed(first, ready=None)
+    assert pool.states()["unhealthy"] == 0
+    pool.probed(first, ready=None)
+    assert pool.states()["unhealthy"] == 1
+    # an ejected replica that answers its probe is taken back (as Envoy does)
+    for _ in range(pool.eject_after_failures):
+        pool.failed(second)
+    assert second.ejected_until > 0
+    pool.probed(second, ready=True)
+    assert second.available(time.monotonic())
+
+
+async def test_an_application_error_never_ejects_a_replica(
     redis_url: str, minter: TokenMinter
 ) -> None:
+    """A 500 answers a request (a bad one, say): no streak of them takes the
+    only replica out, so no client can take a service offline with them."""
     async with running_upstream("one") as (service, base_url):
         settings = gateway_settings(
+            redis_url, catalog_upstream=urls(base_url), eject_after_failures=2
+        )
+        async with running_gateway(settings, minter) as (_, client):
+            service.failing = True
+            statuses = [(await client.get("/catalog/flaky")).status_code for _ in range(10)]
+            service.failing = False
+            after = await client.get("/catalog/flaky")
+    assert statuses == [500] * 10
+    assert after.status_code == 200
+    assert service.hits == 11
+
+
+async def test_ejects_a_sick_replica_and_takes_it_back(redis_url: str, minter: TokenMinter) -> None:
+    async with (
+        running_upstream("one") as (sick, sick_url),
+        running_upstream("two") as (_well, well_url),
+    ):
+        settings = gateway_settings(
             redis_url,
-            catalog_upstream=urls(base_url),
+            catalog_upstream=urls(sick_url, well_url),
             eject_after_failures=2,
             eject_seconds=0.3,
         )
         async with running_gateway(settings, minter) as (_, client):
-            service.failing = True
-            failures = [(await client.get("/catalog/flaky")).status_code for _ in range(2)]
-            ejected = await client.get("/catalog/flaky")
+            sick.failing, sick.failing_status = True, 503
+            answers = [await client.get("/catalog/flaky") for _ in range(6)]
             metrics = (await client.get("/metrics")).text
-            service.failing = False
+            nodes_after = {(await client.get("/catalog/flaky")).json()["node"] for _ in range(4)}
+            sick.failing = False
 
             async def back() -> bool:
-                return (await client.get("/catalog/flaky")).status_code == 200
+                node: str = (await client.get("/catalog/flaky")).json()["node"]
+                return node == "one"
 
             await eventually(back)
-    assert failures == [500, 500]
-    assert ejected.status_code == 503
-    assert ejected.json()["detail"] == "No catalog replica is available"
+    # two 503s from "one" in a row eject it; "two" takes everything after that
+    assert [a.status_code for a in answers].count(503) == 2
+    assert nodes_after == {"two"}
     assert 'gateway_upstream_replicas{route="catalog",state="ejected"} 1.0' in metrics
-    assert service.hits >= 3
+
+
+async def test_a_panic_keeps_serving_when_every_replica_fails_its_probe(
+    redis_url: str, minter: TokenMinter
+) -> None:
+    async with (
+        running_upstream("one") as (first, first_url),
+        running_upstream("two") as (second, second_url),
+    ):
+        settings = gateway_settings(
+            redis_url,
+            catalog_upstream=urls(first_url, second_url),
+            health_check_interval_seconds=0.05,
+        )
+        async with running_gateway(settings, minter) as (app, client):
+            pool = app.runtime.routes["catalog"].pool
+            first.ready = second.ready = False
+
+            async def all_unhealthy() -> bool:
+                return not any(r.healthy for r in pool.replicas)
+
+            await eventually(all_unhealthy)
+            nodes = {(await client.get("/catalog/echo")).json()["node"] for _ in range(6)}
+            metrics = (await client.get("/metrics")).text
+    assert nodes == {"one", "two"}
+    assert 'gateway_upstream_panic{route="catalog"} 1.0' in metrics
 
 
 async def test_probes_readiness_and_routes_around_unready_replicas(
@@ -138,6 +273,7 @@ async def test_probes_readiness_and_routes_around_unready_replicas(
                 return [r.healthy for r in pool.replicas] == [True, True, False]
 
             await eventually(both)
+    # the dead port refuses: down, out of the count; one of two live is healthy
     assert nodes == {"one"}
 
 

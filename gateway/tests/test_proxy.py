@@ -235,10 +235,12 @@ async def test_never_retries_a_post(redis_url: str, minter: TokenMinter) -> None
         settings = gateway_settings(redis_url, catalog_upstream=urls(dead_url(), live))
         async with running_gateway(settings, minter) as (_, client):
             responses = [await client.post("/catalog/echo", content=b"x") for _ in range(2)]
-    assert sorted(r.status_code for r in responses) == [200, 502]
-    failed = next(r for r in responses if r.status_code == 502)
+    assert sorted(r.status_code for r in responses) == [200, 503]
+    # nothing was sent: "unavailable, retry", not "the service answered garbage"
+    failed = next(r for r in responses if r.status_code == 503)
     assert failed.headers["content-type"] == "application/problem+json"
-    assert failed.json()["title"] == "Bad gateway"
+    assert failed.json()["detail"] == "The catalog service is unreachable; retry"
+    assert int(failed.headers["retry-after"]) >= 1
     assert failed.json()["instance"] == failed.headers["x-request-id"]
     assert service.hits == 1
 

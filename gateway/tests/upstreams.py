@@ -31,6 +31,7 @@ class Upstream:
         self.hits = 0
         self.ready = True
         self.failing = False
+        self.failing_status = 500
         self.first_chunk_seen = asyncio.Event()
         self.release_stream = asyncio.Event()
         self.stream_abandoned = asyncio.Event()
@@ -112,7 +113,7 @@ class Upstream:
     async def flaky(self, request: Request) -> Response:
         self.hits += 1
         if self.failing:
-            return JSONResponse({"node": self.node}, status_code=500)
+            return JSONResponse({"node": self.node}, status_code=self.failing_status)
         return JSONResponse({"node": self.node})
 
     async def hop(self, request: Request) -> Response:

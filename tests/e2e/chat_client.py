@@ -1,6 +1,7 @@
 """A chat client that behaves as a careful real one does after a fault: it
 reconnects through the gateway with `since`, and re-sends, with the same
-`client_id`, what was never acknowledged. It records everything it sees so a
+`client_id`, what was never acknowledged, and what the user's send rate
+dropped once the server's `retry_after` has passed. It records everything it sees so a
 test can check that nothing was lost, reordered or delivered twice."""
 
 from __future__ import annotations
@@ -37,6 +38,7 @@ class ChatClient:
     gaps: list[tuple[int, int]] = field(default_factory=list)
     unacked: dict[str, str] = field(default_factory=dict)
     connected: asyncio.Event = field(default_factory=asyncio.Event)
+    _retries: set[asyncio.Task[None]] = field(default_factory=set)
     _caught_up_to: int = 0
 
     @property
@@ -95,6 +97,10 @@ class ChatClient:
                 await self._resend_unacked()
 
     async def _on_frame(self, frame: dict[str, Any]) -> None:
+        if frame["type"] == "error" and frame.get("client_id") in self.unacked:
+            # dropped by the user's send rate: resend it when the server says
+            self._retries.add(asyncio.create_task(self._resend_later(frame)))
+            return
         if frame["type"] != "message":
             return
         message_id = frame["id"]
@@ -110,11 +116,19 @@ class ChatClient:
             # the replay after a reconnection is complete: what is still unacked was never stored
             await self._resend_unacked()
 
+    async def _resend_later(self, dropped: dict[str, Any]) -> None:
+        await asyncio.sleep(float(dropped.get("retry_after") or 0.1))
+        client_id = dropped["client_id"]
+        if client_id in self.unacked:
+            await self._send_frame(client_id, self.unacked[client_id])
+
     async def _resend_unacked(self) -> None:
         for client_id, text in list(self.unacked.items()):
             await self._send_frame(client_id, text)
 
     async def close(self) -> None:
+        for retry in self._retries:
+            retry.cancel()
         if self.socket is not None:
             await self.socket.close()
 

@@ -24,6 +24,7 @@ ADMIN_PASSWORD = "e2e-admin-password"
 # the confidential clients compose.e2e.yaml configures
 IMPORTER = ("e2e-importer", "e2e-importer-secret-0123456789")
 RESOURCE_SERVER = ("e2e-reports", "e2e-reports-secret-0123456789")
+IMPORT_KEY = "e2e-import-key"
 
 
 @dataclass
@@ -73,6 +74,7 @@ def stack() -> Iterator[Stack]:
         # the address tests reach the gateway at: discovery's URLs and the issuer
         patch.setenv("PUBLIC_BASE_URL", f"http://127.0.0.1:{port}")
         patch.delenv("JWT_ISSUER", raising=False)
+        patch.setenv("CATALOG_API_KEY", IMPORT_KEY)
         compose = DockerCompose(
             ROOT,
             compose_file_name=["compose.yaml", "tests/e2e/compose.e2e.yaml"],

@@ -39,8 +39,10 @@ class Settings(ServiceSettings):
     chat_timeout_seconds: float = Field(default=30.0, gt=0)
     connect_timeout_seconds: float = Field(default=2.0, gt=0)
 
-    # Passive health: a refused connection ejects a replica at once, this many
-    # 5xx answers (or timeouts) in a row eject it; ejection lasts `eject_seconds`.
+    # Passive health: a refused connection takes a replica out at once; this
+    # many sickness signals in a row (a timeout, a reset, a 502/503/504 from
+    # it; never a 4xx or 500, which answer the request, not the replica's
+    # health) eject it for `eject_seconds`, never more than half of a pool.
     eject_after_failures: int = Field(default=3, ge=1)
     eject_seconds: float = Field(default=10.0, ge=0)
     # Another replica is tried this many times for idempotent requests whose
@@ -48,9 +50,24 @@ class Settings(ServiceSettings):
     retries: int = Field(default=2, ge=0)
 
     # Active health: GET `health_check_path` on every replica; 0 turns it off.
+    # A non-2xx answer marks a replica unhealthy at once; a probe that fails in
+    # transport (times out: the replica may just be busy) must fail
+    # `health_check_failures` times in a row. Fewer than half healthy: every
+    # live replica takes traffic (panic routing).
     health_check_interval_seconds: float = Field(default=5.0, ge=0)
     health_check_timeout_seconds: float = Field(default=2.0, gt=0)
+    health_check_failures: int = Field(default=3, ge=1)
     health_check_path: str = "/readyz"
+
+    # Edge guards below ASGI (gateway.edge): the request head must arrive
+    # within `header_timeout_seconds` and fit in `max_header_bytes`; a body
+    # still owed may go `body_idle_timeout_seconds` without a byte; one client
+    # address holds at most `max_connections_per_client` connections (0: no
+    # cap). Bodies above `max_body_bytes` (kit's setting) are refused with 413.
+    header_timeout_seconds: float = Field(default=10.0, gt=0)
+    body_idle_timeout_seconds: float = Field(default=20.0, gt=0)
+    max_header_bytes: int = Field(default=32_768, ge=1024)
+    max_connections_per_client: int = Field(default=256, ge=0)
 
     # Fixed-window limits per client address (anonymous) and per user.
     rate_limit_enabled: bool = True

@@ -7,6 +7,8 @@ from dataclasses import dataclass
 
 from starlette.types import Scope
 
+from kit.errors import DomainError
+
 # RFC 9110 §7.6.1 plus the de-facto ones; each names a property of one connection
 HOP_BY_HOP = frozenset(
     {
@@ -62,13 +64,25 @@ class OutgoingRequest:
     headers: list[tuple[str, str]]
     authorization: str | None
     has_body: bool
+    content_length: int | None = None
+
+
+class DuplicateHeader(DomainError):
+    """Two values for a header that has one meaning: which one would the
+    gateway check and which would the service believe?"""
+
+    status, title, slug = 400, "Bad request", "duplicate-header"
 
 
 def upstream_request(scope: Scope, policy: HeaderPolicy, request_id: str) -> OutgoingRequest:
-    """The headers to send upstream, read in one pass over the client's."""
+    """The headers to send upstream, read in one pass over the client's.
+
+    Raises DuplicateHeader for a second `Authorization` or `Host`."""
     headers: list[tuple[str, str]] = []
     authorization: str | None = None
     has_body = False
+    content_length: int | None = None
+    host_seen = False
     connection: bytes | None = None
     forwarded_for: str | None = None
     forwarded_proto: str | None = None
@@ -85,9 +99,16 @@ def upstream_request(scope: Scope, policy: HeaderPolicy, request_id: str) -> Out
         text = value.decode("latin-1")
         if name == b"content-length":
             has_body = value != b"0"
+            # the server's parser admits only digits here
+            content_length = int(value) if value.isdigit() else None
         elif name == b"authorization":
+            if authorization is not None:
+                raise DuplicateHeader("Send one Authorization header, not several")
             authorization = text
         elif name == b"host":
+            if host_seen:
+                raise DuplicateHeader("Send one Host header, not several")
+            host_seen = True
             host = text
         elif name == b"x-forwarded-for":
             forwarded_for = text
@@ -116,7 +137,7 @@ def upstream_request(scope: Scope, policy: HeaderPolicy, request_id: str) -> Out
     )
     headers.append(("X-Forwarded-Host", forwarded_host or host))
     headers.append(("X-Request-ID", request_id))
-    return OutgoingRequest(headers, authorization, has_body)
+    return OutgoingRequest(headers, authorization, has_body, content_length)
 
 
 def downstream_headers(raw_headers: tuple[tuple[bytes, bytes], ...]) -> list[tuple[bytes, bytes]]:

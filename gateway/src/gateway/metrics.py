@@ -3,7 +3,6 @@ latency, pool membership, rate-limit refusals and Redis outages."""
 
 from __future__ import annotations
 
-import time
 from collections.abc import Callable, Iterable, Sequence
 
 from prometheus_client import CollectorRegistry, Counter, Histogram
@@ -25,22 +24,20 @@ class PoolCollector(Collector):
     def collect(self) -> Iterable[Metric]:
         family = GaugeMetricFamily(
             "gateway_upstream_replicas",
-            "Replicas per upstream pool by state (available, ejected, unhealthy)",
+            "Replicas per upstream pool by state (available, ejected, unhealthy, down)",
             labels=["route", "state"],
         )
-        now = time.monotonic()
+        panic = GaugeMetricFamily(
+            "gateway_upstream_panic",
+            "1 while fewer than half of a pool's live replicas are healthy and all take traffic",
+            labels=["route"],
+        )
         for pool in self.pools():
-            counts = {"available": 0, "ejected": 0, "unhealthy": 0}
-            for replica in pool.replicas:
-                if not replica.healthy:
-                    counts["unhealthy"] += 1
-                elif replica.ejected_until > now:
-                    counts["ejected"] += 1
-                else:
-                    counts["available"] += 1
-            for state, count in counts.items():
+            for state, count in pool.states().items():
                 family.add_metric([pool.name, state], count)
+            panic.add_metric([pool.name], float(pool.panicking()))
         yield family
+        yield panic
 
 
 class GatewayMetrics:
@@ -72,6 +69,13 @@ class GatewayMetrics:
             ["outcome"],
             registry=registry,
         )
+        self.edge_refusals = Counter(
+            "gateway_edge_refusals_total",
+            "Connections the edge cut off or refused, by reason (too_many_connections,"
+            " header_timeout, body_timeout, header_too_large)",
+            ["reason"],
+            registry=registry,
+        )
         registry.register(PoolCollector(pools))
         self._requests: dict[tuple[str, str, int], Callable[[], None]] = {}
         self._latency: dict[tuple[str, str], Callable[[float], None]] = {}
@@ -91,6 +95,9 @@ class GatewayMetrics:
             observe = self.http.latency.labels(route, method).observe
             self._latency[(route, method)] = observe
         observe(seconds)
+
+    def edge_refused(self, reason: str) -> None:
+        self.edge_refusals.labels(reason).inc()
 
     def upstream(self, route: str, seconds: float) -> None:
         observe = self._upstream.get(route)

@@ -1,11 +1,14 @@
 """The HTTP data path: a plain ASGI handler that forwards one request to one
 replica over pooled keep-alive connections and streams both bodies.
 
-Order per request: edge auth (a present token must verify), rate limit,
-choose a replica (least in flight), send. A connection that fails before
-anything was written is retried on another replica for idempotent methods;
-everything else becomes problem+json: 502 (upstream failed), 503 (no replica
-available, answered at once), 504 (upstream silent for the route's timeout).
+Order per request: headers (one Authorization, one Host), edge auth (a
+present token must verify), rate limit, the body size limit, choose a replica
+(least in flight), send. A connection that fails before anything was written
+is retried on another replica for idempotent methods; everything else becomes
+problem+json: 503 with `Retry-After` (no replica available, or none would take
+the connection: answered at once, nothing was sent), 502 (a replica answered
+garbage or broke off), 504 (upstream silent for the route's timeout), 413 (a
+body above `max_body_bytes`, by its Content-Length or as it streams in).
 """
 
 from __future__ import annotations
@@ -20,13 +23,15 @@ from starlette.types import Message, Receive, Scope, Send
 
 from gateway.errors import refuse, request_id
 from gateway.headers import HeaderPolicy, downstream_headers, upstream_request
-from gateway.pool import Replica
+from gateway.pool import SICK_STATUSES, Pool, Replica, not_listening
 from gateway.ratelimit import Quota
 from gateway.runtime import Route, Runtime
 from kit.errors import (
     BadGateway,
     DomainError,
     GatewayTimeout,
+    PayloadTooLarge,
+    ServiceUnavailable,
     Unauthenticated,
     problem_response,
 )
@@ -42,16 +47,31 @@ class ClientDisconnected(Exception):
     """The client went away while its request body was being forwarded."""
 
 
+class BodyTooLarge(Exception):
+    """The client's body grew past the limit while it was being forwarded."""
+
+
+def too_large(limit: int) -> PayloadTooLarge:
+    # The connection stays open: a client sends its whole body before it reads
+    # the answer, and a close now would reset the connection under it, answer
+    # lost. The edge reads the rest and drops it (for a few seconds at most).
+    return PayloadTooLarge(f"The request body exceeds {limit} bytes")
+
+
 class StreamedBody:
-    """A request body still arriving from the client, forwarded chunk by chunk."""
+    """A request body still arriving from the client, forwarded chunk by chunk
+    and counted as it comes."""
 
-    __slots__ = ("disconnected", "finished", "first", "receive")
+    __slots__ = ("disconnected", "finished", "first", "limit", "receive", "received", "too_large")
 
-    def __init__(self, first: bytes, receive: Receive) -> None:
+    def __init__(self, first: bytes, receive: Receive, *, limit: int) -> None:
         self.first = first
         self.receive = receive
+        self.limit = limit
+        self.received = len(first)
         self.disconnected = False
         self.finished = False
+        self.too_large = False
 
     def __aiter__(self) -> AsyncIterator[bytes]:
         return self._chunks()
@@ -67,10 +87,32 @@ class StreamedBody:
                 raise ClientDisconnected
             chunk = message.get("body", b"")
             if chunk:
+                self.received += len(chunk)
+                if self.received > self.limit:
+                    self.too_large = True
+                    raise BodyTooLarge
                 yield chunk
             if not message.get("more_body", False):
                 self.finished = True
                 return
+
+
+def connection_failed(pool: Pool, replica: Replica, error: BaseException) -> None:
+    """A connection that never opened: refused means nothing listens there
+    (out at once); a connect timeout may be a busy replica (one failure)."""
+    if not_listening(error):
+        pool.unreachable(replica)
+    else:
+        pool.failed(replica)
+        pool.request_refresh()
+
+
+def unreachable(service: str, pool: Pool) -> ServiceUnavailable:
+    """No replica took the connection: nothing was sent, so the client may retry."""
+    return ServiceUnavailable(
+        f"The {service} service is unreachable; retry",
+        headers={"Retry-After": str(pool.retry_after())},
+    )
 
 
 async def _until_disconnect(receive: Receive) -> None:
@@ -83,6 +125,7 @@ class Proxy:
         self.runtime = runtime
         self.metrics = runtime.metrics
         self.retries = runtime.settings.retries
+        self.max_body_bytes = runtime.settings.max_body_bytes
         self.policy = HeaderPolicy.for_http(
             trust_forwarded=runtime.settings.trust_forwarded_headers
         )
@@ -135,6 +178,9 @@ class Proxy:
     async def forward(self, route: Route, scope: Scope, receive: Receive, send: Send) -> int:
         outgoing = upstream_request(scope, self.policy, request_id(scope))
         quota = await self.admit(scope, outgoing.authorization)
+        limit = self.max_body_bytes
+        if outgoing.content_length is not None and outgoing.content_length > limit:
+            raise too_large(limit)
 
         body: bytes | StreamedBody | None = None
         if outgoing.has_body:
@@ -142,7 +188,9 @@ class Proxy:
             if message["type"] == "http.disconnect":
                 return CLIENT_CLOSED_REQUEST
             chunk: bytes = message.get("body", b"")
-            body = StreamedBody(chunk, receive) if message.get("more_body") else chunk
+            if len(chunk) > limit:
+                raise too_large(limit)
+            body = StreamedBody(chunk, receive, limit=limit) if message.get("more_body") else chunk
 
         method: str = scope["method"]
         # a body still streaming from the client cannot be sent twice
@@ -166,20 +214,22 @@ class Proxy:
             except (aiohttp.ClientConnectorError, aiohttp.ConnectionTimeoutError) as error:
                 # the connection never opened: nothing was sent
                 replica.in_flight -= 1
-                pool.failed(replica, unreachable=True)
+                connection_failed(pool, replica, error)
                 if replayable and len(tried) < self.retries:
                     tried.append(replica)
                     self.metrics.retries.labels(route.name).inc()
                     continue
-                raise BadGateway(f"The {route.name} service is unreachable") from error
+                raise unreachable(route.name, pool) from error
             except aiohttp.ServerTimeoutError as error:
                 replica.in_flight -= 1
                 pool.failed(replica)
                 raise GatewayTimeout(
                     f"The {route.name} service did not answer within {route.timeout_seconds:g} s"
                 ) from error
-            except (aiohttp.ClientError, OSError, ClientDisconnected) as error:
+            except (aiohttp.ClientError, OSError, ClientDisconnected, BodyTooLarge) as error:
                 replica.in_flight -= 1
+                if isinstance(body, StreamedBody) and body.too_large:
+                    raise too_large(limit) from error
                 if isinstance(body, StreamedBody) and body.disconnected:
                     return CLIENT_CLOSED_REQUEST
                 pool.failed(replica)
@@ -188,9 +238,10 @@ class Proxy:
 
         try:
             self.metrics.upstream(route.name, time.perf_counter() - sent_at)
-            if response.status >= 500:
+            if response.status in SICK_STATUSES:
                 pool.failed(replica)
             else:
+                # any other answer, 4xx or 500 included, shows a working replica
                 pool.succeeded(replica)
             await self.relay(response, quota, body, receive, send)
             return response.status

@@ -18,6 +18,7 @@ from prometheus_client import CollectorRegistry
 from redis.asyncio import Redis
 
 from gateway.config import Settings
+from gateway.edge import EdgeGuard
 from gateway.metrics import GatewayMetrics
 from gateway.pool import HealthProber, Pool
 from gateway.ratelimit import RateLimiter
@@ -66,6 +67,7 @@ def build_routes(settings: Settings) -> dict[str, Route]:
             eject_after_failures=settings.eject_after_failures,
             eject_seconds=settings.eject_seconds,
             probing=settings.health_check_interval_seconds > 0,
+            probe_failures=settings.health_check_failures,
         )
         timeout = aiohttp.ClientTimeout(
             total=None, sock_connect=settings.connect_timeout_seconds, sock_read=timeout_seconds
@@ -89,6 +91,13 @@ class Runtime:
         self.registry = CollectorRegistry()
         self.metrics = GatewayMetrics(
             self.registry, lambda: [route.pool for route in self.routes.values()]
+        )
+        self.edge = EdgeGuard(
+            header_timeout_seconds=settings.header_timeout_seconds,
+            body_idle_timeout_seconds=settings.body_idle_timeout_seconds,
+            max_header_bytes=settings.max_header_bytes,
+            max_connections_per_client=settings.max_connections_per_client,
+            on_refusal=self.metrics.edge_refused,
         )
         # open WebSocket relays, closed with 1012 when the gateway stops
         self.websockets: set[Callable[[], Awaitable[None]]] = set()
@@ -150,7 +159,9 @@ class Runtime:
 
     async def _rediscover(self, pool: Pool) -> None:
         while True:
-            await asyncio.sleep(self.settings.dns_refresh_seconds)
+            # every interval, or as soon as a connection to the pool failed
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(pool.stale.wait(), self.settings.dns_refresh_seconds)
             try:
                 await self.discover(pool)
             except Exception:

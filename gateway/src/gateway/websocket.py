@@ -15,8 +15,8 @@ from starlette.types import Receive, Scope, Send
 
 from gateway.errors import refuse, request_id
 from gateway.headers import HeaderPolicy, OutgoingRequest, upstream_request
-from gateway.pool import Replica
-from gateway.proxy import Proxy
+from gateway.pool import SICK_STATUSES, Replica
+from gateway.proxy import Proxy, connection_failed, unreachable
 from gateway.runtime import Route, Runtime
 from kit.errors import BadGateway, DomainError, GatewayTimeout, NotFound
 from kit.security import bearer_from_subprotocols
@@ -56,12 +56,12 @@ class WebSocketProxy:
         started = time.perf_counter()
         if (await receive())["type"] != "websocket.connect":
             return
-        outgoing = upstream_request(scope, self.policy, request_id(scope))
         subprotocols: list[str] = list(scope.get("subprotocols", ()))
-        authorization = outgoing.authorization
-        if authorization is None and (token := bearer_from_subprotocols(subprotocols)):
-            authorization = f"Bearer {token}"
         try:
+            outgoing = upstream_request(scope, self.policy, request_id(scope))
+            authorization = outgoing.authorization
+            if authorization is None and (token := bearer_from_subprotocols(subprotocols)):
+                authorization = f"Bearer {token}"
             await self.proxy.admit(scope, authorization)
             upstream, replica = await self.connect(route, scope, outgoing, subprotocols)
         except UpgradeRefused as refused:
@@ -111,20 +111,23 @@ class WebSocketProxy:
                     )
             except aiohttp.WSServerHandshakeError as error:
                 replica.in_flight -= 1
-                if error.status >= 500:
+                if error.status in SICK_STATUSES:
                     pool.failed(replica)
+                else:
+                    pool.succeeded(replica)
+                if error.status >= 500:
                     raise BadGateway(f"The {route.name} service refused the upgrade") from error
                 if error.status == 404:
                     raise NotFound("No WebSocket endpoint at this path") from error
                 raise UpgradeRefused(error.status) from error
             except (aiohttp.ClientConnectorError, aiohttp.ConnectionTimeoutError) as error:
                 replica.in_flight -= 1
-                pool.failed(replica, unreachable=True)
+                connection_failed(pool, replica, error)
                 if len(tried) < self.proxy.retries:
                     tried.append(replica)
                     self.metrics.retries.labels(route.name).inc()
                     continue
-                raise BadGateway(f"The {route.name} service is unreachable") from error
+                raise unreachable(route.name, pool) from error
             except TimeoutError as error:
                 replica.in_flight -= 1
                 pool.failed(replica)

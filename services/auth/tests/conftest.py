@@ -2,7 +2,8 @@ from __future__ import annotations
 
 import asyncio
 import itertools
-from collections.abc import AsyncIterator
+import logging
+from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -41,8 +42,10 @@ def make_settings(database_url: str, redis_url: str, **overrides: Any) -> Settin
         "redis_url": redis_url,
         "admin_email": ADMIN_EMAIL,
         "admin_password": ADMIN_PASSWORD,
-        "login_failures_per_account": 3,
+        "login_failures_per_account_and_client": 3,
         "login_failures_per_client": 6,
+        "login_failures_per_account": 10,
+        "login_account_delay_max_seconds": 2,
         "log_level": "WARNING",
         "oauth_clients": OAUTH_CLIENTS,
         **CHEAP_ARGON2,
@@ -114,3 +117,16 @@ async def client(app: FastAPI) -> AsyncIterator[httpx.AsyncClient]:
     ) as http:
         yield http
     app.dependency_overrides.pop(client_address, None)
+
+
+@pytest.fixture
+def mail(caplog: pytest.LogCaptureFixture) -> Iterator[pytest.LogCaptureFixture]:
+    """The emails the app logs (no SMTP_URL in tests); the app's logging set-up
+    replaced the root handlers, caplog's included, so it listens on the logger."""
+    mail_logger = logging.getLogger("auth.mail")
+    mail_logger.addHandler(caplog.handler)
+    caplog.set_level(logging.INFO, logger="auth.mail")
+    try:
+        yield caplog
+    finally:
+        mail_logger.removeHandler(caplog.handler)

@@ -2,9 +2,7 @@
 
 from __future__ import annotations
 
-import logging
 import re
-from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
 
 import httpx
@@ -18,19 +16,6 @@ from auth.tokens import opaque_token_hash
 from .factories import Account, login, register, registered_and_logged_in, unique_email
 
 NEW_PASSWORD = "a brand new passphrase"
-
-
-@pytest.fixture
-def mail(caplog: pytest.LogCaptureFixture) -> Iterator[pytest.LogCaptureFixture]:
-    """The emails the app logs (no SMTP_URL in tests); the app's logging set-up
-    replaced the root handlers, caplog's included, so it listens on the logger."""
-    mail_logger = logging.getLogger("auth.mail")
-    mail_logger.addHandler(caplog.handler)
-    caplog.set_level(logging.INFO, logger="auth.mail")
-    try:
-        yield caplog
-    finally:
-        mail_logger.removeHandler(caplog.handler)
 
 
 def reset_tokens(mail: pytest.LogCaptureFixture, email: str) -> list[str]:

@@ -235,7 +235,7 @@ async def test_logout_leaves_other_sessions_alone(client: httpx.AsyncClient) -> 
 
 async def test_failed_logins_for_one_account_are_throttled(client: httpx.AsyncClient) -> None:
     account = await register(client)
-    for _ in range(3):  # login_failures_per_account in the test settings
+    for _ in range(3):  # login_failures_per_account_and_client in the test settings
         wrong = await client.post(
             "/auth/token", data={"username": account.email, "password": "wrong password"}
         )
@@ -461,9 +461,18 @@ async def test_hostile_strings_never_reach_the_database_as_errors(
     login = await client.post(
         "/auth/token", data={"username": "who\x00@example.com", "password": "whatever"}
     )
-    assert_problem(login, 400)
+    assert_problem(login, 422)
+    assert login.json()["errors"][0]["loc"] == ["body", "username"]
     refresh = await client.post("/auth/refresh", json={"refresh_token": "\x00\x01"})
-    assert_problem(refresh, 401)
+    assert_problem(refresh, 422)
+    assert refresh.json()["errors"][0]["loc"] == ["body", "refresh_token"]
+    surrogate = await client.post(
+        "/auth/register",
+        content=b'{"email": "a@example.com", "password": "long enough", "display_name": "\\udfff"}',
+        headers={"content-type": "application/json"},
+    )
+    assert_problem(surrogate, 422)
+    assert surrogate.json()["errors"][0]["loc"] == ["body", "display_name"]
     admin = await login_admin(client)
     cursor = base64.urlsafe_b64encode(b"a\x00b").decode()
     page = await client.get("/auth/users", params={"cursor": cursor}, headers=admin)

@@ -119,6 +119,11 @@ def encoded(value: object) -> str:
         encoded(["name", "Apple", "not-a-uuid"]),
         encoded(["size", "Apple", str(uuid.uuid4())]),
         encoded(["name", 5, str(uuid.uuid4())]),
+        # text PostgreSQL cannot take, smuggled inside the opaque cursor
+        encoded(["name", "Ap\x00ple", str(uuid.uuid4())]),
+        base64.urlsafe_b64encode(
+            b'["name", "\\ud800", "' + str(uuid.uuid4()).encode() + b'"]'
+        ).decode(),
     ],
 )
 async def test_a_forged_cursor_is_422(client: httpx.AsyncClient, cursor: str) -> None:
@@ -126,6 +131,22 @@ async def test_a_forged_cursor_is_422(client: httpx.AsyncClient, cursor: str) ->
     problem = assert_problem(await client.get(LIST, params=params), 422)
     assert problem["errors"][0]["loc"] == ["query", "cursor"]
     assert problem["errors"][0]["type"] == "invalid_cursor"
+
+
+@pytest.mark.parametrize(
+    ("params", "loc"),
+    [
+        ({"q": "\x00"}, ["query", "q"]),
+        ({"tag": "a\x00"}, ["query", "tag"]),
+        ({"category": "\x00"}, ["query", "category"]),
+        ({"cursor": "\x00"}, ["query", "cursor"]),
+    ],
+)
+async def test_a_nul_in_any_filter_is_a_422_naming_it(
+    client: httpx.AsyncClient, params: dict[str, str], loc: list[str]
+) -> None:
+    problem = assert_problem(await client.get(LIST, params=params), 422)
+    assert loc in error_locs(problem)
 
 
 async def test_a_cursor_only_continues_its_own_sort(client: httpx.AsyncClient) -> None:

@@ -1,13 +1,40 @@
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Callable
+import asyncio
+import json
+import time
+import uuid
+from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import Any
 
 import pytest
+from redis.asyncio import Redis
+from websockets.asyncio.client import connect
+from websockets.exceptions import ConnectionClosed
 
 from chat.config import Settings
-from kit.testing import TokenMinter
+from chat.limits import PROCESSES_KEY, UserLimits, sockets_key
+from kit.testing import TokenMinter, free_port
 
-from .factories import Node, StalledReader, chat, has_text, start_node, unique_room
+from .factories import Node, StalledReader, chat, chat_uri, has_text, start_node, unique_room
+
+
+def bearer(token: str) -> dict[str, str]:
+    return {"Authorization": f"Bearer {token}"}
+
+
+async def eventually(check: Callable[[], Awaitable[bool]], within: float = 10.0) -> None:
+    async with asyncio.timeout(within):
+        while True:
+            if await check():
+                return
+            await asyncio.sleep(0.05)
+
+
+def outcome_of(client_id: str) -> Callable[[dict[str, Any]], bool]:
+    """The sender's own copy of its message (stored), or an error frame (dropped)."""
+    return lambda frame: frame["type"] == "error" or frame.get("client_id") == client_id
+
 
 SettingsFor = Callable[..., Settings]
 
@@ -64,3 +91,115 @@ async def test_slow_consumer_is_dropped_and_the_room_goes_on(
     slow_ids = [frame["id"] for frame in slow_frames if frame["type"] == "message"]
     assert slow_ids == list(range(1, len(slow_ids) + 1))
     assert len(slow_ids) < total
+
+
+@pytest.fixture(scope="module")
+async def strict_pair(settings_for: SettingsFor, minter: TokenMinter) -> AsyncIterator[list[Node]]:
+    """Two replicas with a slow per-user rate and two sockets per user."""
+    limits = {"send_rate_per_second": 0.1, "send_burst": 4, "max_sockets_per_user": 2}
+    async with (
+        start_node(settings_for("node-strict-1", **limits), minter) as first,
+        start_node(settings_for("node-strict-2", **limits), minter) as second,
+    ):
+        yield [first, second]
+
+
+async def test_the_send_rate_is_one_allowance_per_user_across_replicas(
+    strict_pair: list[Node], minter: TokenMinter
+) -> None:
+    room, user = unique_room(), f"rate-{uuid.uuid4().hex[:8]}"
+    first_node, second_node = strict_pair
+    async with (
+        chat(first_node, room, minter.token(user_id=user)) as here,
+        chat(second_node, room, minter.token(user_id=user)) as there,
+    ):
+        for number in range(3):
+            await here.say(f"here {number}", client_id=f"h{number}")
+            await there.say(f"there {number}", client_id=f"t{number}")
+        frames = [await here.recv_until(outcome_of(f"h{n}")) for n in range(3)]
+        frames += [await there.recv_until(outcome_of(f"t{n}")) for n in range(3)]
+    accepted = [f for f in frames if f["type"] == "message"]
+    dropped = [f for f in frames if f["type"] == "error"]
+    # a burst of 4 for the user, not 4 per socket: two frames are dropped
+    assert len(accepted) == 4
+    assert len(dropped) == 2
+    for frame in dropped:
+        assert frame["detail"] == "Rate limit exceeded; frame dropped"
+        assert frame["retry_after"] > 0
+        assert frame["client_id"] in {"h2", "t2", "h1", "t1"}
+
+
+async def test_a_user_holds_at_most_the_limit_of_sockets_across_replicas(
+    strict_pair: list[Node], minter: TokenMinter
+) -> None:
+    room, user = unique_room(), f"sockets-{uuid.uuid4().hex[:8]}"
+    token = minter.token(user_id=user)
+    first_node, second_node = strict_pair
+    async with chat(first_node, room, token), chat(second_node, room, token) as second:
+        async with connect(chat_uri(first_node, room), additional_headers=bearer(token)) as third:
+            with pytest.raises(ConnectionClosed) as refused:
+                await asyncio.wait_for(third.recv(), 10)
+        async with chat(first_node, room, minter.token()) as someone_else:
+            assert someone_else.ready["type"] == "ready"
+        await second.ws.close()
+
+        async def another_fits() -> bool:
+            async with connect(chat_uri(first_node, room), additional_headers=bearer(token)) as ws:
+                frame = json.loads(await asyncio.wait_for(ws.recv(), 10))
+                return bool(frame["type"] == "ready")
+
+        await eventually(another_fits)
+    assert refused.value.rcvd is not None
+    assert (refused.value.rcvd.code, refused.value.rcvd.reason) == (
+        4029,
+        "too many sockets (at most 2)",
+    )
+
+
+async def test_sockets_of_a_replica_that_stopped_heartbeating_stop_counting(
+    strict_pair: list[Node], minter: TokenMinter, redis_url: str
+) -> None:
+    user = f"ghost-{uuid.uuid4().hex[:8]}"
+    redis = Redis.from_url(redis_url)
+    try:
+        # a replica that died holding two sockets of the user, and one still alive
+        await redis.hset(sockets_key(user), mapping={"dead:1": 2, "alive:1": 1})
+        await redis.zadd(PROCESSES_KEY, {"alive:1": (time.time() + 60) * 1000})
+        token = minter.token(user_id=user)
+        async with chat(strict_pair[0], unique_room(), token) as admitted:
+            assert admitted.ready["type"] == "ready"
+            async with connect(
+                chat_uri(strict_pair[1], unique_room()), additional_headers=bearer(token)
+            ) as over:
+                with pytest.raises(ConnectionClosed) as refused:
+                    await asyncio.wait_for(over.recv(), 10)
+        left = await redis.hgetall(sockets_key(user))
+    finally:
+        await redis.zrem(PROCESSES_KEY, "alive:1")
+        await redis.aclose()
+    assert refused.value.rcvd is not None
+    assert refused.value.rcvd.code == 4029
+    assert b"dead:1" not in left  # dropped by the first count that met it
+
+
+async def test_without_redis_each_replica_enforces_the_limits_alone() -> None:
+    redis = Redis.from_url(f"redis://127.0.0.1:{free_port()}/0")  # nothing listens
+    limits = UserLimits(
+        redis=redis,
+        node_id="alone",
+        rate_per_second=0.1,
+        burst=2,
+        max_sockets=1,
+        liveness_seconds=20,
+    )
+    try:
+        frames = [await limits.take_frame("u") for _ in range(3)]
+        sockets = [await limits.open_socket("u"), await limits.open_socket("u")]
+        await limits.close_socket("u")
+        again = await limits.open_socket("u")
+    finally:
+        await redis.aclose()
+    assert frames[:2] == [0.0, 0.0]
+    assert frames[2] > 0
+    assert sockets == [True, False]
+    assert again is True

@@ -63,6 +63,21 @@ async def test_history_rejects_bad_input(cluster: list[Node], minter: TokenMinte
     assert bad_after.json()["errors"][0]["loc"] == ["query", "after"]
 
 
+async def test_history_refuses_an_after_beyond_64_bits(
+    cluster: list[Node], minter: TokenMinter
+) -> None:
+    async with httpx.AsyncClient(base_url=cluster[0].url, headers=bearer(minter)) as http:
+        huge = await http.get("/chat/rooms/ok/messages", params={"after": "9" * 20})
+        nul = await http.get("/chat/rooms/o%00k/messages")
+    assert huge.status_code == 422
+    assert huge.json()["errors"][0] == {
+        "loc": ["query", "after"],
+        "msg": "Integer must fit in 64 bits (-2^63 .. 2^63-1)",
+        "type": "int_out_of_range",
+    }
+    assert nul.status_code == 422
+
+
 async def presence_users(node: Node, room: str, minter: TokenMinter) -> list[dict[str, Any]]:
     async with httpx.AsyncClient(base_url=node.url, headers=bearer(minter)) as http:
         response = await http.get(f"/chat/rooms/{room}/presence")

@@ -182,6 +182,30 @@ async def test_bad_frame_gets_an_error_and_the_socket_stays_open(
     assert len(message["text"]) == 4000
 
 
+@pytest.mark.parametrize(
+    ("frame", "loc", "kind"),
+    [
+        ('{"type": "message", "text": "a\\u0000b"}', ["text"], "string_nul"),
+        ('{"type": "message", "text": "a\\ud800b"}', ["text"], "string_surrogate"),
+        ('{"type": "message", "text": "hi", "client_id": "\\u0000"}', ["client_id"], "string_nul"),
+        ('{"type": "message", "text": "hi", "n": 1e999}', ["n"], "number_not_finite"),
+        ('{"type": "auth", "token": "x\\u0000"}', ["token"], "string_nul"),
+    ],
+)
+async def test_text_the_database_cannot_take_gets_an_error_naming_the_field(
+    cluster: list[Node], minter: TokenMinter, frame: str, loc: list[str], kind: str
+) -> None:
+    room = unique_room()
+    async with chat(cluster[0], room, minter.token()) as client:
+        await client.ws.send(frame)
+        error = await client.recv_type("error")
+        await client.say("still open")
+        (message,) = await client.messages(1)
+    assert error["errors"] == [{"loc": loc, "msg": error["errors"][0]["msg"], "type": kind}]
+    assert error["detail"] == f"Invalid frame: {'.'.join(loc)}"
+    assert message["text"] == "still open"
+
+
 async def test_binary_frame_gets_an_error(cluster: list[Node], minter: TokenMinter) -> None:
     async with chat(cluster[0], unique_room(), minter.token()) as client:
         await client.ws.send(b"\x00\x01")

@@ -11,6 +11,7 @@ from starlette.middleware.gzip import GZipMiddleware
 
 from kit.errors import install_problem_handlers
 from kit.health import ReadinessCheck, health_router
+from kit.inputs import install_screening
 from kit.metrics import HttpMetrics, MetricsMiddleware, metrics_router
 from kit.middleware import (
     BodySizeLimitMiddleware,
@@ -57,9 +58,12 @@ def assemble(
     readiness: Mapping[str, ReadinessCheck],
     registry: CollectorRegistry | None = None,
 ) -> HttpMetrics:
-    """Middleware, problem+json handlers, `/healthz`, `/readyz` and `/metrics`."""
+    """Middleware, input screening, problem+json handlers, `/healthz`,
+    `/readyz` and `/metrics`. Call it before adding the service's own routes."""
     registry = registry or CollectorRegistry()
     metrics = add_common_middleware(app, settings, registry)
+    # before any route is added: routes take the router's dependencies as they come
+    install_screening(app)
     install_problem_handlers(app)
     install_problem_openapi(app)
     app.include_router(health_router(readiness))

@@ -186,7 +186,7 @@ async def _on_domain_error(request: Request, error: Exception) -> JSONResponse:
 
 
 async def _on_validation_error(request: Request, error: Exception) -> JSONResponse:
-    assert isinstance(error, RequestValidationError)
+    assert isinstance(error, RequestValidationError | WebSocketRequestValidationError)
     return validation_problem(error.errors())
 
 
@@ -216,23 +216,66 @@ _OUTAGE_NAMES = frozenset(
         "BusyLoadingError",
     }
 )
+# SQLSTATE classes that mean "the database refused a value of this request":
+# 22 data exception (a NUL byte, a number out of range, bad text for a type),
+# 54 program limit exceeded (a value too large to index).
+_DATA_SQLSTATE_CLASSES = ("22", "54")
+
+
+def _causes(error: BaseException) -> list[BaseException]:
+    """`error` and what it wraps (SQLAlchemy's `orig`, causes, contexts), at most nine."""
+    found: list[BaseException] = []
+    pending: list[BaseException | None] = [error]
+    seen: set[int] = set()
+    while pending and len(found) < 9:
+        candidate = pending.pop()
+        if candidate is None or id(candidate) in seen:
+            continue
+        seen.add(id(candidate))
+        found.append(candidate)
+        pending += [getattr(candidate, "orig", None), candidate.__cause__, candidate.__context__]
+    return found
+
+
+def is_data_error(error: BaseException) -> bool:
+    """Whether the database (or its driver, before sending) refused a value of
+    the request: the client's input, not an outage and not a bug."""
+    for candidate in _causes(error):
+        sqlstate = getattr(candidate, "sqlstate", None) or getattr(candidate, "pgcode", None)
+        if isinstance(sqlstate, str) and sqlstate.startswith(_DATA_SQLSTATE_CLASSES):
+            return True
+        # asyncpg's client-side DataError (a value it cannot encode, e.g. an
+        # integer beyond 64 bits) subclasses InterfaceError: checked first
+        if any(cls.__name__ == "DataError" for cls in type(candidate).__mro__):
+            return True
+    return False
 
 
 def is_outage(error: BaseException) -> bool:
     """Whether `error` (or what it wraps) is a lost or refused connection."""
-    pending: list[BaseException | None] = [error]
-    seen: set[int] = set()
-    while pending:
-        candidate = pending.pop()
-        if candidate is None or id(candidate) in seen or len(seen) > 8:
-            continue
-        seen.add(id(candidate))
+    if is_data_error(error):
+        return False
+    for candidate in _causes(error):
         if getattr(candidate, "connection_invalidated", False) or isinstance(candidate, OSError):
             return True
         if any(cls.__name__ in _OUTAGE_NAMES for cls in type(candidate).__mro__):
             return True
-        pending += [getattr(candidate, "orig", None), candidate.__cause__, candidate.__context__]
     return False
+
+
+def data_error_response(error: BaseException) -> JSONResponse:
+    """A 422 for a value the database refused. The field cannot be named (the
+    driver knows only a statement's argument number), and the database's own
+    message may quote the input, so neither is echoed."""
+    logger.warning("database refused a value: %s: %s", type(error).__name__, error)
+    message = "A value is out of range, too long, or holds characters that cannot be stored"
+    return problem_response(
+        status=422,
+        title=InvalidInput.title,
+        slug=InvalidInput.slug,
+        detail="Invalid input: a value the database cannot take",
+        errors=[{"loc": ["request"], "msg": message, "type": "value_refused"}],
+    )
 
 
 def internal_error_response(error: BaseException) -> JSONResponse:
@@ -255,8 +298,18 @@ def outage_response(error: BaseException) -> JSONResponse:
     )
 
 
+def unexpected_error_response(error: BaseException) -> JSONResponse:
+    """An exception no handler claimed: a refused value (422), a dependency
+    outage (503), or a bug (500)."""
+    if is_data_error(error):
+        return data_error_response(error)
+    if is_outage(error):
+        return outage_response(error)
+    return internal_error_response(error)
+
+
 async def _on_unexpected(request: Request, error: Exception) -> JSONResponse:
-    return outage_response(error) if is_outage(error) else internal_error_response(error)
+    return unexpected_error_response(error)
 
 
 def _dependency_error_classes() -> list[type[Exception]]:

@@ -78,11 +78,20 @@ class Settings(ServiceSettings):
     argon2_time_cost: int = Field(default=OWASP_ARGON2_TIME_COST, ge=1)
     argon2_parallelism: int = Field(default=OWASP_ARGON2_PARALLELISM, ge=1)
 
-    # Failed logins counted per account and per client address within the
-    # window; past the limit, logins answer 429 until the window ends.
-    login_failures_per_account: int = Field(default=5, ge=1)
+    # Login throttling (throttle.py): attempts are counted before the password
+    # is checked, per (account, client address) and per client address within
+    # `login_failure_window_seconds`, and per account across every address
+    # within `login_account_window_seconds`; past that last limit attempts on
+    # the account are spaced by a delay doubling up to
+    # `login_account_delay_max_seconds`, never locked. While Redis is
+    # unreachable each replica counts alone, against this fraction of each limit.
+    login_failures_per_account_and_client: int = Field(default=5, ge=1)
     login_failures_per_client: int = Field(default=20, ge=1)
     login_failure_window_seconds: int = Field(default=900, ge=1)
+    login_failures_per_account: int = Field(default=100, ge=1)
+    login_account_window_seconds: int = Field(default=3600, ge=1)
+    login_account_delay_max_seconds: int = Field(default=60, ge=1)
+    login_throttle_fallback_fraction: float = Field(default=0.5, gt=0, le=1)
 
     users_page_max: int = Field(default=100, ge=1)
 

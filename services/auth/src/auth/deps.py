@@ -53,8 +53,9 @@ PasswordsDep = Annotated[Passwords, Depends(get_passwords)]
 ClientAddress = Annotated[str, Depends(client_address)]
 
 
-async def get_throttle(redis: RedisDep, settings: SettingsDep) -> LoginThrottle:
-    return LoginThrottle(redis=redis, settings=settings)
+async def get_throttle(request: Request) -> LoginThrottle:
+    throttle: LoginThrottle = request.state.throttle
+    return throttle
 
 
 ThrottleDep = Annotated[LoginThrottle, Depends(get_throttle)]

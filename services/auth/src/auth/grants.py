@@ -126,18 +126,12 @@ async def password_login(
     password: str,
     client: str,
 ) -> User:
-    """The login sequence, kept together: the throttle's verdict, the password
-    check, then the failure or success recorded. A throttled login stays a 429
-    with Retry-After."""
-    await throttle.ensure_allowed(email=email, client=client)
-    try:
+    """The login: the attempt counted before the password is checked (see
+    throttle.py). A throttled login stays a 429 with Retry-After."""
+    async with throttle.attempt(email=email, client=client):
         user = await service.authenticate(
             session=session, passwords=passwords, email=email, password=password
         )
-    except InvalidCredentials:
-        await throttle.record_failure(email=email, client=client)
-        raise
-    await throttle.record_success(email=email)
     return user
 
 

@@ -20,6 +20,7 @@ from auth.keys import KeyRing, ensure_signing_key
 from auth.oauth_router import router as oauth_router
 from auth.passwords import Passwords
 from auth.router import router
+from auth.throttle import LoginThrottle
 from kit.app import assemble
 from kit.db import check_database, make_engine, make_sessionmaker
 from kit.health import check_redis
@@ -39,6 +40,7 @@ class State(TypedDict):
     key_ring: KeyRing
     passwords: Passwords
     verifier: TokenVerifier
+    throttle: LoginThrottle
     bootstrap: asyncio.Task[None]
 
 
@@ -114,6 +116,7 @@ def create_app(settings: Settings | None = None, *, key_source: KeySource | None
                     key_ring=key_ring,
                     passwords=passwords,
                     verifier=verifier,
+                    throttle=LoginThrottle(redis=redis, settings=settings),
                     bootstrap=startup,
                 )
         finally:

@@ -219,8 +219,9 @@ async def reset_password(
     redis: RedisDep,
     passwords: PasswordsDep,
     settings: SettingsDep,
+    throttle: ThrottleDep,
 ) -> Response:
-    await service.reset_password(
+    user = await service.reset_password(
         session=session,
         redis=redis,
         passwords=passwords,
@@ -228,6 +229,8 @@ async def reset_password(
         token=body.token,
         password=body.password,
     )
+    # the owner proved who they are: failed-login counts against the account go
+    await throttle.forgive(email=user.email)
     return Response(status_code=204)
 
 

@@ -20,7 +20,7 @@ class Settings(ServiceSettings):
     # get-by-id's own asyncpg pool (see main.py)
     point_read_pool_size: int = Field(default=5, ge=1)
 
-    # The key machine imports present in `X-API-Key` (or `api_key`); unset
+    # The key machine imports present in `X-API-Key` (the header only); unset
     # switches `POST /catalog/products:import` off (403).
     catalog_api_key: SecretStr | None = None
 

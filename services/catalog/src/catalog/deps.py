@@ -13,7 +13,7 @@ from typing import Annotated, Any
 
 from fastapi import Depends, Query, Request, Security
 from fastapi.openapi.models import OAuthFlowClientCredentials, OAuthFlows
-from fastapi.security import APIKeyHeader, APIKeyQuery, OAuth2
+from fastapi.security import APIKeyHeader, OAuth2
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, AsyncSession, async_sessionmaker
 
 from catalog.batching import BatchedReads, Connections
@@ -178,9 +178,6 @@ IMPORT_SCOPE = "catalog:import"
 api_key_header = APIKeyHeader(
     name="X-API-Key", auto_error=False, description="The catalog import key"
 )
-api_key_query = APIKeyQuery(
-    name="api_key", auto_error=False, description="The catalog import key (query form)"
-)
 # A machine client (auth's OAUTH_CLIENTS) with the catalog:import scope gets its
 # token from auth's token endpoint with the client_credentials grant.
 import_client = OAuth2(
@@ -200,12 +197,12 @@ _CHALLENGE = f'APIKey, Bearer scope="{IMPORT_SCOPE}"'
 async def require_import_key(
     request: Request,
     settings: SettingsDep,
-    from_header: Annotated[str | None, Security(api_key_header)],
-    from_query: Annotated[str | None, Security(api_key_query)],
+    presented: Annotated[str | None, Security(api_key_header)],
     authorization: Annotated[str | None, Security(import_client, scopes=[IMPORT_SCOPE])],
 ) -> None:
     """Admits machine imports: a bearer token with the catalog:import scope, or
-    the configured API key."""
+    the configured API key, in the header only (a key in a query string ends up
+    in access logs, proxies and history)."""
     token = bearer_from_headers(authorization)
     if token is not None:
         verifier: TokenVerifier = request.state.verifier
@@ -215,7 +212,6 @@ async def require_import_key(
             raise MissingImportScope(IMPORT_SCOPE)
         return
     expected = settings.catalog_api_key
-    presented = from_header or from_query
     if not presented:
         raise Unauthenticated(
             f"An API key (X-API-Key) or a bearer token with the {IMPORT_SCOPE} scope is required",

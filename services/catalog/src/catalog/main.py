@@ -30,7 +30,7 @@ from catalog.point_pool import PointReadPool
 from catalog.router import router
 from kit.app import assemble
 from kit.db import asyncpg_dsn, check_database, make_engine, make_sessionmaker
-from kit.errors import domain_error_response, internal_error_response, is_outage
+from kit.errors import domain_error_response, is_outage, unexpected_error_response
 from kit.health import check_redis
 from kit.heap import settled_heap
 from kit.logs import configure_logging
@@ -71,7 +71,7 @@ async def on_database_error(request: Request, error: Exception) -> Response:
     if is_outage(error):
         logger.warning("database unreachable: %s", error)
         return domain_error_response(DatabaseUnavailable())
-    return internal_error_response(error)
+    return unexpected_error_response(error)
 
 
 def create_app(

@@ -17,6 +17,7 @@ from datetime import datetime
 from decimal import Decimal, InvalidOperation
 
 from kit.errors import InvalidInput
+from kit.inputs import json_errors
 
 
 class Sort(enum.StrEnum):
@@ -56,7 +57,10 @@ class Cursor:
     def decode(cls, token: str, *, sort: Sort) -> Cursor:
         try:
             padded = token + "=" * (-len(token) % 4)
-            sort_value, key, id_value = json.loads(base64.urlsafe_b64decode(padded))
+            decoded = json.loads(base64.urlsafe_b64decode(padded))
+            if json_errors(decoded):  # a NUL or lone surrogate smuggled inside
+                raise ValueError("the cursor holds text no sort key can")
+            sort_value, key, id_value = decoded
             cursor_sort = Sort(sort_value)
             cursor = cls(cursor_sort, _parse_key(cursor_sort, key), uuid.UUID(id_value))
         except (ValueError, TypeError, binascii.Error, InvalidOperation) as error:

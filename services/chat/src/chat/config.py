@@ -19,9 +19,11 @@ class Settings(ServiceSettings):
     max_client_id_length: int = Field(default=64, gt=0)
 
     send_rate_per_second: float = Field(default=20.0, gt=0)
-    """Steady rate of client frames one socket may send (token bucket refill)."""
+    """Steady rate of frames one user may send, all sockets and replicas together."""
     send_burst: int = Field(default=40, gt=0)
-    """Frames one socket may send at once before the rate applies."""
+    """Frames one user may send at once before the rate applies."""
+    max_sockets_per_user: int = Field(default=20, gt=0)
+    """Sockets one user may hold at once across replicas; the next is closed with 4029."""
 
     send_queue_size: int = Field(default=512, gt=0)
     """Frames waiting for one socket; a socket whose queue overflows is closed (4008)."""

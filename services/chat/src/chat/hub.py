@@ -61,8 +61,6 @@ class Connection:
     __slots__ = (
         "_expiry",
         "_outbox",
-        "_tokens",
-        "_tokens_at",
         "_waiter",
         "close_code",
         "close_reason",
@@ -82,7 +80,7 @@ class Connection:
     )
 
     def __init__(
-        self, *, websocket: WebSocket, principal: Principal, room: str, limit: int, burst: int
+        self, *, websocket: WebSocket, principal: Principal, room: str, limit: int
     ) -> None:
         self.id = uuid.uuid4().hex
         self.websocket = websocket
@@ -102,8 +100,6 @@ class Connection:
         self._outbox: deque[tuple[int, str] | None] = deque()
         self._waiter: asyncio.Future[None] | None = None
         self._expiry: asyncio.TimerHandle | None = None
-        self._tokens = float(burst)
-        self._tokens_at = time.monotonic()
 
     # -- outgoing ---------------------------------------------------------
 
@@ -168,16 +164,6 @@ class Connection:
             logger.debug("writer of %s ended: %s", self.id, error)
 
     # -- incoming ---------------------------------------------------------
-
-    def take_token(self, rate: float, burst: int) -> bool:
-        """Token bucket for frames this socket sends."""
-        now = time.monotonic()
-        self._tokens = min(float(burst), self._tokens + (now - self._tokens_at) * rate)
-        self._tokens_at = now
-        if self._tokens < 1.0:
-            return False
-        self._tokens -= 1.0
-        return True
 
     def renew(self, principal: Principal, close_on_expiry: bool) -> None:
         """Adopts a fresh token of the same user: its expiry and revocation identity."""

@@ -22,6 +22,7 @@ from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker
 from chat.bus import Bus
 from chat.config import Settings
 from chat.hub import CLOSE_SHUTDOWN, Hub
+from chat.limits import UserLimits
 from chat.metrics import ChatMetrics
 from chat.presence import Presence
 from chat.router import router
@@ -43,6 +44,7 @@ class State(TypedDict):
     presence: Presence
     hub: Hub
     bus: Bus
+    limits: UserLimits
 
 
 async def check_bus(request: Request) -> None:
@@ -53,12 +55,23 @@ async def check_bus(request: Request) -> None:
 
 
 async def heartbeat(
-    *, hub: Hub, bus: Bus, presence: Presence, redis: Redis, settings: Settings
+    *,
+    hub: Hub,
+    bus: Bus,
+    presence: Presence,
+    redis: Redis,
+    settings: Settings,
+    limits: UserLimits,
 ) -> None:
     """Refreshes presence, republishes what waited for Redis, closes sockets whose
-    token was revoked, and checks that the subscriber still hears the bus."""
+    token was revoked, checks that the subscriber still hears the bus, and keeps
+    this replica's per-user socket counts alive."""
     while True:
         await asyncio.sleep(settings.presence_heartbeat_seconds)
+        try:
+            await limits.heartbeat()
+        except (RedisError, OSError) as error:
+            logger.warning("socket counts not refreshed: %s", error)
         try:
             await beat_once(hub=hub, bus=bus, presence=presence, redis=redis, settings=settings)
         except Exception:
@@ -128,11 +141,28 @@ def create_app(settings: Settings | None = None, *, key_source: KeySource | None
             backoff_max_seconds=settings.bus_backoff_max_seconds,
         )
         hub.bus = bus
+        limits = UserLimits(
+            redis=redis,
+            node_id=settings.node_id,
+            rate_per_second=settings.send_rate_per_second,
+            burst=settings.send_burst,
+            max_sockets=settings.max_sockets_per_user,
+            liveness_seconds=settings.presence_ttl_seconds,
+        )
+        with contextlib.suppress(RedisError, OSError):  # else the heartbeat retries
+            await limits.heartbeat()
         metrics.bus_connected.set_function(lambda: float(bus.connected.is_set()))
         metrics.bus_reconnects.set_function(lambda: float(bus.reconnects))
         bus.start()
         beat = asyncio.create_task(
-            heartbeat(hub=hub, bus=bus, presence=presence, redis=redis, settings=settings),
+            heartbeat(
+                hub=hub,
+                bus=bus,
+                presence=presence,
+                redis=redis,
+                settings=settings,
+                limits=limits,
+            ),
             name="heartbeat",
         )
         try:
@@ -146,12 +176,14 @@ def create_app(settings: Settings | None = None, *, key_source: KeySource | None
                 presence=presence,
                 hub=hub,
                 bus=bus,
+                limits=limits,
             )
         finally:
             beat.cancel()
             rooms = list(hub.feeds)
             await hub.close_all(CLOSE_SHUTDOWN, "server shutting down")
             await presence.clear(rooms)
+            await limits.leave()
             await bus.stop()
             await verifier.aclose()
             await redis.aclose()

@@ -57,6 +57,25 @@ def error_frame(detail: str) -> str:
     return dumps({"type": "error", "detail": detail})
 
 
+def rate_limited_frame(*, retry_after: float, client_id: str | None) -> str:
+    """The frame was dropped: resend it (same `client_id`) after `retry_after` seconds."""
+    return dumps(
+        {
+            "type": "error",
+            "detail": "Rate limit exceeded; frame dropped",
+            "retry_after": round(retry_after, 3),
+            "client_id": client_id,
+        }
+    )
+
+
+def invalid_frame(errors: list[dict[str, Any]]) -> str:
+    """An `error` frame that names each invalid field, as a 422's `errors` do."""
+    cleaned = [{"loc": list(e["loc"]), "msg": e["msg"], "type": e["type"]} for e in errors]
+    fields = ", ".join(".".join(str(part) for part in e["loc"]) for e in cleaned)
+    return dumps({"type": "error", "detail": f"Invalid frame: {fields}", "errors": cleaned})
+
+
 def presence_frame(kind: str, *, room: str, user_id: str, display_name: str) -> str:
     return dumps(
         {"type": kind, "room": room, "user": {"id": user_id, "display_name": display_name}}

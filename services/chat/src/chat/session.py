@@ -5,7 +5,9 @@ bad room, bad `since`) or 1013 (PostgreSQL or Redis unreachable); uvicorn turns
 a close before accept into an HTTP 403 answer to the upgrade request, so that
 is what clients see. After the `ready` frame every close carries a code from
 `chat.hub` (4001 token expired, 4003 token revoked, 4008 slow consumer,
-1012 shutdown, 1011 replay failed).
+1012 shutdown, 1011 replay failed). A socket beyond the user's limit is
+accepted and closed at once with 4029 (`chat.limits`), so the client can
+read why.
 """
 
 from __future__ import annotations
@@ -29,8 +31,17 @@ from chat.hub import (
     Hub,
     Replay,
 )
-from chat.schemas import dumps, error_frame, ready_frame, valid_room
+from chat.limits import CLOSE_TOO_MANY_SOCKETS, UserLimits
+from chat.schemas import (
+    dumps,
+    error_frame,
+    invalid_frame,
+    rate_limited_frame,
+    ready_frame,
+    valid_room,
+)
 from kit.errors import ServiceUnavailable, Unauthenticated
+from kit.inputs import json_errors
 from kit.security import (
     Principal,
     TokenVerifier,
@@ -85,13 +96,13 @@ def replay_after(hub: Hub, since: int) -> Replay:
 async def chat_socket(websocket: WebSocket, room: str) -> None:
     state = websocket.state
     settings: Settings = state.settings
-    hub: Hub = state.hub
     verifier: TokenVerifier = state.verifier
 
     since = parse_since(websocket.query_params.get("since"))
     if not valid_room(room) or since is False:
         await websocket.close(CLOSE_POLICY, "invalid room or since")
         return
+    assert not isinstance(since, bool)
     try:
         principal, via_subprotocol = await authenticate(websocket, verifier)
     except Unauthenticated as error:
@@ -101,12 +112,35 @@ async def chat_socket(websocket: WebSocket, room: str) -> None:
         await websocket.close(CLOSE_TRY_AGAIN, error.detail)
         return
 
+    limits: UserLimits = state.limits
+    subprotocol = BEARER_SUBPROTOCOL if via_subprotocol else None
+    if not await limits.open_socket(principal.user_id):
+        # accepted, so the client sees the close code and its reason
+        await websocket.accept(subprotocol=subprotocol)
+        limit = settings.max_sockets_per_user
+        await websocket.close(CLOSE_TOO_MANY_SOCKETS, f"too many sockets (at most {limit})")
+        return
+    try:
+        await serve_socket(websocket, principal, room=room, since=since, subprotocol=subprotocol)
+    finally:
+        await limits.close_socket(principal.user_id)
+
+
+async def serve_socket(
+    websocket: WebSocket,
+    principal: Principal,
+    *,
+    room: str,
+    since: int | None,
+    subprotocol: str | None,
+) -> None:
+    """The socket from joining its room to its close."""
+    state = websocket.state
+    settings: Settings = state.settings
+    hub: Hub = state.hub
+    verifier: TokenVerifier = state.verifier
     connection = Connection(
-        websocket=websocket,
-        principal=principal,
-        room=room,
-        limit=settings.send_queue_size,
-        burst=settings.send_burst,
+        websocket=websocket, principal=principal, room=room, limit=settings.send_queue_size
     )
     try:
         last_id = await hub.join(connection)
@@ -115,7 +149,7 @@ async def chat_socket(websocket: WebSocket, room: str) -> None:
         await websocket.close(CLOSE_TRY_AGAIN, "try again later")
         return
     try:
-        await websocket.accept(subprotocol=BEARER_SUBPROTOCOL if via_subprotocol else None)
+        await websocket.accept(subprotocol=subprotocol)
     except Exception:  # noqa: BLE001 - the client left during the handshake
         hub.leave(connection)
         return
@@ -125,12 +159,14 @@ async def chat_socket(websocket: WebSocket, room: str) -> None:
         await websocket.close(connection.close_code or CLOSE_SLOW_CONSUMER, connection.close_reason)
         return
     first = [ready_frame(room=room, last_id=last_id, node=hub.node_id)]
-    replay = replay_after(hub, since) if isinstance(since, int) else None
+    replay = replay_after(hub, since) if since is not None else None
     connection.writer = asyncio.create_task(connection.run_writer(first, replay))
     connection.schedule_expiry(principal.expires_at, settings.close_on_token_expiry)
     hub.spawn(hub.announce(connection, "join"))
     try:
-        await receive_frames(connection, hub=hub, settings=settings, verifier=verifier)
+        await receive_frames(
+            connection, hub=hub, settings=settings, verifier=verifier, limits=state.limits
+        )
     except asyncio.CancelledError:
         task = asyncio.current_task()
         if not connection.dropped() or task is None:
@@ -150,13 +186,28 @@ async def chat_socket(websocket: WebSocket, room: str) -> None:
             hub.spawn(hub.announce(connection, "leave"))
 
 
+def client_id_of(raw: str) -> str | None:
+    """The `client_id` of a dropped frame, so its sender knows what to resend."""
+    try:
+        frame = json.loads(raw)
+    except ValueError:
+        return None
+    client_id = frame.get("client_id") if isinstance(frame, dict) else None
+    return client_id if isinstance(client_id, str) and not json_errors(client_id) else None
+
+
 def reply(hub: Hub, connection: Connection, frame: str) -> None:
     if not connection.push_frame(frame):
         hub.kick(connection, CLOSE_SLOW_CONSUMER, "slow consumer")
 
 
 async def receive_frames(
-    connection: Connection, *, hub: Hub, settings: Settings, verifier: TokenVerifier
+    connection: Connection,
+    *,
+    hub: Hub,
+    settings: Settings,
+    verifier: TokenVerifier,
+    limits: UserLimits,
 ) -> None:
     websocket = connection.websocket
     while True:
@@ -170,8 +221,10 @@ async def receive_frames(
         if len(raw) > settings.max_frame_chars:
             reply(hub, connection, error_frame(f"Frame too large (max {settings.max_frame_chars})"))
             continue
-        if not connection.take_token(settings.send_rate_per_second, settings.send_burst):
-            reply(hub, connection, error_frame("Rate limit exceeded; frame dropped"))
+        # every frame counts, on the user's one allowance across sockets and replicas
+        if (wait := await limits.take_frame(connection.user_id)) > 0:
+            dropped = rate_limited_frame(retry_after=wait, client_id=client_id_of(raw))
+            reply(hub, connection, dropped)
             continue
         try:
             frame = json.loads(raw)
@@ -180,6 +233,10 @@ async def receive_frames(
             continue
         if not isinstance(frame, dict):
             reply(hub, connection, error_frame("Frame must be a JSON object"))
+            continue
+        if problems := json_errors(frame, ()):
+            # NUL, lone surrogates, numbers beyond 64 bits: named, never stored
+            reply(hub, connection, invalid_frame(problems))
             continue
         kind = frame.get("type")
         if kind == "message":

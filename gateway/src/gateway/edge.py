@@ -1,0 +1,344 @@
+"""The edge's guards below ASGI: what a client can do to the gateway before a
+request even exists, enforced on the connection itself.
+
+uvicorn's httptools protocol reads a request's head with no deadline, keeps a
+connection that never sends a byte open forever, buffers headers of any size
+and lets one address open any number of connections. `EdgeHttpProtocol`
+(`uvicorn --http gateway.edge:EdgeHttpProtocol`, as the image runs it) adds:
+
+- a head deadline: the request line and headers must arrive within
+  `HEADER_TIMEOUT_SECONDS` of the connection opening (or of the first byte of
+  a later request on it), else 408 and the connection is closed; a connection
+  that sent nothing is just closed;
+- a body idle timeout: `BODY_IDLE_TIMEOUT_SECONDS` without a byte of a body
+  still owed, else 408 and close (the clock stops while the gateway itself
+  is not reading, i.e. while the upstream is slow to take the body);
+- a head size limit, `MAX_HEADER_BYTES`, else 431 and close;
+- at most `MAX_CONNECTIONS_PER_CLIENT` open connections per client address
+  (HTTP and WebSocket alike; 0 turns it off); the next is answered 429 and closed;
+- uvicorn's bare-text 400 for a malformed request becomes problem+json;
+- a body answered before it was read whole (413) is read and dropped for at
+  most `DRAIN_SECONDS`, so the client, which reads only once it has sent
+  everything, gets the answer instead of a reset connection.
+
+The guard reads its settings from the lifespan state (the gateway's `runtime`),
+so it follows the settings the app was built with; without it (an app that
+is not the gateway) the protocol is uvicorn's own.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import os
+from collections import defaultdict
+from collections.abc import Callable
+from typing import Any
+
+from uvicorn.config import Config
+from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
+from uvicorn.server import ServerState
+
+from kit.errors import PROBLEM_JSON, problem_type
+
+logger = logging.getLogger("gateway.edge")
+
+_REASONS = {
+    400: "Bad Request",
+    408: "Request Timeout",
+    429: "Too Many Requests",
+    431: "Request Header Fields Too Large",
+}
+_SLUGS = {
+    400: "bad-request",
+    408: "request-timeout",
+    429: "too-many-connections",
+    431: "header-too-large",
+}
+LINGER_SECONDS = 1.0
+# how long the rest of a body already answered (413) is read and dropped
+DRAIN_SECONDS = 5.0
+
+
+def raw_problem(status: int, detail: str, *, retry_after: int | None = None) -> bytes:
+    """A complete HTTP/1.1 problem+json response that closes the connection,
+    for refusals made before any ASGI request exists."""
+    request_id = os.urandom(16).hex()
+    body = json.dumps(
+        {
+            "type": problem_type(_SLUGS[status]),
+            "title": _REASONS[status],
+            "status": status,
+            "detail": detail,
+            "instance": request_id,
+        }
+    ).encode()
+    head = [
+        f"HTTP/1.1 {status} {_REASONS[status]}",
+        f"content-type: {PROBLEM_JSON}",
+        f"content-length: {len(body)}",
+        f"x-request-id: {request_id}",
+        "connection: close",
+    ]
+    if retry_after is not None:
+        head.append(f"retry-after: {retry_after}")
+    return ("\r\n".join(head) + "\r\n\r\n").encode() + body
+
+
+class HeadTooLarge(Exception):
+    """The request head is larger than the edge accepts."""
+
+
+class EdgeGuard:
+    """Per-process edge limits and the connection count of each client address."""
+
+    def __init__(
+        self,
+        *,
+        header_timeout_seconds: float,
+        body_idle_timeout_seconds: float,
+        max_header_bytes: int,
+        max_connections_per_client: int,
+        on_refusal: Callable[[str], None] = lambda reason: None,
+    ) -> None:
+        self.header_timeout_seconds = header_timeout_seconds
+        self.body_idle_timeout_seconds = body_idle_timeout_seconds
+        self.max_header_bytes = max_header_bytes
+        self.max_connections_per_client = max_connections_per_client
+        self.on_refusal = on_refusal
+        self.connections: defaultdict[str, int] = defaultdict(int)
+
+    def admit(self, address: str) -> bool:
+        """Counts a new connection from `address`; False past the cap."""
+        limit = self.max_connections_per_client
+        if limit and self.connections[address] >= limit:
+            self.refused("too_many_connections")
+            return False
+        self.connections[address] += 1
+        return True
+
+    def release(self, address: str) -> None:
+        left = self.connections[address] - 1
+        if left > 0:
+            self.connections[address] = left
+        else:
+            self.connections.pop(address, None)
+
+    def refused(self, reason: str) -> None:
+        self.on_refusal(reason)
+
+
+def _counting(ws_class: type[Any]) -> type[Any]:
+    """`ws_class`, releasing its connection's slot when the socket goes."""
+    cached = _COUNTING_CLASSES.get(ws_class)
+    if cached is not None:
+        return cached
+
+    def connection_lost(self: Any, exc: Exception | None) -> None:
+        try:
+            ws_class.connection_lost(self, exc)
+        finally:
+            release = self.__dict__.pop("edge_release", None)
+            if release is not None:
+                release()
+
+    counted = type(f"Counted{ws_class.__name__}", (ws_class,), {"connection_lost": connection_lost})
+    _COUNTING_CLASSES[ws_class] = counted
+    return counted
+
+
+_COUNTING_CLASSES: dict[type[Any], type[Any]] = {}
+
+
+class EdgeHttpProtocol(HttpToolsProtocol):
+    """uvicorn's httptools protocol with the guards above."""
+
+    def __init__(
+        self,
+        config: Config,
+        server_state: ServerState,
+        app_state: dict[str, Any],
+        _loop: asyncio.AbstractEventLoop | None = None,
+    ) -> None:
+        super().__init__(config, server_state, app_state, _loop)
+        runtime = app_state.get("runtime")
+        self.guard: EdgeGuard | None = getattr(runtime, "edge", None)
+        if self.guard is not None and self.ws_protocol_class is not None:
+            self.ws_protocol_class = _counting(self.ws_protocol_class)
+        self.address: str | None = None  # set while this connection holds a slot
+        self.timer: asyncio.TimerHandle | None = None
+        self.head_bytes = 0  # raw bytes received while the head is still owed
+        self.head_size = 0  # the head as parsed: request line and headers
+        self.head_too_large = False
+        self.reading_head = True
+        self.first_request = True
+        self.request_begun = False
+        self.draining_since = 0.0
+        self.refusing = False
+
+    # -- connection -------------------------------------------------------------
+
+    def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
+        super().connection_made(transport)
+        guard = self.guard
+        if guard is None:
+            return
+        address = self.client[0] if self.client else ""
+        if not guard.admit(address):
+            self.refuse(
+                429,
+                f"Too many open connections from this address (at most "
+                f"{guard.max_connections_per_client})",
+                retry_after=1,
+            )
+            return
+        self.address = address
+        self.arm(guard.header_timeout_seconds, self.head_timed_out)
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.disarm()
+        self.release()
+        super().connection_lost(exc)
+
+    def release(self) -> None:
+        if self.address is not None and self.guard is not None:
+            self.guard.release(self.address)
+        self.address = None
+
+    def data_received(self, data: bytes) -> None:
+        if self.refusing:
+            return  # the answer is out; what the client still sends is dropped
+        guard = self.guard
+        if guard is not None and self.reading_head:
+            self.head_bytes += len(data)
+        super().data_received(data)
+        # a head still unfinished after this many bytes (one endless line, say)
+        if guard is not None and self.reading_head and self.head_bytes > guard.max_header_bytes:
+            self.head_too_large = True
+            self.send_400_response("")
+
+    def on_url(self, url: bytes) -> None:
+        self.head_size += len(url)
+        super().on_url(url)
+
+    def on_header(self, name: bytes, value: bytes) -> None:
+        self.head_size += len(name) + len(value) + 4
+        super().on_header(name, value)
+
+    def handle_websocket_upgrade(self) -> None:
+        self.disarm()
+        super().handle_websocket_upgrade()
+        socket_protocol = self.transport.get_protocol()
+        if self.address is not None and self.guard is not None:
+            # the slot now belongs to the socket, released when it closes
+            guard, address = self.guard, self.address
+            setattr(socket_protocol, "edge_release", lambda: guard.release(address))  # noqa: B010
+            self.address = None
+
+    def send_400_response(self, msg: str) -> None:
+        if self.refusing or self.transport.is_closing():
+            return
+        if self.head_too_large and self.guard is not None:
+            self.guard.refused("header_too_large")
+            self.refuse(431, f"The request head exceeds {self.guard.max_header_bytes} bytes")
+            return
+        self.transport.write(raw_problem(400, msg))
+        self.transport.close()
+
+    # -- the request's head and body --------------------------------------------
+
+    def on_message_begin(self) -> None:
+        super().on_message_begin()
+        self.head_size = 0
+        self.request_begun = True
+        if self.first_request:
+            self.first_request = False  # its deadline runs from the connection's start
+        elif self.guard is not None and self.address is not None:
+            # a later request on a kept-alive connection: its own deadline
+            self.head_bytes = 0
+            self.arm(self.guard.header_timeout_seconds, self.head_timed_out)
+
+    def on_headers_complete(self) -> None:
+        guard = self.guard
+        if guard is not None and self.head_size > guard.max_header_bytes:
+            # raised through the parser: uvicorn answers with send_400_response
+            self.head_too_large = True
+            raise HeadTooLarge
+        self.reading_head = False
+        super().on_headers_complete()
+        if self.guard is not None and self.address is not None:
+            self.arm(self.guard.body_idle_timeout_seconds, self.body_timed_out)
+
+    def on_body(self, body: bytes) -> None:
+        super().on_body(body)
+        if self.cycle is not None and self.cycle.response_complete:
+            # answered early (a 413, say): the rest is read and dropped, so the
+            # client can finish sending and read the answer, but not for ever
+            now = self.loop.time()
+            self.draining_since = self.draining_since or now
+            if now - self.draining_since > DRAIN_SECONDS:
+                self.transport.close()
+                return
+        if self.guard is not None and self.timer is not None:
+            self.arm(self.guard.body_idle_timeout_seconds, self.body_timed_out)
+
+    def on_message_complete(self) -> None:
+        self.disarm()
+        self.draining_since = 0.0
+        self.request_begun = False
+        self.reading_head = True
+        self.head_bytes = 0
+        super().on_message_complete()
+
+    # -- timers -------------------------------------------------------------------
+
+    def arm(self, seconds: float, callback: Callable[[], None]) -> None:
+        self.disarm()
+        self.timer = self.loop.call_later(seconds, callback)
+
+    def disarm(self) -> None:
+        if self.timer is not None:
+            self.timer.cancel()
+            self.timer = None
+
+    def head_timed_out(self) -> None:
+        self.timer = None
+        if self.transport.is_closing() or self.guard is None:
+            return
+        self.guard.refused("header_timeout")
+        if self.request_begun or self.head_bytes:
+            self.refuse(408, "The request head did not arrive in time")
+        else:
+            self.transport.close()  # nothing was asked: nothing to answer
+
+    def body_timed_out(self) -> None:
+        self.timer = None
+        guard = self.guard
+        if self.transport.is_closing() or guard is None:
+            return
+        if self.flow.read_paused:
+            # the gateway is not reading (its upstream is slow to take the
+            # body): the client is not the one idle
+            self.arm(guard.body_idle_timeout_seconds, self.body_timed_out)
+            return
+        guard.refused("body_timeout")
+        if self.cycle is not None and self.cycle.response_started:
+            self.transport.close()
+        else:
+            self.refuse(408, "The request body stopped arriving")
+
+    def refuse(self, status: int, detail: str, *, retry_after: int | None = None) -> None:
+        """Answers before (or instead of) the application and closes, after a
+        short linger so the client can read the answer before the close."""
+        self.disarm()
+        self.refusing = True
+        if self.cycle is not None and not self.cycle.response_complete:
+            # to the application the client is gone: it writes nothing after this
+            self.cycle.disconnected = True
+            self.cycle.message_event.set()
+        transport = self.transport
+        transport.write(raw_problem(status, detail, retry_after=retry_after))
+        if transport.can_write_eof():
+            transport.write_eof()
+        self.loop.call_later(LINGER_SECONDS, transport.close)

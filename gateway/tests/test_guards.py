@@ -1,0 +1,282 @@
+"""The edge protects itself: slow or oversized request heads, stalled bodies,
+too many connections from one address, bodies over the limit and ambiguous
+headers are refused at the gateway, as problem+json, before any upstream."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+from collections.abc import AsyncIterator
+from typing import Any
+
+import httpx
+import pytest
+from websockets.asyncio.client import connect
+from websockets.exceptions import InvalidStatus
+
+from gateway.config import Settings
+from gateway.edge import EdgeHttpProtocol
+from gateway.main import Gateway, create_app
+from kit.testing import TokenMinter, serve
+
+from .conftest import gateway_settings, running_upstream, urls
+from .test_pool import eventually
+from .upstreams import Upstream
+
+
+@contextlib.asynccontextmanager
+async def guarded_gateway(
+    settings: Settings, minter: TokenMinter
+) -> AsyncIterator[tuple[Gateway, str]]:
+    """The gateway under uvicorn with the edge protocol, as its image runs it."""
+    app = create_app(settings, key_source=minter.key_source)
+    async with serve(app, http=EdgeHttpProtocol) as base_url:
+        yield app, base_url
+
+
+@contextlib.asynccontextmanager
+async def edge(
+    redis_url: str, minter: TokenMinter, **overrides: Any
+) -> AsyncIterator[tuple[Upstream, Gateway, str]]:
+    async with running_upstream("one") as (service, upstream_url):
+        values: dict[str, Any] = {
+            "catalog_upstream": urls(upstream_url),
+            "chat_upstream": urls(upstream_url),
+            "header_timeout_seconds": 0.5,
+            "body_idle_timeout_seconds": 0.5,
+            "max_body_bytes": 4096,
+            **overrides,
+        }
+        settings = gateway_settings(redis_url, **values)
+        async with guarded_gateway(settings, minter) as (app, base_url):
+            yield service, app, base_url
+
+
+async def open_raw(base_url: str) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
+    host, port = base_url.removeprefix("http://").split(":")
+    return await asyncio.open_connection(host, int(port))
+
+
+async def read_until_closed(reader: asyncio.StreamReader, within: float = 5.0) -> bytes:
+    """Everything the server sends until it closes the connection."""
+    async with asyncio.timeout(within):
+        return await reader.read()
+
+
+def parse_response(raw: bytes) -> tuple[int, dict[str, str], dict[str, Any]]:
+    head, _, body = raw.partition(b"\r\n\r\n")
+    status_line, *lines = head.decode("latin-1").split("\r\n")
+    headers = dict(line.lower().split(": ", 1) for line in lines)
+    return int(status_line.split()[1]), headers, json.loads(body)
+
+
+async def test_a_request_head_sent_too_slowly_is_cut_off(
+    redis_url: str, minter: TokenMinter
+) -> None:
+    async with edge(redis_url, minter) as (service, _app, base_url):
+        reader, writer = await open_raw(base_url)
+        writer.write(b"GET /catalog/echo HTTP/1.1\r\nHost: edge\r\n")  # and never the end
+        raw = await read_until_closed(reader)
+        writer.close()
+        idle_reader, idle_writer = await open_raw(base_url)  # never sends a byte
+        idle = await read_until_closed(idle_reader)
+        idle_writer.close()
+        async with httpx.AsyncClient(base_url=base_url) as http:
+            metrics = (await http.get("/metrics")).text
+    status, headers, body = parse_response(raw)
+    assert status == 408
+    assert headers["content-type"] == "application/problem+json"
+    assert headers["connection"] == "close"
+    assert body["detail"] == "The request head did not arrive in time"
+    assert idle == b""  # nothing was asked, so nothing is answered
+    assert service.hits == 0
+    assert 'gateway_edge_refusals_total{reason="header_timeout"} 2.0' in metrics
+
+
+async def test_each_request_on_a_kept_alive_connection_has_its_own_deadline(
+    redis_url: str, minter: TokenMinter
+) -> None:
+    async with edge(redis_url, minter, header_timeout_seconds=1.0) as (service, _, base_url):
+        reader, writer = await open_raw(base_url)
+        request = b"GET /catalog/echo HTTP/1.1\r\nHost: edge\r\n\r\n"
+        for _ in range(3):  # each well within the deadline, together beyond it
+            writer.write(request)
+            head = await reader.readuntil(b"\r\n\r\n")
+            length = int(head.lower().split(b"content-length: ")[1].split(b"\r\n")[0])
+            await reader.readexactly(length)
+            assert head.startswith(b"HTTP/1.1 200")
+            await asyncio.sleep(0.4)  # a client pausing between requests, not a wait on the server
+        writer.close()
+    assert service.hits == 3
+
+
+async def test_a_stalled_body_is_cut_off(redis_url: str, minter: TokenMinter) -> None:
+    async with edge(redis_url, minter) as (_, _app, base_url):
+        reader, writer = await open_raw(base_url)
+        writer.write(
+            b"POST /catalog/upload HTTP/1.1\r\nHost: edge\r\nContent-Length: 1000\r\n\r\n"
+            + b"x" * 100
+        )
+        raw = await read_until_closed(reader)
+        writer.close()
+    status, _, body = parse_response(raw)
+    assert status == 408
+    assert body["detail"] == "The request body stopped arriving"
+
+
+@pytest.mark.parametrize(
+    "head",
+    [
+        # one header line that never ends
+        b"GET /catalog/echo HTTP/1.1\r\nHost: edge\r\nX-Pad: " + b"p" * 8192,
+        # a complete head, just too big
+        b"GET /catalog/echo HTTP/1.1\r\nHost: edge\r\n"
+        + b"".join(b"X-Pad-%d: %s\r\n" % (n, b"p" * 100) for n in range(60))
+        + b"\r\n",
+    ],
+)
+async def test_an_oversized_request_head_is_refused(
+    redis_url: str, minter: TokenMinter, head: bytes
+) -> None:
+    async with edge(redis_url, minter, max_header_bytes=4096) as (service, _, base_url):
+        reader, writer = await open_raw(base_url)
+        writer.write(head)
+        raw = await read_until_closed(reader)
+        writer.close()
+    status, _, body = parse_response(raw)
+    assert status == 431
+    assert body["detail"] == "The request head exceeds 4096 bytes"
+    assert service.hits == 0
+
+
+async def test_a_large_body_answered_early_still_gets_its_answer(
+    redis_url: str, minter: TokenMinter
+) -> None:
+    """The client sends everything before it reads: the refusal must not
+    reset the connection under it, and the connection stays usable."""
+    async with (
+        edge(redis_url, minter, max_body_bytes=65536) as (service, _, base_url),
+        httpx.AsyncClient(base_url=base_url) as http,
+    ):
+        refused = await http.post("/catalog/upload", content=b"x" * (8 * 1024 * 1024))
+        after = await http.get("/catalog/echo")
+    assert refused.status_code == 413
+    assert refused.json()["detail"] == "The request body exceeds 65536 bytes"
+    assert after.status_code == 200
+    assert service.hits == 1
+
+
+async def test_a_body_arriving_with_its_head_is_not_counted_as_head(
+    redis_url: str, minter: TokenMinter
+) -> None:
+    async with edge(redis_url, minter, max_header_bytes=1024) as (service, _, base_url):
+        reader, writer = await open_raw(base_url)
+        writer.write(
+            b"POST /catalog/upload HTTP/1.1\r\nHost: edge\r\nContent-Length: 4000\r\n"
+            b"Connection: close\r\n\r\n" + b"b" * 4000
+        )
+        raw = await read_until_closed(reader)
+        writer.close()
+    status, _, body = parse_response(raw)
+    assert status == 200
+    assert body["bytes"] == 4000
+    assert service.hits == 1
+
+
+async def test_a_malformed_request_is_a_problem(redis_url: str, minter: TokenMinter) -> None:
+    async with edge(redis_url, minter) as (_, _app, base_url):
+        reader, writer = await open_raw(base_url)
+        writer.write(b"GET /catalog/echo HTTP/1.1\r\nHost: edge\r\nX-Bad: a\x00b\r\n\r\n")
+        raw = await read_until_closed(reader)
+        writer.close()
+    status, headers, _ = parse_response(raw)
+    assert status == 400
+    assert headers["content-type"] == "application/problem+json"
+
+
+async def test_connections_per_client_address_are_capped(
+    redis_url: str, minter: TokenMinter
+) -> None:
+    async with edge(redis_url, minter, max_connections_per_client=3, header_timeout_seconds=30) as (
+        service,
+        app,
+        base_url,
+    ):
+        ws_base = base_url.replace("http://", "ws://")
+        held = [await open_raw(base_url) for _ in range(2)]
+        socket = await connect(f"{ws_base}/chat/ws/lobby")  # sockets count as well
+        await socket.recv()
+        reader, writer = await open_raw(base_url)
+        writer.write(b"GET /catalog/echo HTTP/1.1\r\nHost: edge\r\n\r\n")
+        raw = await read_until_closed(reader)
+        writer.close()
+        status, headers, body = parse_response(raw)
+        await socket.close()
+        await asyncio.wait_for(service.ws_closed.wait(), 5)
+
+        async def admitted() -> bool:
+            async with httpx.AsyncClient(base_url=base_url) as http:
+                return (await http.get("/catalog/echo")).status_code == 200
+
+        await eventually(admitted)  # the socket's slot is free once it closed
+        for _, held_writer in held:
+            held_writer.close()
+    assert status == 429
+    assert headers["retry-after"] == "1"
+    assert body["detail"] == "Too many open connections from this address (at most 3)"
+    assert app.runtime.edge.connections == {}
+
+
+async def test_a_body_over_the_limit_is_refused_at_the_edge(
+    redis_url: str, minter: TokenMinter
+) -> None:
+    async def chunks() -> AsyncIterator[bytes]:
+        for _ in range(8):
+            yield b"y" * 1024
+
+    async with (
+        edge(redis_url, minter) as (service, _, base_url),
+        httpx.AsyncClient(base_url=base_url) as http,
+    ):
+        declared = await http.post("/catalog/upload", content=b"x" * 5000)
+        streamed = await http.post("/catalog/upload", content=chunks())
+        within = await http.post("/catalog/upload", content=b"z" * 4096)
+    assert declared.status_code == 413
+    assert declared.headers["content-type"] == "application/problem+json"
+    assert declared.json()["detail"] == "The request body exceeds 4096 bytes"
+    assert streamed.status_code == 413  # counted as it arrived: no Content-Length
+    assert streamed.json()["detail"] == "The request body exceeds 4096 bytes"
+    assert within.json()["bytes"] == 4096
+    # the declared one never reached the service; the streamed one was cut short
+    assert service.hits == 2
+
+
+@pytest.mark.parametrize("name", ["Authorization", "Host"])
+async def test_a_header_that_must_be_single_twice_is_a_400(
+    redis_url: str, minter: TokenMinter, name: str
+) -> None:
+    async with edge(redis_url, minter) as (service, _, base_url):
+        token = minter.token()
+        reader, writer = await open_raw(base_url)
+        second = f"Bearer {token}" if name == "Authorization" else "other"
+        writer.write(
+            f"GET /catalog/echo HTTP/1.1\r\nHost: edge\r\nAuthorization: Bearer {token}\r\n"
+            f"{name}: {second}\r\nConnection: close\r\n\r\n".encode()
+        )
+        raw = await read_until_closed(reader)
+        writer.close()
+        ws_base = base_url.replace("http://", "ws://")
+        with pytest.raises(InvalidStatus) as refused:
+            async with connect(
+                f"{ws_base}/chat/ws/lobby",
+                additional_headers=[("Authorization", f"Bearer {token}"), (name, second)],
+            ):
+                pass
+    status, _, body = parse_response(raw)
+    assert status == 400
+    assert body["type"] == "urn:problem-type:duplicate-header"
+    assert body["detail"] == f"Send one {name} header, not several"
+    assert refused.value.response.status_code == 400
+    assert service.hits == 0
+    assert service.ws_connects == 0

@@ -1,0 +1,243 @@
+"""Limits per user, not per socket, shared by every replica through Redis.
+
+- Send rate: every frame a user sends, from any socket on any replica, draws
+  on one allowance in Redis (GCRA: one key per user holding the theoretical
+  arrival time), `SEND_BURST` at once and `SEND_RATE_PER_SECOND` after that.
+- Sockets: a user holds at most `MAX_SOCKETS_PER_USER` at once, across
+  replicas. Each process counts its own sockets per user and writes that
+  count into the user's hash in Redis (field: the process); a script adds up
+  the fields of live processes before admitting one more. A process is live
+  while its heartbeat keeps its score in `chat:limits:processes` ahead of the
+  clock, so the sockets of a replica that died stop counting
+  `PRESENCE_TTL_SECONDS` after its last heartbeat. Redis work grows with
+  sockets opened and closed, not with sockets held.
+
+Redis unreachable: each replica enforces both limits on its own (the rate
+per user with a local allowance, the sockets with its own count), so chat
+keeps serving; counts written while Redis was away are rewritten by the
+heartbeat once it is back.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+import uuid
+
+from redis.asyncio import Redis
+from redis.exceptions import RedisError
+
+logger = logging.getLogger("chat.limits")
+
+PROCESSES_KEY = "chat:limits:processes"
+CLOSE_TOO_MANY_SOCKETS = 4029
+"""Close code for a socket over the user's limit: accepted, then closed at once."""
+# Long enough that a busy machine is not taken for an outage (each replica
+# alone would then admit more), short enough that a frozen Redis holds up a
+# socket's frames for one moment (the next second skips Redis)
+REDIS_TIMEOUT_SECONDS = 2.0
+REDIS_BACKOFF_SECONDS = 1.0
+SOCKET_COUNTS_TTL_SECONDS = 24 * 3600
+
+
+def rate_key(user_id: str) -> str:
+    return f"chat:limits:rate:{user_id}"
+
+
+def sockets_key(user_id: str) -> str:
+    return f"chat:limits:sockets:{user_id}"
+
+
+# KEYS[1] the user's rate key; ARGV: ms between frames, ms of burst tolerance.
+# Returns 0 when the frame is allowed, else the ms until one will be.
+_TAKE = """
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000 + tonumber(t[2]) / 1000
+local interval, tolerance = tonumber(ARGV[1]), tonumber(ARGV[2])
+local tat = math.max(tonumber(redis.call('GET', KEYS[1]) or '0'), now)
+if tat - tolerance > now then return math.ceil(tat - tolerance - now) end
+tat = tat + interval
+redis.call('SET', KEYS[1], tostring(tat), 'PX', math.ceil(tat - now) + 1)
+return 0
+"""
+
+# KEYS: the user's socket counts, the live processes. ARGV: this process, its
+# count for the user with the new socket, the limit, the counts' TTL (ms).
+# Returns 1 when admitted (and written), 0 when over the limit.
+_OPEN = """
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000 + tonumber(t[2]) / 1000
+local total = tonumber(ARGV[2])
+local counts = redis.call('HGETALL', KEYS[1])
+for i = 1, #counts, 2 do
+  local process = counts[i]
+  if process ~= ARGV[1] then
+    local alive_until = tonumber(redis.call('ZSCORE', KEYS[2], process) or '0')
+    if alive_until > now then
+      total = total + tonumber(counts[i + 1])
+    else
+      redis.call('HDEL', KEYS[1], process)
+    end
+  end
+end
+if total > tonumber(ARGV[3]) then return 0 end
+redis.call('HSET', KEYS[1], ARGV[1], ARGV[2])
+redis.call('PEXPIRE', KEYS[1], ARGV[4])
+return 1
+"""
+
+
+# KEYS[1] the live processes; ARGV: this process, seconds it stays live.
+_BEAT = """
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000 + tonumber(t[2]) / 1000
+redis.call('ZADD', KEYS[1], now + tonumber(ARGV[2]) * 1000, ARGV[1])
+redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', now - 3600000)
+return 0
+"""
+
+
+class UserLimits:
+    """This process's side of the per-user limits."""
+
+    def __init__(
+        self,
+        *,
+        redis: Redis,
+        node_id: str,
+        rate_per_second: float,
+        burst: int,
+        max_sockets: int,
+        liveness_seconds: float,
+    ) -> None:
+        self.redis = redis
+        # a process of its own: a replica restarted under the same name starts from zero
+        self.process = f"{node_id}:{uuid.uuid4().hex[:8]}"
+        self.rate_per_second = rate_per_second
+        self.burst = burst
+        self.max_sockets = max_sockets
+        self.liveness_seconds = liveness_seconds
+        self.interval_ms = 1000.0 / rate_per_second
+        self.tolerance_ms = self.interval_ms * (burst - 1)
+        self.sockets: dict[str, int] = {}  # user -> sockets here
+        self.unsynced: set[str] = set()  # users whose count here Redis may not have
+        self._allowances: dict[str, tuple[float, float]] = {}  # user -> (tokens, at), Redis away
+        self._take = redis.register_script(_TAKE)
+        self._open = redis.register_script(_OPEN)
+        self._beat = redis.register_script(_BEAT)
+        self._redis_down_until = 0.0
+
+    # -- send rate ------------------------------------------------------------
+
+    async def take_frame(self, user_id: str) -> float:
+        """Draws one frame from the user's allowance: 0 when allowed, else the
+        seconds until a frame will be."""
+        if self._redis_usable():
+            try:
+                async with asyncio.timeout(REDIS_TIMEOUT_SECONDS):
+                    wait_ms = await self._take(
+                        keys=[rate_key(user_id)], args=[self.interval_ms, self.tolerance_ms]
+                    )
+            except (RedisError, OSError, TimeoutError) as error:
+                self._redis_failed(error)
+            else:
+                return int(wait_ms) / 1000
+        return self._take_locally(user_id)
+
+    def _take_locally(self, user_id: str) -> float:
+        now = time.monotonic()
+        tokens, at = self._allowances.get(user_id, (float(self.burst), now))
+        tokens = min(float(self.burst), tokens + (now - at) * self.rate_per_second)
+        if tokens < 1.0:
+            self._allowances[user_id] = (tokens, now)
+            return (1.0 - tokens) / self.rate_per_second
+        self._allowances[user_id] = (tokens - 1.0, now)
+        if len(self._allowances) > 100_000:  # users long idle are full again anyway
+            self._allowances.pop(next(iter(self._allowances)))
+        return 0.0
+
+    # -- sockets --------------------------------------------------------------
+
+    async def open_socket(self, user_id: str) -> bool:
+        """Counts a new socket of the user; False (and nothing counted) past the limit."""
+        mine = self.sockets.get(user_id, 0) + 1
+        self.sockets[user_id] = mine
+        admitted = mine <= self.max_sockets
+        if admitted and self._redis_usable():
+            try:
+                async with asyncio.timeout(REDIS_TIMEOUT_SECONDS):
+                    admitted = bool(
+                        await self._open(
+                            keys=[sockets_key(user_id), PROCESSES_KEY],
+                            args=[
+                                self.process,
+                                mine,
+                                self.max_sockets,
+                                SOCKET_COUNTS_TTL_SECONDS * 1000,
+                            ],
+                        )
+                    )
+            except (RedisError, OSError, TimeoutError) as error:
+                self._redis_failed(error)
+                self.unsynced.add(user_id)
+        elif admitted:
+            self.unsynced.add(user_id)
+        if not admitted:
+            self._forget(user_id)
+        return admitted
+
+    async def close_socket(self, user_id: str) -> None:
+        self._forget(user_id)
+        if self._redis_usable():
+            await self._write_count(user_id)
+
+    def _forget(self, user_id: str) -> None:
+        left = self.sockets.get(user_id, 0) - 1
+        if left > 0:
+            self.sockets[user_id] = left
+        else:
+            self.sockets.pop(user_id, None)
+        self.unsynced.add(user_id)
+
+    async def _write_count(self, user_id: str) -> None:
+        """Writes this process's count for the user as it is now (idempotent)."""
+        count = self.sockets.get(user_id, 0)
+        try:
+            async with asyncio.timeout(REDIS_TIMEOUT_SECONDS):
+                if count:
+                    await self.redis.hset(sockets_key(user_id), self.process, count)
+                else:
+                    await self.redis.hdel(sockets_key(user_id), self.process)
+        except (RedisError, OSError, TimeoutError) as error:
+            self._redis_failed(error)
+        else:
+            self.unsynced.discard(user_id)
+
+    # -- liveness ---------------------------------------------------------------
+
+    async def heartbeat(self) -> None:
+        """Keeps this process's counts alive and rewrites what Redis missed.
+        Raises RedisError while Redis is away (the caller logs and goes on)."""
+        await self._beat(keys=[PROCESSES_KEY], args=[self.process, self.liveness_seconds])
+        self._redis_down_until = 0.0
+        for user_id in list(self.unsynced):
+            await self._write_count(user_id)
+
+    async def leave(self) -> None:
+        """This process stops: its counts stop counting at once."""
+        try:
+            await self.redis.zrem(PROCESSES_KEY, self.process)
+        except (RedisError, OSError) as error:
+            logger.warning("could not retire this process's socket counts: %s", error)
+
+    def _redis_usable(self) -> bool:
+        return time.monotonic() >= self._redis_down_until
+
+    def _redis_failed(self, error: BaseException) -> None:
+        if self._redis_usable():
+            logger.warning(
+                "per-user limits cannot reach Redis (%s); this replica enforces them alone",
+                error or type(error).__name__,
+            )
+        self._redis_down_until = time.monotonic() + REDIS_BACKOFF_SECONDS
