@@ -19,9 +19,11 @@ the last PONG answered a PING sent less than `lease_seconds` ago. Because
 Redis answers a PING after delivering every event it published earlier on
 that connection, a current mirror holds every revocation written before that
 PING was sent. Whenever it is not current, the caller falls back to asking
-Redis (and to 503 when Redis is unreachable): a revocation is therefore seen
-as soon as its event reaches this process, and at worst `lease_seconds` after
-it was written if the subscriber connection silently stops delivering.
+Redis: a revocation is therefore seen as soon as its event reaches this
+process, and at worst `lease_seconds` after it was written if the subscriber
+connection silently stops delivering. When Redis cannot be asked either, the
+caller may answer from the mirror as it was at its last sync (`staleness()`)
+for a bounded time, then fails closed.
 
 Every write of a revocation key by anyone (auth, an operator's redis-cli)
 produces an event, so writers need no publish step; `revoke_token` /
@@ -120,6 +122,13 @@ class RevocationMirror:
             and not self._reading
             and time.monotonic() - self._heard < self.lease_seconds
         )
+
+    def staleness(self) -> float:
+        """Seconds since the mirror last provably held every revocation written
+        (the sending of the last PING answered); infinite before the first sync.
+        The sets are kept while the subscriber is away, so a verifier can go on
+        answering from them for a bounded time (see `kit.security`)."""
+        return time.monotonic() - self._heard
 
     def refuses(self, jti: str, user_id: str, issued_at: int) -> bool:
         if jti in self._tokens:
