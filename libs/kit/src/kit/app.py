@@ -55,13 +55,17 @@ def assemble(
     settings: ServiceSettings,
     *,
     readiness: Mapping[str, ReadinessCheck],
+    optional_readiness: Mapping[str, ReadinessCheck] | None = None,
     registry: CollectorRegistry | None = None,
 ) -> HttpMetrics:
-    """Middleware, problem+json handlers, `/healthz`, `/readyz` and `/metrics`."""
+    """Middleware, problem+json handlers, `/healthz`, `/readyz` and `/metrics`.
+
+    `readiness`: what the core traffic needs; `optional_readiness`: what only
+    some requests need, reported without failing readiness (see `kit.health`)."""
     registry = registry or CollectorRegistry()
     metrics = add_common_middleware(app, settings, registry)
     install_problem_handlers(app)
     install_problem_openapi(app)
-    app.include_router(health_router(readiness))
+    app.include_router(health_router(readiness, optional=optional_readiness))
     app.include_router(metrics_router(registry))
     return metrics

@@ -20,7 +20,7 @@ from auth.passwords import Passwords
 from auth.router import router
 from kit.app import assemble
 from kit.db import check_database, make_engine, make_sessionmaker
-from kit.health import check_redis
+from kit.health import check_redis, check_revocations
 from kit.heap import settled_heap
 from kit.logs import configure_logging
 from kit.security import KeySource, TokenVerifier
@@ -126,14 +126,14 @@ def create_app(settings: Settings | None = None, *, key_source: KeySource | None
         summary="Accounts, password logins, ES256 access tokens, rotating refresh tokens",
         lifespan=lifespan,
     )
+    # Ready with PostgreSQL and its bootstrap (signing key, admin): the JWKS,
+    # registration and logins rest on them. Redis matters to some requests
+    # only, which handle its absence themselves (see the README).
     assemble(
         app,
         settings,
-        readiness={
-            "database": check_database,
-            "redis": check_redis,
-            "bootstrap": check_bootstrap,
-        },
+        readiness={"database": check_database, "bootstrap": check_bootstrap},
+        optional_readiness={"redis": check_redis, "revocations": check_revocations},
     )
     app.include_router(router)
     return app

@@ -31,7 +31,7 @@ from catalog.router import router
 from kit.app import assemble
 from kit.db import asyncpg_dsn, check_database, make_engine, make_sessionmaker
 from kit.errors import domain_error_response, internal_error_response, is_outage
-from kit.health import check_redis
+from kit.health import VERIFIER_CHECKS
 from kit.heap import settled_heap
 from kit.logs import configure_logging
 from kit.security import KeySource, TokenVerifier
@@ -151,7 +151,15 @@ def create_app(
         lifespan=lifespan,
         description="Products and categories: keyset pages, ETags, idempotent creates.",
     )
-    assemble(app, settings, readiness={"database": check_database, "redis": check_redis})
+    # Ready with PostgreSQL alone: public reads need nothing else. Redis
+    # (revocations) and auth (keys) matter only to authenticated writes, which
+    # answer 503 themselves when those cannot be checked.
+    assemble(
+        app,
+        settings,
+        readiness={"database": check_database},
+        optional_readiness=VERIFIER_CHECKS,
+    )
     for error_type in (DBAPIError, OSError, asyncpg.PostgresConnectionError):
         app.add_exception_handler(error_type, on_database_error)
     app.include_router(router)
