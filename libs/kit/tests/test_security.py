@@ -28,6 +28,7 @@ from kit.security import (
     revoked_token_key,
     revoked_user_key,
     shared_jwks_key,
+    user_revoked_before,
 )
 from kit.testing import JwksServer, Service, TokenMinter, free_port, serve, wait_for_redis
 
@@ -311,6 +312,9 @@ async def test_redis_down_answers_from_the_mirror_for_a_bounded_time_then_fails_
             await revoke_token(client, (await verifier.verify(revoked)).jti, ttl=60)
             valid = minter.token(user_id=str(uuid.uuid4()))
             principal = await verifier.verify(valid)
+            logged_out, cutoff = str(uuid.uuid4()), time.time()
+            await revoke_user(client, logged_out, before=cutoff, ttl=60)
+            assert await user_revoked_before(client, logged_out) == cutoff
             syncs = mirror.syncs
 
             await asyncio.to_thread(redis_service.stop)
@@ -323,6 +327,9 @@ async def test_redis_down_answers_from_the_mirror_for_a_bounded_time_then_fails_
                 assert (await verifier.revocations_status()).startswith(
                     "Redis unreachable: revocations answered from the mirror synced"
                 )
+                # what a login reads to date a new token after a logout-everywhere
+                assert await user_revoked_before(client, logged_out) == cutoff
+                assert await user_revoked_before(client, principal.user_id) is None
                 # past the bound, authenticated requests fail closed with a retry hint
                 verifier.max_staleness_seconds = 0
                 with pytest.raises(ServiceUnavailable) as refused:

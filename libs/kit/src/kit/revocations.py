@@ -320,3 +320,14 @@ def apply_locally(redis: Redis, key: str, value: Any) -> None:
     for mirror in list(_live):
         if _target(mirror.redis) == target:
             mirror.apply(key, value)
+
+
+def mirrored_cutoff(redis: Redis, user_id: str) -> float | None:
+    """The user's revocation time as this process's mirrors of `redis` last saw it."""
+    target = _target(redis)
+    cutoffs = [
+        cutoff
+        for mirror in list(_live)
+        if _target(mirror.redis) == target and (cutoff := mirror._users.get(user_id)) is not None
+    ]
+    return max(cutoffs, default=None)

@@ -42,7 +42,13 @@ from redis.asyncio import Redis
 from redis.exceptions import RedisError
 
 from kit.errors import ServiceUnavailable, Unauthenticated
-from kit.revocations import TOKEN_PREFIX, USER_PREFIX, RevocationMirror, apply_locally
+from kit.revocations import (
+    TOKEN_PREFIX,
+    USER_PREFIX,
+    RevocationMirror,
+    apply_locally,
+    mirrored_cutoff,
+)
 from kit.settings import ServiceSettings
 
 logger = logging.getLogger("kit.security")
@@ -64,6 +70,8 @@ SHARED_JWKS_PREFIX = "kit:jwks:"
 SHARED_JWKS_TTL_SECONDS = 86_400
 # after Redis failed to answer a revocation check, it is left alone this long
 REDIS_BACKOFF_SECONDS = 1.0
+# the longest a revocation lookup waits for Redis before answering without it
+REDIS_TIMEOUT_SECONDS = 0.5
 _now = time.time  # the cache's clock (a module attribute so tests can move it)
 
 
@@ -81,6 +89,18 @@ async def revoke_token(redis: Redis, jti: str, *, ttl: int) -> None:
     key = revoked_token_key(jti)
     await redis.set(key, "1", ex=ttl)
     apply_locally(redis, key, "1")
+
+
+async def user_revoked_before(redis: Redis, user_id: str) -> float | None:
+    """The time before which the user's tokens are refused, if any: from Redis,
+    or, while Redis cannot answer, as this process's revocation mirror last saw it
+    (nobody can write a new one meanwhile)."""
+    try:
+        async with asyncio.timeout(REDIS_TIMEOUT_SECONDS):
+            marker = await redis.get(revoked_user_key(user_id))
+    except (RedisError, OSError, TimeoutError):
+        return mirrored_cutoff(redis, user_id)
+    return None if marker is None else float(marker)
 
 
 async def revoke_user(redis: Redis, user_id: str, *, before: float, ttl: int) -> None:
@@ -406,7 +426,7 @@ class TokenVerifier:
         redis: Redis | None,
         max_cached_tokens: int = MAX_CACHED_TOKENS,
         max_staleness_seconds: float = 30.0,
-        redis_timeout_seconds: float = 0.5,
+        redis_timeout_seconds: float = REDIS_TIMEOUT_SECONDS,
     ) -> None:
         self.keys = keys
         self.issuer = issuer

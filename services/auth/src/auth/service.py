@@ -33,7 +33,7 @@ from auth.passwords import Passwords
 from auth.schemas import PASSWORD_IS_EMAIL, is_the_email, normalise_email
 from auth.tokens import issue_access_token, new_opaque_token, opaque_token_hash
 from kit.errors import InvalidInput, ServiceUnavailable
-from kit.security import Principal, revoke_token, revoke_user, revoked_user_key
+from kit.security import Principal, revoke_token, revoke_user, user_revoked_before
 
 logger = logging.getLogger("auth.service")
 
@@ -219,11 +219,8 @@ async def authenticate(
 
 
 async def _not_before(redis: Redis, user_id: uuid.UUID) -> float | None:
-    try:
-        marker = await redis.get(revoked_user_key(str(user_id)))
-    except RedisError as error:
-        raise ServiceUnavailable("Token revocation list is unreachable; retry") from error
-    return None if marker is None else float(marker)
+    # while Redis is away, the cutoff this process last mirrored: a login must not fail
+    return await user_revoked_before(redis, str(user_id))
 
 
 async def issue_tokens(
