@@ -19,6 +19,7 @@ from redis.asyncio import Redis
 import kit.security
 from kit.errors import ServiceUnavailable, Unauthenticated
 from kit.security import (
+    Deadline,
     JwksKeySource,
     KeySource,
     TokenVerifier,
@@ -545,3 +546,26 @@ async def test_a_verifier_started_while_auth_is_down_uses_the_key_set_shared_in_
                     await verifier.verify(minter.token())
     finally:
         await redis.delete(shared_jwks_key(url))
+
+
+async def test_a_deadline_gives_up_on_a_slow_call_without_cancelling_it() -> None:
+    deadline = Deadline(0.05)
+    release = asyncio.Event()
+    finished: list[str] = []
+
+    async def slow() -> str:
+        await release.wait()
+        finished.append("slow")
+        return "late"
+
+    async def quick() -> str:
+        return "now"
+
+    with pytest.raises(TimeoutError, match="did not answer"):
+        await deadline.run(slow)
+    # while the first call still runs, Redis counts as unresponsive: no second call
+    with pytest.raises(TimeoutError, match="has not finished"):
+        await deadline.run(quick)
+    release.set()
+    await poll(lambda: finished == ["slow"])  # it was left to finish, not cancelled
+    assert await deadline.run(quick) == "now"

@@ -108,6 +108,7 @@ class RevocationMirror:
         self._task: asyncio.Task[None] | None = None
         self._stopping = asyncio.Event()
         self.syncs = 0  # completed full resyncs, for observability and tests
+        self._failing = False  # since the last failed attempt, no session synced
 
     # --- the per-request side: no I/O ---------------------------------------------
 
@@ -191,7 +192,10 @@ class RevocationMirror:
                 logger.warning("revocation mirror disabled for now: %s", error)
                 pause = self.unsupported_retry_seconds
             except (RedisError, OSError) as error:
-                logger.warning("revocation subscriber lost (%s); resyncing", error)
+                # one warning per outage; the attempts that follow are routine
+                log = logger.debug if self._failing else logger.warning
+                log("revocation subscriber lost (%s); resyncing", error)
+                self._failing = True
             except Exception:  # never die: fall back, reconnect, resync
                 logger.exception("revocation subscriber failed; resyncing")
             finally:
@@ -231,6 +235,9 @@ class RevocationMirror:
             self._heard = time.monotonic()
             self._synced = True
             self.syncs += 1
+            if self._failing:
+                self._failing = False
+                logger.info("revocation mirror resynced")
             await self._notify()
             await self._listen(pubsub)
         finally:

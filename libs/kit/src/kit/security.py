@@ -30,9 +30,9 @@ import logging
 import math
 import time
 from collections import OrderedDict
-from collections.abc import Iterable, Mapping
+from collections.abc import Awaitable, Callable, Iterable, Mapping
 from dataclasses import dataclass
-from typing import Any, Protocol, Self
+from typing import Any, Protocol, Self, TypeVar
 
 import httpx
 from jose import ExpiredSignatureError, JWTError, jwk, jwt
@@ -52,6 +52,7 @@ from kit.revocations import (
 from kit.settings import ServiceSettings
 
 logger = logging.getLogger("kit.security")
+T = TypeVar("T")
 
 ACCESS_TOKEN_TYPE = "access"
 _REQUIRED_CLAIMS = {
@@ -75,6 +76,42 @@ REDIS_TIMEOUT_SECONDS = 0.5
 _now = time.time  # the cache's clock (a module attribute so tests can move it)
 
 
+class Deadline:
+    """Waits for Redis calls at most `seconds`, without cancelling them.
+
+    Cancelling a call still resolving the server's name leaves uvloop logging
+    "Future exception was never retrieved" once the lookup fails, so a call
+    given up on is left to finish (the client's own timeouts, or Redis
+    answering, end it). While it runs, Redis counts as unresponsive and further
+    calls fail at once: a frozen Redis holds at most one call per deadline."""
+
+    def __init__(self, seconds: float) -> None:
+        self.seconds = seconds
+        self._straggler: asyncio.Future[Any] | None = None
+
+    async def run(self, call: Callable[[], Awaitable[T]]) -> T:
+        if self._straggler is not None and not self._straggler.done():
+            raise TimeoutError("an earlier call to Redis has not finished")
+        task = asyncio.ensure_future(call())
+        try:
+            done, _ = await asyncio.wait({task}, timeout=self.seconds)
+        finally:
+            if not task.done():
+                self._straggler = task
+                task.add_done_callback(_consume)
+        if not done:
+            raise TimeoutError(f"Redis did not answer within {self.seconds:g} s")
+        return task.result()
+
+
+def _consume(task: asyncio.Future[Any]) -> None:
+    if not task.cancelled():
+        task.exception()
+
+
+_logins = Deadline(REDIS_TIMEOUT_SECONDS)  # for `user_revoked_before`
+
+
 def revoked_token_key(jti: str) -> str:
     return f"{TOKEN_PREFIX}{jti}"
 
@@ -96,8 +133,7 @@ async def user_revoked_before(redis: Redis, user_id: str) -> float | None:
     or, while Redis cannot answer, as this process's revocation mirror last saw it
     (nobody can write a new one meanwhile)."""
     try:
-        async with asyncio.timeout(REDIS_TIMEOUT_SECONDS):
-            marker = await redis.get(revoked_user_key(user_id))
+        marker = await _logins.run(lambda: redis.get(revoked_user_key(user_id)))
     except (RedisError, OSError, TimeoutError):
         return mirrored_cutoff(redis, user_id)
     return None if marker is None else float(marker)
@@ -220,7 +256,7 @@ class JwksKeySource:
         self.min_refresh_seconds = min_refresh_seconds
         self.retry_seconds = retry_seconds
         self.fetch_timeout_seconds = fetch_timeout_seconds
-        self.redis_timeout_seconds = redis_timeout_seconds
+        self._deadline = Deadline(redis_timeout_seconds)
         self.refresh_interval = self.refresh_seconds  # max-age of the last answer, bounded
         self._keys: dict[str, VerificationKey] = {}
         self._entries: dict[str, dict[str, Any]] = {}
@@ -371,18 +407,20 @@ class JwksKeySource:
         if self.redis is None:
             return
         copy = json.dumps({"fetched_at": self._document_time, "jwks": document})
+        redis = self.redis
         try:
-            async with asyncio.timeout(self.redis_timeout_seconds):
-                await self.redis.set(shared_jwks_key(self.url), copy, ex=SHARED_JWKS_TTL_SECONDS)
+            await self._deadline.run(
+                lambda: redis.set(shared_jwks_key(self.url), copy, ex=SHARED_JWKS_TTL_SECONDS)
+            )
         except (RedisError, OSError, TimeoutError) as error:
             logger.debug("could not share the JWKS through Redis: %s", error)
 
     async def _adopt_shared_copy(self) -> None:
-        if self.redis is None:
+        redis = self.redis
+        if redis is None:
             return
         try:
-            async with asyncio.timeout(self.redis_timeout_seconds):
-                raw = await self.redis.get(shared_jwks_key(self.url))
+            raw = await self._deadline.run(lambda: redis.get(shared_jwks_key(self.url)))
             if raw is None:
                 return
             copy = json.loads(raw)
@@ -435,9 +473,11 @@ class TokenVerifier:
         self.redis = redis
         self.max_cached_tokens = max_cached_tokens
         self.max_staleness_seconds = max_staleness_seconds
-        self.redis_timeout_seconds = redis_timeout_seconds
+        # well inside the half second kit.health gives an optional check
+        self._deadline = Deadline(min(redis_timeout_seconds, 0.4))
         self._verified: OrderedDict[str, _Verified] = OrderedDict()
         self._redis_down_until = -math.inf
+        self._redis_failing = False
         self.revocations: RevocationMirror | None = None
 
     @classmethod
@@ -494,13 +534,11 @@ class TokenVerifier:
 
     async def revocations_status(self) -> str:
         """One line for `/readyz`: "ok..." or how revocations are being answered."""
-        mirror = self.revocations
-        if self.redis is None or (mirror is not None and mirror.current()):
+        mirror, redis = self.revocations, self.redis
+        if redis is None or (mirror is not None and mirror.current()):
             return "ok"
         try:
-            # well inside the half second kit.health gives an optional check
-            async with asyncio.timeout(0.25):
-                await self.redis.ping()
+            await self._deadline.run(redis.ping)
         except (RedisError, OSError, TimeoutError):
             stale = math.inf if mirror is None else mirror.staleness()
             if stale <= self.max_staleness_seconds:
@@ -576,16 +614,23 @@ class TokenVerifier:
             if mirror.refuses(principal.jti, principal.user_id, principal.issued_at):
                 raise Unauthenticated("Token revoked")
             return
+        redis = self.redis
         if time.monotonic() >= self._redis_down_until:
             try:
-                async with asyncio.timeout(self.redis_timeout_seconds):
-                    token_revoked, user_revoked_before = await self.redis.mget(
+                token_revoked, user_revoked_before = await self._deadline.run(
+                    lambda: redis.mget(
                         revoked_token_key(principal.jti), revoked_user_key(principal.user_id)
                     )
+                )
             except (RedisError, OSError, TimeoutError) as error:
-                logger.warning("revocation check cannot reach Redis: %s", error)
+                if not self._redis_failing:
+                    self._redis_failing = True
+                    logger.warning("revocation checks cannot reach Redis: %s", error)
                 self._redis_down_until = time.monotonic() + REDIS_BACKOFF_SECONDS
             else:
+                if self._redis_failing:
+                    self._redis_failing = False
+                    logger.info("revocation checks reach Redis again")
                 if token_revoked is not None:
                     raise Unauthenticated("Token revoked")
                 if user_revoked_before is not None and principal.issued_at < float(

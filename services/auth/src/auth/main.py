@@ -88,7 +88,9 @@ def create_app(settings: Settings | None = None, *, key_source: KeySource | None
     async def lifespan(app: FastAPI) -> AsyncIterator[State]:
         engine = make_engine(str(settings.database_url))
         sessionmaker = make_sessionmaker(engine)
-        redis = Redis.from_url(str(settings.redis_url))
+        # a connect that hangs (Redis stopping, a partition) fails after 2 s instead
+        # of the kernel's minutes, so the revocation mirror reconnects promptly
+        redis = Redis.from_url(str(settings.redis_url), socket_connect_timeout=2.0)
         key_ring = KeyRing(sessionmaker=sessionmaker, settings=settings)
         passwords = Passwords.from_settings(settings)
         verifier = TokenVerifier.for_service(settings, redis=redis, keys=key_source or key_ring)

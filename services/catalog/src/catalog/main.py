@@ -97,7 +97,9 @@ def create_app(
             pool_size=settings.database_pool_size,
             max_overflow=settings.database_pool_overflow,
         )
-        redis = Redis.from_url(str(settings.redis_url))
+        # a connect that hangs (Redis stopping, a partition) fails after 2 s instead
+        # of the kernel's minutes, so the revocation mirror reconnects promptly
+        redis = Redis.from_url(str(settings.redis_url), socket_connect_timeout=2.0)
         http = httpx.AsyncClient()
         verifier = TokenVerifier.for_service(settings, redis=redis, keys=key_source, http=http)
         await verifier.start()
