@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import time
 import uuid
+from collections.abc import Callable
 
 import httpx
 from prometheus_client import CollectorRegistry
@@ -13,6 +14,7 @@ from redis.asyncio import Redis
 from gateway.main import Gateway, create_app
 from gateway.metrics import GatewayMetrics
 from gateway.ratelimit import LocalWindows, RateLimiter
+from kit.revocations import RevocationMirror
 from kit.security import revoked_token_key, revoked_user_key
 from kit.testing import JwksServer, Service, TokenMinter, free_port, serve, wait_for_redis
 
@@ -58,7 +60,7 @@ async def test_refuses_invalid_and_expired_tokens_before_the_service(
 async def test_refuses_revoked_tokens_and_users(
     gateway: GatewayClient, upstream: tuple[Upstream, str], minter: TokenMinter, redis_url: str
 ) -> None:
-    _, client = gateway
+    app, client = gateway
     jti, user_id = uuid.uuid4().hex, str(uuid.uuid4())
     revoked = minter.token(jti=jti)
     older = minter.token(user_id=user_id, iat=1_700_000_000)
@@ -66,6 +68,7 @@ async def test_refuses_revoked_tokens_and_users(
     try:
         await redis.set(revoked_token_key(jti), "1", ex=60)
         await redis.set(revoked_user_key(user_id), "1800000000", ex=60)
+        await revocations_seen(app, lambda mirror: mirror.refuses(jti, user_id, 1_700_000_000))
         for token in (revoked, older):
             response = await client.get(
                 "/catalog/echo", headers={"Authorization": f"Bearer {token}"}
@@ -75,6 +78,17 @@ async def test_refuses_revoked_tokens_and_users(
     finally:
         await redis.aclose()
     assert upstream[0].hits == 0
+
+
+async def revocations_seen(app: Gateway, written: Callable[[RevocationMirror], bool]) -> None:
+    """Waits until the gateway's mirror holds what was `written`, or is not current
+    (then every verification asks Redis). Another process's write reaches it as a
+    keyspace event: on a later turn of its event loop, not necessarily before
+    the next request is read."""
+    mirror = app.runtime.verifier.revocations
+    assert mirror is not None
+    async with asyncio.timeout(10):
+        await mirror.wait_for(lambda: not mirror.current() or written(mirror))
 
 
 async def test_limits_anonymous_clients_by_address(
@@ -270,12 +284,7 @@ async def test_revocation_applies_to_a_token_already_verified(
         await redis.set(revoked_token_key(jti), "1", ex=60)
     finally:
         await redis.aclose()
-    # Another process's write reaches this one as a keyspace event: the next
-    # turn of its event loop, not necessarily before the next request is read.
-    mirror = app.runtime.verifier.revocations
-    assert mirror is not None
-    async with asyncio.timeout(10):
-        await mirror.wait_for(lambda: not mirror.current() or mirror.refuses(jti, "-", 0))
+    await revocations_seen(app, lambda mirror: mirror.refuses(jti, "-", 0))
     second = await client.get("/catalog/echo", headers=headers)
     assert first.status_code == 200
     assert second.status_code == 401

@@ -262,7 +262,6 @@ class JwksKeySource:
         self._entries: dict[str, dict[str, Any]] = {}
         self._answered = False  # whether the last attempt got auth's answer
         self._attempted_at = -math.inf  # monotonic
-        self._answered_at = -math.inf  # monotonic, last answer from auth
         self._document_time = -math.inf  # wall clock of the key set held (ours or shared)
         self._failing_since: float | None = None  # monotonic
         self._last_error = ""
@@ -290,7 +289,7 @@ class JwksKeySource:
 
     def _retry_after(self) -> int:
         wait = self.min_refresh_seconds - (time.monotonic() - self._attempted_at)
-        return max(1, math.ceil(wait))
+        return max(1, math.ceil(min(max(wait, 0.0), self.min_refresh_seconds)))
 
     @property
     def kids(self) -> frozenset[str]:
@@ -385,7 +384,6 @@ class JwksKeySource:
         if self._failing_since is not None:
             logger.info("JWKS fetched from %s again", self.url)
         self._answered, self._failing_since = True, None
-        self._answered_at = time.monotonic()
         return True
 
     def _adopt(self, document: Mapping[str, Any], *, fetched_at: float) -> None:
