@@ -246,22 +246,26 @@ async def test_a_token_whose_key_cannot_be_fetched_is_a_503_until_auth_answers(
 ) -> None:
     minter = TokenMinter()
     jwks = JwksServer(minter.jwks)
-    port = free_port()
-    settings = gateway_settings(
-        redis_url,
-        catalog_upstream=urls(upstream[1]),
-        jwks_url=f"http://127.0.0.1:{port}/auth/.well-known/jwks.json/{uuid.uuid4().hex}",
-    )
+    jwks.failing = True  # auth answers 503: it cannot say which keys exist
     headers = {"Authorization": f"Bearer {minter.token()}"}
-    async with serve(create_app(settings)) as base, httpx.AsyncClient(base_url=base) as client:
-        refused = await client.get("/catalog/echo", headers=headers)
-        degraded = await client.get("/readyz")
-        anonymous = await client.get("/catalog/echo")
-        async with serve(jwks, port=port, lifespan="off"):
+    async with serve(jwks, lifespan="off") as auth_base:
+        settings = gateway_settings(
+            redis_url,
+            catalog_upstream=urls(upstream[1]),
+            jwks_url=f"{auth_base}/auth/.well-known/jwks.json/{uuid.uuid4().hex}",
+        )
+        async with (
+            serve(create_app(settings)) as base,
+            httpx.AsyncClient(base_url=base) as client,
+        ):
+            refused = await client.get("/catalog/echo", headers=headers)
+            degraded = await client.get("/readyz")
+            anonymous = await client.get("/catalog/echo")
+            jwks.failing = False
             deadline = time.monotonic() + 15
             while (await client.get("/readyz")).json()["status"] != "ok":
                 assert time.monotonic() < deadline, "the key set was never fetched"
-                await asyncio.sleep(0.05)
+                await asyncio.sleep(0.05)  # the key source retries with backoff
             accepted = await client.get("/catalog/echo", headers=headers)
     assert refused.status_code == 503
     assert refused.json()["detail"].startswith("The token's signing key cannot be fetched")
