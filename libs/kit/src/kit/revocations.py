@@ -124,6 +124,12 @@ class RevocationMirror:
             and time.monotonic() - self._heard < self.lease_seconds
         )
 
+    @property
+    def failing(self) -> bool:
+        """Whether its last attempt to reach Redis failed and none has synced since:
+        Redis is down or out of reach, and this subscriber keeps trying."""
+        return self._failing
+
     def staleness(self) -> float:
         """Seconds since the mirror last provably held every revocation written
         (the sending of the last PING answered); infinite before the first sync.

@@ -536,6 +536,8 @@ class TokenVerifier:
         if redis is None or (mirror is not None and mirror.current()):
             return "ok"
         try:
+            if mirror is not None and mirror.failing:
+                raise ConnectionError("the revocation subscriber cannot reach Redis")
             await self._deadline.run(redis.ping)
         except (RedisError, OSError, TimeoutError):
             stale = math.inf if mirror is None else mirror.staleness()
@@ -613,7 +615,11 @@ class TokenVerifier:
                 raise Unauthenticated("Token revoked")
             return
         redis = self.redis
-        if time.monotonic() >= self._redis_down_until:
+        # While the subscriber finds Redis down, it alone keeps trying: asking per
+        # request too would add a connection attempt (and a name lookup that can
+        # hang for seconds while the server is gone) to every request.
+        redis_down = mirror is not None and mirror.failing
+        if not redis_down and time.monotonic() >= self._redis_down_until:
             try:
                 token_revoked, user_revoked_before = await self._deadline.run(
                     lambda: redis.mget(
