@@ -4,8 +4,9 @@ One EVALSHA per request counts the hit and sets the window's expiry, so every
 gateway process shares one count. While Redis cannot answer, each process
 counts in its own memory instead (same limits, same windows): limiting goes
 on, per process, rather than letting everything through or refusing
-everything. Redis is then left alone for a moment, so an outage does not add a
-connect timeout to every request, and taken back as soon as it answers.
+everything. Redis is then left alone for a while (backing off up to 8 s), so
+an outage does not add a connect timeout to every request, and taken back as
+soon as it answers.
 """
 
 from __future__ import annotations
@@ -29,7 +30,9 @@ local count = redis.call('INCR', KEYS[1])
 if count == 1 then redis.call('EXPIREAT', KEYS[1], ARGV[1]) end
 return count
 """
-REDIS_BACKOFF_SECONDS = 1.0
+# While Redis fails, it is tried again after 1 s, then 2, 4 and 8 s at most:
+# each try costs a connection attempt and a lookup of its name.
+REDIS_BACKOFF_SECONDS = (1.0, 8.0)
 # Identities the local counters hold in one window; the least recently seen go
 # first, so memory stays bounded whatever the number of client addresses.
 LOCAL_MAX_IDENTITIES = 100_000
@@ -94,6 +97,7 @@ class RateLimiter:
         self.local = local or LocalWindows()
         self._count_hit = redis.register_script(_COUNT_HIT)
         self._redis_down_until = 0.0
+        self._backoff = REDIS_BACKOFF_SECONDS[0]
         self._local_since: float | None = None
 
     @property
@@ -143,10 +147,12 @@ class RateLimiter:
                     logger.warning(
                         "rate limiting cannot reach Redis (%s); counting per process", error
                     )
-                self._redis_down_until = time.monotonic() + REDIS_BACKOFF_SECONDS
+                self._redis_down_until = time.monotonic() + self._backoff
+                self._backoff = min(self._backoff * 2, REDIS_BACKOFF_SECONDS[1])
             else:
                 if self._local_since is not None:
                     self._local_since = None
+                    self._backoff = REDIS_BACKOFF_SECONDS[0]
                     logger.info("rate limiting counts in Redis again")
                 return count
         self.metrics.rate_limit_local.inc()
