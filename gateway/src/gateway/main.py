@@ -16,7 +16,7 @@ import logging
 from collections.abc import AsyncIterator, Mapping
 from typing import Any, TypedDict
 
-from fastapi import FastAPI
+from fastapi import FastAPI, Request
 from fastapi.openapi.utils import get_openapi
 from redis.asyncio import Redis
 from starlette.middleware.cors import CORSMiddleware
@@ -31,7 +31,7 @@ from gateway.runtime import Route, Runtime
 from gateway.webapp import SecurityHeaders, install_web
 from gateway.websocket import WebSocketProxy
 from kit.errors import install_problem_handlers
-from kit.health import check_redis, health_router
+from kit.health import VERIFIER_CHECKS, Degraded, health_router
 from kit.heap import settled_heap
 from kit.logs import configure_logging
 from kit.metrics import MetricsMiddleware, metrics_router
@@ -143,6 +143,12 @@ class Gateway:
         await self.app(scope, receive, send)
 
 
+async def check_rate_limits(request: Request) -> None:
+    limiter = request.state.runtime.limiter
+    if limiter is not None and limiter.counting_locally:
+        raise Degraded(limiter.describe())
+
+
 def build_api(runtime: Runtime) -> FastAPI:
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[State]:
@@ -168,7 +174,12 @@ def build_api(runtime: Runtime) -> FastAPI:
         redoc_url=None,
     )
     install_problem_handlers(api)
-    api.include_router(health_router({"redis": check_redis}))
+    # Ready whenever the process runs: proxying needs no dependency of its own.
+    # Without Redis, limits are counted per process and revocations come from
+    # the local mirror for a while; without auth, the cached keys verify.
+    api.include_router(
+        health_router({}, optional={**VERIFIER_CHECKS, "rate_limits": check_rate_limits})
+    )
     api.include_router(metrics_router(runtime.registry))
 
     def own_spec() -> dict[str, Any]:

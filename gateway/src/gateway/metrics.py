@@ -63,10 +63,9 @@ class GatewayMetrics:
             ["client"],
             registry=registry,
         )
-        self.rate_limit_unavailable = Counter(
-            "gateway_rate_limit_unavailable_total",
-            "Requests Redis could not count, by what the policy did (allowed, refused)",
-            ["outcome"],
+        self.rate_limit_local = Counter(
+            "gateway_rate_limit_local_total",
+            "Requests counted by this process's own limiter because Redis could not count them",
             registry=registry,
         )
         self.edge_refusals = Counter(

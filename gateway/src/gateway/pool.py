@@ -13,7 +13,8 @@ working replica), so no sequence of requests can take a service out:
 - down: its connection was refused (nothing listens): skipped at once, until a
   probe passes or `eject_seconds` go by. Nobody can fake this from outside.
 - ejected (passive): `eject_after_failures` sickness signals in a row (a
-  timeout, a reset, a 502/503/504 from it) take it out for `eject_seconds`;
+  timeout, a reset, a 502/503/504 from it, but not the service's own 503
+  problem+json about a dependency) take it out for `eject_seconds`;
   never more than half of the pool's live replicas at once.
 - unhealthy (active): its readiness probe answered non-2xx, or failed in
   transport `probe_failures` times in a row (one slow probe is no verdict).

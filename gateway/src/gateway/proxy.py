@@ -27,6 +27,7 @@ from gateway.pool import SICK_STATUSES, Pool, Replica, not_listening
 from gateway.ratelimit import Quota
 from gateway.runtime import Route, Runtime
 from kit.errors import (
+    PROBLEM_JSON,
     BadGateway,
     DomainError,
     GatewayTimeout,
@@ -95,6 +96,17 @@ class StreamedBody:
             if not message.get("more_body", False):
                 self.finished = True
                 return
+
+
+def says_sick(status: int, content_type: str | None) -> bool:
+    """Whether an answer is a sickness signal. A 503 the service wrote itself
+    as problem+json says a dependency it needs is down (every replica would
+    say the same; its readiness probe tells the replica's own state), so it
+    counts as a working replica; a bare 502/503/504 (an overloaded server, a
+    proxy in between) counts against it."""
+    if status not in SICK_STATUSES:
+        return False
+    return status != 503 or not (content_type or "").startswith(PROBLEM_JSON)
 
 
 def connection_failed(pool: Pool, replica: Replica, error: BaseException) -> None:
@@ -238,7 +250,7 @@ class Proxy:
 
         try:
             self.metrics.upstream(route.name, time.perf_counter() - sent_at)
-            if response.status in SICK_STATUSES:
+            if says_sick(response.status, response.headers.get("content-type")):
                 pool.failed(replica)
             else:
                 # any other answer, 4xx or 500 included, shows a working replica

@@ -136,7 +136,6 @@ class Runtime:
                 anonymous_limit=settings.rate_limit_anonymous,
                 user_limit=settings.rate_limit_user,
                 window_seconds=settings.rate_limit_window_seconds,
-                fail_open=settings.rate_limit_fail_open,
                 metrics=self.metrics,
             )
         self.prober = HealthProber(

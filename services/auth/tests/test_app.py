@@ -18,7 +18,7 @@ from auth.config import Settings
 from auth.main import create_app
 from auth.models import User
 from auth.passwords import Passwords
-from kit.testing import Service, free_port
+from kit.testing import Service, TokenMinter, free_port
 
 from .conftest import CHEAP_ARGON2, make_settings, wait_until_ready
 from .factories import register, unique_email
@@ -42,13 +42,40 @@ async def client_for() -> AsyncIterator[StartApp]:
         yield start
 
 
-async def test_ready_when_database_redis_and_key_are(client: httpx.AsyncClient) -> None:
+async def test_ready_when_database_and_key_are(client: httpx.AsyncClient) -> None:
     response = await client.get("/readyz")
     assert response.status_code == 200
     assert response.json() == {
         "status": "ok",
-        "checks": {"database": "ok", "redis": "ok", "bootstrap": "ok"},
+        "checks": {"database": "ok", "bootstrap": "ok"},
+        "optional": {"redis": "ok", "revocations": "ok"},
     }
+
+
+async def test_ready_without_redis_and_what_needs_it_says_retry(database_url: str) -> None:
+    """Readiness rests on PostgreSQL; requests that need Redis answer 503 + Retry-After."""
+    minter = TokenMinter()
+    settings = make_settings(database_url, f"redis://127.0.0.1:{free_port()}/0")
+    app = create_app(settings, key_source=minter.key_source)
+    async with (
+        LifespanManager(app) as manager,
+        httpx.AsyncClient(
+            transport=httpx.ASGITransport(manager.app), base_url="http://auth"
+        ) as client,
+    ):
+        await wait_until_ready(client)
+        ready = await client.get("/readyz")
+        jwks = await client.get("/auth/.well-known/jwks.json")
+        me = await client.get(
+            "/auth/users/me", headers={"Authorization": f"Bearer {minter.token()}"}
+        )
+    assert ready.json()["status"] == "degraded"
+    assert ready.json()["optional"]["redis"].startswith("failed")
+    assert jwks.status_code == 200
+    assert jwks.json()["keys"]
+    assert me.status_code == 503
+    assert me.json()["detail"] == "Token revocation list is unreachable; retry"
+    assert int(me.headers["retry-after"]) >= 1
 
 
 async def test_starts_and_reports_not_ready_while_the_database_is_down(
@@ -61,7 +88,7 @@ async def test_starts_and_reports_not_ready_while_the_database_is_down(
     assert response.status_code == 503
     assert response.headers["content-type"] == "application/problem+json"
     checks = response.json()["checks"]
-    assert checks["redis"] == "ok"
+    assert response.json()["optional"]["redis"] == "ok"
     assert checks["database"].startswith("failed")
     assert checks["bootstrap"].startswith("failed")
     login = await client.post("/auth/token", data={"username": "a@example.com", "password": "x"})
@@ -98,8 +125,9 @@ async def test_logins_go_on_with_stricter_limits_while_redis_is_down(
     # this replica alone allows ceil(3 * 0.5) = 2 per account and address
     assert [guess.status_code for guess in guesses] == [400, 400, 429]
     assert guesses[2].headers["content-type"] == "application/problem+json"
-    assert ready.status_code == 503
-    assert ready.json()["checks"]["redis"].startswith("failed")
+    # ready all the same: logins and the rest need PostgreSQL, not Redis
+    assert ready.status_code == 200
+    assert ready.json()["optional"]["redis"].startswith("failed")
 
 
 async def test_metrics_need_basic_auth_when_configured(

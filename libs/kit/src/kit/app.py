@@ -56,16 +56,20 @@ def assemble(
     settings: ServiceSettings,
     *,
     readiness: Mapping[str, ReadinessCheck],
+    optional_readiness: Mapping[str, ReadinessCheck] | None = None,
     registry: CollectorRegistry | None = None,
 ) -> HttpMetrics:
     """Middleware, input screening, problem+json handlers, `/healthz`,
-    `/readyz` and `/metrics`. Call it before adding the service's own routes."""
+    `/readyz` and `/metrics`. Call it before adding the service's own routes.
+
+    `readiness`: what the core traffic needs; `optional_readiness`: what only
+    some requests need, reported without failing readiness (see `kit.health`)."""
     registry = registry or CollectorRegistry()
     metrics = add_common_middleware(app, settings, registry)
     # before any route is added: routes take the router's dependencies as they come
     install_screening(app)
     install_problem_handlers(app)
     install_problem_openapi(app)
-    app.include_router(health_router(readiness))
+    app.include_router(health_router(readiness, optional=optional_readiness))
     app.include_router(metrics_router(registry))
     return metrics

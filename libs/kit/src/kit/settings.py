@@ -40,6 +40,13 @@ class ServiceSettings(BaseSettings):
     jwt_audience: str = "bazaar"
     jwks_url: AnyHttpUrl = AnyHttpUrl("http://auth:8000/auth/.well-known/jwks.json")
     jwt_algorithms: Annotated[list[str], NoDecode] = ["ES256"]
+    # The longest time between two fetches of the key set (a shorter
+    # `Cache-Control: max-age` on the JWKS wins): a key auth stops publishing
+    # is no longer trusted after this long.
+    jwks_refresh_seconds: float = Field(default=60.0, ge=5)
+    # While Redis cannot be asked, revocations are answered from the local
+    # mirror's last sync for this long; then authenticated requests get 503.
+    revocation_max_staleness_seconds: float = Field(default=30.0, ge=0)
 
     metrics_user: str | None = None
     metrics_password: SecretStr | None = None

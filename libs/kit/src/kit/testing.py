@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import os
 import socket
 import time
@@ -24,7 +25,7 @@ import pytest
 import uvicorn
 from redis.asyncio import Redis
 from redis.exceptions import RedisError
-from starlette.types import ASGIApp
+from starlette.types import ASGIApp, Receive, Scope, Send
 from testcontainers.core.container import DockerContainer
 
 from kit.settings import DEFAULT_JWT_ISSUER
@@ -273,6 +274,28 @@ class TokenMinter:
             claims, self.private_pem, algorithm="ES256", headers={"kid": self.kid}
         )
         return encoded
+
+
+class JwksServer:
+    """auth's JWKS endpoint as verifiers see it, an ASGI app for `serve(server, lifespan="off")`:
+    a document tests can change, its Cache-Control, a count of fetches, and a
+    switch that makes it answer 503 as an auth replica that lost its database does."""
+
+    def __init__(self, document: dict[str, Any], *, cache_control: str = "max-age=60") -> None:
+        self.document = document
+        self.cache_control = cache_control
+        self.failing = False
+        self.hits = 0
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        assert scope["type"] == "http"
+        self.hits += 1
+        status, body = (503, b"{}") if self.failing else (200, json.dumps(self.document).encode())
+        headers = [(b"content-type", b"application/json")]
+        if not self.failing:
+            headers.append((b"cache-control", self.cache_control.encode()))
+        await send({"type": "http.response.start", "status": status, "headers": headers})
+        await send({"type": "http.response.body", "body": body})
 
 
 @dataclass

@@ -38,7 +38,7 @@ from auth.tokens import (
     opaque_token_hash,
 )
 from kit.errors import InvalidInput, ServiceUnavailable
-from kit.security import Principal, revoke_token, revoke_user, revoked_user_key
+from kit.security import Principal, revoke_token, revoke_user, user_revoked_before
 
 logger = logging.getLogger("auth.service")
 
@@ -232,15 +232,9 @@ async def authenticate(
 
 async def _not_before(redis: Redis, user_id: uuid.UUID) -> float | None:
     """The user's revocation time, so a token issued in the same second is not
-    caught by it. Unknown while Redis is away: the token is issued anyway (a
-    revocation is always in the past, so at worst a token issued within a
-    second of one is refused and its holder logs in again)."""
-    try:
-        marker = await redis.get(revoked_user_key(str(user_id)))
-    except (RedisError, OSError) as error:
-        logger.warning("issuing a token without the revocation time: %s", error)
-        return None
-    return None if marker is None else float(marker)
+    caught by it. While Redis is away, the cutoff this process last mirrored:
+    a login must not fail for it (nobody can write a new one meanwhile)."""
+    return await user_revoked_before(redis, str(user_id))
 
 
 async def issue_tokens(

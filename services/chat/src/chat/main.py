@@ -28,6 +28,7 @@ from chat.presence import Presence
 from chat.router import router
 from kit.app import assemble
 from kit.db import check_database, make_engine, make_sessionmaker
+from kit.health import VERIFIER_CHECKS
 from kit.logs import configure_logging
 from kit.security import KeySource, TokenVerifier
 
@@ -196,8 +197,15 @@ def create_app(settings: Settings | None = None, *, key_source: KeySource | None
         summary="Chat rooms over WebSockets, ordered and resumable across replicas",
         lifespan=lifespan,
     )
+    # Every socket stores its messages in PostgreSQL and hears the other
+    # replicas through Redis: both are core. Sockets already open keep working
+    # on this replica while Redis is away (see bus.py).
     assemble(
-        app, settings, readiness={"database": check_database, "bus": check_bus}, registry=registry
+        app,
+        settings,
+        readiness={"database": check_database, "bus": check_bus},
+        optional_readiness=VERIFIER_CHECKS,
+        registry=registry,
     )
     app.include_router(router)
     return app
