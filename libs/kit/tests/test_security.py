@@ -299,7 +299,7 @@ async def test_redis_down_answers_from_the_mirror_for_a_bounded_time_then_fails_
     client = Redis.from_url(redis_url)
     verifier = TokenVerifier(
         keys=minter.key_source,
-        issuer="bazaar-auth",
+        issuer=DEFAULT_JWT_ISSUER,
         audience="bazaar",
         algorithms=["ES256"],
         redis=client,
