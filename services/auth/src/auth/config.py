@@ -3,25 +3,31 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Self
 
-from pydantic import EmailStr, Field, PostgresDsn, SecretStr, field_validator
+from pydantic import EmailStr, Field, PostgresDsn, SecretStr, field_validator, model_validator
 
-from kit.settings import ServiceSettings
+from kit.settings import DatabaseSettings, is_weak_secret
 
 OWASP_ARGON2_MEMORY_KIB = 19_456
 OWASP_ARGON2_TIME_COST = 2
 OWASP_ARGON2_PARALLELISM = 1
 
 
-class Settings(ServiceSettings):
+class Settings(DatabaseSettings):
     service_name: str = "auth"
-    database_url: PostgresDsn = PostgresDsn("postgresql+asyncpg://bazaar:bazaar@postgres:5432/auth")
+    database_url: PostgresDsn = PostgresDsn("postgresql+asyncpg://auth@postgres:5432/auth")
 
-    admin_email: EmailStr | None = None
+    # The admin account ensured at start-up; without a password it is created
+    # with a random one, printed once in the log.
+    admin_email: EmailStr | None = "admin@example.com"
     admin_password: SecretStr | None = None
 
     access_token_ttl_seconds: int = Field(default=900, gt=0)
+    # Each refresh token lives this long from its issue (sliding) ...
     refresh_token_ttl_seconds: int = Field(default=14 * 24 * 3600, gt=0)
+    # ... but no login session outlives this, however often it is refreshed.
+    session_max_lifetime_seconds: int = Field(default=30 * 24 * 3600, gt=0)
 
     # The private ES256 key as PEM, from a secret; without one a key is
     # generated once and kept in the database, shared by every replica.
@@ -52,6 +58,13 @@ class Settings(ServiceSettings):
     password_reset_window_seconds: int = Field(default=3600, ge=1)
     password_reset_link: str | None = None
 
+    # Email verification: a registration emails a single-use link valid this
+    # long; resends are limited per address and window like reset emails.
+    email_verification_ttl_seconds: int = Field(default=24 * 3600, gt=0)
+    email_verification_emails_per_account: int = Field(default=3, ge=1)
+    email_verification_window_seconds: int = Field(default=3600, ge=1)
+    email_verification_link: str | None = None
+
     smtp_url: SecretStr | None = None
     mail_from: str = "Bazaar <no-reply@bazaar.invalid>"
     smtp_timeout_seconds: float = Field(default=10.0, gt=0)
@@ -63,12 +76,31 @@ class Settings(ServiceSettings):
         "signing_key_file",
         "smtp_url",
         "password_reset_link",
+        "email_verification_link",
         mode="before",
     )
     @classmethod
     def _empty_is_unset(cls, value: object) -> object:
         # compose passes `${SMTP_URL:-}` through as an empty string
         return None if value == "" else value
+
+    @model_validator(mode="after")
+    def _tokens_within_the_verifiers_maximum(self) -> Self:
+        if self.access_token_ttl_seconds > self.jwt_max_lifetime_seconds:
+            raise ValueError(
+                "ACCESS_TOKEN_TTL_SECONDS must not exceed JWT_MAX_LIFETIME_SECONDS: "
+                "every verifier would refuse such tokens"
+            )
+        return self
+
+    def weak_production_secrets(self) -> list[str]:
+        weak = super().weak_production_secrets()
+        # unset is fine: the admin then gets a random password
+        if self.admin_password is not None and is_weak_secret(
+            self.admin_password.get_secret_value()
+        ):
+            weak.append("ADMIN_PASSWORD")
+        return weak
 
     def signing_key_pem(self) -> str | None:
         """The configured private key, from the setting or the file it names."""
