@@ -82,7 +82,7 @@ def test_url_with_password_keeps_the_user_and_host() -> None:
 
 
 def test_development_starts_with_default_secrets() -> None:
-    settings = DatabaseSettings(_env_file=None)  # type: ignore[call-arg]
+    settings = DatabaseSettings(_env_file=None)
 
     assert settings.environment == "development"
 
@@ -90,7 +90,7 @@ def test_development_starts_with_default_secrets() -> None:
 def test_production_names_every_empty_or_default_secret() -> None:
     with pytest.raises(ValidationError) as refused:
         DatabaseSettings(
-            _env_file=None,  # type: ignore[call-arg]
+            _env_file=None,
             environment="production",
             database_url="postgresql+asyncpg://auth:bazaar@postgres:5432/auth",  # type: ignore[arg-type]
             metrics_password="change-me",  # type: ignore[arg-type]
@@ -103,7 +103,7 @@ def test_production_names_every_empty_or_default_secret() -> None:
 
 def test_production_starts_with_real_secrets() -> None:
     settings = DatabaseSettings(
-        _env_file=None,  # type: ignore[call-arg]
+        _env_file=None,
         **production(database_password=STRONG + "d"),  # type: ignore[arg-type]
     )
 
@@ -111,16 +111,16 @@ def test_production_starts_with_real_secrets() -> None:
 
 
 def test_a_verified_email_is_required_in_production_unless_set() -> None:
-    assert not VerifiedWritesSettings(_env_file=None).verified_email_required  # type: ignore[call-arg]
+    assert not VerifiedWritesSettings(_env_file=None).verified_email_required
     assert VerifiedWritesSettings(
-        _env_file=None,  # type: ignore[call-arg]
+        _env_file=None,
         **production(),  # type: ignore[arg-type]
     ).verified_email_required
     assert not VerifiedWritesSettings(
-        _env_file=None,  # type: ignore[call-arg]
+        _env_file=None,
         **production(require_verified_email=False),  # type: ignore[arg-type]
     ).verified_email_required
     assert VerifiedWritesSettings(
-        _env_file=None,  # type: ignore[call-arg]
+        _env_file=None,
         require_verified_email=True,
     ).verified_email_required
