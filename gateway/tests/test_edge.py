@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import time
 import uuid
 
 import httpx
@@ -56,7 +57,8 @@ async def test_refuses_revoked_tokens_and_users(
     _, client = gateway
     jti, user_id = uuid.uuid4().hex, str(uuid.uuid4())
     revoked = minter.token(jti=jti)
-    older = minter.token(user_id=user_id, iat=1_700_000_000)
+    # issued before the user's revocation time below (and within the maximum lifetime)
+    older = minter.token(user_id=user_id, iat=int(time.time()) - 60)
     redis = Redis.from_url(redis_url)
     try:
         await redis.set(revoked_token_key(jti), "1", ex=60)

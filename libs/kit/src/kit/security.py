@@ -49,6 +49,7 @@ _REQUIRED_CLAIMS = {
 
 
 MAX_CACHED_TOKENS = 4096
+ISSUED_AT_LEEWAY_SECONDS = 60  # clock skew between auth and a verifier
 _now = time.time  # the cache's clock (a module attribute so tests can move it)
 
 
@@ -85,6 +86,7 @@ class Principal:
     jti: str
     issued_at: int
     expires_at: int
+    email_verified: bool = False
 
     @property
     def is_admin(self) -> bool:
@@ -181,6 +183,7 @@ class TokenVerifier:
         algorithms: Iterable[str],
         redis: Redis | None,
         max_cached_tokens: int = MAX_CACHED_TOKENS,
+        max_lifetime_seconds: int | None = None,
     ) -> None:
         self.keys = keys
         self.issuer = issuer
@@ -188,6 +191,7 @@ class TokenVerifier:
         self.algorithms = frozenset(algorithms)
         self.redis = redis
         self.max_cached_tokens = max_cached_tokens
+        self.max_lifetime_seconds = max_lifetime_seconds
         self._verified: OrderedDict[str, _Verified] = OrderedDict()
         self.revocations: RevocationMirror | None = None
 
@@ -214,6 +218,7 @@ class TokenVerifier:
             audience=settings.jwt_audience,
             algorithms=settings.jwt_algorithms,
             redis=redis,
+            max_lifetime_seconds=settings.jwt_max_lifetime_seconds,
         )
 
     async def start(self) -> None:
@@ -288,6 +293,8 @@ class TokenVerifier:
             raise Unauthenticated("Invalid token") from error
         if claims.get("typ") != ACCESS_TOKEN_TYPE:
             raise Unauthenticated("Not an access token")
+        if self.max_lifetime_seconds is not None:
+            check_lifetime(claims, self.max_lifetime_seconds)
         return claims, key
 
     async def ensure_not_revoked(self, principal: Principal) -> None:
@@ -310,6 +317,19 @@ class TokenVerifier:
             raise Unauthenticated("Token revoked")
 
 
+def check_lifetime(claims: Mapping[str, Any], max_lifetime_seconds: int) -> None:
+    """Refuses a token that claims to live longer than the maximum, or to be
+    issued in the future (beyond clock skew): whoever holds a signing key, or
+    a bug, cannot mint a token that outlives the bound."""
+    issued_at, expires_at = claims["iat"], claims["exp"]
+    if not isinstance(issued_at, int | float) or not isinstance(expires_at, int | float):
+        raise Unauthenticated("Token claims are invalid")
+    if issued_at > _now() + ISSUED_AT_LEEWAY_SECONDS:
+        raise Unauthenticated("Token issued in the future")
+    if expires_at - issued_at > max_lifetime_seconds:
+        raise Unauthenticated("Token lifetime exceeds the maximum")
+
+
 def _principal(claims: Mapping[str, Any]) -> Principal:
     return Principal(
         user_id=str(claims["sub"]),
@@ -318,6 +338,7 @@ def _principal(claims: Mapping[str, Any]) -> Principal:
         jti=str(claims["jti"]),
         issued_at=int(claims["iat"]),
         expires_at=int(claims["exp"]),
+        email_verified=claims.get("email_verified") is True,
     )
 
 
