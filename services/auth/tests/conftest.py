@@ -2,9 +2,9 @@ from __future__ import annotations
 
 import asyncio
 import itertools
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import httpx
 import pytest
@@ -16,6 +16,9 @@ from auth.config import Settings
 from auth.deps import client_address
 from auth.main import create_app
 from kit.db import make_engine, make_sessionmaker
+
+if TYPE_CHECKING:
+    from kit.testing import MailCatcher
 
 pytest_plugins = ["kit.testing"]
 
@@ -66,8 +69,19 @@ async def database_url(postgres_server_url: str) -> str:
 
 
 @pytest.fixture(scope="session")
-def settings(database_url: str, redis_url: str) -> Settings:
-    return make_settings(database_url, redis_url)
+def mail() -> Iterator[MailCatcher]:
+    """A real SMTP server that keeps every email the shared app sends."""
+    from kit.testing import MailCatcher
+
+    catcher = MailCatcher()
+    catcher.start()
+    yield catcher
+    catcher.stop()
+
+
+@pytest.fixture(scope="session")
+def settings(database_url: str, redis_url: str, mail: MailCatcher) -> Settings:
+    return make_settings(database_url, redis_url, smtp_url=mail.url)
 
 
 @pytest.fixture(scope="session")

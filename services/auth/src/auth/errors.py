@@ -46,3 +46,12 @@ class InvalidResetToken(DomainError):
 
     def __init__(self) -> None:
         super().__init__("This password reset token is invalid, expired or already used")
+
+
+class InvalidVerificationToken(DomainError):
+    """One answer for an unknown, expired or spent token."""
+
+    status, title, slug = 400, "Invalid verification token", "invalid-verification-token"
+
+    def __init__(self) -> None:
+        super().__init__("This email verification token is invalid, expired or already used")

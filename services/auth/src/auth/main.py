@@ -18,6 +18,7 @@ from auth.config import Settings
 from auth.keys import KeyRing, ensure_signing_key
 from auth.passwords import Passwords
 from auth.router import router
+from auth.verification import router as verification_router
 from kit.app import assemble
 from kit.db import check_database, make_engine, make_sessionmaker
 from kit.health import check_redis
@@ -136,4 +137,5 @@ def create_app(settings: Settings | None = None, *, key_source: KeySource | None
         },
     )
     app.include_router(router)
+    app.include_router(verification_router)
     return app

@@ -39,6 +39,7 @@ def issue_access_token(
     issuer: str,
     audience: str,
     lifetime_seconds: int,
+    email_verified: bool = False,
     not_before: float | None = None,
 ) -> AccessToken:
     """`not_before` is the user's revocation time, if any: a token minted in the
@@ -59,6 +60,7 @@ def issue_access_token(
         "iss": issuer,
         "aud": audience,
         "typ": ACCESS_TOKEN_TYPE,
+        "email_verified": email_verified,
         # the login session (refresh-token family), so logout can end it
         "sid": str(family_id),
     }
