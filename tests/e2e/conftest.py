@@ -16,11 +16,19 @@ import httpx
 import pytest
 from testcontainers.compose import DockerCompose
 
-from kit.testing import free_port
+from kit.testing import MailCatcher, free_port
 
 ROOT = Path(__file__).resolve().parents[2]
 ADMIN_EMAIL = "admin@e2e.example.com"
 ADMIN_PASSWORD = "e2e-admin-password"
+# Set in the environment, as an operator's .env would: compose hands them on.
+# All of the suite's traffic comes from one address; the limits themselves
+# are tested in the gateway's and auth's own suites.
+SETTINGS = {
+    "RATE_LIMIT_ANONYMOUS": "987654",
+    "RATE_LIMIT_USER": "1000000",
+    "LOGIN_FAILURES_PER_CLIENT": "1000000",
+}
 
 
 @dataclass
@@ -28,6 +36,7 @@ class Stack:
     compose: DockerCompose
     project: str
     base_url: str
+    mail: MailCatcher
 
     @property
     def ws_url(self) -> str:
@@ -57,7 +66,7 @@ def checkout_id() -> str:
 
 @pytest.fixture(scope="session")
 def stack() -> Iterator[Stack]:
-    port = free_port()
+    port, smtp_port = free_port(), free_port()
     project = f"bazaar-e2e-{uuid.uuid4().hex[:8]}"
     with pytest.MonkeyPatch.context() as patch:
         patch.setenv("COMPOSE_PROJECT_NAME", project)
@@ -67,6 +76,10 @@ def stack() -> Iterator[Stack]:
         patch.setenv("TAG", os.environ.get("TAG") or f"e2e-{checkout_id()}")
         patch.setenv("ADMIN_EMAIL", ADMIN_EMAIL)
         patch.setenv("ADMIN_PASSWORD", ADMIN_PASSWORD)
+        # auth mails a catcher on this machine (see compose.e2e.yaml)
+        patch.setenv("SMTP_URL", f"smtp://host.docker.internal:{smtp_port}")
+        for name, value in SETTINGS.items():
+            patch.setenv(name, value)
         compose = DockerCompose(
             ROOT,
             compose_file_name=["compose.yaml", "tests/e2e/compose.e2e.yaml"],
@@ -84,10 +97,26 @@ def stack() -> Iterator[Stack]:
             print(logs.stdout.decode(errors="replace"))  # noqa: T201 - shown when start-up fails
             compose.stop()
             raise
+        mail = MailCatcher(host=host_gateway(compose), port=smtp_port)
+        mail.start()
         try:
-            yield Stack(compose, project, f"http://127.0.0.1:{port}")
+            yield Stack(compose, project, f"http://127.0.0.1:{port}", mail)
         finally:
+            mail.stop()
             compose.stop()
+
+
+def host_gateway(compose: DockerCompose) -> str:
+    """This machine's address as the containers reach it: the catcher listens
+    there only, not on every interface."""
+    lookup = ["getent", "hosts", "host.docker.internal"]
+    done = subprocess.run(
+        [*compose.compose_command_property, "exec", "-T", "auth", *lookup],
+        check=True,
+        capture_output=True,
+        text=True,
+    )
+    return done.stdout.split()[0]
 
 
 @pytest.hookimpl(wrapper=True)
