@@ -84,7 +84,7 @@ def clean_environment(monkeypatch: pytest.MonkeyPatch) -> None:
 @pytest.mark.parametrize("service", ["auth", "catalog", "chat", "gateway"])
 def test_documented_values_are_the_defaults(service: str) -> None:
     settings = SERVICES[service]
-    defaults = settings(_env_file=None)  # type: ignore[call-arg]
+    defaults = settings(_env_file=None)
     for name, value in documented().items():
         field = name.lower()
         if value is None or field not in settings.model_fields:
@@ -93,7 +93,8 @@ def test_documented_values_are_the_defaults(service: str) -> None:
         if value == "":
             assert default in (None, []), name
         else:
-            parsed = settings(_env_file=None, **{field: value})  # type: ignore[call-arg]
+            values: dict[str, Any] = {field: value}
+            parsed = settings(_env_file=None, **values)
             assert getattr(parsed, field) == default, name
 
 
