@@ -40,6 +40,8 @@ class Settings(DatabaseSettings):
     argon2_memory_cost_kib: int = Field(default=OWASP_ARGON2_MEMORY_KIB, ge=8)
     argon2_time_cost: int = Field(default=OWASP_ARGON2_TIME_COST, ge=1)
     argon2_parallelism: int = Field(default=OWASP_ARGON2_PARALLELISM, ge=1)
+    # Hashes computed at once per replica, each holding argon2_memory_cost_kib
+    argon2_max_concurrent: int = Field(default=4, ge=1)
 
     # Failed logins counted per account and per client address within the
     # window; past the limit, logins answer 429 until the window ends.
