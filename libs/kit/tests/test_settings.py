@@ -99,6 +99,9 @@ def test_production_names_every_empty_or_default_secret() -> None:
     message = str(refused.value)
     for name in ("REDIS_PASSWORD", "METRICS_USER", "METRICS_PASSWORD", "DATABASE_PASSWORD"):
         assert name in message
+    # the refusal prints no value, weak or not
+    assert "change-me" not in message
+    assert "bazaar@" not in message
 
 
 def test_production_starts_with_real_secrets() -> None:
@@ -124,3 +127,24 @@ def test_a_verified_email_is_required_in_production_unless_set() -> None:
         _env_file=None,
         require_verified_email=True,
     ).verified_email_required
+
+
+def test_refusals_print_no_secret() -> None:
+    with pytest.raises(ValidationError) as malformed:
+        DatabaseSettings(
+            _env_file=None,
+            database_url="postgresql+asyncpg://auth:url-secret@postgres:port/auth",  # type: ignore[arg-type]
+        )
+    with pytest.raises(ValidationError) as refused:
+        DatabaseSettings(
+            _env_file=None,
+            environment="production",
+            redis_password="the-redis-secret",  # type: ignore[arg-type]
+            database_password="the-database-secret",  # type: ignore[arg-type]
+        )
+
+    assert "database_url" in str(malformed.value)
+    assert "url-secret" not in str(malformed.value)
+    assert "METRICS_PASSWORD" in str(refused.value)
+    assert "the-redis-secret" not in str(refused.value)
+    assert "the-database-secret" not in str(refused.value)

@@ -112,9 +112,14 @@ class FileValues(PydanticBaseSettingsSource):
 class SettingsBase(BaseSettings):
     """Sources, `ENVIRONMENT` and the production check; no service fields."""
 
-    # env_ignore_empty: compose passes `${VAR:-}` as an empty string, which means "unset"
+    # env_ignore_empty: compose passes `${VAR:-}` as an empty string, which means "unset";
+    # hide_input_in_errors: a refused setting must not print the secrets beside it
     model_config = SettingsConfigDict(
-        env_file=".env", extra="ignore", frozen=True, env_ignore_empty=True
+        env_file=".env",
+        extra="ignore",
+        frozen=True,
+        env_ignore_empty=True,
+        hide_input_in_errors=True,
     )
 
     # (URL field, password field): the password, when set, replaces the URL's
