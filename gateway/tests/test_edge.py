@@ -61,7 +61,8 @@ async def test_refuses_revoked_tokens_and_users(
     _, client = gateway
     jti, user_id = uuid.uuid4().hex, str(uuid.uuid4())
     revoked = minter.token(jti=jti)
-    older = minter.token(user_id=user_id, iat=1_700_000_000)
+    # issued before the user's revocation time below (and within the maximum lifetime)
+    older = minter.token(user_id=user_id, iat=int(time.time()) - 60)
     redis = Redis.from_url(redis_url)
     try:
         # as auth writes them: the writer's own process applies them at once

@@ -9,6 +9,7 @@ from fastapi.security import OAuth2PasswordBearer
 
 from kit.errors import Forbidden, Unauthenticated
 from kit.security import Principal, TokenVerifier
+from kit.settings import VerifiedWritesSettings
 
 oauth2_scheme = OAuth2PasswordBearer(tokenUrl="/auth/token", auto_error=False)
 
@@ -59,3 +60,28 @@ class RequireRole:
 
 
 AdminPrincipal = Annotated[Principal, Depends(RequireRole("admin"))]
+
+
+class EmailNotVerified(Forbidden):
+    title, slug = "Email not verified", "email-not-verified"
+
+    def __init__(self) -> None:
+        super().__init__(
+            "Confirm your email address first (POST /auth/email/verify with the emailed "
+            "token), then refresh your token"
+        )
+
+
+def ensure_may_write(principal: Principal, settings: VerifiedWritesSettings) -> None:
+    """With REQUIRE_VERIFIED_EMAIL in effect, only a verified address writes."""
+    if settings.verified_email_required and not principal.email_verified:
+        raise EmailNotVerified
+
+
+async def admin_writer(request: Request, principal: AdminPrincipal) -> Principal:
+    settings: VerifiedWritesSettings = request.state.settings
+    ensure_may_write(principal, settings)
+    return principal
+
+
+AdminWriter = Annotated[Principal, Depends(admin_writer)]

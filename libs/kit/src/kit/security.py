@@ -73,6 +73,7 @@ SHARED_JWKS_TTL_SECONDS = 86_400
 REDIS_BACKOFF_SECONDS = 1.0
 # the longest a revocation lookup waits for Redis before answering without it
 REDIS_TIMEOUT_SECONDS = 0.5
+ISSUED_AT_LEEWAY_SECONDS = 60  # clock skew between auth and a verifier
 _now = time.time  # the cache's clock (a module attribute so tests can move it)
 
 
@@ -156,6 +157,7 @@ class Principal:
     jti: str
     issued_at: int
     expires_at: int
+    email_verified: bool = False
 
     @property
     def is_admin(self) -> bool:
@@ -463,6 +465,7 @@ class TokenVerifier:
         max_cached_tokens: int = MAX_CACHED_TOKENS,
         max_staleness_seconds: float = 30.0,
         redis_timeout_seconds: float = REDIS_TIMEOUT_SECONDS,
+        max_lifetime_seconds: int | None = None,
     ) -> None:
         self.keys = keys
         self.issuer = issuer
@@ -473,6 +476,7 @@ class TokenVerifier:
         self.max_staleness_seconds = max_staleness_seconds
         # well inside the half second kit.health gives an optional check
         self._deadline = Deadline(min(redis_timeout_seconds, 0.4))
+        self.max_lifetime_seconds = max_lifetime_seconds
         self._verified: OrderedDict[str, _Verified] = OrderedDict()
         self._redis_down_until = -math.inf
         self._redis_failing = False
@@ -507,6 +511,7 @@ class TokenVerifier:
             algorithms=settings.jwt_algorithms,
             redis=redis,
             max_staleness_seconds=settings.revocation_max_staleness_seconds,
+            max_lifetime_seconds=settings.jwt_max_lifetime_seconds,
         )
 
     async def start(self) -> None:
@@ -604,6 +609,8 @@ class TokenVerifier:
             raise Unauthenticated("Invalid token") from error
         if claims.get("typ") != ACCESS_TOKEN_TYPE:
             raise Unauthenticated("Not an access token")
+        if self.max_lifetime_seconds is not None:
+            check_lifetime(claims, self.max_lifetime_seconds)
         return claims, key
 
     async def ensure_not_revoked(self, principal: Principal) -> None:
@@ -652,6 +659,19 @@ class TokenVerifier:
         )
 
 
+def check_lifetime(claims: Mapping[str, Any], max_lifetime_seconds: int) -> None:
+    """Refuses a token that claims to live longer than the maximum, or to be
+    issued in the future (beyond clock skew): whoever holds a signing key, or
+    a bug, cannot mint a token that outlives the bound."""
+    issued_at, expires_at = claims["iat"], claims["exp"]
+    if not isinstance(issued_at, int | float) or not isinstance(expires_at, int | float):
+        raise Unauthenticated("Token claims are invalid")
+    if issued_at > _now() + ISSUED_AT_LEEWAY_SECONDS:
+        raise Unauthenticated("Token issued in the future")
+    if expires_at - issued_at > max_lifetime_seconds:
+        raise Unauthenticated("Token lifetime exceeds the maximum")
+
+
 def _principal(claims: Mapping[str, Any]) -> Principal:
     return Principal(
         user_id=str(claims["sub"]),
@@ -660,6 +680,7 @@ def _principal(claims: Mapping[str, Any]) -> Principal:
         jti=str(claims["jti"]),
         issued_at=int(claims["iat"]),
         expires_at=int(claims["exp"]),
+        email_verified=claims.get("email_verified") is True,
     )
 
 

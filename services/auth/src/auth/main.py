@@ -21,6 +21,7 @@ from auth.oauth_router import router as oauth_router
 from auth.passwords import Passwords
 from auth.router import router
 from auth.throttle import LoginThrottle
+from auth.verification import router as verification_router
 from kit.app import assemble
 from kit.db import check_database, make_engine, make_sessionmaker
 from kit.health import check_redis, check_revocations
@@ -145,4 +146,5 @@ def create_app(settings: Settings | None = None, *, key_source: KeySource | None
     )
     app.include_router(router)
     app.include_router(oauth_router)
+    app.include_router(verification_router)
     return app

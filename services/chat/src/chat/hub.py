@@ -65,6 +65,7 @@ class Connection:
         "close_code",
         "close_reason",
         "display_name",
+        "email_verified",
         "expires_at",
         "handler",
         "id",
@@ -89,6 +90,7 @@ class Connection:
         self.expires_at = principal.expires_at
         self.jti = principal.jti
         self.issued_at = principal.issued_at
+        self.email_verified = principal.email_verified
         self.room = room
         self.limit = limit
         self.last_sent_id = 0
@@ -166,8 +168,10 @@ class Connection:
     # -- incoming ---------------------------------------------------------
 
     def renew(self, principal: Principal, close_on_expiry: bool) -> None:
-        """Adopts a fresh token of the same user: its expiry and revocation identity."""
+        """Adopts a fresh token of the same user: its expiry, revocation identity
+        and whether it vouches for the user's email."""
         self.jti, self.issued_at = principal.jti, principal.issued_at
+        self.email_verified = principal.email_verified
         self.schedule_expiry(principal.expires_at, close_on_expiry)
 
     def schedule_expiry(self, expires_at: int, enabled: bool) -> None:

@@ -52,6 +52,9 @@ from kit.security import (
 logger = logging.getLogger("chat.socket")
 
 BEARER_SUBPROTOCOL = "bearer"
+EMAIL_NOT_VERIFIED = (
+    "Confirm your email address before sending messages, then renew the token (an auth frame)"
+)
 
 
 def parse_since(raw: str | None) -> int | bool | None:
@@ -250,6 +253,9 @@ async def receive_frames(
 async def on_message(
     connection: Connection, frame: dict[str, Any], *, hub: Hub, settings: Settings
 ) -> None:
+    if settings.verified_email_required and not connection.email_verified:
+        reply(hub, connection, error_frame(EMAIL_NOT_VERIFIED))
+        return
     text = frame.get("text")
     client_id = frame.get("client_id")
     limit = settings.max_text_length
