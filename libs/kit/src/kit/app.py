@@ -9,8 +9,10 @@ from prometheus_client import CollectorRegistry
 from starlette.middleware.cors import CORSMiddleware
 from starlette.middleware.gzip import GZipMiddleware
 
+from kit.accesslog import AccessLogMiddleware
 from kit.errors import install_problem_handlers
 from kit.health import ReadinessCheck, health_router
+from kit.logs import configure_logging
 from kit.metrics import HttpMetrics, MetricsMiddleware, metrics_router
 from kit.middleware import (
     BodySizeLimitMiddleware,
@@ -19,7 +21,9 @@ from kit.middleware import (
     TrustedHostMiddleware,
 )
 from kit.openapi import install_problem_openapi
+from kit.pools import PoolMetrics
 from kit.settings import ServiceSettings
+from kit.tracing import TracingMiddleware, configure_tracing, use_fastapi_tracing
 
 
 def add_common_middleware(
@@ -28,8 +32,14 @@ def add_common_middleware(
     """Installs the shared middleware; returns the HTTP metrics it records into.
 
     `add_middleware` wraps what is already there, so the last one added runs
-    first: request id, then timing, metrics, host check, CORS, GZip, body limit.
+    first: request id, tracing (when on and FastAPI cannot trace itself),
+    access log, then timing, metrics, host check, CORS, GZip, body limit. Also
+    sets the log format and, once per process, tracing (see kit.tracing).
     """
+    configure_logging(
+        service=settings.service_name, level=settings.log_level, log_format=settings.log_format
+    )
+    tracing = configure_tracing(settings)
     metrics = HttpMetrics(registry)
     app.add_middleware(BodySizeLimitMiddleware, max_bytes=settings.max_body_bytes)
     app.add_middleware(GZipMiddleware, minimum_size=1024)
@@ -46,6 +56,9 @@ def add_common_middleware(
     app.add_middleware(TrustedHostMiddleware, allowed_hosts=settings.trusted_hosts)
     app.add_middleware(MetricsMiddleware, metrics=metrics)
     app.add_middleware(TimingMiddleware)
+    app.add_middleware(AccessLogMiddleware)
+    if tracing and not use_fastapi_tracing(app):
+        app.add_middleware(TracingMiddleware)
     app.add_middleware(RequestIdMiddleware)
     return metrics
 
@@ -57,11 +70,13 @@ def assemble(
     readiness: Mapping[str, ReadinessCheck],
     registry: CollectorRegistry | None = None,
 ) -> HttpMetrics:
-    """Middleware, problem+json handlers, `/healthz`, `/readyz` and `/metrics`."""
+    """Middleware, problem+json handlers, `/healthz`, `/readyz` and `/metrics`
+    (with the pools of the app's state: see kit.pools)."""
     registry = registry or CollectorRegistry()
     metrics = add_common_middleware(app, settings, registry)
+    pools = PoolMetrics(registry)
     install_problem_handlers(app)
     install_problem_openapi(app)
     app.include_router(health_router(readiness))
-    app.include_router(metrics_router(registry))
+    app.include_router(metrics_router(registry, samplers=(pools.sample,)))
     return metrics

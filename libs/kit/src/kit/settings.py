@@ -7,7 +7,7 @@ are the values compose.yaml runs with, so `docker compose up` needs no `.env`.
 from __future__ import annotations
 
 import socket
-from typing import Annotated
+from typing import Annotated, Literal
 
 from pydantic import AnyHttpUrl, Field, RedisDsn, SecretStr, field_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
@@ -27,6 +27,8 @@ class ServiceSettings(BaseSettings):
 
     service_name: str = "service"
     log_level: str = "INFO"
+    # json: one object per line, for collectors; text: for people at a terminal
+    log_format: Literal["json", "text"] = "json"
     node_id: str = Field(default_factory=socket.gethostname)
 
     redis_url: RedisDsn = RedisDsn("redis://redis:6379/0")
@@ -42,6 +44,17 @@ class ServiceSettings(BaseSettings):
     cors_origins: Annotated[list[str], NoDecode] = []
     trusted_hosts: Annotated[list[str], NoDecode] = ["*"]
     max_body_bytes: int = Field(default=1_048_576, gt=0)
+
+    # Tracing (kit.tracing), by the standard OpenTelemetry variables: on when an
+    # OTLP endpoint is set. The SDK reads the rest itself from the environment
+    # (OTEL_TRACES_SAMPLER, OTEL_EXPORTER_OTLP_HEADERS, OTEL_BSP_*, ...).
+    otel_exporter_otlp_endpoint: str | None = None
+    otel_exporter_otlp_traces_endpoint: str | None = None
+    otel_exporter_otlp_protocol: str = "http/protobuf"
+    otel_exporter_otlp_traces_protocol: str | None = None
+    otel_traces_exporter: str = "otlp"
+    otel_sdk_disabled: bool = False
+    otel_service_name: str | None = None
 
     @field_validator("cors_origins", "trusted_hosts", "jwt_algorithms", mode="before")
     @classmethod
