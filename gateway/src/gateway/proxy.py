@@ -30,6 +30,7 @@ from kit.errors import (
     Unauthenticated,
     problem_response,
 )
+from kit.observe import remember_user
 from kit.security import Principal, bearer_from_headers
 
 logger = logging.getLogger("gateway.proxy")
@@ -108,6 +109,8 @@ class Proxy:
             if limiter is not None:
                 await limiter.hit(user_id=None, client_address=address)
             raise
+        if principal is not None:
+            remember_user(scope, principal.user_id)
         if limiter is None:
             return None
         return await limiter.hit(
@@ -166,6 +169,7 @@ class Proxy:
             except (aiohttp.ClientConnectorError, aiohttp.ConnectionTimeoutError) as error:
                 # the connection never opened: nothing was sent
                 replica.in_flight -= 1
+                self.metrics.upstream(route.name, 0.0, None)
                 pool.failed(replica, unreachable=True)
                 if replayable and len(tried) < self.retries:
                     tried.append(replica)
@@ -174,6 +178,7 @@ class Proxy:
                 raise BadGateway(f"The {route.name} service is unreachable") from error
             except aiohttp.ServerTimeoutError as error:
                 replica.in_flight -= 1
+                self.metrics.upstream(route.name, 0.0, None)
                 pool.failed(replica)
                 raise GatewayTimeout(
                     f"The {route.name} service did not answer within {route.timeout_seconds:g} s"
@@ -182,12 +187,13 @@ class Proxy:
                 replica.in_flight -= 1
                 if isinstance(body, StreamedBody) and body.disconnected:
                     return CLIENT_CLOSED_REQUEST
+                self.metrics.upstream(route.name, 0.0, None)
                 pool.failed(replica)
                 raise BadGateway(f"The {route.name} service failed to answer") from error
             break
 
         try:
-            self.metrics.upstream(route.name, time.perf_counter() - sent_at)
+            self.metrics.upstream(route.name, time.perf_counter() - sent_at, response.status)
             if response.status >= 500:
                 pool.failed(replica)
             else:

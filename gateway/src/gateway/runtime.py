@@ -18,7 +18,7 @@ from prometheus_client import CollectorRegistry
 from redis.asyncio import Redis
 
 from gateway.config import Settings
-from gateway.metrics import GatewayMetrics
+from gateway.metrics import CountedPool, GatewayMetrics
 from gateway.pool import HealthProber, Pool
 from gateway.ratelimit import RateLimiter
 from kit.security import KeySource, TokenVerifier
@@ -50,6 +50,11 @@ class Route:
     timeout_seconds: float
     timeout: aiohttp.ClientTimeout
 
+    @property
+    def template(self) -> str:
+        """The route in access logs and span names: the prefix, as in `/catalog`."""
+        return f"/{self.name}"
+
 
 def build_routes(settings: Settings) -> dict[str, Route]:
     upstreams = {
@@ -60,7 +65,7 @@ def build_routes(settings: Settings) -> dict[str, Route]:
     routes: dict[str, Route] = {}
     for name, (urls, timeout_seconds) in upstreams.items():
         targets = [(str(url.host), url.port or 80) for url in urls]
-        pool = Pool(
+        pool = CountedPool(
             name,
             targets,
             eject_after_failures=settings.eject_after_failures,
@@ -90,6 +95,9 @@ class Runtime:
         self.metrics = GatewayMetrics(
             self.registry, lambda: [route.pool for route in self.routes.values()]
         )
+        for route in self.routes.values():
+            if isinstance(route.pool, CountedPool):
+                route.pool.ejections = self.metrics.ejections.labels(route.name).inc
         # open WebSocket relays, closed with 1012 when the gateway stops
         self.websockets: set[Callable[[], Awaitable[None]]] = set()
         self._tasks: list[asyncio.Task[None]] = []
