@@ -30,7 +30,9 @@ from chat.hub import (
     Replay,
 )
 from chat.schemas import dumps, error_frame, ready_frame, valid_room
+from chat.tracing import message_span
 from kit.errors import ServiceUnavailable, Unauthenticated
+from kit.observe import remember_user
 from kit.security import (
     Principal,
     TokenVerifier,
@@ -101,6 +103,7 @@ async def chat_socket(websocket: WebSocket, room: str) -> None:
         await websocket.close(CLOSE_TRY_AGAIN, error.detail)
         return
 
+    remember_user(websocket.scope, principal.user_id)
     connection = Connection(
         websocket=websocket,
         principal=principal,
@@ -183,7 +186,8 @@ async def receive_frames(
             continue
         kind = frame.get("type")
         if kind == "message":
-            await on_message(connection, frame, hub=hub, settings=settings)
+            with message_span(connection.room):
+                await on_message(connection, frame, hub=hub, settings=settings)
         elif kind == "auth":
             await on_auth(connection, frame, hub=hub, settings=settings, verifier=verifier)
         else:
