@@ -13,6 +13,12 @@ and reports requests per second and p50/p99 latency, each as a ratio to
 from `wrk` (closed loop, one thread) when it is installed, else from an
 aiohttp loop in a separate process.
 
+Then the cost of tracing: a second catalog, identical but with tracing on and
+exporting every span over OTLP/HTTP (the default sampler: every request) to a
+receiver on the load's core, and get-by-id loaded on each in turn, off and on
+alternately for `--tracing-rounds` rounds. The goal: tracing on costs at most
+10% of get-by-id's rps (the median of the rounds' ratios).
+
     uv run python bench/catalog_bench.py --json /tmp/catalog.json
 """
 
@@ -30,7 +36,7 @@ import sys
 import tempfile
 import time
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterator
 from dataclasses import asdict, dataclass
 from decimal import Decimal
 from pathlib import Path
@@ -111,13 +117,16 @@ async def seed(url: str) -> list[str]:
 
 
 @contextlib.asynccontextmanager
-async def catalog_server(database_url: str) -> AsyncIterator[tuple[str, int]]:
+async def catalog_server(
+    database_url: str, extra_env: dict[str, str] | None = None
+) -> AsyncIterator[tuple[str, int]]:
     port = free_port()
     env = {
-        **os.environ,
+        **{name: value for name, value in os.environ.items() if not name.startswith("OTEL_")},
         "DATABASE_URL": database_url,
         "REDIS_URL": f"redis://127.0.0.1:{free_port()}/0",  # reads never touch Redis
         "LOG_LEVEL": "WARNING",
+        **(extra_env or {}),
     }
     command = [
         sys.executable, "-m", "uvicorn", "catalog.main:create_app", "--factory",
@@ -293,16 +302,107 @@ def report(results: list[Result], tool: str, args: argparse.Namespace) -> dict[s
     }
 
 
+TRACING_GOAL = 0.10
+"""At most this share of get-by-id's rps lost to tracing (on and exporting)."""
+
+
+@contextlib.contextmanager
+def otlp_receiver() -> Iterator[str]:
+    """An OTLP/HTTP receiver in its own process, on the load's core; yields its URL."""
+    port = free_port()
+    command = [sys.executable, "-m", "kit.otlp_receiver", "--port", str(port)]
+    process = subprocess.Popen(pinned(command, 0), stdout=subprocess.DEVNULL)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 30
+        while True:
+            try:
+                httpx.get(url, timeout=1)
+                break
+            except httpx.TransportError:
+                if process.poll() is not None or time.monotonic() > deadline:
+                    raise RuntimeError("the OTLP receiver did not start") from None
+                time.sleep(0.1)
+        yield url
+    finally:
+        process.terminate()
+        process.wait(timeout=10)
+
+
+def received_spans(receiver: str) -> int:
+    spans: int = httpx.get(receiver, timeout=5).json()["spans"]
+    return spans
+
+
+def median(values: list[float]) -> float:
+    ordered = sorted(values)
+    middle = len(ordered) // 2
+    return ordered[middle] if len(ordered) % 2 else (ordered[middle - 1] + ordered[middle]) / 2
+
+
+async def tracing_cost(
+    database_url: str, paths: list[str], run: Any, args: argparse.Namespace
+) -> dict[str, Any]:
+    """get-by-id with tracing off and on (exporting), alternately, side by side."""
+    with otlp_receiver() as receiver:
+        traced_env = {"OTEL_EXPORTER_OTLP_ENDPOINT": receiver}
+        async with (
+            catalog_server(database_url) as (plain_base, plain_pid),
+            catalog_server(database_url, traced_env) as (traced_base, traced_pid),
+        ):
+            async with httpx.AsyncClient() as client:
+                for base in (plain_base, traced_base):
+                    response = await client.get(base + paths[0])
+                    assert response.status_code == 200, response.text
+            rounds: list[dict[str, Any]] = []
+            for _ in range(args.tracing_rounds):
+                off = await asyncio.to_thread(
+                    run, "tracing_off", plain_base, paths, args, plain_pid
+                )
+                spans_before = received_spans(receiver)
+                on = await asyncio.to_thread(
+                    run, "tracing_on", traced_base, paths, args, traced_pid
+                )
+                # what the batch processor still holds goes out within its 5 s delay
+                await asyncio.sleep(6)
+                exported = received_spans(receiver) - spans_before
+                rounds.append({"off": asdict(off), "on": asdict(on), "spans_exported": exported})
+    ratios = [r["on"]["rps"] / r["off"]["rps"] for r in rounds]
+    cost = 1 - median(ratios)
+    met = cost <= TRACING_GOAL
+    print(
+        "\ntracing cost on get-by-id (off vs on and exporting over OTLP/HTTP, every request sampled)"
+    )
+    print(
+        f"{'round':<7}{'off rps':>9}{'on rps':>9}{'on/off':>8}{'off cpu us':>12}{'on cpu us':>11}"
+        f"{'spans/req':>11}"
+    )
+    for number, result in enumerate(rounds, 1):
+        off, on = result["off"], result["on"]
+        per_request = result["spans_exported"] / on["requests"] if on["requests"] else 0.0
+        print(
+            f"{number:<7}{off['rps']:>9.0f}{on['rps']:>9.0f}{on['rps'] / off['rps']:>8.2f}"
+            f"{fmt(off['server_cpu_us'], '.0f'):>12}{fmt(on['server_cpu_us'], '.0f'):>11}"
+            f"{per_request:>11.2f}"
+        )
+    verdict = "met" if met else "NOT met"
+    print(
+        f"goal: tracing costs <= {TRACING_GOAL:.0%} of get-by-id rps -> "
+        f"{cost:.1%} (median of {len(rounds)} rounds), {verdict}"
+    )
+    return {"rounds": rounds, "rps_ratios": ratios, "cost": cost, "goal": TRACING_GOAL, "met": met}
+
+
 async def bench(database_url: str, args: argparse.Namespace) -> dict[str, Any]:
     ids = await seed(database_url)
     tool = "wrk" if shutil.which("wrk") and not args.aiohttp else "aiohttp"
     run = run_wrk if tool == "wrk" else run_aiohttp
+    targets = {
+        "healthz": ["/healthz"],
+        "get_by_id": [f"/catalog/products/{product_id}" for product_id in ids],
+        "list_page_20": ["/catalog/products?limit=20"],
+    }
     async with catalog_server(database_url) as (base, pid):
-        targets = {
-            "healthz": ["/healthz"],
-            "get_by_id": [f"/catalog/products/{product_id}" for product_id in ids],
-            "list_page_20": ["/catalog/products?limit=20"],
-        }
         async with httpx.AsyncClient(base_url=base) as client:
             for paths in targets.values():
                 response = await client.get(paths[0])
@@ -311,7 +411,10 @@ async def bench(database_url: str, args: argparse.Namespace) -> dict[str, Any]:
             await asyncio.to_thread(run, name, base, paths, args, pid)
             for name, paths in targets.items()
         ]
-    return report(results, tool, args)
+    figures = report(results, tool, args)
+    if args.tracing_rounds:
+        figures["tracing"] = await tracing_cost(database_url, targets["get_by_id"], run, args)
+    return figures
 
 
 def main() -> None:
@@ -322,6 +425,9 @@ def main() -> None:
     parser.add_argument("--connections", type=int, default=32)
     parser.add_argument("--goal", type=float, default=0.5)
     parser.add_argument("--aiohttp", action="store_true", help="load with aiohttp, not wrk")
+    parser.add_argument(
+        "--tracing-rounds", type=int, default=3, help="off/on rounds of the tracing cost (0: skip)"
+    )
     args = parser.parse_args()
     with postgres_server() as server:
         database_url = f"{server}/catalog"

@@ -111,6 +111,10 @@ class GatewayMetrics:
         )
         self.pools = PoolMetrics(registry)
         registry.register(PoolCollector(pools))
+        for client in ("anonymous", "user"):
+            self.rate_limited.labels(client)
+        for outcome in ("allowed", "refused"):
+            self.rate_limit_unavailable.labels(outcome)
         for pool in pools():
             self.retries.labels(pool.name)
             self.ejections.labels(pool.name)

@@ -14,19 +14,22 @@ from asgi_lifespan import LifespanManager
 from fastapi import FastAPI, Request
 from redis.asyncio import Redis
 from sqlalchemy import text
+from starlette.types import Receive, Scope, Send
 
 from kit.app import assemble
 from kit.db import make_engine
 from kit.deps import CurrentPrincipal
 from kit.logs import JsonFormatter, RequestIdFilter
+from kit.observe import ROUTE_TEMPLATE_KEY
 from kit.otlp_receiver import OtlpReceiver, ReceivedSpan
 from kit.security import TokenVerifier
 from kit.settings import ServiceSettings
 from kit.testing import TokenMinter
-from kit.tracing import configure_tracing, flush_traces, tracing_config
+from kit.tracing import TracingMiddleware, configure_tracing, flush_traces, tracing_config
 
 CALLER_TRACE = "4bf92f3577b34da6a3ce929d0e0e4736"
 CALLER_SPAN = "00f067aa0ba902b7"
+OTHER_TRACE = "5bf92f3577b34da6a3ce929d0e0e4737"
 
 
 def test_tracing_is_off_without_an_endpoint() -> None:
@@ -233,3 +236,28 @@ async def test_a_call_outside_any_request_is_not_traced(
         await redis.aclose()
     flush_traces()
     assert len(receiver.spans()) == before
+
+
+async def test_the_middleware_spans_a_plain_asgi_app_by_its_route_template(
+    traced: tuple[httpx.AsyncClient, Lines], receiver: OtlpReceiver
+) -> None:
+    """What the gateway's proxy has: no FastAPI, a route template set by the app."""
+
+    async def proxy(scope: Scope, receive: Receive, send: Send) -> None:
+        scope[ROUTE_TEMPLATE_KEY] = "/catalog"
+        await send({"type": "http.response.start", "status": 502, "headers": []})
+        await send({"type": "http.response.body", "body": b"upstream down"})
+
+    transport = httpx.ASGITransport(app=TracingMiddleware(proxy))
+    async with httpx.AsyncClient(transport=transport, base_url="http://test") as client:
+        response = await client.get(
+            "/catalog/products/9", headers={"traceparent": f"00-{OTHER_TRACE}-{CALLER_SPAN}-01"}
+        )
+    assert response.status_code == 502
+    flush_traces()
+    (span,) = receiver.wait_for(trace_of(OTHER_TRACE), within=10)
+    assert span.name == "GET /catalog"
+    assert span.parent_span_id == CALLER_SPAN
+    assert span.attributes["http.route"] == "/catalog"
+    assert span.attributes["http.response.status_code"] == 502
+    assert span.error

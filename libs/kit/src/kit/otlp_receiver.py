@@ -16,6 +16,7 @@ whatever the test's event loop is doing.
 from __future__ import annotations
 
 import argparse
+import collections
 import gzip
 import json
 import threading
@@ -101,10 +102,13 @@ def decode(body: bytes) -> list[ReceivedSpan]:
 
 
 class OtlpReceiver:
-    def __init__(self, host: str = "127.0.0.1", port: int = 0, *, keep: bool = True) -> None:
-        """`keep=False` counts spans without keeping them (a long benchmark)."""
+    def __init__(
+        self, host: str = "127.0.0.1", port: int = 0, *, keep: bool = True, limit: int = 200_000
+    ) -> None:
+        """`keep=False` counts spans without keeping them (a benchmark); at most
+        `limit` spans are kept, the oldest dropped first."""
         self.keep = keep
-        self._spans: list[ReceivedSpan] = []
+        self._spans: collections.deque[ReceivedSpan] = collections.deque(maxlen=limit)
         self._requests = 0
         self._span_count = 0
         self._changed = threading.Condition()

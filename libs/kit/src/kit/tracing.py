@@ -332,6 +332,7 @@ def _finish(span: trace.Span, scope: Scope, method: str, status: int) -> None:
         span.set_attribute("http.response.status_code", status)
     if status >= 500 or not status:
         span.set_status(Status(StatusCode.ERROR))
+    span.end()
 
 
 def current_trace_id() -> str | None:
