@@ -23,7 +23,7 @@ from kit.middleware import (
 from kit.openapi import install_problem_openapi
 from kit.pools import PoolMetrics
 from kit.settings import ServiceSettings
-from kit.tracing import TracingMiddleware, configure_tracing, use_fastapi_tracing
+from kit.tracing import TracingMiddleware, configure_tracing, quiet_fastapi_tracing
 
 
 def add_common_middleware(
@@ -32,8 +32,7 @@ def add_common_middleware(
     """Installs the shared middleware; returns the HTTP metrics it records into.
 
     `add_middleware` wraps what is already there, so the last one added runs
-    first: request id, tracing (when on and FastAPI cannot trace itself),
-    access log, then timing, metrics, host check, CORS, GZip, body limit. Also
+    first: request id, tracing (when on), access log, then timing, metrics, host check, CORS, GZip, body limit. Also
     sets the log format and, once per process, tracing (see kit.tracing).
     """
     configure_logging(
@@ -57,7 +56,8 @@ def add_common_middleware(
     app.add_middleware(MetricsMiddleware, metrics=metrics)
     app.add_middleware(TimingMiddleware)
     app.add_middleware(AccessLogMiddleware)
-    if tracing and not use_fastapi_tracing(app):
+    if tracing:
+        quiet_fastapi_tracing(app)
         app.add_middleware(TracingMiddleware)
     app.add_middleware(RequestIdMiddleware)
     return metrics
