@@ -25,7 +25,13 @@ from kit.otlp_receiver import OtlpReceiver, ReceivedSpan
 from kit.security import TokenVerifier
 from kit.settings import ServiceSettings
 from kit.testing import TokenMinter
-from kit.tracing import TracingMiddleware, configure_tracing, flush_traces, tracing_config
+from kit.tracing import (
+    TracingMiddleware,
+    configure_tracing,
+    flush_traces,
+    sampler_for,
+    tracing_config,
+)
 
 CALLER_TRACE = "4bf92f3577b34da6a3ce929d0e0e4736"
 CALLER_SPAN = "00f067aa0ba902b7"
@@ -74,6 +80,27 @@ def test_disabled_sdk_or_no_exporter_turns_tracing_off() -> None:
         ServiceSettings(otel_exporter_otlp_endpoint=endpoint, otel_traces_exporter="none"),
     ):
         assert not tracing_config(settings).enabled
+
+
+def test_samplers_and_headers_come_from_the_standard_variables() -> None:
+    ratio = ServiceSettings(
+        otel_traces_sampler="parentbased_traceidratio", otel_traces_sampler_arg=0.25
+    )
+    assert sampler_for(ratio).get_description() == (
+        "ParentBased{root:TraceIdRatioBased{0.25},remoteParentSampled:AlwaysOnSampler,"
+        "remoteParentNotSampled:AlwaysOffSampler,localParentSampled:AlwaysOnSampler,"
+        "localParentNotSampled:AlwaysOffSampler}"
+    )
+    assert sampler_for(ServiceSettings(otel_traces_sampler="always_off")).get_description() == (
+        "AlwaysOffSampler"
+    )
+    with pytest.raises(ValueError, match="OTEL_TRACES_SAMPLER"):
+        sampler_for(ServiceSettings(otel_traces_sampler="sometimes"))
+    headed = ServiceSettings(
+        otel_exporter_otlp_endpoint="http://collector:4318",
+        otel_exporter_otlp_headers="authorization=Bearer%20abc,x-tenant=shop",
+    )
+    assert tracing_config(headed).headers == {"authorization": "Bearer abc", "x-tenant": "shop"}
 
 
 def test_a_protocol_this_build_cannot_speak_stops_start_up() -> None:

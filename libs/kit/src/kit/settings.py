@@ -46,13 +46,19 @@ class ServiceSettings(BaseSettings):
     max_body_bytes: int = Field(default=1_048_576, gt=0)
 
     # Tracing (kit.tracing), by the standard OpenTelemetry variables: on when an
-    # OTLP endpoint is set. The SDK reads the rest itself from the environment
-    # (OTEL_TRACES_SAMPLER, OTEL_EXPORTER_OTLP_HEADERS, OTEL_BSP_*, ...).
+    # OTLP endpoint is set. The SDK also reads the few not listed here
+    # (OTEL_EXPORTER_OTLP_TIMEOUT, _COMPRESSION, _CERTIFICATE, OTEL_BSP_MAX_*).
     otel_exporter_otlp_endpoint: str | None = None
     otel_exporter_otlp_traces_endpoint: str | None = None
     otel_exporter_otlp_protocol: str = "http/protobuf"
     otel_exporter_otlp_traces_protocol: str | None = None
+    # `key=value,key2=value2` (W3C baggage form, values URL-encoded)
+    otel_exporter_otlp_headers: str | None = None
     otel_traces_exporter: str = "otlp"
+    otel_traces_sampler: str = "parentbased_always_on"
+    otel_traces_sampler_arg: float = Field(default=1.0, ge=0, le=1)
+    otel_resource_attributes: str | None = None
+    otel_bsp_schedule_delay: float = Field(default=5000, gt=0)
     otel_sdk_disabled: bool = False
     otel_service_name: str | None = None
 

@@ -9,9 +9,11 @@ middleware, so it costs nothing. On:
 
 - a `TracerProvider` with the service's resource (`service.name`,
   `service.instance.id` = the replica's `NODE_ID`; `OTEL_SERVICE_NAME` and
-  `OTEL_RESOURCE_ATTRIBUTES` add or override), spans exported in batches over
-  OTLP/HTTP (protobuf); the SDK itself reads `OTEL_BSP_*`,
-  `OTEL_EXPORTER_OTLP_HEADERS`, `_TIMEOUT`, `_COMPRESSION`, `_CERTIFICATE`;
+  `OTEL_RESOURCE_ATTRIBUTES` add or override), spans exported in batches
+  (every `OTEL_BSP_SCHEDULE_DELAY` ms) over OTLP/HTTP (protobuf) with
+  `OTEL_EXPORTER_OTLP_HEADERS`. These come from the settings, so a `.env`
+  file works for them as for every other setting; the SDK reads the rarer
+  ones itself (`OTEL_EXPORTER_OTLP_TIMEOUT`, `_COMPRESSION`, `_CERTIFICATE`);
 - the sampler of `OTEL_TRACES_SAMPLER` / `_ARG` (parent-based always-on by
   default), behind one rule of ours: a trace starts only at a request or a
   message (a server or consumer span). A Redis or SQL call with no request
@@ -37,6 +39,7 @@ Most of what remains is the SDK's: about 25 us to record a span and about
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import threading
 from collections.abc import Iterable, Mapping, Sequence
@@ -51,12 +54,16 @@ from opentelemetry.sdk.resources import Resource
 from opentelemetry.sdk.trace import TracerProvider
 from opentelemetry.sdk.trace.export import BatchSpanProcessor, ConsoleSpanExporter, SpanExporter
 from opentelemetry.sdk.trace.sampling import (
+    ALWAYS_OFF,
+    ALWAYS_ON,
     Decision,
+    ParentBased,
     Sampler,
     SamplingResult,
-    _get_from_env_or_default,
+    TraceIdRatioBased,
 )
 from opentelemetry.trace import Link, SpanKind, Status, StatusCode
+from opentelemetry.util.re import parse_env_headers
 from opentelemetry.util.types import Attributes
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
@@ -77,6 +84,7 @@ class TracingConfig:
 
     exporter: str  # "otlp", "console" or "none"
     endpoint: str | None
+    headers: Mapping[str, str] = dataclasses.field(default_factory=dict)
 
     @property
     def enabled(self) -> bool:
@@ -102,7 +110,27 @@ def tracing_config(settings: ServiceSettings) -> TracingConfig:
     if endpoint is None and settings.otel_exporter_otlp_endpoint is not None:
         # the per-signal path is appended only to the generic endpoint (OTLP spec)
         endpoint = settings.otel_exporter_otlp_endpoint.rstrip("/") + "/" + TRACES_PATH
-    return TracingConfig("otlp" if endpoint else "none", endpoint)
+    headers = parse_env_headers(settings.otel_exporter_otlp_headers or "", liberal=True)
+    return TracingConfig("otlp" if endpoint else "none", endpoint, dict(headers))
+
+
+def sampler_for(settings: ServiceSettings) -> Sampler:
+    """`OTEL_TRACES_SAMPLER` and `_ARG`, by the specification's names."""
+    name = settings.otel_traces_sampler.strip().lower()
+    ratio = settings.otel_traces_sampler_arg
+    roots: dict[str, Sampler] = {
+        "always_on": ALWAYS_ON,
+        "always_off": ALWAYS_OFF,
+        "traceidratio": TraceIdRatioBased(ratio),
+    }
+    if name in roots:
+        return roots[name]
+    if name.startswith("parentbased_") and name.removeprefix("parentbased_") in roots:
+        return ParentBased(roots[name.removeprefix("parentbased_")])
+    raise ValueError(
+        f"OTEL_TRACES_SAMPLER={settings.otel_traces_sampler!r}: use always_on, always_off,"
+        " traceidratio or their parentbased_ forms"
+    )
 
 
 class RequestRootSampler(Sampler):
@@ -161,9 +189,11 @@ def configure_tracing(settings: ServiceSettings, *, exporter: SpanExporter | Non
         if exporter is None:
             exporter = _exporter(config)
         provider = TracerProvider(
-            resource=_resource(settings), sampler=RequestRootSampler(_get_from_env_or_default())
+            resource=_resource(settings), sampler=RequestRootSampler(sampler_for(settings))
         )
-        provider.add_span_processor(BatchSpanProcessor(exporter))
+        provider.add_span_processor(
+            BatchSpanProcessor(exporter, schedule_delay_millis=settings.otel_bsp_schedule_delay)
+        )
         trace.set_tracer_provider(provider)
         _instrument_drivers(provider)
         _provider = provider
@@ -182,14 +212,14 @@ def _exporter(config: TracingConfig) -> SpanExporter:
         return ConsoleSpanExporter()
     from opentelemetry.exporter.otlp.proto.http.trace_exporter import OTLPSpanExporter
 
-    return OTLPSpanExporter(endpoint=config.endpoint)
+    return OTLPSpanExporter(endpoint=config.endpoint, headers=config.headers or None)
 
 
 def _resource(settings: ServiceSettings) -> Resource:
     attributes: dict[str, Any] = {"service.instance.id": settings.node_id}
-    # OTEL_SERVICE_NAME, when set, wins over the service's own name
-    if settings.otel_service_name is None:
-        attributes["service.name"] = settings.service_name
+    # OTEL_RESOURCE_ATTRIBUTES adds to them and OTEL_SERVICE_NAME wins over all
+    attributes.update(parse_env_headers(settings.otel_resource_attributes or "", liberal=True))
+    attributes["service.name"] = settings.otel_service_name or settings.service_name
     return Resource.create(attributes)
 
 
