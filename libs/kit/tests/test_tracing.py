@@ -288,3 +288,32 @@ async def test_the_middleware_spans_a_plain_asgi_app_by_its_route_template(
     assert span.attributes["http.route"] == "/catalog"
     assert span.attributes["http.response.status_code"] == 502
     assert span.error
+
+
+async def test_a_caller_that_does_not_sample_gets_no_spans_but_its_trace_id_in_the_log(
+    traced: tuple[httpx.AsyncClient, Lines], receiver: OtlpReceiver, minter: TokenMinter
+) -> None:
+    client, lines = traced
+    unsampled = "6bf92f3577b34da6a3ce929d0e0e4738"
+    response = await client.get(
+        "/things/8",
+        headers={
+            "traceparent": f"00-{unsampled}-{CALLER_SPAN}-00",
+            "authorization": f"Bearer {minter.token()}",
+        },
+    )
+    assert response.status_code == 200
+    sampled = "7bf92f3577b34da6a3ce929d0e0e4739"
+    await client.get(
+        "/things/9",
+        headers={
+            "traceparent": f"00-{sampled}-{CALLER_SPAN}-01",
+            "authorization": f"Bearer {minter.token()}",
+        },
+    )
+    flush_traces()
+    # the later, sampled request's spans arrived, so the unsampled one's would have too
+    receiver.wait_for(trace_of(sampled), within=10)
+    assert [span for span in receiver.spans() if span.trace_id == unsampled] == []
+    (line,) = [line for line in lines.lines if line["path"] == "/things/8"]
+    assert line["trace_id"] == unsampled

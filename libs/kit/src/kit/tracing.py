@@ -202,7 +202,7 @@ def configure_tracing(settings: ServiceSettings, *, exporter: SpanExporter | Non
 
 
 def flush_traces(timeout_millis: int = 5000) -> None:
-    """Sends what is queued (a lifespan's end); the provider itself shuts down at exit."""
+    """Sends what is queued now (tests); at exit the provider flushes by itself."""
     if _provider is not None:
         _provider.force_flush(timeout_millis)
 
@@ -317,12 +317,23 @@ class TracingMiddleware:
             return
         method = scope.get("method", "GET") if kind == "http" else "WS"
         span = self.tracer.start_span(
-            method,
-            context=incoming_context(scope["headers"]),
-            kind=SpanKind.SERVER,
-            attributes=span_attributes(scope),
+            method, context=incoming_context(scope["headers"]), kind=SpanKind.SERVER
         )
+        # current even when not sampled: its context, flagged unsampled, goes on
+        # to the SQL and Redis calls below and to the upstream, which then drop theirs
         token = otel_context.attach(trace.set_span_in_context(span))
+        try:
+            if span.is_recording():
+                await self._recorded(span, method, scope, receive, send)
+            else:
+                await self.app(scope, receive, send)
+        finally:
+            otel_context.detach(token)
+
+    async def _recorded(
+        self, span: trace.Span, method: str, scope: Scope, receive: Receive, send: Send
+    ) -> None:
+        span.set_attributes(span_attributes(scope))
         status = 0
 
         async def recording_send(message: Message) -> None:
@@ -345,7 +356,6 @@ class TracingMiddleware:
             raise
         finally:
             _finish(span, scope, method, status)
-            otel_context.detach(token)
 
 
 def _finish(span: trace.Span, scope: Scope, method: str, status: int) -> None:
