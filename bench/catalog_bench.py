@@ -372,9 +372,14 @@ async def tracing_cost(
                 for base, _ in servers.values():
                     response = await client.get(base + paths[0])
                     assert response.status_code == 200, response.text
-            for _ in range(args.tracing_rounds):
+            order = list(servers)
+            for number in range(args.tracing_rounds):
                 figures: dict[str, Any] = {}
-                for variant, (base, pid) in servers.items():
+                # each round starts with another variant: load on a shared machine
+                # drifts, and a fixed order would hand the drift to one variant
+                shift = number % len(order)
+                for variant in order[shift:] + order[:shift]:
+                    base, pid = servers[variant]
                     before = received_spans(receiver)
                     result = await asyncio.to_thread(run, variant, base, paths, args, pid)
                     if variant != "off":
@@ -405,7 +410,8 @@ async def tracing_cost(
     header = f"{'round':<7}{'variant':<10}{'rps':>7}{'x off':>7}{'p99 ms':>8}{'cpu us':>8}"
     print(header + f"{'spans/req':>11}")
     for number, result in enumerate(rounds, 1):
-        for variant, figures in result.items():
+        for variant in TRACING_VARIANTS:
+            figures = result[variant]
             per_request = (
                 figures["spans_exported"] / figures["requests"] if figures["requests"] else 0
             )
