@@ -21,13 +21,14 @@ from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker
 
 from chat.bus import Bus
 from chat.config import Settings
+from chat.db import SCHEMA_REVISIONS
 from chat.hub import CLOSE_SHUTDOWN, Hub
 from chat.limits import UserLimits
 from chat.metrics import ChatMetrics
 from chat.presence import Presence
 from chat.router import router
 from kit.app import assemble
-from kit.db import check_database, make_engine, make_sessionmaker
+from kit.db import check_database, make_engine, make_sessionmaker, schema_check
 from kit.health import VERIFIER_CHECKS
 from kit.logs import configure_logging
 from kit.security import KeySource, TokenVerifier
@@ -203,7 +204,11 @@ def create_app(settings: Settings | None = None, *, key_source: KeySource | None
     assemble(
         app,
         settings,
-        readiness={"database": check_database, "bus": check_bus},
+        readiness={
+            "database": check_database,
+            "schema": schema_check(SCHEMA_REVISIONS),
+            "bus": check_bus,
+        },
         optional_readiness=VERIFIER_CHECKS,
         registry=registry,
     )
