@@ -47,8 +47,9 @@ random_secret() {
   head -c 24 /dev/urandom | base64 | tr '+/' '-_' | tr -d '=\n'
 }
 has_secret() { docker secret inspect "${STACK}_$1" >/dev/null 2>&1; }
-# make_secret NAME: the secret's value on stdin
-make_secret() { docker secret create --label "com.docker.stack.namespace=$STACK" "${STACK}_$1" - >/dev/null; }
+# make_secret NAME: the secret's value on stdin. Not labelled as the stack's:
+# `docker stack rm` would delete it, while the volumes it opens stay.
+make_secret() { docker secret create --label "com.bazaar.stack=$STACK" "${STACK}_$1" - >/dev/null; }
 secret_from() {  # secret_from NAME VALUE_FROM_ENVIRONMENT
   has_secret "$1" && return 0
   if [ -n "$2" ]; then printf '%s' "$2"; else random_secret; fi | make_secret "$1"
