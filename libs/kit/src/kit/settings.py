@@ -240,6 +240,13 @@ class DatabaseSettings(ServiceSettings):
     database_url: PostgresDsn = PostgresDsn("postgresql+asyncpg://service@postgres:5432/service")
     database_password: SecretStr | None = None
 
+    # Connections per replica (docs/operations.md has the budget: replicas x
+    # pools within PostgreSQL's max_connections). Connections beyond the pool
+    # are closed on return: under a burst they would be opened and closed per
+    # request (TCP + SCRAM each), so by default there are none.
+    database_pool_size: int = Field(default=10, ge=1)
+    database_pool_overflow: int = Field(default=0, ge=0)
+
     def weak_production_secrets(self) -> list[str]:
         weak = super().weak_production_secrets()
         if is_weak_secret(url_password(str(self.database_url))):

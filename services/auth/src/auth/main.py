@@ -93,7 +93,11 @@ def create_app(settings: Settings | None = None, *, key_source: KeySource | None
 
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[State]:
-        engine = make_engine(str(settings.database_url))
+        engine = make_engine(
+            str(settings.database_url),
+            pool_size=settings.database_pool_size,
+            max_overflow=settings.database_pool_overflow,
+        )
         sessionmaker = make_sessionmaker(engine)
         # a connect that hangs (Redis stopping, a partition) fails after 2 s instead
         # of the kernel's minutes, so the revocation mirror reconnects promptly

@@ -107,7 +107,11 @@ def create_app(settings: Settings | None = None, *, key_source: KeySource | None
 
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[State]:
-        engine = make_engine(str(settings.database_url))
+        engine = make_engine(
+            str(settings.database_url),
+            pool_size=settings.database_pool_size,
+            max_overflow=settings.database_pool_overflow,
+        )
         # bounded and blocking: a burst of sockets joining waits for a connection
         # instead of failing with "Too many connections"
         pool = BlockingConnectionPool.from_url(
