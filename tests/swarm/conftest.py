@@ -37,6 +37,7 @@ SETTINGS = {
 class Swarm:
     stack: str
     base_url: str
+    tag: str
     secrets: dict[str, str]
 
     @property
@@ -132,8 +133,8 @@ def swarm() -> Iterator[Swarm]:
     print(deploy.stdout, deploy.stderr)  # noqa: T201 - the deploy's account: `docker service ls`
     try:
         assert deploy.returncode == 0, "the stack did not converge"
-        secrets = deployed_secrets(Swarm(stack, f"http://127.0.0.1:{port}", {}))
-        yield Swarm(stack, f"http://127.0.0.1:{port}", secrets)
+        base_url, tag = f"http://127.0.0.1:{port}", environment["TAG"]
+        yield Swarm(stack, base_url, tag, deployed_secrets(Swarm(stack, base_url, tag, {})))
     finally:
         subprocess.run(
             ["sh", "deploy/swarm/down.sh"],
