@@ -56,9 +56,15 @@ unit: install ## Each service's tests against real PostgreSQL and Redis
 	@for suite in $(TESTS); do echo "== $$suite"; $(RUN) pytest -q $$suite; done
 	@echo "== gateway/tests/js"; node --test gateway/tests/js/
 
+PROMTOOL := $(CURDIR)/.tools/bin/promtool
+
+.PHONY: tools
+tools: ## promtool (from Debian's prometheus package) into .tools/bin, if missing
+	@test -x $(PROMTOOL) || observability/install-promtool.sh $(CURDIR)/.tools
+
 .PHONY: e2e
-e2e: install browser ## The compose stack through the gateway, and the web client in Chromium
-	@$(RUN) pytest -q tests/e2e
+e2e: install browser tools ## The compose stack through the gateway, the web client in Chromium, the observability profile's files
+	@PROMTOOL=$(PROMTOOL) $(RUN) pytest -q tests/e2e
 
 .PHONY: swarm-test
 swarm-test: install ## The stack on a single-node swarm: journey, a killed task, scaling, a rolling update
@@ -127,6 +133,6 @@ bench: install ## Benchmarks side by side; writes bench/results.md and .json
 	@$(RUN) python bench/run.py
 
 .PHONY: clean
-clean: ## Remove caches and the virtual environment
-	rm -rf .venv .mypy_cache .ruff_cache .pytest_cache
+clean: ## Remove caches, tools and the virtual environment
+	rm -rf .venv .tools .mypy_cache .ruff_cache .pytest_cache
 	find . -name __pycache__ -type d -prune -exec rm -rf {} +

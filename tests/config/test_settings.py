@@ -45,8 +45,16 @@ DERIVED = {"NODE_ID"}
 # the services read them as NAME_FILE
 THROUGH_SETUP = {"REDIS_PASSWORD"}
 # Read by every service but set on purpose for some only: CORS headers come
-# from the edge, or responses behind it would carry them twice
-ONLY_FOR = {"CORS_ORIGINS": {"gateway"}}
+# from the edge, or responses behind it would carry them twice. Compose passes
+# the OpenTelemetry service name and resource attributes to none: one name
+# would label every service the same (each defaults to its SERVICE_NAME), and
+# the Docker CLI puts its own OTEL_RESOURCE_ATTRIBUTES in compose's
+# environment, which interpolation would hand to every container.
+ONLY_FOR: dict[str, set[str]] = {
+    "CORS_ORIGINS": {"gateway"},
+    "OTEL_SERVICE_NAME": set(),
+    "OTEL_RESOURCE_ATTRIBUTES": set(),
+}
 
 
 def documented() -> dict[str, str | None]:

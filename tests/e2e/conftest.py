@@ -16,6 +16,7 @@ import httpx
 import pytest
 from testcontainers.compose import DockerCompose
 
+from kit.otlp_receiver import OtlpReceiver
 from kit.testing import MailCatcher, free_port
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -40,6 +41,7 @@ SETTINGS = {
     "CATALOG_API_KEY": IMPORT_KEY,
     "REVOCATION_MAX_STALENESS_SECONDS": "10",
 }
+HOST_FROM_CONTAINERS = "host.docker.internal"  # compose.e2e.yaml maps it to the host
 
 
 @dataclass
@@ -76,7 +78,15 @@ def checkout_id() -> str:
 
 
 @pytest.fixture(scope="session")
-def stack() -> Iterator[Stack]:
+def otlp_receiver() -> Iterator[OtlpReceiver]:
+    """Where every service of the stack sends its traces: a receiver in this
+    process, reached from the containers through the host's gateway address."""
+    with OtlpReceiver(host="0.0.0.0") as receiver:
+        yield receiver
+
+
+@pytest.fixture(scope="session")
+def stack(otlp_receiver: OtlpReceiver) -> Iterator[Stack]:
     port, smtp_port = free_port(), free_port()
     project = f"bazaar-e2e-{uuid.uuid4().hex[:8]}"
     with pytest.MonkeyPatch.context() as patch:
@@ -94,6 +104,11 @@ def stack() -> Iterator[Stack]:
         patch.setenv("SMTP_URL", f"smtp://host.docker.internal:{smtp_port}")
         for name, value in SETTINGS.items():
             patch.setenv(name, value)
+        # tracing on, exported every 200 ms (tests/e2e/test_observability.py)
+        patch.setenv(
+            "OTEL_EXPORTER_OTLP_ENDPOINT", otlp_receiver.endpoint_for(HOST_FROM_CONTAINERS)
+        )
+        patch.setenv("OTEL_BSP_SCHEDULE_DELAY", "200")
         compose = DockerCompose(
             ROOT,
             compose_file_name=["compose.yaml", "tests/e2e/compose.e2e.yaml"],

@@ -362,7 +362,7 @@ def signing_key(stack: Stack) -> tuple[str, str]:
     return row["kid"], row["pem"]
 
 
-def mint(kid: str, pem: str, user_id: str, *, issued_at: int, lifetime: int) -> str:
+def mint(stack: Stack, kid: str, pem: str, user_id: str, *, issued_at: int, lifetime: int) -> str:
     claims = {
         "sub": user_id,
         "name": "Minted",
@@ -370,7 +370,8 @@ def mint(kid: str, pem: str, user_id: str, *, issued_at: int, lifetime: int) -> 
         "iat": issued_at,
         "exp": issued_at + lifetime,
         "jti": uuid.uuid4().hex,
-        "iss": "bazaar-auth",
+        # the stack's issuer: its public address (PUBLIC_BASE_URL) + /auth
+        "iss": f"{stack.base_url}/auth",
         "aud": "bazaar",
         "typ": "access",
     }
@@ -384,9 +385,11 @@ async def test_a_token_claiming_more_than_the_maximum_lifetime_is_refused_everyw
     user = await register(client)
     kid, pem = signing_key(stack)
     now = int(time.time())
-    fair = mint(kid, pem, user["id"], issued_at=now, lifetime=900)
-    too_long = mint(kid, pem, user["id"], issued_at=now, lifetime=3601)
-    backdated = mint(kid, pem, user["id"], issued_at=now - 7 * 24 * 3600, lifetime=8 * 24 * 3600)
+    fair = mint(stack, kid, pem, user["id"], issued_at=now, lifetime=900)
+    too_long = mint(stack, kid, pem, user["id"], issued_at=now, lifetime=3601)
+    backdated = mint(
+        stack, kid, pem, user["id"], issued_at=now - 7 * 24 * 3600, lifetime=8 * 24 * 3600
+    )
 
     # the same key, a fair lifetime: accepted (so the refusals below are the lifetime's)
     assert (await client.get("/auth/users/me", headers=bearer(fair))).status_code == 200

@@ -35,7 +35,7 @@ import logging
 import math
 import socket
 import time
-from collections.abc import Collection, Sequence
+from collections.abc import Callable, Collection, Sequence
 from dataclasses import dataclass, field
 
 import aiohttp
@@ -135,6 +135,8 @@ class Pool:
         # set when a connection failed, so discovery runs before its next interval
         self.stale = asyncio.Event()
         self._refreshed_at = 0.0
+        # counts a passive ejection (gateway_upstream_ejections_total)
+        self.ejections: Callable[[], None] | None = None
 
     @property
     def host_header(self) -> str:
@@ -246,6 +248,8 @@ class Pool:
             )
             return
         replica.ejected_until = now + self.eject_seconds
+        if self.ejections is not None:
+            self.ejections()
         logger.warning(
             "ejected %s replica %s:%s for %.1fs",
             self.name,

@@ -36,6 +36,7 @@ from kit.errors import (
     Unauthenticated,
     problem_response,
 )
+from kit.observe import remember_user
 from kit.security import Principal, bearer_from_headers
 
 logger = logging.getLogger("gateway.proxy")
@@ -163,6 +164,8 @@ class Proxy:
             if limiter is not None:
                 await limiter.hit(user_id=None, client_address=address)
             raise
+        if principal is not None:
+            remember_user(scope, principal.user_id)
         if limiter is None:
             return None
         return await limiter.hit(
@@ -226,6 +229,7 @@ class Proxy:
             except (aiohttp.ClientConnectorError, aiohttp.ConnectionTimeoutError) as error:
                 # the connection never opened: nothing was sent
                 replica.in_flight -= 1
+                self.metrics.upstream(route.name, 0.0, None)
                 connection_failed(pool, replica, error)
                 if replayable and len(tried) < self.retries:
                     tried.append(replica)
@@ -234,6 +238,7 @@ class Proxy:
                 raise unreachable(route.name, pool) from error
             except aiohttp.ServerTimeoutError as error:
                 replica.in_flight -= 1
+                self.metrics.upstream(route.name, 0.0, None)
                 pool.failed(replica)
                 raise GatewayTimeout(
                     f"The {route.name} service did not answer within {route.timeout_seconds:g} s"
@@ -244,12 +249,13 @@ class Proxy:
                     raise too_large(limit) from error
                 if isinstance(body, StreamedBody) and body.disconnected:
                     return CLIENT_CLOSED_REQUEST
+                self.metrics.upstream(route.name, 0.0, None)
                 pool.failed(replica)
                 raise BadGateway(f"The {route.name} service failed to answer") from error
             break
 
         try:
-            self.metrics.upstream(route.name, time.perf_counter() - sent_at)
+            self.metrics.upstream(route.name, time.perf_counter() - sent_at, response.status)
             if says_sick(response.status, response.headers.get("content-type")):
                 pool.failed(replica)
             else:

@@ -8,6 +8,7 @@ from fastapi import Depends, Request
 from fastapi.security import OAuth2PasswordBearer
 
 from kit.errors import Forbidden, Unauthenticated
+from kit.observe import remember_user
 from kit.security import Principal, TokenVerifier
 from kit.settings import VerifiedWritesSettings
 
@@ -31,7 +32,9 @@ async def current_principal(
     if token is None:
         raise Unauthenticated("A bearer token is required")
     verifier: TokenVerifier = request.state.verifier
-    return await verifier.verify(token)
+    principal = await verifier.verify(token)
+    remember_user(request.scope, principal.user_id)
+    return principal
 
 
 async def optional_principal(
@@ -40,7 +43,9 @@ async def optional_principal(
     if token is None:
         return None
     verifier: TokenVerifier = request.state.verifier
-    return await verifier.verify(token)
+    principal = await verifier.verify(token)
+    remember_user(request.scope, principal.user_id)
+    return principal
 
 
 CurrentPrincipal = Annotated[Principal, Depends(current_principal)]

@@ -49,6 +49,7 @@ class State(TypedDict):
     sessionmaker: async_sessionmaker[AsyncSession]
     reads: ReadConnections
     point_reads: BatchedReads
+    point_pool: PointReadPool
 
 
 async def purge_idempotency_keys(
@@ -136,6 +137,7 @@ def create_app(
                     sessionmaker=sessions,
                     reads=reads,
                     point_reads=point_reads,
+                    point_pool=point_pool,
                 )
         finally:
             purger.cancel()

@@ -159,6 +159,8 @@ def create_app(settings: Settings | None = None, *, key_source: KeySource | None
             await limits.heartbeat()
         metrics.bus_connected.set_function(lambda: float(bus.connected.is_set()))
         metrics.bus_reconnects.set_function(lambda: float(bus.reconnects))
+        metrics.rooms.set_function(lambda: float(len(hub.feeds)))
+        metrics.watch_queues(hub.outbox_depths, lambda: bus.backlog_size)
         bus.start()
         beat = asyncio.create_task(
             heartbeat(

@@ -40,8 +40,10 @@ from chat.schemas import (
     ready_frame,
     valid_room,
 )
+from chat.tracing import message_span
 from kit.errors import ServiceUnavailable, Unauthenticated
 from kit.inputs import json_errors
+from kit.observe import remember_user
 from kit.security import (
     Principal,
     TokenVerifier,
@@ -115,6 +117,7 @@ async def chat_socket(websocket: WebSocket, room: str) -> None:
         await websocket.close(CLOSE_TRY_AGAIN, error.detail)
         return
 
+    remember_user(websocket.scope, principal.user_id)
     limits: UserLimits = state.limits
     subprotocol = BEARER_SUBPROTOCOL if via_subprotocol else None
     if not await limits.open_socket(principal.user_id):
@@ -243,7 +246,8 @@ async def receive_frames(
             continue
         kind = frame.get("type")
         if kind == "message":
-            await on_message(connection, frame, hub=hub, settings=settings)
+            with message_span(connection.room):
+                await on_message(connection, frame, hub=hub, settings=settings)
         elif kind == "auth":
             await on_auth(connection, frame, hub=hub, settings=settings, verifier=verifier)
         else:
