@@ -88,15 +88,67 @@ if ! has_secret signing-key; then
   say "created secret ${STACK}_signing-key"
 fi
 
-# 5. Deploy. DEPLOY_ID changes the migrate jobs' spec, so they run again.
+# 5. Settings that are secrets only when set: a Docker secret named after its
+# content (a changed value is a new secret, which rolls the services that read
+# it), mounted through an override file, read through NAME_FILE; the variable
+# itself is emptied, so the stack passes nothing the specs would show.
+override=$(mktemp)
+entries=$(mktemp)
+declared=$(mktemp)
+optional_secret() {  # optional_secret NAME SETTING SERVICE...
+  name=$1 setting=$2
+  shift 2
+  eval "value=\${$setting:-}"
+  [ -n "$value" ] || return 0
+  full="$name-$(printf '%s' "$value" | sha256sum | cut -c1-12)"
+  if ! has_secret "$full"; then
+    printf '%s' "$value" | make_secret "$full"
+    say "created secret ${STACK}_$full ($setting)"
+  fi
+  for service in "$@"; do printf '%s %s %s %s\n' "$service" "$setting" "$full" "$name" >>"$entries"; done
+  printf '  %s: { external: true, name: "%s_%s" }\n' "$full" "$STACK" "$full" >>"$declared"
+  eval "$setting="
+  export "$setting"
+}
+optional_secret metrics-password METRICS_PASSWORD auth catalog chat gateway
+optional_secret otlp-headers OTEL_EXPORTER_OTLP_HEADERS auth catalog chat gateway
+optional_secret catalog-api-key CATALOG_API_KEY catalog
+optional_secret oauth-clients OAUTH_CLIENTS auth
+optional_secret smtp-url SMTP_URL auth
+if [ -s "$entries" ]; then
+  {
+    printf 'version: "3.9"\nservices:\n'
+    for service in auth catalog chat gateway; do
+      grep "^$service " "$entries" >/dev/null || continue
+      printf '  %s:\n    environment:\n' "$service"
+      grep "^$service " "$entries" | while read -r _ setting _ name; do
+        printf '      %s_FILE: /run/secrets/%s\n' "$setting" "$name"
+      done
+      printf '    secrets:\n'
+      grep "^$service " "$entries" | while read -r _ _ full name; do
+        printf '      - { source: %s, target: %s }\n' "$full" "$name"
+      done
+    done
+    printf 'secrets:\n'
+    cat "$declared"
+  } >"$override"
+fi
+
+# 6. Deploy. DEPLOY_ID changes the migrate jobs' spec, so they run again.
 # Compose makes the issuer PUBLIC_BASE_URL + /auth; a stack file cannot.
 export JWT_ISSUER="${JWT_ISSUER:-${PUBLIC_BASE_URL:-http://localhost:8000}/auth}"
 export DEPLOY_ID="${DEPLOY_ID:-$(date +%s)}"
 if [ -n "$REGISTRY" ]; then resolve=always; else resolve=never; fi
 say "deploying stack $STACK"
+files="-c deploy/swarm/stack.yaml"
+if [ -s "$entries" ]; then files="$files -c $override"; fi
+status=0
+# shellcheck disable=SC2086  # $files: options and mktemp paths, no spaces
 docker stack deploy --detach=true --prune --resolve-image "$resolve" \
-  ${REGISTRY:+--with-registry-auth} -c deploy/swarm/stack.yaml "$STACK" >/dev/null
+  ${REGISTRY:+--with-registry-auth} $files "$STACK" >/dev/null || status=$?
+rm -f "$override" "$entries" "$declared"
+[ "$status" = 0 ] || exit "$status"
 
-# 6. Converged: every job of this deploy complete, every service at its
+# 7. Converged: every job of this deploy complete, every service at its
 # replica count (a task with a health check counts once it is healthy).
 exec sh deploy/swarm/wait.sh "$STACK" "$WAIT_SECONDS"

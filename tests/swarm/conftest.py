@@ -31,6 +31,19 @@ SETTINGS = {
     "LOGIN_FAILURES_PER_CLIENT": "1000000",
     "MAX_CONNECTIONS_PER_CLIENT": "0",
 }
+# Settings that are secrets only when set: `make swarm-up` turns each into a
+# Docker secret read through its *_FILE setting.
+METRICS = ("prometheus", "swarm-metrics-password-0123456789")
+IMPORT_KEY = "swarm-import-key-0123456789abcdef"
+IMPORTER = ("importer", "swarm-importer-secret-0123456789")
+OPTIONAL_SECRETS = {
+    "METRICS_USER": METRICS[0],
+    "METRICS_PASSWORD": METRICS[1],
+    "CATALOG_API_KEY": IMPORT_KEY,
+    "OAUTH_CLIENTS": json.dumps(
+        {IMPORTER[0]: {"secret": IMPORTER[1], "scopes": ["catalog:import"]}}
+    ),
+}
 
 
 @dataclass
@@ -108,6 +121,7 @@ def swarm() -> Iterator[Swarm]:
     environment = {
         **os.environ,
         **SETTINGS,
+        **OPTIONAL_SECRETS,
         "STACK": stack,
         "GATEWAY_PORT": str(port),
         # the compose suite builds the same images under the same tag

@@ -17,7 +17,16 @@ from websockets.asyncio.client import ClientConnection
 
 from ..e2e.chat_client import ChatClient, assert_complete, wait_until
 from ..e2e.helpers import bearer, login, open_socket, receive_json, register
-from .conftest import ADMIN_EMAIL, ADMIN_PASSWORD, Swarm, docker
+from .conftest import (
+    ADMIN_EMAIL,
+    ADMIN_PASSWORD,
+    IMPORT_KEY,
+    IMPORTER,
+    METRICS,
+    OPTIONAL_SECRETS,
+    Swarm,
+    docker,
+)
 
 ROUND_SECONDS = 45.0
 
@@ -108,6 +117,49 @@ async def test_no_secret_is_in_a_service_spec(swarm: Swarm) -> None:
     assert not [
         line for line in environment if line.startswith(("ADMIN_PASSWORD=", "SIGNING_KEY="))
     ]
+
+
+async def test_settings_given_as_secrets_are_read_from_their_files(
+    swarm: Swarm, client: httpx.AsyncClient
+) -> None:
+    inspected = docker("service", "inspect", *swarm.services())
+    specs = {
+        name: json.loads(docker("service", "inspect", swarm.service(name)))[0]["Spec"]
+        for name in ("auth", "catalog", "gateway")
+    }
+    environments = {
+        name: spec["TaskTemplate"]["ContainerSpec"]["Env"] for name, spec in specs.items()
+    }
+    secret_values = ("METRICS_PASSWORD", "CATALOG_API_KEY", "OAUTH_CLIENTS")
+
+    for name in secret_values:
+        assert OPTIONAL_SECRETS[name] not in inspected, name
+    assert IMPORTER[1] not in inspected
+    assert "METRICS_PASSWORD_FILE=/run/secrets/metrics-password" in environments["gateway"]
+    assert "CATALOG_API_KEY_FILE=/run/secrets/catalog-api-key" in environments["catalog"]
+    assert "OAUTH_CLIENTS_FILE=/run/secrets/oauth-clients" in environments["auth"]
+
+    # and each one works from its file
+    anonymous = await client.get("/metrics")
+    scraped = await client.get("/metrics", auth=METRICS)
+    name = "swarm import " + "".join(chr(ord("a") + int(c, 16)) for c in uuid.uuid4().hex[:8])
+    imported = await client.post(
+        "/catalog/products:import",
+        headers={"X-API-Key": IMPORT_KEY},
+        json=[{"name": name, "price": "3.50"}],
+    )
+    discovery = (await client.get("/auth/.well-known/openid-configuration")).json()
+    token = await client.post(
+        discovery["token_endpoint"],
+        data={"grant_type": "client_credentials", "scope": "catalog:import"},
+        auth=IMPORTER,
+    )
+
+    assert anonymous.status_code == 401
+    assert scraped.status_code == 200
+    assert imported.status_code == 201, imported.text
+    assert token.status_code == 200, token.text
+    assert token.json()["scope"] == "catalog:import"
 
 
 async def test_a_killed_chat_task_is_replaced_and_nothing_is_lost(
