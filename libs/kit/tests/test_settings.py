@@ -3,7 +3,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
-from pydantic import ValidationError
+from pydantic import Field, ValidationError
 from pydantic_settings import SettingsError
 
 from kit.settings import (
@@ -71,7 +71,7 @@ def test_a_structured_setting_from_a_file_is_json_like_in_the_environment(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     class Clients(ServiceSettings):
-        clients: dict[str, list[str]] = {}
+        clients: dict[str, list[str]] = Field(default_factory=dict)
 
     value = tmp_path / "clients"
     value.write_text('{"importer": ["catalog:import"]}\n')
