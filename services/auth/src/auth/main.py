@@ -15,6 +15,7 @@ from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker
 
 from auth import service
 from auth.config import Settings
+from auth.db import SCHEMA_REVISIONS
 from auth.discovery import warn_if_issuer_is_elsewhere
 from auth.keys import KeyRing, ensure_signing_key
 from auth.oauth_router import router as oauth_router
@@ -23,7 +24,7 @@ from auth.router import router
 from auth.throttle import LoginThrottle
 from auth.verification import router as verification_router
 from kit.app import assemble
-from kit.db import check_database, make_engine, make_sessionmaker
+from kit.db import check_database, make_engine, make_sessionmaker, schema_check
 from kit.health import check_redis, check_revocations
 from kit.heap import settled_heap
 from kit.logs import configure_logging
@@ -92,7 +93,11 @@ def create_app(settings: Settings | None = None, *, key_source: KeySource | None
 
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[State]:
-        engine = make_engine(str(settings.database_url))
+        engine = make_engine(
+            str(settings.database_url),
+            pool_size=settings.database_pool_size,
+            max_overflow=settings.database_pool_overflow,
+        )
         sessionmaker = make_sessionmaker(engine)
         # a connect that hangs (Redis stopping, a partition) fails after 2 s instead
         # of the kernel's minutes, so the revocation mirror reconnects promptly
@@ -141,7 +146,11 @@ def create_app(settings: Settings | None = None, *, key_source: KeySource | None
     assemble(
         app,
         settings,
-        readiness={"database": check_database, "bootstrap": check_bootstrap},
+        readiness={
+            "database": check_database,
+            "schema": schema_check(SCHEMA_REVISIONS),
+            "bootstrap": check_bootstrap,
+        },
         optional_readiness={"redis": check_redis, "revocations": check_revocations},
     )
     app.include_router(router)

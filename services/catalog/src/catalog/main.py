@@ -18,6 +18,7 @@ from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker
 from catalog import service
 from catalog.batching import BatchedReads
 from catalog.config import Settings
+from catalog.db import SCHEMA_REVISIONS
 from catalog.deps import (
     ReadConnections,
     engine_connections,
@@ -29,7 +30,7 @@ from catalog.errors import DatabaseUnavailable
 from catalog.point_pool import PointReadPool
 from catalog.router import router
 from kit.app import assemble
-from kit.db import asyncpg_dsn, check_database, make_engine, make_sessionmaker
+from kit.db import asyncpg_dsn, check_database, make_engine, make_sessionmaker, schema_check
 from kit.errors import domain_error_response, is_outage, unexpected_error_response
 from kit.health import VERIFIER_CHECKS
 from kit.heap import settled_heap
@@ -161,7 +162,7 @@ def create_app(
     assemble(
         app,
         settings,
-        readiness={"database": check_database},
+        readiness={"database": check_database, "schema": schema_check(SCHEMA_REVISIONS)},
         optional_readiness=VERIFIER_CHECKS,
     )
     for error_type in (DBAPIError, OSError, asyncpg.PostgresConnectionError):
