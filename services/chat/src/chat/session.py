@@ -162,7 +162,7 @@ async def serve_socket(
     replay = replay_after(hub, since) if since is not None else None
     connection.writer = asyncio.create_task(connection.run_writer(first, replay))
     connection.schedule_expiry(principal.expires_at, settings.close_on_token_expiry)
-    hub.spawn(hub.announce(connection, "join"))
+    hub.announce(connection)
     try:
         await receive_frames(
             connection, hub=hub, settings=settings, verifier=verifier, limits=state.limits
@@ -182,8 +182,7 @@ async def serve_socket(
             )
     finally:
         connection.stop()
-        if hub.leave(connection):
-            hub.spawn(hub.announce(connection, "leave"))
+        hub.leave(connection)
 
 
 def client_id_of(raw: str) -> str | None:
