@@ -1,0 +1,82 @@
+"""`python -m gateway`, as the image runs it: uvicorn with the edge's protocol
+and one worker process per core (`WORKERS`, 0 = one per usable core).
+
+Each worker is a complete gateway: it imports the app, runs its own lifespan
+(upstream session, health probes, DNS refresh, token verifier) and takes
+connections from the one listening socket the supervisor binds. What must be
+shared between workers already lives in Redis (rate limits, revocations);
+the per-address connection cap of `gateway.edge` is counted per worker.
+
+The open-file limit is raised to its hard limit first: a relayed WebSocket
+holds two descriptors (client and upstream), so the default soft limit of
+1,024 would stop a worker near 500 sockets. Any other `uvicorn` option can be
+given in the environment as `UVICORN_<OPTION>` (e.g. `UVICORN_WS_MAX_SIZE`).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import resource
+from collections.abc import Mapping
+
+from uvicorn.main import main as uvicorn_main
+
+from gateway.config import Settings
+
+logger = logging.getLogger("gateway")
+
+
+def usable_cores() -> int:
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # not Linux
+        return os.cpu_count() or 1
+
+
+def worker_count(configured: int) -> int:
+    return configured if configured > 0 else usable_cores()
+
+
+def raise_open_file_limit() -> int:
+    """Raises the soft limit on open files to the hard limit; returns it."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if hard == resource.RLIM_INFINITY or soft < hard:
+        target = hard if hard != resource.RLIM_INFINITY else max(soft, 1_048_576)
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
+            soft = target
+        except (ValueError, OSError) as error:
+            logger.warning("open-file limit stays at %s: %s", soft, error)
+    return soft
+
+
+def uvicorn_arguments(settings: Settings, environ: Mapping[str, str] = os.environ) -> list[str]:
+    # every interface of the container, port 8000, unless UVICORN_HOST/PORT say otherwise
+    address = [] if "UVICORN_HOST" in environ else ["--host", "0.0.0.0"]
+    address += [] if "UVICORN_PORT" in environ else ["--port", "8000"]
+    return [
+        "gateway.main:create_app",
+        "--factory",
+        *address,
+        "--http",
+        "gateway.edge:EdgeHttpProtocol",
+        "--no-proxy-headers",
+        "--timeout-graceful-shutdown",
+        "10",
+        "--workers",
+        str(worker_count(settings.workers)),
+        # a worker busy with a storm still answers the supervisor from a thread;
+        # give it room before it is taken for hung and restarted
+        "--timeout-worker-healthcheck",
+        "30",
+    ]
+
+
+def main() -> None:
+    raise_open_file_limit()
+    uvicorn_main(args=uvicorn_arguments(Settings()), prog_name="uvicorn")
+
+
+if __name__ == "__main__":
+    main()
