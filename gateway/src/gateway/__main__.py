@@ -11,6 +11,8 @@ The open-file limit is raised to its hard limit first: a relayed WebSocket
 holds two descriptors (client and upstream), so the default soft limit of
 1,024 would stop a worker near 500 sockets. Any other `uvicorn` option can be
 given in the environment as `UVICORN_<OPTION>` (e.g. `UVICORN_WS_MAX_SIZE`).
+Per-message deflate is off unless `UVICORN_WS_PER_MESSAGE_DEFLATE=true`:
+every browser offers it, and it costs about 50 KiB of zlib state a socket.
 """
 
 from __future__ import annotations
@@ -53,12 +55,17 @@ def raise_open_file_limit() -> int:
 
 def uvicorn_arguments(settings: Settings, environ: Mapping[str, str] = os.environ) -> list[str]:
     # every interface of the container, port 8000, unless UVICORN_HOST/PORT say otherwise
-    address = [] if "UVICORN_HOST" in environ else ["--host", "0.0.0.0"]
-    address += [] if "UVICORN_PORT" in environ else ["--port", "8000"]
+    defaults = [] if "UVICORN_HOST" in environ else ["--host", "0.0.0.0"]
+    defaults += [] if "UVICORN_PORT" in environ else ["--port", "8000"]
+    # permessage-deflate costs ~50 KiB a socket (zlib's windows, websockets'
+    # measure) for little on small JSON frames; UVICORN_WS_PER_MESSAGE_DEFLATE=true
+    # turns it back on
+    if "UVICORN_WS_PER_MESSAGE_DEFLATE" not in environ:
+        defaults += ["--ws-per-message-deflate", "false"]
     return [
         "gateway.main:create_app",
         "--factory",
-        *address,
+        *defaults,
         "--http",
         "gateway.edge:EdgeHttpProtocol",
         "--no-proxy-headers",

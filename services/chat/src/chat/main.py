@@ -26,6 +26,7 @@ from chat.limits import UserLimits
 from chat.metrics import ChatMetrics
 from chat.presence import Presence
 from chat.router import router
+from chat.session import SocketEntry
 from kit.app import assemble
 from kit.db import check_database, make_engine, make_sessionmaker
 from kit.logs import configure_logging
@@ -225,4 +226,6 @@ def create_app(settings: Settings | None = None, *, key_source: KeySource | None
         app, settings, readiness={"database": check_database, "bus": check_bus}, registry=registry
     )
     app.include_router(router)
+    # outermost: a socket skips the HTTP layers (see SocketEntry)
+    app.add_middleware(SocketEntry, allowed_hosts=settings.trusted_hosts)
     return app

@@ -20,6 +20,9 @@ from datetime import UTC, datetime
 from typing import Any
 
 from fastapi import WebSocket
+from fastapi.exceptions import WebSocketRequestValidationError
+from starlette.datastructures import Headers
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from chat import service
 from chat.config import Settings
@@ -40,8 +43,10 @@ from chat.schemas import (
     ready_frame,
     valid_room,
 )
+from kit.context import request_id_var
 from kit.errors import ServiceUnavailable, Unauthenticated
-from kit.inputs import json_errors
+from kit.inputs import json_errors, screen_request
+from kit.middleware import REQUEST_ID_HEADER, TrustedHostMiddleware, incoming_request_id
 from kit.security import (
     Principal,
     TokenVerifier,
@@ -52,6 +57,52 @@ from kit.security import (
 logger = logging.getLogger("chat.socket")
 
 BEARER_SUBPROTOCOL = "bearer"
+SOCKET_PREFIX = "/chat/ws/"
+
+
+class SocketEntry:
+    """`/chat/ws/<room>` straight from the server, ahead of the HTTP middleware.
+
+    A socket lives for hours, and every ASGI layer it passes keeps a frame,
+    often a closure and an exit stack, for as long: through FastAPI's stack
+    (kit's middleware, exception handling, routing, dependencies) that is
+    about 15 KB a socket, a third of what chat holds per socket. This entry
+    does for the socket what those layers would: the host check, the request
+    id (logs and the `X-Request-ID` of the handshake), and the input screen.
+    Every other request, and any other WebSocket path, goes to the app."""
+
+    def __init__(self, app: ASGIApp, *, allowed_hosts: list[str]) -> None:
+        self.app = app
+        self.hosts = TrustedHostMiddleware(app, allowed_hosts=allowed_hosts)
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        path: str = scope.get("path", "")
+        room = path[len(SOCKET_PREFIX) :]
+        if scope["type"] != "websocket" or not path.startswith(SOCKET_PREFIX) or "/" in room:
+            await self.app(scope, receive, send)
+            return
+        hosts = self.hosts
+        if not hosts.allow_any and not hosts.is_allowed(Headers(scope=scope).get("host", "")):
+            await send({"type": "websocket.close", "code": CLOSE_POLICY, "reason": "Invalid host"})
+            return
+        request_id = incoming_request_id(scope)
+        scope.setdefault("state", {})["request_id"] = request_id
+        scope["path_params"] = {"room": room}
+        request_id_var.set(request_id)
+        header = (REQUEST_ID_HEADER.encode(), request_id.encode())
+
+        async def send_with_id(message: Message) -> None:
+            if message["type"] == "websocket.accept":
+                message["headers"] = [*message.get("headers", ()), header]
+            await send(message)
+
+        websocket = WebSocket(scope, receive, send_with_id)
+        try:
+            await screen_request(websocket)
+        except WebSocketRequestValidationError:
+            await websocket.close(CLOSE_POLICY, "invalid input")
+            return
+        await chat_socket(websocket, room)
 
 
 def parse_since(raw: str | None) -> int | bool | None:
