@@ -223,6 +223,15 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             if kind == "registered":
                 services["client"] = [cidfile.read_text().strip()]
                 cpu_before = {name: cpu_seconds(ids) for name, ids in services.items()}
+            if kind == "held":
+                cpu_before = {name: cpu_seconds(ids) for name, ids in services.items()}
+            if kind == "broadcast":
+                spent = {name: cpu_seconds(ids) for name, ids in services.items()}
+                figures["cpu_us_per_delivery"] = {
+                    name: round(1e6 * (spent[name] - before) / max(1, event["delivered"]), 1)  # type: ignore[operator]
+                    for name, before in cpu_before.items()
+                    if before is not None and spent[name] is not None
+                }
             if kind == "opened":
                 spent = {name: cpu_seconds(ids) for name, ids in services.items()}
                 figures["cpu_ms_per_socket_opened"] = {
@@ -252,7 +261,10 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         client.wait(timeout=120)
         figures["client_exit"] = client.returncode
     finally:
-        stack.down()
+        if os.environ.get("SCALE_KEEP_STACK"):
+            print(f"stack kept: docker compose -p {stack.project} down -v", file=sys.stderr)
+        else:
+            stack.down()
     return figures
 
 
@@ -287,6 +299,13 @@ def report(figures: dict[str, Any]) -> list[str]:
             "CPU per socket opened (ms, all processes of each): "
             + ", ".join(f"{name} {ms}" for name, ms in cpu.items())
             + f"; total {round(sum(cpu.values()), 2)} ms"
+        )
+    cpu = figures.get("cpu_us_per_delivery", {})
+    if cpu:
+        lines.append(
+            "CPU per broadcast delivery (us, all processes of each): "
+            + ", ".join(f"{name} {us}" for name, us in cpu.items())
+            + f"; total {round(sum(cpu.values()), 1)} us"
         )
     lines.append(
         f"held {held.get('seconds')} s: {held.get('open')} open, {held.get('drops')} dropped"

@@ -62,6 +62,11 @@ def uvicorn_arguments(settings: Settings, environ: Mapping[str, str] = os.enviro
     # turns it back on
     if "UVICORN_WS_PER_MESSAGE_DEFLATE" not in environ:
         defaults += ["--ws-per-message-deflate", "false"]
+    # uvicorn's own INFO lines are three per WebSocket (accepted, opened,
+    # closed): a flood in a connection storm, and a tenth of the CPU of a
+    # handshake. The gateway's own logs follow LOG_LEVEL.
+    if "UVICORN_LOG_LEVEL" not in environ:
+        defaults += ["--log-level", "warning"]
     return [
         "gateway.main:create_app",
         "--factory",
