@@ -28,13 +28,13 @@ import argparse
 import json
 import os
 import re
-import socket
 import subprocess
 import sys
 import time
-import uuid
 from pathlib import Path
 from typing import Any
+
+from stack import Stack
 
 ROOT = Path(__file__).resolve().parents[1]
 SOCKETS = int(os.environ.get("SCALE_SOCKETS", "10000"))
@@ -44,64 +44,6 @@ HOLD_SECONDS = float(os.environ.get("SCALE_HOLD_SECONDS", "300"))
 CONCURRENCY = int(os.environ.get("SCALE_CONCURRENCY", "64"))
 SETTLE_SECONDS = 10.0
 UNITS = {"B": 1, "KiB": 1024, "MiB": 1024**2, "GiB": 1024**3, "kB": 1000, "MB": 1000**2}
-
-
-def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        port: int = probe.getsockname()[1]
-        return port
-
-
-class Stack:
-    def __init__(self) -> None:
-        self.project = f"bazaar-bench-scale-{uuid.uuid4().hex[:6]}"
-        self.env = {
-            **os.environ,
-            "COMPOSE_PROJECT_NAME": self.project,
-            "GATEWAY_PORT": str(free_port()),
-            "TAG": os.environ.get("TAG") or "bench",
-        }
-        self.files = [
-            "-f",
-            str(ROOT / "compose.yaml"),
-            "-f",
-            str(ROOT / "bench/compose.scale.yaml"),
-        ]
-
-    def compose(self, *args: str, capture: bool = False) -> str:
-        done = subprocess.run(
-            ["docker", "compose", *self.files, *args],
-            cwd=ROOT,
-            env=self.env,
-            check=True,
-            capture_output=capture,
-            text=True,
-        )
-        return done.stdout if capture else ""
-
-    def up(self) -> None:
-        self.compose("up", "--detach", "--build", "--wait", "--quiet-pull")
-
-    def down(self) -> None:
-        subprocess.run(
-            ["docker", "compose", *self.files, "down", "--volumes", "--remove-orphans"],
-            cwd=ROOT,
-            env=self.env,
-            check=False,
-            capture_output=True,
-        )
-
-    def containers(self, service: str) -> list[str]:
-        return self.compose("ps", "--quiet", service, capture=True).split()
-
-    @property
-    def network(self) -> str:
-        return f"{self.project}_default"
-
-    @property
-    def image(self) -> str:
-        return f"bazaar/gateway:{self.env['TAG']}"
 
 
 def memory_bytes(containers: list[str]) -> int:
@@ -160,7 +102,7 @@ def log_count(stack: Stack, service: str, pattern: str, since: str) -> int:
 
 
 def run(args: argparse.Namespace) -> dict[str, Any]:
-    stack = Stack()
+    stack = Stack("scale", "bench/compose.scale.yaml")
     figures: dict[str, Any] = {
         "sockets": SOCKETS,
         "rooms": ROOMS,
