@@ -9,10 +9,11 @@ UV := $(shell command -v uv 2>/dev/null || echo "python3 -m uv")
 RUN := $(UV) run --frozen
 SERVICES := auth catalog chat
 SOURCES := libs/kit/src/kit services/auth/src/auth services/catalog/src/catalog services/chat/src/chat gateway/src/gateway
-TESTS := libs/kit/tests services/auth/tests services/catalog/tests services/chat/tests gateway/tests
+TESTS := libs/kit/tests services/auth/tests services/catalog/tests services/chat/tests gateway/tests tests/config
 WEB := gateway/src/gateway/web
 # Debian packages, installed only when missing (CI runs as root on Debian)
 APT_INSTALL := DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends
+BACKUP_DIR ?= backups
 
 .PHONY: help
 help: ## List the targets
@@ -55,9 +56,15 @@ unit: install ## Each service's tests against real PostgreSQL and Redis
 	@for suite in $(TESTS); do echo "== $$suite"; $(RUN) pytest -q $$suite; done
 	@echo "== gateway/tests/js"; node --test gateway/tests/js/
 
+PROMTOOL := $(CURDIR)/.tools/bin/promtool
+
+.PHONY: tools
+tools: ## promtool (from Debian's prometheus package) into .tools/bin, if missing
+	@test -x $(PROMTOOL) || observability/install-promtool.sh $(CURDIR)/.tools
+
 .PHONY: e2e
-e2e: install browser ## The compose stack through the gateway, and the web client in Chromium
-	@$(RUN) pytest -q tests/e2e
+e2e: install browser tools ## The compose stack through the gateway, the web client in Chromium, the observability profile's files
+	@PROMTOOL=$(PROMTOOL) $(RUN) pytest -q tests/e2e
 
 .PHONY: test
 test: check unit e2e ## Everything CI runs: lint, types, unit and end-to-end tests
@@ -67,8 +74,21 @@ up: ## Start the stack with three chat replicas
 	docker compose up --build --scale chat=3 --wait
 
 .PHONY: down
-down: ## Stop the stack and drop its volumes
+down: ## Stop the stack; its data and secrets stay in their volumes
+	docker compose down --remove-orphans
+
+.PHONY: destroy
+destroy: ## Stop the stack and DELETE its volumes: databases, Redis, secrets
 	docker compose down --volumes --remove-orphans
+
+.PHONY: backup
+backup: ## Dump every service database to backups/<UTC time>/ (BACKUP_DIR=...)
+	@sh ops/backup.sh "$(BACKUP_DIR)"
+
+.PHONY: restore
+restore: ## Replace every service database with a backup: make restore BACKUP=<dir>
+	@test -n "$(BACKUP)" || { echo "usage: make restore BACKUP=$(BACKUP_DIR)/<UTC time>" >&2; exit 2; }
+	@sh ops/restore.sh "$(BACKUP)"
 
 .PHONY: logs
 logs: ## Follow the stack's logs
@@ -99,6 +119,6 @@ bench: install ## Benchmarks side by side; writes bench/results.md and .json
 	@PATH="$$PATH:/usr/sbin" $(RUN) python bench/run.py $(PARTS)
 
 .PHONY: clean
-clean: ## Remove caches and the virtual environment
-	rm -rf .venv .mypy_cache .ruff_cache .pytest_cache
+clean: ## Remove caches, tools and the virtual environment
+	rm -rf .venv .tools .mypy_cache .ruff_cache .pytest_cache
 	find . -name __pycache__ -type d -prune -exec rm -rf {} +

@@ -3,7 +3,7 @@ trusted hosts and the merged OpenAPI (its docs page: test_webapp)."""
 
 from __future__ import annotations
 
-from kit.testing import TokenMinter
+from kit.testing import TokenMinter, free_port
 
 from .conftest import gateway_settings, running_gateway, running_upstream, urls
 from .upstreams import Upstream, service_spec
@@ -16,7 +16,23 @@ async def test_health_and_readiness(redis_url: str, minter: TokenMinter) -> None
     assert healthz.status_code == 200
     assert healthz.json() == {"status": "ok"}
     assert readyz.status_code == 200
-    assert readyz.json() == {"status": "ok", "checks": {"redis": "ok"}}
+    assert readyz.json() == {
+        "status": "ok",
+        "checks": {},
+        "optional": {"keys": "ok", "revocations": "ok", "rate_limits": "ok"},
+    }
+
+
+async def test_ready_without_redis_and_says_what_is_degraded(minter: TokenMinter) -> None:
+    unreachable = f"redis://127.0.0.1:{free_port()}/0"
+    async with running_gateway(gateway_settings(unreachable), minter) as (_, client):
+        readyz = await client.get("/readyz")
+    assert readyz.status_code == 200
+    assert readyz.json()["status"] == "degraded"
+    assert readyz.json()["checks"] == {}
+    assert readyz.json()["optional"]["revocations"] == (
+        "Redis unreachable and the mirror too old: authenticated requests get 503"
+    )
 
 
 async def test_unknown_gateway_paths_are_problem_json(redis_url: str, minter: TokenMinter) -> None:

@@ -2,14 +2,19 @@
 
 from __future__ import annotations
 
+import asyncio
+import time
 import uuid
 
 import httpx
+from prometheus_client import CollectorRegistry
 from redis.asyncio import Redis
 
-from gateway.main import Gateway
+from gateway.main import Gateway, create_app
+from gateway.metrics import GatewayMetrics
+from gateway.ratelimit import LocalWindows, RateLimiter
 from kit.security import revoke_token, revoke_user
-from kit.testing import TokenMinter, free_port
+from kit.testing import JwksServer, Service, TokenMinter, free_port, serve, wait_for_redis
 
 from .conftest import gateway_settings, header_values, running_gateway, urls
 from .upstreams import Upstream
@@ -56,7 +61,8 @@ async def test_refuses_revoked_tokens_and_users(
     _, client = gateway
     jti, user_id = uuid.uuid4().hex, str(uuid.uuid4())
     revoked = minter.token(jti=jti)
-    older = minter.token(user_id=user_id, iat=1_700_000_000)
+    # issued before the user's revocation time below (and within the maximum lifetime)
+    older = minter.token(user_id=user_id, iat=int(time.time()) - 60)
     redis = Redis.from_url(redis_url)
     try:
         # as auth writes them: the writer's own process applies them at once
@@ -149,26 +155,113 @@ async def test_limits_each_user_on_their_own(
     assert statuses == [200, 200, 429, 200]
 
 
-async def test_fails_open_or_closed_when_redis_is_down(
+async def test_counts_per_process_while_redis_is_down(
     upstream: tuple[Upstream, str], minter: TokenMinter
 ) -> None:
     unreachable = f"redis://127.0.0.1:{free_port()}/0"
-    for fail_open, expected in ((True, 200), (False, 503)):
-        settings = gateway_settings(
-            unreachable,
-            catalog_upstream=urls(upstream[1]),
-            rate_limit_enabled=True,
-            rate_limit_fail_open=fail_open,
+    settings = gateway_settings(
+        unreachable,
+        catalog_upstream=urls(upstream[1]),
+        rate_limit_enabled=True,
+        rate_limit_anonymous=2,
+        rate_limit_window_seconds=DAY,
+    )
+    async with running_gateway(settings, minter) as (_, client):
+        responses = [await client.get("/catalog/echo") for _ in range(3)]
+        with_token = await client.get(
+            "/catalog/echo", headers={"Authorization": f"Bearer {minter.token()}"}
         )
-        async with running_gateway(settings, minter) as (_, client):
-            responses = [await client.get("/catalog/echo") for _ in range(2)]
-            metrics = (await client.get("/metrics")).text
-        assert [r.status_code for r in responses] == [expected, expected]
-        assert "ratelimit-limit" not in responses[0].headers
-        outcome = "allowed" if fail_open else "refused"
-        assert f'gateway_rate_limit_unavailable_total{{outcome="{outcome}"}} 2.0' in metrics
-    assert responses[0].json()["detail"] == "Rate limiting is unavailable; retry shortly"
+        metrics = (await client.get("/metrics")).text
+        readyz = await client.get("/readyz")
+    assert [r.status_code for r in responses] == [200, 200, 429]
+    assert responses[0].headers["ratelimit-limit"] == "2"
+    assert responses[1].headers["ratelimit-remaining"] == "0"
+    assert int(responses[2].headers["retry-after"]) >= 1
+    assert "gateway_rate_limit_local_total 3.0" in metrics
+    assert readyz.status_code == 200
+    assert readyz.json()["optional"]["rate_limits"].startswith("Redis unreachable for")
+    # no revocation list to check against, and no mirror synced before: retry later
+    assert with_token.status_code == 503
+    assert with_token.json()["detail"] == "Token revocation list is unreachable; retry"
+    assert int(with_token.headers["retry-after"]) >= 1
     assert upstream[0].hits == 2
+
+
+async def test_limits_move_back_to_redis_when_it_returns(
+    redis_service: Service, clean_redis_url: str
+) -> None:
+    redis = Redis.from_url(clean_redis_url, socket_timeout=0.5, socket_connect_timeout=0.5)
+    limiter = RateLimiter(
+        redis,
+        anonymous_limit=100,
+        user_limit=100,
+        window_seconds=DAY,
+        metrics=GatewayMetrics(CollectorRegistry(), list),
+    )
+    try:
+        await limiter.hit(user_id=None, client_address="10.0.0.1")
+        assert limiter.describe() == "ok"
+        await asyncio.to_thread(redis_service.stop)
+        try:
+            quota = await limiter.hit(user_id=None, client_address="10.0.0.1")
+            assert limiter.describe().startswith("Redis unreachable")
+            assert quota.remaining == 99  # a count of this process's own, from one
+        finally:
+            await asyncio.to_thread(redis_service.start)
+        await wait_for_redis(clean_redis_url)
+        deadline = time.monotonic() + 15
+        while limiter.counting_locally:  # Redis is tried again 1, 2, 4... s after failing
+            assert time.monotonic() < deadline, "the limiter never went back to Redis"
+            await limiter.hit(user_id=None, client_address="10.0.0.1")
+            await asyncio.sleep(0.05)
+        # the hit that found Redis again was counted there (a restart emptied it)
+        assert [key async for key in redis.scan_iter("gateway:ratelimit:ip:10.0.0.1:*")]
+    finally:
+        await redis.aclose()
+
+
+def test_local_counters_are_bounded_and_start_afresh_each_window() -> None:
+    local = LocalWindows(max_identities=2)
+    assert [local.hit("a", 1), local.hit("a", 1), local.hit("b", 1)] == [1, 2, 1]
+    assert local.hit("c", 1) == 1  # "a", the least recently seen, makes room
+    assert len(local) == 2
+    assert local.hit("a", 1) == 1
+    assert local.hit("c", 2) == 1  # a new window
+
+
+async def test_a_token_whose_key_cannot_be_fetched_is_a_503_until_auth_answers(
+    upstream: tuple[Upstream, str], redis_url: str
+) -> None:
+    minter = TokenMinter()
+    jwks = JwksServer(minter.jwks)
+    jwks.failing = True  # auth answers 503: it cannot say which keys exist
+    headers = {"Authorization": f"Bearer {minter.token()}"}
+    async with serve(jwks, lifespan="off") as auth_base:
+        settings = gateway_settings(
+            redis_url,
+            catalog_upstream=urls(upstream[1]),
+            jwks_url=f"{auth_base}/auth/.well-known/jwks.json/{uuid.uuid4().hex}",
+        )
+        async with (
+            serve(create_app(settings)) as base,
+            httpx.AsyncClient(base_url=base) as client,
+        ):
+            refused = await client.get("/catalog/echo", headers=headers)
+            degraded = await client.get("/readyz")
+            anonymous = await client.get("/catalog/echo")
+            jwks.failing = False
+            deadline = time.monotonic() + 15
+            while (await client.get("/readyz")).json()["status"] != "ok":
+                assert time.monotonic() < deadline, "the key set was never fetched"
+                await asyncio.sleep(0.05)  # the key source retries with backoff
+            accepted = await client.get("/catalog/echo", headers=headers)
+    assert refused.status_code == 503
+    assert refused.json()["detail"].startswith("The token's signing key cannot be fetched")
+    assert int(refused.headers["retry-after"]) >= 1
+    assert degraded.status_code == 200
+    assert degraded.json()["optional"]["keys"].startswith("auth unreachable for")
+    assert anonymous.status_code == 200
+    assert accepted.status_code == 200
 
 
 async def test_revocation_applies_to_a_token_already_verified(

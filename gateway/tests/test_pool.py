@@ -219,6 +219,30 @@ async def test_ejects_a_sick_replica_and_takes_it_back(redis_url: str, minter: T
     assert 'gateway_upstream_replicas{route="catalog",state="ejected"} 1.0' in metrics
 
 
+async def test_a_dependency_outage_the_service_reports_ejects_nothing(
+    redis_url: str, minter: TokenMinter
+) -> None:
+    async with (
+        running_upstream("one") as (first, first_url),
+        running_upstream("two") as (_, second_url),
+    ):
+        settings = gateway_settings(
+            redis_url,
+            catalog_upstream=urls(first_url, second_url),
+            eject_after_failures=2,
+            eject_seconds=30,
+        )
+        async with running_gateway(settings, minter) as (_, client):
+            # what kit answers when a dependency is down: its own 503 problem
+            first.failing, first.failing_status = True, 503
+            first.failing_media_type = "application/problem+json"
+            answers = [await client.get("/catalog/flaky") for _ in range(8)]
+            metrics = (await client.get("/metrics")).text
+    # "one" keeps its share: its answer is the service's, not a sick replica's
+    assert [a.json()["node"] for a in answers].count("one") == 4
+    assert 'gateway_upstream_replicas{route="catalog",state="ejected"} 0.0' in metrics
+
+
 async def test_a_panic_keeps_serving_when_every_replica_fails_its_probe(
     redis_url: str, minter: TokenMinter
 ) -> None:

@@ -32,6 +32,7 @@ class Upstream:
         self.ready = True
         self.failing = False
         self.failing_status = 500
+        self.failing_media_type = "application/json"
         self.first_chunk_seen = asyncio.Event()
         self.release_stream = asyncio.Event()
         self.stream_abandoned = asyncio.Event()
@@ -113,7 +114,11 @@ class Upstream:
     async def flaky(self, request: Request) -> Response:
         self.hits += 1
         if self.failing:
-            return JSONResponse({"node": self.node}, status_code=self.failing_status)
+            return JSONResponse(
+                {"node": self.node},
+                status_code=self.failing_status,
+                media_type=self.failing_media_type,
+            )
         return JSONResponse({"node": self.node})
 
     async def hop(self, request: Request) -> Response:

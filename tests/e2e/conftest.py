@@ -16,7 +16,8 @@ import httpx
 import pytest
 from testcontainers.compose import DockerCompose
 
-from kit.testing import free_port
+from kit.otlp_receiver import OtlpReceiver
+from kit.testing import MailCatcher, free_port
 
 ROOT = Path(__file__).resolve().parents[2]
 ADMIN_EMAIL = "admin@e2e.example.com"
@@ -25,6 +26,22 @@ ADMIN_PASSWORD = "e2e-admin-password"
 IMPORTER = ("e2e-importer", "e2e-importer-secret-0123456789")
 RESOURCE_SERVER = ("e2e-reports", "e2e-reports-secret-0123456789")
 IMPORT_KEY = "e2e-import-key"
+# Set in the environment, as an operator's .env would: compose hands them on.
+# All of the suite's traffic comes from one address (Docker's proxy), so the
+# per-address limits are raised (they are tested in the gateway's and auth's
+# own suites); per-account and per-user limits keep their defaults
+# (test_abuse.py). Revocations are answered from the local mirror for 10 s
+# (not 30) while Redis is down, so a 30 s outage shows both sides of that
+# policy (test_degraded.py).
+SETTINGS = {
+    "RATE_LIMIT_ANONYMOUS": "987654",
+    "RATE_LIMIT_USER": "1000000",
+    "LOGIN_FAILURES_PER_CLIENT": "1000000",
+    "MAX_CONNECTIONS_PER_CLIENT": "0",
+    "CATALOG_API_KEY": IMPORT_KEY,
+    "REVOCATION_MAX_STALENESS_SECONDS": "10",
+}
+HOST_FROM_CONTAINERS = "host.docker.internal"  # compose.e2e.yaml maps it to the host
 
 
 @dataclass
@@ -32,6 +49,7 @@ class Stack:
     compose: DockerCompose
     project: str
     base_url: str
+    mail: MailCatcher
 
     @property
     def ws_url(self) -> str:
@@ -60,8 +78,16 @@ def checkout_id() -> str:
 
 
 @pytest.fixture(scope="session")
-def stack() -> Iterator[Stack]:
-    port = free_port()
+def otlp_receiver() -> Iterator[OtlpReceiver]:
+    """Where every service of the stack sends its traces: a receiver in this
+    process, reached from the containers through the host's gateway address."""
+    with OtlpReceiver(host="0.0.0.0") as receiver:
+        yield receiver
+
+
+@pytest.fixture(scope="session")
+def stack(otlp_receiver: OtlpReceiver) -> Iterator[Stack]:
+    port, smtp_port = free_port(), free_port()
     project = f"bazaar-e2e-{uuid.uuid4().hex[:8]}"
     with pytest.MonkeyPatch.context() as patch:
         patch.setenv("COMPOSE_PROJECT_NAME", project)
@@ -74,7 +100,15 @@ def stack() -> Iterator[Stack]:
         # the address tests reach the gateway at: discovery's URLs and the issuer
         patch.setenv("PUBLIC_BASE_URL", f"http://127.0.0.1:{port}")
         patch.delenv("JWT_ISSUER", raising=False)
-        patch.setenv("CATALOG_API_KEY", IMPORT_KEY)
+        # auth mails a catcher on this machine (see compose.e2e.yaml)
+        patch.setenv("SMTP_URL", f"smtp://host.docker.internal:{smtp_port}")
+        for name, value in SETTINGS.items():
+            patch.setenv(name, value)
+        # tracing on, exported every 200 ms (tests/e2e/test_observability.py)
+        patch.setenv(
+            "OTEL_EXPORTER_OTLP_ENDPOINT", otlp_receiver.endpoint_for(HOST_FROM_CONTAINERS)
+        )
+        patch.setenv("OTEL_BSP_SCHEDULE_DELAY", "200")
         compose = DockerCompose(
             ROOT,
             compose_file_name=["compose.yaml", "tests/e2e/compose.e2e.yaml"],
@@ -92,10 +126,26 @@ def stack() -> Iterator[Stack]:
             print(logs.stdout.decode(errors="replace"))  # noqa: T201 - shown when start-up fails
             compose.stop()
             raise
+        mail = MailCatcher(host=host_gateway(compose), port=smtp_port)
+        mail.start()
         try:
-            yield Stack(compose, project, f"http://127.0.0.1:{port}")
+            yield Stack(compose, project, f"http://127.0.0.1:{port}", mail)
         finally:
+            mail.stop()
             compose.stop()
+
+
+def host_gateway(compose: DockerCompose) -> str:
+    """This machine's address as the containers reach it: the catcher listens
+    there only, not on every interface."""
+    lookup = ["getent", "hosts", "host.docker.internal"]
+    done = subprocess.run(
+        [*compose.compose_command_property, "exec", "-T", "auth", *lookup],
+        check=True,
+        capture_output=True,
+        text=True,
+    )
+    return done.stdout.split()[0]
 
 
 @pytest.hookimpl(wrapper=True)

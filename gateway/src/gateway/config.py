@@ -80,8 +80,7 @@ class Settings(ServiceSettings):
     rate_limit_anonymous: int = Field(default=300, ge=1)
     rate_limit_user: int = Field(default=1200, ge=1)
     rate_limit_window_seconds: int = Field(default=60, ge=1)
-    # When Redis cannot answer: let the request through (open) or refuse it (503).
-    rate_limit_fail_open: bool = True
+    # While Redis cannot answer, each gateway process counts on its own.
     redis_timeout_seconds: float = Field(default=0.5, gt=0)
 
     # Keep a client's X-Forwarded-* (append to X-Forwarded-For) only when

@@ -1,7 +1,7 @@
 """The gateway app: `create_app()` builds it; the lifespan opens every resource.
 
-The outermost layers are kit's pure-ASGI middleware (request id, timing,
-trusted hosts), then CORS and GZip. Under them a dispatcher sends `/auth`,
+The outermost layers are kit's pure-ASGI middleware (request id, tracing when
+on, access log, timing, trusted hosts), then CORS and GZip. Under them a dispatcher sends `/auth`,
 `/catalog` and `/chat` (HTTP and WebSocket) to the proxy, a plain ASGI
 handler, and everything else to the gateway's own FastAPI app (`/healthz`,
 `/readyz`, `/metrics`, `/openapi.json`, `/docs`, RFC 8414's root well-known
@@ -16,7 +16,7 @@ import logging
 from collections.abc import AsyncIterator, Mapping
 from typing import Any, TypedDict
 
-from fastapi import FastAPI
+from fastapi import FastAPI, Request
 from fastapi.openapi.utils import get_openapi
 from redis.asyncio import Redis
 from starlette.middleware.cors import CORSMiddleware
@@ -30,14 +30,17 @@ from gateway.router import docs_router, well_known_router
 from gateway.runtime import Route, Runtime
 from gateway.webapp import SecurityHeaders, install_web
 from gateway.websocket import WebSocketProxy
+from kit.accesslog import AccessLogMiddleware
 from kit.errors import install_problem_handlers
-from kit.health import check_redis, health_router
+from kit.health import VERIFIER_CHECKS, Degraded, health_router
 from kit.heap import settled_heap
 from kit.logs import configure_logging
 from kit.metrics import MetricsMiddleware, metrics_router
 from kit.middleware import RequestIdMiddleware, TimingMiddleware, TrustedHostMiddleware
+from kit.observe import ROUTE_TEMPLATE_KEY
 from kit.openapi import describe_problems
 from kit.security import KeySource, TokenVerifier
+from kit.tracing import TracingMiddleware, configure_tracing
 
 logger = logging.getLogger("gateway.main")
 TITLE = "Bazaar API"
@@ -80,6 +83,7 @@ class Dispatcher:
         if kind == "http" or kind == "websocket":
             route = self.routes.get(scope["path"][1:].partition("/")[0])
             if route is not None:
+                scope[ROUTE_TEMPLATE_KEY] = route.template
                 if kind == "http":
                     await self.proxy(route, scope, receive, send)
                 else:
@@ -115,6 +119,8 @@ class Gateway:
 
     def __init__(self, settings: Settings, *, key_source: KeySource | None = None) -> None:
         self.settings = settings
+        # before the runtime's client session exists: the instrumentation hooks its creation
+        tracing = configure_tracing(settings)
         self.runtime = runtime = Runtime(settings, key_source=key_source)
         self.api = build_api(runtime)
         proxy = Proxy(runtime)
@@ -137,10 +143,19 @@ class Gateway:
             )
         app = TrustedHostMiddleware(app, allowed_hosts=settings.trusted_hosts)
         app = TimingMiddleware(app)
+        app = AccessLogMiddleware(app)
+        if tracing:
+            app = TracingMiddleware(app)
         self.app = RequestIdMiddleware(app)
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         await self.app(scope, receive, send)
+
+
+async def check_rate_limits(request: Request) -> None:
+    limiter = request.state.runtime.limiter
+    if limiter is not None and limiter.counting_locally:
+        raise Degraded(limiter.describe())
 
 
 def build_api(runtime: Runtime) -> FastAPI:
@@ -163,13 +178,20 @@ def build_api(runtime: Runtime) -> FastAPI:
     api = FastAPI(
         title="Bazaar gateway",
         lifespan=lifespan,
+        # the gateway's own TracingMiddleware spans these requests already
+        telemetry={"tracing": False, "metrics": False, "logs": False},
         openapi_url=None,
         docs_url=None,
         redoc_url=None,
     )
     install_problem_handlers(api)
-    api.include_router(health_router({"redis": check_redis}))
-    api.include_router(metrics_router(runtime.registry))
+    # Ready whenever the process runs: proxying needs no dependency of its own.
+    # Without Redis, limits are counted per process and revocations come from
+    # the local mirror for a while; without auth, the cached keys verify.
+    api.include_router(
+        health_router({}, optional={**VERIFIER_CHECKS, "rate_limits": check_rate_limits})
+    )
+    api.include_router(metrics_router(runtime.registry, samplers=(runtime.metrics.pools.sample,)))
 
     def own_spec() -> dict[str, Any]:
         return describe_problems(get_openapi(title=api.title, version="1", routes=api.routes))
@@ -183,5 +205,7 @@ def build_api(runtime: Runtime) -> FastAPI:
 def create_app(settings: Settings | None = None, *, key_source: KeySource | None = None) -> Gateway:
     """`key_source` replaces the JWKS for token verification (tests)."""
     settings = settings or Settings()
-    configure_logging(service=settings.service_name, level=settings.log_level)
+    configure_logging(
+        service=settings.service_name, level=settings.log_level, log_format=settings.log_format
+    )
     return Gateway(settings, key_source=key_source)

@@ -1,5 +1,9 @@
 """Prometheus series for the edge: requests by route prefix and status, upstream
-latency, pool membership, rate-limit refusals and Redis outages."""
+requests, latency, retries, ejections and requests in flight per upstream, pool
+membership, rate-limit refusals and Redis outages.
+
+Every series labelled by upstream exists from the start (at 0) for each route,
+so dashboards and alerts see a zero rather than no data."""
 
 from __future__ import annotations
 
@@ -11,6 +15,7 @@ from prometheus_client.registry import Collector
 
 from gateway.pool import Pool
 from kit.metrics import HttpMetrics
+from kit.pools import PoolMetrics
 
 _KNOWN_METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"})
 
@@ -39,6 +44,15 @@ class PoolCollector(Collector):
         yield family
         yield panic
 
+        in_flight = GaugeMetricFamily(
+            "gateway_upstream_in_flight",
+            "Requests (and WebSocket sessions) open to each upstream",
+            labels=["route"],
+        )
+        for pool in self.pools():
+            in_flight.add_metric([pool.name], sum(r.in_flight for r in pool.replicas))
+        yield in_flight
+
 
 class GatewayMetrics:
     def __init__(self, registry: CollectorRegistry, pools: Callable[[], Sequence[Pool]]) -> None:
@@ -63,10 +77,9 @@ class GatewayMetrics:
             ["client"],
             registry=registry,
         )
-        self.rate_limit_unavailable = Counter(
-            "gateway_rate_limit_unavailable_total",
-            "Requests Redis could not count, by what the policy did (allowed, refused)",
-            ["outcome"],
+        self.rate_limit_local = Counter(
+            "gateway_rate_limit_local_total",
+            "Requests counted by this process's own limiter because Redis could not count them",
             registry=registry,
         )
         self.edge_refusals = Counter(
@@ -76,10 +89,31 @@ class GatewayMetrics:
             ["reason"],
             registry=registry,
         )
+        self.upstream_requests = Counter(
+            "gateway_upstream_requests_total",
+            "Requests sent upstream, by route and outcome (the status class, or error)",
+            ["route", "outcome"],
+            registry=registry,
+        )
+        self.ejections = Counter(
+            "gateway_upstream_ejections_total",
+            "Replicas taken out of rotation after failures (passive health)",
+            ["route"],
+            registry=registry,
+        )
+        self.pools = PoolMetrics(registry)
         registry.register(PoolCollector(pools))
+        for client in ("anonymous", "user"):
+            self.rate_limited.labels(client)
+        for pool in pools():
+            self.retries.labels(pool.name)
+            self.ejections.labels(pool.name)
+            for outcome in ("2xx", "3xx", "4xx", "5xx", "error"):
+                self.upstream_requests.labels(pool.name, outcome)
         self._requests: dict[tuple[str, str, int], Callable[[], None]] = {}
         self._latency: dict[tuple[str, str], Callable[[float], None]] = {}
         self._upstream: dict[str, Callable[[float], None]] = {}
+        self._outcomes: dict[tuple[str, str], Callable[[], None]] = {}
 
     def request(self, route: str, method: str, status: int, seconds: float) -> None:
         """Counts one proxied request; label children are looked up once per combination."""
@@ -99,8 +133,20 @@ class GatewayMetrics:
     def edge_refused(self, reason: str) -> None:
         self.edge_refusals.labels(reason).inc()
 
-    def upstream(self, route: str, seconds: float) -> None:
-        observe = self._upstream.get(route)
-        if observe is None:
-            observe = self._upstream[route] = self.upstream_latency.labels(route).observe
-        observe(seconds)
+    def upstream(self, route: str, seconds: float, status: int | None = None) -> None:
+        """One upstream answer (its head after `seconds`); `status` None: no answer."""
+        if status is not None:
+            observe = self._upstream.get(route)
+            if observe is None:
+                observe = self._upstream[route] = self.upstream_latency.labels(route).observe
+            observe(seconds)
+        outcome = "error" if status is None else _STATUS_CLASSES.get(status // 100, "error")
+        count = self._outcomes.get((route, outcome))
+        if count is None:
+            count = self._outcomes[(route, outcome)] = self.upstream_requests.labels(
+                route, outcome
+            ).inc
+        count()
+
+
+_STATUS_CLASSES = {1: "1xx", 2: "2xx", 3: "3xx", 4: "4xx", 5: "5xx"}

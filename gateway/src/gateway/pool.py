@@ -13,7 +13,8 @@ working replica), so no sequence of requests can take a service out:
 - down: its connection was refused (nothing listens): skipped at once, until a
   probe passes or `eject_seconds` go by. Nobody can fake this from outside.
 - ejected (passive): `eject_after_failures` sickness signals in a row (a
-  timeout, a reset, a 502/503/504 from it) take it out for `eject_seconds`;
+  timeout, a reset, a 502/503/504 from it, but not the service's own 503
+  problem+json about a dependency) take it out for `eject_seconds`;
   never more than half of the pool's live replicas at once.
 - unhealthy (active): its readiness probe answered non-2xx, or failed in
   transport `probe_failures` times in a row (one slow probe is no verdict).
@@ -34,7 +35,7 @@ import logging
 import math
 import socket
 import time
-from collections.abc import Collection, Sequence
+from collections.abc import Callable, Collection, Sequence
 from dataclasses import dataclass, field
 
 import aiohttp
@@ -134,6 +135,8 @@ class Pool:
         # set when a connection failed, so discovery runs before its next interval
         self.stale = asyncio.Event()
         self._refreshed_at = 0.0
+        # counts a passive ejection (gateway_upstream_ejections_total)
+        self.ejections: Callable[[], None] | None = None
 
     @property
     def host_header(self) -> str:
@@ -245,6 +248,8 @@ class Pool:
             )
             return
         replica.ejected_until = now + self.eject_seconds
+        if self.ejections is not None:
+            self.ejections()
         logger.warning(
             "ejected %s replica %s:%s for %.1fs",
             self.name,

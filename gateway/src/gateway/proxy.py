@@ -27,6 +27,7 @@ from gateway.pool import SICK_STATUSES, Pool, Replica, not_listening
 from gateway.ratelimit import Quota
 from gateway.runtime import Route, Runtime
 from kit.errors import (
+    PROBLEM_JSON,
     BadGateway,
     DomainError,
     GatewayTimeout,
@@ -35,6 +36,7 @@ from kit.errors import (
     Unauthenticated,
     problem_response,
 )
+from kit.observe import remember_user
 from kit.security import Principal, bearer_from_headers
 
 logger = logging.getLogger("gateway.proxy")
@@ -97,6 +99,17 @@ class StreamedBody:
                 return
 
 
+def says_sick(status: int, content_type: str | None) -> bool:
+    """Whether an answer is a sickness signal. A 503 the service wrote itself
+    as problem+json says a dependency it needs is down (every replica would
+    say the same; its readiness probe tells the replica's own state), so it
+    counts as a working replica; a bare 502/503/504 (an overloaded server, a
+    proxy in between) counts against it."""
+    if status not in SICK_STATUSES:
+        return False
+    return status != 503 or not (content_type or "").startswith(PROBLEM_JSON)
+
+
 def connection_failed(pool: Pool, replica: Replica, error: BaseException) -> None:
     """A connection that never opened: refused means nothing listens there
     (out at once); a connect timeout may be a busy replica (one failure)."""
@@ -151,6 +164,8 @@ class Proxy:
             if limiter is not None:
                 await limiter.hit(user_id=None, client_address=address)
             raise
+        if principal is not None:
+            remember_user(scope, principal.user_id)
         if limiter is None:
             return None
         return await limiter.hit(
@@ -214,6 +229,7 @@ class Proxy:
             except (aiohttp.ClientConnectorError, aiohttp.ConnectionTimeoutError) as error:
                 # the connection never opened: nothing was sent
                 replica.in_flight -= 1
+                self.metrics.upstream(route.name, 0.0, None)
                 connection_failed(pool, replica, error)
                 if replayable and len(tried) < self.retries:
                     tried.append(replica)
@@ -222,6 +238,7 @@ class Proxy:
                 raise unreachable(route.name, pool) from error
             except aiohttp.ServerTimeoutError as error:
                 replica.in_flight -= 1
+                self.metrics.upstream(route.name, 0.0, None)
                 pool.failed(replica)
                 raise GatewayTimeout(
                     f"The {route.name} service did not answer within {route.timeout_seconds:g} s"
@@ -232,13 +249,14 @@ class Proxy:
                     raise too_large(limit) from error
                 if isinstance(body, StreamedBody) and body.disconnected:
                     return CLIENT_CLOSED_REQUEST
+                self.metrics.upstream(route.name, 0.0, None)
                 pool.failed(replica)
                 raise BadGateway(f"The {route.name} service failed to answer") from error
             break
 
         try:
-            self.metrics.upstream(route.name, time.perf_counter() - sent_at)
-            if response.status in SICK_STATUSES:
+            self.metrics.upstream(route.name, time.perf_counter() - sent_at, response.status)
+            if says_sick(response.status, response.headers.get("content-type")):
                 pool.failed(replica)
             else:
                 # any other answer, 4xx or 500 included, shows a working replica

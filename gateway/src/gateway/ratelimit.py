@@ -1,9 +1,12 @@
-"""Rate limits in Redis: a fixed window per client address or per user.
+"""Rate limits: a fixed window per client address or per user, counted in Redis.
 
-One EVALSHA per request counts the hit and sets the window's expiry. When
-Redis cannot answer, the policy decides (let through, or refuse with 503),
-each such decision is counted, and Redis is left alone for a moment so an
-outage does not add a connect timeout to every request.
+One EVALSHA per request counts the hit and sets the window's expiry, so every
+gateway process shares one count. While Redis cannot answer, each process
+counts in its own memory instead (same limits, same windows): limiting goes
+on, per process, rather than letting everything through or refusing
+everything. Redis is then left alone for a while (backing off up to 8 s), so
+an outage does not add a connect timeout to every request, and taken back as
+soon as it answers.
 """
 
 from __future__ import annotations
@@ -11,13 +14,14 @@ from __future__ import annotations
 import logging
 import math
 import time
+from collections import OrderedDict
 from dataclasses import dataclass
 
 from redis.asyncio import Redis
 from redis.exceptions import RedisError
 
 from gateway.metrics import GatewayMetrics
-from kit.errors import RateLimited, ServiceUnavailable
+from kit.errors import RateLimited
 
 logger = logging.getLogger("gateway.ratelimit")
 
@@ -26,7 +30,12 @@ local count = redis.call('INCR', KEYS[1])
 if count == 1 then redis.call('EXPIREAT', KEYS[1], ARGV[1]) end
 return count
 """
-REDIS_BACKOFF_SECONDS = 1.0
+# While Redis fails, it is tried again after 1 s, then 2, 4 and 8 s at most:
+# each try costs a connection attempt and a lookup of its name.
+REDIS_BACKOFF_SECONDS = (1.0, 8.0)
+# Identities the local counters hold in one window; the least recently seen go
+# first, so memory stays bounded whatever the number of client addresses.
+LOCAL_MAX_IDENTITIES = 100_000
 
 
 def rate_limit_key(identity: str, window: int) -> str:
@@ -47,6 +56,29 @@ class Quota:
         ]
 
 
+class LocalWindows:
+    """Fixed-window counters in this process's memory, for while Redis is away."""
+
+    def __init__(self, *, max_identities: int = LOCAL_MAX_IDENTITIES) -> None:
+        self.max_identities = max_identities
+        self._window = -1
+        self._counts: OrderedDict[str, int] = OrderedDict()
+
+    def hit(self, identity: str, window: int) -> int:
+        """Counts one request of `identity` in `window`; returns its count so far."""
+        if window != self._window:
+            self._window = window
+            self._counts.clear()
+        count = self._counts.pop(identity, 0) + 1
+        self._counts[identity] = count
+        if len(self._counts) > self.max_identities:
+            self._counts.popitem(last=False)
+        return count
+
+    def __len__(self) -> int:
+        return len(self._counts)
+
+
 class RateLimiter:
     def __init__(
         self,
@@ -55,22 +87,33 @@ class RateLimiter:
         anonymous_limit: int,
         user_limit: int,
         window_seconds: int,
-        fail_open: bool,
         metrics: GatewayMetrics,
+        local: LocalWindows | None = None,
     ) -> None:
         self.anonymous_limit = anonymous_limit
         self.user_limit = user_limit
         self.window_seconds = window_seconds
-        self.fail_open = fail_open
         self.metrics = metrics
+        self.local = local or LocalWindows()
         self._count_hit = redis.register_script(_COUNT_HIT)
         self._redis_down_until = 0.0
+        self._backoff = REDIS_BACKOFF_SECONDS[0]
+        self._local_since: float | None = None
 
-    async def hit(self, *, user_id: str | None, client_address: str) -> Quota | None:
-        """Counts one request; raises RateLimited past the limit.
+    @property
+    def counting_locally(self) -> bool:
+        """Whether the last requests were counted in this process (Redis away)."""
+        return self._local_since is not None
 
-        Returns None when Redis is unreachable and the policy is to fail open.
-        """
+    def describe(self) -> str:
+        """One line for `/readyz`."""
+        if self._local_since is None:
+            return "ok"
+        away = time.monotonic() - self._local_since
+        return f"Redis unreachable for {away:.0f} s: counted per gateway process"
+
+    async def hit(self, *, user_id: str | None, client_address: str) -> Quota:
+        """Counts one request; raises RateLimited past the limit."""
         if user_id is not None:
             identity, limit, client = f"user:{user_id}", self.user_limit, "user"
         else:
@@ -79,20 +122,7 @@ class RateLimiter:
         window = int(now // self.window_seconds)
         window_end = (window + 1) * self.window_seconds
         reset_seconds = max(1, math.ceil(window_end - now))
-        if time.monotonic() < self._redis_down_until:
-            self._redis_unavailable()
-            return None
-        try:
-            count = int(
-                await self._count_hit(
-                    keys=[rate_limit_key(identity, window)], args=[window_end + 1]
-                )
-            )
-        except (RedisError, OSError) as error:
-            logger.warning("rate limiting cannot reach Redis: %s", error)
-            self._redis_down_until = time.monotonic() + REDIS_BACKOFF_SECONDS
-            self._redis_unavailable()
-            return None
+        count = await self._count(identity, window, window_end)
         quota = Quota(limit, max(0, limit - count), reset_seconds)
         if count > limit:
             self.metrics.rate_limited.labels(client).inc()
@@ -103,12 +133,27 @@ class RateLimiter:
             raise refusal
         return quota
 
-    def _redis_unavailable(self) -> None:
-        """Applies the fail-open/closed policy: returns (open) or raises (closed)."""
-        if self.fail_open:
-            self.metrics.rate_limit_unavailable.labels("allowed").inc()
-            return
-        self.metrics.rate_limit_unavailable.labels("refused").inc()
-        raise ServiceUnavailable(
-            "Rate limiting is unavailable; retry shortly", headers={"Retry-After": "1"}
-        )
+    async def _count(self, identity: str, window: int, window_end: int) -> int:
+        if time.monotonic() >= self._redis_down_until:
+            try:
+                count = int(
+                    await self._count_hit(
+                        keys=[rate_limit_key(identity, window)], args=[window_end + 1]
+                    )
+                )
+            except (RedisError, OSError) as error:
+                if self._local_since is None:
+                    self._local_since = time.monotonic()
+                    logger.warning(
+                        "rate limiting cannot reach Redis (%s); counting per process", error
+                    )
+                self._redis_down_until = time.monotonic() + self._backoff
+                self._backoff = min(self._backoff * 2, REDIS_BACKOFF_SECONDS[1])
+            else:
+                if self._local_since is not None:
+                    self._local_since = None
+                    self._backoff = REDIS_BACKOFF_SECONDS[0]
+                    logger.info("rate limiting counts in Redis again")
+                return count
+        self.metrics.rate_limit_local.inc()
+        return self.local.hit(identity, window)

@@ -51,6 +51,11 @@ class Route:
     timeout_seconds: float
     timeout: aiohttp.ClientTimeout
 
+    @property
+    def template(self) -> str:
+        """The route in access logs and span names: the prefix, as in `/catalog`."""
+        return f"/{self.name}"
+
 
 def build_routes(settings: Settings) -> dict[str, Route]:
     upstreams = {
@@ -99,6 +104,8 @@ class Runtime:
             max_connections_per_client=settings.max_connections_per_client,
             on_refusal=self.metrics.edge_refused,
         )
+        for route in self.routes.values():
+            route.pool.ejections = self.metrics.ejections.labels(route.name).inc
         # open WebSocket relays, closed with 1012 when the gateway stops
         self.websockets: set[Callable[[], Awaitable[None]]] = set()
         self._tasks: list[asyncio.Task[None]] = []
@@ -136,7 +143,6 @@ class Runtime:
                 anonymous_limit=settings.rate_limit_anonymous,
                 user_limit=settings.rate_limit_user,
                 window_seconds=settings.rate_limit_window_seconds,
-                fail_open=settings.rate_limit_fail_open,
                 metrics=self.metrics,
             )
         self.prober = HealthProber(

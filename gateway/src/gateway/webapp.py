@@ -29,6 +29,7 @@ PAGE_PATHS = (
     "/signup",
     "/password/forgot",
     "/password/reset",
+    "/email/verify",
     "/products/new",
     "/products/{product_id}",
     "/rooms",

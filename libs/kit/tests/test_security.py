@@ -2,6 +2,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import contextlib
 import hashlib
 import hmac
 import json
@@ -10,6 +11,7 @@ import uuid
 from collections.abc import AsyncIterator, Callable
 from typing import Any
 
+import httpx
 import pytest
 from jose import jwt
 from redis.asyncio import Redis
@@ -17,6 +19,8 @@ from redis.asyncio import Redis
 import kit.security
 from kit.errors import ServiceUnavailable, Unauthenticated
 from kit.security import (
+    Deadline,
+    JwksKeySource,
     KeySource,
     TokenVerifier,
     VerificationKey,
@@ -24,9 +28,11 @@ from kit.security import (
     revoke_user,
     revoked_token_key,
     revoked_user_key,
+    shared_jwks_key,
+    user_revoked_before,
 )
 from kit.settings import DEFAULT_JWT_ISSUER
-from kit.testing import Service, TokenMinter, wait_for_redis
+from kit.testing import JwksServer, Service, TokenMinter, free_port, serve, wait_for_redis
 
 
 def make_verifier(keys: KeySource, redis: Redis | None) -> TokenVerifier:
@@ -287,32 +293,294 @@ async def test_resync_on_start_catches_revocations_written_before(
         await client.aclose()
 
 
-async def test_redis_restart_falls_back_then_resyncs(
-    minter: TokenMinter, mirrored: TokenVerifier, redis_service: Service, redis_url: str
+async def test_redis_down_answers_from_the_mirror_for_a_bounded_time_then_fails_closed(
+    minter: TokenMinter, redis_service: Service, redis_url: str
+) -> None:
+    client = Redis.from_url(redis_url)
+    verifier = TokenVerifier(
+        keys=minter.key_source,
+        issuer=DEFAULT_JWT_ISSUER,
+        audience="bazaar",
+        algorithms=["ES256"],
+        redis=client,
+        max_staleness_seconds=60,
+    )
+    try:
+        async with verifier:
+            await current(verifier)
+            mirror = verifier.revocations
+            assert mirror is not None
+            revoked = minter.token(user_id=str(uuid.uuid4()))
+            await revoke_token(client, (await verifier.verify(revoked)).jti, ttl=60)
+            valid = minter.token(user_id=str(uuid.uuid4()))
+            principal = await verifier.verify(valid)
+            logged_out, cutoff = str(uuid.uuid4()), time.time()
+            await revoke_user(client, logged_out, before=cutoff, ttl=60)
+            assert await user_revoked_before(client, logged_out) == cutoff
+            syncs = mirror.syncs
+
+            await asyncio.to_thread(redis_service.stop)
+            try:
+                await until(verifier, lambda: not mirror.synced)
+                # Redis cannot be asked: the mirror's last sync answers, both ways
+                assert await verifier.verify(valid) == principal
+                with pytest.raises(Unauthenticated, match="Token revoked"):
+                    await verifier.verify(revoked)
+                assert (await verifier.revocations_status()).startswith(
+                    "Redis unreachable: revocations answered from the mirror synced"
+                )
+                # what a login reads to date a new token after a logout-everywhere
+                assert await user_revoked_before(client, logged_out) == cutoff
+                assert await user_revoked_before(client, principal.user_id) is None
+                # past the bound, authenticated requests fail closed with a retry hint
+                verifier.max_staleness_seconds = 0
+                with pytest.raises(ServiceUnavailable) as refused:
+                    await verifier.verify(valid)
+                assert refused.value.headers["Retry-After"] == "2"
+                assert "too old" in await verifier.revocations_status()
+            finally:
+                await asyncio.to_thread(redis_service.start)
+            await wait_for_redis(redis_url)
+            writer = Redis.from_url(redis_url)
+            try:
+                # written right after the restart, while the subscriber is still reconnecting
+                await writer.set(revoked_token_key(principal.jti), "1", ex=60)
+            finally:
+                await writer.aclose()
+            await until(verifier, lambda: mirror.syncs > syncs and mirror.current())
+            assert await verifier.revocations_status() == "ok"
+            with pytest.raises(Unauthenticated, match="Token revoked"):
+                await verifier.verify(valid)
+            other = minter.token(user_id=principal.user_id)
+            assert (await verifier.verify(other)).user_id == principal.user_id
+    finally:
+        await client.aclose()
+
+
+async def test_a_frozen_redis_costs_a_bounded_wait_then_the_mirror_answers(
+    minter: TokenMinter, mirrored: TokenVerifier, redis_service: Service
 ) -> None:
     mirror = mirrored.revocations
     assert mirror is not None
     token = minter.token(user_id=str(uuid.uuid4()))
     principal = await mirrored.verify(token)
-    syncs = mirror.syncs
+    container = redis_service.container.get_wrapped_container()
+    await pause(container)
+    try:
+        await poll(lambda: not mirror.current())  # no PONG within the lease
+        # the client has no socket timeout of its own: the verifier bounds the wait
+        async with asyncio.timeout(5):
+            assert await mirrored.verify(token) == principal
+            assert await mirrored.verify(minter.token(user_id="u-9")) is not None
+    finally:
+        await asyncio.to_thread(container.unpause)
+    await current(mirrored)
 
-    await asyncio.to_thread(redis_service.stop)
+
+async def pause(container: Any) -> None:
+    """Freezes the container; the engine sometimes fails to freeze one just
+    restarted ("unable to freeze"), which a second attempt gets past."""
+    deadline = time.monotonic() + 15
+    while True:
+        try:
+            await asyncio.to_thread(container.pause)
+            return
+        except Exception:  # docker's APIError, which says why
+            if time.monotonic() > deadline:
+                raise
+        await asyncio.sleep(0.2)  # before the next attempt
+
+
+async def poll(predicate: Callable[[], bool], within: float = 15.0) -> None:
+    """Waits for `predicate()` to hold, checking every few milliseconds."""
+    deadline = time.monotonic() + within
+    while not predicate():
+        if time.monotonic() > deadline:
+            raise AssertionError("timed out waiting for a condition")
+        await asyncio.sleep(0.02)
+
+
+# --- the key source -----------------------------------------------------------------
+
+
+def jwks_of(*minters: TokenMinter) -> dict[str, Any]:
+    return {"keys": [key for minter in minters for key in minter.jwks["keys"]]}
+
+
+@contextlib.asynccontextmanager
+async def key_source(url: str, **options: Any) -> AsyncIterator[JwksKeySource]:
+    """A started key source for `url`, with short retry delays."""
+    options.setdefault("retry_seconds", (0.05, 0.2))
+    async with httpx.AsyncClient() as http:
+        source = JwksKeySource(url, http=http, algorithms=["ES256"], **options)
+        source.start()
+        try:
+            yield source
+        finally:
+            await source.aclose()
+
+
+def jwks_app(server: JwksServer) -> contextlib.AbstractAsyncContextManager[str]:
+    return serve(server, port=server_port(server), lifespan="off")
+
+
+_ports: dict[int, int] = {}
+
+
+def server_port(server: JwksServer) -> int:
+    """One port per server, so a server stopped and started again keeps its URL."""
+    return _ports.setdefault(id(server), free_port())
+
+
+async def test_keys_load_at_start_and_a_key_auth_stops_publishing_is_refused_within_max_age(
+    minter: TokenMinter,
+) -> None:
+    retired = TokenMinter()
+    server = JwksServer(jwks_of(retired, minter), cache_control="public, max-age=1")
+    async with (
+        jwks_app(server) as base,
+        key_source(f"{base}/jwks", refresh_seconds=60, min_refresh_seconds=0.2) as source,
+    ):
+        await poll(lambda: source.answered)  # loaded before any token asked for it
+        assert source.kids == {retired.kid, minter.kid}
+        assert source.refresh_interval == 1.0  # max-age, shorter than the setting, wins
+        verifier = make_verifier(source, None)
+        token = retired.token(user_id="u-1")
+        assert (await verifier.verify(token)).user_id == "u-1"
+
+        server.document = jwks_of(minter)  # auth retires the key
+        await poll(lambda: source.kids == {minter.kid})  # on schedule, nobody asked
+        with pytest.raises(Unauthenticated, match="unknown key"):
+            await verifier.verify(token)  # even though it was verified (and cached) before
+        assert (await verifier.verify(minter.token(user_id="u-2"))).user_id == "u-2"
+
+
+@pytest.mark.parametrize(
+    ("cache_control", "interval"),
+    [("public, max-age=60", 30.0), ("max-age=10", 10.0), ("no-store", 5.0), ("private", 30.0)],
+)
+async def test_the_refresh_interval_is_max_age_bounded_by_the_setting_and_the_minimum(
+    minter: TokenMinter, cache_control: str, interval: float
+) -> None:
+    server = JwksServer(jwks_of(minter), cache_control=cache_control)
+    async with serve(server, lifespan="off") as base, httpx.AsyncClient() as http:
+        source = JwksKeySource(
+            f"{base}/jwks",
+            http=http,
+            algorithms=["ES256"],
+            refresh_seconds=30,
+            min_refresh_seconds=5,
+        )
+        assert await source.refresh()
+    assert source.refresh_interval == interval
+
+
+async def test_auth_unreachable_keeps_the_keys_and_an_unknown_kid_is_a_503_not_a_401(
+    minter: TokenMinter,
+) -> None:
+    stranger = TokenMinter()
+    server = JwksServer(jwks_of(minter))
+    port = server_port(server)
+    async with key_source(f"http://127.0.0.1:{port}/jwks", min_refresh_seconds=0.1) as source:
+        verifier = make_verifier(source, None)
+        async with jwks_app(server):
+            await poll(lambda: source.answered)
+            await verifier.verify(minter.token())
+            # an auth replica that answers 503 cannot say which keys exist either
+            server.failing = True
+            assert not await source.refresh()
+            with pytest.raises(ServiceUnavailable, match="cannot be fetched"):
+                await verifier.verify(stranger.token())
+            server.failing = False
+
+        # auth stopped: connections are refused
+        await poll(lambda: not source.answered)
+        fresh = minter.token(user_id="fresh")  # never verified before: its key is cached
+        assert (await verifier.verify(fresh)).user_id == "fresh"
+        with pytest.raises(ServiceUnavailable) as refused:
+            await verifier.verify(stranger.token())
+        assert int(refused.value.headers["Retry-After"]) >= 1
+        assert source.describe().startswith("auth unreachable for")
+        assert "using 1 cached key(s)" in source.describe()
+
+        async with jwks_app(server):
+            await poll(lambda: source.answered)  # the background retry
+            with pytest.raises(Unauthenticated, match="unknown key"):
+                await verifier.verify(stranger.token())
+            assert source.describe().startswith("ok: 1 key(s)")
+
+
+async def test_unknown_kids_share_one_fetch_per_interval(minter: TokenMinter) -> None:
+    server = JwksServer(jwks_of(minter))
+    strangers = [TokenMinter() for _ in range(3)]
+    async with serve(server, lifespan="off") as base, httpx.AsyncClient() as http:
+        source = JwksKeySource(
+            f"{base}/jwks", http=http, algorithms=["ES256"], min_refresh_seconds=60
+        )
+        found = await asyncio.gather(*(source.key_for(m.kid) for m in strangers * 10))
+        assert found == [None] * 30
+        assert await source.key_for(strangers[0].kid) is None
+        assert server.hits == 1
+
+        rotated = TokenMinter()
+        server.document = jwks_of(minter, rotated)
+        eager = JwksKeySource(
+            f"{base}/jwks", http=http, algorithms=["ES256"], min_refresh_seconds=0
+        )
+        assert await eager.key_for(minter.kid) is not None
+        assert await eager.key_for(rotated.kid) is not None  # a new kid: fetched again at once
+
+
+async def test_a_verifier_started_while_auth_is_down_uses_the_key_set_shared_in_redis(
+    minter: TokenMinter, redis: Redis
+) -> None:
+    server = JwksServer(jwks_of(minter))
+    port = server_port(server)
+    url = f"http://127.0.0.1:{port}/jwks/{uuid.uuid4().hex}"
     try:
-        await until(mirrored, lambda: not mirror.synced)
-        # not synced: the per-request check runs, and Redis is down
-        with pytest.raises(ServiceUnavailable):
-            await mirrored.verify(token)
+        async with jwks_app(server), key_source(url, redis=redis) as first:
+            await poll(lambda: first.answered)
+        assert await redis.exists(shared_jwks_key(url))
+
+        # auth is down now: a new replica starts
+        async with key_source(url, redis=redis, min_refresh_seconds=0.1) as started_late:
+            await poll(lambda: started_late.kids == {minter.kid})
+            assert not started_late.answered
+            verifier = make_verifier(started_late, None)
+            assert (await verifier.verify(minter.token(user_id="u-3"))).user_id == "u-3"
+            with pytest.raises(ServiceUnavailable):
+                await verifier.verify(TokenMinter().token())
+
+            # auth's own answer, once it is back, always wins over the copy
+            successor = TokenMinter()
+            server.document = jwks_of(successor)
+            async with jwks_app(server):
+                await poll(lambda: started_late.answered)
+                assert started_late.kids == {successor.kid}
+                with pytest.raises(Unauthenticated, match="unknown key"):
+                    await verifier.verify(minter.token())
     finally:
-        await asyncio.to_thread(redis_service.start)
-    await wait_for_redis(redis_url)
-    writer = Redis.from_url(redis_url)
-    try:
-        # written right after the restart, while the subscriber is still reconnecting
-        await writer.set(revoked_token_key(principal.jti), "1", ex=60)
-    finally:
-        await writer.aclose()
-    await until(mirrored, lambda: mirror.syncs > syncs and mirror.current())
-    with pytest.raises(Unauthenticated, match="Token revoked"):
-        await mirrored.verify(token)
-    other = minter.token(user_id=principal.user_id)
-    assert (await mirrored.verify(other)).user_id == principal.user_id
+        await redis.delete(shared_jwks_key(url))
+
+
+async def test_a_deadline_gives_up_on_a_slow_call_without_cancelling_it() -> None:
+    deadline = Deadline(0.05)
+    release = asyncio.Event()
+    finished: list[str] = []
+
+    async def slow() -> str:
+        await release.wait()
+        finished.append("slow")
+        return "late"
+
+    async def quick() -> str:
+        return "now"
+
+    with pytest.raises(TimeoutError, match="did not answer"):
+        await deadline.run(slow)
+    # while the first call still runs, Redis counts as unresponsive: no second call
+    with pytest.raises(TimeoutError, match="has not finished"):
+        await deadline.run(quick)
+    release.set()
+    await poll(lambda: finished == ["slow"])  # it was left to finish, not cancelled
+    assert await deadline.run(quick) == "now"

@@ -2,10 +2,9 @@ from __future__ import annotations
 
 import asyncio
 import itertools
-import logging
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import httpx
 import pytest
@@ -17,6 +16,9 @@ from auth.config import Settings
 from auth.deps import client_address
 from auth.main import create_app
 from kit.db import make_engine, make_sessionmaker
+
+if TYPE_CHECKING:
+    from kit.testing import MailCatcher
 
 pytest_plugins = ["kit.testing"]
 
@@ -77,8 +79,19 @@ async def database_url(postgres_server_url: str) -> str:
 
 
 @pytest.fixture(scope="session")
-def settings(database_url: str, redis_url: str) -> Settings:
-    return make_settings(database_url, redis_url)
+def mail() -> Iterator[MailCatcher]:
+    """A real SMTP server that keeps every email the shared app sends."""
+    from kit.testing import MailCatcher
+
+    catcher = MailCatcher()
+    catcher.start()
+    yield catcher
+    catcher.stop()
+
+
+@pytest.fixture(scope="session")
+def settings(database_url: str, redis_url: str, mail: MailCatcher) -> Settings:
+    return make_settings(database_url, redis_url, smtp_url=mail.url)
 
 
 @pytest.fixture(scope="session")
@@ -117,16 +130,3 @@ async def client(app: FastAPI) -> AsyncIterator[httpx.AsyncClient]:
     ) as http:
         yield http
     app.dependency_overrides.pop(client_address, None)
-
-
-@pytest.fixture
-def mail(caplog: pytest.LogCaptureFixture) -> Iterator[pytest.LogCaptureFixture]:
-    """The emails the app logs (no SMTP_URL in tests); the app's logging set-up
-    replaced the root handlers, caplog's included, so it listens on the logger."""
-    mail_logger = logging.getLogger("auth.mail")
-    mail_logger.addHandler(caplog.handler)
-    caplog.set_level(logging.INFO, logger="auth.mail")
-    try:
-        yield caplog
-    finally:
-        mail_logger.removeHandler(caplog.handler)

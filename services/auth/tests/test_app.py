@@ -1,11 +1,11 @@
-"""Start-up, readiness, metrics, the admin bootstrap and the welcome email."""
+"""Start-up, readiness, metrics and the admin bootstrap."""
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
 import logging
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 
 import httpx
 import pytest
@@ -18,10 +18,10 @@ from auth.config import Settings
 from auth.main import create_app
 from auth.models import User
 from auth.passwords import Passwords
-from kit.testing import Service, free_port
+from kit.testing import Service, TokenMinter, free_port
 
-from .conftest import CHEAP_ARGON2, make_settings, wait_until_ready
-from .factories import register, unique_email
+from .conftest import make_settings, wait_until_ready
+from .factories import login, register, unique_email
 
 StartApp = Callable[[Settings], Awaitable[httpx.AsyncClient]]
 
@@ -42,13 +42,40 @@ async def client_for() -> AsyncIterator[StartApp]:
         yield start
 
 
-async def test_ready_when_database_redis_and_key_are(client: httpx.AsyncClient) -> None:
+async def test_ready_when_database_and_key_are(client: httpx.AsyncClient) -> None:
     response = await client.get("/readyz")
     assert response.status_code == 200
     assert response.json() == {
         "status": "ok",
-        "checks": {"database": "ok", "redis": "ok", "bootstrap": "ok"},
+        "checks": {"database": "ok", "bootstrap": "ok"},
+        "optional": {"redis": "ok", "revocations": "ok"},
     }
+
+
+async def test_ready_without_redis_and_what_needs_it_says_retry(database_url: str) -> None:
+    """Readiness rests on PostgreSQL; requests that need Redis answer 503 + Retry-After."""
+    minter = TokenMinter()
+    settings = make_settings(database_url, f"redis://127.0.0.1:{free_port()}/0")
+    app = create_app(settings, key_source=minter.key_source)
+    async with (
+        LifespanManager(app) as manager,
+        httpx.AsyncClient(
+            transport=httpx.ASGITransport(manager.app), base_url="http://auth"
+        ) as client,
+    ):
+        await wait_until_ready(client)
+        ready = await client.get("/readyz")
+        jwks = await client.get("/auth/.well-known/jwks.json")
+        me = await client.get(
+            "/auth/users/me", headers={"Authorization": f"Bearer {minter.token()}"}
+        )
+    assert ready.json()["status"] == "degraded"
+    assert ready.json()["optional"]["redis"].startswith("failed")
+    assert jwks.status_code == 200
+    assert jwks.json()["keys"]
+    assert me.status_code == 503
+    assert me.json()["detail"] == "Token revocation list is unreachable; retry"
+    assert int(me.headers["retry-after"]) >= 1
 
 
 async def test_starts_and_reports_not_ready_while_the_database_is_down(
@@ -61,7 +88,7 @@ async def test_starts_and_reports_not_ready_while_the_database_is_down(
     assert response.status_code == 503
     assert response.headers["content-type"] == "application/problem+json"
     checks = response.json()["checks"]
-    assert checks["redis"] == "ok"
+    assert response.json()["optional"]["redis"] == "ok"
     assert checks["database"].startswith("failed")
     assert checks["bootstrap"].startswith("failed")
     login = await client.post("/auth/token", data={"username": "a@example.com", "password": "x"})
@@ -98,8 +125,9 @@ async def test_logins_go_on_with_stricter_limits_while_redis_is_down(
     # this replica alone allows ceil(3 * 0.5) = 2 per account and address
     assert [guess.status_code for guess in guesses] == [400, 400, 429]
     assert guesses[2].headers["content-type"] == "application/problem+json"
-    assert ready.status_code == 503
-    assert ready.json()["checks"]["redis"].startswith("failed")
+    # ready all the same: logins and the rest need PostgreSQL, not Redis
+    assert ready.status_code == 200
+    assert ready.json()["optional"]["redis"].startswith("failed")
 
 
 async def test_metrics_need_basic_auth_when_configured(
@@ -158,84 +186,81 @@ async def test_admin_bootstrap_promotes_an_existing_account(
         user = await session.scalar(select(User).where(User.email == account.email))
     assert user is not None
     assert user.roles == ["user", "admin"]
-    # the account keeps its own password
+    # the account keeps its own password, and the log says ADMIN_PASSWORD is not it
     assert await passwords.verify(user.password_hash, account.password)
+    assert user.email_verified_at is not None
 
 
-class SmtpSink:
-    """Just enough of an SMTP server to receive one message over a real socket."""
-
-    def __init__(self) -> None:
-        self.messages: list[str] = []
-        self.received = asyncio.Event()
-
-    async def handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        writer.write(b"220 sink ready\r\n")
-        while line := await reader.readline():
-            command = line.decode().strip().upper()
-            if command.startswith(("EHLO", "HELO")):
-                writer.write(b"250 sink\r\n")
-            elif command == "DATA":
-                writer.write(b"354 go ahead\r\n")
-                await writer.drain()
-                data = await reader.readuntil(b"\r\n.\r\n")
-                self.messages.append(data.decode())
-                self.received.set()
-                writer.write(b"250 queued\r\n")
-            elif command == "QUIT":
-                writer.write(b"221 bye\r\n")
-                await writer.drain()
-                break
-            else:
-                writer.write(b"250 ok\r\n")
-            await writer.drain()
-        writer.close()
-
-
-async def test_welcome_email_goes_out_over_smtp(
-    client_for: StartApp, database_url: str, redis_url: str
-) -> None:
-    sink = SmtpSink()
-    server = await asyncio.start_server(sink.handle, "127.0.0.1", 0)
-    port = server.sockets[0].getsockname()[1]
+@pytest.fixture
+def service_log(caplog: pytest.LogCaptureFixture) -> Iterator[pytest.LogCaptureFixture]:
+    """auth.service's records; the apps' logging set-up replaced the root
+    handlers, caplog's included, so it listens on the logger itself."""
+    logger = logging.getLogger("auth.service")
+    logger.addHandler(caplog.handler)
+    caplog.set_level(logging.INFO, logger="auth.service")
     try:
-        settings = make_settings(database_url, redis_url, smtp_url=f"smtp://127.0.0.1:{port}")
-        client = await client_for(settings)
-        await wait_until_ready(client)
-        email = unique_email()
-        await register(client, email=email, display_name="Linus")
-        async with asyncio.timeout(10):
-            await sink.received.wait()
+        yield caplog
     finally:
-        server.close()
-        await server.wait_closed()
-    (message,) = sink.messages
-    assert f"To: {email}" in message
-    assert "Subject: Welcome to Bazaar" in message
-    assert "Hello Linus" in message
+        logger.removeHandler(caplog.handler)
 
 
-async def test_a_failing_mail_server_never_fails_the_registration(
-    client_for: StartApp,
+def records_about(log: pytest.LogCaptureFixture, email: str) -> list[logging.LogRecord]:
+    unique = {id(record): record for record in log.records}.values()
+    return [record for record in unique if email in record.getMessage()]
+
+
+async def test_without_admin_password_the_admin_gets_a_random_one_shown_once(
+    client: httpx.AsyncClient,
+    sessionmaker: async_sessionmaker[AsyncSession],
     database_url: str,
     redis_url: str,
-    caplog: pytest.LogCaptureFixture,
+    service_log: pytest.LogCaptureFixture,
 ) -> None:
-    settings = make_settings(
-        database_url, redis_url, smtp_url=f"smtp://127.0.0.1:{free_port()}", **CHEAP_ARGON2
+    email = unique_email("first-admin")
+    settings = make_settings(database_url, redis_url, admin_email=email, admin_password=None)
+    passwords = Passwords(memory_cost_kib=64, time_cost=1, parallelism=1)
+
+    await asyncio.gather(
+        *(
+            service.ensure_admin(sessionmaker=sessionmaker, passwords=passwords, settings=settings)
+            for _ in range(3)
+        )
     )
-    client = await client_for(settings)
-    await wait_until_ready(client)
-    # the app's logging set-up replaced the root handlers, caplog's included
-    mail_logger = logging.getLogger("auth.mail")
-    mail_logger.addHandler(caplog.handler)
-    try:
-        account = await register(client)
-    finally:
-        mail_logger.removeHandler(caplog.handler)
-    (failure,) = [record for record in caplog.records if record.name == "auth.mail"]
-    assert failure.levelname == "WARNING"
-    assert failure.getMessage().startswith(f"welcome email to {account.email} failed: ")
+    await service.ensure_admin(sessionmaker=sessionmaker, passwords=passwords, settings=settings)
+
+    shown = [record for record in records_about(service_log, email) if "generated" in record.msg]
+    assert len(shown) == 1
+    assert shown[0].levelname == "WARNING"
+    password = str(shown[0].args[1])  # type: ignore[index]
+    assert f"python -m auth.admin set-password {email}" in shown[0].getMessage()
+    tokens = await login(client, email, password)
+    me = await client.get("/auth/users/me", headers=tokens.headers)
+    assert me.json()["roles"] == ["admin", "user"]
+    assert me.json()["email_verified"] is True
+
+
+async def test_a_changed_admin_password_is_reported_not_applied(
+    client: httpx.AsyncClient,
+    sessionmaker: async_sessionmaker[AsyncSession],
+    database_url: str,
+    redis_url: str,
+    service_log: pytest.LogCaptureFixture,
+) -> None:
+    email = unique_email("admin")
+    passwords = Passwords(memory_cost_kib=64, time_cost=1, parallelism=1)
+    for password in ("the first password", "a later password"):
+        settings = make_settings(
+            database_url, redis_url, admin_email=email, admin_password=password
+        )
+        await service.ensure_admin(
+            sessionmaker=sessionmaker, passwords=passwords, settings=settings
+        )
+
+    (warning,) = [r for r in records_about(service_log, email) if r.levelname == "WARNING"]
+    assert (
+        "ADMIN_PASSWORD is not the password of the existing admin account" in warning.getMessage()
+    )
+    await login(client, email, "the first password")
 
 
 async def test_empty_optional_settings_count_as_unset(
@@ -245,7 +270,7 @@ async def test_empty_optional_settings_count_as_unset(
         monkeypatch.setenv(name, "")
     settings = Settings()
     assert settings.smtp_url is None
-    assert settings.admin_email is None
+    assert settings.admin_email == "admin@example.com"
     assert settings.admin_password is None
     assert settings.signing_key_pem() is None
 

@@ -1,4 +1,4 @@
-"""The key ring: generated once across replicas, a configured secret, rotation."""
+"""The key ring: generated once across replicas, a configured secret, rotation, retirement."""
 
 from __future__ import annotations
 
@@ -18,13 +18,16 @@ from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
 from auth.config import Settings
 from auth.keys import (
+    KeyRetirementRefused,
     KeyRing,
     ensure_signing_key,
     generate_private_pem,
     public_pem_of,
+    retire,
     rotate,
     thumbprint,
 )
+from auth.keys import main as keys_main
 from auth.main import create_app
 from auth.models import SigningKey
 from kit.db import make_engine, make_sessionmaker
@@ -220,3 +223,65 @@ async def test_keys_are_parsed_once_not_per_reload(
     assert await ring.key_for(active.kid) is first
     assert await ring.active_key() is active
     assert await ring.key_for("no-such-kid") is None
+
+
+async def published_kids(client: httpx.AsyncClient) -> set[str]:
+    return {key["kid"] for key in (await client.get("/auth/.well-known/jwks.json")).json()["keys"]}
+
+
+async def test_retiring_a_rotated_out_key_unpublishes_it_and_refuses_its_tokens(
+    app_client: httpx.AsyncClient, ring_db: tuple[str, Sessionmaker], redis_url: str
+) -> None:
+    url, sessionmaker = ring_db
+    settings = make_settings(url, redis_url)
+    old = await login(app_client, "root@example.com", "admin-password-1")
+    old_kid = jwt.get_unverified_header(old.access)["kid"]
+    new_kid = await rotate(sessionmaker, settings)
+    new = await login(app_client, "root@example.com", "admin-password-1")
+    assert await published_kids(app_client) == {old_kid, new_kid}
+
+    assert await retire(sessionmaker, settings, old_kid) is None
+
+    assert await published_kids(app_client) == {new_kid}
+    refused = await app_client.get("/auth/users/me", headers=old.headers)
+    assert refused.status_code == 401
+    assert refused.json()["detail"] == "Token signed by an unknown key"
+    assert (await app_client.get("/auth/users/me", headers=new.headers)).status_code == 200
+
+
+async def test_retiring_the_signing_key_rotates_first(
+    app_client: httpx.AsyncClient,
+    ring_db: tuple[str, Sessionmaker],
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    url, sessionmaker = ring_db
+    before = await login(app_client, "root@example.com", "admin-password-1")
+    kid = jwt.get_unverified_header(before.access)["kid"]
+    monkeypatch.setenv("DATABASE_URL", url)
+
+    assert await keys_main(["retire", kid]) == 0
+
+    (replacement,) = await kids(sessionmaker, retired=False)
+    assert capsys.readouterr().out.endswith(f"; {replacement} signs now\n")
+    assert await published_kids(app_client) == {replacement}
+    assert (await app_client.get("/auth/users/me", headers=before.headers)).status_code == 401
+    after = await login(app_client, "root@example.com", "admin-password-1")
+    assert jwt.get_unverified_header(after.access)["kid"] == replacement
+    assert await keys_main(["list"]) == 0
+    (listed,) = capsys.readouterr().out.splitlines()
+    assert listed.startswith(f"{replacement}\t")
+    assert listed.endswith("\tsigning")
+
+
+async def test_a_configured_or_unknown_key_cannot_be_retired(
+    ring_db: tuple[str, Sessionmaker], redis_url: str
+) -> None:
+    url, sessionmaker = ring_db
+    settings = make_settings(url, redis_url, signing_key=CONFIGURED_PEM)
+    await ensure_signing_key(sessionmaker, settings)
+
+    with pytest.raises(KeyRetirementRefused, match="this key is SIGNING_KEY"):
+        await retire(sessionmaker, settings, thumbprint(public_pem_of(CONFIGURED_PEM)))
+    with pytest.raises(KeyRetirementRefused, match="no key nope in the ring"):
+        await retire(sessionmaker, settings, "nope")

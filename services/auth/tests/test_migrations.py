@@ -21,5 +21,6 @@ async def test_migrations_go_up_down_and_up_and_match_the_models(
         "signing_keys",
         "refresh_tokens",
         "password_resets",
+        "email_verifications",
     }
     assert result.pending_changes == []

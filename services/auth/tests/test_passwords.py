@@ -1,6 +1,8 @@
 from __future__ import annotations
 
 import asyncio
+import threading
+import time
 
 import httpx
 from sqlalchemy import select
@@ -82,3 +84,34 @@ async def test_hashing_runs_off_the_event_loop() -> None:
     observer = asyncio.create_task(observe())
     assert await observer is False
     assert (await hashing).startswith(OWASP_PREFIX)
+
+
+class CountingHasher:
+    """Stands in for argon2's hasher: counts the hashes in progress at once."""
+
+    def __init__(self) -> None:
+        self.running = 0
+        self.most = 0
+        self.lock = threading.Lock()
+
+    def hash(self, password: str) -> str:
+        with self.lock:
+            self.running += 1
+            self.most = max(self.most, self.running)
+        try:
+            time.sleep(0.05)  # long enough for the others to pile up meanwhile
+            return f"hashed:{password}"
+        finally:
+            with self.lock:
+                self.running -= 1
+
+
+async def test_at_most_max_concurrent_hashes_run_at_once() -> None:
+    passwords = Passwords(memory_cost_kib=64, time_cost=1, parallelism=1, max_concurrent=3)
+    counting = CountingHasher()
+    passwords.hasher = counting  # type: ignore[assignment]
+
+    hashes = await asyncio.gather(*(passwords.hash(f"password {n}") for n in range(12)))
+
+    assert counting.most == 3
+    assert len(set(hashes)) == 12

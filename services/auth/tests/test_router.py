@@ -1,7 +1,6 @@
 from __future__ import annotations
 
 import base64
-import logging
 import uuid
 
 import httpx
@@ -85,18 +84,6 @@ async def test_register_names_the_invalid_field(
     response = await client.post("/auth/register", json={**body, **overrides})
     problem = assert_problem(response, 422)
     assert [error["loc"] for error in problem["errors"]] == [["body", field]]  # type: ignore[attr-defined]
-
-
-async def test_welcome_email_is_logged_after_registration(
-    client: httpx.AsyncClient, caplog: pytest.LogCaptureFixture
-) -> None:
-    email = unique_email()
-    with caplog.at_level(logging.INFO, logger="auth.mail"):
-        await register(client, email=email, display_name="Grace")
-    sent = [record.getMessage() for record in caplog.records if record.name == "auth.mail"]
-    assert len(sent) == 1
-    assert email in sent[0]
-    assert "Hello Grace" in sent[0]
 
 
 # --- token ---------------------------------------------------------------------

@@ -25,10 +25,10 @@ from auth.throttle import (
     pair_failures_key,
 )
 from kit.errors import RateLimited
-from kit.testing import free_port
+from kit.testing import MailCatcher, free_port
 
 from .factories import Account, register, unique_email
-from .test_password_reset import NEW_PASSWORD, forgot, reset_tokens
+from .test_password_reset import NEW_PASSWORD, emailed_reset_tokens, forgot
 
 _networks = itertools.count(1)
 
@@ -120,7 +120,7 @@ async def test_guesses_spread_over_many_addresses_are_slowed_not_locked(
 
 
 async def test_a_password_reset_clears_the_account_counts(
-    app: FastAPI, account: Account, mail: pytest.LogCaptureFixture
+    app: FastAPI, account: Account, mail: MailCatcher
 ) -> None:
     (address,) = itertools.islice(addresses(), 1)
     async with from_address(app, address) as http:
@@ -128,7 +128,7 @@ async def test_a_password_reset_clears_the_account_counts(
             await log_in(http, account.email, "forgot it again")
         locked = await log_in(http, account.email, account.password)
         await forgot(http, account.email)
-        (token,) = reset_tokens(mail, account.email)
+        (token,) = await emailed_reset_tokens(mail, account.email)
         reset = await http.post(
             "/auth/password/reset", json={"token": token, "password": NEW_PASSWORD}
         )

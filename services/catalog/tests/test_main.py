@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import uuid
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import httpx
 from asgi_lifespan import LifespanManager
@@ -15,12 +15,19 @@ from .conftest import SHUTDOWN_TIMEOUT
 from .factories import create_product
 from .test_router import assert_problem
 
+if TYPE_CHECKING:
+    from kit.testing import TokenMinter
+
 
 async def test_healthz_and_readyz(client: httpx.AsyncClient) -> None:
     assert (await client.get("/healthz")).json() == {"status": "ok"}
     ready = await client.get("/readyz")
     assert ready.status_code == 200
-    assert ready.json() == {"status": "ok", "checks": {"database": "ok", "redis": "ok"}}
+    assert ready.json() == {
+        "status": "ok",
+        "checks": {"database": "ok"},
+        "optional": {"keys": "ok", "revocations": "ok"},
+    }
 
 
 async def test_starts_without_its_database_and_redis_and_says_not_ready(settings: Any) -> None:
@@ -42,11 +49,41 @@ async def test_starts_without_its_database_and_redis_and_says_not_ready(settings
         assert (await client.get("/healthz")).status_code == 200
         problem = assert_problem(await client.get("/readyz"), 503)
         assert problem["checks"]["database"].startswith("failed")
-        assert problem["checks"]["redis"].startswith("failed")
+        assert problem["optional"]["revocations"].startswith("Redis unreachable")
         for path in ("/catalog/products", f"/catalog/products/{uuid.uuid4()}"):
             response = await client.get(path)
             assert assert_problem(response, 503)["detail"] == "The database is unreachable; retry"
             assert response.headers["retry-after"] == "1"
+
+
+async def test_ready_without_redis_public_reads_serve_and_writes_say_retry(
+    settings: Any, minter: TokenMinter, admin_headers: dict[str, str]
+) -> None:
+    """Redis only backs the revocation check: its absence fails authenticated
+    requests with a 503 to retry, never the replica's readiness or public reads."""
+    from kit.testing import free_port
+
+    without_redis = settings.model_copy(update={"redis_url": f"redis://127.0.0.1:{free_port()}/0"})
+    app = create_app(without_redis, key_source=minter.key_source)
+    async with (
+        LifespanManager(app, shutdown_timeout=SHUTDOWN_TIMEOUT) as manager,
+        httpx.AsyncClient(
+            transport=httpx.ASGITransport(manager.app), base_url="http://catalog"
+        ) as client,
+    ):
+        ready = await client.get("/readyz")
+        listed = await client.get("/catalog/products")
+        write = await client.post(
+            "/catalog/products", json={"name": "lamp", "price": "3"}, headers=admin_headers
+        )
+    assert ready.status_code == 200
+    assert ready.json()["status"] == "degraded"
+    assert ready.json()["checks"] == {"database": "ok"}
+    assert ready.json()["optional"]["revocations"].startswith("Redis unreachable")
+    assert listed.status_code == 200
+    problem = assert_problem(write, 503)
+    assert problem["detail"] == "Token revocation list is unreachable; retry"
+    assert int(write.headers["retry-after"]) >= 1
 
 
 async def test_responses_carry_request_id_and_timing(client: httpx.AsyncClient) -> None:

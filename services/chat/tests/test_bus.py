@@ -10,7 +10,7 @@ from redis.asyncio import Redis
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from chat import service
-from chat.bus import message_payload, room_channel
+from chat.bus import message_head, message_payload, room_channel
 from chat.schemas import StoredMessage
 from kit.db import make_engine
 from kit.testing import Service, TokenMinter
@@ -143,3 +143,27 @@ async def test_redis_restart_mid_stream_loses_nothing(
     assert [frame["id"] for frame in received[1]] == list(range(1, total + 1))
     for node in cluster:
         await wait_ready(node.url, within=30)
+
+
+async def test_a_payload_with_or_without_trace_context_is_delivered(
+    cluster: list[Node], minter: TokenMinter, engine: AsyncEngine, redis_url: str
+) -> None:
+    """Trace context is optional in the envelope: an older replica's message,
+    without it, reaches the room as a traced one does."""
+    room = unique_room()
+    traceparent = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01"
+    redis = Redis.from_url(redis_url)
+    try:
+        async with chat(cluster[1], room, minter.token()) as client:
+            first = await store(engine, room, "untraced")
+            second = await store(engine, room, "traced")
+            await redis.publish(room_channel(room), message_payload(first.id, first.frame()))
+            traced = message_payload(second.id, second.frame(), traceparent)
+            assert traced.startswith(f"m:{second.id}/{traceparent}:")
+            await redis.publish(room_channel(room), traced)
+            received = await client.messages(2)
+    finally:
+        await redis.aclose()
+    assert [frame["text"] for frame in received] == ["untraced", "traced"]
+    assert message_head(f"{second.id}/{traceparent}") == (second.id, traceparent)
+    assert message_head("12") == (12, None)

@@ -122,7 +122,11 @@ async def test_readyz_proves_database_and_bus(cluster: list[Node]) -> None:
         response = await http.get("/readyz")
         health = await http.get("/healthz")
     assert response.status_code == 200
-    assert response.json() == {"status": "ok", "checks": {"database": "ok", "bus": "ok"}}
+    assert response.json() == {
+        "status": "ok",
+        "checks": {"database": "ok", "bus": "ok"},
+        "optional": {"keys": "ok", "revocations": "ok"},
+    }
     assert health.status_code == 200
     assert health.json() == {"status": "ok"}
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import time
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -16,6 +17,9 @@ from sqlalchemy.ext.asyncio import (
     async_sessionmaker,
     create_async_engine,
 )
+from sqlalchemy.pool import AsyncAdaptedQueuePool, ConnectionPoolEntry
+
+from kit.pools import observe_wait
 
 logger = logging.getLogger("kit.db")
 
@@ -33,10 +37,22 @@ def new_metadata() -> MetaData:
     return MetaData(naming_convention=NAMING_CONVENTION)
 
 
+class MeasuredPool(AsyncAdaptedQueuePool):
+    """SQLAlchemy's asyncio pool, timing each checkout into `db_pool_wait_seconds`."""
+
+    def _do_get(self) -> ConnectionPoolEntry:
+        started = time.perf_counter()
+        try:
+            return super()._do_get()
+        finally:
+            observe_wait("engine", started)
+
+
 def make_engine(url: str, **overrides: Any) -> AsyncEngine:
     """An engine that survives a PostgreSQL restart: stale connections are
     tested before use (`pool_pre_ping`) and recycled after half an hour."""
     options: dict[str, Any] = {
+        "poolclass": MeasuredPool,
         "pool_pre_ping": True,
         "pool_size": 10,
         "max_overflow": 10,

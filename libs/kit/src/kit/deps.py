@@ -8,7 +8,9 @@ from fastapi import Depends, Request
 from fastapi.security import OAuth2PasswordBearer
 
 from kit.errors import Forbidden, Unauthenticated
+from kit.observe import remember_user
 from kit.security import Principal, TokenVerifier
+from kit.settings import VerifiedWritesSettings
 
 oauth2_scheme = OAuth2PasswordBearer(tokenUrl="/auth/token", auto_error=False)
 
@@ -30,7 +32,9 @@ async def current_principal(
     if token is None:
         raise Unauthenticated("A bearer token is required")
     verifier: TokenVerifier = request.state.verifier
-    return await verifier.verify(token)
+    principal = await verifier.verify(token)
+    remember_user(request.scope, principal.user_id)
+    return principal
 
 
 async def optional_principal(
@@ -39,7 +43,9 @@ async def optional_principal(
     if token is None:
         return None
     verifier: TokenVerifier = request.state.verifier
-    return await verifier.verify(token)
+    principal = await verifier.verify(token)
+    remember_user(request.scope, principal.user_id)
+    return principal
 
 
 CurrentPrincipal = Annotated[Principal, Depends(current_principal)]
@@ -59,3 +65,28 @@ class RequireRole:
 
 
 AdminPrincipal = Annotated[Principal, Depends(RequireRole("admin"))]
+
+
+class EmailNotVerified(Forbidden):
+    title, slug = "Email not verified", "email-not-verified"
+
+    def __init__(self) -> None:
+        super().__init__(
+            "Confirm your email address first (POST /auth/email/verify with the emailed "
+            "token), then refresh your token"
+        )
+
+
+def ensure_may_write(principal: Principal, settings: VerifiedWritesSettings) -> None:
+    """With REQUIRE_VERIFIED_EMAIL in effect, only a verified address writes."""
+    if settings.verified_email_required and not principal.email_verified:
+        raise EmailNotVerified
+
+
+async def admin_writer(request: Request, principal: AdminPrincipal) -> Principal:
+    settings: VerifiedWritesSettings = request.state.settings
+    ensure_may_write(principal, settings)
+    return principal
+
+
+AdminWriter = Annotated[Principal, Depends(admin_writer)]

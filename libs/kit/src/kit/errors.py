@@ -97,7 +97,19 @@ class BadGateway(DomainError):
 
 
 class ServiceUnavailable(DomainError):
+    """Cannot be served right now; always says when to retry (`Retry-After`, 1 s
+    unless the raiser knows better)."""
+
     status, title, slug = 503, "Service unavailable", "service-unavailable"
+
+    def __init__(
+        self,
+        detail: str | None = None,
+        *,
+        headers: Mapping[str, str] | None = None,
+        **extensions: Any,
+    ) -> None:
+        super().__init__(detail, headers={"Retry-After": "1", **(headers or {})}, **extensions)
 
 
 class GatewayTimeout(DomainError):

@@ -1,18 +1,24 @@
 """Prometheus metrics: a pure-ASGI middleware that counts requests by route
-template, and `/metrics`, behind HTTP Basic when credentials are configured."""
+template, the process's own series (CPU, memory, file descriptors, garbage
+collections), and `/metrics`, behind HTTP Basic when credentials are configured."""
 
 from __future__ import annotations
 
 import secrets
 import time
-from typing import Annotated
+from collections.abc import Callable
+from typing import Annotated, Any
 
 from fastapi import APIRouter, Depends, Request, Response
 from fastapi.security import HTTPBasic, HTTPBasicCredentials
 from prometheus_client import (
     CONTENT_TYPE_LATEST,
+    GC_COLLECTOR,
+    PLATFORM_COLLECTOR,
+    PROCESS_COLLECTOR,
     CollectorRegistry,
     Counter,
+    Gauge,
     Histogram,
     generate_latest,
 )
@@ -40,6 +46,13 @@ class HttpMetrics:
             ["route", "method"],
             registry=registry,
         )
+        self.in_flight = Gauge(
+            "http_requests_in_flight", "Requests being handled right now", registry=registry
+        )
+        # process_* (CPU, memory, open files), python_gc_*, python_info: the
+        # process-wide collectors, in this app's registry too
+        for collector in (PROCESS_COLLECTOR, GC_COLLECTOR, PLATFORM_COLLECTOR):
+            registry.register(collector)
 
 
 def route_template(scope: Scope) -> str:
@@ -74,6 +87,7 @@ class MetricsMiddleware:
             return
         started = time.perf_counter()
         status = 500
+        self.metrics.in_flight.inc()
 
         async def observing_send(message: Message) -> None:
             nonlocal status
@@ -86,7 +100,10 @@ class MetricsMiddleware:
                 self.metrics.requests.labels(route, scope["method"], str(status)).inc()
             await send(message)
 
-        await self.app(scope, receive, observing_send)
+        try:
+            await self.app(scope, receive, observing_send)
+        finally:
+            self.metrics.in_flight.dec()
 
 
 def require_metrics_credentials(
@@ -106,11 +123,17 @@ def require_metrics_credentials(
         raise Unauthenticated("Wrong metrics credentials", scheme="Basic")
 
 
-def metrics_router(registry: CollectorRegistry) -> APIRouter:
+Sampler = Callable[[Any], None]
+"""Reads gauges from the app's state (its pools) just before a scrape."""
+
+
+def metrics_router(registry: CollectorRegistry, samplers: tuple[Sampler, ...] = ()) -> APIRouter:
     router = APIRouter(tags=["metrics"], include_in_schema=False)
 
     @router.get("/metrics", dependencies=[Depends(require_metrics_credentials)])
-    async def metrics() -> Response:
+    async def metrics(request: Request) -> Response:
+        for sample in samplers:
+            sample(request.state)
         return Response(generate_latest(registry), media_type=CONTENT_TYPE_LATEST)
 
     return router

@@ -19,9 +19,11 @@ the last PONG answered a PING sent less than `lease_seconds` ago. Because
 Redis answers a PING after delivering every event it published earlier on
 that connection, a current mirror holds every revocation written before that
 PING was sent. Whenever it is not current, the caller falls back to asking
-Redis (and to 503 when Redis is unreachable): a revocation is therefore seen
-as soon as its event reaches this process, and at worst `lease_seconds` after
-it was written if the subscriber connection silently stops delivering.
+Redis: a revocation is therefore seen as soon as its event reaches this
+process, and at worst `lease_seconds` after it was written if the subscriber
+connection silently stops delivering. When Redis cannot be asked either, the
+caller may answer from the mirror as it was at its last sync (`staleness()`)
+for a bounded time, then fails closed.
 
 Every write of a revocation key by anyone (auth, an operator's redis-cli)
 produces an event, so writers need no publish step; `revoke_token` /
@@ -106,6 +108,7 @@ class RevocationMirror:
         self._task: asyncio.Task[None] | None = None
         self._stopping = asyncio.Event()
         self.syncs = 0  # completed full resyncs, for observability and tests
+        self._failing = False  # since the last failed attempt, no session synced
 
     # --- the per-request side: no I/O ---------------------------------------------
 
@@ -120,6 +123,19 @@ class RevocationMirror:
             and not self._reading
             and time.monotonic() - self._heard < self.lease_seconds
         )
+
+    @property
+    def failing(self) -> bool:
+        """Whether its last attempt to reach Redis failed and none has synced since:
+        Redis is down or out of reach, and this subscriber keeps trying."""
+        return self._failing
+
+    def staleness(self) -> float:
+        """Seconds since the mirror last provably held every revocation written
+        (the sending of the last PING answered); infinite before the first sync.
+        The sets are kept while the subscriber is away, so a verifier can go on
+        answering from them for a bounded time (see `kit.security`)."""
+        return time.monotonic() - self._heard
 
     def refuses(self, jti: str, user_id: str, issued_at: int) -> bool:
         if jti in self._tokens:
@@ -182,7 +198,10 @@ class RevocationMirror:
                 logger.warning("revocation mirror disabled for now: %s", error)
                 pause = self.unsupported_retry_seconds
             except (RedisError, OSError) as error:
-                logger.warning("revocation subscriber lost (%s); resyncing", error)
+                # one warning per outage; the attempts that follow are routine
+                log = logger.debug if self._failing else logger.warning
+                log("revocation subscriber lost (%s); resyncing", error)
+                self._failing = True
             except Exception:  # never die: fall back, reconnect, resync
                 logger.exception("revocation subscriber failed; resyncing")
             finally:
@@ -222,6 +241,9 @@ class RevocationMirror:
             self._heard = time.monotonic()
             self._synced = True
             self.syncs += 1
+            if self._failing:
+                self._failing = False
+                logger.info("revocation mirror resynced")
             await self._notify()
             await self._listen(pubsub)
         finally:
@@ -311,3 +333,14 @@ def apply_locally(redis: Redis, key: str, value: Any) -> None:
     for mirror in list(_live):
         if _target(mirror.redis) == target:
             mirror.apply(key, value)
+
+
+def mirrored_cutoff(redis: Redis, user_id: str) -> float | None:
+    """The user's revocation time as this process's mirrors of `redis` last saw it."""
+    target = _target(redis)
+    cutoffs = [
+        cutoff
+        for mirror in list(_live)
+        if _target(mirror.redis) == target and (cutoff := mirror._users.get(user_id)) is not None
+    ]
+    return max(cutoffs, default=None)

@@ -10,12 +10,17 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import email.policy
+import json
 import os
+import re
 import socket
 import time
 import uuid
 from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass
+from email import message_from_bytes
+from email.message import EmailMessage
 from pathlib import Path
 from typing import Any
 
@@ -24,7 +29,7 @@ import pytest
 import uvicorn
 from redis.asyncio import Redis
 from redis.exceptions import RedisError
-from starlette.types import ASGIApp
+from starlette.types import ASGIApp, Receive, Scope, Send
 from testcontainers.core.container import DockerContainer
 
 from kit.settings import DEFAULT_JWT_ISSUER
@@ -273,6 +278,88 @@ class TokenMinter:
             claims, self.private_pem, algorithm="ES256", headers={"kid": self.kid}
         )
         return encoded
+
+
+class JwksServer:
+    """auth's JWKS endpoint as verifiers see it, an ASGI app for `serve(server, lifespan="off")`:
+    a document tests can change, its Cache-Control, a count of fetches, and a
+    switch that makes it answer 503 as an auth replica that lost its database does."""
+
+    def __init__(self, document: dict[str, Any], *, cache_control: str = "max-age=60") -> None:
+        self.document = document
+        self.cache_control = cache_control
+        self.failing = False
+        self.hits = 0
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        assert scope["type"] == "http"
+        self.hits += 1
+        status, body = (503, b"{}") if self.failing else (200, json.dumps(self.document).encode())
+        headers = [(b"content-type", b"application/json")]
+        if not self.failing:
+            headers.append((b"cache-control", self.cache_control.encode()))
+        await send({"type": "http.response.start", "status": status, "headers": headers})
+        await send({"type": "http.response.body", "body": body})
+
+
+class MailCatcher:
+    """A real SMTP server (aiosmtpd, in a thread of its own) that keeps every
+    message it accepts, for tests of what a service emails."""
+
+    def __init__(self, *, host: str = "127.0.0.1", port: int | None = None) -> None:
+        from aiosmtpd.controller import Controller
+
+        self.host = host
+        self.port = port or free_port()
+        self.messages: list[EmailMessage] = []
+        self._controller = Controller(_Keeper(self.messages), hostname=host, port=self.port)
+
+    @property
+    def url(self) -> str:
+        return f"smtp://{self.host}:{self.port}"
+
+    def start(self) -> None:
+        self._controller.start()
+
+    def stop(self) -> None:
+        self._controller.stop()
+
+    def to(self, address: str) -> list[EmailMessage]:
+        return [message for message in list(self.messages) if message["To"] == address]
+
+    async def wait_for(
+        self, address: str, *, count: int = 1, within: float = 20.0
+    ) -> list[EmailMessage]:
+        """The first `count` messages to `address`, once they have all arrived."""
+        deadline = time.monotonic() + within
+        while len(received := self.to(address)) < count:
+            if time.monotonic() > deadline:
+                raise AssertionError(f"{len(received)} of {count} emails to {address} arrived")
+            await asyncio.sleep(0.02)
+        return received[:count]
+
+
+class _Keeper:
+    def __init__(self, messages: list[EmailMessage]) -> None:
+        self.messages = messages
+
+    # aiosmtpd calls its hooks by these names
+    async def handle_DATA(self, server: object, session: object, envelope: Any) -> str:
+        parsed = message_from_bytes(envelope.content, policy=email.policy.default)
+        assert isinstance(parsed, EmailMessage)
+        self.messages.append(parsed)
+        return "250 Message accepted"
+
+
+def emailed_token(message: EmailMessage) -> str:
+    """The token an email carries: after `token=` in a link, or alone on its line."""
+    body = message.get_content()
+    found = re.search(r"token=([A-Za-z0-9_-]+)", body) or re.search(
+        r"^([A-Za-z0-9_-]{40,})\r?$", body, re.MULTILINE
+    )
+    if found is None:
+        raise AssertionError(f"no token in: {body}")
+    return found.group(1)
 
 
 @dataclass

@@ -6,7 +6,7 @@ from __future__ import annotations
 import re
 import uuid
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Self
 
 from pydantic import (
     AnyHttpUrl,
@@ -18,9 +18,10 @@ from pydantic import (
     SecretStr,
     StringConstraints,
     field_validator,
+    model_validator,
 )
 
-from kit.settings import ServiceSettings
+from kit.settings import DatabaseSettings, is_weak_secret
 
 OWASP_ARGON2_MEMORY_KIB = 19_456
 OWASP_ARGON2_TIME_COST = 2
@@ -56,15 +57,20 @@ class OAuthClient(BaseModel):
         return tuple(dict.fromkeys(value))
 
 
-class Settings(ServiceSettings):
+class Settings(DatabaseSettings):
     service_name: str = "auth"
-    database_url: PostgresDsn = PostgresDsn("postgresql+asyncpg://bazaar:bazaar@postgres:5432/auth")
+    database_url: PostgresDsn = PostgresDsn("postgresql+asyncpg://auth@postgres:5432/auth")
 
-    admin_email: EmailStr | None = None
+    # The admin account ensured at start-up; without a password it is created
+    # with a random one, printed once in the log.
+    admin_email: EmailStr | None = "admin@example.com"
     admin_password: SecretStr | None = None
 
     access_token_ttl_seconds: int = Field(default=900, gt=0)
+    # Each refresh token lives this long from its issue (sliding) ...
     refresh_token_ttl_seconds: int = Field(default=14 * 24 * 3600, gt=0)
+    # ... but no login session outlives this, however often it is refreshed.
+    session_max_lifetime_seconds: int = Field(default=30 * 24 * 3600, gt=0)
 
     # The private ES256 key as PEM, from a secret; without one a key is
     # generated once and kept in the database, shared by every replica.
@@ -77,6 +83,8 @@ class Settings(ServiceSettings):
     argon2_memory_cost_kib: int = Field(default=OWASP_ARGON2_MEMORY_KIB, ge=8)
     argon2_time_cost: int = Field(default=OWASP_ARGON2_TIME_COST, ge=1)
     argon2_parallelism: int = Field(default=OWASP_ARGON2_PARALLELISM, ge=1)
+    # Hashes computed at once per replica, each holding argon2_memory_cost_kib
+    argon2_max_concurrent: int = Field(default=4, ge=1)
 
     # Login throttling (throttle.py): attempts are counted before the password
     # is checked, per (account, client address) and per client address within
@@ -98,7 +106,7 @@ class Settings(ServiceSettings):
     # Password resets: how long an emailed token stays valid, how many reset
     # emails one account gets per window (more requests are accepted, and
     # silently send nothing), and the page the email links to (`?token=` is
-    # appended); without a link the email carries the token alone.
+    # appended); unset, the web client's page on PUBLIC_BASE_URL.
     password_reset_ttl_seconds: int = Field(default=1800, gt=0)
     password_reset_emails_per_account: int = Field(default=3, ge=1)
     password_reset_window_seconds: int = Field(default=3600, ge=1)
@@ -114,6 +122,13 @@ class Settings(ServiceSettings):
     # {"catalog-importer": {"secret": "...", "scopes": ["catalog:import"]},
     #  "reports": {"secret": "...", "introspect": true}}.
     oauth_clients: dict[str, OAuthClient] = Field(default_factory=dict)
+    # Email verification: a registration emails a single-use link valid this
+    # long; resends are limited per address and window like reset emails.
+    # The link: as for resets, the web client's page unless set.
+    email_verification_ttl_seconds: int = Field(default=24 * 3600, gt=0)
+    email_verification_emails_per_account: int = Field(default=3, ge=1)
+    email_verification_window_seconds: int = Field(default=3600, ge=1)
+    email_verification_link: str | None = None
 
     smtp_url: SecretStr | None = None
     mail_from: str = "Bazaar <no-reply@bazaar.invalid>"
@@ -126,6 +141,7 @@ class Settings(ServiceSettings):
         "signing_key_file",
         "smtp_url",
         "password_reset_link",
+        "email_verification_link",
         mode="before",
     )
     @classmethod
@@ -158,6 +174,34 @@ class Settings(ServiceSettings):
     def public_origin(self) -> str:
         """`public_base_url` without its trailing slash."""
         return str(self.public_base_url).rstrip("/")
+
+    @property
+    def reset_page(self) -> str:
+        """Where a reset email links to: the setting, or the web client's page."""
+        return self.password_reset_link or f"{self.public_origin}/password/reset"
+
+    @property
+    def verification_page(self) -> str:
+        """Where a verification email links to: the setting, or the web client's page."""
+        return self.email_verification_link or f"{self.public_origin}/email/verify"
+
+    @model_validator(mode="after")
+    def _tokens_within_the_verifiers_maximum(self) -> Self:
+        if self.access_token_ttl_seconds > self.jwt_max_lifetime_seconds:
+            raise ValueError(
+                "ACCESS_TOKEN_TTL_SECONDS must not exceed JWT_MAX_LIFETIME_SECONDS: "
+                "every verifier would refuse such tokens"
+            )
+        return self
+
+    def weak_production_secrets(self) -> list[str]:
+        weak = super().weak_production_secrets()
+        # unset is fine: the admin then gets a random password
+        if self.admin_password is not None and is_weak_secret(
+            self.admin_password.get_secret_value()
+        ):
+            weak.append("ADMIN_PASSWORD")
+        return weak
 
     def signing_key_pem(self) -> str | None:
         """The configured private key, from the setting or the file it names."""

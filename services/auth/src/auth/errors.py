@@ -139,3 +139,12 @@ def with_oauth_error(error: DomainError) -> DomainError:
         error.extensions["error"] = "temporarily_unavailable" if temporary else "invalid_request"
         error.extensions["error_description"] = error.detail
     return error
+
+
+class InvalidVerificationToken(DomainError):
+    """One answer for an unknown, expired or spent token."""
+
+    status, title, slug = 400, "Invalid verification token", "invalid-verification-token"
+
+    def __init__(self) -> None:
+        super().__init__("This email verification token is invalid, expired or already used")

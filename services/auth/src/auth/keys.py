@@ -8,6 +8,12 @@ the secret is replaced its tokens still verify until they expire.
 Rotate with `python -m auth.keys rotate` (DATABASE_URL set): a new key signs
 from then on, and the old one stays in the JWKS for one access-token lifetime
 plus the replicas' key-ring refresh interval.
+
+Retire a key that must no longer be trusted (leaked, say) with `python -m
+auth.keys retire <kid>`: it leaves the ring and the JWKS at once (a new key
+signs first if it was the signing one), so every token it signed is refused
+as soon as each verifier has refreshed its key set. `python -m auth.keys list`
+shows the ring.
 """
 
 from __future__ import annotations
@@ -18,6 +24,7 @@ import base64
 import hashlib
 import json
 import logging
+import sys
 import time
 import uuid
 from dataclasses import dataclass
@@ -164,6 +171,42 @@ async def rotate(sessionmaker: async_sessionmaker[AsyncSession], settings: Setti
     return kid
 
 
+class KeyRetirementRefused(Exception):
+    """The key cannot be retired this way; the message says why."""
+
+
+async def retire(
+    sessionmaker: async_sessionmaker[AsyncSession], settings: Settings, kid: str
+) -> str | None:
+    """Removes `kid` from the ring, so it is published no more; returns the kid
+    of the key that signs now if `kid` was signing (it rotates first)."""
+    configured = settings.signing_key_pem()
+    if configured is not None and thumbprint(public_pem_of(configured)) == kid:
+        raise KeyRetirementRefused(
+            "this key is SIGNING_KEY: replace the secret on every auth replica, then retire it"
+        )
+    async with sessionmaker() as session, session.begin():
+        await _lock_ring(session)
+        key = await session.get(SigningKey, kid)
+        if key is None:
+            raise KeyRetirementRefused(f"no key {kid} in the ring")
+        signing = key.retired_at is None and configured is None
+        replacement = None
+        if signing:
+            await _retire_all_except(session, None)
+            replacement = await _insert_generated(session)
+        await session.delete(key)
+    logger.warning("retired signing key %s; verifiers refuse its tokens once they refresh", kid)
+    return replacement
+
+
+async def ring(sessionmaker: async_sessionmaker[AsyncSession]) -> list[SigningKey]:
+    async with sessionmaker() as session:
+        return list(
+            (await session.scalars(select(SigningKey).order_by(SigningKey.created_at.desc()))).all()
+        )
+
+
 class KeyRing:
     """Auth's own key source: the kit verifier reads keys here, not over HTTP.
 
@@ -262,19 +305,44 @@ class KeyRing:
         return self._jwks
 
 
-async def _main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(prog="python -m auth.keys", description=__doc__)
-    parser.add_argument("command", choices=["rotate"])
-    parser.parse_args(argv)
+async def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="python -m auth.keys",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    commands = parser.add_subparsers(dest="command", required=True)
+    commands.add_parser("list", help="every key of the ring: kid, created, state")
+    commands.add_parser("rotate", help="a new key signs; the old one is published until expiry")
+    commands.add_parser("retire", help="stop publishing a key at once").add_argument("kid")
+    arguments = parser.parse_args(argv)
     settings = Settings()
-    engine = make_engine(str(settings.database_url))
+    engine = make_engine(str(settings.database_url), pool_size=1, max_overflow=0)
+    sessionmaker = make_sessionmaker(engine)
     try:
-        kid = await rotate(make_sessionmaker(engine), settings)
+        if arguments.command == "list":
+            for key in await ring(sessionmaker):
+                state = "signing" if key.retired_at is None else f"retired {key.retired_at:%FT%TZ}"
+                print(f"{key.kid}\t{key.created_at:%FT%TZ}\t{state}")  # noqa: T201
+        elif arguments.command == "rotate":
+            print(await rotate(sessionmaker, settings))  # noqa: T201 - the command's output
+        else:
+            try:
+                replacement = await retire(sessionmaker, settings, arguments.kid)
+            except KeyRetirementRefused as error:
+                print(f"error: {error}", file=sys.stderr)  # noqa: T201
+                return 1
+            window = settings.key_ring_refresh_seconds
+            print(  # noqa: T201
+                f"retired {arguments.kid}: auth refuses its tokens within {window:g} s, the other "
+                "services once their key set refreshes"
+                + (f"; {replacement} signs now" if replacement else "")
+            )
     finally:
         await engine.dispose()
-    print(kid)  # noqa: T201 - the command's output
+    return 0
 
 
 if __name__ == "__main__":
     logging.basicConfig(level=logging.INFO)
-    asyncio.run(_main())
+    sys.exit(asyncio.run(main()))

@@ -1,9 +1,12 @@
-"""Emails: the welcome after a registration and the password reset token,
-each sent after the response has gone out.
+"""Emails: the welcome after a registration (with the link that verifies the
+address), a resent verification link and the password reset token, each sent
+after the response has gone out.
 
 With `SMTP_URL` (`smtp://user:password@host:port`, or `smtps://` for implicit
 TLS; `?starttls=1` upgrades a plain connection) it goes over SMTP in a worker
-thread; without one it is logged. Failures are logged, never raised.
+thread. Without one nothing is sent, and the log says who would have got what
+kind of email, never its content: the tokens in it take over accounts.
+Failures are logged, never raised.
 """
 
 from __future__ import annotations
@@ -19,13 +22,48 @@ from auth.config import Settings
 logger = logging.getLogger("auth.mail")
 
 
-def welcome_message(*, sender: str, to: str, display_name: str) -> EmailMessage:
+def duration(seconds: int) -> str:
+    """`86400` -> "24 hours", `1800` -> "30 minutes"."""
+    if seconds >= 7200:
+        return f"{seconds // 3600} hours"
+    return f"{max(1, seconds // 60)} minutes"
+
+
+def token_instructions(*, token: str, link: str | None, endpoint: str) -> str:
+    """Where the token goes: the configured page (`?token=` appended), else the API."""
+    if link:
+        return f"Open {link}{'&' if '?' in link else '?'}token={token}"
+    return f"Send this token to POST {endpoint}:\n\n{token}"
+
+
+def welcome_message(
+    *, sender: str, to: str, display_name: str, token: str, link: str | None, valid_for: str
+) -> EmailMessage:
     message = EmailMessage()
     message["From"] = sender
     message["To"] = to
-    message["Subject"] = "Welcome to Bazaar"
+    message["Subject"] = "Welcome to Bazaar: confirm your email address"
+    where = token_instructions(token=token, link=link, endpoint="/auth/email/verify")
     message.set_content(
-        f"Hello {display_name},\n\nyour Bazaar account {to} is ready. Welcome aboard.\n"
+        f"Hello {display_name},\n\nyour Bazaar account {to} is ready. Welcome aboard.\n\n"
+        f"To confirm that this address is yours: {where}\n\nIt works once, within {valid_for}."
+        " If you did not sign up, ignore this email.\n"
+    )
+    return message
+
+
+def verification_message(
+    *, sender: str, to: str, token: str, link: str | None, valid_for: str
+) -> EmailMessage:
+    message = EmailMessage()
+    message["From"] = sender
+    message["To"] = to
+    message["Subject"] = "Confirm your Bazaar email address"
+    where = token_instructions(token=token, link=link, endpoint="/auth/email/verify")
+    message.set_content(
+        f"Someone asked to confirm the email address of the Bazaar account {to}.\n\n"
+        f"{where}\n\nIt works once, within {valid_for}. If it was not you, ignore "
+        "this email.\n"
     )
     return message
 
@@ -54,7 +92,7 @@ def reset_message(
     message["To"] = to
     message["Subject"] = "Reset your Bazaar password"
     where = (
-        f"Open {link}{'&' if '?' in link else '?'}token={token}"
+        token_instructions(token=token, link=link, endpoint="/auth/password/reset")
         if link
         else f"Send this token with your new password to POST /auth/password/reset:\n\n{token}"
     )
@@ -67,11 +105,11 @@ def reset_message(
 
 
 async def deliver(*, settings: Settings, message: EmailMessage, what: str) -> None:
-    """Sends over SMTP in a worker thread, or logs the message without
-    `SMTP_URL`; a failure is logged, never raised (the response has gone)."""
+    """Sends over SMTP in a worker thread; a failure is logged, never raised
+    (the response has gone). Without `SMTP_URL` only the fact is logged."""
     to = message["To"]
     if settings.smtp_url is None:
-        logger.info("%s email (no SMTP_URL set) to %s:\n%s", what, to, message.get_content())
+        logger.warning("%s email to %s not sent: SMTP_URL is not set", what, to)
         return
     try:
         await asyncio.to_thread(
@@ -86,9 +124,29 @@ async def deliver(*, settings: Settings, message: EmailMessage, what: str) -> No
         logger.info("%s email sent to %s", what, to)
 
 
-async def send_welcome_email(*, settings: Settings, to: str, display_name: str) -> None:
-    message = welcome_message(sender=settings.mail_from, to=to, display_name=display_name)
+async def send_welcome_email(
+    *, settings: Settings, to: str, display_name: str, verification_token: str
+) -> None:
+    message = welcome_message(
+        sender=settings.mail_from,
+        to=to,
+        display_name=display_name,
+        token=verification_token,
+        link=settings.verification_page,
+        valid_for=duration(settings.email_verification_ttl_seconds),
+    )
     await deliver(settings=settings, message=message, what="welcome")
+
+
+async def send_verification_email(*, settings: Settings, to: str, token: str) -> None:
+    message = verification_message(
+        sender=settings.mail_from,
+        to=to,
+        token=token,
+        link=settings.verification_page,
+        valid_for=duration(settings.email_verification_ttl_seconds),
+    )
+    await deliver(settings=settings, message=message, what="email verification")
 
 
 async def send_reset_email(*, settings: Settings, to: str, token: str) -> None:
@@ -96,7 +154,7 @@ async def send_reset_email(*, settings: Settings, to: str, token: str) -> None:
         sender=settings.mail_from,
         to=to,
         token=token,
-        link=settings.password_reset_link,
+        link=settings.reset_page,
         minutes=settings.password_reset_ttl_seconds // 60,
     )
     await deliver(settings=settings, message=message, what="password reset")

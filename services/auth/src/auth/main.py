@@ -21,9 +21,10 @@ from auth.oauth_router import router as oauth_router
 from auth.passwords import Passwords
 from auth.router import router
 from auth.throttle import LoginThrottle
+from auth.verification import router as verification_router
 from kit.app import assemble
 from kit.db import check_database, make_engine, make_sessionmaker
-from kit.health import check_redis
+from kit.health import check_redis, check_revocations
 from kit.heap import settled_heap
 from kit.logs import configure_logging
 from kit.security import KeySource, TokenVerifier
@@ -93,7 +94,9 @@ def create_app(settings: Settings | None = None, *, key_source: KeySource | None
     async def lifespan(app: FastAPI) -> AsyncIterator[State]:
         engine = make_engine(str(settings.database_url))
         sessionmaker = make_sessionmaker(engine)
-        redis = Redis.from_url(str(settings.redis_url))
+        # a connect that hangs (Redis stopping, a partition) fails after 2 s instead
+        # of the kernel's minutes, so the revocation mirror reconnects promptly
+        redis = Redis.from_url(str(settings.redis_url), socket_connect_timeout=2.0)
         key_ring = KeyRing(sessionmaker=sessionmaker, settings=settings)
         passwords = Passwords.from_settings(settings)
         verifier = TokenVerifier.for_service(settings, redis=redis, keys=key_source or key_ring)
@@ -132,15 +135,16 @@ def create_app(settings: Settings | None = None, *, key_source: KeySource | None
         summary="Accounts, OAuth 2.0 logins, ES256 access tokens, rotating refresh tokens",
         lifespan=lifespan,
     )
+    # Ready with PostgreSQL and its bootstrap (signing key, admin): the JWKS,
+    # registration and logins rest on them. Redis matters to some requests
+    # only, which handle its absence themselves (see the README).
     assemble(
         app,
         settings,
-        readiness={
-            "database": check_database,
-            "redis": check_redis,
-            "bootstrap": check_bootstrap,
-        },
+        readiness={"database": check_database, "bootstrap": check_bootstrap},
+        optional_readiness={"redis": check_redis, "revocations": check_revocations},
     )
     app.include_router(router)
     app.include_router(oauth_router)
+    app.include_router(verification_router)
     return app

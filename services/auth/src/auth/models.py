@@ -1,4 +1,5 @@
-"""Tables: users, the signing-key ring and refresh tokens (stored only as hashes)."""
+"""Tables: users, the signing-key ring, refresh tokens and the single-use tokens
+of password resets and email verification (tokens stored only as hashes)."""
 
 from __future__ import annotations
 
@@ -41,6 +42,9 @@ class User(Base):
         ARRAY(String(32)), server_default=text("'{user}'::varchar[]")
     )
     is_active: Mapped[bool] = mapped_column(Boolean, server_default=text("true"))
+    # when the owner proved the address (a verification link, or an operator
+    # vouching for it); None: not verified
+    email_verified_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
     created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), server_default=func.now())
     updated_at: Mapped[datetime] = mapped_column(
         DateTime(timezone=True), server_default=func.now(), onupdate=func.now()
@@ -71,6 +75,8 @@ class RefreshToken(Base):
 
     `access_jti`/`access_expires_at` name the access token issued alongside,
     so revoking the family can put the still-live ones on the blocklist.
+    `session_expires_at` is the family's absolute end, set at login and copied
+    on every rotation: no refresh token of the family outlives it.
     """
 
     __tablename__ = "refresh_tokens"
@@ -84,6 +90,7 @@ class RefreshToken(Base):
     access_expires_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
     created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), server_default=func.now())
     expires_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
+    session_expires_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
     used_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
     revoked_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
 
@@ -94,6 +101,21 @@ class PasswordReset(Base):
     outstanding token of the user."""
 
     __tablename__ = "password_resets"
+    id: Mapped[uuid.UUID] = mapped_column(primary_key=True, default=uuid.uuid4)
+    token_hash: Mapped[str] = mapped_column(String(64), unique=True)
+    user_id: Mapped[uuid.UUID] = mapped_column(
+        ForeignKey("users.id", ondelete="CASCADE"), index=True
+    )
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), server_default=func.now())
+    expires_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
+    used_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+
+
+class EmailVerification(Base):
+    """A single-use token proving an account's email address; only its SHA-256
+    is kept. Using one spends every outstanding token of the user."""
+
+    __tablename__ = "email_verifications"
     id: Mapped[uuid.UUID] = mapped_column(primary_key=True, default=uuid.uuid4)
     token_hash: Mapped[str] = mapped_column(String(64), unique=True)
     user_id: Mapped[uuid.UUID] = mapped_column(

@@ -3,6 +3,12 @@
 Hashing at OWASP's parameters costs tens of milliseconds of CPU, so every
 hash and verify runs in a worker thread. Verifying an unknown account's
 password against a dummy hash makes that 401 cost what a wrong password costs.
+
+Each hash in progress holds `ARGON2_MEMORY_COST_KIB` (19 MiB) of memory, so at
+most `ARGON2_MAX_CONCURRENT` run at once: a burst of logins then waits its turn
+instead of growing the process past its memory limit (the default thread pool
+alone would allow one per core plus four, up to 32). More at once than there
+are cores would not finish sooner anyway.
 """
 
 from __future__ import annotations
@@ -17,7 +23,9 @@ from auth.config import Settings
 
 
 class Passwords:
-    def __init__(self, *, memory_cost_kib: int, time_cost: int, parallelism: int) -> None:
+    def __init__(
+        self, *, memory_cost_kib: int, time_cost: int, parallelism: int, max_concurrent: int = 4
+    ) -> None:
         self.hasher = PasswordHasher(
             time_cost=time_cost,
             memory_cost=memory_cost_kib,
@@ -25,6 +33,7 @@ class Passwords:
             type=Type.ID,
         )
         self._dummy_hash: str | None = None
+        self._slots = asyncio.Semaphore(max_concurrent)
 
     @classmethod
     def from_settings(cls, settings: Settings) -> Passwords:
@@ -32,13 +41,16 @@ class Passwords:
             memory_cost_kib=settings.argon2_memory_cost_kib,
             time_cost=settings.argon2_time_cost,
             parallelism=settings.argon2_parallelism,
+            max_concurrent=settings.argon2_max_concurrent,
         )
 
     async def hash(self, password: str) -> str:
-        return await asyncio.to_thread(self.hasher.hash, password)
+        async with self._slots:
+            return await asyncio.to_thread(self.hasher.hash, password)
 
     async def verify(self, password_hash: str, password: str) -> bool:
-        return await asyncio.to_thread(self._verify, password_hash, password)
+        async with self._slots:
+            return await asyncio.to_thread(self._verify, password_hash, password)
 
     def _verify(self, password_hash: str, password: str) -> bool:
         try:

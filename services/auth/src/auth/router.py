@@ -79,8 +79,15 @@ async def register(
         password=body.password,
         display_name=body.display_name,
     )
+    verification_token = await service.new_email_verification(
+        session=session, settings=settings, user=user
+    )
     background.add_task(
-        send_welcome_email, settings=settings, to=user.email, display_name=user.display_name
+        send_welcome_email,
+        settings=settings,
+        to=user.email,
+        display_name=user.display_name,
+        verification_token=verification_token,
     )
     return UserOut.of(user)
 

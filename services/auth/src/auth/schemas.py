@@ -90,6 +90,7 @@ class UserOut(BaseModel):
     display_name: str
     roles: list[str]
     is_active: bool
+    email_verified: bool
     created_at: datetime
 
     @classmethod
@@ -100,6 +101,7 @@ class UserOut(BaseModel):
             display_name=user.display_name,
             roles=list(user.roles),
             is_active=user.is_active,
+            email_verified=user.email_verified_at is not None,
             created_at=user.created_at,
         )
 
@@ -253,3 +255,23 @@ class ServerMetadata(BaseModel):
     revocation_endpoint_auth_methods_supported: list[str]
     introspection_endpoint_auth_methods_supported: list[str]
     access_token_signing_alg_values_supported: list[str]
+
+
+class EmailVerifyIn(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    token: Annotated[str, StringConstraints(min_length=1, max_length=256)]
+
+
+class EmailResendIn(BaseModel):
+    """Asks for another verification email; like a reset request, any string is
+    accepted as the email, and one that matches no unverified account gets none."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    email: Annotated[str, StringConstraints(max_length=320)]
+
+    @field_validator("email")
+    @classmethod
+    def _as_account_key(cls, value: str) -> str:
+        return login_email(value)

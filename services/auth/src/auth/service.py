@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import base64
 import logging
+import secrets
 import time
 import uuid
 from collections.abc import Mapping, Sequence
@@ -24,11 +25,19 @@ from auth.errors import (
     InvalidCredentials,
     InvalidRefreshToken,
     InvalidResetToken,
+    InvalidVerificationToken,
     SelfLockout,
     UserNotFound,
 )
 from auth.keys import KeyRing
-from auth.models import ROLE_ADMIN, ROLE_USER, PasswordReset, RefreshToken, User
+from auth.models import (
+    ROLE_ADMIN,
+    ROLE_USER,
+    EmailVerification,
+    PasswordReset,
+    RefreshToken,
+    User,
+)
 from auth.passwords import Passwords
 from auth.schemas import PASSWORD_IS_EMAIL, is_the_email, normalise_email
 from auth.tokens import (
@@ -38,7 +47,7 @@ from auth.tokens import (
     opaque_token_hash,
 )
 from kit.errors import InvalidInput, ServiceUnavailable
-from kit.security import Principal, revoke_token, revoke_user, revoked_user_key
+from kit.security import Principal, revoke_token, revoke_user, user_revoked_before
 
 logger = logging.getLogger("auth.service")
 
@@ -179,31 +188,107 @@ async def _revoke_user_tokens(*, redis: Redis, settings: Settings, user_id: uuid
 async def ensure_admin(
     *, sessionmaker: async_sessionmaker[AsyncSession], passwords: Passwords, settings: Settings
 ) -> None:
-    """Makes ADMIN_EMAIL an admin, creating it with ADMIN_PASSWORD if missing.
+    """Makes ADMIN_EMAIL an admin with a verified address, creating it if missing.
 
-    Idempotent and safe when replicas start together (one INSERT ... ON
-    CONFLICT). An existing account keeps its password.
+    A new account gets ADMIN_PASSWORD, or without one a random password that
+    is logged once, by the replica whose INSERT created the account (one
+    INSERT ... ON CONFLICT, so replicas starting together agree). An existing
+    account keeps its password: ADMIN_PASSWORD only creates the account, and
+    the log says so when it no longer matches.
     """
-    if settings.admin_email is None or settings.admin_password is None:
+    if settings.admin_email is None:
         return
     email = normalise_email(settings.admin_email)
-    password_hash = await passwords.hash(settings.admin_password.get_secret_value())
-    statement = insert(User).values(
-        id=uuid.uuid4(),
-        email=email,
-        display_name="Administrator",
-        password_hash=password_hash,
-        roles=[ROLE_ADMIN, ROLE_USER],
-    )
-    statement = statement.on_conflict_do_update(
-        index_elements=[User.email],
-        set_={"roles": func.array_append(User.roles, ROLE_ADMIN)},
-        where=~User.roles.contains([ROLE_ADMIN]),
-    )
+    configured = settings.admin_password
+    password = secrets.token_urlsafe(18) if configured is None else configured.get_secret_value()
+    now = datetime.now(UTC)
     async with sessionmaker() as session:
-        await session.execute(statement)
+        created = await session.scalar(
+            insert(User)
+            .values(
+                id=uuid.uuid4(),
+                email=email,
+                display_name="Administrator",
+                password_hash=await passwords.hash(password),
+                roles=[ROLE_ADMIN, ROLE_USER],
+                email_verified_at=now,
+            )
+            .on_conflict_do_nothing(index_elements=[User.email])
+            .returning(User.id)
+        )
+        existing = None
+        if created is None:
+            existing = await session.scalar(select(User).where(User.email == email))
+            if existing is not None:
+                if ROLE_ADMIN not in existing.roles:
+                    existing.roles = [*existing.roles, ROLE_ADMIN]
+                existing.email_verified_at = existing.email_verified_at or now
         await session.commit()
-    logger.info("admin account %s ensured", email)
+    change = f"docker compose run --rm auth python -m auth.admin set-password {email}"
+    if created is not None and configured is None:
+        logger.warning(
+            "created the admin account %s with a generated password, shown only this once: "
+            "%s (change it with: %s)",
+            email,
+            password,
+            change,
+        )
+    elif created is not None:
+        logger.info("created the admin account %s", email)
+    elif (
+        existing is not None
+        and configured is not None
+        and not await passwords.verify(existing.password_hash, password)
+    ):
+        logger.warning(
+            "ADMIN_PASSWORD is not the password of the existing admin account %s: it is only "
+            "used to create the account. Change the password with: %s",
+            email,
+            change,
+        )
+    else:
+        logger.info("admin account %s ensured", email)
+
+
+async def find_user(*, session: AsyncSession, email: str) -> User:
+    """The account with this (normalised) email; UserNotFound otherwise."""
+    user = await session.scalar(select(User).where(User.email == normalise_email(email)))
+    if user is None:
+        raise UserNotFound
+    return user
+
+
+async def set_password(
+    *,
+    session: AsyncSession,
+    redis: Redis,
+    passwords: Passwords,
+    settings: Settings,
+    user: User,
+    password: str,
+) -> None:
+    """An operator sets the password: every session of the account ends, as on a reset."""
+    if is_the_email(password, user.email):
+        raise InvalidInput(
+            PASSWORD_IS_EMAIL.capitalize(),
+            errors=[{"loc": ["password"], "msg": PASSWORD_IS_EMAIL, "type": "value_error"}],
+        )
+    user.password_hash = await passwords.hash(password)
+    await _revoke_refresh_tokens(session=session, user_id=user.id)
+    await session.commit()
+    await _revoke_user_tokens(redis=redis, settings=settings, user_id=user.id)
+
+
+async def set_active(
+    *, session: AsyncSession, redis: Redis, settings: Settings, user: User, active: bool
+) -> None:
+    """(De)activates an account; deactivating ends every session at once."""
+    was_active, user.is_active = user.is_active, active
+    if was_active and not active:
+        await _revoke_refresh_tokens(session=session, user_id=user.id)
+    await session.commit()
+    if was_active and not active:
+        await _revoke_user_tokens(redis=redis, settings=settings, user_id=user.id)
 
 
 # --- logins and token families -----------------------------------------------
@@ -232,15 +317,9 @@ async def authenticate(
 
 async def _not_before(redis: Redis, user_id: uuid.UUID) -> float | None:
     """The user's revocation time, so a token issued in the same second is not
-    caught by it. Unknown while Redis is away: the token is issued anyway (a
-    revocation is always in the past, so at worst a token issued within a
-    second of one is refused and its holder logs in again)."""
-    try:
-        marker = await redis.get(revoked_user_key(str(user_id)))
-    except (RedisError, OSError) as error:
-        logger.warning("issuing a token without the revocation time: %s", error)
-        return None
-    return None if marker is None else float(marker)
+    caught by it. While Redis is away, the cutoff this process last mirrored:
+    a login must not fail for it (nobody can write a new one meanwhile)."""
+    return await user_revoked_before(redis, str(user_id))
 
 
 async def issue_tokens(
@@ -251,10 +330,16 @@ async def issue_tokens(
     settings: Settings,
     user: User,
     family_id: uuid.UUID | None = None,
+    session_expires_at: datetime | None = None,
 ) -> IssuedTokens:
     """A new access token and the next refresh token of the family (a new
-    family for a fresh login). Adds the refresh row and commits."""
+    family for a fresh login, whose absolute end is set now). Adds the refresh
+    row and commits."""
     family_id = family_id or uuid.uuid4()
+    now = datetime.now(UTC)
+    session_expires_at = session_expires_at or now + timedelta(
+        seconds=settings.session_max_lifetime_seconds
+    )
     access = issue_access_token(
         key=await key_ring.active_key(),
         user_id=user.id,
@@ -265,10 +350,10 @@ async def issue_tokens(
         issuer=settings.jwt_issuer,
         audience=settings.jwt_audience,
         lifetime_seconds=settings.access_token_ttl_seconds,
+        email_verified=user.email_verified_at is not None,
         not_before=await _not_before(redis, user.id),
     )
     refresh = new_opaque_token()
-    now = datetime.now(UTC)
     session.add(
         RefreshToken(
             token_hash=opaque_token_hash(refresh),
@@ -276,7 +361,10 @@ async def issue_tokens(
             user_id=user.id,
             access_jti=access.jti,
             access_expires_at=datetime.fromtimestamp(access.expires_at, UTC),
-            expires_at=now + timedelta(seconds=settings.refresh_token_ttl_seconds),
+            expires_at=min(
+                now + timedelta(seconds=settings.refresh_token_ttl_seconds), session_expires_at
+            ),
+            session_expires_at=session_expires_at,
         )
     )
     await session.commit()
@@ -315,7 +403,8 @@ async def rotate_refresh_token(
     settings: Settings,
     refresh_token: str,
 ) -> IssuedTokens:
-    """Spends a refresh token for a new pair in the same family.
+    """Spends a refresh token for a new pair in the same family, never past
+    the family's absolute end (a token from before that end existed starts it).
 
     The row is locked (`FOR UPDATE`), so of two concurrent uses one wins and
     the other sees it used. A used token presented again means it was copied:
@@ -348,6 +437,7 @@ async def rotate_refresh_token(
         settings=settings,
         user=user,
         family_id=token.family_id,
+        session_expires_at=token.session_expires_at,
     )
 
 
@@ -511,4 +601,65 @@ async def reset_password(
     await session.commit()
     await _revoke_user_tokens(redis=redis, settings=settings, user_id=user.id)
     logger.info("password reset for user %s", user.id)
+    return user
+
+
+# --- email verification ----------------------------------------------------
+
+
+async def new_email_verification(*, session: AsyncSession, settings: Settings, user: User) -> str:
+    """A single-use token proving the user's address, to be emailed; commits.
+    Earlier tokens stay valid until they expire or one of them is used."""
+    token = new_opaque_token()
+    session.add(
+        EmailVerification(
+            token_hash=opaque_token_hash(token),
+            user_id=user.id,
+            expires_at=datetime.now(UTC)
+            + timedelta(seconds=settings.email_verification_ttl_seconds),
+        )
+    )
+    await session.commit()
+    return token
+
+
+async def verification_to_resend(
+    *, session: AsyncSession, settings: Settings, email: str
+) -> tuple[User, str] | None:
+    """A new token for the active, unverified account with this email, or None;
+    the caller answers the same either way."""
+    user = await session.scalar(select(User).where(User.email == email))
+    if user is None or not user.is_active or user.email_verified_at is not None:
+        return None
+    return user, await new_email_verification(session=session, settings=settings, user=user)
+
+
+async def verify_email(*, session: AsyncSession, token: str) -> User:
+    """Marks the address verified with a token, once; every outstanding token
+    of the user is spent with it. New access tokens (a refresh or a login)
+    then carry `email_verified: true`."""
+    now = datetime.now(UTC)
+    verification = await session.scalar(
+        select(EmailVerification)
+        .where(EmailVerification.token_hash == opaque_token_hash(token))
+        .with_for_update()
+    )
+    user = None if verification is None else await session.get(User, verification.user_id)
+    if (
+        verification is None
+        or user is None
+        or verification.used_at is not None
+        or verification.expires_at <= now
+        or not user.is_active
+    ):
+        await session.rollback()
+        raise InvalidVerificationToken
+    user.email_verified_at = user.email_verified_at or now
+    await session.execute(
+        update(EmailVerification)
+        .where(EmailVerification.user_id == user.id, EmailVerification.used_at.is_(None))
+        .values(used_at=now)
+    )
+    await session.commit()
+    logger.info("email verified for user %s", user.id)
     return user

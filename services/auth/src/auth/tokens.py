@@ -41,6 +41,7 @@ def issue_access_token(
     issuer: str,
     audience: str,
     lifetime_seconds: int,
+    email_verified: bool = False,
     not_before: float | None = None,
 ) -> AccessToken:
     """A user's access token. `not_before` is the user's revocation time, if
@@ -53,6 +54,7 @@ def issue_access_token(
             "name": name,
             "roles": list(roles),
             "scope": scope,
+            "email_verified": email_verified,
             # the login session (refresh-token family), so logout can end it
             "sid": str(family_id),
         },

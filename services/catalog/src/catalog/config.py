@@ -4,14 +4,12 @@ from __future__ import annotations
 
 from pydantic import Field, PostgresDsn, SecretStr
 
-from kit.settings import ServiceSettings
+from kit.settings import DatabaseSettings, VerifiedWritesSettings, is_weak_secret
 
 
-class Settings(ServiceSettings):
+class Settings(DatabaseSettings, VerifiedWritesSettings):
     service_name: str = "catalog"
-    database_url: PostgresDsn = PostgresDsn(
-        "postgresql+asyncpg://bazaar:bazaar@postgres:5432/catalog"
-    )
+    database_url: PostgresDsn = PostgresDsn("postgresql+asyncpg://catalog@postgres:5432/catalog")
 
     database_pool_size: int = Field(default=10, ge=1)
     # Connections beyond the pool are closed on return: under a burst they are
@@ -27,3 +25,11 @@ class Settings(ServiceSettings):
     idempotency_ttl_seconds: int = Field(default=24 * 3600, gt=0)
     # How often a replica deletes expired idempotency keys.
     idempotency_purge_interval_seconds: float = Field(default=600.0, gt=0)
+
+    def weak_production_secrets(self) -> list[str]:
+        weak = super().weak_production_secrets()
+        # unset switches import off; a set key must not be a guessable one
+        key = self.catalog_api_key
+        if key is not None and is_weak_secret(key.get_secret_value()):
+            weak.append("CATALOG_API_KEY")
+        return weak

@@ -31,7 +31,7 @@ from catalog.router import router
 from kit.app import assemble
 from kit.db import asyncpg_dsn, check_database, make_engine, make_sessionmaker
 from kit.errors import domain_error_response, is_outage, unexpected_error_response
-from kit.health import check_redis
+from kit.health import VERIFIER_CHECKS
 from kit.heap import settled_heap
 from kit.logs import configure_logging
 from kit.security import KeySource, TokenVerifier
@@ -48,6 +48,7 @@ class State(TypedDict):
     sessionmaker: async_sessionmaker[AsyncSession]
     reads: ReadConnections
     point_reads: BatchedReads
+    point_pool: PointReadPool
 
 
 async def purge_idempotency_keys(
@@ -97,7 +98,9 @@ def create_app(
             pool_size=settings.database_pool_size,
             max_overflow=settings.database_pool_overflow,
         )
-        redis = Redis.from_url(str(settings.redis_url))
+        # a connect that hangs (Redis stopping, a partition) fails after 2 s instead
+        # of the kernel's minutes, so the revocation mirror reconnects promptly
+        redis = Redis.from_url(str(settings.redis_url), socket_connect_timeout=2.0)
         http = httpx.AsyncClient()
         verifier = TokenVerifier.for_service(settings, redis=redis, keys=key_source, http=http)
         await verifier.start()
@@ -133,6 +136,7 @@ def create_app(
                     sessionmaker=sessions,
                     reads=reads,
                     point_reads=point_reads,
+                    point_pool=point_pool,
                 )
         finally:
             purger.cancel()
@@ -151,7 +155,15 @@ def create_app(
         lifespan=lifespan,
         description="Products and categories: keyset pages, ETags, idempotent creates.",
     )
-    assemble(app, settings, readiness={"database": check_database, "redis": check_redis})
+    # Ready with PostgreSQL alone: public reads need nothing else. Redis
+    # (revocations) and auth (keys) matter only to authenticated writes, which
+    # answer 503 themselves when those cannot be checked.
+    assemble(
+        app,
+        settings,
+        readiness={"database": check_database},
+        optional_readiness=VERIFIER_CHECKS,
+    )
     for error_type in (DBAPIError, OSError, asyncpg.PostgresConnectionError):
         app.add_exception_handler(error_type, on_database_error)
     app.include_router(router)

@@ -23,10 +23,13 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import time
 from types import TracebackType
 from typing import Any
 
 import asyncpg
+
+from kit.pools import PoolUsage, observe_wait
 
 # What a connection lost to a database restart (or shutdown, or a backend
 # terminated by an administrator) raises from the driver: the server's own
@@ -79,6 +82,13 @@ class PointReadPool:
         """Leases waiting for a connection."""
         return sum(not waiter.done() for waiter in self._waiters)
 
+    def pool_usage(self) -> PoolUsage:
+        """What `/metrics` reports of this pool (kit.pools)."""
+        idle = len(self._idle)
+        return PoolUsage(
+            in_use=self._size - idle, idle=idle, max_size=self._max_size, waiting=self.waiting
+        )
+
     def acquire(self) -> Lease:
         """`async with pool.acquire() as connection:`, one connection for the block."""
         return Lease(self)
@@ -101,9 +111,12 @@ class PointReadPool:
             if not idle.is_closed():
                 return idle
             self._size -= 1
+        # a connection in hand costs no clock read; a wait or a connect is timed
+        started = time.perf_counter()
         if self._size >= self._max_size:
             handed = await self._wait()
             if handed is not None:
+                observe_wait("point_pool", started)
                 return handed
         else:
             self._size += 1
@@ -115,6 +128,7 @@ class PointReadPool:
         except BaseException:
             self._hand_on(None)
             raise
+        observe_wait("point_pool", started)
         if self.closed:  # closed while connecting
             connection.terminate()
             self._hand_on(None)

@@ -29,7 +29,7 @@ from catalog.schemas import (
     ProductPage,
     ProductPatch,
 )
-from kit.deps import AdminPrincipal
+from kit.deps import AdminWriter
 from kit.errors import PreconditionRequired
 
 IMPORT_MAX = 1000
@@ -96,7 +96,7 @@ async def list_products(reads: ReadsDep, page: PaginationDep, filters: FiltersDe
     summary="Create a category (admin)",
 )
 async def create_category(
-    data: CategoryIn, session: SessionDep, _admin: AdminPrincipal
+    data: CategoryIn, session: SessionDep, _admin: AdminWriter
 ) -> CategoryOut:
     return await service.create_category(session=session, data=data)
 
@@ -116,7 +116,7 @@ async def create_product(
     data: ProductIn,
     session: SessionDep,
     settings: SettingsDep,
-    admin: AdminPrincipal,
+    admin: AdminWriter,
     idempotency_key: IdempotencyKey = None,
 ) -> JSONResponse:
     if idempotency_key is None:
@@ -159,7 +159,7 @@ async def update_product(
     product_id: uuid.UUID,
     patch: ProductPatch,
     session: SessionDep,
-    _admin: AdminPrincipal,
+    _admin: AdminWriter,
     if_match: IfMatch = None,
 ) -> Response:
     expected = required_if_match(if_match)
@@ -176,7 +176,7 @@ async def update_product(
     summary="Delete a product (admin; If-Match optional)",
 )
 async def delete_product(
-    product_id: uuid.UUID, session: SessionDep, _admin: AdminPrincipal, if_match: IfMatch = None
+    product_id: uuid.UUID, session: SessionDep, _admin: AdminWriter, if_match: IfMatch = None
 ) -> Response:
     expected = None if if_match is None else if_match_versions(if_match)
     await service.delete_product(session=session, product_id=product_id, expected_versions=expected)

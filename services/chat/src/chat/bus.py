@@ -7,7 +7,13 @@ small header in front of the frame the clients receive, so a replica routes a
 message without parsing its JSON:
 
     m:<id>:<message frame>       a stored message of the room
+    m:<id>/<traceparent>:<frame> the same, sent inside a trace (W3C traceparent)
     p:<node>:<presence frame>    a presence diff from replica <node>
+
+The trace context is optional: a message without it (tracing off, or from a
+replica older than tracing) is delivered all the same. A replica older than
+tracing cannot read the traced form, so turn tracing on once every chat
+replica runs a version that has it.
 
 When the subscriber connection breaks, the bus reconnects with jittered
 exponential backoff, subscribes again and then calls `on_resync`, which reads
@@ -48,8 +54,16 @@ def node_channel(node: str) -> str:
     return f"chat:node:{node}"
 
 
-def message_payload(message_id: int, frame: str) -> str:
+def message_payload(message_id: int, frame: str, traceparent: str | None = None) -> str:
+    if traceparent:
+        return f"m:{message_id}/{traceparent}:{frame}"
     return f"m:{message_id}:{frame}"
+
+
+def message_head(head: str) -> tuple[int, str | None]:
+    """The message id and the trace context (or None) of an `m:` payload's head."""
+    message_id, _, traceparent = head.partition("/")
+    return int(message_id), traceparent or None
 
 
 def presence_payload(node: str, frame: str) -> str:
@@ -88,6 +102,11 @@ class Bus:
     def reconnects(self) -> int:
         """How many times the subscriber came back after losing Redis."""
         return self._reconnects
+
+    @property
+    def backlog_size(self) -> int:
+        """Publications kept for after the reconnect."""
+        return len(self._backlog)
 
     def start(self) -> None:
         self._task = asyncio.create_task(self._run(), name="chat-bus")

@@ -4,12 +4,12 @@ from __future__ import annotations
 
 from pydantic import Field, PostgresDsn
 
-from kit.settings import ServiceSettings
+from kit.settings import DatabaseSettings, VerifiedWritesSettings
 
 
-class Settings(ServiceSettings):
+class Settings(DatabaseSettings, VerifiedWritesSettings):
     service_name: str = "chat"
-    database_url: PostgresDsn = PostgresDsn("postgresql+asyncpg://bazaar:bazaar@postgres:5432/chat")
+    database_url: PostgresDsn = PostgresDsn("postgresql+asyncpg://chat@postgres:5432/chat")
 
     max_text_length: int = Field(default=4000, gt=0)
     """Longest message text, in characters."""

@@ -28,8 +28,8 @@ from redis.asyncio import Redis
 from sqlalchemy.ext.asyncio import AsyncEngine
 from starlette.websockets import WebSocket
 
-from chat import service
-from chat.bus import Bus, message_payload, presence_payload, room_channel
+from chat import service, tracing
+from chat.bus import Bus, message_head, message_payload, presence_payload, room_channel
 from chat.config import Settings
 from chat.metrics import ChatMetrics
 from chat.presence import Presence
@@ -65,6 +65,7 @@ class Connection:
         "close_code",
         "close_reason",
         "display_name",
+        "email_verified",
         "expires_at",
         "handler",
         "id",
@@ -90,6 +91,7 @@ class Connection:
         self.expires_at = principal.expires_at
         self.jti = principal.jti
         self.issued_at = principal.issued_at
+        self.email_verified = principal.email_verified
         self.room = room
         self.limit = limit
         self.last_sent_id = 0
@@ -112,6 +114,11 @@ class Connection:
         self._outbox.append((message_id, frame))
         self._wake()
         return True
+
+    @property
+    def queued(self) -> int:
+        """Frames waiting in the outbox."""
+        return len(self._outbox)
 
     def push_frame(self, frame: str) -> bool:
         """Queues a frame outside the id order (presence, errors, acknowledgements)."""
@@ -168,8 +175,10 @@ class Connection:
     # -- incoming ---------------------------------------------------------
 
     def renew(self, principal: Principal, close_on_expiry: bool) -> None:
-        """Adopts a fresh token of the same user: its expiry and revocation identity."""
+        """Adopts a fresh token of the same user: its expiry, revocation identity
+        and whether it vouches for the user's email."""
         self.jti, self.issued_at = principal.jti, principal.issued_at
+        self.email_verified = principal.email_verified
         self.schedule_expiry(principal.expires_at, close_on_expiry)
 
     def schedule_expiry(self, expires_at: int, enabled: bool) -> None:
@@ -252,6 +261,7 @@ class RoomFeed:
     def _deliver(self, message_id: int, frame: str) -> None:
         self.delivered = message_id
         self.hub.metrics.deliveries.inc(len(self.connections))
+        self.hub.metrics.delivered(frame)
         overflowed = [conn for conn in self.connections if not conn.push(message_id, frame)]
         for connection in overflowed:
             self.hub.kick(connection, CLOSE_SLOW_CONSUMER, "slow consumer")
@@ -396,9 +406,17 @@ class Hub:
     async def publish_message(self, message: StoredMessage) -> None:
         """Delivers a just-committed message here at once, then to the other replicas."""
         frame = message.frame()
-        self.offer(message.room, message.id, frame)
+        tracing.stored(message.id)
+        feed = self.feeds.get(message.room)
+        if feed is not None:
+            with tracing.deliver_span(
+                message.room, message.id, None, sockets=len(feed.connections), node=self.node_id
+            ):
+                feed.offer(message.id, frame)
         if self.bus is not None:
-            await self.bus.publish(room_channel(message.room), message_payload(message.id, frame))
+            with tracing.publish_span(message.room, message.id) as traceparent:
+                payload = message_payload(message.id, frame, traceparent)
+                await self.bus.publish(room_channel(message.room), payload)
 
     def on_bus_message(self, room: str, payload: str) -> None:
         feed = self.feeds.get(room)
@@ -407,7 +425,13 @@ class Hub:
         kind, _, rest = payload.partition(":")
         head, _, frame = rest.partition(":")
         if kind == "m":
-            feed.offer(int(head), frame)
+            message_id, traceparent = message_head(head)
+            if feed.ready and message_id <= feed.delivered:
+                return  # delivered already: the sender's replica hears its own publications
+            with tracing.deliver_span(
+                room, message_id, traceparent, sockets=len(feed.connections), node=self.node_id
+            ):
+                feed.offer(message_id, frame)
         elif kind == "p" and head != self.node_id:
             self._push_to_room(feed, frame)
 
@@ -462,6 +486,10 @@ class Hub:
                     user_revoked_before is not None and conn.issued_at < float(user_revoked_before)
                 ):
                     conn.request_close(CLOSE_TOKEN_REVOKED, "token revoked")
+
+    def outbox_depths(self) -> list[int]:
+        """Frames queued per socket (the metrics read it at scrape time)."""
+        return [conn.queued for feed in self.feeds.values() for conn in feed.connections]
 
     # -- lifecycle --------------------------------------------------------
 

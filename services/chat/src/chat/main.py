@@ -29,6 +29,7 @@ from chat.router import router
 from chat.session import SocketEntry
 from kit.app import assemble
 from kit.db import check_database, make_engine, make_sessionmaker
+from kit.health import VERIFIER_CHECKS
 from kit.logs import configure_logging
 from kit.security import KeySource, TokenVerifier
 
@@ -176,6 +177,8 @@ def create_app(settings: Settings | None = None, *, key_source: KeySource | None
             await limits.heartbeat()
         metrics.bus_connected.set_function(lambda: float(bus.connected.is_set()))
         metrics.bus_reconnects.set_function(lambda: float(bus.reconnects))
+        metrics.rooms.set_function(lambda: float(len(hub.feeds)))
+        metrics.watch_queues(hub.outbox_depths, lambda: bus.backlog_size)
         bus.start()
         beat = asyncio.create_task(
             heartbeat(
@@ -222,8 +225,15 @@ def create_app(settings: Settings | None = None, *, key_source: KeySource | None
         summary="Chat rooms over WebSockets, ordered and resumable across replicas",
         lifespan=lifespan,
     )
+    # Every socket stores its messages in PostgreSQL and hears the other
+    # replicas through Redis: both are core. Sockets already open keep working
+    # on this replica while Redis is away (see bus.py).
     assemble(
-        app, settings, readiness={"database": check_database, "bus": check_bus}, registry=registry
+        app,
+        settings,
+        readiness={"database": check_database, "bus": check_bus},
+        optional_readiness=VERIFIER_CHECKS,
+        registry=registry,
     )
     app.include_router(router)
     # outermost: a socket skips the HTTP layers (see SocketEntry)

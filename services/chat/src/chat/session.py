@@ -22,7 +22,7 @@ from typing import Any
 from fastapi import WebSocket
 from fastapi.exceptions import WebSocketRequestValidationError
 from starlette.datastructures import Headers
-from starlette.types import ASGIApp, Message, Receive, Scope, Send
+from starlette.types import ASGIApp, Receive, Scope, Send
 
 from chat import service
 from chat.config import Settings
@@ -43,21 +43,25 @@ from chat.schemas import (
     ready_frame,
     valid_room,
 )
-from kit.context import request_id_var
+from chat.tracing import message_span
+from kit.accesslog import AccessLogMiddleware
 from kit.errors import ServiceUnavailable, Unauthenticated
 from kit.inputs import json_errors, screen_request
-from kit.middleware import REQUEST_ID_HEADER, TrustedHostMiddleware, incoming_request_id
+from kit.middleware import RequestIdMiddleware, TrustedHostMiddleware
+from kit.observe import ROUTE_TEMPLATE_KEY, remember_user
 from kit.security import (
     Principal,
     TokenVerifier,
     bearer_from_headers,
     bearer_from_subprotocols,
 )
+from kit.tracing import TracingMiddleware, tracing_enabled
 
 logger = logging.getLogger("chat.socket")
 
 BEARER_SUBPROTOCOL = "bearer"
 SOCKET_PREFIX = "/chat/ws/"
+SOCKET_ROUTE = "/chat/ws/{room}"
 
 
 class SocketEntry:
@@ -66,14 +70,19 @@ class SocketEntry:
     A socket lives for hours, and every ASGI layer it passes keeps a frame,
     often a closure and an exit stack, for as long: through FastAPI's stack
     (kit's middleware, exception handling, routing, dependencies) that is
-    about 15 KB a socket, a third of what chat holds per socket. This entry
-    does for the socket what those layers would: the host check, the request
-    id (logs and the `X-Request-ID` of the handshake), and the input screen.
-    Every other request, and any other WebSocket path, goes to the app."""
+    about 15 KB a socket, a third of what chat holds per socket. A socket
+    here passes only the layers whose work it needs: the request id (logs and
+    the `X-Request-ID` of the handshake), the server span when tracing is on,
+    the access log's open and close lines, then the host check and the input
+    screen. Every other request, and any other WebSocket path, goes to the app."""
 
     def __init__(self, app: ASGIApp, *, allowed_hosts: list[str]) -> None:
         self.app = app
         self.hosts = TrustedHostMiddleware(app, allowed_hosts=allowed_hosts)
+        socket: ASGIApp = AccessLogMiddleware(self._socket)
+        if tracing_enabled():
+            socket = TracingMiddleware(socket)
+        self.socket = RequestIdMiddleware(socket)
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         path: str = scope.get("path", "")
@@ -81,28 +90,27 @@ class SocketEntry:
         if scope["type"] != "websocket" or not path.startswith(SOCKET_PREFIX) or "/" in room:
             await self.app(scope, receive, send)
             return
+        scope["path_params"] = {"room": room}
+        scope[ROUTE_TEMPLATE_KEY] = SOCKET_ROUTE
+        await self.socket(scope, receive, send)
+
+    async def _socket(self, scope: Scope, receive: Receive, send: Send) -> None:
         hosts = self.hosts
         if not hosts.allow_any and not hosts.is_allowed(Headers(scope=scope).get("host", "")):
             await send({"type": "websocket.close", "code": CLOSE_POLICY, "reason": "Invalid host"})
             return
-        request_id = incoming_request_id(scope)
-        scope.setdefault("state", {})["request_id"] = request_id
-        scope["path_params"] = {"room": room}
-        request_id_var.set(request_id)
-        header = (REQUEST_ID_HEADER.encode(), request_id.encode())
-
-        async def send_with_id(message: Message) -> None:
-            if message["type"] == "websocket.accept":
-                message["headers"] = [*message.get("headers", ()), header]
-            await send(message)
-
-        websocket = WebSocket(scope, receive, send_with_id)
+        websocket = WebSocket(scope, receive, send)
         try:
             await screen_request(websocket)
         except WebSocketRequestValidationError:
             await websocket.close(CLOSE_POLICY, "invalid input")
             return
-        await chat_socket(websocket, room)
+        await chat_socket(websocket, scope["path_params"]["room"])
+
+
+EMAIL_NOT_VERIFIED = (
+    "Confirm your email address before sending messages, then renew the token (an auth frame)"
+)
 
 
 def parse_since(raw: str | None) -> int | bool | None:
@@ -163,6 +171,7 @@ async def chat_socket(websocket: WebSocket, room: str) -> None:
         await websocket.close(CLOSE_TRY_AGAIN, error.detail)
         return
 
+    remember_user(websocket.scope, principal.user_id)
     limits: UserLimits = state.limits
     subprotocol = BEARER_SUBPROTOCOL if via_subprotocol else None
     if not await limits.open_socket(principal.user_id):
@@ -290,7 +299,8 @@ async def receive_frames(
             continue
         kind = frame.get("type")
         if kind == "message":
-            await on_message(connection, frame, hub=hub, settings=settings)
+            with message_span(connection.room):
+                await on_message(connection, frame, hub=hub, settings=settings)
         elif kind == "auth":
             await on_auth(connection, frame, hub=hub, settings=settings, verifier=verifier)
         else:
@@ -300,6 +310,9 @@ async def receive_frames(
 async def on_message(
     connection: Connection, frame: dict[str, Any], *, hub: Hub, settings: Settings
 ) -> None:
+    if settings.verified_email_required and not connection.email_verified:
+        reply(hub, connection, error_frame(EMAIL_NOT_VERIFIED))
+        return
     text = frame.get("text")
     client_id = frame.get("client_id")
     limit = settings.max_text_length

@@ -3,7 +3,7 @@
 
 import { fill, h } from "./dom.js";
 import { Session } from "./session.js";
-import { forgotView, logInView, resetView, signUpView } from "./views/account.js";
+import { forgotView, logInView, resetView, signUpView, verifyView } from "./views/account.js";
 import { catalogView, newProductView, productView } from "./views/catalog.js";
 import { roomsView, roomView } from "./views/chat.js";
 
@@ -14,6 +14,7 @@ const ROUTES = [
   [/^\/signup$/, signUpView, "Create an account", false],
   [/^\/password\/forgot$/, forgotView, "Forgot your password?", false],
   [/^\/password\/reset$/, resetView, "Reset your password", false],
+  [/^\/email\/verify$/, verifyView, "Verify your email address", false],
   [/^\/products\/new$/, newProductView, "New product", true],
   [/^\/products\/([^/]+)$/, productView, "Product", false],
   [/^\/rooms$/, roomsView, "Chat", true],

@@ -189,6 +189,77 @@ export function resetView({ query }) {
   return page("Reset your password", form, done);
 }
 
+export function verifyView({ session, query }) {
+  // as with resets, the token is read once and dropped from the address bar;
+  // it is spent only by a click, never on load (mail scanners open links)
+  const token = query.get("token") ?? "";
+  if (token) history.replaceState(null, "", "/email/verify");
+  const done = h("p", { role: "status", class: "success", hidden: true });
+  const resend = resendForm();
+  if (!token) {
+    return page(
+      "Verify your email address",
+      h("p", {}, "This page needs the link from the email we sent. Ask for a new one:"),
+      resend,
+    );
+  }
+  resend.hidden = true;
+  const form = h(
+    "form",
+    { novalidate: true },
+    formError(),
+    h("button", { type: "submit" }, "Confirm my email address"),
+  );
+  form.addEventListener("submit", async (event) => {
+    event.preventDefault();
+    await busy(form, async () => {
+      try {
+        await request("/auth/email/verify", { method: "POST", json: { token } });
+        form.hidden = true;
+        done.textContent = "Your email address is verified.";
+        done.hidden = false;
+        // a signed-in page takes a token that says so at once
+        if (session.signedIn) await session.refresh().catch(() => {});
+      } catch (error) {
+        if (error.status === 400) {
+          error.problem.detail =
+            "This link is invalid, expired or already used. Ask for a new one below.";
+          resend.hidden = false;
+        }
+        showErrors(form, error);
+      }
+    });
+  });
+  return page("Verify your email address", form, done, resend);
+}
+
+function resendForm() {
+  const sent = h("p", { role: "status", class: "success", hidden: true });
+  const form = h(
+    "form",
+    { novalidate: true },
+    formError(),
+    field({ label: "Email", name: "email", type: "email", autocomplete: "email", required: true }),
+    h("button", { type: "submit" }, "Email me a new link"),
+    sent,
+  );
+  form.addEventListener("submit", async (event) => {
+    event.preventDefault();
+    const { email } = Object.fromEntries(new FormData(form));
+    await busy(form, async () => {
+      try {
+        await request("/auth/email/verify/resend", { method: "POST", json: { email } });
+        clearErrors(form);
+        sent.textContent = `If ${email} has an account still to verify, a new link is on its way.`;
+        sent.hidden = false;
+      } catch (error) {
+        showErrors(form, error);
+      }
+    });
+  });
+  return form;
+}
+
 /** Only a path of this site, so a crafted `next` cannot send the user away. */
 function safeNext(next) {
   return next && next.startsWith("/") && !next.startsWith("//") ? next : "/";

@@ -1,0 +1,155 @@
+"""Connection pool metrics: how full each pool is, who waits for it, how long.
+
+Read at scrape time from the app's lifespan state, so the request path never
+touches a gauge:
+
+    db_pool_connections{pool, state="in_use|idle"}   db_pool_max_connections{pool}
+    db_pool_waiting{pool}                            tasks waiting for a connection
+    redis_pool_connections{pool, state}              redis_pool_max_connections{pool}
+    redis_pool_waiting{pool}
+
+`pool` is the state key the pool was found under (`engine` is the SQLAlchemy
+pool every service with a database has, `redis` the command pool), so the
+series are the same on every service. And one histogram, observed as it happens:
+
+    db_pool_wait_seconds{pool}   time to get a connection, opening one included
+
+The waiting counts read asyncio's queue of waiters in SQLAlchemy's and
+redis-py's pools, which neither library exposes otherwise; a library that
+renames them shows 0 waiting, never an error.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any, Protocol, runtime_checkable
+
+from prometheus_client import CollectorRegistry, Gauge, Histogram
+
+WAIT_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0)
+
+DB_POOL_WAIT = Histogram(
+    "db_pool_wait_seconds",
+    "Time to get a database connection from a pool (opening one included)",
+    ["pool"],
+    buckets=WAIT_BUCKETS,
+    registry=None,
+)
+"""Process-wide (the pools record into it without knowing the app), and
+registered in every app's registry by `PoolMetrics`."""
+
+
+@dataclass(frozen=True, slots=True)
+class PoolUsage:
+    in_use: int
+    idle: int
+    max_size: int
+    waiting: int
+
+
+@runtime_checkable
+class ReportsPoolUsage(Protocol):
+    """A pool of the service's own (catalog's point reads) that reports itself."""
+
+    def pool_usage(self) -> PoolUsage: ...
+
+
+def _waiters(queue: Any) -> int:
+    """Not-yet-woken waiters of an asyncio.Queue or Condition (0 if unknown)."""
+    waiters = getattr(queue, "_getters", None) or getattr(queue, "_waiters", None) or ()
+    return sum(1 for waiter in waiters if not waiter.done())
+
+
+def sqlalchemy_usage(engine: Any) -> PoolUsage | None:
+    pool = getattr(getattr(engine, "sync_engine", engine), "pool", None)
+    if pool is None or not hasattr(pool, "checkedout"):
+        return None
+    size = pool.size()
+    max_overflow = getattr(pool, "_max_overflow", 0)
+    queue = getattr(getattr(pool, "_pool", None), "_queue", None)
+    return PoolUsage(
+        in_use=pool.checkedout(),
+        idle=pool.checkedin(),
+        max_size=size + max(max_overflow, 0),
+        waiting=_waiters(queue),
+    )
+
+
+def redis_usage(redis: Any) -> PoolUsage | None:
+    pool = getattr(redis, "connection_pool", None)
+    if pool is None or not hasattr(pool, "_in_use_connections"):
+        return None
+    return PoolUsage(
+        in_use=len(pool._in_use_connections),
+        idle=len(pool._available_connections),
+        max_size=int(pool.max_connections),
+        waiting=_waiters(getattr(pool, "_condition", None)),
+    )
+
+
+class PoolMetrics:
+    def __init__(self, registry: CollectorRegistry) -> None:
+        self.db_connections = Gauge(
+            "db_pool_connections",
+            "Database connections by pool and state (in_use, idle)",
+            ["pool", "state"],
+            registry=registry,
+        )
+        self.db_max = Gauge(
+            "db_pool_max_connections", "Most connections a pool opens", ["pool"], registry=registry
+        )
+        self.db_waiting = Gauge(
+            "db_pool_waiting",
+            "Tasks waiting for a database connection",
+            ["pool"],
+            registry=registry,
+        )
+        self.redis_connections = Gauge(
+            "redis_pool_connections",
+            "Redis connections by pool and state (in_use, idle)",
+            ["pool", "state"],
+            registry=registry,
+        )
+        self.redis_max = Gauge(
+            "redis_pool_max_connections",
+            "Most connections a Redis pool opens",
+            ["pool"],
+            registry=registry,
+        )
+        self.redis_waiting = Gauge(
+            "redis_pool_waiting",
+            "Tasks waiting for a Redis connection",
+            ["pool"],
+            registry=registry,
+        )
+        registry.register(DB_POOL_WAIT)
+
+    def sample(self, state: Any) -> None:
+        """Reads every pool in the app's state (a request's `request.state`)."""
+        values: Mapping[str, Any] = getattr(state, "_state", {})
+        for name, value in values.items():
+            kind = type(value).__module__
+            if kind.startswith("sqlalchemy") and (usage := sqlalchemy_usage(value)):
+                self._set_db(name, usage)
+            elif kind.startswith("redis") and (usage := redis_usage(value)):
+                self._set_redis(name, usage)
+            elif isinstance(value, ReportsPoolUsage):
+                self._set_db(name, value.pool_usage())
+
+    def _set_db(self, name: str, usage: PoolUsage) -> None:
+        self.db_connections.labels(name, "in_use").set(usage.in_use)
+        self.db_connections.labels(name, "idle").set(usage.idle)
+        self.db_max.labels(name).set(usage.max_size)
+        self.db_waiting.labels(name).set(usage.waiting)
+
+    def _set_redis(self, name: str, usage: PoolUsage) -> None:
+        self.redis_connections.labels(name, "in_use").set(usage.in_use)
+        self.redis_connections.labels(name, "idle").set(usage.idle)
+        self.redis_max.labels(name).set(usage.max_size)
+        self.redis_waiting.labels(name).set(usage.waiting)
+
+
+def observe_wait(pool: str, started: float) -> None:
+    DB_POOL_WAIT.labels(pool).observe(time.perf_counter() - started)

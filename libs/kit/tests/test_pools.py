@@ -1,0 +1,104 @@
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from collections.abc import AsyncIterator
+from typing import Any
+
+import httpx
+import pytest
+from asgi_lifespan import LifespanManager
+from fastapi import FastAPI
+from prometheus_client.parser import text_string_to_metric_families
+from redis.asyncio import BlockingConnectionPool, Redis
+from sqlalchemy import text
+from sqlalchemy.ext.asyncio import AsyncEngine
+
+from kit.app import assemble
+from kit.db import make_engine
+from kit.settings import ServiceSettings
+
+
+def samples(exposition: str) -> dict[tuple[str, frozenset[tuple[str, str]]], float]:
+    return {
+        (sample.name, frozenset(sample.labels.items())): sample.value
+        for family in text_string_to_metric_families(exposition)
+        for sample in family.samples
+    }
+
+
+@pytest.fixture
+async def scraped(
+    postgres_server_url: str, redis_url: str
+) -> AsyncIterator[tuple[httpx.AsyncClient, AsyncEngine, Redis]]:
+    engine = make_engine(f"{postgres_server_url}/test", pool_size=1, max_overflow=0)
+    pool = BlockingConnectionPool.from_url(redis_url, max_connections=3)
+    redis = Redis(connection_pool=pool)
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[dict[str, Any]]:
+        yield {"engine": engine, "redis": redis, "settings": ServiceSettings()}
+
+    app = FastAPI(lifespan=lifespan)
+    assemble(app, ServiceSettings(_env_file=None), readiness={})
+    try:
+        async with LifespanManager(app) as manager:
+            transport = httpx.ASGITransport(app=manager.app)
+            async with httpx.AsyncClient(transport=transport, base_url="http://test") as client:
+                yield client, engine, redis
+    finally:
+        await redis.aclose()
+        await pool.aclose()
+        await engine.dispose()
+
+
+async def test_metrics_show_pool_use_waiters_and_wait_times(
+    scraped: tuple[httpx.AsyncClient, AsyncEngine, Redis],
+) -> None:
+    client, engine, redis = scraped
+    await redis.ping()
+    async with engine.connect() as held:
+        await held.execute(text("SELECT 1"))
+
+        async def second() -> None:
+            async with engine.connect() as connection:
+                await connection.execute(text("SELECT 1"))
+
+        waiter = asyncio.create_task(second())
+        async with asyncio.timeout(10):
+            while True:  # until the second checkout queues behind the held one
+                scraped_now = samples((await client.get("/metrics")).text)
+                if scraped_now[("db_pool_waiting", frozenset({("pool", "engine")}))] == 1:
+                    break
+                await asyncio.sleep(0.01)
+    await waiter
+    assert (
+        scraped_now[("db_pool_connections", frozenset({("pool", "engine"), ("state", "in_use")}))]
+        == 1
+    )
+    assert scraped_now[("db_pool_max_connections", frozenset({("pool", "engine")}))] == 1
+    assert scraped_now[("redis_pool_max_connections", frozenset({("pool", "redis")}))] == 3
+    assert (
+        scraped_now[("redis_pool_connections", frozenset({("pool", "redis"), ("state", "idle")}))]
+        == 1
+    )
+    after = samples((await client.get("/metrics")).text)
+    checkouts = after[("db_pool_wait_seconds_count", frozenset({("pool", "engine")}))]
+    assert checkouts >= 2
+    assert after[("db_pool_waiting", frozenset({("pool", "engine")}))] == 0
+
+
+async def test_metrics_include_the_process_and_requests_in_flight(
+    scraped: tuple[httpx.AsyncClient, AsyncEngine, Redis],
+) -> None:
+    client, _, _ = scraped
+    names = {name for name, _ in samples((await client.get("/metrics")).text)}
+    for expected in (
+        "process_cpu_seconds_total",
+        "process_resident_memory_bytes",
+        "process_open_fds",
+        "python_gc_collections_total",
+        "python_info",
+        "http_requests_in_flight",
+    ):
+        assert expected in names

@@ -1,0 +1,319 @@
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import subprocess
+import sys
+from collections.abc import AsyncIterator, Iterator
+from typing import Any
+
+import httpx
+import pytest
+from asgi_lifespan import LifespanManager
+from fastapi import FastAPI, Request
+from redis.asyncio import Redis
+from sqlalchemy import text
+from starlette.types import Receive, Scope, Send
+
+from kit.app import assemble
+from kit.db import make_engine
+from kit.deps import CurrentPrincipal
+from kit.logs import JsonFormatter, RequestIdFilter
+from kit.observe import ROUTE_TEMPLATE_KEY
+from kit.otlp_receiver import OtlpReceiver, ReceivedSpan
+from kit.security import TokenVerifier
+from kit.settings import DEFAULT_JWT_ISSUER, ServiceSettings
+from kit.testing import TokenMinter
+from kit.tracing import (
+    TracingMiddleware,
+    configure_tracing,
+    flush_traces,
+    sampler_for,
+    tracing_config,
+)
+
+CALLER_TRACE = "4bf92f3577b34da6a3ce929d0e0e4736"
+CALLER_SPAN = "00f067aa0ba902b7"
+OTHER_TRACE = "5bf92f3577b34da6a3ce929d0e0e4737"
+
+
+def test_tracing_is_off_without_an_endpoint() -> None:
+    """Nothing installed at all: no provider, no middleware, no instrumented driver."""
+    program = """
+from fastapi import FastAPI
+from opentelemetry import trace
+from kit.app import assemble
+from kit.settings import ServiceSettings
+from kit.tracing import TracingMiddleware, tracing_enabled
+import asyncpg, redis.asyncio
+app = FastAPI()
+assemble(app, ServiceSettings(_env_file=None), readiness={})
+print(tracing_enabled(), type(trace.get_tracer_provider()).__name__,
+      any(m.cls is TracingMiddleware for m in app.user_middleware),
+      hasattr(asyncpg.connection.Connection.fetch, "__wrapped__"),
+      hasattr(redis.asyncio.Redis.execute_command, "__wrapped__"))
+"""
+    env = {"PATH": "/usr/bin:/bin"}
+    result = subprocess.run(
+        [sys.executable, "-c", program], capture_output=True, text=True, check=True, env=env
+    )
+    assert result.stdout.split() == ["False", "ProxyTracerProvider", "False", "False", "False"]
+
+
+def test_the_generic_endpoint_gets_the_traces_path_and_the_specific_one_is_kept() -> None:
+    generic = ServiceSettings(otel_exporter_otlp_endpoint="http://jaeger:4318/")
+    specific = ServiceSettings(
+        otel_exporter_otlp_endpoint="http://jaeger:4318",
+        otel_exporter_otlp_traces_endpoint="http://collector:4318/custom",
+    )
+    assert tracing_config(generic).endpoint == "http://jaeger:4318/v1/traces"
+    assert tracing_config(specific).endpoint == "http://collector:4318/custom"
+    assert tracing_config(generic).enabled
+
+
+def test_disabled_sdk_or_no_exporter_turns_tracing_off() -> None:
+    endpoint = "http://jaeger:4318"
+    assert not tracing_config(ServiceSettings()).enabled
+    for settings in (
+        ServiceSettings(otel_exporter_otlp_endpoint=endpoint, otel_sdk_disabled=True),
+        ServiceSettings(otel_exporter_otlp_endpoint=endpoint, otel_traces_exporter="none"),
+    ):
+        assert not tracing_config(settings).enabled
+
+
+def test_samplers_and_headers_come_from_the_standard_variables() -> None:
+    ratio = ServiceSettings(
+        otel_traces_sampler="parentbased_traceidratio", otel_traces_sampler_arg=0.25
+    )
+    assert sampler_for(ratio).get_description() == (
+        "ParentBased{root:TraceIdRatioBased{0.25},remoteParentSampled:AlwaysOnSampler,"
+        "remoteParentNotSampled:AlwaysOffSampler,localParentSampled:AlwaysOnSampler,"
+        "localParentNotSampled:AlwaysOffSampler}"
+    )
+    assert sampler_for(ServiceSettings(otel_traces_sampler="always_off")).get_description() == (
+        "AlwaysOffSampler"
+    )
+    with pytest.raises(ValueError, match="OTEL_TRACES_SAMPLER"):
+        sampler_for(ServiceSettings(otel_traces_sampler="sometimes"))
+    headed = ServiceSettings(
+        otel_exporter_otlp_endpoint="http://collector:4318",
+        otel_exporter_otlp_headers="authorization=Bearer%20abc,x-tenant=shop",
+    )
+    assert tracing_config(headed).headers == {"authorization": "Bearer abc", "x-tenant": "shop"}
+
+
+def test_a_protocol_this_build_cannot_speak_stops_start_up() -> None:
+    settings = ServiceSettings(
+        otel_exporter_otlp_endpoint="http://jaeger:4317", otel_exporter_otlp_protocol="grpc"
+    )
+    with pytest.raises(ValueError, match="http/protobuf"):
+        tracing_config(settings)
+
+
+@pytest.fixture(scope="module")
+def minter() -> TokenMinter:
+    return TokenMinter()
+
+
+@pytest.fixture(scope="module")
+def receiver() -> Iterator[OtlpReceiver]:
+    with OtlpReceiver() as receiver:
+        yield receiver
+
+
+class Lines(logging.Handler):
+    """The access log as the service writes it (kit's filter and JSON formatter)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.addFilter(RequestIdFilter())
+        self.setFormatter(JsonFormatter("test"))
+        self.lines: list[dict[str, Any]] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.lines.append(json.loads(self.format(record)))
+
+
+@pytest.fixture
+async def traced(
+    receiver: OtlpReceiver, redis_url: str, postgres_server_url: str, minter: TokenMinter
+) -> AsyncIterator[tuple[httpx.AsyncClient, Lines]]:
+    settings = ServiceSettings(
+        service_name="tracing-test",
+        otel_exporter_otlp_endpoint=receiver.endpoint_for("127.0.0.1"),
+        _env_file=None,
+    )
+    assert configure_tracing(settings)
+    engine = make_engine(f"{postgres_server_url}/test")
+    redis = Redis.from_url(redis_url)
+
+    verifier = TokenVerifier(
+        keys=minter.key_source,
+        issuer=DEFAULT_JWT_ISSUER,
+        audience="bazaar",
+        algorithms=["ES256"],
+        redis=None,
+    )
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[dict[str, Any]]:
+        yield {"settings": settings, "redis": redis, "engine": engine, "verifier": verifier}
+
+    app = FastAPI(lifespan=lifespan)
+    assemble(app, settings, readiness={})
+
+    @app.get("/things/{thing_id}")
+    async def thing(thing_id: str, request: Request, principal: CurrentPrincipal) -> dict[str, Any]:
+        await request.state.redis.get(f"thing:{thing_id}")
+        async with request.state.engine.connect() as connection:
+            value = (await connection.execute(text("SELECT 1"))).scalar_one()
+        return {"id": thing_id, "value": value}
+
+    lines = Lines()
+    access = logging.getLogger("access")
+    access.addHandler(lines)
+    try:
+        async with LifespanManager(app) as manager:
+            transport = httpx.ASGITransport(app=manager.app)
+            async with httpx.AsyncClient(transport=transport, base_url="http://test") as client:
+                yield client, lines
+    finally:
+        access.removeHandler(lines)
+        await redis.aclose()
+        await engine.dispose()
+
+
+def trace_of(trace_id: str) -> Any:
+    def found(spans: list[ReceivedSpan]) -> list[ReceivedSpan]:
+        mine = [span for span in spans if span.trace_id == trace_id]
+        # the server span ends last: once it is here, its children are too
+        return mine if any(span.kind == "SERVER" for span in mine) else []
+
+    return found
+
+
+async def test_a_request_continues_the_callers_trace_with_sql_and_redis_spans(
+    traced: tuple[httpx.AsyncClient, Lines], receiver: OtlpReceiver, minter: TokenMinter
+) -> None:
+    client, lines = traced
+    token = minter.token(user_id="user-7")
+    response = await client.get(
+        "/things/42",
+        headers={
+            "traceparent": f"00-{CALLER_TRACE}-{CALLER_SPAN}-01",
+            "authorization": f"Bearer {token}",
+        },
+    )
+    assert response.status_code == 200
+    flush_traces()
+    spans = receiver.wait_for(trace_of(CALLER_TRACE), within=10)
+
+    (server,) = [span for span in spans if span.kind == "SERVER"]
+    assert server.name == "GET /things/{thing_id}"
+    assert server.parent_span_id == CALLER_SPAN
+    assert server.service == "tracing-test"
+    assert server.attributes["http.route"] == "/things/{thing_id}"
+    assert server.attributes["http.response.status_code"] == 200
+    assert server.attributes["url.path"] == "/things/42"
+    children = {span.name: span for span in spans if span.parent_span_id == server.span_id}
+    assert children["GET"].kind == "CLIENT"  # redis
+    assert children["GET"].attributes["db.system"] == "redis"
+    assert children["SELECT"].kind == "CLIENT"  # asyncpg, under SQLAlchemy
+    assert children["SELECT"].attributes["db.system"] == "postgresql"
+
+    (line,) = [line for line in lines.lines if line["path"] == "/things/42"]
+    assert line["trace_id"] == CALLER_TRACE
+    assert line["route"] == "/things/{thing_id}"
+    assert line["user_id"] == "user-7"
+    assert line["status"] == 200
+    assert line["request_id"] == response.headers["x-request-id"]
+
+
+async def test_a_request_without_traceparent_starts_a_trace_and_probes_start_none(
+    traced: tuple[httpx.AsyncClient, Lines], receiver: OtlpReceiver, minter: TokenMinter
+) -> None:
+    client, lines = traced
+    before = {span.trace_id for span in receiver.spans()}
+    assert (await client.get("/readyz")).status_code == 200
+    assert (await client.get("/metrics")).status_code == 200
+    response = await client.get("/things/7", headers={"authorization": f"Bearer {minter.token()}"})
+    assert response.status_code == 200
+    (line,) = [line for line in lines.lines if line["path"] == "/things/7"]
+    trace_id = line["trace_id"]
+    assert trace_id
+    assert trace_id not in before
+    flush_traces()
+    spans = receiver.wait_for(trace_of(trace_id), within=10)
+    (server,) = [span for span in spans if span.kind == "SERVER"]
+    assert server.parent_span_id is None
+    new_traces = {span.trace_id for span in receiver.spans()} - before
+    # the probes and the scrape started no trace, nor did any call outside a request
+    assert new_traces == {trace_id}
+
+
+async def test_a_call_outside_any_request_is_not_traced(
+    traced: tuple[httpx.AsyncClient, Lines], receiver: OtlpReceiver, redis_url: str
+) -> None:
+    before = len(receiver.spans())
+    redis = Redis.from_url(redis_url)
+    try:
+        await redis.ping()
+    finally:
+        await redis.aclose()
+    flush_traces()
+    assert len(receiver.spans()) == before
+
+
+async def test_the_middleware_spans_a_plain_asgi_app_by_its_route_template(
+    traced: tuple[httpx.AsyncClient, Lines], receiver: OtlpReceiver
+) -> None:
+    """What the gateway's proxy has: no FastAPI, a route template set by the app."""
+
+    async def proxy(scope: Scope, receive: Receive, send: Send) -> None:
+        scope[ROUTE_TEMPLATE_KEY] = "/catalog"
+        await send({"type": "http.response.start", "status": 502, "headers": []})
+        await send({"type": "http.response.body", "body": b"upstream down"})
+
+    transport = httpx.ASGITransport(app=TracingMiddleware(proxy))
+    async with httpx.AsyncClient(transport=transport, base_url="http://test") as client:
+        response = await client.get(
+            "/catalog/products/9", headers={"traceparent": f"00-{OTHER_TRACE}-{CALLER_SPAN}-01"}
+        )
+    assert response.status_code == 502
+    flush_traces()
+    (span,) = receiver.wait_for(trace_of(OTHER_TRACE), within=10)
+    assert span.name == "GET /catalog"
+    assert span.parent_span_id == CALLER_SPAN
+    assert span.attributes["http.route"] == "/catalog"
+    assert span.attributes["http.response.status_code"] == 502
+    assert span.error
+
+
+async def test_a_caller_that_does_not_sample_gets_no_spans_but_its_trace_id_in_the_log(
+    traced: tuple[httpx.AsyncClient, Lines], receiver: OtlpReceiver, minter: TokenMinter
+) -> None:
+    client, lines = traced
+    unsampled = "6bf92f3577b34da6a3ce929d0e0e4738"
+    response = await client.get(
+        "/things/8",
+        headers={
+            "traceparent": f"00-{unsampled}-{CALLER_SPAN}-00",
+            "authorization": f"Bearer {minter.token()}",
+        },
+    )
+    assert response.status_code == 200
+    sampled = "7bf92f3577b34da6a3ce929d0e0e4739"
+    await client.get(
+        "/things/9",
+        headers={
+            "traceparent": f"00-{sampled}-{CALLER_SPAN}-01",
+            "authorization": f"Bearer {minter.token()}",
+        },
+    )
+    flush_traces()
+    # the later, sampled request's spans arrived, so the unsampled one's would have too
+    receiver.wait_for(trace_of(sampled), within=10)
+    assert [span for span in receiver.spans() if span.trace_id == unsampled] == []
+    (line,) = [line for line in lines.lines if line["path"] == "/things/8"]
+    assert line["trace_id"] == unsampled

@@ -1,0 +1,166 @@
+"""`.env.example`, the settings classes and compose.yaml agree.
+
+Every field of every service's settings is documented; everything documented
+is read by a service or by compose itself; the documented values are the
+defaults of both the classes and compose; and every setting a service reads
+reaches its containers from the environment (or a `.env`).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import subprocess
+from pathlib import Path
+from typing import Any
+
+import pytest
+from pydantic_settings import BaseSettings
+
+from auth.config import Settings as AuthSettings
+from catalog.config import Settings as CatalogSettings
+from chat.config import Settings as ChatSettings
+from gateway.config import Settings as GatewaySettings
+from kit.migrations import MigrationSettings
+
+ROOT = Path(__file__).resolve().parents[2]
+SERVICES: dict[str, type[BaseSettings]] = {
+    "auth": AuthSettings,
+    "catalog": CatalogSettings,
+    "chat": ChatSettings,
+    "gateway": GatewaySettings,
+    "migrate-auth": MigrationSettings,
+    "migrate-catalog": MigrationSettings,
+    "migrate-chat": MigrationSettings,
+}
+LINE = re.compile(r"^(#\s*)?([A-Z][A-Z0-9_]*)=(.*)$")
+# Right in every container without being passed: the container's host name
+DERIVED = {"NODE_ID"}
+# Secrets the `setup` step writes to files from its own same-named variable;
+# the services read them as NAME_FILE
+THROUGH_SETUP = {"REDIS_PASSWORD"}
+# Read by every service but set on purpose for some only: CORS headers come
+# from the edge, or responses behind it would carry them twice. Compose passes
+# the OpenTelemetry service name and resource attributes to none: one name
+# would label every service the same (each defaults to its SERVICE_NAME), and
+# the Docker CLI puts its own OTEL_RESOURCE_ATTRIBUTES in compose's
+# environment, which interpolation would hand to every container.
+ONLY_FOR: dict[str, set[str]] = {
+    "CORS_ORIGINS": {"gateway"},
+    "OTEL_SERVICE_NAME": set(),
+    "OTEL_RESOURCE_ATTRIBUTES": set(),
+}
+
+
+def documented() -> dict[str, str | None]:
+    """Name to documented value; None for a `# NAME=...` line compose sets per service."""
+    names: dict[str, str | None] = {}
+    for line in (ROOT / ".env.example").read_text().splitlines():
+        match = LINE.match(line)
+        if match:
+            commented, name, value = match.groups()
+            names[name] = None if commented else value
+    return names
+
+
+def fields(settings: type[BaseSettings]) -> set[str]:
+    return {name.upper() for name in settings.model_fields}
+
+
+def compose_variables() -> set[str]:
+    return set(re.findall(r"\$\{([A-Z][A-Z0-9_]*)", (ROOT / "compose.yaml").read_text()))
+
+
+def service_fields() -> set[str]:
+    return set().union(*(fields(settings) for settings in SERVICES.values()))
+
+
+def test_every_setting_is_documented() -> None:
+    assert service_fields() - set(documented()) == set()
+
+
+def test_everything_documented_is_read_by_a_service_or_by_compose() -> None:
+    assert set(documented()) - service_fields() - compose_variables() == set()
+
+
+@pytest.fixture
+def clean_environment(monkeypatch: pytest.MonkeyPatch) -> None:
+    for name in documented():
+        monkeypatch.delenv(name, raising=False)
+        monkeypatch.delenv(f"{name}_FILE", raising=False)
+
+
+@pytest.mark.usefixtures("clean_environment")
+@pytest.mark.parametrize("service", ["auth", "catalog", "chat", "gateway"])
+def test_documented_values_are_the_defaults(service: str) -> None:
+    settings = SERVICES[service]
+    defaults = settings(_env_file=None)
+    for name, value in documented().items():
+        field = name.lower()
+        if value is None or field not in settings.model_fields:
+            continue
+        default = getattr(defaults, field)
+        if value == "":
+            assert default in (None, [], {}), name
+        else:
+            values: dict[str, Any] = {field: value}
+            parsed = settings(_env_file=None, **values)
+            assert getattr(parsed, field) == default, name
+
+
+def resolved_environments(env_file: Path) -> dict[str, dict[str, Any]]:
+    """`docker compose config` with this env file, and nothing from the caller's environment."""
+    clean = {name: os.environ[name] for name in ("PATH", "HOME") if name in os.environ}
+    done = subprocess.run(
+        ["docker", "compose", "--env-file", str(env_file), "config", "--format", "json"],
+        cwd=ROOT,
+        env=clean,
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    services: dict[str, dict[str, Any]] = json.loads(done.stdout)["services"]
+    return {name: service.get("environment") or {} for name, service in services.items()}
+
+
+def test_every_setting_reaches_the_containers_that_read_it(tmp_path: Path) -> None:
+    overridable = {
+        name for name, value in documented().items() if value is not None
+    } & service_fields()
+    env_file = tmp_path / "changed.env"
+    env_file.write_text("".join(f"{name}=changed-{name}\n" for name in sorted(overridable)))
+
+    environments = resolved_environments(env_file)
+
+    missing = []
+    for service, settings in SERVICES.items():
+        environment = environments[service]
+        for name in sorted(fields(settings) - DERIVED):
+            if service not in ONLY_FOR.get(name, {service}):
+                reached = name not in environment
+            elif name in THROUGH_SETUP:
+                reached = f"{name}_FILE" in environment and (
+                    environments["setup"].get(name) == f"changed-{name}"
+                )
+            elif name in overridable:
+                reached = environment.get(name) == f"changed-{name}"
+            else:  # set by compose per service, directly or as a file
+                reached = name in environment or f"{name}_FILE" in environment
+            if not reached:
+                missing.append(f"{service}: {name}")
+    assert missing == []
+
+
+def test_compose_runs_with_the_documented_values(tmp_path: Path) -> None:
+    empty = tmp_path / "empty.env"
+    empty.write_text("")
+
+    environments = resolved_environments(empty)
+
+    for service, settings in SERVICES.items():
+        environment = environments[service]
+        for name, value in documented().items():
+            passed = service in ONLY_FOR.get(name, {service})
+            if value is not None and passed and name in fields(settings) - THROUGH_SETUP:
+                assert environment[name] == value, f"{service}: {name}"
