@@ -218,9 +218,7 @@ def run() -> dict[str, Any]:
             service: [f"{stack.address(c)}:8000" for c in stack.containers(service)]
             for service in ("gateway", "catalog", "auth", "chat")
         }
-        postgres = stack.address(stack.containers("postgres")[0])
-        password = os.environ.get("POSTGRES_PASSWORD", "bazaar")
-        ids = asyncio.run(seed(f"postgresql+asyncpg://bazaar:{password}@{postgres}:5432/catalog"))
+        ids = asyncio.run(seed(stack.catalog_database_url()))
         users = asyncio.run(accounts(f"http://{address['gateway'][0]}", USERS))
         tokens = [token for _, token in users]
         with tempfile.NamedTemporaryFile("w", suffix=".ids", delete=False) as file:

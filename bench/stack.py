@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import secrets
 import socket
 import subprocess
 import uuid
@@ -36,6 +37,10 @@ class Stack:
             "COMPOSE_PROJECT_NAME": self.project,
             "GATEWAY_PORT": str(free_port()),
             "TAG": os.environ.get("TAG") or "bench",
+            # the stack generates its secrets unless given them, as an
+            # operator's .env would: the benchmark seeds the catalog's
+            # database as the catalog's own role
+            "CATALOG_DATABASE_PASSWORD": secrets.token_urlsafe(18),
         }
         self.files = ["-f", str(ROOT / "compose.yaml"), "-f", str(ROOT / override)]
 
@@ -64,6 +69,12 @@ class Stack:
 
     def containers(self, service: str) -> list[str]:
         return self.compose("ps", "--quiet", service, capture=True).split()
+
+    def catalog_database_url(self) -> str:
+        """The catalog's database as its own role, at PostgreSQL's address."""
+        postgres = self.address(self.containers("postgres")[0])
+        password = self.env["CATALOG_DATABASE_PASSWORD"]
+        return f"postgresql+asyncpg://catalog:{password}@{postgres}:5432/catalog"
 
     @property
     def network(self) -> str:
