@@ -200,7 +200,13 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                 subprocess.run(["docker", "kill", event["node"]], check=True, capture_output=True)
                 client.stdin.write(f"killed {time.time()}\n")
                 client.stdin.flush()
-        client.wait(timeout=120)
+            elif kind == "storm":
+                break  # every figure is in; the client closes its sockets and exits
+        try:
+            client.wait(timeout=120)
+        except subprocess.TimeoutExpired:
+            subprocess.run(["docker", "kill", cidfile.read_text().strip()], check=False)
+            client.wait(timeout=30)
         figures["client_exit"] = client.returncode
     finally:
         if os.environ.get("SCALE_KEEP_STACK"):

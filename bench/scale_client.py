@@ -35,6 +35,7 @@ import aiohttp
 PASSWORD = "scale-bench-password"
 BACKOFF_BASE = 0.25
 BACKOFF_CAP = 4.0
+CLOSE_WITHIN = 15.0
 
 
 def emit(event: str, **fields: Any) -> None:
@@ -338,10 +339,16 @@ class Load:
         for task in self.readers:
             task.cancel()
         await asyncio.gather(*self.readers, return_exceptions=True)
-        await asyncio.gather(
-            *(sock.ws.close() for sock in self.socks if sock.ws is not None),
-            return_exceptions=True,
-        )
+        # a socket whose close handshake never completes must not keep the run
+        # open: whatever has not closed within the bound is left to the exit
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(
+                asyncio.gather(
+                    *(sock.ws.close() for sock in self.socks if sock.ws is not None),
+                    return_exceptions=True,
+                ),
+                CLOSE_WITHIN,
+            )
 
 
 async def main() -> None:
