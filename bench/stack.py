@@ -13,6 +13,7 @@ import os
 import secrets
 import socket
 import subprocess
+import sys
 import uuid
 from pathlib import Path
 
@@ -56,7 +57,23 @@ class Stack:
         return done.stdout if capture else ""
 
     def up(self) -> None:
-        self.compose("up", "--detach", "--build", "--wait", "--quiet-pull")
+        # the build's progress goes to stderr: stdout is the benchmark's report
+        subprocess.run(
+            [
+                "docker",
+                "compose",
+                *self.files,
+                "up",
+                "--detach",
+                "--build",
+                "--wait",
+                "--quiet-pull",
+            ],
+            cwd=ROOT,
+            env=self.env,
+            check=True,
+            stdout=sys.stderr,
+        )
 
     def down(self) -> None:
         subprocess.run(
