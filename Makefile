@@ -128,9 +128,19 @@ migrate: ## Run every service's migrations against the running stack
 revision: install ## New migration: make revision SERVICE=catalog MESSAGE="add x"
 	@cd services/$(SERVICE) && $(RUN) alembic revision -m "$(MESSAGE)"
 
+# `make bench PARTS="gateway scale"` runs only those parts
+PARTS ?=
+
 .PHONY: bench
 bench: install ## Benchmarks side by side; writes bench/results.md and .json
-	@$(RUN) python bench/run.py
+	@# wrk drives every HTTP benchmark; nginx is the gateway's reference proxy
+	@for tool in wrk nginx; do \
+		if ! PATH="$$PATH:/usr/sbin" command -v $$tool >/dev/null 2>&1; then \
+			echo "bench: installing $$tool (Debian package)"; \
+			apt-get update -qq && RUNLEVEL=1 $(APT_INSTALL) $$tool >/dev/null; \
+		fi; \
+	done
+	@PATH="$$PATH:/usr/sbin" $(RUN) python bench/run.py $(PARTS)
 
 .PHONY: clean
 clean: ## Remove caches, tools and the virtual environment

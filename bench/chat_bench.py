@@ -48,7 +48,10 @@ RATES = (25, 50, 100)  # messages/s; x 200 receivers = 5k, 10k, 20k deliveries/s
 STEP_SECONDS = 4.0
 REPEATS = 3
 IDLE_SOCKETS = 1000
-IDLE_ROOMS = 100  # 10 sockets a room: a join storm in one room costs n^2 presence frames
+IDLE_ROOMS = 100
+BIG_ROOM = 2000  # members, half on each of two replicas, all joining at once
+BIG_ROOM_MESSAGES = 5
+PRESENCE_INTERVAL = 1.0
 
 
 # -- worker process: many receiving (or idle) sockets --------------------------
@@ -60,6 +63,7 @@ async def worker(url: str, token: str, count: int) -> None:
 
     latencies: dict[str, list[float]] = {}
     counts: dict[str, int] = {}
+    presence_frames: list[int] = [0] * count
     ready = 0
 
     async def receive(session: aiohttp.ClientSession, index: int) -> None:
@@ -78,6 +82,8 @@ async def worker(url: str, token: str, count: int) -> None:
                     break
                 arrived = time.time()
                 data = json.loads(frame.data)
+                if data["type"] == "presence":
+                    presence_frames[index] += 1
                 if data["type"] != "message":
                     continue
                 step = data["text"].partition(":")[0]
@@ -98,7 +104,10 @@ async def worker(url: str, token: str, count: int) -> None:
         for task in tasks:
             task.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
-    print(json.dumps({"latencies": latencies, "counts": counts}), flush=True)
+    print(
+        json.dumps({"latencies": latencies, "counts": counts, "presence_frames": presence_frames}),
+        flush=True,
+    )
 
 
 class Workers:
@@ -327,6 +336,74 @@ def idle_memory(replica: Replica, minter: Any) -> dict[str, Any]:
     }
 
 
+def big_room(first: Replica, second: Replica, minter: Any) -> dict[str, Any]:
+    """BIG_ROOM members join one room at once, half on each replica, while an
+    observer counts the presence frames it gets; then messages reach them all."""
+    room = "big"
+    return asyncio.run(_big_room(first, second, minter, room))
+
+
+async def _big_room(first: Replica, second: Replica, minter: Any, room: str) -> dict[str, Any]:
+    import aiohttp
+
+    async with (
+        aiohttp.ClientSession() as session,
+        session.ws_connect(
+            first.ws(room), headers={"Authorization": f"Bearer {minter.token()}"}
+        ) as observer,
+    ):
+        await observer.receive_json()
+        frames: list[float] = []
+        joined = 0
+
+        async def watch() -> None:
+            nonlocal joined
+            async for frame in observer:
+                data = json.loads(frame.data)
+                if data["type"] == "presence":
+                    frames.append(time.monotonic())
+                    joined += sum(user["connections"] for user in data["joins"])
+                    joined -= sum(user["connections"] for user in data["leaves"])
+
+        watching = asyncio.create_task(watch())
+        started = time.monotonic()
+        halves = await asyncio.gather(
+            asyncio.to_thread(Workers, first.ws(room), minter.token(), BIG_ROOM // 2),
+            asyncio.to_thread(Workers, second.ws(room), minter.token(), BIG_ROOM // 2),
+        )
+        opened = time.monotonic() - started
+        deadline = time.monotonic() + 60
+        # the observer's own join is in the first diff too
+        while joined < BIG_ROOM + 1 and time.monotonic() < deadline:  # noqa: ASYNC110
+            await asyncio.sleep(0.05)
+        storm_seconds = max(frames[-1] - started, 0.001) if frames else 0.0
+        for index in range(BIG_ROOM_MESSAGES):
+            await observer.send_str(json.dumps({"type": "message", "text": f"big:{index}"}))
+            await asyncio.sleep(1.0)
+        await asyncio.sleep(1.0)
+        results = [await asyncio.to_thread(half.stop) for half in halves]
+        watching.cancel()
+    latencies = [value for result in results for value in result["latencies"].get("big", [])]
+    member_frames = [count for result in results for count in result["presence_frames"]]
+    return {
+        "members": BIG_ROOM,
+        "opened_seconds": round(opened, 2),
+        "observer_presence_frames": len(frames),
+        "observer_saw_joins": joined,
+        "storm_seconds": round(storm_seconds, 2),
+        "observer_frames_per_second": round(len(frames) / max(storm_seconds, 1.0), 2),
+        "max_member_presence_frames": max(member_frames, default=0),
+        "max_member_frames_per_second": round(
+            max(member_frames, default=0) / max(storm_seconds, 1.0), 2
+        ),
+        "messages": BIG_ROOM_MESSAGES,
+        "delivered": len(latencies),
+        "expected": BIG_ROOM_MESSAGES * BIG_ROOM,
+        "p50_ms": round(percentile(latencies, 0.5), 1),
+        "p99_ms": round(percentile(latencies, 0.99), 1),
+    }
+
+
 def report(rows: list[dict[str, Any]], memory: dict[str, Any]) -> str:
     lines = [
         (
@@ -346,6 +423,31 @@ def report(rows: list[dict[str, Any]], memory: dict[str, Any]) -> str:
             f"{row['cross_p50_ms']:>8.1f}ms {row['cross_p99_ms']:>8.1f}ms "
             f"{row['cross_over_same_p99']:>7.2f}x {row['deliveries_per_chat_cpu_second']:>12}"
         )
+    big = memory["big_room"]
+    # two replicas each send a room at most one diff per interval
+    frames_goal = 2 / PRESENCE_INTERVAL + 1
+    lines += [
+        (
+            f"room of {big['members']}: all joined in {big['opened_seconds']} s (half on each of"
+            f" 2 replicas); the observer got {big['observer_presence_frames']} presence frames"
+            f" over {big['storm_seconds']} s ({big['observer_frames_per_second']}/s), the"
+            f" busiest member {big['max_member_presence_frames']}"
+            f" ({big['max_member_frames_per_second']}/s); {big['messages']} messages:"
+            f" {big['delivered']}/{big['expected']} deliveries, p50 {big['p50_ms']} ms,"
+            f" p99 {big['p99_ms']} ms"
+        ),
+        (
+            f"[{'met' if big['max_member_frames_per_second'] <= frames_goal else 'MISSED'}]"
+            f" a join storm of {big['members']} costs each member <= {frames_goal:g} presence"
+            f" frames/s (one diff per replica per {PRESENCE_INTERVAL:g} s):"
+            f" {big['max_member_frames_per_second']}/s"
+        ),
+        (
+            f"[{'met' if big['p99_ms'] <= 500 and big['delivered'] == big['expected'] else 'MISSED'}]"
+            f" a message reaches all {big['members']} with p99 <= 500 ms: {big['p99_ms']} ms,"
+            f" {big['delivered']}/{big['expected']}"
+        ),
+    ]
     lines.append(
         f"idle sockets: {memory['idle_sockets']}, RSS {memory['rss_before_kib']} -> "
         f"{memory['rss_after_kib']} KiB = {memory['kib_per_idle_socket']} KiB per socket "
@@ -368,6 +470,12 @@ def goals(rows: list[dict[str, Any]], memory: dict[str, Any]) -> dict[str, Any]:
         "kib_per_idle_socket": memory["kib_per_idle_socket"],
         "kib_per_idle_socket_goal": 50,
         "no_loss": all(row["delivered"] == row["expected"] for row in rows),
+        "big_room_member_presence_frames_per_second": memory["big_room"][
+            "max_member_frames_per_second"
+        ],
+        "big_room_member_presence_frames_per_second_goal": 2 / PRESENCE_INTERVAL + 1,
+        "big_room_p99_ms": memory["big_room"]["p99_ms"],
+        "big_room_p99_ms_goal": 500,
     }
 
 
@@ -404,6 +512,7 @@ def main() -> None:
             # every socket of the benchmark belongs to one user
             "MAX_SOCKETS_PER_USER": "1000000",
             "LOG_LEVEL": "WARNING",
+            "PRESENCE_INTERVAL_SECONDS": str(PRESENCE_INTERVAL),
         }
         subprocess.run(
             [sys.executable, "-m", "alembic", "upgrade", "head"],
@@ -417,8 +526,10 @@ def main() -> None:
             replicas.append(Replica("chat-a", env))
             replicas.append(Replica("chat-b", env))
             rows = fan_out(replicas[0], replicas[1], minter)
+            big = big_room(replicas[0], replicas[1], minter)
             replicas.append(Replica("chat-idle", env))
             memory = idle_memory(replicas[2], minter)
+            memory["big_room"] = big
         finally:
             for replica in replicas:
                 replica.stop()

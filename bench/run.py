@@ -19,7 +19,9 @@ from pathlib import Path
 from typing import Any
 
 HERE = Path(__file__).resolve().parent
-PARTS = ["gateway", "catalog", "chat", "auth"]
+PARTS = ["gateway", "catalog", "chat", "auth", "mix", "scale"]
+# seconds each part may take; the scale part holds 10,000 sockets for 5 minutes
+TIMEOUTS = {"scale": 2400, "mix": 1200}
 
 
 def machine() -> dict[str, Any]:
@@ -42,15 +44,21 @@ def run_part(part: str) -> dict[str, Any]:
     script = HERE / f"{part}_bench.py"
     if not script.exists():
         return {"part": part, "status": "missing"}
+    load_before = os.getloadavg()[0]
     with tempfile.TemporaryDirectory() as scratch:
         output = Path(scratch) / "result.json"
-        completed = subprocess.run(
-            [sys.executable, str(script), "--json", str(output)],
-            capture_output=True,
-            text=True,
-            check=False,
-            timeout=600,
-        )
+        try:
+            completed = subprocess.run(
+                [sys.executable, str(script), "--json", str(output)],
+                capture_output=True,
+                text=True,
+                check=False,
+                timeout=TIMEOUTS.get(part, 600),
+            )
+        except subprocess.TimeoutExpired as expired:
+            out = expired.stdout or b""
+            text = out.decode(errors="replace") if isinstance(out, bytes) else out
+            return {"part": part, "status": "timed out", "report": text.strip()}
         sys.stdout.write(completed.stdout)
         result: dict[str, Any] = {
             "part": part,
@@ -61,10 +69,74 @@ def run_part(part: str) -> dict[str, Any]:
             result["stderr"] = completed.stderr[-2000:]
         if output.exists():
             result["figures"] = json.loads(output.read_text())
+        # the machine is shared: how busy it was says how far to trust absolutes
+        result["load_average"] = [round(load_before, 1), round(os.getloadavg()[0], 1)]
         return result
 
 
+# The goals of the issue "Chat and the edge at real scale", in its order: which
+# part measures each. Parts print their own verdicts as `[met]` / `[MISSED]`
+# lines; goal 4's are read from the catalog's and auth's figures.
+SCALE_GOALS = [
+    ("1. 10,000 sockets through the gateway", "scale"),
+    ("2. presence and publishing that scale (a room of 2,000)", "chat"),
+    ("3. the edge uses every core and rides out storms", "gateway"),
+    ("4. the slow read paths", "catalog auth"),
+    ("5. capacity at a service level objective", "mix"),
+]
+
+
+def verdicts(part: dict[str, Any]) -> list[str]:
+    """The part's own `[met]` / `[MISSED]` lines, or goal 4's from the figures."""
+    lines = [
+        line
+        for line in part.get("report", "").splitlines()
+        if line.startswith(("[met]", "[MISSED]"))
+    ]
+    figures = part.get("figures") or {}
+    if part["part"] == "catalog" and "list_page_20" in figures.get("ratios", {}):
+        ratio = figures["ratios"]["list_page_20"]
+        met = ratio["rps"] >= 0.35 and ratio["p99"] <= 3
+        lines.append(
+            f"[{'met' if met else 'MISSED'}] catalog list of 20 >= 0.35x /healthz rps with "
+            f"p99 <= 3x /healthz p99: {ratio['rps']:.2f}x rps, p99 {ratio['p99']:.2f}x"
+        )
+    if part["part"] == "auth" and "me_vs_healthz" in figures.get("ratios", {}):
+        ratio = figures["ratios"]["me_vs_healthz"]
+        lines.append(
+            f"[{'met' if ratio >= 0.5 else 'MISSED'}] /auth/users/me >= 0.5x /healthz rps: "
+            f"{ratio:.2f}x"
+        )
+    return lines
+
+
+def goals_summary(report: dict[str, Any]) -> list[str]:
+    by_name = {part["part"]: part for part in report["parts"]}
+    lines = ['## Goals of "Chat and the edge at real scale"', ""]
+    for goal, names in SCALE_GOALS:
+        lines.append(f"{goal}:")
+        for name in names.split():
+            part = by_name.get(name)
+            if part is None:
+                lines.append(f"- {name}: not run")
+                continue
+            when = part.get("date", report["date"])
+            found = verdicts(part) or [f"(no verdict: {part['status']})"]
+            lines += [f"- {name} ({when}): {line}" for line in found]
+        lines.append("")
+    lines += [
+        (
+            "6. `make bench` installs wrk and nginx when missing (and says so); every part "
+            "below stands beside its previous run."
+        ),
+        "",
+    ]
+    return lines
+
+
 def markdown(report: dict[str, Any]) -> str:
+    """The goals' verdicts, then each part's report of this run, and beside it
+    the previous run's."""
     lines = [
         "# Benchmark results",
         "",
@@ -73,24 +145,63 @@ def markdown(report: dict[str, Any]) -> str:
             f"({report['machine']['cpu']}), Python {report['machine']['python']}."
         ),
         "Every figure is measured side by side within one run; compare ratios, not absolutes.",
+        "Under each part, the previous run's report follows this one's.",
         "",
+        *goals_summary(report),
     ]
     for part in report["parts"]:
-        lines += [f"## {part['part']}", "", f"Status: {part['status']}", ""]
+        lines += [f"## {part['part']}", ""]
+        ran = part.get("date", report["date"])
+        carried = " (not run this time: the last run's)" if ran != report["date"] else ""
+        load = part.get("load_average")
+        busy = f" (1-minute load average {load[0]} before, {load[1]} after)" if load else ""
+        lines += [f"This run, {ran}{carried}: {part['status']}{busy}", ""]
         if part.get("report"):
             lines += ["```", part["report"], "```", ""]
+        previous = part.get("previous")
+        if previous:
+            lines += [f"Previous run, {previous.get('date', '?')}: {previous['status']}", ""]
+            if previous.get("report"):
+                lines += ["```", previous["report"], "```", ""]
     return "\n".join(lines)
+
+
+def with_history(parts: list[dict[str, Any]], date: str) -> list[dict[str, Any]]:
+    """Each part with the previous run's result of it; parts not run now keep theirs."""
+    old_path = HERE / "results.json"
+    old: dict[str, Any] = json.loads(old_path.read_text()) if old_path.exists() else {}
+    before = {part["part"]: part for part in old.get("parts", [])}
+    for part in before.values():
+        part.setdefault("date", old.get("date", "?"))
+        part.pop("previous", None)
+    ran = {part["part"] for part in parts}
+    merged = []
+    for part in parts:
+        part["date"] = date
+        if part["part"] in before:
+            part["previous"] = before[part["part"]]
+        merged.append(part)
+    for name in PARTS:
+        if name not in ran and name in before:
+            kept = dict(before[name])
+            merged.append(kept)
+    return merged
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("parts", nargs="*", default=PARTS, help="which benchmarks to run")
+    parser.add_argument(
+        "--render", action="store_true", help="only write results.md again from results.json"
+    )
     args = parser.parse_args()
-    report = {
-        "date": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
-        "machine": machine(),
-        "parts": [run_part(part) for part in args.parts],
-    }
+    if args.render:
+        saved = json.loads((HERE / "results.json").read_text())
+        (HERE / "results.md").write_text(markdown(saved))
+        return
+    date = dt.datetime.now(dt.UTC).isoformat(timespec="seconds")
+    parts = [run_part(part) for part in args.parts]
+    report = {"date": date, "machine": machine(), "parts": with_history(parts, date)}
     (HERE / "results.json").write_text(json.dumps(report, indent=2) + "\n")
     (HERE / "results.md").write_text(markdown(report))
     print(f"\nwrote {HERE / 'results.md'} and {HERE / 'results.json'}")

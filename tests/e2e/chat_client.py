@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import random
 import time
 import uuid
 from collections.abc import Callable
@@ -63,7 +64,8 @@ class ChatClient:
             except (OSError, InvalidHandshake, InvalidStatus, ConnectionClosed, TimeoutError):
                 if time.monotonic() > deadline:
                     raise
-                await asyncio.sleep(delay)  # back-off between reconnection attempts
+                # back-off with jitter: sockets dropped together do not return together
+                await asyncio.sleep(delay * (0.5 + random.random()))
                 delay = min(delay * 2, 2.0)
         assert ready["type"] == "ready", ready
         if not resume:

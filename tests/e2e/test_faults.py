@@ -11,6 +11,7 @@ import contextlib
 import subprocess
 import time
 import uuid
+from collections import Counter
 from collections.abc import AsyncIterator
 
 import httpx
@@ -76,6 +77,62 @@ async def test_killed_chat_replica_loses_nothing(
         moved = [c for c in clients if c.nodes[0] == victim]
         assert moved
         assert all(c.node != victim and c.close_codes for c in moved)
+
+
+STORM_USERS = 6
+STORM_ROOMS = 4
+STORM_SOCKETS = 96  # 16 a user (the default limit is 20), 24 a room
+
+
+async def test_reconnect_storm_after_a_killed_replica_loses_nothing(
+    healthy_stack: Stack, client: httpx.AsyncClient
+) -> None:
+    """A third of the sockets lose their replica at once and come back together,
+    with backoff and jitter, through the gateway; each resumes with `since`."""
+    tokens = []
+    for _ in range(STORM_USERS):
+        user = await register(client)
+        tokens.append((await login(client, user["email"], user["password"]))["access_token"])
+    rooms = [f"storm-{_letters()}-{n}" for n in range(STORM_ROOMS)]
+    clients = [
+        ChatClient(healthy_stack.ws_url, rooms[n % STORM_ROOMS], tokens[n % STORM_USERS], f"s{n}")
+        for n in range(STORM_SOCKETS)
+    ]
+    await asyncio.gather(*(c.connect() for c in clients))
+    readers = [asyncio.create_task(c.run()) for c in clients]
+    sent: dict[str, set[str]] = {room: set() for room in rooms}
+
+    async def one_round(tag: str, avoid: str) -> None:
+        for room in rooms:
+            sender = next(c for c in clients if c.room == room and c.node != avoid)
+            text = f"{tag}-{room}"
+            sent[room].add(text)
+            await sender.send(text)
+        await wait_until(
+            lambda: all(sent[c.room] <= {m["text"] for m in c.messages} for c in clients),
+            within=ROUND_SECONDS,
+            what=f"round {tag} delivered to every socket",
+        )
+
+    try:
+        counts = Counter(c.node for c in clients)
+        victim = counts.most_common(1)[0][0]
+        await one_round("before", "")
+        await asyncio.to_thread(_docker, "kill", victim)
+        for number in range(3):
+            await one_round(f"after{number}", victim)
+    finally:
+        for reader in readers:
+            reader.cancel()
+        await asyncio.gather(*readers, return_exceptions=True)
+        await asyncio.gather(*(c.close() for c in clients), return_exceptions=True)
+
+    moved = [c for c in clients if c.nodes[0] == victim]
+    assert len(moved) == counts[victim]
+    assert len(moved) >= STORM_SOCKETS // 4  # the storm: a third of them, give or take
+    assert all(c.node != victim for c in moved)
+    for c in clients:
+        assert_complete([c], sent[c.room])
 
 
 async def test_redis_restart_loses_no_message(

@@ -59,11 +59,17 @@ class Settings(ServiceSettings):
     health_check_failures: int = Field(default=3, ge=1)
     health_check_path: str = "/readyz"
 
+    # Worker processes of `python -m gateway` (the image's command), each a
+    # complete gateway on the one listening socket; 0 = one per usable core.
+    workers: int = Field(default=0, ge=0)
+
     # Edge guards below ASGI (gateway.edge): the request head must arrive
     # within `header_timeout_seconds` and fit in `max_header_bytes`; a body
     # still owed may go `body_idle_timeout_seconds` without a byte; one client
     # address holds at most `max_connections_per_client` connections (0: no
-    # cap). Bodies above `max_body_bytes` (kit's setting) are refused with 413.
+    # cap), counted by each worker process on its own (so at most `workers` x
+    # the cap in all). Bodies above `max_body_bytes` (kit's setting) are
+    # refused with 413.
     header_timeout_seconds: float = Field(default=10.0, gt=0)
     body_idle_timeout_seconds: float = Field(default=20.0, gt=0)
     max_header_bytes: int = Field(default=32_768, ge=1024)

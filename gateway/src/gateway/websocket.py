@@ -74,6 +74,8 @@ class WebSocketProxy:
             await refuse(scope, receive, send, error)
             return
         self.metrics.request(route.name, "GET", 101, time.perf_counter() - started)
+        # a relay lives for hours: keep nothing of the handshake's request
+        del outgoing, authorization, subprotocols
         try:
             await send(
                 {"type": "websocket.accept", "subprotocol": upstream.protocol, "headers": []}
@@ -144,6 +146,8 @@ class WebSocketProxy:
 
 class Relay:
     """Frames both ways, unbuffered; whichever side closes first, the other follows."""
+
+    __slots__ = ("client_open", "receive", "send", "upstream")
 
     def __init__(
         self, upstream: aiohttp.ClientWebSocketResponse, receive: Receive, send: Send

@@ -262,7 +262,12 @@ test("a renewed token is handed to the open socket", async () => {
 test("presence and refused frames are passed on", async () => {
   const s = scenario();
   await openRoom(s, 0);
-  s.socket().deliver({ type: "join", room: "lobby", user: { id: "u2", display_name: "B" } });
+  s.socket().deliver({
+    type: "presence",
+    room: "lobby",
+    joins: [{ id: "u2", display_name: "B", connections: 1 }],
+    leaves: [],
+  });
   s.socket().deliver({ type: "error", detail: "text must be 1..4000 characters" });
   assert.deepEqual(
     s.events.filter((e) => e.type === "presence" || e.type === "problem").map((e) => e.type),

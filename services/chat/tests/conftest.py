@@ -45,6 +45,7 @@ def settings_for(database_url: str, redis_url: str) -> object:
             "send_rate_per_second": 1000.0,
             "send_burst": 1000,
             "presence_heartbeat_seconds": 0.5,
+            "presence_interval_seconds": 0.1,
             "bus_backoff_max_seconds": 0.5,
             "log_level": "WARNING",
         }

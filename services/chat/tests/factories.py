@@ -64,8 +64,34 @@ async def start_node(
         yield Node(settings.node_id, url, app)
 
 
+async def presence_users(node: Node, room: str, minter: TokenMinter) -> list[dict[str, Any]]:
+    """The room's presence listing as `node` answers it."""
+    headers = {"Authorization": f"Bearer {minter.token()}"}
+    async with httpx.AsyncClient(base_url=node.url, headers=headers) as http:
+        response = await http.get(f"/chat/rooms/{room}/presence")
+    assert response.status_code == 200
+    body: dict[str, Any] = response.json()
+    assert body["room"] == room
+    users: list[dict[str, Any]] = body["users"]
+    return users
+
+
 def has_text(text: str) -> Callable[[dict[str, Any]], bool]:
     return lambda frame: frame.get("text") == text
+
+
+def joins(user_id: str) -> Callable[[dict[str, Any]], bool]:
+    """A presence diff in which `user_id` came."""
+    return lambda frame: (
+        frame.get("type") == "presence" and any(user["id"] == user_id for user in frame["joins"])
+    )
+
+
+def leaves(user_id: str) -> Callable[[dict[str, Any]], bool]:
+    """A presence diff in which `user_id` went."""
+    return lambda frame: (
+        frame.get("type") == "presence" and any(user["id"] == user_id for user in frame["leaves"])
+    )
 
 
 def unique_room(prefix: str = "room") -> str:

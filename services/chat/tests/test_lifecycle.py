@@ -5,7 +5,7 @@ from collections.abc import Callable
 from chat.config import Settings
 from kit.testing import TokenMinter
 
-from .factories import StalledReader, chat, start_node, unique_room
+from .factories import StalledReader, chat, joins, leaves, start_node, unique_room
 
 SettingsFor = Callable[..., Settings]
 
@@ -35,18 +35,17 @@ async def test_a_peer_that_stops_answering_pings_is_dropped(
         # answers nothing, not even pings
         dead = await StalledReader.open(node, room, minter.token(user_id="dead"))
         try:
-            joined = await alive.recv_until(
-                lambda f: f["type"] == "join" and f["user"]["id"] == "dead"
-            )
-            left = await alive.recv_until(lambda f: f["type"] == "leave")
+            joined = await alive.recv_until(joins("dead"))
+            left = await alive.recv_until(leaves("dead"))
         finally:
             dead.sock.close()
         await alive.say("still fine")
         (message,) = await alive.messages(1)
-    assert joined["type"] == "join"
+    assert {"id": "dead", "display_name": "Test User", "connections": 1} in joined["joins"]
     assert left == {
-        "type": "leave",
+        "type": "presence",
         "room": room,
-        "user": {"id": "dead", "display_name": "Test User"},
+        "joins": [],
+        "leaves": [{"id": "dead", "display_name": "Test User", "connections": 1}],
     }
     assert message["text"] == "still fine"

@@ -16,7 +16,17 @@ from chat.config import Settings
 from chat.limits import PROCESSES_KEY, UserLimits, sockets_key
 from kit.testing import TokenMinter, free_port
 
-from .factories import Node, StalledReader, chat, chat_uri, has_text, start_node, unique_room
+from .factories import (
+    Node,
+    StalledReader,
+    chat,
+    chat_uri,
+    has_text,
+    joins,
+    leaves,
+    start_node,
+    unique_room,
+)
 
 
 def bearer(token: str) -> dict[str, str]:
@@ -73,10 +83,10 @@ async def test_slow_consumer_is_dropped_and_the_room_goes_on(
         chat(node, room, minter.token(user_id="fast")) as fast,
     ):
         slow = await StalledReader.open(node, room, minter.token(user_id="slow"))
-        await fast.recv_until(lambda f: f["type"] == "join" and f["user"]["id"] == "slow")
+        await fast.recv_until(joins("slow"))
         # 16 KB frames: the kernel holds a few MB before the server's own buffers fill
         total = 0
-        while not any(frame["type"] == "leave" for frame in sender.seen):
+        while not any(leaves("slow")(frame) for frame in sender.seen):
             assert total < 2000, "the slow consumer was never dropped"
             text = f"{total:04d}" + "\N{GRINNING FACE}" * 3996
             await sender.say(text)
@@ -86,7 +96,7 @@ async def test_slow_consumer_is_dropped_and_the_room_goes_on(
         # reading again drains what was buffered, then the close frame
         slow_frames, code, reason = await slow.drain()
     assert [frame["id"] for frame in got] == list(range(1, total + 1))
-    assert [f["user"]["id"] for f in fast.seen if f["type"] == "leave"] == ["slow"]
+    assert [u["id"] for f in fast.seen if f["type"] == "presence" for u in f["leaves"]] == ["slow"]
     assert (code, reason) == (4008, "slow consumer")
     slow_ids = [frame["id"] for frame in slow_frames if frame["type"] == "message"]
     assert slow_ids == list(range(1, len(slow_ids) + 1))

@@ -2,15 +2,14 @@ from __future__ import annotations
 
 import asyncio
 import time
-from typing import Any
 
 import httpx
 from redis.asyncio import Redis
 
-from chat.presence import Presence, user_entry
+from chat.presence import Presence
 from kit.testing import TokenMinter
 
-from .factories import Node, chat, unique_room
+from .factories import Node, chat, joins, leaves, presence_users, unique_room
 
 
 def bearer(minter: TokenMinter) -> dict[str, str]:
@@ -78,34 +77,23 @@ async def test_history_refuses_an_after_beyond_64_bits(
     assert nul.status_code == 422
 
 
-async def presence_users(node: Node, room: str, minter: TokenMinter) -> list[dict[str, Any]]:
-    async with httpx.AsyncClient(base_url=node.url, headers=bearer(minter)) as http:
-        response = await http.get(f"/chat/rooms/{room}/presence")
-    assert response.status_code == 200
-    body: dict[str, Any] = response.json()
-    assert body["room"] == room
-    users: list[dict[str, Any]] = body["users"]
-    return users
-
-
 async def test_presence_join_and_leave_across_replicas(
     cluster: list[Node], minter: TokenMinter
 ) -> None:
     room = unique_room()
     async with chat(cluster[0], room, minter.token(user_id="ann", name="Ann")) as ann:
         async with chat(cluster[1], room, minter.token(user_id="bob", name="Bob")):
-            joined = await ann.recv_until(
-                lambda f: f["type"] == "join" and f["user"]["id"] == "bob"
-            )
+            joined = await ann.recv_until(joins("bob"))
             listed = await presence_users(cluster[2], room, minter)
-        left = await ann.recv_type("leave")
+        left = await ann.recv_until(leaves("bob"))
         after = await presence_users(cluster[2], room, minter)
-    assert joined == {"type": "join", "room": room, "user": {"id": "bob", "display_name": "Bob"}}
+    bob = {"id": "bob", "display_name": "Bob", "connections": 1}
+    assert joined == {"type": "presence", "room": room, "joins": [bob], "leaves": []}
     assert listed == [
         {"id": "ann", "display_name": "Ann", "connections": 1},
         {"id": "bob", "display_name": "Bob", "connections": 1},
     ]
-    assert left == {"type": "leave", "room": room, "user": {"id": "bob", "display_name": "Bob"}}
+    assert left == {"type": "presence", "room": room, "joins": [], "leaves": [bob]}
     assert after == [{"id": "ann", "display_name": "Ann", "connections": 1}]
 
 
@@ -116,7 +104,8 @@ async def test_presence_of_a_dead_replica_vanishes(
     redis = Redis.from_url(redis_url)
     ghost = Presence(redis=redis, node_id="ghost-node", ttl_seconds=1.0)
     try:
-        await ghost.add(room, "conn-1", user_entry("gus", "Gus"))
+        ghost.joined(room, "gus", "Gus")
+        await ghost.flush()
         seen = await presence_users(cluster[0], room, minter)
         deadline = time.monotonic() + 10
         # nothing refreshes the ghost's entries: they must drop out on their own

@@ -2,7 +2,10 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
 import time
+import uuid
+from typing import Any
 
 import httpx
 import pytest
@@ -10,6 +13,7 @@ from redis.asyncio import Redis
 from websockets.asyncio.client import connect
 from websockets.exceptions import InvalidStatus
 
+from kit.context import request_id_var
 from kit.security import revoked_token_key, revoked_user_key
 from kit.testing import Service, TokenMinter, wait_for_postgres
 
@@ -393,3 +397,54 @@ async def test_revoking_a_token_closes_its_open_socket(
         await redis.aclose()
     assert list(closed) == [(4003, "token revoked"), (4003, "token revoked")]
     assert message["text"] == "still open"
+
+
+class AccessLines(logging.Handler):
+    """The access logger's records, with the request id current when each was written."""
+
+    def __init__(self) -> None:
+        super().__init__(logging.DEBUG)
+        self.lines: list[dict[str, Any]] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        fields = dict(getattr(record, "fields", {}))
+        self.lines.append({**fields, "request_id": request_id_var.get()})
+
+    async def wait_for(self, event: str, request_id: str) -> dict[str, Any]:
+        deadline = time.monotonic() + 5
+        while True:
+            for line in self.lines:
+                if line.get("event") == event and line["request_id"] == request_id:
+                    return line
+            assert time.monotonic() < deadline, f"no access line {event} for {request_id}"
+            await asyncio.sleep(0.02)
+
+
+async def test_a_socket_keeps_its_request_id_and_access_lines(
+    cluster: list[Node], minter: TokenMinter
+) -> None:
+    """The socket path skips the HTTP middleware, not the layers a socket needs."""
+    access = logging.getLogger("access")
+    handler, level = AccessLines(), access.level
+    access.addHandler(handler)
+    access.setLevel(logging.INFO)
+    request_id = f"socket-{uuid.uuid4().hex}"
+    headers = {
+        "Authorization": f"Bearer {minter.token(user_id='logged')}",
+        "X-Request-ID": request_id,
+    }
+    try:
+        async with connect(chat_uri(cluster[0], unique_room()), additional_headers=headers) as ws:
+            assert ws.response is not None
+            assert ws.response.headers["x-request-id"] == request_id
+            assert json.loads(await ws.recv())["type"] == "ready"
+            opened = await handler.wait_for("open", request_id)
+        closed = await handler.wait_for("close", request_id)
+    finally:
+        access.removeHandler(handler)
+        access.setLevel(level)
+    assert opened["route"] == closed["route"] == "/chat/ws/{room}"
+    assert opened["status"] == 101
+    assert opened["user_id"] == closed["user_id"] == "logged"
+    assert closed["closed_by"] == "client"
+    assert closed["close_code"] == 1000

@@ -8,7 +8,7 @@ message without parsing its JSON:
 
     m:<id>:<message frame>       a stored message of the room
     m:<id>/<traceparent>:<frame> the same, sent inside a trace (W3C traceparent)
-    p:<node>:<presence frame>    a join/leave from replica <node>
+    p:<node>:<presence frame>    a presence diff from replica <node>
 
 The trace context is optional: a message without it (tracing off, or from a
 replica older than tracing) is delivered all the same. A replica older than
@@ -19,6 +19,10 @@ When the subscriber connection breaks, the bus reconnects with jittered
 exponential backoff, subscribes again and then calls `on_resync`, which reads
 from PostgreSQL whatever the replica missed. Publishes that fail meanwhile are
 kept (bounded) and sent again after the reconnect.
+
+The publisher is a pool of its own (`main`): publishing never waits for a
+connection that presence or the limits hold. `publish_many` sends a batch in
+one pipeline (a presence flush: one publication per changed room).
 """
 
 from __future__ import annotations
@@ -131,6 +135,22 @@ class Bus:
         except (RedisError, OSError) as error:
             logger.warning("publish to %s failed, kept for later: %s", channel, error)
             self._backlog.append((channel, payload))
+
+    async def publish_many(self, publications: list[tuple[str, str]]) -> None:
+        """Publishes (channel, payload) pairs in one round trip, or keeps them."""
+        if not publications:
+            return
+        if not self.connected.is_set():
+            self._backlog.extend(publications)
+            return
+        try:
+            async with self.publisher.pipeline(transaction=False) as pipe:
+                for channel, payload in publications:
+                    pipe.publish(channel, payload)
+                await pipe.execute()
+        except (RedisError, OSError) as error:
+            logger.warning("publishing %d payloads failed, kept: %s", len(publications), error)
+            self._backlog.extend(publications)
 
     async def probe(self, within: float) -> None:
         """Publishes on this replica's own channel and waits for it to come back:

@@ -45,12 +45,16 @@ class Settings(DatabaseSettings, VerifiedWritesSettings):
     presence_ttl_seconds: float = Field(default=20.0, gt=0)
     """A replica's presence entries vanish this long after its last heartbeat."""
     presence_heartbeat_seconds: float = Field(default=5.0, gt=0)
+    presence_interval_seconds: float = Field(default=1.0, gt=0)
+    """How often a replica writes presence changes to Redis and sends each changed
+    room one `presence` diff: a member gets at most one per replica per interval."""
     presence_frames: bool = True
-    """Send `join`/`leave` frames; each costs one frame per socket in the room, so a
-    join storm in a huge room costs n^2 frames. The presence listing works either way."""
+    """Send `presence` diff frames to the rooms. The presence listing works either way."""
 
     redis_max_connections: int = Field(default=64, gt=0)
-    """Pool size for commands (publish, presence, revocation checks); callers wait for one."""
+    """Pool size for commands (presence, limits, revocation checks); callers wait for one."""
+    redis_publish_connections: int = Field(default=8, gt=0)
+    """Pool size for publishing on the bus, apart from the commands' pool."""
 
     bus_probe_timeout_seconds: float = Field(default=1.5, gt=0)
     bus_backoff_max_seconds: float = Field(default=5.0, gt=0)

@@ -32,8 +32,8 @@ from chat import service, tracing
 from chat.bus import Bus, message_head, message_payload, presence_payload, room_channel
 from chat.config import Settings
 from chat.metrics import ChatMetrics
-from chat.presence import Presence, user_entry
-from chat.schemas import StoredMessage, presence_frame
+from chat.presence import Presence
+from chat.schemas import StoredMessage
 from kit.security import revoked_token_key, revoked_user_key
 
 if TYPE_CHECKING:
@@ -74,6 +74,7 @@ class Connection:
         "kicked",
         "last_sent_id",
         "limit",
+        "present",
         "room",
         "user_id",
         "websocket",
@@ -97,6 +98,7 @@ class Connection:
         self.close_code: int | None = None
         self.close_reason = ""
         self.kicked = False
+        self.present = False
         self.writer: asyncio.Task[None] | None = None
         self.handler: asyncio.Task[object] | None = None
         self._outbox: deque[tuple[int, str] | None] = deque()
@@ -372,6 +374,9 @@ class Hub:
             return False
         feed.connections.discard(connection)
         self.metrics.sockets.dec()
+        if connection.present:
+            connection.present = False
+            self.presence.left(connection.room, connection.user_id, connection.display_name)
         if not feed.connections:
             del self.feeds[connection.room]
             feed.close()
@@ -386,8 +391,7 @@ class Hub:
         if code == CLOSE_SLOW_CONSUMER:
             self.metrics.slow_consumers.inc()
         connection.close_code, connection.close_reason = code, reason
-        if self.leave(connection):
-            self.spawn(self.announce(connection, "leave"))
+        self.leave(connection)
         connection.stop()
         if connection.handler is not None and not connection.handler.done():
             connection.handler.cancel()
@@ -438,27 +442,28 @@ class Hub:
 
     # -- presence ---------------------------------------------------------
 
-    async def announce(self, connection: Connection, kind: str) -> None:
-        """Tells the room, here and on every replica, that a socket joined or left."""
-        if kind == "join":
-            entry = user_entry(connection.user_id, connection.display_name)
-            await self.presence.add(connection.room, connection.id, entry)
-        else:
-            await self.presence.remove(connection.room, connection.id)
-        if not self.settings.presence_frames:
+    def announce(self, connection: Connection) -> None:
+        """Counts the socket in its room's presence; the next diff tells the room."""
+        if not connection.present and not connection.kicked:
+            connection.present = True
+            self.presence.joined(connection.room, connection.user_id, connection.display_name)
+
+    async def flush_presence(self) -> None:
+        """Writes what changed to Redis and sends each changed room its diff,
+        here and through the bus (one pipeline for all rooms)."""
+        frames = await self.presence.flush()
+        if not frames or not self.settings.presence_frames:
             return
-        frame = presence_frame(
-            kind,
-            room=connection.room,
-            user_id=connection.user_id,
-            display_name=connection.display_name,
-        )
-        feed = self.feeds.get(connection.room)
-        if feed is not None:
-            self._push_to_room(feed, frame)
+        for room, frame in frames.items():
+            feed = self.feeds.get(room)
+            if feed is not None:
+                self._push_to_room(feed, frame)
         if self.bus is not None:
-            await self.bus.publish(
-                room_channel(connection.room), presence_payload(self.node_id, frame)
+            await self.bus.publish_many(
+                [
+                    (room_channel(room), presence_payload(self.node_id, frame))
+                    for room, frame in frames.items()
+                ]
             )
 
     def _push_to_room(self, feed: RoomFeed, frame: str) -> None:
@@ -485,14 +490,6 @@ class Hub:
     def outbox_depths(self) -> list[int]:
         """Frames queued per socket (the metrics read it at scrape time)."""
         return [conn.queued for feed in self.feeds.values() for conn in feed.connections]
-
-    def presence_entries(self) -> dict[str, dict[str, str]]:
-        return {
-            room: {
-                conn.id: user_entry(conn.user_id, conn.display_name) for conn in feed.connections
-            }
-            for room, feed in self.feeds.items()
-        }
 
     # -- lifecycle --------------------------------------------------------
 

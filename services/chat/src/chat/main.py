@@ -27,6 +27,7 @@ from chat.limits import UserLimits
 from chat.metrics import ChatMetrics
 from chat.presence import Presence
 from chat.router import router
+from chat.session import SocketEntry
 from kit.app import assemble
 from kit.db import check_database, make_engine, make_sessionmaker, schema_check
 from kit.health import VERIFIER_CHECKS
@@ -82,10 +83,20 @@ async def heartbeat(
             )
 
 
+async def presence_loop(hub: Hub, settings: Settings) -> None:
+    """Every `presence_interval_seconds`: what changed goes to Redis and to the rooms."""
+    while True:
+        await asyncio.sleep(settings.presence_interval_seconds)
+        try:
+            await hub.flush_presence()
+        except Exception:
+            logger.exception("presence flush failed")
+
+
 async def beat_once(
     *, hub: Hub, bus: Bus, presence: Presence, redis: Redis, settings: Settings
 ) -> None:
-    await presence.heartbeat(hub.presence_entries())
+    await presence.heartbeat()
     await bus.flush()
     try:
         await hub.close_revoked(redis)
@@ -125,6 +136,18 @@ def create_app(settings: Settings | None = None, *, key_source: KeySource | None
             retry_on_error=[RedisConnectionError, RedisTimeoutError],
         )
         redis = Redis(connection_pool=pool)
+        # publishing has connections of its own: it never waits behind presence
+        # or the limits, whatever they hold
+        publish_pool = BlockingConnectionPool.from_url(
+            str(settings.redis_url),
+            max_connections=settings.redis_publish_connections,
+            timeout=5.0,
+            socket_connect_timeout=2.0,
+            socket_timeout=5.0,
+            retry=Retry(ExponentialBackoff(cap=0.2, base=0.02), retries=2),
+            retry_on_error=[RedisConnectionError, RedisTimeoutError],
+        )
+        publisher = Redis(connection_pool=publish_pool)
         http = httpx.AsyncClient()
         verifier = TokenVerifier.for_service(settings, redis=redis, keys=key_source, http=http)
         await verifier.start()
@@ -141,7 +164,7 @@ def create_app(settings: Settings | None = None, *, key_source: KeySource | None
         bus = Bus(
             url=str(settings.redis_url),
             node_id=settings.node_id,
-            publisher=redis,
+            publisher=publisher,
             on_message=hub.on_bus_message,
             on_resync=hub.resync,
             backoff_max_seconds=settings.bus_backoff_max_seconds,
@@ -173,6 +196,7 @@ def create_app(settings: Settings | None = None, *, key_source: KeySource | None
             ),
             name="heartbeat",
         )
+        flusher = asyncio.create_task(presence_loop(hub, settings), name="presence")
         try:
             yield State(
                 settings=settings,
@@ -188,14 +212,16 @@ def create_app(settings: Settings | None = None, *, key_source: KeySource | None
             )
         finally:
             beat.cancel()
-            rooms = list(hub.feeds)
+            flusher.cancel()
             await hub.close_all(CLOSE_SHUTDOWN, "server shutting down")
-            await presence.clear(rooms)
+            await presence.clear()
             await limits.leave()
             await bus.stop()
             await verifier.aclose()
             await redis.aclose()
             await pool.aclose()
+            await publisher.aclose()
+            await publish_pool.aclose()
             await http.aclose()
             await engine.dispose()
 
@@ -219,4 +245,6 @@ def create_app(settings: Settings | None = None, *, key_source: KeySource | None
         registry=registry,
     )
     app.include_router(router)
+    # outermost: a socket skips the HTTP layers (see SocketEntry)
+    app.add_middleware(SocketEntry, allowed_hosts=settings.trusted_hosts)
     return app

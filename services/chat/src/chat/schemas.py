@@ -76,10 +76,22 @@ def invalid_frame(errors: list[dict[str, Any]]) -> str:
     return dumps({"type": "error", "detail": f"Invalid frame: {fields}", "errors": cleaned})
 
 
-def presence_frame(kind: str, *, room: str, user_id: str, display_name: str) -> str:
-    return dumps(
-        {"type": kind, "room": room, "user": {"id": user_id, "display_name": display_name}}
-    )
+PresenceChange = tuple[str, str, int]
+"""(user id, display name, sockets that came or went)."""
+
+
+def presence_diff_frame(
+    *, room: str, joins: list[PresenceChange], leaves: list[PresenceChange]
+) -> str:
+    """Who came and who went in a room on one replica since its last diff."""
+
+    def users(changes: list[PresenceChange]) -> list[dict[str, Any]]:
+        return [
+            {"id": user_id, "display_name": name, "connections": count}
+            for user_id, name, count in changes
+        ]
+
+    return dumps({"type": "presence", "room": room, "joins": users(joins), "leaves": users(leaves)})
 
 
 class ChatUser(BaseModel):

@@ -20,6 +20,9 @@ from datetime import UTC, datetime
 from typing import Any
 
 from fastapi import WebSocket
+from fastapi.exceptions import WebSocketRequestValidationError
+from starlette.datastructures import Headers
+from starlette.types import ASGIApp, Receive, Scope, Send
 
 from chat import service
 from chat.config import Settings
@@ -41,19 +44,70 @@ from chat.schemas import (
     valid_room,
 )
 from chat.tracing import message_span
+from kit.accesslog import AccessLogMiddleware
 from kit.errors import ServiceUnavailable, Unauthenticated
-from kit.inputs import json_errors
-from kit.observe import remember_user
+from kit.inputs import json_errors, screen_request
+from kit.middleware import RequestIdMiddleware, TrustedHostMiddleware
+from kit.observe import ROUTE_TEMPLATE_KEY, remember_user
 from kit.security import (
     Principal,
     TokenVerifier,
     bearer_from_headers,
     bearer_from_subprotocols,
 )
+from kit.tracing import TracingMiddleware, tracing_enabled
 
 logger = logging.getLogger("chat.socket")
 
 BEARER_SUBPROTOCOL = "bearer"
+SOCKET_PREFIX = "/chat/ws/"
+SOCKET_ROUTE = "/chat/ws/{room}"
+
+
+class SocketEntry:
+    """`/chat/ws/<room>` straight from the server, ahead of the HTTP middleware.
+
+    A socket lives for hours, and every ASGI layer it passes keeps a frame,
+    often a closure and an exit stack, for as long: through FastAPI's stack
+    (kit's middleware, exception handling, routing, dependencies) that is
+    about 15 KB a socket, a third of what chat holds per socket. A socket
+    here passes only the layers whose work it needs: the request id (logs and
+    the `X-Request-ID` of the handshake), the server span when tracing is on,
+    the access log's open and close lines, then the host check and the input
+    screen. Every other request, and any other WebSocket path, goes to the app."""
+
+    def __init__(self, app: ASGIApp, *, allowed_hosts: list[str]) -> None:
+        self.app = app
+        self.hosts = TrustedHostMiddleware(app, allowed_hosts=allowed_hosts)
+        socket: ASGIApp = AccessLogMiddleware(self._socket)
+        if tracing_enabled():
+            socket = TracingMiddleware(socket)
+        self.socket = RequestIdMiddleware(socket)
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        path: str = scope.get("path", "")
+        room = path[len(SOCKET_PREFIX) :]
+        if scope["type"] != "websocket" or not path.startswith(SOCKET_PREFIX) or "/" in room:
+            await self.app(scope, receive, send)
+            return
+        scope["path_params"] = {"room": room}
+        scope[ROUTE_TEMPLATE_KEY] = SOCKET_ROUTE
+        await self.socket(scope, receive, send)
+
+    async def _socket(self, scope: Scope, receive: Receive, send: Send) -> None:
+        hosts = self.hosts
+        if not hosts.allow_any and not hosts.is_allowed(Headers(scope=scope).get("host", "")):
+            await send({"type": "websocket.close", "code": CLOSE_POLICY, "reason": "Invalid host"})
+            return
+        websocket = WebSocket(scope, receive, send)
+        try:
+            await screen_request(websocket)
+        except WebSocketRequestValidationError:
+            await websocket.close(CLOSE_POLICY, "invalid input")
+            return
+        await chat_socket(websocket, scope["path_params"]["room"])
+
+
 EMAIL_NOT_VERIFIED = (
     "Confirm your email address before sending messages, then renew the token (an auth frame)"
 )
@@ -168,7 +222,7 @@ async def serve_socket(
     replay = replay_after(hub, since) if since is not None else None
     connection.writer = asyncio.create_task(connection.run_writer(first, replay))
     connection.schedule_expiry(principal.expires_at, settings.close_on_token_expiry)
-    hub.spawn(hub.announce(connection, "join"))
+    hub.announce(connection)
     try:
         await receive_frames(
             connection, hub=hub, settings=settings, verifier=verifier, limits=state.limits
@@ -188,8 +242,7 @@ async def serve_socket(
             )
     finally:
         connection.stop()
-        if hub.leave(connection):
-            hub.spawn(hub.announce(connection, "leave"))
+        hub.leave(connection)
 
 
 def client_id_of(raw: str) -> str | None:

@@ -10,7 +10,8 @@
 //   state    {state, delayMs?, code?}   connecting | open | reconnecting | closed
 //   message  the message frame          each new message once, in id order
 //   ack      {clientId, message}        a message of ours is stored
-//   presence the join or leave frame
+//   presence the presence diff frame       {joins, leaves}: users with how many of
+//                                        their sockets came or went on one replica
 //   problem  the error frame            the server refused a frame; the socket stays open
 
 const AUTH_CLOSE_CODES = new Set([4001, 4003]); // token expired / revoked while open
@@ -132,8 +133,7 @@ export class ChatClient extends EventTarget {
       case "message":
         this._onMessage(frame);
         break;
-      case "join":
-      case "leave":
+      case "presence":
         this._emit("presence", frame);
         break;
       case "error":

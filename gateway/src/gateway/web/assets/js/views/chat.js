@@ -148,9 +148,17 @@ export function roomView({ session, params }) {
     outbox.querySelector(`[data-client-id="${CSS.escape(detail.clientId)}"]`)?.remove();
   });
   client.addEventListener("presence", ({ detail }) => {
-    const person = presence.get(detail.user.id) ?? { name: detail.user.display_name, connections: 0 };
-    person.connections = Math.max(0, person.connections + (detail.type === "join" ? 1 : -1));
-    presence.set(detail.user.id, person);
+    // one diff per replica and interval: who came and who went, with a count of sockets
+    for (const [users, sign] of [
+      [detail.joins, 1],
+      [detail.leaves, -1],
+    ]) {
+      for (const user of users) {
+        const person = presence.get(user.id) ?? { name: user.display_name, connections: 0 };
+        person.connections = Math.max(0, person.connections + sign * user.connections);
+        presence.set(user.id, person);
+      }
+    }
     renderPresence();
   });
   client.addEventListener("problem", ({ detail }) => {

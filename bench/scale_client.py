@@ -1,0 +1,386 @@
+"""The load client of bench/scale_bench.py: thousands of chat sockets through
+the gateway, from a container on the stack's own network.
+
+It runs inside one of the project's images (the gateway's: Python, aiohttp)
+so that no connection crosses Docker's userland proxy, and talks to the
+orchestrator on the host in lines: it prints one JSON event per line on
+stdout and, where a step needs the host (a replica to kill), reads one line
+on stdin. Steps:
+
+1. register and log in `--users` users;
+2. open `--sockets` sockets, `--rooms` rooms of equal size, `--concurrency`
+   handshakes in flight: rate, refusals;
+3. hold them `--hold` seconds (pings on): drops;
+4. one message in each room: delivery latency to every socket (p50/p99);
+5. the orchestrator kills the chat replica holding the most sockets; every
+   socket it held reconnects with jittered exponential backoff and `since`,
+   while one message a second goes into every room; each socket must end with
+   every id exactly once, and its resume time is counted from the kill.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import json
+import random
+import sys
+import time
+import uuid
+from typing import Any
+
+import aiohttp
+
+PASSWORD = "scale-bench-password"
+BACKOFF_BASE = 0.25
+BACKOFF_CAP = 4.0
+CLOSE_WITHIN = 15.0
+
+
+def emit(event: str, **fields: Any) -> None:
+    sys.stdout.write(json.dumps({"event": event, **fields}) + "\n")
+    sys.stdout.flush()
+
+
+def percentile(values: list[float], fraction: float) -> float:
+    if not values:
+        return float("nan")
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, int(fraction * len(ordered)))]
+
+
+class Sock:
+    """One chat socket; reconnects with `since` after a drop when asked to."""
+
+    __slots__ = (
+        "closed_at",
+        "dropped",
+        "duplicates",
+        "gaps",
+        "index",
+        "last_id",
+        "node",
+        "nodes",
+        "resumed_at",
+        "room",
+        "token",
+        "ws",
+    )
+
+    def __init__(self, index: int, room: str, token: str) -> None:
+        self.index = index
+        self.room = room
+        self.token = token
+        self.ws: aiohttp.ClientWebSocketResponse | None = None
+        self.node = ""
+        self.nodes: list[str] = []
+        self.last_id = 0
+        self.dropped = 0
+        self.duplicates = 0
+        self.gaps = 0
+        self.closed_at = 0.0
+        self.resumed_at = 0.0
+
+
+class Load:
+    def __init__(self, args: argparse.Namespace) -> None:
+        self.args = args
+        self.base = args.url.rstrip("/")
+        self.ws_base = self.base.replace("http://", "ws://", 1)
+        self.session: aiohttp.ClientSession
+        self.socks: list[Sock] = []
+        self.tokens: list[str] = []
+        self.reconnecting = False
+        self.sent_at: dict[str, float] = {}
+        self.latencies: list[float] = []
+        self.expecting: dict[str, int] = {}
+        self.readers: list[asyncio.Task[None]] = []
+        self.room_last: dict[str, int] = {}
+        self.refusals: dict[str, int] = {}
+
+    # -- set-up ---------------------------------------------------------------
+
+    async def users(self) -> None:
+        async def one(number: int) -> str:
+            email = f"scale-{uuid.uuid4().hex[:12]}@example.com"
+            body = {"email": email, "password": PASSWORD, "display_name": f"Load {number}"}
+            async with self.session.post(f"{self.base}/auth/register", json=body) as response:
+                assert response.status == 201, await response.text()
+            form = {"username": email, "password": PASSWORD}
+            async with self.session.post(f"{self.base}/auth/token", data=form) as response:
+                assert response.status == 200, await response.text()
+                token: str = (await response.json())["access_token"]
+                return token
+
+        limit = asyncio.Semaphore(8)
+
+        async def bounded(number: int) -> str:
+            async with limit:
+                return await one(number)
+
+        self.tokens = list(await asyncio.gather(*(bounded(n) for n in range(self.args.users))))
+
+    # -- sockets --------------------------------------------------------------
+
+    async def connect(self, sock: Sock, *, since: int | None) -> bool:
+        query = "" if since is None else f"?since={since}"
+        try:
+            ws = await self.session.ws_connect(
+                f"{self.ws_base}/chat/ws/{sock.room}{query}",
+                headers={"Authorization": f"Bearer {sock.token}"},
+                autoping=True,
+                heartbeat=None,
+                # offered as every browser does; the gateway declines it by default
+                compress=15,
+                timeout=aiohttp.ClientWSTimeout(ws_close=5.0),
+            )
+        except aiohttp.WSServerHandshakeError as error:
+            self.refusals[str(error.status)] = self.refusals.get(str(error.status), 0) + 1
+            return False
+        except (aiohttp.ClientError, OSError, TimeoutError) as error:
+            name = type(error).__name__
+            self.refusals[name] = self.refusals.get(name, 0) + 1
+            return False
+        try:
+            ready = await asyncio.wait_for(ws.receive_json(), 30)
+        except (TimeoutError, TypeError, ValueError, aiohttp.ClientError):
+            self.refusals["no ready"] = self.refusals.get("no ready", 0) + 1
+            await ws.close()
+            return False
+        if ready.get("type") != "ready":
+            self.refusals["closed"] = self.refusals.get("closed", 0) + 1
+            await ws.close()
+            return False
+        sock.ws = ws
+        sock.node = ready["node"]
+        sock.nodes.append(sock.node)
+        if since is None:
+            sock.last_id = ready["last_id"]
+        return True
+
+    async def open_all(self) -> None:
+        args = self.args
+        rooms = [f"scale-{uuid.uuid4().hex[:6]}-{n}" for n in range(args.rooms)]
+        for index in range(args.sockets):
+            # user k's sockets spread over rooms: a room's members are distinct users
+            token = self.tokens[index % len(self.tokens)]
+            self.socks.append(Sock(index, rooms[index % args.rooms], token))
+        queue: asyncio.Queue[Sock] = asyncio.Queue()
+        for sock in self.socks:
+            queue.put_nowait(sock)
+        opened = 0
+
+        async def opener() -> None:
+            nonlocal opened
+            while not queue.empty():
+                sock = queue.get_nowait()
+                if await self.connect(sock, since=None):
+                    opened += 1
+                    self.readers.append(asyncio.create_task(self.read(sock)))
+
+        started = time.monotonic()
+        await asyncio.gather(*(opener() for _ in range(args.concurrency)))
+        elapsed = time.monotonic() - started
+        nodes: dict[str, int] = {}
+        for sock in self.socks:
+            if sock.ws is not None:
+                nodes[sock.node] = nodes.get(sock.node, 0) + 1
+        emit(
+            "opened",
+            asked=args.sockets,
+            held=opened,
+            refused=args.sockets - opened,
+            refusals=self.refusals,
+            seconds=round(elapsed, 2),
+            per_second=round(opened / elapsed, 1),
+            nodes=nodes,
+        )
+
+    async def read(self, sock: Sock) -> None:
+        """Reads the socket; on a drop, reconnects (backoff with full jitter) with `since`."""
+        while True:
+            ws = sock.ws
+            assert ws is not None
+            async for frame in ws:
+                if frame.type is not aiohttp.WSMsgType.TEXT:
+                    break
+                data = json.loads(frame.data)
+                if data.get("type") != "message":
+                    continue
+                message_id = data["id"]
+                if message_id <= sock.last_id:
+                    sock.duplicates += 1
+                    continue
+                if message_id != sock.last_id + 1:
+                    sock.gaps += 1
+                sock.last_id = message_id
+                client_id = data.get("client_id") or ""
+                sent = self.sent_at.get(client_id)
+                if sent is not None:
+                    self.latencies.append(time.monotonic() - sent)
+            sock.dropped += 1
+            sock.closed_at = sock.closed_at or time.time()
+            sock.ws = None
+            if not self.reconnecting:
+                return
+            attempt = 0
+            # full jitter from the first attempt: thousands of sockets dropped at
+            # once must not come back in one instant
+            await asyncio.sleep(random.uniform(0, BACKOFF_BASE * 4))
+            while not await self.connect(sock, since=sock.last_id):
+                attempt += 1
+                await asyncio.sleep(random.uniform(0, min(BACKOFF_CAP, BACKOFF_BASE * 2**attempt)))
+            # back on a replica with `since`: the replay of what it missed follows
+            sock.resumed_at = time.time()
+
+    # -- steps ----------------------------------------------------------------
+
+    async def hold(self) -> None:
+        started = time.monotonic()
+        await asyncio.sleep(self.args.hold)
+        open_now = sum(sock.ws is not None and not sock.ws.closed for sock in self.socks)
+        emit(
+            "held",
+            seconds=round(time.monotonic() - started, 1),
+            open=open_now,
+            drops=sum(sock.dropped for sock in self.socks),
+        )
+
+    async def say_in_every_room(self, avoid: str = "") -> int:
+        chosen: dict[str, Sock] = {}
+        for sock in self.socks:
+            if sock.ws is None or sock.ws.closed or sock.node == avoid:
+                continue
+            chosen.setdefault(sock.room, sock)
+        sent = 0
+        for sock in chosen.values():
+            client_id = uuid.uuid4().hex
+            self.sent_at[client_id] = time.monotonic()
+            assert sock.ws is not None
+            with contextlib.suppress(ConnectionError, aiohttp.ClientError):
+                frame = {"type": "message", "text": "scale", "client_id": client_id}
+                await sock.ws.send_str(json.dumps(frame))
+                sent += 1
+        return sent
+
+    async def wait_all_reach(self, within: float) -> bool:
+        """Waits until every socket has its room's newest id (as senders see it)."""
+        deadline = time.monotonic() + within
+        while time.monotonic() < deadline:
+            newest: dict[str, int] = {}
+            for sock in self.socks:
+                newest[sock.room] = max(newest.get(sock.room, 0), sock.last_id)
+            self.room_last.update(newest)
+            if all(sock.last_id >= newest[sock.room] for sock in self.socks):
+                return True
+            await asyncio.sleep(0.05)
+        return False
+
+    async def broadcast(self) -> None:
+        self.latencies.clear()
+        before = {sock.index: sock.last_id for sock in self.socks}
+        sent = await self.say_in_every_room()
+        expected = sum(sock.ws is not None for sock in self.socks)
+        deadline = time.monotonic() + 30
+        while len(self.latencies) < expected and time.monotonic() < deadline:  # noqa: ASYNC110
+            await asyncio.sleep(0.02)
+        got = sum(sock.last_id > before[sock.index] for sock in self.socks)
+        emit(
+            "broadcast",
+            messages=sent,
+            expected=expected,
+            delivered=len(self.latencies),
+            sockets_reached=got,
+            p50_ms=round(1000 * percentile(self.latencies, 0.5), 1),
+            p99_ms=round(1000 * percentile(self.latencies, 0.99), 1),
+            max_ms=round(1000 * max(self.latencies, default=float("nan")), 1),
+        )
+
+    async def storm(self) -> None:
+        nodes: dict[str, int] = {}
+        for sock in self.socks:
+            if sock.ws is not None:
+                nodes[sock.node] = nodes.get(sock.node, 0) + 1
+        victim = max(nodes, key=lambda node: nodes[node])
+        await self.wait_all_reach(10)
+        for sock in self.socks:
+            sock.closed_at = sock.resumed_at = 0.0
+            sock.dropped = 0
+        self.reconnecting = True
+        emit("kill", node=victim, sockets=nodes[victim])
+        line = await asyncio.get_running_loop().run_in_executor(None, sys.stdin.readline)
+        killed_at = float(line.split()[1])
+        # messages keep coming into every room while the victim's sockets move
+        for _ in range(self.args.storm_messages):
+            await self.say_in_every_room(avoid=victim)
+            await asyncio.sleep(1.0)
+        caught_up = await self.wait_all_reach(self.args.resume_within * 2)
+        moved = [sock for sock in self.socks if sock.dropped]
+        resume = [sock.resumed_at - killed_at for sock in moved if sock.resumed_at]
+        emit(
+            "storm",
+            victim=victim,
+            moved=len(moved),
+            resumed=len(resume),
+            within_goal=sum(seconds <= self.args.resume_within for seconds in resume),
+            p50_s=round(percentile(resume, 0.5), 2),
+            p99_s=round(percentile(resume, 0.99), 2),
+            max_s=round(max(resume, default=float("nan")), 2),
+            still_on_victim=sum(sock.node == victim for sock in self.socks if sock.ws),
+            caught_up=caught_up,
+            lost=sum(sock.gaps for sock in self.socks),
+            doubled=sum(sock.duplicates for sock in self.socks),
+            refusals=self.refusals,
+        )
+
+    async def close(self) -> None:
+        self.reconnecting = False
+        for task in self.readers:
+            task.cancel()
+        await asyncio.gather(*self.readers, return_exceptions=True)
+        # a socket whose close handshake never completes must not keep the run
+        # open: whatever has not closed within the bound is left to the exit
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(
+                asyncio.gather(
+                    *(sock.ws.close() for sock in self.socks if sock.ws is not None),
+                    return_exceptions=True,
+                ),
+                CLOSE_WITHIN,
+            )
+
+
+async def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--url", default="http://gateway:8000")
+    parser.add_argument("--users", type=int, default=100)
+    parser.add_argument("--sockets", type=int, default=10_000)
+    parser.add_argument("--rooms", type=int, default=100)
+    parser.add_argument("--concurrency", type=int, default=64)
+    parser.add_argument("--hold", type=float, default=300.0)
+    parser.add_argument("--storm-messages", type=int, default=5)
+    parser.add_argument("--resume-within", type=float, default=15.0)
+    args = parser.parse_args()
+    load = Load(args)
+    connector = aiohttp.TCPConnector(limit=0, force_close=True)
+    async with aiohttp.ClientSession(connector=connector) as session:
+        load.session = session
+        await load.users()
+        emit("registered", users=len(load.tokens))
+        await load.open_all()
+        await load.hold()
+        await load.broadcast()
+        await load.storm()
+        await load.close()
+    emit("done")
+
+
+if __name__ == "__main__":
+    try:
+        import uvloop
+
+        uvloop.install()
+    except ImportError:
+        pass
+    asyncio.run(main())

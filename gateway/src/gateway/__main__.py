@@ -1,0 +1,119 @@
+"""`python -m gateway`, as the image runs it: uvicorn with the edge's protocol
+and one worker process per core (`WORKERS`, 0 = one per usable core).
+
+Each worker is a complete gateway: it imports the app, runs its own lifespan
+(upstream session, health probes, DNS refresh, token verifier) and takes
+connections from the one listening socket the supervisor binds. What must be
+shared between workers already lives in Redis (rate limits, revocations);
+the per-address connection cap of `gateway.edge` is counted per worker.
+
+The open-file limit is raised to its hard limit first: a relayed WebSocket
+holds two descriptors (client and upstream), so the default soft limit of
+1,024 would stop a worker near 500 sockets. Any other `uvicorn` option can be
+given in the environment as `UVICORN_<OPTION>` (e.g. `UVICORN_WS_MAX_SIZE`).
+Per-message deflate is off unless `UVICORN_WS_PER_MESSAGE_DEFLATE=true`:
+every browser offers it, and it costs about 50 KiB of zlib state a socket.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+import resource
+from collections.abc import Mapping
+from pathlib import Path
+
+from uvicorn.main import main as uvicorn_main
+
+from gateway.config import Settings
+
+logger = logging.getLogger("gateway")
+
+
+CGROUP = Path("/sys/fs/cgroup")
+
+
+def cpu_quota(cgroup: Path = CGROUP) -> float | None:
+    """The CPU time the container may use, in cores (`docker run --cpus`,
+    compose's `cpus`, a Kubernetes CPU limit), None when unlimited or unknown."""
+    try:  # cgroup v2: "<quota> <period>" or "max <period>"
+        quota, period = (cgroup / "cpu.max").read_text().split()[:2]
+        return None if quota == "max" else int(quota) / int(period)
+    except (OSError, ValueError):
+        pass
+    try:  # cgroup v1: a quota of -1 is unlimited
+        quota_us = int((cgroup / "cpu" / "cpu.cfs_quota_us").read_text())
+        period_us = int((cgroup / "cpu" / "cpu.cfs_period_us").read_text())
+        return None if quota_us <= 0 else quota_us / period_us
+    except (OSError, ValueError):
+        return None
+
+
+def usable_cores(cgroup: Path = CGROUP) -> int:
+    """The cores this process may run on, capped by the container's CPU quota:
+    more workers than that only take turns on the same CPU time."""
+    try:
+        cores = len(os.sched_getaffinity(0))
+    except AttributeError:  # not Linux
+        cores = os.cpu_count() or 1
+    quota = cpu_quota(cgroup)
+    return cores if quota is None else max(1, min(cores, math.ceil(quota)))
+
+
+def worker_count(configured: int) -> int:
+    return configured if configured > 0 else usable_cores()
+
+
+def raise_open_file_limit() -> int:
+    """Raises the soft limit on open files to the hard limit; returns it."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if hard == resource.RLIM_INFINITY or soft < hard:
+        target = hard if hard != resource.RLIM_INFINITY else max(soft, 1_048_576)
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
+            soft = target
+        except (ValueError, OSError) as error:
+            logger.warning("open-file limit stays at %s: %s", soft, error)
+    return soft
+
+
+def uvicorn_arguments(settings: Settings, environ: Mapping[str, str] = os.environ) -> list[str]:
+    # every interface of the container, port 8000, unless UVICORN_HOST/PORT say otherwise
+    defaults = [] if "UVICORN_HOST" in environ else ["--host", "0.0.0.0"]
+    defaults += [] if "UVICORN_PORT" in environ else ["--port", "8000"]
+    # permessage-deflate costs ~50 KiB a socket (zlib's windows, websockets'
+    # measure) for little on small JSON frames; UVICORN_WS_PER_MESSAGE_DEFLATE=true
+    # turns it back on
+    if "UVICORN_WS_PER_MESSAGE_DEFLATE" not in environ:
+        defaults += ["--ws-per-message-deflate", "false"]
+    # uvicorn's own INFO lines are three per WebSocket (accepted, opened,
+    # closed): a flood in a connection storm, and a tenth of the CPU of a
+    # handshake. The gateway's own logs follow LOG_LEVEL.
+    if "UVICORN_LOG_LEVEL" not in environ:
+        defaults += ["--log-level", "warning"]
+    return [
+        "gateway.main:create_app",
+        "--factory",
+        *defaults,
+        "--http",
+        "gateway.edge:EdgeHttpProtocol",
+        "--no-proxy-headers",
+        "--timeout-graceful-shutdown",
+        "10",
+        "--workers",
+        str(worker_count(settings.workers)),
+        # a worker busy with a storm still answers the supervisor from a thread;
+        # give it room before it is taken for hung and restarted
+        "--timeout-worker-healthcheck",
+        "30",
+    ]
+
+
+def main() -> None:
+    raise_open_file_limit()
+    uvicorn_main(args=uvicorn_arguments(Settings()), prog_name="uvicorn")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,198 @@
+"""`python -m gateway` (the image's command): worker processes, each a
+complete gateway on the one listening socket, restarted when one dies."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
+
+import httpx
+
+from .conftest import dead_url, running_upstream
+
+DEADLINE = 60.0
+
+
+def children(pid: int) -> list[int]:
+    """Worker processes of the supervisor `pid` (not multiprocessing's helpers)."""
+    found = []
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        with contextlib.suppress(OSError):
+            stat = (entry / "stat").read_text()
+            parent = int(stat.rsplit(")", 1)[1].split()[1])
+            command = (entry / "cmdline").read_bytes()
+            if parent == pid and b"resource_tracker" not in command:
+                found.append(int(entry.name))
+    return sorted(found)
+
+
+def established_sockets(pid: int, port: int) -> int:
+    """Connections to `port` accepted by process `pid` and still open."""
+    inodes = set()
+    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+        with contextlib.suppress(OSError):
+            for line in Path(table).read_text().splitlines()[1:]:
+                fields = line.split()
+                local_port = int(fields[1].rsplit(":", 1)[1], 16)
+                if local_port == port and fields[3] == "01":  # ESTABLISHED
+                    inodes.add(fields[9])
+    count = 0
+    with contextlib.suppress(OSError):
+        for fd in Path(f"/proc/{pid}/fd").iterdir():
+            with contextlib.suppress(OSError):
+                target = os.readlink(fd)
+                if target.startswith("socket:[") and target[8:-1] in inodes:
+                    count += 1
+    return count
+
+
+def open_files_limit(pid: int) -> tuple[str, str]:
+    for line in Path(f"/proc/{pid}/limits").read_text().splitlines():
+        if line.startswith("Max open files"):
+            soft, hard = line.split()[3:5]
+            return soft, hard
+    raise AssertionError("no open-file limit listed")
+
+
+@contextlib.contextmanager
+def gateway_process(port: int, redis_url: str, catalog: str) -> Iterator[subprocess.Popen[bytes]]:
+    env = {
+        **os.environ,
+        "WORKERS": "2",
+        "UVICORN_HOST": "127.0.0.1",
+        "UVICORN_PORT": str(port),
+        "REDIS_URL": redis_url,
+        "CATALOG_UPSTREAM": catalog,
+        "AUTH_UPSTREAM": dead_url(),
+        "CHAT_UPSTREAM": dead_url(),
+        "JWKS_URL": f"{dead_url()}/jwks.json",
+        "HEALTH_CHECK_INTERVAL_SECONDS": "0",
+        "RATE_LIMIT_ENABLED": "false",
+        "LOG_LEVEL": "WARNING",
+    }
+    process = subprocess.Popen([sys.executable, "-m", "gateway"], env=env)
+    try:
+        yield process
+    finally:
+        process.send_signal(signal.SIGTERM)
+        try:
+            process.wait(20)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait()
+
+
+async def wait_for(what: str, check: object) -> None:
+    deadline = time.monotonic() + DEADLINE
+    while True:
+        with contextlib.suppress(httpx.TransportError):
+            if await check():  # type: ignore[operator]
+                return
+        assert time.monotonic() < deadline, f"timed out waiting for {what}"
+        await asyncio.sleep(0.1)
+
+
+@contextlib.asynccontextmanager
+async def keep_alive_clients(base_url: str) -> AsyncIterator[list[httpx.AsyncClient]]:
+    clients: list[httpx.AsyncClient] = []
+    try:
+        yield clients
+    finally:
+        await asyncio.gather(*(client.aclose() for client in clients))
+
+
+async def test_every_worker_serves_and_a_dead_one_is_replaced(redis_url: str) -> None:
+    from kit.testing import free_port
+
+    port = free_port()
+    base_url = f"http://127.0.0.1:{port}"
+    async with running_upstream("one") as (upstream, upstream_url):
+        with gateway_process(port, redis_url, upstream_url) as supervisor:
+            async with httpx.AsyncClient(base_url=base_url) as http:
+
+                async def serving() -> bool:
+                    ok = (await http.get("/catalog/echo")).status_code == 200
+                    return ok and len(children(supervisor.pid)) == 2
+
+                await wait_for("two workers serving", serving)
+                workers = children(supervisor.pid)
+                # each worker raised its open-file limit to the hard limit
+                for worker in workers:
+                    soft, hard = open_files_limit(worker)
+                    assert soft == hard, (worker, soft, hard)
+
+                # new connections reach both workers (one listening socket)
+                async with keep_alive_clients(base_url) as clients:
+
+                    async def both_hold_connections() -> bool:
+                        client = httpx.AsyncClient(base_url=base_url)
+                        clients.append(client)
+                        assert (await client.get("/catalog/echo")).status_code == 200
+                        return all(established_sockets(pid, port) > 0 for pid in workers)
+
+                    await wait_for("connections on both workers", both_hold_connections)
+                    assert len(clients) < 200
+
+                # a killed worker is replaced, and the gateway answered meanwhile
+                os.kill(workers[0], signal.SIGKILL)
+                failures = 0
+                deadline = time.monotonic() + DEADLINE
+                while True:
+                    async with httpx.AsyncClient(base_url=base_url) as fresh:
+                        status = (await fresh.get("/catalog/echo")).status_code
+                    failures += status != 200
+                    now = children(supervisor.pid)
+                    if len(now) == 2 and workers[0] not in now:
+                        break
+                    assert time.monotonic() < deadline, "the dead worker was not replaced"
+                    await asyncio.sleep(0.05)
+                assert failures == 0
+
+                (replacement,) = set(now) - set(workers)
+                async with keep_alive_clients(base_url) as clients:
+
+                    async def replacement_serves() -> bool:
+                        client = httpx.AsyncClient(base_url=base_url)
+                        clients.append(client)
+                        assert (await client.get("/catalog/echo")).status_code == 200
+                        return established_sockets(replacement, port) > 0
+
+                    await wait_for("the replacement serving", replacement_serves)
+    assert upstream.hits > 0
+
+
+def cgroup(tmp_path: Path, files: dict[str, str]) -> Path:
+    for name, text in files.items():
+        (tmp_path / name).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / name).write_text(text)
+    return tmp_path
+
+
+def test_one_worker_per_core_is_capped_by_the_containers_cpu_quota(tmp_path: Path) -> None:
+    from gateway.__main__ import usable_cores, worker_count
+
+    cores = len(os.sched_getaffinity(0))
+    v2_limited = cgroup(tmp_path / "v2", {"cpu.max": "150000 100000\n"})  # --cpus 1.5
+    v2_unlimited = cgroup(tmp_path / "v2max", {"cpu.max": "max 100000\n"})
+    v1_limited = cgroup(
+        tmp_path / "v1", {"cpu/cpu.cfs_quota_us": "50000\n", "cpu/cpu.cfs_period_us": "100000\n"}
+    )
+    v1_unlimited = cgroup(
+        tmp_path / "v1max", {"cpu/cpu.cfs_quota_us": "-1\n", "cpu/cpu.cfs_period_us": "100000\n"}
+    )
+
+    assert usable_cores(v2_limited) == min(cores, 2)  # a part of a core is a worker
+    assert usable_cores(v1_limited) == 1
+    assert usable_cores(v2_unlimited) == cores
+    assert usable_cores(v1_unlimited) == cores
+    assert usable_cores(tmp_path / "none") == cores
+    assert worker_count(3) == 3  # WORKERS set: taken as it is
