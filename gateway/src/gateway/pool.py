@@ -85,6 +85,8 @@ class Replica:
     probe_failures: int = 0
     ejected_until: float = 0.0
     down_until: float = 0.0
+    # when it last answered a request (monotonic): a replica that does is busy, not dead
+    answered_at: float = -math.inf
     origin: URL = field(init=False)
 
     def __post_init__(self) -> None:
@@ -122,12 +124,16 @@ class Pool:
         eject_seconds: float,
         probing: bool,
         probe_failures: int = 3,
+        busy_grace_seconds: float = 5.0,
     ) -> None:
         self.name = name
         self.targets = list(targets)
         self.eject_after_failures = eject_after_failures
         self.eject_seconds = eject_seconds
         self.probe_failures = probe_failures
+        # a probe that times out is not held against a replica that answered
+        # a request this recently (a probe interval and its timeout)
+        self.busy_grace_seconds = busy_grace_seconds
         # With active probes on, a replica takes traffic only once a probe passed.
         self.probing = probing
         self.replicas: list[Replica] = []
@@ -228,6 +234,7 @@ class Pool:
     def succeeded(self, replica: Replica) -> None:
         """The replica answered (whatever its status, unless it said it is sick)."""
         replica.failures = 0
+        replica.answered_at = time.monotonic()
 
     def failed(self, replica: Replica) -> None:
         """A sickness signal: a timeout, a reset, a 502/503/504 from the replica.
@@ -278,13 +285,18 @@ class Pool:
 
     def probed(self, replica: Replica, *, ready: bool | None, refused: bool = False) -> None:
         """Applies one readiness probe: `ready` is its verdict when the replica
-        answered, None when the probe failed in transport (timed out, reset)."""
+        answered, None when the probe failed in transport (timed out, reset).
+        A replica turns unhealthy when it says it is not ready, when nothing
+        listens, or after `probe_failures` failed probes in a row while it
+        answered no request either: a slow answer is not a failure."""
         was = replica.healthy
         if refused:
             replica.healthy = False
             replica.probe_failures = 0
             self.unreachable(replica)
         elif ready is None:
+            if time.monotonic() - replica.answered_at <= self.busy_grace_seconds:
+                return  # slow to probe but answering traffic: busy, not dead
             replica.probe_failures += 1
             if replica.probe_failures >= self.probe_failures:
                 replica.healthy = False

@@ -73,6 +73,8 @@ def build_routes(settings: Settings) -> dict[str, Route]:
             eject_seconds=settings.eject_seconds,
             probing=settings.health_check_interval_seconds > 0,
             probe_failures=settings.health_check_failures,
+            busy_grace_seconds=settings.health_check_interval_seconds
+            + settings.health_check_timeout_seconds,
         )
         timeout = aiohttp.ClientTimeout(
             total=None, sock_connect=settings.connect_timeout_seconds, sock_read=timeout_seconds
