@@ -48,7 +48,7 @@ from auth.main import create_app
 from kit.deps import CurrentPrincipal
 from kit.security import TokenVerifier
 from kit.settings import DEFAULT_JWT_ISSUER
-from kit.testing import (
+from kit_testing import (
     free_port,
     migrate,
     wait_for_redis,

@@ -49,7 +49,7 @@ from sqlalchemy import insert
 from sqlalchemy.ext.asyncio import create_async_engine
 
 from catalog.models import Category, Product
-from kit.testing import free_port, migrate
+from kit_testing import free_port, migrate
 
 SERVICE_DIR = Path(__file__).resolve().parents[1] / "services" / "catalog"
 PRODUCTS = 10_000
@@ -311,7 +311,7 @@ TRACING_GOAL = 0.10
 def otlp_receiver() -> Iterator[str]:
     """An OTLP/HTTP receiver in its own process, on the load's core; yields its URL."""
     port = free_port()
-    command = [sys.executable, "-m", "kit.otlp_receiver", "--port", str(port)]
+    command = [sys.executable, "-m", "kit_testing.otlp_receiver", "--port", str(port)]
     process = subprocess.Popen(pinned(command, 0), stdout=subprocess.DEVNULL)
     url = f"http://127.0.0.1:{port}"
     try:

@@ -18,7 +18,7 @@ from auth.config import Settings
 from auth.main import create_app
 from auth.models import User
 from auth.passwords import Passwords
-from kit.testing import Service, TokenMinter, free_port
+from kit_testing import Service, TokenMinter, free_port
 
 from .conftest import make_settings, wait_until_ready
 from .factories import login, register, unique_email

@@ -15,10 +15,10 @@ from catalog.main import create_app
 from kit.db import make_engine
 
 if TYPE_CHECKING:
-    from kit.testing import TokenMinter
+    from kit_testing import TokenMinter
 
-# kit.testing is imported lazily below: pytest must load it as a plugin first
-pytest_plugins = ["kit.testing"]
+# kit_testing is imported lazily below: pytest must load it as a plugin first
+pytest_plugins = ["kit_testing"]
 
 SERVICE_DIR = Path(__file__).resolve().parents[1]
 IMPORT_KEY = "import-key-for-tests"
@@ -41,7 +41,7 @@ def make_settings(database_url: str, redis_url: str, **overrides: Any) -> Settin
 
 @pytest.fixture(scope="session")
 async def database_url(postgres_server_url: str) -> str:
-    from kit.testing import migrated_database
+    from kit_testing import migrated_database
 
     return await migrated_database(postgres_server_url, SERVICE_DIR)
 
@@ -53,7 +53,7 @@ def settings(database_url: str, redis_url: str) -> Settings:
 
 @pytest.fixture(scope="session")
 def minter() -> TokenMinter:
-    from kit.testing import TokenMinter
+    from kit_testing import TokenMinter
 
     return TokenMinter()
 

@@ -17,7 +17,7 @@ async def test_reads_and_writes_recover_after_a_database_restart(
     postgres_service: Any,
     caplog: pytest.LogCaptureFixture,
 ) -> None:
-    from kit.testing import wait_for_postgres
+    from kit_testing import wait_for_postgres
 
     created = await create_product(committed_client, admin_headers)
     url = f"/catalog/products/{created['id']}"

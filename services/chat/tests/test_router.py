@@ -8,7 +8,7 @@ import httpx
 from redis.asyncio import Redis
 
 from chat.presence import Presence, user_entry
-from kit.testing import TokenMinter
+from kit_testing import TokenMinter
 
 from .factories import Node, chat, unique_room
 

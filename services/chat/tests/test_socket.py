@@ -11,7 +11,7 @@ from websockets.asyncio.client import connect
 from websockets.exceptions import InvalidStatus
 
 from kit.security import revoked_token_key, revoked_user_key
-from kit.testing import Service, TokenMinter, wait_for_postgres
+from kit_testing import Service, TokenMinter, wait_for_postgres
 
 from .factories import ChatClient, Node, chat, chat_uri, has_text, unique_room
 
