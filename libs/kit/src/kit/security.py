@@ -159,10 +159,6 @@ class Principal:
     expires_at: int
     email_verified: bool = False
 
-    @property
-    def is_admin(self) -> bool:
-        return "admin" in self.roles
-
 
 @dataclass(frozen=True, slots=True)
 class VerificationKey:
