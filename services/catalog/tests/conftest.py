@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import contextlib
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -11,8 +12,10 @@ from fastapi import FastAPI
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, AsyncSession, async_sessionmaker
 
 from catalog.config import Settings
+from catalog.connections import Database, DatabaseOpener, open_engine
 from catalog.main import create_app
 from kit.db import make_engine
+from kit.lifespan import Parts
 
 if TYPE_CHECKING:
     from kit_testing import TokenMinter
@@ -84,13 +87,43 @@ def rollback_sessions() -> async_sessionmaker[AsyncSession]:
     )
 
 
+def joined_database(sessionmaker: async_sessionmaker[AsyncSession]) -> DatabaseOpener:
+    """The app's connections, every one of them inside the session's
+    transaction: writes, list reads and get-by-id alike."""
+
+    @contextlib.asynccontextmanager
+    async def connection() -> AsyncIterator[AsyncConnection]:
+        async with sessionmaker() as session:
+            yield await session.connection()
+
+    @contextlib.asynccontextmanager
+    async def driver_connection() -> AsyncIterator[Any]:
+        async with sessionmaker() as session:
+            raw = await (await session.connection()).get_raw_connection()
+            yield raw.driver_connection
+
+    async def open_joined(parts: Parts, settings: Settings) -> Database:
+        return Database(
+            engine=open_engine(parts, settings),
+            sessionmaker=sessionmaker,
+            reads=connection,
+            point_connections=driver_connection,
+            # the test's one connection takes one statement at a time
+            point_concurrency=1,
+        )
+
+    return open_joined
+
+
 @pytest.fixture(scope="session")
 async def app(
     settings: Settings,
     minter: TokenMinter,
     rollback_sessions: async_sessionmaker[AsyncSession],
 ) -> AsyncIterator[FastAPI]:
-    application = create_app(settings, key_source=minter.key_source, sessionmaker=rollback_sessions)
+    application = create_app(
+        settings, key_source=minter.key_source, database=joined_database(rollback_sessions)
+    )
     async with LifespanManager(application, shutdown_timeout=SHUTDOWN_TIMEOUT) as manager:
         application.state.asgi = manager.app
         yield application

@@ -17,8 +17,8 @@ from fastapi import FastAPI
 from sqlalchemy import event
 from sqlalchemy.ext.asyncio import AsyncEngine
 
-from catalog.deps import Pagination, pagination
-from catalog.paging import Sort
+from catalog.deps import pagination
+from catalog.paging import Pagination, Sort
 
 from .conftest import IMPORT_KEY
 from .factories import create_category, product_body, unique_name

@@ -5,7 +5,7 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import AsyncIterator
-from typing import Any
+from typing import Any, Generic
 
 import asyncpg
 from fastapi import Request
@@ -19,6 +19,7 @@ from sqlalchemy.ext.asyncio import (
 )
 from sqlalchemy.pool import AsyncAdaptedQueuePool, ConnectionPoolEntry
 
+from kit.lifespan import AppState, SettingsT
 from kit.pools import observe_wait
 
 logger = logging.getLogger("kit.db")
@@ -35,6 +36,14 @@ NAMING_CONVENTION = {
 
 def new_metadata() -> MetaData:
     return MetaData(naming_convention=NAMING_CONVENTION)
+
+
+class DatabaseState(AppState[SettingsT], Generic[SettingsT]):
+    """What kit reads from the state of an app that owns a database: the
+    engine (readiness, pool metrics) and the sessions (`session_dependency`)."""
+
+    engine: AsyncEngine
+    sessionmaker: async_sessionmaker[AsyncSession]
 
 
 class MeasuredPool(AsyncAdaptedQueuePool):

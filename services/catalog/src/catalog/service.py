@@ -37,12 +37,7 @@ from sqlalchemy.exc import DBAPIError, IntegrityError
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from catalog.batching import BatchedReads
-from catalog.deps import (
-    DriverConnections,
-    Pagination,
-    ProductFilters,
-    ReadConnections,
-)
+from catalog.connections import DriverConnections, ReadConnections
 from catalog.errors import (
     CategorySlugTaken,
     DatabaseUnavailable,
@@ -53,7 +48,7 @@ from catalog.errors import (
     unknown_category,
 )
 from catalog.models import Category, IdempotencyRecord, Product
-from catalog.paging import Cursor, Sort
+from catalog.paging import Cursor, Pagination, ProductFilters, Sort
 from catalog.schemas import CategoryIn, CategoryOut, ProductIn, ProductOut, ProductPage
 from kit.errors import InvalidInput, ServiceUnavailable
 
