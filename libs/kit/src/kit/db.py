@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
+from contextlib import AbstractAsyncContextManager
 from typing import Any, Generic
 
 import asyncpg
@@ -12,6 +13,7 @@ from fastapi import Request
 from sqlalchemy import MetaData, text
 from sqlalchemy.engine import make_url
 from sqlalchemy.ext.asyncio import (
+    AsyncConnection,
     AsyncEngine,
     AsyncSession,
     async_sessionmaker,
@@ -44,6 +46,16 @@ class DatabaseState(AppState[SettingsT], Generic[SettingsT]):
 
     engine: AsyncEngine
     sessionmaker: async_sessionmaker[AsyncSession]
+
+
+ReadConnections = Callable[[], AbstractAsyncContextManager[AsyncConnection]]
+"""Opens a connection for reads for the length of an `async with`."""
+
+
+def read_connections(engine: AsyncEngine) -> ReadConnections:
+    """Pooled connections outside any transaction, for reads: a read costs its
+    one round trip, where a session adds a BEGIN and a ROLLBACK around it."""
+    return engine.execution_options(isolation_level="AUTOCOMMIT").connect
 
 
 class MeasuredPool(AsyncAdaptedQueuePool):

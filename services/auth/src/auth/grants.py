@@ -31,7 +31,6 @@ from auth.errors import (
     with_oauth_error,
 )
 from auth.keys import KeyRing
-from auth.models import User
 from auth.passwords import Passwords
 from auth.schemas import MAX_PASSWORD_LENGTH, TokenRequest, login_email
 from auth.throttle import LoginThrottle
@@ -117,24 +116,6 @@ def client_scopes(scope: str | None, client: OAuthClient) -> list[str]:
     return requested
 
 
-async def password_login(
-    *,
-    session: AsyncSession,
-    passwords: Passwords,
-    throttle: LoginThrottle,
-    email: str,
-    password: str,
-    client: str,
-) -> User:
-    """The login: the attempt counted before the password is checked (see
-    throttle.py). A throttled login stays a 429 with Retry-After."""
-    async with throttle.attempt(email=email, client=client):
-        user = await service.authenticate(
-            session=session, passwords=passwords, email=email, password=password
-        )
-    return user
-
-
 async def grant(
     form: TokenRequest,
     caller: Caller,
@@ -184,7 +165,7 @@ async def grant(
     email = login_email(required(form.username, "username"))
     password = required(form.password, "password")
     check_user_scopes(form.scope)
-    user = await password_login(
+    user = await service.login(
         session=session,
         passwords=passwords,
         throttle=throttle,

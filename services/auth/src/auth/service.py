@@ -39,14 +39,16 @@ from auth.models import (
     User,
 )
 from auth.passwords import Passwords
-from auth.schemas import PASSWORD_IS_EMAIL, is_the_email, normalise_email
+from auth.schemas import PASSWORD_IS_EMAIL, UserOut, is_the_email, normalise_email
+from auth.throttle import LoginThrottle
 from auth.tokens import (
     issue_access_token,
     issue_client_token,
     new_opaque_token,
     opaque_token_hash,
 )
-from kit.errors import InvalidInput, ServiceUnavailable
+from kit.db import ReadConnections
+from kit.errors import InvalidInput, ServiceUnavailable, Unauthenticated
 from kit.security import Principal, revoke_token, revoke_user, user_revoked_before
 
 logger = logging.getLogger("auth.service")
@@ -102,6 +104,47 @@ async def get_user(*, session: AsyncSession, user_id: uuid.UUID) -> User:
     if user is None:
         raise UserNotFound
     return user
+
+
+async def current_user(*, reads: ReadConnections, principal: Principal) -> UserOut:
+    """The account a verified access token speaks for, read in one round trip
+    (no session, no transaction): it may have been disabled or deleted since
+    the token was issued."""
+    user_id = _uuid_or_none(principal.user_id)
+    row = None
+    if user_id is not None:
+        async with reads() as connection:
+            result = await connection.execute(_CURRENT_USER.where(User.id == user_id))
+            row = result.one_or_none()
+    if row is None or not row.is_active:
+        raise Unauthenticated("This account no longer exists or is disabled")
+    return UserOut.model_construct(
+        id=row.id,
+        email=row.email,
+        display_name=row.display_name,
+        roles=list(row.roles),
+        is_active=row.is_active,
+        email_verified=row.email_verified_at is not None,
+        created_at=row.created_at,
+    )
+
+
+_CURRENT_USER = select(
+    User.id,
+    User.email,
+    User.display_name,
+    User.roles,
+    User.is_active,
+    User.email_verified_at,
+    User.created_at,
+)
+
+
+def _uuid_or_none(value: str | None) -> uuid.UUID | None:
+    try:
+        return uuid.UUID(str(value))
+    except ValueError:
+        return None
 
 
 def encode_cursor(email: str) -> str:
@@ -315,6 +358,24 @@ async def authenticate(
     return user
 
 
+async def login(
+    *,
+    session: AsyncSession,
+    passwords: Passwords,
+    throttle: LoginThrottle,
+    email: str,
+    password: str,
+    client: str,
+) -> User:
+    """A password login: the attempt counted before the password is checked
+    (see throttle.py); a throttled login is RateLimited with its wait."""
+    async with throttle.attempt(email=email, client=client):
+        user = await authenticate(
+            session=session, passwords=passwords, email=email, password=password
+        )
+    return user
+
+
 async def _not_before(redis: Redis, user_id: uuid.UUID) -> float | None:
     """The user's revocation time, so a token issued in the same second is not
     caught by it. While Redis is away, the cutoff this process last mirrored:
@@ -465,10 +526,10 @@ async def blocklist(*, redis: Redis, jti: str, expires_at: int) -> None:
         raise ServiceUnavailable("Token revocation list is unreachable; retry") from error
 
 
-async def logout(
-    *, session: AsyncSession, redis: Redis, principal: Principal, family_id: uuid.UUID | None
-) -> None:
+async def logout(*, session: AsyncSession, redis: Redis, principal: Principal) -> None:
+    """Ends this access token and the login session it was issued in."""
     await blocklist(redis=redis, jti=principal.jti, expires_at=principal.expires_at)
+    family_id = _uuid_or_none(principal.session_id)
     if family_id is not None:
         await revoke_family(session=session, redis=redis, family_id=family_id)
         await session.commit()
@@ -559,6 +620,7 @@ async def reset_password(
     redis: Redis,
     passwords: Passwords,
     settings: Settings,
+    throttle: LoginThrottle,
     token: str,
     password: str,
 ) -> User:
@@ -600,6 +662,8 @@ async def reset_password(
     await _revoke_refresh_tokens(session=session, user_id=user.id)
     await session.commit()
     await _revoke_user_tokens(redis=redis, settings=settings, user_id=user.id)
+    # the owner proved who they are: failed-login counts against the account go
+    await throttle.forgive(email=user.email)
     logger.info("password reset for user %s", user.id)
     return user
 

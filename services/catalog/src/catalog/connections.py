@@ -10,19 +10,17 @@
 from __future__ import annotations
 
 from collections.abc import Awaitable, Callable
-from contextlib import AbstractAsyncContextManager
 from dataclasses import dataclass
 
-from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, AsyncSession, async_sessionmaker
+from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker
 
 from catalog.batching import Connections
 from catalog.config import Settings
 from catalog.point_pool import PointReadPool
-from kit.db import asyncpg_dsn, make_engine, make_sessionmaker
+from kit.db import ReadConnections, asyncpg_dsn, make_engine, make_sessionmaker, read_connections
 from kit.lifespan import Parts
 
-ReadConnections = Callable[[], AbstractAsyncContextManager[AsyncConnection]]
-"""Opens a connection for reads for the length of an `async with`."""
+__all__ = ["Database", "DatabaseOpener", "DriverConnections", "ReadConnections", "open_database"]
 
 DriverConnections = Connections
 """Opens a bare asyncpg connection, for the hottest point reads."""
@@ -67,7 +65,7 @@ async def open_database(parts: Parts, settings: Settings) -> Database:
     return Database(
         engine=engine,
         sessionmaker=make_sessionmaker(engine),
-        reads=engine.execution_options(isolation_level="AUTOCOMMIT").connect,
+        reads=read_connections(engine),
         point_connections=point_pool.acquire,
         point_concurrency=settings.point_read_pool_size,
         point_pool=point_pool,
