@@ -107,7 +107,7 @@ def joined_database(sessionmaker: async_sessionmaker[AsyncSession]) -> DatabaseO
             engine=open_engine(parts, settings),
             sessionmaker=sessionmaker,
             reads=connection,
-            point_connections=driver_connection,
+            driver_connections=driver_connection,
             # the test's one connection takes one statement at a time
             point_concurrency=1,
         )

@@ -13,7 +13,7 @@ from fastapi.openapi.models import OAuthFlowClientCredentials, OAuthFlows
 from fastapi.security import APIKeyHeader, OAuth2
 from sqlalchemy.ext.asyncio import AsyncSession
 
-from catalog.batching import BatchedReads
+from catalog.batching import BatchedReads, SharedReads
 from catalog.config import Settings
 from catalog.connections import ReadConnections
 from catalog.errors import ImportDisabled, MissingImportScope
@@ -46,6 +46,14 @@ async def get_reads(request: Request) -> ReadConnections:
 
 
 ReadsDep = Annotated[ReadConnections, Depends(get_reads)]
+
+
+async def get_list_reads(request: Request) -> SharedReads:
+    list_reads: SharedReads = request.state.list_reads
+    return list_reads
+
+
+ListReadsDep = Annotated[SharedReads, Depends(get_list_reads)]
 
 
 async def get_settings(request: Request) -> Settings:

@@ -10,7 +10,7 @@ from redis.asyncio import Redis
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
 from catalog import service
-from catalog.batching import BatchedReads
+from catalog.batching import BatchedReads, SharedReads
 from catalog.config import Settings
 from catalog.connections import DatabaseOpener, ReadConnections, open_database
 from catalog.errors import DatabaseUnavailable
@@ -28,6 +28,7 @@ logger = logging.getLogger("catalog")
 class State(DatabaseState[Settings]):
     redis: Redis
     reads: ReadConnections
+    list_reads: SharedReads
     point_reads: BatchedReads
     point_pool: PointReadPool | None
 
@@ -53,8 +54,9 @@ async def open_parts(
     db = await database(parts, settings)
     redis = open_redis(parts, settings)
     verifier = await open_verifier(parts, settings, redis=redis, keys=key_source)
-    point_reads = service.product_reads(db.point_connections, max_in_flight=db.point_concurrency)
+    point_reads = service.product_reads(db.driver_connections, max_in_flight=db.point_concurrency)
     parts.add(point_reads, BatchedReads.aclose)
+    list_reads = parts.add(service.list_reads(db.driver_connections), SharedReads.aclose)
     parts.task(
         purge_idempotency_keys(db.sessionmaker, settings.idempotency_purge_interval_seconds),
         name="purge idempotency keys",
@@ -66,6 +68,7 @@ async def open_parts(
         sessionmaker=db.sessionmaker,
         redis=redis,
         reads=db.reads,
+        list_reads=list_reads,
         point_reads=point_reads,
         point_pool=db.point_pool,
     )
