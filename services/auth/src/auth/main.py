@@ -20,16 +20,11 @@ from auth.router import router
 from auth.throttle import LoginThrottle
 from auth.verification import router as verification_router
 from kit.app import assemble
-from kit.db import (
-    DatabaseState,
-    ReadConnections,
-    check_database,
-    make_engine,
-    make_sessionmaker,
-    read_connections,
-)
+from kit.batching import BatchedReads
+from kit.db import DatabaseState, asyncpg_dsn, check_database, make_engine, make_sessionmaker
 from kit.health import check_redis, check_revocations
 from kit.lifespan import Parts, lifespan, open_redis, open_verifier
+from kit.point_pool import PointReadPool
 from kit.security import KeySource
 
 logger = logging.getLogger("auth.main")
@@ -38,7 +33,8 @@ STARTUP_RETRY_MAX_SECONDS = 10.0
 
 class State(DatabaseState[Settings]):
     redis: Redis
-    reads: ReadConnections
+    point_pool: PointReadPool
+    user_reads: BatchedReads
     key_ring: KeyRing
     passwords: Passwords
     throttle: LoginThrottle
@@ -87,6 +83,12 @@ async def check_bootstrap(request: Request) -> None:
 async def open_parts(parts: Parts, settings: Settings, *, key_source: KeySource | None) -> State:
     engine = parts.add(make_engine(str(settings.database_url)), AsyncEngine.dispose)
     sessionmaker = make_sessionmaker(engine)
+    point_pool = PointReadPool(
+        asyncpg_dsn(str(settings.database_url)), max_size=settings.point_read_pool_size
+    )
+    parts.add(point_pool, PointReadPool.close)
+    user_reads = service.user_reads(point_pool.acquire, max_in_flight=settings.point_read_pool_size)
+    parts.add(user_reads, BatchedReads.aclose)
     redis = open_redis(parts, settings)
     key_ring = KeyRing(sessionmaker=sessionmaker, settings=settings)
     passwords = Passwords.from_settings(settings)
@@ -102,7 +104,8 @@ async def open_parts(parts: Parts, settings: Settings, *, key_source: KeySource 
         verifier=verifier,
         engine=engine,
         sessionmaker=sessionmaker,
-        reads=read_connections(engine),
+        point_pool=point_pool,
+        user_reads=user_reads,
         redis=redis,
         key_ring=key_ring,
         passwords=passwords,

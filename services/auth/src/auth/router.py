@@ -14,11 +14,11 @@ from auth.deps import (
     ClientAddress,
     KeyRingDep,
     PasswordsDep,
-    ReadsDep,
     RedisDep,
     SessionDep,
     SettingsDep,
     ThrottleDep,
+    UserReadsDep,
 )
 from auth.errors import InvalidRefreshToken
 from auth.grants import check_form, grant, oauth_errors
@@ -228,8 +228,8 @@ async def reset_password(
 
 
 @router.get("/users/me", response_model=UserOut, summary="The caller's account")
-async def me(principal: CurrentPrincipal, reads: ReadsDep) -> Response:
-    user = await service.current_user(reads=reads, principal=principal)
+async def me(principal: CurrentPrincipal, user_reads: UserReadsDep) -> Response:
+    user = await service.current_user(reads=user_reads, principal=principal)
     return Response(user.model_dump_json(), media_type="application/json")
 
 

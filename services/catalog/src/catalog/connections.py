@@ -4,8 +4,8 @@
 - `reads`: pooled connections for the other reads (categories), outside any
   transaction, so a read costs one round trip;
 - `driver_connections`: bare asyncpg connections from a lean pool of their
-  own (point_pool.py), for the two hot reads: get-by-id, which the service
-  batches on them (batching.py), and the product list. On these a read runs
+  own (kit.point_pool), for the two hot reads: get-by-id, which the service
+  batches on them (kit.batching), and the product list. On these a read runs
   SQL compiled once from SQLAlchemy Core, prepared once per connection, with
   no result layer: SQLAlchemy's costs a list page three to four times the CPU
   of the driver's fetch.
@@ -18,11 +18,10 @@ from dataclasses import dataclass
 
 from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker
 
-from catalog.batching import Connections
 from catalog.config import Settings
-from catalog.point_pool import PointReadPool
 from kit.db import ReadConnections, asyncpg_dsn, make_engine, make_sessionmaker, read_connections
 from kit.lifespan import Parts
+from kit.point_pool import Connections, PointReadPool
 
 __all__ = ["Database", "DatabaseOpener", "DriverConnections", "ReadConnections", "open_database"]
 

@@ -13,12 +13,12 @@ from fastapi.openapi.models import OAuthFlowClientCredentials, OAuthFlows
 from fastapi.security import APIKeyHeader, OAuth2
 from sqlalchemy.ext.asyncio import AsyncSession
 
-from catalog.batching import BatchedReads, SharedReads
 from catalog.config import Settings
 from catalog.connections import ReadConnections
 from catalog.errors import ImportDisabled, MissingImportScope
 from catalog.paging import Cursor, Pagination, ProductFilters, Sort
 from catalog.schemas import Slug, Tag
+from kit.batching import BatchedReads, SharedReads
 from kit.db import session_dependency
 from kit.errors import InvalidInput, Unauthenticated
 from kit.security import TokenVerifier, bearer_from_headers

@@ -10,16 +10,16 @@ from redis.asyncio import Redis
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
 from catalog import service
-from catalog.batching import BatchedReads, SharedReads
 from catalog.config import Settings
 from catalog.connections import DatabaseOpener, ReadConnections, open_database
 from catalog.errors import DatabaseUnavailable
-from catalog.point_pool import PointReadPool
 from catalog.router import router
 from kit.app import assemble
+from kit.batching import BatchedReads, SharedReads
 from kit.db import DatabaseState, check_database
 from kit.health import VERIFIER_CHECKS
 from kit.lifespan import Parts, lifespan, open_redis, open_verifier
+from kit.point_pool import PointReadPool
 from kit.security import KeySource
 
 logger = logging.getLogger("catalog")

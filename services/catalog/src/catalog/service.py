@@ -37,7 +37,6 @@ from sqlalchemy.dialects.postgresql import insert as pg_insert
 from sqlalchemy.exc import DBAPIError, IntegrityError
 from sqlalchemy.ext.asyncio import AsyncSession
 
-from catalog.batching import BatchedReads, SharedReads
 from catalog.connections import DriverConnections, ReadConnections
 from catalog.errors import (
     CategorySlugTaken,
@@ -59,6 +58,7 @@ from catalog.schemas import (
     ProductRecord,
     price_with_tax,
 )
+from kit.batching import BatchedReads, SharedReads
 from kit.errors import InvalidInput, ServiceUnavailable
 
 logger = logging.getLogger("catalog.service")
@@ -195,7 +195,7 @@ async def _category(
 
 # The hot read runs on the driver itself: SQL compiled once from the Core
 # statement, prepared once per connection, no session, no result layer; and
-# reads that arrive together share one statement (see batching.py).
+# reads that arrive together share one statement (see kit.batching).
 _PRODUCTS_BY_ID_SQL = str(
     _product_query()
     .where(Product.id == any_(bindparam("ids", type_=ARRAY(Product.id.type))))
@@ -281,7 +281,7 @@ def list_reads(connections: DriverConnections) -> SharedReads:
 
 async def list_products(*, reads: SharedReads, filters: ProductFilters, page: Pagination) -> bytes:
     """A page of products, serialised (a `ProductPage`): concurrent identical
-    lists share one read and one serialisation (see batching.SharedReads)."""
+    lists share one read and one serialisation (see kit.batching.SharedReads)."""
     values = _filter_values(filters)
     values["limit"] = page.limit + 1
     if page.cursor is not None:

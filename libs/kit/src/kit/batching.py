@@ -1,6 +1,7 @@
-"""Concurrent reads answered together: get-by-id's, one statement per batch
-(`BatchedReads`), and identical list reads, one statement for all
-(`SharedReads`).
+"""Concurrent reads answered together, on kit.point_pool's connections: reads
+by key, one statement per batch (`BatchedReads`: catalog's get-by-id, auth's
+current user), and identical reads, one statement for all (`SharedReads`:
+catalog's list).
 
 Under load most of a point read's cost is the round trip, not the row: the
 statement's bind and send, the wake-up when the answer arrives, a connection
@@ -25,15 +26,12 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections.abc import Callable, Hashable
-from contextlib import AbstractAsyncContextManager
 from typing import Any, TypeVar
 
-from catalog.point_pool import DISCONNECTED, PoolClosed
+from kit.point_pool import DISCONNECTED, Connections, PoolClosed
 
-logger = logging.getLogger("catalog.batching")
+logger = logging.getLogger("kit.batching")
 
-Connections = Callable[[], AbstractAsyncContextManager[Any]]
-"""Opens a bare asyncpg connection for the length of an `async with`."""
 Futures = list[asyncio.Future[Any]]
 T = TypeVar("T")
 

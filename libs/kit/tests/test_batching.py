@@ -12,15 +12,20 @@ from collections.abc import AsyncIterator, Sequence
 import asyncpg
 import pytest
 
-from catalog.batching import BatchedReads, SharedReads
-from catalog.point_pool import PointReadPool, PoolClosed
+from kit.batching import BatchedReads, SharedReads
 from kit.db import asyncpg_dsn
+from kit.point_pool import PointReadPool, PoolClosed
 
 DOUBLES = "SELECT key, key * 2 AS double FROM unnest($1::int[]) AS key WHERE key >= 0"
 
 
 class Lost(Exception):
     pass
+
+
+@pytest.fixture
+def database_url(postgres_server_url: str) -> str:
+    return f"{postgres_server_url}/test"
 
 
 @pytest.fixture
@@ -134,7 +139,7 @@ async def test_a_lost_connection_is_retried_once_on_a_new_one(
             )
     finally:
         await admin.close()
-    with caplog.at_level(logging.WARNING, logger="catalog.batching"):
+    with caplog.at_level(logging.WARNING, logger="kit.batching"):
         assert (await read)["double"] == 14
     assert reads.batches == 2
     assert "database connection lost" in caplog.text
