@@ -116,6 +116,20 @@ def client_scopes(scope: str | None, client: OAuthClient) -> list[str]:
     return requested
 
 
+def grant_type_of(form: TokenRequest) -> str:
+    grant_type = form.grant_type
+    if not grant_type and form.username is not None:
+        # this endpoint always took the password form without grant_type (as
+        # FastAPI's OAuth2PasswordRequestForm does); clients that omit it keep working
+        grant_type = "password"
+    grant_type = required(grant_type, "grant_type")
+    if grant_type not in GRANT_TYPES:
+        raise UnsupportedGrantType(
+            f"grant_type {grant_type!r} is not supported; use one of {', '.join(GRANT_TYPES)}"
+        )
+    return grant_type
+
+
 async def grant(
     form: TokenRequest,
     caller: Caller,
@@ -128,16 +142,7 @@ async def grant(
     throttle: LoginThrottle,
     client_address: str,
 ) -> service.IssuedTokens:
-    grant_type = form.grant_type
-    if not grant_type and form.username is not None:
-        # this endpoint always took the password form without grant_type (as
-        # FastAPI's OAuth2PasswordRequestForm does); clients that omit it keep working
-        grant_type = "password"
-    grant_type = required(grant_type, "grant_type")
-    if grant_type not in GRANT_TYPES:
-        raise UnsupportedGrantType(
-            f"grant_type {grant_type!r} is not supported; use one of {', '.join(GRANT_TYPES)}"
-        )
+    grant_type = grant_type_of(form)
     if grant_type == "client_credentials":
         if caller.config is None or caller.client_id is None:
             raise InvalidClient("client_credentials needs a confidential client's credentials")

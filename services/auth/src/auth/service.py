@@ -258,31 +258,13 @@ async def ensure_admin(
     email = normalise_email(settings.admin_email)
     configured = settings.admin_password
     password = secrets.token_urlsafe(18) if configured is None else configured.get_secret_value()
-    now = datetime.now(UTC)
     async with sessionmaker() as session:
-        created = await session.scalar(
-            insert(User)
-            .values(
-                id=uuid.uuid4(),
-                email=email,
-                display_name="Administrator",
-                password_hash=await passwords.hash(password),
-                roles=[ROLE_ADMIN, ROLE_USER],
-                email_verified_at=now,
-            )
-            .on_conflict_do_nothing(index_elements=[User.email])
-            .returning(User.id)
+        created, existing = await _create_or_promote_admin(
+            session, email=email, password_hash=await passwords.hash(password)
         )
-        existing = None
-        if created is None:
-            existing = await session.scalar(select(User).where(User.email == email))
-            if existing is not None:
-                if ROLE_ADMIN not in existing.roles:
-                    existing.roles = [*existing.roles, ROLE_ADMIN]
-                existing.email_verified_at = existing.email_verified_at or now
         await session.commit()
     change = f"docker compose run --rm auth python -m auth.admin set-password {email}"
-    if created is not None and configured is None:
+    if created and configured is None:
         logger.warning(
             "created the admin account %s with a generated password, shown only this once: "
             "%s (change it with: %s)",
@@ -290,7 +272,7 @@ async def ensure_admin(
             password,
             change,
         )
-    elif created is not None:
+    elif created:
         logger.info("created the admin account %s", email)
     elif (
         existing is not None
@@ -305,6 +287,36 @@ async def ensure_admin(
         )
     else:
         logger.info("admin account %s ensured", email)
+
+
+async def _create_or_promote_admin(
+    session: AsyncSession, *, email: str, password_hash: str
+) -> tuple[bool, User | None]:
+    """Creates the admin account, or makes the existing account of that email
+    an admin with a verified address. Whether it was created, and the
+    existing account if not."""
+    now = datetime.now(UTC)
+    created = await session.scalar(
+        insert(User)
+        .values(
+            id=uuid.uuid4(),
+            email=email,
+            display_name="Administrator",
+            password_hash=password_hash,
+            roles=[ROLE_ADMIN, ROLE_USER],
+            email_verified_at=now,
+        )
+        .on_conflict_do_nothing(index_elements=[User.email])
+        .returning(User.id)
+    )
+    if created is not None:
+        return True, None
+    existing = await session.scalar(select(User).where(User.email == email))
+    if existing is not None:
+        if ROLE_ADMIN not in existing.roles:
+            existing.roles = [*existing.roles, ROLE_ADMIN]
+        existing.email_verified_at = existing.email_verified_at or now
+    return False, existing
 
 
 async def find_user(*, session: AsyncSession, email: str) -> User:
@@ -646,21 +658,7 @@ async def reset_password(
     usually means the old password was lost or stolen.
     """
     now = datetime.now(UTC)
-    reset = await session.scalar(
-        select(PasswordReset)
-        .where(PasswordReset.token_hash == opaque_token_hash(token))
-        .with_for_update()
-    )
-    user = None if reset is None else await session.get(User, reset.user_id)
-    if (
-        reset is None
-        or user is None
-        or reset.used_at is not None
-        or reset.expires_at <= now
-        or not user.is_active
-    ):
-        await session.rollback()
-        raise InvalidResetToken
+    user = await _reset_holder(session, token=token, now=now)
     if is_the_email(password, user.email):
         await session.rollback()
         raise InvalidInput(
@@ -679,6 +677,27 @@ async def reset_password(
     # the owner proved who they are: failed-login counts against the account go
     await throttle.forgive(email=user.email)
     logger.info("password reset for user %s", user.id)
+    return user
+
+
+async def _reset_holder(session: AsyncSession, *, token: str, now: datetime) -> User:
+    """The active account a live, unused reset token belongs to, the token
+    locked until the transaction ends; else InvalidResetToken."""
+    reset = await session.scalar(
+        select(PasswordReset)
+        .where(PasswordReset.token_hash == opaque_token_hash(token))
+        .with_for_update()
+    )
+    user = None if reset is None else await session.get(User, reset.user_id)
+    if (
+        reset is None
+        or user is None
+        or reset.used_at is not None
+        or reset.expires_at <= now
+        or not user.is_active
+    ):
+        await session.rollback()
+        raise InvalidResetToken
     return user
 
 
