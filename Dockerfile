@@ -1,12 +1,13 @@
-# The image of a service: auth, catalog or chat, named by PACKAGE. Build from
-# the repository root:
-#   docker build -f services/Dockerfile --build-arg PACKAGE=catalog .
-# (The gateway has its own: it is the edge, and trusts no forwarded headers.)
+# Every image of the project, built from the repository root. PACKAGE names
+# the workspace member, SOURCE its folder; the target picks how it runs:
+#   docker build --build-arg PACKAGE=catalog --target service .   (auth, catalog, chat)
+#   docker build --build-arg PACKAGE=gateway --build-arg SOURCE=gateway --target gateway .
 ARG PYTHON_IMAGE=python:3.12-slim
 
 FROM ${PYTHON_IMAGE} AS build
 ARG PACKAGE
-RUN test -n "${PACKAGE}" || { echo "set PACKAGE: auth, catalog or chat" >&2; exit 1; }
+ARG SOURCE=services/${PACKAGE}
+RUN test -n "${PACKAGE}" || { echo "set PACKAGE: auth, catalog, chat or gateway" >&2; exit 1; }
 RUN --mount=type=cache,target=/root/.cache/pip python3 -m pip install "uv==0.13.9"
 ENV UV_COMPILE_BYTECODE=1 \
     UV_LINK_MODE=copy \
@@ -26,25 +27,43 @@ COPY gateway/pyproject.toml gateway/
 RUN --mount=type=cache,target=/root/.cache/uv \
     uv sync --frozen --no-dev --no-install-workspace --package ${PACKAGE}
 COPY libs/kit libs/kit
-COPY services/${PACKAGE} services/${PACKAGE}
+COPY ${SOURCE} ${SOURCE}
 RUN --mount=type=cache,target=/root/.cache/uv \
     uv sync --frozen --no-dev --no-editable --package ${PACKAGE}
 
 FROM ${PYTHON_IMAGE} AS runtime
-ARG PACKAGE
 RUN groupadd --system --gid 10001 app \
  && useradd --system --uid 10001 --gid app --no-create-home --home-dir /app app
 COPY --from=build /app/.venv /app/.venv
-COPY services/${PACKAGE}/alembic.ini /app/alembic.ini
-COPY services/${PACKAGE}/migrations /app/migrations
 ENV PATH=/app/.venv/bin:$PATH \
     PYTHONUNBUFFERED=1 \
-    PYTHONDONTWRITEBYTECODE=1 \
-    PACKAGE=${PACKAGE}
+    PYTHONDONTWRITEBYTECODE=1
 WORKDIR /app
-USER app
 EXPOSE 8000
+
+# auth, catalog, chat: their migrations beside them (the migrate step runs
+# `alembic upgrade head` in this image). They sit behind the gateway, whose
+# X-Forwarded-For they take for the caller's address.
+FROM runtime AS service
+ARG PACKAGE
+ARG SOURCE=services/${PACKAGE}
+COPY ${SOURCE}/alembic.ini /app/alembic.ini
+COPY ${SOURCE}/migrations /app/migrations
+ENV PACKAGE=${PACKAGE}
+USER app
 # uvicorn[standard]: httptools and uvloop; SIGTERM drains in-flight requests
 # and closes WebSockets with 1012 before the process exits. `exec`: uvicorn
 # replaces the shell (which only names the package), so it gets the signals.
 CMD ["sh", "-c", "exec uvicorn \"${PACKAGE}.main:create_app\" --factory --host 0.0.0.0 --port 8000 --proxy-headers --forwarded-allow-ips '*' --timeout-graceful-shutdown 10"]
+
+# The gateway is the edge: it does not take X-Forwarded-* from clients (they
+# could pick their own address and dodge the per-address rate limit); set
+# TRUST_FORWARDED_HEADERS and uvicorn's --forwarded-allow-ips only behind a
+# proxy of your own. `--http gateway.edge:EdgeHttpProtocol`: httptools with
+# the edge's guards (head deadline, body idle timeout, head size, connections
+# per address).
+FROM runtime AS gateway
+USER app
+CMD ["uvicorn", "gateway.main:create_app", "--factory", "--host", "0.0.0.0", "--port", "8000", \
+     "--http", "gateway.edge:EdgeHttpProtocol", \
+     "--no-proxy-headers", "--timeout-graceful-shutdown", "10"]
