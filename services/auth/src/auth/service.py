@@ -10,7 +10,7 @@ import uuid
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
-from typing import Any
+from typing import Any, TypeVar
 
 from redis.asyncio import Redis
 from redis.exceptions import RedisError
@@ -49,7 +49,7 @@ from auth.tokens import (
     opaque_token_hash,
 )
 from kit.batching import BatchedReads
-from kit.errors import InvalidInput, ServiceUnavailable, Unauthenticated
+from kit.errors import DomainError, InvalidInput, ServiceUnavailable, Unauthenticated
 from kit.point_pool import Connections
 from kit.security import Principal, revoke_token, revoke_user, user_revoked_before
 
@@ -658,7 +658,9 @@ async def reset_password(
     usually means the old password was lost or stolen.
     """
     now = datetime.now(UTC)
-    user = await _reset_holder(session, token=token, now=now)
+    user = await _token_holder(
+        session, PasswordReset, token=token, now=now, refused=InvalidResetToken
+    )
     if is_the_email(password, user.email):
         await session.rollback()
         raise InvalidInput(
@@ -680,24 +682,33 @@ async def reset_password(
     return user
 
 
-async def _reset_holder(session: AsyncSession, *, token: str, now: datetime) -> User:
-    """The active account a live, unused reset token belongs to, the token
-    locked until the transaction ends; else InvalidResetToken."""
-    reset = await session.scalar(
-        select(PasswordReset)
-        .where(PasswordReset.token_hash == opaque_token_hash(token))
-        .with_for_update()
+OneTimeToken = TypeVar("OneTimeToken", PasswordReset, EmailVerification)
+
+
+async def _token_holder(
+    session: AsyncSession,
+    model: type[OneTimeToken],
+    *,
+    token: str,
+    now: datetime,
+    refused: type[DomainError],
+) -> User:
+    """The active account a live, unused one-time token (a password reset, an
+    email verification) belongs to, the token locked until the transaction
+    ends; else `refused`."""
+    row = await session.scalar(
+        select(model).where(model.token_hash == opaque_token_hash(token)).with_for_update()
     )
-    user = None if reset is None else await session.get(User, reset.user_id)
+    user = None if row is None else await session.get(User, row.user_id)
     if (
-        reset is None
+        row is None
         or user is None
-        or reset.used_at is not None
-        or reset.expires_at <= now
+        or row.used_at is not None
+        or row.expires_at <= now
         or not user.is_active
     ):
         await session.rollback()
-        raise InvalidResetToken
+        raise refused
     return user
 
 
@@ -736,21 +747,9 @@ async def verify_email(*, session: AsyncSession, token: str) -> User:
     of the user is spent with it. New access tokens (a refresh or a login)
     then carry `email_verified: true`."""
     now = datetime.now(UTC)
-    verification = await session.scalar(
-        select(EmailVerification)
-        .where(EmailVerification.token_hash == opaque_token_hash(token))
-        .with_for_update()
+    user = await _token_holder(
+        session, EmailVerification, token=token, now=now, refused=InvalidVerificationToken
     )
-    user = None if verification is None else await session.get(User, verification.user_id)
-    if (
-        verification is None
-        or user is None
-        or verification.used_at is not None
-        or verification.expires_at <= now
-        or not user.is_active
-    ):
-        await session.rollback()
-        raise InvalidVerificationToken
     user.email_verified_at = user.email_verified_at or now
     await session.execute(
         update(EmailVerification)
