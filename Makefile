@@ -9,7 +9,7 @@ UV := $(shell command -v uv 2>/dev/null || echo "python3 -m uv")
 RUN := $(UV) run --frozen
 SERVICES := auth catalog chat
 SOURCES := libs/kit/src/kit libs/kit-testing/src/kit_testing services/auth/src/auth services/catalog/src/catalog services/chat/src/chat gateway/src/gateway
-TESTS := libs/kit/tests services/auth/tests services/catalog/tests services/chat/tests gateway/tests tests/config
+TESTS := libs/kit/tests services/auth/tests services/catalog/tests services/chat/tests gateway/tests tests/config tests/deploy
 WEB := gateway/src/gateway/web
 # Debian packages, installed only when missing (CI runs as root on Debian)
 APT_INSTALL := DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends
@@ -17,7 +17,7 @@ BACKUP_DIR ?= backups
 
 .PHONY: help
 help: ## List the targets
-	@grep -E '^[a-z0-9-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-10s %s\n", $$1, $$2}'
+	@grep -E '^[a-z0-9-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-13s %s\n", $$1, $$2}'
 
 .PHONY: install
 install: ## Install uv, Node and npm (if missing), every package into .venv, the npm test tools
@@ -66,8 +66,12 @@ tools: ## promtool (from Debian's prometheus package) into .tools/bin, if missin
 e2e: install browser tools ## The compose stack through the gateway, the web client in Chromium, the observability profile's files
 	@PROMTOOL=$(PROMTOOL) $(RUN) pytest -q tests/e2e
 
+.PHONY: swarm-test
+swarm-test: install ## The stack on a single-node swarm: journey, a killed task, scaling, a rolling update
+	@$(RUN) pytest -q tests/swarm
+
 .PHONY: test
-test: check unit e2e ## Everything CI runs: lint, types, unit and end-to-end tests
+test: check unit e2e swarm-test ## Everything CI runs: lint, types, unit, end-to-end and swarm tests
 
 .PHONY: up
 up: ## Start the stack with three chat replicas
@@ -89,6 +93,26 @@ backup: ## Dump every service database to backups/<UTC time>/ (BACKUP_DIR=...)
 restore: ## Replace every service database with a backup: make restore BACKUP=<dir>
 	@test -n "$(BACKUP)" || { echo "usage: make restore BACKUP=$(BACKUP_DIR)/<UTC time>" >&2; exit 2; }
 	@sh ops/restore.sh "$(BACKUP)"
+
+.PHONY: build
+build: ## Build every service image, tagged TAG (dev unless set)
+	docker compose build auth catalog chat gateway
+
+.PHONY: push
+push: build ## Tag and push every image: make push REGISTRY=host[:port][/path] [TAG=...] [DRY_RUN=1]
+	@sh deploy/swarm/push.sh
+
+.PHONY: swarm-up
+swarm-up: ## Build, make a single-node swarm if there is none, deploy the stack STACK (bazaar)
+	@sh deploy/swarm/up.sh
+
+.PHONY: swarm-down
+swarm-down: ## Remove the stack, keep its volumes and secrets; leave the swarm if swarm-up made it
+	@sh deploy/swarm/down.sh
+
+.PHONY: swarm-destroy
+swarm-destroy: ## Remove the stack and DELETE its volumes and secrets
+	@SWARM_DESTROY=1 sh deploy/swarm/down.sh
 
 .PHONY: logs
 logs: ## Follow the stack's logs

@@ -52,6 +52,10 @@ for service in auth catalog chat; do
   put "/secrets/$service/redis-password" "$redis_password"
 done
 put /secrets/gateway/redis-password "$redis_password"
+# Grafana's admin (the observability profile): its image reads
+# GF_SECURITY_ADMIN_PASSWORD__FILE
+put /secrets/grafana/admin-password \
+  "$(choose "${GRAFANA_ADMIN_PASSWORD:-}" /secrets/grafana/admin-password)"
 
 # The official redis image's /data already belongs to redis; a volume first
 # mounted by an image whose /data is root's does not.

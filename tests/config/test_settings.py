@@ -1,9 +1,11 @@
-"""`.env.example`, the settings classes and compose.yaml agree.
+"""`.env.example`, the settings classes, compose.yaml and the swarm stack
+file agree.
 
 Every field of every service's settings is documented; everything documented
-is read by a service or by compose itself; the documented values are the
-defaults of both the classes and compose; and every setting a service reads
-reaches its containers from the environment (or a `.env`).
+is read by a service, by compose or by the stack file; the documented values
+are the defaults of the classes, compose and the stack; every setting a
+service reads reaches its containers from the environment (or a `.env`),
+under compose and on a swarm alike.
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import yaml
 from pydantic_settings import BaseSettings
 
 from auth.config import Settings as AuthSettings
@@ -25,6 +28,7 @@ from gateway.config import Settings as GatewaySettings
 from kit.migrations import MigrationSettings
 
 ROOT = Path(__file__).resolve().parents[2]
+STACK_FILE = ROOT / "deploy" / "swarm" / "stack.yaml"
 SERVICES: dict[str, type[BaseSettings]] = {
     "auth": AuthSettings,
     "catalog": CatalogSettings,
@@ -72,6 +76,10 @@ def compose_variables() -> set[str]:
     return set(re.findall(r"\$\{([A-Z][A-Z0-9_]*)", (ROOT / "compose.yaml").read_text()))
 
 
+def stack_variables() -> set[str]:
+    return set(re.findall(r"\$\{([A-Z][A-Z0-9_]*)", STACK_FILE.read_text()))
+
+
 def service_fields() -> set[str]:
     return set().union(*(fields(settings) for settings in SERVICES.values()))
 
@@ -81,7 +89,14 @@ def test_every_setting_is_documented() -> None:
 
 
 def test_everything_documented_is_read_by_a_service_or_by_compose() -> None:
-    assert set(documented()) - service_fields() - compose_variables() == set()
+    read = service_fields() | compose_variables() | stack_variables()
+    assert set(documented()) - read == set()
+
+
+def test_every_variable_the_stack_file_reads_is_documented() -> None:
+    # set by `make swarm-up` itself: a new one at every deploy
+    internal = {"DEPLOY_ID"}
+    assert stack_variables() - set(documented()) - internal == set()
 
 
 @pytest.fixture
@@ -164,3 +179,81 @@ def test_compose_runs_with_the_documented_values(tmp_path: Path) -> None:
             passed = service in ONLY_FOR.get(name, {service})
             if value is not None and passed and name in fields(settings) - THROUGH_SETUP:
                 assert environment[name] == value, f"{service}: {name}"
+
+
+# On a swarm, secrets are Docker secrets read from files (no secret in the
+# stack file or `docker service inspect`), and the gateway reaches replicas
+# through tasks.<service>; everything else is the same as under compose.
+SWARM_SECRETS = {"ADMIN_PASSWORD", "SIGNING_KEY"}
+SWARM_FILES = {
+    "REDIS_PASSWORD_FILE": "/run/secrets/redis-password",
+    "DATABASE_PASSWORD_FILE": "/run/secrets/database-password",
+    "DATABASE_SUPERUSER_PASSWORD_FILE": "/run/secrets/superuser-password",
+    "ADMIN_PASSWORD_FILE": "/run/secrets/admin-password",
+    "SIGNING_KEY_FILE": "/run/secrets/signing-key",
+}
+SWARM_UPSTREAMS = {
+    "AUTH_UPSTREAM": "http://tasks.auth:8000",
+    "CATALOG_UPSTREAM": "http://tasks.catalog:8000",
+    "CHAT_UPSTREAM": "http://tasks.chat:8000",
+}
+
+
+def stack_environments(values: dict[str, str]) -> dict[str, dict[str, str]]:
+    """`docker stack config` of the stack file with these variables only
+    (it reads the process environment; it needs no swarm)."""
+    clean = {name: os.environ[name] for name in ("PATH", "HOME") if name in os.environ}
+    done = subprocess.run(
+        ["docker", "stack", "config", "-c", str(STACK_FILE)],
+        cwd=ROOT,
+        env={**clean, **values},
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    services: dict[str, dict[str, Any]] = yaml.safe_load(done.stdout)["services"]
+    return {name: service.get("environment") or {} for name, service in services.items()}
+
+
+def test_every_setting_reaches_the_swarm_services_that_read_it() -> None:
+    overridable = {
+        name for name, value in documented().items() if value is not None
+    } & service_fields()
+
+    environments = stack_environments({name: f"changed-{name}" for name in overridable})
+
+    missing = []
+    for service, settings in SERVICES.items():
+        environment = environments[service]
+        for name in sorted(fields(settings) - DERIVED):
+            if service not in ONLY_FOR.get(name, {service}):
+                reached = name not in environment
+            elif name in THROUGH_SETUP or name in SWARM_SECRETS:
+                reached = name not in environment and f"{name}_FILE" in environment
+            elif name in SWARM_FILES:  # auth's own SIGNING_KEY_FILE: the secret's path
+                reached = environment.get(name) == SWARM_FILES[name]
+            elif name in overridable:
+                reached = environment.get(name) == f"changed-{name}"
+            else:
+                reached = name in environment or f"{name}_FILE" in environment
+            if not reached:
+                missing.append(f"{service}: {name}")
+    assert missing == []
+
+
+def test_the_stack_runs_with_what_compose_runs_with(tmp_path: Path) -> None:
+    empty = tmp_path / "empty.env"
+    empty.write_text("")
+    compose = resolved_environments(empty)
+
+    stack = stack_environments({})
+
+    for service in SERVICES:
+        expected = {
+            name: SWARM_FILES.get(name, SWARM_UPSTREAMS.get(name, str(value)))
+            for name, value in compose[service].items()
+            if name not in SWARM_SECRETS
+        }
+        for name in SWARM_SECRETS & set(compose[service]):
+            expected[f"{name}_FILE"] = SWARM_FILES[f"{name}_FILE"]
+        assert {k: str(v) for k, v in stack[service].items()} == expected, service

@@ -7,7 +7,6 @@ test can check that nothing was lost, reordered or delivered twice."""
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import json
 import time
 import uuid
@@ -35,6 +34,11 @@ class ChatClient:
     close_codes: list[int | None] = field(default_factory=list)
     messages: list[dict[str, Any]] = field(default_factory=list)
     duplicates: list[int] = field(default_factory=list)
+    # a re-sent client_id the server had stored already comes back as the
+    # stored message again: the sender's acknowledgement, not a second delivery
+    reacknowledged: list[int] = field(default_factory=list)
+    sends: dict[str, int] = field(default_factory=dict)
+    stored: dict[str, int] = field(default_factory=dict)
     gaps: list[tuple[int, int]] = field(default_factory=list)
     unacked: dict[str, str] = field(default_factory=dict)
     connected: asyncio.Event = field(default_factory=asyncio.Event)
@@ -78,8 +82,11 @@ class ChatClient:
         if self.socket is None:
             return
         frame = json.dumps({"type": "message", "text": text, "client_id": client_id})
-        with contextlib.suppress(ConnectionClosed):  # re-sent after the reconnection
+        try:
             await self.socket.send(frame)
+        except ConnectionClosed:
+            return  # re-sent after the reconnection
+        self.sends[client_id] = self.sends.get(client_id, 0) + 1
 
     async def run(self) -> None:
         """Reads frames forever, reconnecting with `since` whenever the socket closes."""
@@ -105,12 +112,18 @@ class ChatClient:
             return
         message_id = frame["id"]
         if message_id <= self.last_id:
-            self.duplicates.append(message_id)
+            client_id = frame.get("client_id") or ""
+            if self.sends.get(client_id, 0) > 1 and self.stored.get(client_id) == message_id:
+                self.reacknowledged.append(message_id)
+            else:
+                self.duplicates.append(message_id)
             return
         if message_id != self.last_id + 1:
             self.gaps.append((self.last_id, message_id))
         self.last_id = message_id
         self.messages.append(frame)
+        if frame.get("client_id") in self.sends:
+            self.stored[frame["client_id"]] = message_id
         self.unacked.pop(frame.get("client_id") or "", None)
         if message_id == self._caught_up_to:
             # the replay after a reconnection is complete: what is still unacked was never stored

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import pathlib
 import re
 import time
 import uuid
@@ -54,6 +55,32 @@ async def test_redis_and_postgres_take_no_well_known_password(stack: Stack) -> N
         )
         assert login_over_tcp.returncode != 0
         assert "password authentication failed" in login_over_tcp.stderr
+
+
+async def test_grafana_gets_a_generated_admin_password_and_its_profile_stays_on_loopback(
+    stack: Stack,
+) -> None:
+    def kept_password() -> str:
+        done = compose(
+            stack, "run", "--rm", "--no-deps", "--entrypoint", "cat", "setup",
+            "/secrets/grafana/admin-password",
+        )  # fmt: skip
+        assert done.returncode == 0, done.stderr
+        return done.stdout
+
+    password = kept_password()
+    assert re.fullmatch(r"[A-Za-z0-9_-]{32}", password)
+    assert kept_password() == password  # the same on every read: kept, not regenerated
+
+    profile = compose(stack, "--profile", "observability", "config", "--format", "json")
+    services = json.loads(profile.stdout)["services"]
+    grafana = services["grafana"]
+    assert "GF_SECURITY_ADMIN_PASSWORD" not in grafana["environment"]
+    secret_file = grafana["environment"]["GF_SECURITY_ADMIN_PASSWORD__FILE"]
+    mounts = {volume["target"]: volume for volume in grafana["volumes"]}
+    assert mounts[str(pathlib.PurePosixPath(secret_file).parent)]["read_only"]
+    for name in ("prometheus", "jaeger", "grafana"):
+        assert {port["host_ip"] for port in services[name]["ports"]} == {"127.0.0.1"}, name
 
 
 async def test_each_service_has_its_own_role_and_nothing_runs_as_the_superuser(

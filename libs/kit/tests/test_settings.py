@@ -3,7 +3,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
-from pydantic import ValidationError
+from pydantic import Field, ValidationError
 from pydantic_settings import SettingsError
 
 from kit.settings import (
@@ -65,6 +65,36 @@ def test_any_setting_can_come_from_a_file(tmp_path: Path, monkeypatch: pytest.Mo
     monkeypatch.setenv("MAX_BODY_BYTES_FILE", str(value))
 
     assert ServiceSettings().max_body_bytes == 2048
+
+
+def test_a_structured_setting_from_a_file_is_json_like_in_the_environment(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    class Clients(ServiceSettings):
+        clients: dict[str, list[str]] = Field(default_factory=dict)
+
+    value = tmp_path / "clients"
+    value.write_text('{"importer": ["catalog:import"]}\n')
+    monkeypatch.setenv("CLIENTS_FILE", str(value))
+    hosts = tmp_path / "hosts"
+    hosts.write_text("a.example, b.example\n")
+    monkeypatch.setenv("TRUSTED_HOSTS_FILE", str(hosts))
+
+    settings = Clients(_env_file=None)
+
+    assert settings.clients == {"importer": ["catalog:import"]}
+    # a comma-separated setting stays comma-separated
+    assert settings.trusted_hosts == ["a.example", "b.example"]
+
+
+def test_an_empty_file_leaves_its_setting_unset(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    empty = tmp_path / "metrics-password"
+    empty.write_text("\n")
+    monkeypatch.setenv("METRICS_PASSWORD_FILE", str(empty))
+
+    assert ServiceSettings(_env_file=None).metrics_password is None
 
 
 def test_a_password_replaces_the_one_in_the_url() -> None:

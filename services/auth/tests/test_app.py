@@ -20,7 +20,7 @@ from auth.models import User
 from auth.passwords import Passwords
 from kit_testing import Service, TokenMinter, free_port
 
-from .conftest import make_settings, wait_until_ready
+from .conftest import SERVICE_DIR, make_settings, wait_until_ready
 from .factories import login, register, unique_email
 
 StartApp = Callable[[Settings], Awaitable[httpx.AsyncClient]]
@@ -47,7 +47,7 @@ async def test_ready_when_database_and_key_are(client: httpx.AsyncClient) -> Non
     assert response.status_code == 200
     assert response.json() == {
         "status": "ok",
-        "checks": {"database": "ok", "bootstrap": "ok"},
+        "checks": {"database": "ok", "schema": "ok", "bootstrap": "ok"},
         "optional": {"redis": "ok", "revocations": "ok"},
     }
 
@@ -299,3 +299,25 @@ async def test_answers_again_after_postgres_restarts(
     )
     assert me.status_code == 200
     assert set(statuses) <= {200, 503}
+
+
+async def test_not_ready_while_its_schema_is_behind_then_ready_once_migrated(
+    client_for: StartApp, postgres_server_url: str, redis_url: str
+) -> None:
+    """An upgrade's new replicas start before its migrate step has run: they
+    must not serve on the old schema, and become ready by themselves after."""
+    from kit_testing import migrate, unique_database_url
+
+    url = unique_database_url(postgres_server_url, "auth_behind")
+    await migrate(SERVICE_DIR, url, "0002")
+    client = await client_for(make_settings(url, redis_url))
+    behind = await client.get("/readyz")
+
+    await migrate(SERVICE_DIR, url)
+    await wait_until_ready(client, within=30)
+
+    assert behind.status_code == 503
+    assert behind.json()["checks"]["schema"] == (
+        "failed: RuntimeError: schema at 0002; this code needs 0003"
+    )
+    assert (await client.get("/readyz")).json()["checks"]["schema"] == "ok"

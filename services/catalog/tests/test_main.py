@@ -11,7 +11,7 @@ from asgi_lifespan import LifespanManager
 
 from catalog.main import create_app
 
-from .conftest import SHUTDOWN_TIMEOUT
+from .conftest import SERVICE_DIR, SHUTDOWN_TIMEOUT
 from .factories import create_product
 from .test_router import assert_problem
 
@@ -25,7 +25,7 @@ async def test_healthz_and_readyz(client: httpx.AsyncClient) -> None:
     assert ready.status_code == 200
     assert ready.json() == {
         "status": "ok",
-        "checks": {"database": "ok"},
+        "checks": {"database": "ok", "schema": "ok"},
         "optional": {"keys": "ok", "revocations": "ok"},
     }
 
@@ -78,7 +78,7 @@ async def test_ready_without_redis_public_reads_serve_and_writes_say_retry(
         )
     assert ready.status_code == 200
     assert ready.json()["status"] == "degraded"
-    assert ready.json()["checks"] == {"database": "ok"}
+    assert ready.json()["checks"] == {"database": "ok", "schema": "ok"}
     assert ready.json()["optional"]["revocations"].startswith("Redis unreachable")
     assert listed.status_code == 200
     problem = assert_problem(write, 503)
@@ -110,3 +110,34 @@ async def test_of_two_patches_from_one_etag_exactly_one_wins(
     winner = next(response for response in responses if response.status_code == 200)
     assert (await committed_client.get(url)).json() == winner.json()
     assert winner.json()["version"] == 2
+
+
+async def test_not_ready_until_its_migration_ran_then_ready_without_a_restart(
+    settings: Any, postgres_server_url: str
+) -> None:
+    """A replica started before its migrate step (Swarm and Kubernetes start
+    both at once) must not serve, and must become ready by itself."""
+    from kit.db import ensure_database
+    from kit_testing import migrate, unique_database_url
+
+    url = unique_database_url(postgres_server_url, "catalog_unmigrated")
+    await ensure_database(url)
+    app = create_app(settings.model_copy(update={"database_url": url}))
+    async with (
+        LifespanManager(app, shutdown_timeout=SHUTDOWN_TIMEOUT) as manager,
+        httpx.AsyncClient(
+            transport=httpx.ASGITransport(manager.app), base_url="http://catalog"
+        ) as client,
+    ):
+        before = await client.get("/readyz")
+        await migrate(SERVICE_DIR, url)
+        after = await client.get("/readyz")
+        listed = await client.get("/catalog/products")
+
+    problem = assert_problem(before, 503)
+    assert problem["checks"]["database"] == "ok"
+    assert (
+        problem["checks"]["schema"] == "failed: RuntimeError: no schema yet; this code needs 0001"
+    )
+    assert after.status_code == 200
+    assert listed.status_code == 200

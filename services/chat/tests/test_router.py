@@ -135,7 +135,7 @@ async def test_readyz_proves_database_and_bus(cluster: list[Node]) -> None:
     assert response.status_code == 200
     assert response.json() == {
         "status": "ok",
-        "checks": {"database": "ok", "bus": "ok"},
+        "checks": {"database": "ok", "schema": "ok", "bus": "ok"},
         "optional": {"keys": "ok", "revocations": "ok"},
     }
     assert health.status_code == 200

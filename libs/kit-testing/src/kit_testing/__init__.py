@@ -167,6 +167,14 @@ def alembic_config(service_dir: Path, url: str) -> object:
     return config
 
 
+def script_revisions(service_dir: Path) -> tuple[str, ...]:
+    """A service's Alembic revisions as its migrations/versions hold them, oldest first."""
+    from alembic.script import ScriptDirectory
+
+    scripts = ScriptDirectory.from_config(alembic_config(service_dir, "unused"))  # type: ignore[arg-type]
+    return tuple(reversed([script.revision for script in scripts.walk_revisions()]))
+
+
 async def migrate(service_dir: Path, url: str, revision: str = "head") -> None:
     """`alembic upgrade` in a worker thread: env.py runs its own event loop."""
     from alembic import command

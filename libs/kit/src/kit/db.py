@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from contextlib import AbstractAsyncContextManager
 from typing import Any, Generic
 
@@ -12,6 +12,7 @@ import asyncpg
 from fastapi import Request
 from sqlalchemy import MetaData, text
 from sqlalchemy.engine import make_url
+from sqlalchemy.exc import ProgrammingError
 from sqlalchemy.ext.asyncio import (
     AsyncConnection,
     AsyncEngine,
@@ -99,6 +100,35 @@ async def check_database(request: Request) -> None:
     engine: AsyncEngine = request.state.engine
     async with engine.connect() as connection:
         await connection.execute(text("SELECT 1"))
+
+
+def schema_check(revisions: Sequence[str]) -> Callable[[Request], Awaitable[None]]:
+    """A readiness check: the database's schema is the one this code needs.
+
+    `revisions` are the service's Alembic revisions, oldest first, as its image
+    carries them (a test keeps them in step with migrations/versions). Ready
+    at the last one, or at a revision this code does not know: a newer release
+    migrated first, and every migration keeps the release before it working,
+    so a rolling update or a rollback keeps serving. Not ready while the
+    database is at an older revision or has none (its migrate step has not
+    run yet); ready by itself once it has, without a restart.
+    """
+    head = revisions[-1]
+    older = frozenset(revisions[:-1])
+
+    async def check_schema(request: Request) -> None:
+        engine: AsyncEngine = request.state.engine
+        async with engine.connect() as connection:
+            try:
+                result = await connection.execute(text("SELECT version_num FROM alembic_version"))
+            except ProgrammingError:
+                raise RuntimeError(f"no schema yet; this code needs {head}") from None
+            versions = set(result.scalars())
+        if not versions or versions <= older:
+            found = ", ".join(sorted(versions)) or "none"
+            raise RuntimeError(f"schema at {found}; this code needs {head}")
+
+    return check_schema
 
 
 def asyncpg_dsn(url: str) -> str:

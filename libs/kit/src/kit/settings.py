@@ -91,8 +91,9 @@ def is_weak_secret(value: str | None) -> bool:
 
 class FileValues(PydanticBaseSettingsSource):
     """`<NAME>_FILE=/path` in the environment: the setting's value is the file's
-    content, without its final newline. A setting that is itself declared with
-    a `_file` suffix (auth's `SIGNING_KEY_FILE`) keeps its own meaning."""
+    content, without its final newline; an empty file leaves it unset. A setting that is itself declared with
+    a `_file` suffix (auth's `SIGNING_KEY_FILE`) keeps its own meaning. Lists
+    and dicts are JSON, as in the environment, unless declared `NoDecode`."""
 
     def get_field_value(self, field: FieldInfo, field_name: str) -> tuple[Any, str, bool]:
         variable = f"{field_name.upper()}_FILE"
@@ -103,14 +104,18 @@ class FileValues(PydanticBaseSettingsSource):
             content = Path(path).read_text()
         except OSError as error:
             raise SettingsError(f"{variable}: cannot read {path}: {error.strerror}") from None
-        return content.removesuffix("\n").removesuffix("\r"), field_name, False
+        value = content.removesuffix("\n").removesuffix("\r")
+        # an empty file is an unset setting, as an empty variable is
+        # (a Kubernetes Secret's empty key switches an optional setting off)
+        return (value or None), field_name, False
 
     def __call__(self) -> dict[str, Any]:
         values: dict[str, Any] = {}
         for name, field in self.settings_cls.model_fields.items():
-            value, key, _ = self.get_field_value(field, name)
+            value, key, complex_ = self.get_field_value(field, name)
             if value is not None:
-                values[key] = value
+                # JSON for lists and dicts (OAUTH_CLIENTS), as from the environment
+                values[key] = self.prepare_field_value(name, field, value, complex_)
         return values
 
 
@@ -258,6 +263,13 @@ class DatabaseSettings(ServiceSettings):
 
     database_url: PostgresDsn = PostgresDsn("postgresql+asyncpg://service@postgres:5432/service")
     database_password: SecretStr | None = None
+
+    # Connections per replica (docs/operations.md has the budget: replicas x
+    # pools within PostgreSQL's max_connections). Connections beyond the pool
+    # are closed on return: under a burst they would be opened and closed per
+    # request (TCP + SCRAM each), so by default there are none.
+    database_pool_size: int = Field(default=10, ge=1)
+    database_pool_overflow: int = Field(default=0, ge=0)
 
     def weak_production_secrets(self) -> list[str]:
         weak = super().weak_production_secrets()

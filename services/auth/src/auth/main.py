@@ -12,6 +12,7 @@ from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker
 
 from auth import service
 from auth.config import Settings
+from auth.db import SCHEMA_REVISIONS
 from auth.discovery import warn_if_issuer_is_elsewhere
 from auth.keys import KeyRing, ensure_signing_key
 from auth.oauth_router import router as oauth_router
@@ -21,7 +22,14 @@ from auth.throttle import LoginThrottle
 from auth.verification import router as verification_router
 from kit.app import assemble
 from kit.batching import BatchedReads
-from kit.db import DatabaseState, asyncpg_dsn, check_database, make_engine, make_sessionmaker
+from kit.db import (
+    DatabaseState,
+    asyncpg_dsn,
+    check_database,
+    make_engine,
+    make_sessionmaker,
+    schema_check,
+)
 from kit.health import check_redis, check_revocations
 from kit.lifespan import Parts, lifespan, open_redis, open_verifier
 from kit.point_pool import PointReadPool
@@ -81,7 +89,12 @@ async def check_bootstrap(request: Request) -> None:
 
 
 async def open_parts(parts: Parts, settings: Settings, *, key_source: KeySource | None) -> State:
-    engine = parts.add(make_engine(str(settings.database_url)), AsyncEngine.dispose)
+    engine = make_engine(
+        str(settings.database_url),
+        pool_size=settings.database_pool_size,
+        max_overflow=settings.database_pool_overflow,
+    )
+    parts.add(engine, AsyncEngine.dispose)
     sessionmaker = make_sessionmaker(engine)
     point_pool = PointReadPool(
         asyncpg_dsn(str(settings.database_url)), max_size=settings.point_read_pool_size
@@ -128,7 +141,11 @@ def create_app(settings: Settings | None = None, *, key_source: KeySource | None
     assemble(
         app,
         app_settings,
-        readiness={"database": check_database, "bootstrap": check_bootstrap},
+        readiness={
+            "database": check_database,
+            "schema": schema_check(SCHEMA_REVISIONS),
+            "bootstrap": check_bootstrap,
+        },
         optional_readiness={"redis": check_redis, "revocations": check_revocations},
     )
     warn_if_issuer_is_elsewhere(app_settings)

@@ -11,11 +11,8 @@ class Settings(DatabaseSettings, VerifiedWritesSettings):
     service_name: str = "catalog"
     database_url: PostgresDsn = PostgresDsn("postgresql+asyncpg://catalog@postgres:5432/catalog")
 
-    database_pool_size: int = Field(default=10, ge=1)
-    # Connections beyond the pool are closed on return: under a burst they are
-    # opened and closed per request (TCP + SCRAM each), so the default is none.
-    database_pool_overflow: int = Field(default=0, ge=0)
-    # get-by-id's own asyncpg pool (see main.py)
+    # get-by-id's own asyncpg pool (see main.py), besides the ORM's
+    # (DATABASE_POOL_SIZE)
     point_read_pool_size: int = Field(default=5, ge=1)
 
     # The key machine imports present in `X-API-Key` (the header only); unset

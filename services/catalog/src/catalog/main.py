@@ -12,11 +12,12 @@ from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 from catalog import service
 from catalog.config import Settings
 from catalog.connections import DatabaseOpener, ReadConnections, open_database
+from catalog.db import SCHEMA_REVISIONS
 from catalog.errors import DatabaseUnavailable
 from catalog.router import router
 from kit.app import assemble
 from kit.batching import BatchedReads, SharedReads
-from kit.db import DatabaseState, check_database
+from kit.db import DatabaseState, check_database, schema_check
 from kit.health import VERIFIER_CHECKS
 from kit.lifespan import Parts, lifespan, open_redis, open_verifier
 from kit.point_pool import PointReadPool
@@ -97,7 +98,7 @@ def create_app(
     assemble(
         app,
         app_settings,
-        readiness={"database": check_database},
+        readiness={"database": check_database, "schema": schema_check(SCHEMA_REVISIONS)},
         optional_readiness=VERIFIER_CHECKS,
         database_outage=DatabaseUnavailable,
     )

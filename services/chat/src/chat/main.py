@@ -21,13 +21,14 @@ from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker
 
 from chat.bus import Bus
 from chat.config import Settings
+from chat.db import SCHEMA_REVISIONS
 from chat.hub import CLOSE_SHUTDOWN, Hub
 from chat.limits import UserLimits
 from chat.metrics import ChatMetrics
 from chat.presence import Presence
 from chat.router import router
 from kit.app import assemble
-from kit.db import check_database, make_engine, make_sessionmaker
+from kit.db import check_database, make_engine, make_sessionmaker, schema_check
 from kit.health import VERIFIER_CHECKS
 from kit.logs import configure_logging
 from kit.security import KeySource, TokenVerifier
@@ -106,7 +107,11 @@ def create_app(settings: Settings | None = None, *, key_source: KeySource | None
 
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[State]:
-        engine = make_engine(str(settings.database_url))
+        engine = make_engine(
+            str(settings.database_url),
+            pool_size=settings.database_pool_size,
+            max_overflow=settings.database_pool_overflow,
+        )
         # bounded and blocking: a burst of sockets joining waits for a connection
         # instead of failing with "Too many connections"
         pool = BlockingConnectionPool.from_url(
@@ -205,7 +210,11 @@ def create_app(settings: Settings | None = None, *, key_source: KeySource | None
     assemble(
         app,
         settings,
-        readiness={"database": check_database, "bus": check_bus},
+        readiness={
+            "database": check_database,
+            "schema": schema_check(SCHEMA_REVISIONS),
+            "bus": check_bus,
+        },
         optional_readiness=VERIFIER_CHECKS,
         registry=registry,
     )

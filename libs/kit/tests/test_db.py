@@ -1,0 +1,111 @@
+"""Readiness waits for the schema: on a real PostgreSQL, a replica whose
+database is behind its code is not ready, and is once the migration ran."""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import AsyncIterator
+from typing import Any
+
+import httpx
+import pytest
+from asgi_lifespan import LifespanManager
+from fastapi import FastAPI
+from sqlalchemy import text
+from sqlalchemy.ext.asyncio import AsyncEngine
+
+from kit.db import ensure_database, make_engine, schema_check
+from kit.errors import install_problem_handlers
+from kit.health import health_router
+from kit_testing import unique_database_url
+
+REVISIONS = ("0001", "0002", "0003")
+
+
+@pytest.fixture
+async def engine(postgres_server_url: str) -> AsyncIterator[AsyncEngine]:
+    url = unique_database_url(postgres_server_url, "schema_check")
+    await ensure_database(url)
+    engine = make_engine(url, pool_size=1, max_overflow=0)
+    yield engine
+    await engine.dispose()
+
+
+@pytest.fixture
+async def client(engine: AsyncEngine) -> AsyncIterator[httpx.AsyncClient]:
+    @contextlib.asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[dict[str, Any]]:
+        yield {"engine": engine}
+
+    app = FastAPI(lifespan=lifespan)
+    install_problem_handlers(app)
+    app.include_router(health_router({"schema": schema_check(REVISIONS)}))
+    async with (
+        LifespanManager(app) as manager,
+        httpx.AsyncClient(
+            transport=httpx.ASGITransport(manager.app), base_url="http://svc"
+        ) as http,
+    ):
+        yield http
+
+
+async def set_version(engine: AsyncEngine, version: str) -> None:
+    async with engine.begin() as connection:
+        await connection.execute(
+            text("CREATE TABLE IF NOT EXISTS alembic_version (version_num varchar(32) NOT NULL)")
+        )
+        await connection.execute(text("DELETE FROM alembic_version"))
+        await connection.execute(
+            text("INSERT INTO alembic_version VALUES (:version)"), {"version": version}
+        )
+
+
+async def test_not_ready_before_any_migration(client: httpx.AsyncClient) -> None:
+    response = await client.get("/readyz")
+
+    assert response.status_code == 503
+    assert response.json()["checks"] == {
+        "schema": "failed: RuntimeError: no schema yet; this code needs 0003"
+    }
+
+
+async def test_not_ready_while_the_schema_is_behind_then_ready_once_migrated(
+    client: httpx.AsyncClient, engine: AsyncEngine
+) -> None:
+    await set_version(engine, "0002")
+    behind = await client.get("/readyz")
+    await set_version(engine, "0003")
+    at_head = await client.get("/readyz")
+
+    assert behind.status_code == 503
+    assert behind.json()["checks"] == {
+        "schema": "failed: RuntimeError: schema at 0002; this code needs 0003"
+    }
+    assert at_head.status_code == 200
+    assert at_head.json()["checks"] == {"schema": "ok"}
+
+
+async def test_ready_when_a_newer_release_migrated_first(
+    client: httpx.AsyncClient, engine: AsyncEngine
+) -> None:
+    await set_version(engine, "0004")
+
+    response = await client.get("/readyz")
+
+    assert response.status_code == 200
+    assert response.json()["checks"] == {"schema": "ok"}
+
+
+async def test_an_empty_version_table_is_no_schema(
+    client: httpx.AsyncClient, engine: AsyncEngine
+) -> None:
+    await set_version(engine, "0001")
+    async with engine.begin() as connection:
+        await connection.execute(text("DELETE FROM alembic_version"))
+
+    response = await client.get("/readyz")
+
+    assert response.status_code == 503
+    assert response.json()["checks"] == {
+        "schema": "failed: RuntimeError: schema at none; this code needs 0003"
+    }
