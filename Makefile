@@ -8,7 +8,7 @@ UV_VERSION := 0.13.9
 UV := $(shell command -v uv 2>/dev/null || echo "python3 -m uv")
 RUN := $(UV) run --frozen
 SERVICES := auth catalog chat
-SOURCES := libs/kit/src/kit services/auth/src/auth services/catalog/src/catalog services/chat/src/chat gateway/src/gateway
+SOURCES := libs/kit/src/kit libs/kit-testing/src/kit_testing services/auth/src/auth services/catalog/src/catalog services/chat/src/chat gateway/src/gateway
 TESTS := libs/kit/tests services/auth/tests services/catalog/tests services/chat/tests gateway/tests tests/config tests/deploy
 WEB := gateway/src/gateway/web
 # Debian packages, installed only when missing (CI runs as root on Debian)

@@ -12,7 +12,7 @@ interleaved over a few rounds with a closed-loop keep-alive client:
   one PostgreSQL read);
 
 and reports rps, p50 and p99 and the ratios authenticated / public (goal
->= 0.8x). Then the p50 of a full login (`POST /auth/token`: throttle check,
+>= 0.8x), and /auth/users/me against /healthz (goal >= 0.5x). Then the p50 of a full login (`POST /auth/token`: throttle check,
 argon2id verification at OWASP parameters, refresh-token insert, signing)
 against one bare argon2id verification, the p50 of an unknown email's refusal,
 and the per-call cost of kit's `TokenVerifier.verify` alone.
@@ -48,7 +48,7 @@ from auth.main import create_app
 from kit.deps import CurrentPrincipal
 from kit.security import TokenVerifier
 from kit.settings import DEFAULT_JWT_ISSUER
-from kit.testing import (
+from kit_testing import (
     free_port,
     migrate,
     wait_for_redis,
@@ -318,6 +318,10 @@ async def measure(database_url: str, redis_url: str) -> dict[str, Any]:
         "unknown_email_vs_login": figures["login"]["unknown_email_401_p50_ms"]
         / figures["login"]["login_p50_ms"],
     }
+    figures["goals"] = {
+        "me_vs_healthz": ME_GOAL,
+        "me_vs_healthz_met": figures["ratios"]["me_vs_healthz"] >= ME_GOAL,
+    }
     figures["setup"] = {
         "server": "uvicorn httptools+uvloop, 1 process, pinned to core 1",
         "database": database_url.split("@", 1)[1],
@@ -326,6 +330,10 @@ async def measure(database_url: str, redis_url: str) -> dict[str, Any]:
         "rounds": ROUNDS,
     }
     return figures
+
+
+ME_GOAL = 0.5
+"""`/auth/users/me` at least this share of /healthz's rps."""
 
 
 def report(figures: dict[str, Any]) -> str:
@@ -345,6 +353,10 @@ def report(figures: dict[str, Any]) -> str:
         (
             f"/auth/users/me (bearer + a PostgreSQL read): {ratios['me_vs_healthz']:.2f}x /healthz, "
             f"{ratios['me_vs_jwks']:.2f}x JWKS"
+        ),
+        (
+            f"goal: /auth/users/me >= {ME_GOAL}x /healthz rps -> {ratios['me_vs_healthz']:.2f}x, "
+            f"{'met' if figures['goals']['me_vs_healthz_met'] else 'NOT met'}"
         ),
         (
             f"login p50 {login['login_p50_ms']:.1f} ms vs one argon2id verify "

@@ -162,7 +162,7 @@ def jwks_server(document: dict[str, Any]) -> Iterator[str]:
 
 class Replica:
     def __init__(self, name: str, env: dict[str, str]) -> None:
-        from kit.testing import free_port
+        from kit_testing import free_port
 
         self.name = name
         self.port = free_port()
@@ -493,7 +493,7 @@ def main() -> None:
         uvloop.run(worker(url, token, int(count)))
         return
 
-    from kit.testing import TokenMinter
+    from kit_testing import TokenMinter
 
     minter = TokenMinter()
     with (

@@ -11,7 +11,7 @@ from collections.abc import Iterator
 
 from testcontainers.core.container import DockerContainer
 
-from kit.testing import postgres_container, redis_container
+from kit_testing import postgres_container, redis_container
 
 
 def direct_address(container: DockerContainer, port: int, published: int) -> str:

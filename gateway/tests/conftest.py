@@ -15,16 +15,16 @@ from gateway.main import Gateway, create_app
 from .upstreams import Upstream
 
 if TYPE_CHECKING:
-    from kit.testing import TokenMinter
+    from kit_testing import TokenMinter
 
-pytest_plugins = ["kit.testing"]
-# kit.testing is imported inside functions: a top-level import would load the
+pytest_plugins = ["kit_testing"]
+# kit_testing is imported inside functions: a top-level import would load the
 # plugin before pytest can rewrite its asserts
 
 
 @pytest.fixture(scope="session")
 def minter() -> TokenMinter:
-    from kit.testing import TokenMinter
+    from kit_testing import TokenMinter
 
     return TokenMinter()
 
@@ -35,7 +35,7 @@ def urls(*bases: str) -> list[AnyHttpUrl]:
 
 def dead_url() -> str:
     """A loopback port nobody listens on: connections are refused."""
-    from kit.testing import free_port
+    from kit_testing import free_port
 
     return f"http://127.0.0.1:{free_port()}"
 
@@ -59,7 +59,7 @@ def gateway_settings(redis_url: str, **overrides: Any) -> Settings:
 
 @contextlib.asynccontextmanager
 async def running_upstream(node: str, **options: Any) -> AsyncIterator[tuple[Upstream, str]]:
-    from kit.testing import serve
+    from kit_testing import serve
 
     upstream = Upstream(node, **options)
     async with serve(upstream.app) as base_url:
@@ -70,7 +70,7 @@ async def running_upstream(node: str, **options: Any) -> AsyncIterator[tuple[Ups
 async def running_gateway(
     settings: Settings, minter: TokenMinter
 ) -> AsyncIterator[tuple[Gateway, httpx.AsyncClient]]:
-    from kit.testing import serve
+    from kit_testing import serve
 
     app = create_app(settings, key_source=minter.key_source)
     async with serve(app) as base_url, httpx.AsyncClient(base_url=base_url) as client:

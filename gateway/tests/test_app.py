@@ -3,7 +3,7 @@ trusted hosts and the merged OpenAPI (its docs page: test_webapp)."""
 
 from __future__ import annotations
 
-from kit.testing import TokenMinter, free_port
+from kit_testing import TokenMinter, free_port
 
 from .conftest import gateway_settings, running_gateway, running_upstream, urls
 from .upstreams import Upstream, service_spec

@@ -14,7 +14,7 @@ from gateway.main import Gateway, create_app
 from gateway.metrics import GatewayMetrics
 from gateway.ratelimit import LocalWindows, RateLimiter
 from kit.security import revoke_token, revoke_user
-from kit.testing import JwksServer, Service, TokenMinter, free_port, serve, wait_for_redis
+from kit_testing import JwksServer, Service, TokenMinter, free_port, serve, wait_for_redis
 
 from .conftest import gateway_settings, header_values, running_gateway, urls
 from .upstreams import Upstream

@@ -18,7 +18,7 @@ from websockets.exceptions import InvalidStatus
 from gateway.config import Settings
 from gateway.edge import EdgeHttpProtocol
 from gateway.main import Gateway, create_app
-from kit.testing import TokenMinter, serve
+from kit_testing import TokenMinter, serve
 
 from .conftest import gateway_settings, running_upstream, urls
 from .test_pool import eventually

@@ -13,7 +13,7 @@ from pydantic import ValidationError
 from gateway.config import Settings
 from gateway.pool import Pool
 from kit.errors import ServiceUnavailable
-from kit.testing import TokenMinter
+from kit_testing import TokenMinter
 
 from .conftest import dead_url, gateway_settings, running_gateway, running_upstream, urls
 

@@ -10,7 +10,7 @@ from collections.abc import AsyncIterator
 import httpx
 
 from gateway.main import Gateway
-from kit.testing import TokenMinter
+from kit_testing import TokenMinter
 
 from .conftest import (
     dead_url,

@@ -11,7 +11,7 @@ import pytest
 
 from gateway.main import Gateway
 from gateway.webapp import WEB_ROOT
-from kit.testing import TokenMinter
+from kit_testing import TokenMinter
 
 from .conftest import gateway_settings, running_gateway
 

@@ -11,7 +11,7 @@ from websockets.asyncio.client import connect
 from websockets.exceptions import ConnectionClosed, InvalidStatus
 
 from gateway.main import Gateway
-from kit.testing import TokenMinter
+from kit_testing import TokenMinter
 
 from .conftest import gateway_settings, running_gateway, running_upstream, urls
 from .upstreams import Upstream

@@ -111,7 +111,7 @@ async def keep_alive_clients(base_url: str) -> AsyncIterator[list[httpx.AsyncCli
 
 
 async def test_every_worker_serves_and_a_dead_one_is_replaced(redis_url: str) -> None:
-    from kit.testing import free_port
+    from kit_testing import free_port
 
     port = free_port()
     base_url = f"http://127.0.0.1:{port}"

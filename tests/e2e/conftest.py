@@ -16,8 +16,8 @@ import httpx
 import pytest
 from testcontainers.compose import DockerCompose
 
-from kit.otlp_receiver import OtlpReceiver
-from kit.testing import MailCatcher, free_port
+from kit_testing import MailCatcher, free_port
+from kit_testing.otlp_receiver import OtlpReceiver
 
 ROOT = Path(__file__).resolve().parents[2]
 ADMIN_EMAIL = "admin@e2e.example.com"

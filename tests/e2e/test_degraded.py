@@ -20,7 +20,7 @@ from dataclasses import dataclass
 
 import httpx
 
-from kit.testing import TokenMinter
+from kit_testing import TokenMinter
 
 from .chat_client import ChatClient, assert_complete, wait_until
 from .conftest import ADMIN_EMAIL, ADMIN_PASSWORD, Stack

@@ -9,7 +9,7 @@ import httpx
 import pytest
 from websockets.exceptions import InvalidStatus
 
-from kit.testing import emailed_token
+from kit_testing import emailed_token
 
 from .conftest import ADMIN_EMAIL, ADMIN_PASSWORD, Stack
 from .helpers import bearer, login, open_socket, receive_json, receive_messages, register

@@ -22,7 +22,7 @@ import httpx
 import yaml
 from websockets.asyncio.client import ClientConnection
 
-from kit.otlp_receiver import OtlpReceiver, ReceivedSpan
+from kit_testing.otlp_receiver import OtlpReceiver, ReceivedSpan
 
 from .conftest import ADMIN_EMAIL, ADMIN_PASSWORD, ROOT, Stack
 from .helpers import bearer, login, open_socket, receive_json, receive_messages, register

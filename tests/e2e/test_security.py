@@ -15,7 +15,7 @@ import uuid
 import httpx
 from jose import jwt
 
-from kit.testing import emailed_token
+from kit_testing import emailed_token
 
 from .conftest import ADMIN_EMAIL, ADMIN_PASSWORD, SETTINGS, Stack
 from .helpers import bearer, login, register

@@ -31,7 +31,7 @@ import pytest
 from playwright.async_api import Browser, BrowserContext, Page, async_playwright, expect
 from playwright.async_api import Error as PlaywrightError
 
-from kit.testing import emailed_token
+from kit_testing import emailed_token
 
 from .conftest import ADMIN_EMAIL, ADMIN_PASSWORD, FAILED, ROOT, Stack
 from .helpers import bearer, login, register

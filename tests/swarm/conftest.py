@@ -16,7 +16,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from kit.testing import free_port
+from kit_testing import free_port
 
 ROOT = Path(__file__).resolve().parents[2]
 ADMIN_EMAIL = "admin@swarm.example.com"

@@ -10,7 +10,7 @@ import subprocess
 
 import pytest
 
-from kit.testing import free_port
+from kit_testing import free_port
 
 from .conftest import ROOT, Swarm, docker
 

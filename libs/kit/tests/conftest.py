@@ -5,7 +5,7 @@ from collections.abc import AsyncIterator
 import pytest
 from redis.asyncio import Redis
 
-pytest_plugins = ["kit.testing"]
+pytest_plugins = ["kit_testing"]
 
 
 @pytest.fixture

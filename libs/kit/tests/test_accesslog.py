@@ -16,7 +16,7 @@ from kit.app import assemble
 from kit.logs import JsonFormatter, RequestIdFilter
 from kit.observe import remember_user
 from kit.settings import ServiceSettings
-from kit.testing import serve
+from kit_testing import serve
 
 
 class Lines(logging.Handler):

@@ -17,7 +17,7 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 from kit.db import ensure_database, make_engine, schema_check
 from kit.errors import install_problem_handlers
 from kit.health import health_router
-from kit.testing import unique_database_url
+from kit_testing import unique_database_url
 
 REVISIONS = ("0001", "0002", "0003")
 

@@ -25,7 +25,7 @@ from kit.inputs import (
     json_errors,
 )
 from kit.settings import ServiceSettings
-from kit.testing import serve
+from kit_testing import serve
 
 
 class Item(BaseModel):

@@ -32,7 +32,7 @@ from kit.security import (
     user_revoked_before,
 )
 from kit.settings import DEFAULT_JWT_ISSUER
-from kit.testing import JwksServer, Service, TokenMinter, free_port, serve, wait_for_redis
+from kit_testing import JwksServer, Service, TokenMinter, free_port, serve, wait_for_redis
 
 
 def make_verifier(keys: KeySource, redis: Redis | None) -> TokenVerifier:

@@ -9,7 +9,7 @@ import pytest
 from kit.errors import Unauthenticated
 from kit.security import TokenVerifier
 from kit.settings import ServiceSettings
-from kit.testing import TokenMinter
+from kit_testing import TokenMinter
 
 MAX_LIFETIME = 3600
 

@@ -21,10 +21,8 @@ from kit.db import make_engine
 from kit.deps import CurrentPrincipal
 from kit.logs import JsonFormatter, RequestIdFilter
 from kit.observe import ROUTE_TEMPLATE_KEY
-from kit.otlp_receiver import OtlpReceiver, ReceivedSpan
 from kit.security import TokenVerifier
 from kit.settings import DEFAULT_JWT_ISSUER, ServiceSettings
-from kit.testing import TokenMinter
 from kit.tracing import (
     TracingMiddleware,
     configure_tracing,
@@ -32,6 +30,8 @@ from kit.tracing import (
     sampler_for,
     tracing_config,
 )
+from kit_testing import TokenMinter
+from kit_testing.otlp_receiver import OtlpReceiver, ReceivedSpan
 
 CALLER_TRACE = "4bf92f3577b34da6a3ce929d0e0e4736"
 CALLER_SPAN = "00f067aa0ba902b7"

@@ -18,9 +18,9 @@ from auth.main import create_app
 from kit.db import make_engine, make_sessionmaker
 
 if TYPE_CHECKING:
-    from kit.testing import MailCatcher
+    from kit_testing import MailCatcher
 
-pytest_plugins = ["kit.testing"]
+pytest_plugins = ["kit_testing"]
 
 SERVICE_DIR = Path(__file__).resolve().parents[1]
 ADMIN_EMAIL = "root@example.com"
@@ -59,7 +59,7 @@ def make_settings(database_url: str, redis_url: str, **overrides: Any) -> Settin
 async def fresh_database(postgres_server_url: str) -> str:
     # imported here: a top-level import would load the plugin before pytest
     # can rewrite its asserts
-    from kit.testing import migrated_database
+    from kit_testing import migrated_database
 
     return await migrated_database(postgres_server_url, SERVICE_DIR)
 
@@ -81,7 +81,7 @@ async def database_url(postgres_server_url: str) -> str:
 @pytest.fixture(scope="session")
 def mail() -> Iterator[MailCatcher]:
     """A real SMTP server that keeps every email the shared app sends."""
-    from kit.testing import MailCatcher
+    from kit_testing import MailCatcher
 
     catcher = MailCatcher()
     catcher.start()

@@ -18,7 +18,7 @@ from auth.config import Settings
 from auth.main import create_app
 from auth.models import User
 from auth.passwords import Passwords
-from kit.testing import Service, TokenMinter, free_port
+from kit_testing import Service, TokenMinter, free_port
 
 from .conftest import SERVICE_DIR, make_settings, wait_until_ready
 from .factories import login, register, unique_email
@@ -306,7 +306,7 @@ async def test_not_ready_while_its_schema_is_behind_then_ready_once_migrated(
 ) -> None:
     """An upgrade's new replicas start before its migrate step has run: they
     must not serve on the old schema, and become ready by themselves after."""
-    from kit.testing import migrate, unique_database_url
+    from kit_testing import migrate, unique_database_url
 
     url = unique_database_url(postgres_server_url, "auth_behind")
     await migrate(SERVICE_DIR, url, "0002")

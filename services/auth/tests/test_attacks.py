@@ -19,7 +19,7 @@ from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
 from auth.models import SigningKey
 from kit.settings import DEFAULT_JWT_ISSUER
-from kit.testing import TokenMinter
+from kit_testing import TokenMinter
 
 from .conftest import ADMIN_EMAIL, ADMIN_PASSWORD
 from .factories import login, register, registered_and_logged_in

@@ -12,7 +12,7 @@ from asgi_lifespan import LifespanManager
 
 from auth.config import Settings
 from auth.main import create_app
-from kit.testing import MailCatcher, emailed_token, free_port
+from kit_testing import MailCatcher, emailed_token, free_port
 
 from .conftest import CHEAP_ARGON2, make_settings, wait_until_ready
 from .factories import register, unique_email

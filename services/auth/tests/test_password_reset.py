@@ -12,7 +12,7 @@ from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
 from auth.models import PasswordReset, User
 from auth.tokens import opaque_token_hash
-from kit.testing import MailCatcher, emailed_token
+from kit_testing import MailCatcher, emailed_token
 
 from .factories import Account, login, register, registered_and_logged_in, unique_email
 

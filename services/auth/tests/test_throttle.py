@@ -25,7 +25,7 @@ from auth.throttle import (
     pair_failures_key,
 )
 from kit.errors import RateLimited
-from kit.testing import MailCatcher, free_port
+from kit_testing import MailCatcher, free_port
 
 from .factories import Account, register, unique_email
 from .test_password_reset import NEW_PASSWORD, emailed_reset_tokens, forgot

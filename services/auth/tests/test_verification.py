@@ -11,7 +11,7 @@ from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
 from auth.models import EmailVerification
 from auth.tokens import opaque_token_hash
-from kit.testing import MailCatcher, emailed_token
+from kit_testing import MailCatcher, emailed_token
 
 from .factories import Account, Tokens, login, register, unique_email
 

@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import contextlib
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -11,14 +12,16 @@ from fastapi import FastAPI
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, AsyncSession, async_sessionmaker
 
 from catalog.config import Settings
+from catalog.connections import Database, DatabaseOpener, open_engine
 from catalog.main import create_app
 from kit.db import make_engine
+from kit.lifespan import Parts
 
 if TYPE_CHECKING:
-    from kit.testing import TokenMinter
+    from kit_testing import TokenMinter
 
-# kit.testing is imported lazily below: pytest must load it as a plugin first
-pytest_plugins = ["kit.testing"]
+# kit_testing is imported lazily below: pytest must load it as a plugin first
+pytest_plugins = ["kit_testing"]
 
 SERVICE_DIR = Path(__file__).resolve().parents[1]
 IMPORT_KEY = "import-key-for-tests"
@@ -41,7 +44,7 @@ def make_settings(database_url: str, redis_url: str, **overrides: Any) -> Settin
 
 @pytest.fixture(scope="session")
 async def database_url(postgres_server_url: str) -> str:
-    from kit.testing import migrated_database
+    from kit_testing import migrated_database
 
     return await migrated_database(postgres_server_url, SERVICE_DIR)
 
@@ -53,7 +56,7 @@ def settings(database_url: str, redis_url: str) -> Settings:
 
 @pytest.fixture(scope="session")
 def minter() -> TokenMinter:
-    from kit.testing import TokenMinter
+    from kit_testing import TokenMinter
 
     return TokenMinter()
 
@@ -84,13 +87,43 @@ def rollback_sessions() -> async_sessionmaker[AsyncSession]:
     )
 
 
+def joined_database(sessionmaker: async_sessionmaker[AsyncSession]) -> DatabaseOpener:
+    """The app's connections, every one of them inside the session's
+    transaction: writes, list reads and get-by-id alike."""
+
+    @contextlib.asynccontextmanager
+    async def connection() -> AsyncIterator[AsyncConnection]:
+        async with sessionmaker() as session:
+            yield await session.connection()
+
+    @contextlib.asynccontextmanager
+    async def driver_connection() -> AsyncIterator[Any]:
+        async with sessionmaker() as session:
+            raw = await (await session.connection()).get_raw_connection()
+            yield raw.driver_connection
+
+    async def open_joined(parts: Parts, settings: Settings) -> Database:
+        return Database(
+            engine=open_engine(parts, settings),
+            sessionmaker=sessionmaker,
+            reads=connection,
+            driver_connections=driver_connection,
+            # the test's one connection takes one statement at a time
+            point_concurrency=1,
+        )
+
+    return open_joined
+
+
 @pytest.fixture(scope="session")
 async def app(
     settings: Settings,
     minter: TokenMinter,
     rollback_sessions: async_sessionmaker[AsyncSession],
 ) -> AsyncIterator[FastAPI]:
-    application = create_app(settings, key_source=minter.key_source, sessionmaker=rollback_sessions)
+    application = create_app(
+        settings, key_source=minter.key_source, database=joined_database(rollback_sessions)
+    )
     async with LifespanManager(application, shutdown_timeout=SHUTDOWN_TIMEOUT) as manager:
         application.state.asgi = manager.app
         yield application

@@ -61,7 +61,7 @@ async def test_same_key_with_another_body_is_422(
 
 
 async def test_keys_belong_to_their_caller(client: httpx.AsyncClient, minter: object) -> None:
-    from kit.testing import TokenMinter
+    from kit_testing import TokenMinter
 
     assert isinstance(minter, TokenMinter)
     body = product_body()

@@ -9,7 +9,7 @@ from sqlalchemy import func, select
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from catalog.models import Product
-from kit.testing import TokenMinter
+from kit_testing import TokenMinter
 
 from .conftest import IMPORT_KEY, SHUTDOWN_TIMEOUT
 from .factories import create_category, create_product, product_body

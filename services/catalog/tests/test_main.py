@@ -16,7 +16,7 @@ from .factories import create_product
 from .test_router import assert_problem
 
 if TYPE_CHECKING:
-    from kit.testing import TokenMinter
+    from kit_testing import TokenMinter
 
 
 async def test_healthz_and_readyz(client: httpx.AsyncClient) -> None:
@@ -31,7 +31,7 @@ async def test_healthz_and_readyz(client: httpx.AsyncClient) -> None:
 
 
 async def test_starts_without_its_database_and_redis_and_says_not_ready(settings: Any) -> None:
-    from kit.testing import free_port
+    from kit_testing import free_port
 
     unreachable = settings.model_copy(
         update={
@@ -61,7 +61,7 @@ async def test_ready_without_redis_public_reads_serve_and_writes_say_retry(
 ) -> None:
     """Redis only backs the revocation check: its absence fails authenticated
     requests with a 503 to retry, never the replica's readiness or public reads."""
-    from kit.testing import free_port
+    from kit_testing import free_port
 
     without_redis = settings.model_copy(update={"redis_url": f"redis://127.0.0.1:{free_port()}/0"})
     app = create_app(without_redis, key_source=minter.key_source)
@@ -118,7 +118,7 @@ async def test_not_ready_until_its_migration_ran_then_ready_without_a_restart(
     """A replica started before its migrate step (Swarm and Kubernetes start
     both at once) must not serve, and must become ready by itself."""
     from kit.db import ensure_database
-    from kit.testing import migrate, unique_database_url
+    from kit_testing import migrate, unique_database_url
 
     url = unique_database_url(postgres_server_url, "catalog_unmigrated")
     await ensure_database(url)

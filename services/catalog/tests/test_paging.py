@@ -6,19 +6,19 @@ import asyncio
 import base64
 import json
 import uuid
-from collections.abc import Iterator
-from contextlib import contextmanager
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from datetime import UTC, datetime
 from decimal import Decimal
 from typing import Any
 
 import httpx
 import pytest
 from fastapi import FastAPI
-from sqlalchemy import event
-from sqlalchemy.ext.asyncio import AsyncEngine
+from sqlalchemy.ext.asyncio import AsyncConnection
 
-from catalog.deps import Pagination, pagination
-from catalog.paging import Sort
+from catalog.deps import pagination
+from catalog.paging import Pagination, Sort
 
 from .conftest import IMPORT_KEY
 from .factories import create_category, product_body, unique_name
@@ -196,22 +196,26 @@ async def test_negative_price_filter_is_422(client: httpx.AsyncClient) -> None:
     assert error_locs(assert_problem(response, 422)) == [["query", "min_price"]]
 
 
-@contextmanager
-def counted_statements(engine: AsyncEngine) -> Iterator[list[str]]:
+@asynccontextmanager
+async def counted_statements(connection: AsyncConnection) -> AsyncIterator[list[str]]:
+    """Every statement the test's connection runs, through SQLAlchemy or on
+    its driver connection directly (as the list reads do)."""
     statements: list[str] = []
+    driver = (await connection.get_raw_connection()).driver_connection
+    assert driver is not None
 
-    def count(conn: Any, cursor: Any, statement: str, *args: Any) -> None:
-        statements.append(statement)
+    def count(record: Any) -> None:
+        statements.append(record.query)
 
-    event.listen(engine.sync_engine, "before_cursor_execute", count)
+    driver.add_query_logger(count)
     try:
         yield statements
     finally:
-        event.remove(engine.sync_engine, "before_cursor_execute", count)
+        driver.remove_query_logger(count)
 
 
 async def test_a_page_costs_the_same_statements_whatever_its_size(
-    client: httpx.AsyncClient, admin_headers: dict[str, str], engine: AsyncEngine
+    client: httpx.AsyncClient, admin_headers: dict[str, str], connection: AsyncConnection
 ) -> None:
     for slug in ("alpha", "beta", "gamma"):
         await create_category(client, admin_headers, slug)
@@ -223,7 +227,7 @@ async def test_a_page_costs_the_same_statements_whatever_its_size(
     await import_rows(client, rows)
     counts = {}
     for limit in (2, 60):
-        with counted_statements(engine) as statements:
+        async with counted_statements(connection) as statements:
             response = await client.get(LIST, params={"tag": tag, "limit": limit})
         assert len(response.json()["items"]) == limit
         assert all(item["category"] is not None for item in response.json()["items"])
@@ -304,3 +308,32 @@ async def test_walk_sees_every_existing_product_once_while_others_are_inserted(
     assert set(ids) <= set(walked_ids)  # everything that existed at the start
     assert pages >= 9
     assert len(inserted) >= 3 * pages
+
+
+@pytest.mark.parametrize("category", [None, (7, "fruit", "Fruit")])
+def test_a_listed_product_is_serialised_byte_for_byte_as_a_product(
+    category: tuple[int, str, str] | None,
+) -> None:
+    """The list builds plain records instead of models: the same bytes go out."""
+    from catalog.schemas import PRODUCT_PAGE_JSON, ProductPage
+    from catalog.service import _product_out, _product_record
+
+    now = datetime.now(UTC)
+    category_id, slug, name = category or (None, None, None)
+    row = {
+        "id": uuid.uuid4(),
+        "name": "Red Apple",
+        "price": Decimal("19.99"),
+        "tags": ["red", "sale"],
+        "version": 3,
+        "created_at": now,
+        "updated_at": now,
+        "category_id": category_id,
+        "category_slug": slug,
+        "category_name": name,
+    }
+    as_models = ProductPage(items=[_product_out(row)], next_cursor="next").model_dump_json()
+    as_records = PRODUCT_PAGE_JSON.dump_json(
+        {"items": [_product_record(row)], "next_cursor": "next"}
+    )
+    assert as_records.decode() == as_models

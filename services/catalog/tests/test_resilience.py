@@ -17,7 +17,7 @@ async def test_reads_and_writes_recover_after_a_database_restart(
     postgres_service: Any,
     caplog: pytest.LogCaptureFixture,
 ) -> None:
-    from kit.testing import wait_for_postgres
+    from kit_testing import wait_for_postgres
 
     created = await create_product(committed_client, admin_headers)
     url = f"/catalog/products/{created['id']}"
@@ -33,7 +33,10 @@ async def test_reads_and_writes_recover_after_a_database_restart(
     assert response.json() == created
     listed = await committed_client.get("/catalog/products", params={"q": created["name"]})
     assert listed.json()["items"] == [created]
-    # the list's pool still held dead connections: it retried on a fresh one
+    # the engine's pool (category reads, writes) still held dead connections:
+    # the read retried on a fresh one
+    categories = await committed_client.get("/catalog/categories")
+    assert categories.status_code == 200, categories.text
     assert "database connection lost" in caplog.text
     again = await committed_client.post(
         "/catalog/products", json=product_body(), headers=admin_headers

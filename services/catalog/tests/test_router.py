@@ -6,7 +6,7 @@ from typing import Any
 import httpx
 import pytest
 
-from kit.testing import TokenMinter
+from kit_testing import TokenMinter
 
 from .factories import create_category, create_product, product_body, unique_name
 

@@ -10,7 +10,7 @@ import pytest
 from asgi_lifespan import LifespanManager
 
 from catalog.main import create_app
-from kit.testing import TokenMinter
+from kit_testing import TokenMinter
 
 from .conftest import BASE_URL, SHUTDOWN_TIMEOUT, make_settings
 

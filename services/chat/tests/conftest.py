@@ -12,24 +12,24 @@ from chat.config import Settings
 from .factories import Node, start_node
 
 if TYPE_CHECKING:
-    from kit.testing import TokenMinter
+    from kit_testing import TokenMinter
 
-# kit.testing is imported inside the fixtures: pytest must load it as a plugin first
-pytest_plugins = ["kit.testing"]
+# kit_testing is imported inside the fixtures: pytest must load it as a plugin first
+pytest_plugins = ["kit_testing"]
 
 SERVICE_DIR = Path(__file__).resolve().parents[1]
 
 
 @pytest.fixture(scope="session")
 def minter() -> TokenMinter:
-    from kit.testing import TokenMinter
+    from kit_testing import TokenMinter
 
     return TokenMinter()
 
 
 @pytest.fixture(scope="session")
 async def database_url(postgres_server_url: str) -> str:
-    from kit.testing import migrated_database
+    from kit_testing import migrated_database
 
     return await migrated_database(postgres_server_url, SERVICE_DIR)
 

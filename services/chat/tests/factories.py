@@ -24,7 +24,7 @@ from chat.config import Settings
 from chat.main import create_app
 
 if TYPE_CHECKING:
-    from kit.testing import TokenMinter
+    from kit_testing import TokenMinter
 
 TIMEOUT = 10.0
 
@@ -56,7 +56,7 @@ async def wait_ready(url: str, within: float = TIMEOUT) -> None:
 async def start_node(
     settings: Settings, minter: TokenMinter, **serve_options: Any
 ) -> AsyncIterator[Node]:
-    from kit.testing import serve
+    from kit_testing import serve
 
     app = create_app(settings, key_source=minter.key_source)
     async with serve(app, **serve_options) as url:

@@ -13,7 +13,7 @@ from chat import service
 from chat.bus import message_head, message_payload, room_channel
 from chat.schemas import StoredMessage
 from kit.db import make_engine
-from kit.testing import Service, TokenMinter
+from kit_testing import Service, TokenMinter
 
 from .factories import ChatClient, Node, chat, has_text, unique_room, wait_ready
 

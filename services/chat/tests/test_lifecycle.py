@@ -3,7 +3,7 @@ from __future__ import annotations
 from collections.abc import Callable
 
 from chat.config import Settings
-from kit.testing import TokenMinter
+from kit_testing import TokenMinter
 
 from .factories import StalledReader, chat, joins, leaves, start_node, unique_room
 

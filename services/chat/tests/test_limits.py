@@ -14,7 +14,7 @@ from websockets.exceptions import ConnectionClosed
 
 from chat.config import Settings
 from chat.limits import PROCESSES_KEY, UserLimits, sockets_key
-from kit.testing import TokenMinter, free_port
+from kit_testing import TokenMinter, free_port
 
 from .factories import (
     Node,

@@ -9,7 +9,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from chat.metrics import ChatMetrics, sent_at_of
 from chat.schemas import StoredMessage
-from kit.testing import TokenMinter
+from kit_testing import TokenMinter
 
 from .factories import Node, chat, unique_room
 

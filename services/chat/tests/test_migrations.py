@@ -2,7 +2,7 @@ from __future__ import annotations
 
 from chat import models  # noqa: F401 - registers the tables
 from chat.db import SCHEMA_REVISIONS, Base
-from kit.testing import migration_round_trip, script_revisions, unique_database_url
+from kit_testing import migration_round_trip, script_revisions, unique_database_url
 
 from .conftest import SERVICE_DIR
 

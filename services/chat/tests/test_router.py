@@ -7,7 +7,7 @@ import httpx
 from redis.asyncio import Redis
 
 from chat.presence import Presence
-from kit.testing import TokenMinter
+from kit_testing import TokenMinter
 
 from .factories import Node, chat, joins, leaves, presence_users, unique_room
 

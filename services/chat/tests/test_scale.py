@@ -13,7 +13,7 @@ from typing import Any
 from redis.asyncio import Redis
 
 from chat.config import Settings
-from kit.testing import TokenMinter
+from kit_testing import TokenMinter
 
 from .factories import ChatClient, Node, chat, presence_users, start_node, unique_room
 

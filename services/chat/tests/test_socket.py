@@ -15,7 +15,7 @@ from websockets.exceptions import InvalidStatus
 
 from kit.context import request_id_var
 from kit.security import revoked_token_key, revoked_user_key
-from kit.testing import Service, TokenMinter, wait_for_postgres
+from kit_testing import Service, TokenMinter, wait_for_postgres
 
 from .factories import ChatClient, Node, chat, chat_uri, has_text, unique_room
 

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 
 from fastapi import FastAPI
 from prometheus_client import CollectorRegistry
@@ -10,7 +10,7 @@ from starlette.middleware.cors import CORSMiddleware
 from starlette.middleware.gzip import GZipMiddleware
 
 from kit.accesslog import AccessLogMiddleware
-from kit.errors import install_problem_handlers
+from kit.errors import DomainError, install_problem_handlers
 from kit.health import ReadinessCheck, health_router
 from kit.inputs import install_screening
 from kit.logs import configure_logging
@@ -71,19 +71,21 @@ def assemble(
     readiness: Mapping[str, ReadinessCheck],
     optional_readiness: Mapping[str, ReadinessCheck] | None = None,
     registry: CollectorRegistry | None = None,
+    database_outage: Callable[[], DomainError] | None = None,
 ) -> HttpMetrics:
     """Middleware, input screening, problem+json handlers, `/healthz`,
     `/readyz` and `/metrics` (with the pools of the app's state: see
     kit.pools). Call it before adding the service's own routes.
 
     `readiness`: what the core traffic needs; `optional_readiness`: what only
-    some requests need, reported without failing readiness (see `kit.health`)."""
+    some requests need, reported without failing readiness (see `kit.health`);
+    `database_outage`: see `kit.errors.install_problem_handlers`."""
     registry = registry or CollectorRegistry()
     metrics = add_common_middleware(app, settings, registry)
     pools = PoolMetrics(registry)
     # before any route is added: routes take the router's dependencies as they come
     install_screening(app)
-    install_problem_handlers(app)
+    install_problem_handlers(app, database_outage=database_outage)
     install_problem_openapi(app)
     app.include_router(health_router(readiness, optional=optional_readiness))
     app.include_router(metrics_router(registry, samplers=(pools.sample,)))

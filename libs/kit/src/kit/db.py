@@ -5,7 +5,8 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
-from typing import Any
+from contextlib import AbstractAsyncContextManager
+from typing import Any, Generic
 
 import asyncpg
 from fastapi import Request
@@ -13,6 +14,7 @@ from sqlalchemy import MetaData, text
 from sqlalchemy.engine import make_url
 from sqlalchemy.exc import ProgrammingError
 from sqlalchemy.ext.asyncio import (
+    AsyncConnection,
     AsyncEngine,
     AsyncSession,
     async_sessionmaker,
@@ -20,6 +22,7 @@ from sqlalchemy.ext.asyncio import (
 )
 from sqlalchemy.pool import AsyncAdaptedQueuePool, ConnectionPoolEntry
 
+from kit.lifespan import AppState, SettingsT
 from kit.pools import observe_wait
 
 logger = logging.getLogger("kit.db")
@@ -36,6 +39,24 @@ NAMING_CONVENTION = {
 
 def new_metadata() -> MetaData:
     return MetaData(naming_convention=NAMING_CONVENTION)
+
+
+class DatabaseState(AppState[SettingsT], Generic[SettingsT]):
+    """What kit reads from the state of an app that owns a database: the
+    engine (readiness, pool metrics) and the sessions (`session_dependency`)."""
+
+    engine: AsyncEngine
+    sessionmaker: async_sessionmaker[AsyncSession]
+
+
+ReadConnections = Callable[[], AbstractAsyncContextManager[AsyncConnection]]
+"""Opens a connection for reads for the length of an `async with`."""
+
+
+def read_connections(engine: AsyncEngine) -> ReadConnections:
+    """Pooled connections outside any transaction, for reads: a read costs its
+    one round trip, where a session adds a BEGIN and a ROLLBACK around it."""
+    return engine.execution_options(isolation_level="AUTOCOMMIT").connect
 
 
 class MeasuredPool(AsyncAdaptedQueuePool):

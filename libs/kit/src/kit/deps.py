@@ -24,7 +24,7 @@ async def get_verifier(request: Request) -> TokenVerifier:
 VerifierDep = Annotated[TokenVerifier, Depends(get_verifier)]
 
 
-# These read the verifier from `request.state` themselves rather than through
+# Reads the verifier from `request.state` itself rather than through
 # `VerifierDep`: one dependency fewer to solve on every authenticated request.
 async def current_principal(
     request: Request, token: Annotated[str | None, Depends(oauth2_scheme)]
@@ -37,19 +37,7 @@ async def current_principal(
     return principal
 
 
-async def optional_principal(
-    request: Request, token: Annotated[str | None, Depends(oauth2_scheme)]
-) -> Principal | None:
-    if token is None:
-        return None
-    verifier: TokenVerifier = request.state.verifier
-    principal = await verifier.verify(token)
-    remember_user(request.scope, principal.user_id)
-    return principal
-
-
 CurrentPrincipal = Annotated[Principal, Depends(current_principal)]
-OptionalPrincipal = Annotated[Principal | None, Depends(optional_principal)]
 
 
 class RequireRole:

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
-from collections.abc import Mapping, Sequence
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from typing import Any, ClassVar
 
 from fastapi import FastAPI, Request
@@ -345,7 +345,39 @@ def _dependency_error_classes() -> list[type[Exception]]:
     return classes
 
 
-def install_problem_handlers(app: FastAPI) -> None:
+def _database_error_classes() -> list[type[Exception]]:
+    """What a lost or refused PostgreSQL connection surfaces as on a request's
+    own path: SQLAlchemy's DBAPIError, asyncpg's connection errors, a socket's."""
+    classes: list[type[Exception]] = [OSError]
+    with contextlib.suppress(ImportError):
+        from sqlalchemy.exc import DBAPIError
+
+        classes.append(DBAPIError)
+    with contextlib.suppress(ImportError):
+        import asyncpg
+
+        classes.append(asyncpg.PostgresConnectionError)
+    return classes
+
+
+def _database_outage_handler(
+    problem: Callable[[], DomainError],
+) -> Callable[[Request, Exception], Awaitable[JSONResponse]]:
+    async def on_database_error(request: Request, error: Exception) -> JSONResponse:
+        if is_outage(error):
+            logger.warning("database unreachable: %s", error)
+            return domain_error_response(problem())
+        return unexpected_error_response(error)
+
+    return on_database_error
+
+
+def install_problem_handlers(
+    app: FastAPI, *, database_outage: Callable[[], DomainError] | None = None
+) -> None:
+    """Every error as problem+json. `database_outage`: the problem an app whose
+    requests need only its database answers when PostgreSQL is unreachable, in
+    its own words, instead of "a dependency is briefly unavailable"."""
     app.add_exception_handler(DomainError, _on_domain_error)
     app.add_exception_handler(RequestValidationError, _on_validation_error)
     app.add_exception_handler(WebSocketRequestValidationError, _on_validation_error)
@@ -353,3 +385,7 @@ def install_problem_handlers(app: FastAPI) -> None:
     for error_class in _dependency_error_classes():
         app.add_exception_handler(error_class, _on_unexpected)
     app.add_exception_handler(Exception, _on_unexpected)
+    if database_outage is not None:
+        on_database_error = _database_outage_handler(database_outage)
+        for error_class in _database_error_classes():
+            app.add_exception_handler(error_class, on_database_error)

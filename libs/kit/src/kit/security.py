@@ -158,10 +158,9 @@ class Principal:
     issued_at: int
     expires_at: int
     email_verified: bool = False
-
-    @property
-    def is_admin(self) -> bool:
-        return "admin" in self.roles
+    # the login session (auth's refresh-token family) a user's token was issued
+    # in; None for a machine client's token
+    session_id: str | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -681,6 +680,7 @@ def _principal(claims: Mapping[str, Any]) -> Principal:
         issued_at=int(claims["iat"]),
         expires_at=int(claims["exp"]),
         email_verified=claims.get("email_verified") is True,
+        session_id=str(claims["sid"]) if claims.get("sid") is not None else None,
     )
 
 

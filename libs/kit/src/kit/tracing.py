@@ -371,17 +371,3 @@ def _finish(span: trace.Span, scope: Scope, method: str, status: int) -> None:
     if status >= 500 or not status:
         span.set_status(Status(StatusCode.ERROR))
     span.end()
-
-
-def current_trace_id() -> str | None:
-    """The current span's trace id as 32 hex digits, None outside any trace."""
-    span_context = trace.get_current_span().get_span_context()
-    if not span_context.is_valid:
-        return None
-    return format(span_context.trace_id, "032x")
-
-
-def inject_headers(carrier: dict[str, str]) -> Mapping[str, str]:
-    """Adds the current trace context's headers (traceparent, ...) to `carrier`."""
-    propagate.inject(carrier)
-    return carrier

@@ -60,6 +60,8 @@ class OAuthClient(BaseModel):
 class Settings(DatabaseSettings):
     service_name: str = "auth"
     database_url: PostgresDsn = PostgresDsn("postgresql+asyncpg://auth@postgres:5432/auth")
+    # /auth/users/me's own connections (kit.point_pool), opened on first use
+    point_read_pool_size: int = Field(default=5, ge=1)
 
     # The admin account ensured at start-up; without a password it is created
     # with a random one, printed once in the log.

@@ -16,6 +16,7 @@ from auth.config import Settings
 from auth.keys import KeyRing
 from auth.passwords import Passwords
 from auth.throttle import LoginThrottle
+from kit.batching import BatchedReads
 from kit.db import session_dependency
 
 
@@ -27,6 +28,11 @@ async def get_settings(request: Request) -> Settings:
 async def get_redis(request: Request) -> Redis:
     redis: Redis = request.state.redis
     return redis
+
+
+async def get_user_reads(request: Request) -> BatchedReads:
+    user_reads: BatchedReads = request.state.user_reads
+    return user_reads
 
 
 async def get_key_ring(request: Request) -> KeyRing:
@@ -48,6 +54,7 @@ async def client_address(request: Request) -> str:
 SettingsDep = Annotated[Settings, Depends(get_settings)]
 SessionDep = Annotated[AsyncSession, Depends(session_dependency)]
 RedisDep = Annotated[Redis, Depends(get_redis)]
+UserReadsDep = Annotated[BatchedReads, Depends(get_user_reads)]
 KeyRingDep = Annotated[KeyRing, Depends(get_key_ring)]
 PasswordsDep = Annotated[Passwords, Depends(get_passwords)]
 ClientAddress = Annotated[str, Depends(client_address)]

@@ -31,7 +31,6 @@ from auth.errors import (
     with_oauth_error,
 )
 from auth.keys import KeyRing
-from auth.models import User
 from auth.passwords import Passwords
 from auth.schemas import MAX_PASSWORD_LENGTH, TokenRequest, login_email
 from auth.throttle import LoginThrottle
@@ -117,22 +116,18 @@ def client_scopes(scope: str | None, client: OAuthClient) -> list[str]:
     return requested
 
 
-async def password_login(
-    *,
-    session: AsyncSession,
-    passwords: Passwords,
-    throttle: LoginThrottle,
-    email: str,
-    password: str,
-    client: str,
-) -> User:
-    """The login: the attempt counted before the password is checked (see
-    throttle.py). A throttled login stays a 429 with Retry-After."""
-    async with throttle.attempt(email=email, client=client):
-        user = await service.authenticate(
-            session=session, passwords=passwords, email=email, password=password
+def grant_type_of(form: TokenRequest) -> str:
+    grant_type = form.grant_type
+    if not grant_type and form.username is not None:
+        # this endpoint always took the password form without grant_type (as
+        # FastAPI's OAuth2PasswordRequestForm does); clients that omit it keep working
+        grant_type = "password"
+    grant_type = required(grant_type, "grant_type")
+    if grant_type not in GRANT_TYPES:
+        raise UnsupportedGrantType(
+            f"grant_type {grant_type!r} is not supported; use one of {', '.join(GRANT_TYPES)}"
         )
-    return user
+    return grant_type
 
 
 async def grant(
@@ -147,16 +142,7 @@ async def grant(
     throttle: LoginThrottle,
     client_address: str,
 ) -> service.IssuedTokens:
-    grant_type = form.grant_type
-    if not grant_type and form.username is not None:
-        # this endpoint always took the password form without grant_type (as
-        # FastAPI's OAuth2PasswordRequestForm does); clients that omit it keep working
-        grant_type = "password"
-    grant_type = required(grant_type, "grant_type")
-    if grant_type not in GRANT_TYPES:
-        raise UnsupportedGrantType(
-            f"grant_type {grant_type!r} is not supported; use one of {', '.join(GRANT_TYPES)}"
-        )
+    grant_type = grant_type_of(form)
     if grant_type == "client_credentials":
         if caller.config is None or caller.client_id is None:
             raise InvalidClient("client_credentials needs a confidential client's credentials")
@@ -184,7 +170,7 @@ async def grant(
     email = login_email(required(form.username, "username"))
     password = required(form.password, "password")
     check_user_scopes(form.scope)
-    user = await password_login(
+    user = await service.login(
         session=session,
         passwords=passwords,
         throttle=throttle,

@@ -1,12 +1,9 @@
-"""The auth app: `create_app()` builds it; the lifespan owns every resource."""
+"""The auth app: `create_app` lists its parts; kit's lifespan opens and closes them."""
 
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
-from collections.abc import AsyncIterator
-from typing import TypedDict
 
 from fastapi import FastAPI, Request
 from redis.asyncio import Redis
@@ -24,24 +21,30 @@ from auth.router import router
 from auth.throttle import LoginThrottle
 from auth.verification import router as verification_router
 from kit.app import assemble
-from kit.db import check_database, make_engine, make_sessionmaker, schema_check
+from kit.batching import BatchedReads
+from kit.db import (
+    DatabaseState,
+    asyncpg_dsn,
+    check_database,
+    make_engine,
+    make_sessionmaker,
+    schema_check,
+)
 from kit.health import check_redis, check_revocations
-from kit.heap import settled_heap
-from kit.logs import configure_logging
-from kit.security import KeySource, TokenVerifier
+from kit.lifespan import Parts, lifespan, open_redis, open_verifier
+from kit.point_pool import PointReadPool
+from kit.security import KeySource
 
 logger = logging.getLogger("auth.main")
 STARTUP_RETRY_MAX_SECONDS = 10.0
 
 
-class State(TypedDict):
-    settings: Settings
-    engine: AsyncEngine
-    sessionmaker: async_sessionmaker[AsyncSession]
+class State(DatabaseState[Settings]):
     redis: Redis
+    point_pool: PointReadPool
+    user_reads: BatchedReads
     key_ring: KeyRing
     passwords: Passwords
-    verifier: TokenVerifier
     throttle: LoginThrottle
     bootstrap: asyncio.Task[None]
 
@@ -85,67 +88,59 @@ async def check_bootstrap(request: Request) -> None:
         raise RuntimeError("signing key and admin account not set up yet")
 
 
+async def open_parts(parts: Parts, settings: Settings, *, key_source: KeySource | None) -> State:
+    engine = make_engine(
+        str(settings.database_url),
+        pool_size=settings.database_pool_size,
+        max_overflow=settings.database_pool_overflow,
+    )
+    parts.add(engine, AsyncEngine.dispose)
+    sessionmaker = make_sessionmaker(engine)
+    point_pool = PointReadPool(
+        asyncpg_dsn(str(settings.database_url)), max_size=settings.point_read_pool_size
+    )
+    parts.add(point_pool, PointReadPool.close)
+    user_reads = service.user_reads(point_pool.acquire, max_in_flight=settings.point_read_pool_size)
+    parts.add(user_reads, BatchedReads.aclose)
+    redis = open_redis(parts, settings)
+    key_ring = KeyRing(sessionmaker=sessionmaker, settings=settings)
+    passwords = Passwords.from_settings(settings)
+    verifier = await open_verifier(parts, settings, redis=redis, keys=key_source or key_ring)
+    startup = parts.task(
+        bootstrap(
+            sessionmaker=sessionmaker, key_ring=key_ring, passwords=passwords, settings=settings
+        ),
+        name="auth bootstrap",
+    )
+    return State(
+        settings=settings,
+        verifier=verifier,
+        engine=engine,
+        sessionmaker=sessionmaker,
+        point_pool=point_pool,
+        user_reads=user_reads,
+        redis=redis,
+        key_ring=key_ring,
+        passwords=passwords,
+        throttle=LoginThrottle(redis=redis, settings=settings),
+        bootstrap=startup,
+    )
+
+
 def create_app(settings: Settings | None = None, *, key_source: KeySource | None = None) -> FastAPI:
     """`key_source` replaces the key ring for verification only (tests)."""
-    settings = settings or Settings()
-    configure_logging(service=settings.service_name, level=settings.log_level)
-    warn_if_issuer_is_elsewhere(settings)
-
-    @contextlib.asynccontextmanager
-    async def lifespan(app: FastAPI) -> AsyncIterator[State]:
-        engine = make_engine(
-            str(settings.database_url),
-            pool_size=settings.database_pool_size,
-            max_overflow=settings.database_pool_overflow,
-        )
-        sessionmaker = make_sessionmaker(engine)
-        # a connect that hangs (Redis stopping, a partition) fails after 2 s instead
-        # of the kernel's minutes, so the revocation mirror reconnects promptly
-        redis = Redis.from_url(str(settings.redis_url), socket_connect_timeout=2.0)
-        key_ring = KeyRing(sessionmaker=sessionmaker, settings=settings)
-        passwords = Passwords.from_settings(settings)
-        verifier = TokenVerifier.for_service(settings, redis=redis, keys=key_source or key_ring)
-        await verifier.start()
-        startup = asyncio.create_task(
-            bootstrap(
-                sessionmaker=sessionmaker,
-                key_ring=key_ring,
-                passwords=passwords,
-                settings=settings,
-            )
-        )
-        try:
-            with settled_heap():
-                yield State(
-                    settings=settings,
-                    engine=engine,
-                    sessionmaker=sessionmaker,
-                    redis=redis,
-                    key_ring=key_ring,
-                    passwords=passwords,
-                    verifier=verifier,
-                    throttle=LoginThrottle(redis=redis, settings=settings),
-                    bootstrap=startup,
-                )
-        finally:
-            startup.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await startup
-            await verifier.aclose()
-            await redis.aclose()
-            await engine.dispose()
-
+    app_settings = settings or Settings()
     app = FastAPI(
         title="Bazaar auth",
         summary="Accounts, OAuth 2.0 logins, ES256 access tokens, rotating refresh tokens",
-        lifespan=lifespan,
+        lifespan=lifespan(lambda parts: open_parts(parts, app_settings, key_source=key_source)),
     )
     # Ready with PostgreSQL and its bootstrap (signing key, admin): the JWKS,
     # registration and logins rest on them. Redis matters to some requests
     # only, which handle its absence themselves (see the README).
     assemble(
         app,
-        settings,
+        app_settings,
         readiness={
             "database": check_database,
             "schema": schema_check(SCHEMA_REVISIONS),
@@ -153,6 +148,7 @@ def create_app(settings: Settings | None = None, *, key_source: KeySource | None
         },
         optional_readiness={"redis": check_redis, "revocations": check_revocations},
     )
+    warn_if_issuer_is_elsewhere(app_settings)
     app.include_router(router)
     app.include_router(oauth_router)
     app.include_router(verification_router)

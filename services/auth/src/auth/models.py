@@ -23,7 +23,6 @@ from auth.db import Base
 
 ROLE_ADMIN = "admin"
 ROLE_USER = "user"
-ROLES = (ROLE_ADMIN, ROLE_USER)
 
 
 class User(Base):

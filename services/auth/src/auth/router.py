@@ -5,8 +5,7 @@ from __future__ import annotations
 import uuid
 from typing import Annotated, Any
 
-from fastapi import APIRouter, BackgroundTasks, Depends, Form, Query, Request, Response
-from jose import jwt
+from fastapi import APIRouter, BackgroundTasks, Form, Query, Request, Response
 
 from auth import service
 from auth.clients import authenticate_client
@@ -19,11 +18,11 @@ from auth.deps import (
     SessionDep,
     SettingsDep,
     ThrottleDep,
+    UserReadsDep,
 )
 from auth.errors import InvalidRefreshToken
 from auth.grants import check_form, grant, oauth_errors
 from auth.mail import send_reset_email, send_welcome_email
-from auth.models import User
 from auth.schemas import (
     PasswordForgotIn,
     PasswordResetIn,
@@ -36,8 +35,7 @@ from auth.schemas import (
     UserPatch,
 )
 from auth.throttle import allow_reset_email
-from kit.deps import AdminPrincipal, CurrentPrincipal, oauth2_scheme
-from kit.errors import Unauthenticated
+from kit.deps import AdminPrincipal, CurrentPrincipal
 
 router = APIRouter(prefix="/auth", tags=["auth"])
 TokenForm = Annotated[TokenRequest, Form()]
@@ -168,25 +166,14 @@ async def refresh(
 @router.post("/logout", status_code=204, summary="Revoke this access token and its session")
 async def logout(
     principal: CurrentPrincipal,
-    raw_token: Annotated[str | None, Depends(oauth2_scheme)],
     session: SessionDep,
     redis: RedisDep,
     cookie: RefreshCookieDep,
 ) -> Response:
-    # the token was verified by CurrentPrincipal; read the session id it carries
-    claims = jwt.get_unverified_claims(raw_token or "")
-    family_id = _uuid_or_none(claims.get("sid"))
-    await service.logout(session=session, redis=redis, principal=principal, family_id=family_id)
+    await service.logout(session=session, redis=redis, principal=principal)
     answer = Response(status_code=204)
     cookie.clear(answer)
     return answer
-
-
-def _uuid_or_none(value: Any) -> uuid.UUID | None:
-    try:
-        return uuid.UUID(str(value))
-    except ValueError:
-        return None
 
 
 @router.post(
@@ -228,26 +215,22 @@ async def reset_password(
     settings: SettingsDep,
     throttle: ThrottleDep,
 ) -> Response:
-    user = await service.reset_password(
+    await service.reset_password(
         session=session,
         redis=redis,
         passwords=passwords,
         settings=settings,
+        throttle=throttle,
         token=body.token,
         password=body.password,
     )
-    # the owner proved who they are: failed-login counts against the account go
-    await throttle.forgive(email=user.email)
     return Response(status_code=204)
 
 
-@router.get("/users/me", summary="The caller's account")
-async def me(principal: CurrentPrincipal, session: SessionDep) -> UserOut:
-    user_id = _uuid_or_none(principal.user_id)
-    user = None if user_id is None else await session.get(User, user_id)
-    if user is None or not user.is_active:
-        raise Unauthenticated("This account no longer exists or is disabled")
-    return UserOut.of(user)
+@router.get("/users/me", response_model=UserOut, summary="The caller's account")
+async def me(principal: CurrentPrincipal, user_reads: UserReadsDep) -> Response:
+    user = await service.current_user(reads=user_reads, principal=principal)
+    return Response(user.model_dump_json(), media_type="application/json")
 
 
 @router.get("/users", summary="List accounts (admin)")

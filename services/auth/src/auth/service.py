@@ -10,12 +10,13 @@ import uuid
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
-from typing import Any
+from typing import Any, TypeVar
 
 from redis.asyncio import Redis
 from redis.exceptions import RedisError
-from sqlalchemy import func, select, update
-from sqlalchemy.dialects.postgresql import insert
+from sqlalchemy import any_, bindparam, func, select, update
+from sqlalchemy.dialects.postgresql import ARRAY, insert
+from sqlalchemy.dialects.postgresql import asyncpg as asyncpg_dialect
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
@@ -39,14 +40,17 @@ from auth.models import (
     User,
 )
 from auth.passwords import Passwords
-from auth.schemas import PASSWORD_IS_EMAIL, is_the_email, normalise_email
+from auth.schemas import PASSWORD_IS_EMAIL, UserOut, is_the_email, normalise_email
+from auth.throttle import LoginThrottle
 from auth.tokens import (
     issue_access_token,
     issue_client_token,
     new_opaque_token,
     opaque_token_hash,
 )
-from kit.errors import InvalidInput, ServiceUnavailable
+from kit.batching import BatchedReads
+from kit.errors import DomainError, InvalidInput, ServiceUnavailable, Unauthenticated
+from kit.point_pool import Connections
 from kit.security import Principal, revoke_token, revoke_user, user_revoked_before
 
 logger = logging.getLogger("auth.service")
@@ -102,6 +106,59 @@ async def get_user(*, session: AsyncSession, user_id: uuid.UUID) -> User:
     if user is None:
         raise UserNotFound
     return user
+
+
+async def current_user(*, reads: BatchedReads, principal: Principal) -> UserOut:
+    """The account a verified access token speaks for, read on the point-read
+    pool, batched with the others waiting (no session, no transaction): it may
+    have been disabled or deleted since the token was issued."""
+    user_id = _uuid_or_none(principal.user_id)
+    row = None if user_id is None else await reads.fetch(user_id)
+    if row is None or not row["is_active"]:
+        raise Unauthenticated("This account no longer exists or is disabled")
+    return UserOut.model_construct(
+        id=row["id"],
+        email=row["email"],
+        display_name=row["display_name"],
+        roles=list(row["roles"]),
+        is_active=row["is_active"],
+        email_verified=row["email_verified_at"] is not None,
+        created_at=row["created_at"],
+    )
+
+
+def user_reads(connections: Connections, *, max_in_flight: int) -> BatchedReads:
+    """Reads of users by id on `connections`, batched (see kit.batching)."""
+    return BatchedReads(
+        connections,
+        _USERS_BY_ID_SQL,
+        key="id",
+        on_lost=lambda _error: ServiceUnavailable("The account database is briefly unavailable"),
+        max_in_flight=max_in_flight,
+    )
+
+
+# compiled once from the model: the columns are still written in one place
+_USERS_BY_ID_SQL = str(
+    select(
+        User.id,
+        User.email,
+        User.display_name,
+        User.roles,
+        User.is_active,
+        User.email_verified_at,
+        User.created_at,
+    )
+    .where(User.id == any_(bindparam("ids", type_=ARRAY(User.id.type))))
+    .compile(dialect=asyncpg_dialect.dialect())  # type: ignore[no-untyped-call]
+)
+
+
+def _uuid_or_none(value: str | None) -> uuid.UUID | None:
+    try:
+        return uuid.UUID(str(value))
+    except ValueError:
+        return None
 
 
 def encode_cursor(email: str) -> str:
@@ -201,31 +258,13 @@ async def ensure_admin(
     email = normalise_email(settings.admin_email)
     configured = settings.admin_password
     password = secrets.token_urlsafe(18) if configured is None else configured.get_secret_value()
-    now = datetime.now(UTC)
     async with sessionmaker() as session:
-        created = await session.scalar(
-            insert(User)
-            .values(
-                id=uuid.uuid4(),
-                email=email,
-                display_name="Administrator",
-                password_hash=await passwords.hash(password),
-                roles=[ROLE_ADMIN, ROLE_USER],
-                email_verified_at=now,
-            )
-            .on_conflict_do_nothing(index_elements=[User.email])
-            .returning(User.id)
+        created, existing = await _create_or_promote_admin(
+            session, email=email, password_hash=await passwords.hash(password)
         )
-        existing = None
-        if created is None:
-            existing = await session.scalar(select(User).where(User.email == email))
-            if existing is not None:
-                if ROLE_ADMIN not in existing.roles:
-                    existing.roles = [*existing.roles, ROLE_ADMIN]
-                existing.email_verified_at = existing.email_verified_at or now
         await session.commit()
     change = f"docker compose run --rm auth python -m auth.admin set-password {email}"
-    if created is not None and configured is None:
+    if created and configured is None:
         logger.warning(
             "created the admin account %s with a generated password, shown only this once: "
             "%s (change it with: %s)",
@@ -233,7 +272,7 @@ async def ensure_admin(
             password,
             change,
         )
-    elif created is not None:
+    elif created:
         logger.info("created the admin account %s", email)
     elif (
         existing is not None
@@ -248,6 +287,36 @@ async def ensure_admin(
         )
     else:
         logger.info("admin account %s ensured", email)
+
+
+async def _create_or_promote_admin(
+    session: AsyncSession, *, email: str, password_hash: str
+) -> tuple[bool, User | None]:
+    """Creates the admin account, or makes the existing account of that email
+    an admin with a verified address. Whether it was created, and the
+    existing account if not."""
+    now = datetime.now(UTC)
+    created = await session.scalar(
+        insert(User)
+        .values(
+            id=uuid.uuid4(),
+            email=email,
+            display_name="Administrator",
+            password_hash=password_hash,
+            roles=[ROLE_ADMIN, ROLE_USER],
+            email_verified_at=now,
+        )
+        .on_conflict_do_nothing(index_elements=[User.email])
+        .returning(User.id)
+    )
+    if created is not None:
+        return True, None
+    existing = await session.scalar(select(User).where(User.email == email))
+    if existing is not None:
+        if ROLE_ADMIN not in existing.roles:
+            existing.roles = [*existing.roles, ROLE_ADMIN]
+        existing.email_verified_at = existing.email_verified_at or now
+    return False, existing
 
 
 async def find_user(*, session: AsyncSession, email: str) -> User:
@@ -312,6 +381,24 @@ async def authenticate(
         user.password_hash = await passwords.hash(password)
         await session.commit()
         logger.info("upgraded password hash of user %s", user.id)
+    return user
+
+
+async def login(
+    *,
+    session: AsyncSession,
+    passwords: Passwords,
+    throttle: LoginThrottle,
+    email: str,
+    password: str,
+    client: str,
+) -> User:
+    """A password login: the attempt counted before the password is checked
+    (see throttle.py); a throttled login is RateLimited with its wait."""
+    async with throttle.attempt(email=email, client=client):
+        user = await authenticate(
+            session=session, passwords=passwords, email=email, password=password
+        )
     return user
 
 
@@ -465,10 +552,10 @@ async def blocklist(*, redis: Redis, jti: str, expires_at: int) -> None:
         raise ServiceUnavailable("Token revocation list is unreachable; retry") from error
 
 
-async def logout(
-    *, session: AsyncSession, redis: Redis, principal: Principal, family_id: uuid.UUID | None
-) -> None:
+async def logout(*, session: AsyncSession, redis: Redis, principal: Principal) -> None:
+    """Ends this access token and the login session it was issued in."""
     await blocklist(redis=redis, jti=principal.jti, expires_at=principal.expires_at)
+    family_id = _uuid_or_none(principal.session_id)
     if family_id is not None:
         await revoke_family(session=session, redis=redis, family_id=family_id)
         await session.commit()
@@ -559,6 +646,7 @@ async def reset_password(
     redis: Redis,
     passwords: Passwords,
     settings: Settings,
+    throttle: LoginThrottle,
     token: str,
     password: str,
 ) -> User:
@@ -570,21 +658,9 @@ async def reset_password(
     usually means the old password was lost or stolen.
     """
     now = datetime.now(UTC)
-    reset = await session.scalar(
-        select(PasswordReset)
-        .where(PasswordReset.token_hash == opaque_token_hash(token))
-        .with_for_update()
+    user = await _token_holder(
+        session, PasswordReset, token=token, now=now, refused=InvalidResetToken
     )
-    user = None if reset is None else await session.get(User, reset.user_id)
-    if (
-        reset is None
-        or user is None
-        or reset.used_at is not None
-        or reset.expires_at <= now
-        or not user.is_active
-    ):
-        await session.rollback()
-        raise InvalidResetToken
     if is_the_email(password, user.email):
         await session.rollback()
         raise InvalidInput(
@@ -600,7 +676,39 @@ async def reset_password(
     await _revoke_refresh_tokens(session=session, user_id=user.id)
     await session.commit()
     await _revoke_user_tokens(redis=redis, settings=settings, user_id=user.id)
+    # the owner proved who they are: failed-login counts against the account go
+    await throttle.forgive(email=user.email)
     logger.info("password reset for user %s", user.id)
+    return user
+
+
+OneTimeToken = TypeVar("OneTimeToken", PasswordReset, EmailVerification)
+
+
+async def _token_holder(
+    session: AsyncSession,
+    model: type[OneTimeToken],
+    *,
+    token: str,
+    now: datetime,
+    refused: type[DomainError],
+) -> User:
+    """The active account a live, unused one-time token (a password reset, an
+    email verification) belongs to, the token locked until the transaction
+    ends; else `refused`."""
+    row = await session.scalar(
+        select(model).where(model.token_hash == opaque_token_hash(token)).with_for_update()
+    )
+    user = None if row is None else await session.get(User, row.user_id)
+    if (
+        row is None
+        or user is None
+        or row.used_at is not None
+        or row.expires_at <= now
+        or not user.is_active
+    ):
+        await session.rollback()
+        raise refused
     return user
 
 
@@ -639,21 +747,9 @@ async def verify_email(*, session: AsyncSession, token: str) -> User:
     of the user is spent with it. New access tokens (a refresh or a login)
     then carry `email_verified: true`."""
     now = datetime.now(UTC)
-    verification = await session.scalar(
-        select(EmailVerification)
-        .where(EmailVerification.token_hash == opaque_token_hash(token))
-        .with_for_update()
+    user = await _token_holder(
+        session, EmailVerification, token=token, now=now, refused=InvalidVerificationToken
     )
-    user = None if verification is None else await session.get(User, verification.user_id)
-    if (
-        verification is None
-        or user is None
-        or verification.used_at is not None
-        or verification.expires_at <= now
-        or not user.is_active
-    ):
-        await session.rollback()
-        raise InvalidVerificationToken
     user.email_verified_at = user.email_verified_at or now
     await session.execute(
         update(EmailVerification)

@@ -1,27 +1,24 @@
-"""Dependencies routes read like prose: the session, paging, filters, the import
-credentials."""
+"""Dependencies routes read like prose: each adapts a request to what the
+service takes (the session, the read connections, a page, filters) or admits
+it (the import credentials)."""
 
 from __future__ import annotations
 
-import contextlib
 import secrets
-from collections.abc import AsyncIterator, Callable
-from contextlib import AbstractAsyncContextManager
-from dataclasses import dataclass, field
 from decimal import Decimal
-from typing import Annotated, Any
+from typing import Annotated
 
 from fastapi import Depends, Query, Request, Security
 from fastapi.openapi.models import OAuthFlowClientCredentials, OAuthFlows
 from fastapi.security import APIKeyHeader, OAuth2
-from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, AsyncSession, async_sessionmaker
+from sqlalchemy.ext.asyncio import AsyncSession
 
-from catalog.batching import BatchedReads, Connections
 from catalog.config import Settings
+from catalog.connections import ReadConnections
 from catalog.errors import ImportDisabled, MissingImportScope
-from catalog.paging import Cursor, Sort
-from catalog.point_pool import PointReadPool
+from catalog.paging import Cursor, Pagination, ProductFilters, Sort
 from catalog.schemas import Slug, Tag
+from kit.batching import BatchedReads, SharedReads
 from kit.db import session_dependency
 from kit.errors import InvalidInput, Unauthenticated
 from kit.security import TokenVerifier, bearer_from_headers
@@ -30,49 +27,6 @@ PAGE_DEFAULT = 20
 PAGE_MAX = 100
 
 SessionDep = Annotated[AsyncSession, Depends(session_dependency)]
-
-
-ReadConnections = Callable[[], AbstractAsyncContextManager[AsyncConnection]]
-"""Opens a connection for reads; the lifespan picks the implementation."""
-
-
-def engine_connections(engine: AsyncEngine) -> ReadConnections:
-    """Pooled connections outside any session: reads pay one round trip each."""
-    return engine.connect
-
-
-def session_connections(sessionmaker: async_sessionmaker[AsyncSession]) -> ReadConnections:
-    """The connection under a session from `sessionmaker` (tests: their transaction)."""
-
-    @contextlib.asynccontextmanager
-    async def connection() -> AsyncIterator[AsyncConnection]:
-        async with sessionmaker() as session:
-            yield await session.connection()
-
-    return connection
-
-
-# Bare asyncpg connections, for the hottest point reads (see batching.py).
-DriverConnections = Connections
-
-
-def pool_connections(pool: PointReadPool) -> DriverConnections:
-    """Leases from the point-read pool: a checkout costs a fraction of SQLAlchemy's."""
-    return pool.acquire
-
-
-def session_driver_connections(
-    sessionmaker: async_sessionmaker[AsyncSession],
-) -> DriverConnections:
-    """The driver connection under a session (tests: inside their transaction)."""
-
-    @contextlib.asynccontextmanager
-    async def connection() -> AsyncIterator[Any]:
-        async with sessionmaker() as session:
-            raw = await (await session.connection()).get_raw_connection()
-            yield raw.driver_connection
-
-    return connection
 
 
 async def get_point_reads(request: Request) -> BatchedReads:
@@ -94,19 +48,20 @@ async def get_reads(request: Request) -> ReadConnections:
 ReadsDep = Annotated[ReadConnections, Depends(get_reads)]
 
 
+async def get_list_reads(request: Request) -> SharedReads:
+    list_reads: SharedReads = request.state.list_reads
+    return list_reads
+
+
+ListReadsDep = Annotated[SharedReads, Depends(get_list_reads)]
+
+
 async def get_settings(request: Request) -> Settings:
     settings: Settings = request.state.settings
     return settings
 
 
 SettingsDep = Annotated[Settings, Depends(get_settings)]
-
-
-@dataclass(frozen=True, slots=True)
-class Pagination:
-    limit: int
-    sort: Sort
-    cursor: Cursor | None
 
 
 async def pagination(
@@ -122,17 +77,6 @@ async def pagination(
 
 
 PaginationDep = Annotated[Pagination, Depends(pagination)]
-
-
-@dataclass(frozen=True, slots=True)
-class ProductFilters:
-    """The list's filters, each optional, combined with AND."""
-
-    tags: list[str] = field(default_factory=list)
-    category: str | None = None
-    q: str | None = None
-    min_price: Decimal | None = None
-    max_price: Decimal | None = None
 
 
 class FilterParser:

@@ -1,55 +1,37 @@
-"""The catalog app: `create_app` builds it; the lifespan owns every connection."""
+"""The catalog app: `create_app` lists its parts; kit's lifespan opens and closes them."""
 
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
-from collections.abc import AsyncIterator
-from typing import TypedDict
 
-import asyncpg
-import httpx
-from fastapi import FastAPI, Request, Response
+from fastapi import FastAPI
 from redis.asyncio import Redis
-from sqlalchemy.exc import DBAPIError
-from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker
+from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
 from catalog import service
-from catalog.batching import BatchedReads
 from catalog.config import Settings
+from catalog.connections import DatabaseOpener, ReadConnections, open_database
 from catalog.db import SCHEMA_REVISIONS
-from catalog.deps import (
-    ReadConnections,
-    engine_connections,
-    pool_connections,
-    session_connections,
-    session_driver_connections,
-)
 from catalog.errors import DatabaseUnavailable
-from catalog.point_pool import PointReadPool
 from catalog.router import router
 from kit.app import assemble
-from kit.db import asyncpg_dsn, check_database, make_engine, make_sessionmaker, schema_check
-from kit.errors import domain_error_response, is_outage, unexpected_error_response
+from kit.batching import BatchedReads, SharedReads
+from kit.db import DatabaseState, check_database, schema_check
 from kit.health import VERIFIER_CHECKS
-from kit.heap import settled_heap
-from kit.logs import configure_logging
-from kit.security import KeySource, TokenVerifier
+from kit.lifespan import Parts, lifespan, open_redis, open_verifier
+from kit.point_pool import PointReadPool
+from kit.security import KeySource
 
 logger = logging.getLogger("catalog")
 
 
-class State(TypedDict):
-    settings: Settings
-    verifier: TokenVerifier
+class State(DatabaseState[Settings]):
     redis: Redis
-    http: httpx.AsyncClient
-    engine: AsyncEngine
-    sessionmaker: async_sessionmaker[AsyncSession]
     reads: ReadConnections
+    list_reads: SharedReads
     point_reads: BatchedReads
-    point_pool: PointReadPool
+    point_pool: PointReadPool | None
 
 
 async def purge_idempotency_keys(
@@ -67,93 +49,47 @@ async def purge_idempotency_keys(
             logger.warning("idempotency key purge failed: %s", error)
 
 
-async def on_database_error(request: Request, error: Exception) -> Response:
-    """kit's handling, with this service's own words for the one dependency
-    its reads and writes need."""
-    if is_outage(error):
-        logger.warning("database unreachable: %s", error)
-        return domain_error_response(DatabaseUnavailable())
-    return unexpected_error_response(error)
+async def open_parts(
+    parts: Parts, settings: Settings, *, key_source: KeySource | None, database: DatabaseOpener
+) -> State:
+    db = await database(parts, settings)
+    redis = open_redis(parts, settings)
+    verifier = await open_verifier(parts, settings, redis=redis, keys=key_source)
+    point_reads = service.product_reads(db.driver_connections, max_in_flight=db.point_concurrency)
+    parts.add(point_reads, BatchedReads.aclose)
+    list_reads = parts.add(service.list_reads(db.driver_connections), SharedReads.aclose)
+    parts.task(
+        purge_idempotency_keys(db.sessionmaker, settings.idempotency_purge_interval_seconds),
+        name="purge idempotency keys",
+    )
+    return State(
+        settings=settings,
+        verifier=verifier,
+        engine=db.engine,
+        sessionmaker=db.sessionmaker,
+        redis=redis,
+        reads=db.reads,
+        list_reads=list_reads,
+        point_reads=point_reads,
+        point_pool=db.point_pool,
+    )
 
 
 def create_app(
     settings: Settings | None = None,
     *,
     key_source: KeySource | None = None,
-    sessionmaker: async_sessionmaker[AsyncSession] | None = None,
+    database: DatabaseOpener = open_database,
 ) -> FastAPI:
-    """The catalog app. `sessionmaker` replaces both session factories built on
-    the engine, so tests can bind every request to a connection they roll back."""
-    settings = settings or Settings()
-
-    @contextlib.asynccontextmanager
-    async def lifespan(app: FastAPI) -> AsyncIterator[State]:
-        configure_logging(service=settings.service_name, level=settings.log_level)
-        # No pre-ping: on asyncpg it costs three round trips (BEGIN, ping,
-        # ROLLBACK) on every checkout, more than the query it guards. A
-        # connection lost to a database restart is detected on use instead; the
-        # whole pool is then recycled, reads retry once, and writes answer 503.
-        engine = make_engine(
-            str(settings.database_url),
-            pool_pre_ping=False,
-            pool_size=settings.database_pool_size,
-            max_overflow=settings.database_pool_overflow,
-        )
-        # a connect that hangs (Redis stopping, a partition) fails after 2 s instead
-        # of the kernel's minutes, so the revocation mirror reconnects promptly
-        redis = Redis.from_url(str(settings.redis_url), socket_connect_timeout=2.0)
-        http = httpx.AsyncClient()
-        verifier = TokenVerifier.for_service(settings, redis=redis, keys=key_source, http=http)
-        await verifier.start()
-        sessions = sessionmaker or make_sessionmaker(engine)
-        # Get-by-id has a lean pool of its own (see point_pool.py); it connects
-        # on first use, so start-up never waits on the database.
-        point_pool = PointReadPool(
-            asyncpg_dsn(str(settings.database_url)), max_size=settings.point_read_pool_size
-        )
-        if sessionmaker is not None:
-            reads = session_connections(sessionmaker)
-            # the tests' one connection takes one statement at a time
-            point_reads = service.product_reads(
-                session_driver_connections(sessionmaker), max_in_flight=1
-            )
-        else:
-            autocommit = engine.execution_options(isolation_level="AUTOCOMMIT")
-            reads = engine_connections(autocommit)
-            point_reads = service.product_reads(
-                pool_connections(point_pool), max_in_flight=settings.point_read_pool_size
-            )
-        purger = asyncio.create_task(
-            purge_idempotency_keys(sessions, settings.idempotency_purge_interval_seconds)
-        )
-        try:
-            with settled_heap():
-                yield State(
-                    settings=settings,
-                    verifier=verifier,
-                    redis=redis,
-                    http=http,
-                    engine=engine,
-                    sessionmaker=sessions,
-                    reads=reads,
-                    point_reads=point_reads,
-                    point_pool=point_pool,
-                )
-        finally:
-            purger.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await purger
-            await verifier.aclose()
-            await http.aclose()
-            await redis.aclose()
-            await point_reads.aclose()
-            await engine.dispose()
-            await point_pool.close()
-
+    """The catalog app. `database` opens its connections to PostgreSQL (see
+    catalog.connections); tests open theirs inside a transaction they roll back."""
+    app_settings = settings or Settings()
     app = FastAPI(
         title="Bazaar catalog",
         version="1.0.0",
-        lifespan=lifespan,
+        lifespan=lifespan(
+            lambda parts: open_parts(parts, app_settings, key_source=key_source, database=database)
+        ),
         description="Products and categories: keyset pages, ETags, idempotent creates.",
     )
     # Ready with PostgreSQL alone: public reads need nothing else. Redis
@@ -161,11 +97,10 @@ def create_app(
     # answer 503 themselves when those cannot be checked.
     assemble(
         app,
-        settings,
+        app_settings,
         readiness={"database": check_database, "schema": schema_check(SCHEMA_REVISIONS)},
         optional_readiness=VERIFIER_CHECKS,
+        database_outage=DatabaseUnavailable,
     )
-    for error_type in (DBAPIError, OSError, asyncpg.PostgresConnectionError):
-        app.add_exception_handler(error_type, on_database_error)
     app.include_router(router)
     return app

@@ -1,8 +1,9 @@
-"""Keyset pagination: sort orders and the opaque cursor that continues one.
+"""What a list of products asks for: a page (its size, its order, and the
+opaque cursor that continues the previous one) and filters.
 
-A cursor is base64url JSON of `[sort, last sort key, last id]`. Clients treat
-it as opaque; the server checks every part, so a forged or stale cursor is a
-422, never a 500.
+Keyset pagination: a cursor is base64url JSON of `[sort, last sort key, last
+id]`. Clients treat it as opaque; the server checks every part, so a forged or
+stale cursor is a 422, never a 500.
 """
 
 from __future__ import annotations
@@ -12,7 +13,7 @@ import binascii
 import enum
 import json
 import uuid
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import datetime
 from decimal import Decimal, InvalidOperation
 
@@ -91,3 +92,21 @@ def invalid_cursor(message: str) -> InvalidInput:
         "Invalid cursor",
         errors=[{"loc": ["query", "cursor"], "msg": message, "type": "invalid_cursor"}],
     )
+
+
+@dataclass(frozen=True, slots=True)
+class Pagination:
+    limit: int
+    sort: Sort
+    cursor: Cursor | None
+
+
+@dataclass(frozen=True, slots=True)
+class ProductFilters:
+    """The list's filters, each optional, combined with AND."""
+
+    tags: list[str] = field(default_factory=list)
+    category: str | None = None
+    q: str | None = None
+    min_price: Decimal | None = None
+    max_price: Decimal | None = None

@@ -12,6 +12,7 @@ from catalog import service
 from catalog.conditional import etag_for, if_match_versions, none_match
 from catalog.deps import (
     FiltersDep,
+    ListReadsDep,
     PaginationDep,
     PointReadsDep,
     ReadsDep,
@@ -85,9 +86,9 @@ async def get_product(
 
 
 @router.get("/products", response_model=ProductPage, summary="A page of products")
-async def list_products(reads: ReadsDep, page: PaginationDep, filters: FiltersDep) -> Response:
-    result = await service.list_products(reads=reads, filters=filters, page=page)
-    return Response(result.model_dump_json(), media_type=JSON)
+async def list_products(reads: ListReadsDep, page: PaginationDep, filters: FiltersDep) -> Response:
+    body = await service.list_products(reads=reads, filters=filters, page=page)
+    return Response(body, media_type=JSON)
 
 
 @router.post(

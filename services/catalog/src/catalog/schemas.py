@@ -12,12 +12,14 @@ from pydantic import (
     ConfigDict,
     Field,
     StringConstraints,
+    TypeAdapter,
     ValidationError,
     computed_field,
     field_validator,
     model_validator,
 )
 from pydantic_core import InitErrorDetails, PydanticCustomError
+from typing_extensions import TypedDict
 
 from catalog.models import NAME_MAX, SLUG_MAX, TAG_MAX
 
@@ -36,6 +38,10 @@ Slug = Annotated[
     str,
     StringConstraints(max_length=SLUG_MAX, pattern=r"^[a-z0-9]+(?:-[a-z0-9]+)*$"),
 ]
+
+
+def price_with_tax(price: Decimal) -> Decimal:
+    return (price * TAX_RATE).quantize(CENT, rounding=ROUND_HALF_UP)
 
 
 def title_case_name(name: str) -> str:
@@ -97,7 +103,7 @@ class Product(BaseModel):
     @computed_field  # type: ignore[prop-decorator]
     @property
     def price_with_tax(self) -> Decimal:
-        return (self.price * TAX_RATE).quantize(CENT, rounding=ROUND_HALF_UP)
+        return price_with_tax(self.price)
 
 
 class ProductIn(Product):
@@ -165,6 +171,38 @@ class ProductPage(BaseModel):
     next_cursor: str | None = Field(
         description="Pass as `cursor` for the next page; null on the last page."
     )
+
+
+class CategoryRecord(TypedDict):
+    id: int
+    slug: str
+    name: str
+
+
+class ProductRecord(TypedDict):
+    """A `ProductOut` as a plain dict, in the same order and serialised the
+    same way: a list page builds twenty of these from rows the database
+    already holds valid, where twenty models would cost more than the query."""
+
+    name: str
+    price: Decimal
+    tags: list[str]
+    id: uuid.UUID
+    category: CategoryRecord | None
+    version: int
+    created_at: datetime
+    updated_at: datetime
+    price_with_tax: Decimal
+
+
+class ProductPageRecord(TypedDict):
+    """A `ProductPage` of `ProductRecord`s."""
+
+    items: list[ProductRecord]
+    next_cursor: str | None
+
+
+PRODUCT_PAGE_JSON: TypeAdapter[ProductPageRecord] = TypeAdapter(ProductPageRecord)
 
 
 class ImportResult(BaseModel):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import functools
 import hashlib
 import json
 import logging
@@ -36,13 +37,7 @@ from sqlalchemy.dialects.postgresql import insert as pg_insert
 from sqlalchemy.exc import DBAPIError, IntegrityError
 from sqlalchemy.ext.asyncio import AsyncSession
 
-from catalog.batching import BatchedReads
-from catalog.deps import (
-    DriverConnections,
-    Pagination,
-    ProductFilters,
-    ReadConnections,
-)
+from catalog.connections import DriverConnections, ReadConnections
 from catalog.errors import (
     CategorySlugTaken,
     DatabaseUnavailable,
@@ -53,8 +48,17 @@ from catalog.errors import (
     unknown_category,
 )
 from catalog.models import Category, IdempotencyRecord, Product
-from catalog.paging import Cursor, Sort
-from catalog.schemas import CategoryIn, CategoryOut, ProductIn, ProductOut, ProductPage
+from catalog.paging import Cursor, Pagination, ProductFilters, Sort
+from catalog.schemas import (
+    PRODUCT_PAGE_JSON,
+    CategoryIn,
+    CategoryOut,
+    ProductIn,
+    ProductOut,
+    ProductRecord,
+    price_with_tax,
+)
+from kit.batching import BatchedReads, SharedReads
 from kit.errors import InvalidInput, ServiceUnavailable
 
 logger = logging.getLogger("catalog.service")
@@ -101,6 +105,24 @@ def _product_out(row: Mapping[Any, Any], category: CategoryOut | None = None) ->
         created_at=row["created_at"],
         updated_at=row["updated_at"],
     )
+
+
+def _product_record(row: Mapping[str, Any]) -> ProductRecord:
+    """What `_product_out` builds, as a plain dict (see schemas.ProductRecord)."""
+    category_id = row["category_id"]
+    return {
+        "name": row["name"],
+        "price": row["price"],
+        "tags": row["tags"],
+        "id": row["id"],
+        "category": None
+        if category_id is None
+        else {"id": category_id, "slug": row["category_slug"], "name": row["category_name"]},
+        "version": row["version"],
+        "created_at": row["created_at"],
+        "updated_at": row["updated_at"],
+        "price_with_tax": price_with_tax(row["price"]),
+    }
 
 
 def _violated_constraint(error: IntegrityError) -> str | None:
@@ -173,7 +195,7 @@ async def _category(
 
 # The hot read runs on the driver itself: SQL compiled once from the Core
 # statement, prepared once per connection, no session, no result layer; and
-# reads that arrive together share one statement (see batching.py).
+# reads that arrive together share one statement (see kit.batching).
 _PRODUCTS_BY_ID_SQL = str(
     _product_query()
     .where(Product.id == any_(bindparam("ids", type_=ARRAY(Product.id.type))))
@@ -199,45 +221,84 @@ async def get_product(*, reads: BatchedReads, product_id: uuid.UUID) -> ProductO
     return _product_out(record)
 
 
-def _filtered(query: Select[*tuple[Any, ...]], filters: ProductFilters) -> Select[*tuple[Any, ...]]:
+# The list's conditions, each on a named parameter, so a list's SQL depends
+# only on which filters it has: compiled once per shape, prepared once per
+# connection, run on the driver like get-by-id.
+_CONDITIONS: dict[str, ColumnElement[bool]] = {
+    "tags": Product.tags.contains(bindparam("tags", type_=Product.tags.type)),
+    "category": Category.slug == bindparam("category", type_=Category.slug.type),
+    "pattern": Product.name.ilike(bindparam("pattern", type_=Product.name.type), escape="\\"),
+    "min_price": Product.price >= bindparam("min_price", type_=Product.price.type),
+    "max_price": Product.price <= bindparam("max_price", type_=Product.price.type),
+}
+
+
+def _filter_values(filters: ProductFilters) -> dict[str, Any]:
+    values: dict[str, Any] = {}
     if filters.tags:
-        query = query.where(Product.tags.contains(filters.tags))
+        values["tags"] = tuple(filters.tags)
     if filters.category is not None:
-        query = query.where(Category.slug == filters.category)
+        values["category"] = filters.category
     if filters.q is not None:
-        pattern = filters.q.replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_")
-        query = query.where(Product.name.ilike(f"%{pattern}%", escape="\\"))
+        escaped = filters.q.replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_")
+        values["pattern"] = f"%{escaped}%"
     if filters.min_price is not None:
-        query = query.where(Product.price >= filters.min_price)
+        values["min_price"] = filters.min_price
     if filters.max_price is not None:
-        query = query.where(Product.price <= filters.max_price)
-    return query
+        values["max_price"] = filters.max_price
+    return values
 
 
-def _after(sort: Sort, cursor: Cursor) -> ColumnElement[bool]:
+def _after(sort: Sort) -> ColumnElement[bool]:
     """Rows strictly after the cursor in the sort order: a row comparison the
     (sort key, id) index answers directly."""
     column = _SORT_COLUMNS[sort.column]
     position = tuple_(column, Product.id)
-    bound = tuple_(literal(cursor.key, column.type), literal(cursor.id, Product.id.type))
+    bound = tuple_(
+        bindparam("after_key", type_=column.type), bindparam("after_id", type_=Product.id.type)
+    )
     return position < bound if sort.descending else position > bound
 
 
-async def list_products(
-    *, reads: ReadConnections, filters: ProductFilters, page: Pagination
-) -> ProductPage:
-    column = _SORT_COLUMNS[page.sort.column]
-    order = (column.desc(), Product.id.desc()) if page.sort.descending else (column, Product.id)
-    query = _filtered(_product_query(), filters).order_by(*order).limit(page.limit + 1)
+@functools.cache
+def _list_sql(sort: Sort, conditions: tuple[str, ...], after: bool) -> tuple[str, tuple[str, ...]]:
+    """The SQL of a list of this shape, and its parameters' names in order."""
+    column = _SORT_COLUMNS[sort.column]
+    order = (column.desc(), Product.id.desc()) if sort.descending else (column, Product.id)
+    query = _product_query().order_by(*order).limit(bindparam("limit", type_=Integer))
+    for name in conditions:
+        query = query.where(_CONDITIONS[name])
+    if after:
+        query = query.where(_after(sort))
+    compiled = query.compile(dialect=asyncpg_dialect.dialect())  # type: ignore[no-untyped-call]
+    return str(compiled), tuple(compiled.positiontup or ())
+
+
+def list_reads(connections: DriverConnections) -> SharedReads:
+    """The list's reads on `connections`: identical ones waiting together share one."""
+    return SharedReads(connections, on_lost=lambda _error: DatabaseUnavailable())
+
+
+async def list_products(*, reads: SharedReads, filters: ProductFilters, page: Pagination) -> bytes:
+    """A page of products, serialised (a `ProductPage`): concurrent identical
+    lists share one read and one serialisation (see kit.batching.SharedReads)."""
+    values = _filter_values(filters)
+    values["limit"] = page.limit + 1
     if page.cursor is not None:
-        query = query.where(_after(page.sort, page.cursor))
-    rows = await _read(reads, query)
-    items = [_product_out(row) for row in rows[: page.limit]]
+        values["after_key"], values["after_id"] = page.cursor.key, page.cursor.id
+    conditions = tuple(name for name in _CONDITIONS if name in values)
+    sql, names = _list_sql(page.sort, conditions, page.cursor is not None)
+    arguments = tuple(values[name] for name in names)
+    return await reads.fetch(sql, arguments, functools.partial(_page_json, page))
+
+
+def _page_json(page: Pagination, rows: list[Any]) -> bytes:
+    items = [_product_record(row) for row in rows[: page.limit]]
     next_cursor = None
     if len(rows) > page.limit:
         last = rows[page.limit - 1]
         next_cursor = Cursor(page.sort, last[page.sort.column], last["id"]).encode()
-    return ProductPage(items=items, next_cursor=next_cursor)
+    return PRODUCT_PAGE_JSON.dump_json({"items": items, "next_cursor": next_cursor})
 
 
 # --- writes -----------------------------------------------------------------------------

@@ -8,7 +8,6 @@ from fastapi import Depends, Path, Request
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from chat.config import Settings
-from chat.hub import Hub
 from chat.presence import Presence
 from chat.schemas import ROOM_PATTERN
 
@@ -23,11 +22,6 @@ def get_engine(request: Request) -> AsyncEngine:
     return engine
 
 
-def get_hub(request: Request) -> Hub:
-    hub: Hub = request.state.hub
-    return hub
-
-
 def get_presence(request: Request) -> Presence:
     presence: Presence = request.state.presence
     return presence
@@ -35,7 +29,6 @@ def get_presence(request: Request) -> Presence:
 
 SettingsDep = Annotated[Settings, Depends(get_settings)]
 EngineDep = Annotated[AsyncEngine, Depends(get_engine)]
-HubDep = Annotated[Hub, Depends(get_hub)]
 PresenceDep = Annotated[Presence, Depends(get_presence)]
 RoomPath = Annotated[
     str, Path(pattern=ROOM_PATTERN, description="Room name: 1-64 of A-Z a-z 0-9 _ -")

@@ -1,4 +1,7 @@
-"""Concurrent get-by-id reads answered together, one statement per batch.
+"""Concurrent reads answered together, on kit.point_pool's connections: reads
+by key, one statement per batch (`BatchedReads`: catalog's get-by-id, auth's
+current user), and identical reads, one statement for all (`SharedReads`:
+catalog's list).
 
 Under load most of a point read's cost is the round trip, not the row: the
 statement's bind and send, the wake-up when the answer arrives, a connection
@@ -23,16 +26,14 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections.abc import Callable, Hashable
-from contextlib import AbstractAsyncContextManager
-from typing import Any
+from typing import Any, TypeVar
 
-from catalog.point_pool import DISCONNECTED, PoolClosed
+from kit.point_pool import DISCONNECTED, Connections, PoolClosed
 
-logger = logging.getLogger("catalog.batching")
+logger = logging.getLogger("kit.batching")
 
-Connections = Callable[[], AbstractAsyncContextManager[Any]]
-"""Opens a bare asyncpg connection for the length of an `async with`."""
 Futures = list[asyncio.Future[Any]]
+T = TypeVar("T")
 
 
 class BatchedReads:
@@ -151,3 +152,82 @@ def _fail(batch: dict[Hashable, Futures], error: BaseException) -> None:
                 future.cancel()
             else:
                 future.set_exception(error)
+
+
+class SharedReads:
+    """Identical reads that wait together share one statement and its result.
+
+    The list's first pages are asked for over and over with the same query:
+    the same rows would be read, decoded and serialised once per request. A
+    read names its statement and arguments (its key); one that arrives while
+    an identical read is still waiting for a connection joins it and gets the
+    same result. As with `BatchedReads`, a read is joined only until its
+    statement is sent: every read sees every write committed before it
+    arrived. `build` turns the rows into the result outside the connection.
+    """
+
+    def __init__(
+        self, connections: Connections, *, on_lost: Callable[[BaseException], BaseException]
+    ) -> None:
+        self._connections = connections
+        self._on_lost = on_lost
+        self._waiting: dict[Hashable, asyncio.Future[Any]] = {}
+        self._tasks: set[asyncio.Task[None]] = set()
+        self._closed = False
+        self.statements = 0  # sent, for tests
+
+    async def fetch(
+        self, sql: str, arguments: tuple[Hashable, ...], build: Callable[[list[Any]], T]
+    ) -> T:
+        if self._closed:
+            raise PoolClosed("the reads are closed")
+        key = (sql, arguments)
+        future = self._waiting.get(key)
+        if future is None:
+            future = asyncio.get_running_loop().create_future()
+            # nobody may be left to look at an error: mark it seen
+            future.add_done_callback(lambda done: done.cancelled() or done.exception())
+            self._waiting[key] = future
+            task = asyncio.get_running_loop().create_task(self._run(key, future, build))
+            self._tasks.add(task)
+            task.add_done_callback(self._tasks.discard)
+        # a request that gives up leaves the read running for the others
+        result: T = await asyncio.shield(future)
+        return result
+
+    async def aclose(self) -> None:
+        self._closed = True
+        for task in list(self._tasks):
+            task.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+
+    async def _run(
+        self, key: tuple[str, tuple[Hashable, ...]], future: asyncio.Future[Any], build: Any
+    ) -> None:
+        sql, arguments = key
+        try:
+            for attempt in range(2):
+                try:
+                    async with self._connections() as connection:
+                        self._stop_joining(key, future)
+                        self.statements += 1
+                        rows = await connection.fetch(sql, *arguments)
+                    break
+                except DISCONNECTED as error:
+                    if attempt:
+                        raise self._on_lost(error) from error
+                    logger.warning("database connection lost (%s); retrying on a new one", error)
+            result = build(rows)
+        except asyncio.CancelledError:
+            self._stop_joining(key, future)
+            future.cancel()
+            raise
+        except Exception as error:  # noqa: BLE001 - handed to every read waiting on it
+            self._stop_joining(key, future)
+            future.set_exception(error)
+            return
+        future.set_result(result)
+
+    def _stop_joining(self, key: Hashable, future: asyncio.Future[Any]) -> None:
+        if self._waiting.get(key) is future:
+            del self._waiting[key]

@@ -3,7 +3,7 @@ Testcontainers (images from POSTGRES_IMAGE / REDIS_IMAGE), Alembic against a
 test database, and uvicorn on a loopback port for tests that need a real
 socket (WebSockets, the gateway's upstreams).
 
-Load it with `pytest_plugins = ["kit.testing"]` in a conftest.
+Load it with `pytest_plugins = ["kit_testing"]` in a conftest.
 """
 
 from __future__ import annotations

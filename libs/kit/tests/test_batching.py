@@ -12,15 +12,20 @@ from collections.abc import AsyncIterator, Sequence
 import asyncpg
 import pytest
 
-from catalog.batching import BatchedReads
-from catalog.point_pool import PointReadPool, PoolClosed
+from kit.batching import BatchedReads, SharedReads
 from kit.db import asyncpg_dsn
+from kit.point_pool import PointReadPool, PoolClosed
 
 DOUBLES = "SELECT key, key * 2 AS double FROM unnest($1::int[]) AS key WHERE key >= 0"
 
 
 class Lost(Exception):
     pass
+
+
+@pytest.fixture
+def database_url(postgres_server_url: str) -> str:
+    return f"{postgres_server_url}/test"
 
 
 @pytest.fixture
@@ -134,7 +139,7 @@ async def test_a_lost_connection_is_retried_once_on_a_new_one(
             )
     finally:
         await admin.close()
-    with caplog.at_level(logging.WARNING, logger="catalog.batching"):
+    with caplog.at_level(logging.WARNING, logger="kit.batching"):
         assert (await read)["double"] == 14
     assert reads.batches == 2
     assert "database connection lost" in caplog.text
@@ -174,3 +179,77 @@ async def test_closing_cancels_reads_whose_batch_never_started(pool: PointReadPo
     await reads.aclose()
     with pytest.raises(asyncio.CancelledError):
         await waiting
+
+
+# --- shared reads: identical reads waiting together share one statement ---------------
+
+PAGE = "SELECT n FROM generate_series(1, $1::int) AS n"
+SLOW_PAGE = "SELECT n FROM generate_series(1, $1::int) AS n, pg_sleep(0.2)"
+
+
+def numbers(rows: list[asyncpg.Record]) -> list[int]:
+    return [row["n"] for row in rows]
+
+
+def shared(pool: PointReadPool) -> SharedReads:
+    return SharedReads(pool.acquire, on_lost=lambda _error: Lost())
+
+
+async def test_identical_reads_waiting_together_share_one_statement_and_result(
+    pool: PointReadPool,
+) -> None:
+    reads = shared(pool)
+    results = await asyncio.gather(*(reads.fetch(PAGE, (3,), numbers) for _ in range(5)))
+    assert results == [[1, 2, 3]] * 5
+    assert all(result is results[0] for result in results)
+    assert reads.statements == 1
+    await reads.aclose()
+
+
+async def test_reads_with_other_arguments_are_not_shared(pool: PointReadPool) -> None:
+    reads = shared(pool)
+    results = await asyncio.gather(*(reads.fetch(PAGE, (n,), numbers) for n in (1, 2, 1)))
+    assert results == [[1], [1, 2], [1]]
+    assert reads.statements == 2
+    await reads.aclose()
+
+
+async def test_a_read_arriving_after_the_statement_was_sent_runs_its_own(
+    pool: PointReadPool,
+) -> None:
+    """So every read sees every write committed before it arrived."""
+    reads = shared(pool)
+    await warm(pool, 2)
+    first = asyncio.create_task(reads.fetch(SLOW_PAGE, (2,), numbers))
+    deadline = asyncio.get_running_loop().time() + 5
+    while reads.statements == 0:
+        assert asyncio.get_running_loop().time() < deadline
+        await asyncio.sleep(0)
+    later = asyncio.create_task(reads.fetch(SLOW_PAGE, (2,), numbers))
+    assert await first == await later == [1, 2]
+    assert reads.statements == 2
+    await reads.aclose()
+
+
+async def test_a_shared_read_that_one_reader_gives_up_still_answers_the_others(
+    pool: PointReadPool,
+) -> None:
+    reads = shared(pool)
+    tasks = [asyncio.create_task(reads.fetch(SLOW_PAGE, (1,), numbers)) for _ in range(3)]
+    await asyncio.sleep(0)
+    tasks[0].cancel()
+    assert [await tasks[1], await tasks[2]] == [[1], [1]]
+    with pytest.raises(asyncio.CancelledError):
+        await tasks[0]
+    await reads.aclose()
+
+
+async def test_an_error_reaches_every_reader_of_a_shared_read(pool: PointReadPool) -> None:
+    reads = shared(pool)
+    failing = "SELECT 1 / ($1::int - $1::int) AS n"
+    outcomes = await asyncio.gather(
+        *(reads.fetch(failing, (1,), numbers) for _ in range(3)), return_exceptions=True
+    )
+    assert all(isinstance(outcome, asyncpg.DivisionByZeroError) for outcome in outcomes)
+    assert await reads.fetch(PAGE, (1,), numbers) == [1]
+    await reads.aclose()

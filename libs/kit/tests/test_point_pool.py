@@ -1,4 +1,4 @@
-"""The point-read pool against a real PostgreSQL: bounds, reuse, and what it
+"""kit's point-read pool against a real PostgreSQL: bounds, reuse, and what it
 does with connections that a lease leaves in doubt."""
 
 from __future__ import annotations
@@ -10,13 +10,13 @@ from collections.abc import AsyncIterator
 import asyncpg
 import pytest
 
-from catalog.point_pool import DISCONNECTED, PointReadPool, PoolClosed
 from kit.db import asyncpg_dsn
+from kit.point_pool import DISCONNECTED, PointReadPool, PoolClosed
 
 
 @pytest.fixture
-def dsn(database_url: str) -> str:
-    return asyncpg_dsn(database_url)
+def dsn(postgres_server_url: str) -> str:
+    return asyncpg_dsn(f"{postgres_server_url}/test")
 
 
 @pytest.fixture

@@ -10,7 +10,7 @@ whatever the test's event loop is doing.
         ...  # point OTEL_EXPORTER_OTLP_ENDPOINT at receiver.endpoint_for(host)
         spans = receiver.wait_for(lambda spans: ..., within=20)
 
-`python -m kit.otlp_receiver --port N` runs one on its own (the benchmark's).
+`python -m kit_testing.otlp_receiver --port N` runs one on its own (the benchmark's).
 """
 
 from __future__ import annotations

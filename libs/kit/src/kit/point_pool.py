@@ -1,4 +1,5 @@
-"""The connections behind get-by-id: a pool that costs less than the read.
+"""A pool for point reads (catalog's get-by-id and list, auth's current user)
+that costs less than the read.
 
 asyncpg's own pool is general purpose: every checkout and return goes through
 timeouts, a shielded release task and a session reset, which on one core costs
@@ -24,12 +25,18 @@ from __future__ import annotations
 import asyncio
 import collections
 import time
+from collections.abc import Callable
+from contextlib import AbstractAsyncContextManager
 from types import TracebackType
 from typing import Any
 
 import asyncpg
 
 from kit.pools import PoolUsage, observe_wait
+
+Connections = Callable[[], AbstractAsyncContextManager[Any]]
+"""Opens a bare asyncpg connection for the length of an `async with`
+(`PointReadPool.acquire`, or a test's connection inside its transaction)."""
 
 # What a connection lost to a database restart (or shutdown, or a backend
 # terminated by an administrator) raises from the driver: the server's own
