@@ -34,7 +34,7 @@ SETTINGS: dict[str, type[BaseSettings]] = {
 }
 URL_WITH_PASSWORD = re.compile(r"://[^/@:]+:[^/@]+@")
 # Read by uvicorn's command line in the images, not by the settings classes
-UVICORN = {"UVICORN_WS_MAX_SIZE"}
+UVICORN = {"UVICORN_WS_MAX_SIZE", "UVICORN_LOG_LEVEL"}
 
 
 def kustomization() -> dict[str, Any]:
