@@ -7,18 +7,20 @@ test can check that nothing was lost, reordered or delivered twice."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import random
 import time
 import uuid
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 from typing import Any
 
+import httpx
 from websockets.asyncio.client import ClientConnection
 from websockets.exceptions import ConnectionClosed, InvalidHandshake, InvalidStatus
 
-from .helpers import open_socket
+from .helpers import login, open_socket, register
 
 RECONNECT_DEADLINE_SECONDS = 45.0
 
@@ -169,3 +171,51 @@ def assert_complete(clients: list[ChatClient], expected_texts: set[str]) -> None
         assert len(texts) == len(set(texts)), client.name
         ids = [message["id"] for message in client.messages]
         assert ids == sorted(ids)
+
+
+ROUND_SECONDS = 45.0
+
+
+@contextlib.asynccontextmanager
+async def chat_clients(
+    ws_url: str, http: httpx.AsyncClient, count: int, *, room_prefix: str
+) -> AsyncIterator[list[ChatClient]]:
+    """`count` clients of one new user in one new room, each reading in a task
+    of its own, closed on the way out."""
+    user = await register(http)
+    token = (await login(http, user["email"], user["password"]))["access_token"]
+    room = f"{room_prefix}-{uuid.uuid4().hex[:8]}"
+    clients = [ChatClient(ws_url, room, token, name=f"c{index}") for index in range(count)]
+    for client in clients:
+        await client.connect()
+    readers = [asyncio.create_task(client.run()) for client in clients]
+    try:
+        yield clients
+    finally:
+        for reader in readers:
+            reader.cancel()
+        await asyncio.gather(*readers, return_exceptions=True)
+        await asyncio.gather(*(client.close() for client in clients), return_exceptions=True)
+
+
+def progress(clients: list[ChatClient], sent: set[str]) -> list[tuple[str, list[str], int]]:
+    """Per client: its name, the replicas it was on, how many sent texts it lacks."""
+    return [(c.name, c.nodes, len(sent - {m["text"] for m in c.messages})) for c in clients]
+
+
+async def exchange(clients: list[ChatClient], tag: str, rounds: range, sent: set[str]) -> None:
+    """Each client sends one message per round; a round ends when everyone has everything."""
+    for number in rounds:
+
+        def round_progress(number: int = number) -> str:
+            return f"round {number} delivered everywhere: {progress(clients, sent)}"
+
+        for client in clients:
+            text = f"{tag}-{client.name}-{number}"
+            sent.add(text)
+            await client.send(text)
+        await wait_until(
+            lambda: all(sent <= {m["text"] for m in c.messages} for c in clients),
+            within=ROUND_SECONDS,
+            what=round_progress,
+        )

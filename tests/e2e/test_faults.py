@@ -12,59 +12,25 @@ import subprocess
 import time
 import uuid
 from collections import Counter
-from collections.abc import AsyncIterator
 
 import httpx
 
-from .chat_client import ChatClient, assert_complete, wait_until
+from .chat_client import (
+    ROUND_SECONDS,
+    ChatClient,
+    assert_complete,
+    chat_clients,
+    exchange,
+    wait_until,
+)
 from .conftest import ADMIN_EMAIL, ADMIN_PASSWORD, Stack
 from .helpers import bearer, login, open_socket, receive_json, register
-
-ROUND_SECONDS = 45.0
-
-
-@contextlib.asynccontextmanager
-async def chat_clients(
-    stack: Stack, http: httpx.AsyncClient, count: int
-) -> AsyncIterator[list[ChatClient]]:
-    user = await register(http)
-    token = (await login(http, user["email"], user["password"]))["access_token"]
-    room = f"fault-{uuid.uuid4().hex[:8]}"
-    clients = [ChatClient(stack.ws_url, room, token, name=f"c{index}") for index in range(count)]
-    for client in clients:
-        await client.connect()
-    readers = [asyncio.create_task(client.run()) for client in clients]
-    try:
-        yield clients
-    finally:
-        for reader in readers:
-            reader.cancel()
-        await asyncio.gather(*readers, return_exceptions=True)
-        await asyncio.gather(*(client.close() for client in clients), return_exceptions=True)
-
-
-async def exchange(clients: list[ChatClient], tag: str, rounds: range, sent: set[str]) -> None:
-    """Each client sends one message per round; a round ends when everyone has everything."""
-    for number in rounds:
-
-        def progress(number: int = number) -> str:
-            return f"round {number} delivered everywhere: {_progress(clients, sent)}"
-
-        for client in clients:
-            text = f"{tag}-{client.name}-{number}"
-            sent.add(text)
-            await client.send(text)
-        await wait_until(
-            lambda: all(sent <= {m["text"] for m in c.messages} for c in clients),
-            within=ROUND_SECONDS,
-            what=progress,
-        )
 
 
 async def test_killed_chat_replica_loses_nothing(
     healthy_stack: Stack, client: httpx.AsyncClient
 ) -> None:
-    async with chat_clients(healthy_stack, client, 6) as clients:
+    async with chat_clients(healthy_stack.ws_url, client, 6, room_prefix="fault") as clients:
         assert len({c.node for c in clients}) >= 2
         sent: set[str] = set()
         await exchange(clients, "kill", range(3), sent)
@@ -138,7 +104,7 @@ async def test_reconnect_storm_after_a_killed_replica_loses_nothing(
 async def test_redis_restart_loses_no_message(
     healthy_stack: Stack, client: httpx.AsyncClient
 ) -> None:
-    async with chat_clients(healthy_stack, client, 4) as clients:
+    async with chat_clients(healthy_stack.ws_url, client, 4, room_prefix="fault") as clients:
         sent: set[str] = set()
         await exchange(clients, "redis", range(2), sent)
 
@@ -233,7 +199,7 @@ async def test_stopped_catalog_replica_is_routed_around(
 
 
 async def test_chat_scaled_down_then_up(healthy_stack: Stack, client: httpx.AsyncClient) -> None:
-    async with chat_clients(healthy_stack, client, 6) as clients:
+    async with chat_clients(healthy_stack.ws_url, client, 6, room_prefix="fault") as clients:
         old_nodes = {c.node for c in clients}
         assert len(old_nodes) == 3
         sent: set[str] = set()
@@ -271,10 +237,6 @@ async def test_chat_scaled_down_then_up(healthy_stack: Stack, client: httpx.Asyn
             if node not in survivors:
                 new_node = node
             assert time.monotonic() - scaled < 10, "no connection reached a new replica"
-
-
-def _progress(clients: list[ChatClient], sent: set[str]) -> list[tuple[str, list[str], int]]:
-    return [(c.name, c.nodes, len(sent - {m["text"] for m in c.messages})) for c in clients]
 
 
 def _docker(*args: str) -> None:

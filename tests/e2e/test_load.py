@@ -10,9 +10,9 @@ from collections import Counter
 
 import httpx
 
+from .chat_client import chat_clients, exchange
 from .conftest import ADMIN_EMAIL, ADMIN_PASSWORD, Stack
 from .helpers import bearer, login, register
-from .test_faults import chat_clients, exchange
 
 DURATION_SECONDS = 15.0
 MAX_REQUESTS_PER_WORKER = 3000
@@ -44,7 +44,7 @@ async def test_mixed_load_has_no_errors_and_loses_nothing(
                 statuses[response.status_code] += 1
 
     async def chat_load() -> int:
-        async with chat_clients(stack, client, 6) as clients:
+        async with chat_clients(stack.ws_url, client, 6, room_prefix="load") as clients:
             sent: set[str] = set()
             rounds = 0
             while time.monotonic() < deadline:

@@ -6,16 +6,19 @@ on one stack."""
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import json
 import time
 import uuid
-from collections.abc import AsyncIterator, Callable
+from collections.abc import Callable
 
 import httpx
 from websockets.asyncio.client import ClientConnection
 
-from ..e2e.chat_client import ChatClient, assert_complete, wait_until
+from ..e2e.chat_client import (
+    assert_complete,
+    chat_clients,
+    exchange,
+)
 from ..e2e.helpers import bearer, login, open_socket, receive_json, register
 from .conftest import (
     ADMIN_EMAIL,
@@ -27,42 +30,6 @@ from .conftest import (
     Swarm,
     docker,
 )
-
-ROUND_SECONDS = 45.0
-
-
-@contextlib.asynccontextmanager
-async def chat_clients(
-    swarm: Swarm, http: httpx.AsyncClient, count: int
-) -> AsyncIterator[list[ChatClient]]:
-    user = await register(http)
-    token = (await login(http, user["email"], user["password"]))["access_token"]
-    room = f"swarm-{uuid.uuid4().hex[:8]}"
-    clients = [ChatClient(swarm.ws_url, room, token, name=f"c{index}") for index in range(count)]
-    for client in clients:
-        await client.connect()
-    readers = [asyncio.create_task(client.run()) for client in clients]
-    try:
-        yield clients
-    finally:
-        for reader in readers:
-            reader.cancel()
-        await asyncio.gather(*readers, return_exceptions=True)
-        await asyncio.gather(*(client.close() for client in clients), return_exceptions=True)
-
-
-async def exchange(clients: list[ChatClient], tag: str, rounds: range, sent: set[str]) -> None:
-    """Each client sends one message per round; a round ends when everyone has everything."""
-    for number in rounds:
-        for client in clients:
-            text = f"{tag}-{client.name}-{number}"
-            sent.add(text)
-            await client.send(text)
-        await wait_until(
-            lambda: all(sent <= {m["text"] for m in c.messages} for c in clients),
-            within=ROUND_SECONDS,
-            what=lambda: f"round {number}: {[(c.name, c.nodes) for c in clients]}",  # noqa: B023
-        )
 
 
 async def until_docker_says(
@@ -95,7 +62,7 @@ async def test_the_journey_through_the_swarm_gateway(
     assert created.status_code == 201, created.text
     assert [item["id"] for item in found.json()["items"]] == [created.json()["id"]]
 
-    async with chat_clients(swarm, client, 6) as clients:
+    async with chat_clients(swarm.ws_url, client, 6, room_prefix="swarm") as clients:
         sent: set[str] = set()
         await exchange(clients, "journey", range(3), sent)
         assert_complete(clients, sent)
@@ -165,7 +132,7 @@ async def test_settings_given_as_secrets_are_read_from_their_files(
 async def test_a_killed_chat_task_is_replaced_and_nothing_is_lost(
     swarm: Swarm, client: httpx.AsyncClient
 ) -> None:
-    async with chat_clients(swarm, client, 6) as clients:
+    async with chat_clients(swarm.ws_url, client, 6, room_prefix="swarm") as clients:
         sent: set[str] = set()
         await exchange(clients, "kill", range(2), sent)
         victim = clients[0].node
@@ -218,7 +185,7 @@ async def test_a_rolling_update_of_chat_loses_no_message(
     swarm: Swarm, client: httpx.AsyncClient
 ) -> None:
     old = set(swarm.containers("chat"))
-    async with chat_clients(swarm, client, 6) as clients:
+    async with chat_clients(swarm.ws_url, client, 6, room_prefix="swarm") as clients:
         sent: set[str] = set()
         await exchange(clients, "roll", range(2), sent)
 
