@@ -28,6 +28,12 @@ from kit.pools import observe_wait
 logger = logging.getLogger("kit.db")
 
 # Explicit constraint names, so Alembic can drop and alter them by name.
+CONNECT_TIMEOUT_SECONDS = 3.0
+"""How long opening a PostgreSQL connection may take, name lookup included.
+Without it asyncpg waits 60 s, and a request during a database outage (a
+name the network's DNS no longer answers for, a host that does not reply)
+would hang instead of answering 503 at once."""
+
 NAMING_CONVENTION = {
     "ix": "ix_%(column_0_label)s",
     "uq": "uq_%(table_name)s_%(column_0_N_name)s",
@@ -80,6 +86,7 @@ def make_engine(url: str, **overrides: Any) -> AsyncEngine:
         "max_overflow": 10,
         "pool_recycle": 1800,
         "pool_timeout": 10,
+        "connect_args": {"timeout": CONNECT_TIMEOUT_SECONDS},
     }
     options.update(overrides)
     return create_async_engine(url, **options)

@@ -32,6 +32,7 @@ from typing import Any
 
 import asyncpg
 
+from kit.db import CONNECT_TIMEOUT_SECONDS
 from kit.pools import PoolUsage, observe_wait
 
 Connections = Callable[[], AbstractAsyncContextManager[Any]]
@@ -61,7 +62,7 @@ class PointReadPool:
             raise ValueError("max_size must be at least 1")
         self._dsn = dsn
         self._max_size = max_size
-        self._connect_options = connect_options
+        self._connect_options = {"timeout": CONNECT_TIMEOUT_SECONDS, **connect_options}
         self._idle: collections.deque[asyncpg.Connection] = collections.deque()
         # A waiter gets a connection, or None: a free slot to open one in.
         self._waiters: collections.deque[asyncio.Future[asyncpg.Connection | None]] = (
