@@ -111,6 +111,25 @@ async def test_each_request_on_a_kept_alive_connection_has_its_own_deadline(
     assert service.hits == 3
 
 
+async def test_a_later_head_stalling_on_a_kept_alive_connection_is_cut_off(
+    redis_url: str, minter: TokenMinter
+) -> None:
+    async with edge(redis_url, minter, header_timeout_seconds=1.0) as (service, _, base_url):
+        reader, writer = await open_raw(base_url)
+        writer.write(b"GET /catalog/echo HTTP/1.1\r\nHost: edge\r\n\r\n")
+        head = await reader.readuntil(b"\r\n\r\n")
+        length = int(head.lower().split(b"content-length: ")[1].split(b"\r\n")[0])
+        await reader.readexactly(length)
+        writer.write(b"GET /catalog/echo HTTP/1.1\r\nHost: ed")  # and never the rest
+        raw = await read_until_closed(reader)
+        writer.close()
+    status, _, body = parse_response(raw)
+    assert head.startswith(b"HTTP/1.1 200")
+    assert status == 408
+    assert body["detail"] == "The request head did not arrive in time"
+    assert service.hits == 1
+
+
 async def test_a_stalled_body_is_cut_off(redis_url: str, minter: TokenMinter) -> None:
     async with edge(redis_url, minter) as (_, _app, base_url):
         reader, writer = await open_raw(base_url)

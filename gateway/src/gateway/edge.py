@@ -21,6 +21,11 @@ and lets one address open any number of connections. `EdgeHttpProtocol`
   most `DRAIN_SECONDS`, so the client, which reads only once it has sent
   everything, gets the answer instead of a reset connection.
 
+The guards cost a request that arrives whole in one read next to nothing: a
+timer is set only when a read ends with a head or a body still owed (and
+when the connection opens), never armed and cancelled within one read; the
+head's size is summed once from what the parser kept, not per header.
+
 The guard reads its settings from the lifespan state (the gateway's `runtime`),
 so it follows the settings the app was built with; without it (an app that
 is not the gateway) the protocol is uvicorn's own.
@@ -169,7 +174,6 @@ class EdgeHttpProtocol(HttpToolsProtocol):
         self.address: str | None = None  # set while this connection holds a slot
         self.timer: asyncio.TimerHandle | None = None
         self.head_bytes = 0  # raw bytes received while the head is still owed
-        self.head_size = 0  # the head as parsed: request line and headers
         self.head_too_large = False
         self.reading_head = True
         self.first_request = True
@@ -213,18 +217,25 @@ class EdgeHttpProtocol(HttpToolsProtocol):
         if guard is not None and self.reading_head:
             self.head_bytes += len(data)
         super().data_received(data)
+        if guard is None:
+            return
         # a head still unfinished after this many bytes (one endless line, say)
-        if guard is not None and self.reading_head and self.head_bytes > guard.max_header_bytes:
+        if self.reading_head and self.head_bytes > guard.max_header_bytes:
             self.head_too_large = True
             self.send_400_response("")
-
-    def on_url(self, url: bytes) -> None:
-        self.head_size += len(url)
-        super().on_url(url)
-
-    def on_header(self, name: bytes, value: bytes) -> None:
-        self.head_size += len(name) + len(value) + 4
-        super().on_header(name, value)
+            return
+        if (
+            self.timer is None
+            and self.request_begun
+            and self.address is not None
+            and not self.refusing
+        ):
+            # the read ended with part of a request still owed: its deadline
+            # runs from now (a request that came whole never set a timer)
+            if self.reading_head:
+                self.arm(guard.header_timeout_seconds, self.head_timed_out)
+            else:
+                self.arm(guard.body_idle_timeout_seconds, self.body_timed_out)
 
     def handle_websocket_upgrade(self) -> None:
         self.disarm()
@@ -250,25 +261,33 @@ class EdgeHttpProtocol(HttpToolsProtocol):
 
     def on_message_begin(self) -> None:
         super().on_message_begin()
-        self.head_size = 0
         self.request_begun = True
         if self.first_request:
             self.first_request = False  # its deadline runs from the connection's start
-        elif self.guard is not None and self.address is not None:
-            # a later request on a kept-alive connection: its own deadline
+        else:
+            # a later request on a kept-alive connection: its own deadline, set
+            # by data_received if the head is still owed when the read ends
             self.head_bytes = 0
-            self.arm(self.guard.header_timeout_seconds, self.head_timed_out)
+
+    def head_size(self) -> int:
+        """The head as parsed: the target and each header with its `: ` and CRLF
+        (uvicorn keeps both for the request; summed once, not per header)."""
+        size = len(self.url)
+        for name, value in self.headers:
+            size += len(name) + len(value) + 4
+        return size
 
     def on_headers_complete(self) -> None:
         guard = self.guard
-        if guard is not None and self.head_size > guard.max_header_bytes:
+        if guard is not None and self.head_size() > guard.max_header_bytes:
             # raised through the parser: uvicorn answers with send_400_response
             self.head_too_large = True
             raise HeadTooLarge
         self.reading_head = False
+        # the head's deadline is met; a body still owed at the end of this read
+        # gets its idle timer from data_received
+        self.disarm()
         super().on_headers_complete()
-        if self.guard is not None and self.address is not None:
-            self.arm(self.guard.body_idle_timeout_seconds, self.body_timed_out)
 
     def on_body(self, body: bytes) -> None:
         super().on_body(body)
