@@ -341,19 +341,46 @@ def reset_emails_key(email: str) -> str:
     return f"auth:password-reset:emails:{_account(email)}"
 
 
-async def allow_reset_email(*, redis: Redis, settings: Settings, email: str) -> bool:
-    """Counts one reset email for the account; False past the window's limit.
+def verification_emails_key(email: str) -> str:
+    return f"auth:email-verification:emails:{_account(email)}"
+
+
+async def count_email(
+    *, redis: Redis, key: str, window_seconds: int, limit: int, what: str
+) -> bool:
+    """Counts one email under `key` for its window; False past `limit`.
 
     Whatever this answers, the client gets the same 202: the limit protects
     the mailbox from being flooded, and says nothing about the account.
-    Redis being down fails closed (503): an uncounted reset could flood a mailbox.
+    Redis being down fails closed (503): an uncounted email could flood a mailbox.
     """
-    key = reset_emails_key(email)
     try:
         async with redis.pipeline(transaction=True) as pipe:
-            pipe.set(key, 0, ex=settings.password_reset_window_seconds, nx=True)
+            pipe.set(key, 0, ex=window_seconds, nx=True)
             pipe.incr(key)
             _, count = await pipe.execute()
     except RedisError as error:
-        raise ServiceUnavailable("Reset throttling is unavailable; retry") from error
-    return int(count) <= settings.password_reset_emails_per_account
+        raise ServiceUnavailable(f"{what} throttling is unavailable; retry") from error
+    return int(count) <= limit
+
+
+async def allow_reset_email(*, redis: Redis, settings: Settings, email: str) -> bool:
+    """Counts one reset email for the account; False past the window's limit."""
+    return await count_email(
+        redis=redis,
+        key=reset_emails_key(email),
+        window_seconds=settings.password_reset_window_seconds,
+        limit=settings.password_reset_emails_per_account,
+        what="Reset",
+    )
+
+
+async def allow_verification_email(*, redis: Redis, settings: Settings, email: str) -> bool:
+    """Counts one verification email for the address; False past the window's limit."""
+    return await count_email(
+        redis=redis,
+        key=verification_emails_key(email),
+        window_seconds=settings.email_verification_window_seconds,
+        limit=settings.email_verification_emails_per_account,
+        what="Verification",
+    )

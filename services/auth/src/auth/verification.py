@@ -11,38 +11,15 @@ still accepted and nothing is sent.
 
 from __future__ import annotations
 
-import hashlib
-
 from fastapi import APIRouter, BackgroundTasks, Response
-from redis.asyncio import Redis
-from redis.exceptions import RedisError
 
 from auth import service
-from auth.config import Settings
 from auth.deps import RedisDep, SessionDep, SettingsDep
 from auth.mail import send_verification_email
 from auth.schemas import EmailResendIn, EmailVerifyIn
-from kit.errors import ServiceUnavailable
+from auth.throttle import allow_verification_email
 
 router = APIRouter(prefix="/auth/email", tags=["auth"])
-
-
-def verification_emails_key(email: str) -> str:
-    """A digest of the address, so Redis holds no email addresses."""
-    return f"auth:email-verification:emails:{hashlib.sha256(email.encode()).hexdigest()[:32]}"
-
-
-async def allow_verification_email(*, redis: Redis, settings: Settings, email: str) -> bool:
-    """Counts one verification email for the address; False past the window's limit."""
-    key = verification_emails_key(email)
-    try:
-        async with redis.pipeline(transaction=True) as pipe:
-            pipe.set(key, 0, ex=settings.email_verification_window_seconds, nx=True)
-            pipe.incr(key)
-            _, count = await pipe.execute()
-    except RedisError as error:
-        raise ServiceUnavailable("Verification throttling is unavailable; retry") from error
-    return int(count) <= settings.email_verification_emails_per_account
 
 
 @router.post(
