@@ -6,7 +6,7 @@ from collections.abc import AsyncIterator
 
 import pytest
 
-from chat.session import EMAIL_NOT_VERIFIED
+from chat.endpoint import EMAIL_NOT_VERIFIED
 from kit_testing import TokenMinter
 
 from .factories import Node, chat, start_node, unique_room

@@ -30,7 +30,7 @@ import logging
 import math
 import time
 from collections import OrderedDict
-from collections.abc import Awaitable, Callable, Iterable, Mapping
+from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol, Self, TypeVar
 
@@ -120,6 +120,13 @@ def revoked_token_key(jti: str) -> str:
 def revoked_user_key(user_id: str) -> str:
     """Holds a unix time: that user's tokens issued before it are refused."""
     return f"{USER_PREFIX}{user_id}"
+
+
+def revoked_by(issued_at: float, token_marker: object, user_marker: Any) -> bool:
+    """The revocation rule, given what Redis holds under `revoked_token_key` and
+    `revoked_user_key`: the token itself was revoked, or its user's tokens
+    issued before the cutoff were."""
+    return token_marker is not None or (user_marker is not None and issued_at < float(user_marker))
 
 
 async def revoke_token(redis: Redis, jti: str, *, ttl: int) -> None:
@@ -641,11 +648,7 @@ class TokenVerifier:
                 if self._redis_failing:
                     self._redis_failing = False
                     logger.info("revocation checks reach Redis again")
-                if token_revoked is not None:
-                    raise Unauthenticated("Token revoked")
-                if user_revoked_before is not None and principal.issued_at < float(
-                    user_revoked_before
-                ):
+                if revoked_by(principal.issued_at, token_revoked, user_revoked_before):
                     raise Unauthenticated("Token revoked")
                 return
         if mirror is not None and mirror.staleness() <= self.max_staleness_seconds:
@@ -656,6 +659,38 @@ class TokenVerifier:
             "Token revocation list is unreachable; retry",
             headers={"Retry-After": str(math.ceil(REDIS_BACKOFF_SECONDS) + 1)},
         )
+
+
+REVOCATION_BATCH = 500
+
+
+class TokenIdentity(Protocol):
+    """What revocation judges a token by (a `Principal`, or a socket holding one)."""
+
+    @property
+    def jti(self) -> str: ...
+    @property
+    def user_id(self) -> str: ...
+    @property
+    def issued_at(self) -> int: ...
+
+
+async def revoked_among(redis: Redis, tokens: Sequence[TokenIdentity]) -> list[bool]:
+    """Which of many tokens are revoked now, read from Redis in batches (the
+    periodic re-check of long-lived sockets); raises RedisError or OSError when
+    Redis cannot answer."""
+    verdicts: list[bool] = []
+    for start in range(0, len(tokens), REVOCATION_BATCH):
+        batch = tokens[start : start + REVOCATION_BATCH]
+        keys: list[str] = []
+        for token in batch:
+            keys += [revoked_token_key(token.jti), revoked_user_key(token.user_id)]
+        markers = await redis.mget(keys)
+        verdicts += [
+            revoked_by(token.issued_at, markers[2 * index], markers[2 * index + 1])
+            for index, token in enumerate(batch)
+        ]
+    return verdicts
 
 
 def check_lifetime(claims: Mapping[str, Any], max_lifetime_seconds: int) -> None:

@@ -16,9 +16,10 @@ tracing cannot read the traced form, so turn tracing on once every chat
 replica runs a version that has it.
 
 When the subscriber connection breaks, the bus reconnects with jittered
-exponential backoff, subscribes again and then calls `on_resync`, which reads
-from PostgreSQL whatever the replica missed. Publishes that fail meanwhile are
-kept (bounded) and sent again after the reconnect.
+exponential backoff, subscribes again and then calls `on_resync` (given to
+`start`, with `on_message`), which reads from PostgreSQL whatever the replica
+missed. Publishes that fail meanwhile are kept (bounded) and sent again after
+the reconnect.
 
 The publisher is a pool of its own (`main`): publishing never waits for a
 connection that presence or the limits hold. `publish_many` sends a batch in
@@ -74,6 +75,14 @@ MessageHandler = Callable[[str, str], None]
 """Called with (room, payload) for every publication on a room channel."""
 
 
+def _ignore_message(room: str, payload: str) -> None:
+    """Before `start`: nobody listens yet."""
+
+
+def _nothing() -> None:
+    pass
+
+
 class Bus:
     def __init__(
         self,
@@ -81,15 +90,13 @@ class Bus:
         url: str,
         node_id: str,
         publisher: Redis,
-        on_message: MessageHandler,
-        on_resync: Callable[[], None],
         backoff_max_seconds: float = 5.0,
     ) -> None:
         self.url = url
         self.node_id = node_id
         self.publisher = publisher
-        self.on_message = on_message
-        self.on_resync = on_resync
+        self.on_message: MessageHandler = _ignore_message
+        self.on_resync: Callable[[], None] = _nothing
         self.backoff_max_seconds = backoff_max_seconds
         self.connected = asyncio.Event()
         self._probes: dict[str, asyncio.Future[None]] = {}
@@ -108,7 +115,10 @@ class Bus:
         """Publications kept for after the reconnect."""
         return len(self._backlog)
 
-    def start(self) -> None:
+    def start(self, *, on_message: MessageHandler, on_resync: Callable[[], None]) -> None:
+        """Subscribes, and hands every room publication to `on_message`, and
+        every reconnect to `on_resync` (the hub: `Hub.on_bus_message`, `Hub.resync`)."""
+        self.on_message, self.on_resync = on_message, on_resync
         self._task = asyncio.create_task(self._run(), name="chat-bus")
 
     async def stop(self) -> None:

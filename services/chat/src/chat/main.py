@@ -1,14 +1,11 @@
-"""The chat app: `create_app` builds it; the lifespan owns every connection."""
+"""The chat app: `create_app` lists its parts; kit's lifespan opens and closes them."""
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
 import logging
-from collections.abc import AsyncIterator
-from typing import TypedDict
 
-import httpx
 from fastapi import FastAPI, Request
 from prometheus_client import CollectorRegistry
 from redis.asyncio import BlockingConnectionPool, Redis
@@ -17,33 +14,28 @@ from redis.backoff import ExponentialBackoff
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import RedisError
 from redis.exceptions import TimeoutError as RedisTimeoutError
-from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker
+from sqlalchemy.ext.asyncio import AsyncEngine
 
 from chat.bus import Bus
 from chat.config import Settings
 from chat.db import SCHEMA_REVISIONS
-from chat.hub import CLOSE_SHUTDOWN, Hub
+from chat.endpoint import SocketEntry
+from chat.hub import Hub
 from chat.limits import UserLimits
 from chat.metrics import ChatMetrics
 from chat.presence import Presence
 from chat.router import router
-from chat.session import SocketEntry
 from kit.app import assemble
-from kit.db import check_database, make_engine, make_sessionmaker, schema_check
+from kit.db import DatabaseState, check_database, make_engine, make_sessionmaker, schema_check
 from kit.health import VERIFIER_CHECKS
-from kit.logs import configure_logging
-from kit.security import KeySource, TokenVerifier
+from kit.lifespan import Parts, lifespan, open_verifier
+from kit.security import KeySource
 
 logger = logging.getLogger("chat.main")
 
 
-class State(TypedDict):
-    settings: Settings
-    engine: AsyncEngine
-    sessionmaker: async_sessionmaker[AsyncSession]
+class State(DatabaseState[Settings]):
     redis: Redis
-    http: httpx.AsyncClient
-    verifier: TokenVerifier
     presence: Presence
     hub: Hub
     bus: Bus
@@ -110,132 +102,111 @@ async def beat_once(
             bus.force_reconnect()
 
 
+def open_command_redis(parts: Parts, settings: Settings, *, max_connections: int) -> Redis:
+    """A Redis client on a bounded, blocking pool: a burst of sockets joining
+    waits for a connection instead of failing with "Too many connections"; after
+    a Redis restart the pooled connections are dead, so a command is retried on
+    a fresh one."""
+    pool = BlockingConnectionPool.from_url(
+        str(settings.redis_url),
+        max_connections=max_connections,
+        timeout=5.0,
+        socket_connect_timeout=2.0,
+        socket_timeout=5.0,
+        retry=Retry(ExponentialBackoff(cap=0.2, base=0.02), retries=2),
+        retry_on_error=[RedisConnectionError, RedisTimeoutError],
+    )
+    return parts.add(Redis.from_pool(pool), Redis.aclose)
+
+
+def watch(metrics: ChatMetrics, hub: Hub, bus: Bus) -> None:
+    """The gauges read at scrape time."""
+    metrics.bus_connected.set_function(lambda: float(bus.connected.is_set()))
+    metrics.bus_reconnects.set_function(lambda: float(bus.reconnects))
+    metrics.rooms.set_function(lambda: float(len(hub.feeds)))
+    metrics.watch_queues(hub.outbox_depths, lambda: bus.backlog_size)
+
+
+async def open_parts(
+    parts: Parts, settings: Settings, *, key_source: KeySource | None, metrics: ChatMetrics
+) -> State:
+    engine = make_engine(
+        str(settings.database_url),
+        pool_size=settings.database_pool_size,
+        max_overflow=settings.database_pool_overflow,
+    )
+    parts.add(engine, AsyncEngine.dispose)
+    redis = open_command_redis(parts, settings, max_connections=settings.redis_max_connections)
+    # publishing has connections of its own: it never waits behind presence or the limits
+    publisher = open_command_redis(
+        parts, settings, max_connections=settings.redis_publish_connections
+    )
+    verifier = await open_verifier(parts, settings, redis=redis, keys=key_source)
+    bus = Bus(
+        url=str(settings.redis_url),
+        node_id=settings.node_id,
+        publisher=publisher,
+        backoff_max_seconds=settings.bus_backoff_max_seconds,
+    )
+    parts.add(bus, Bus.stop)
+    limits = UserLimits(
+        redis=redis,
+        node_id=settings.node_id,
+        rate_per_second=settings.send_rate_per_second,
+        burst=settings.send_burst,
+        max_sockets=settings.max_sockets_per_user,
+        liveness_seconds=settings.presence_ttl_seconds,
+    )
+    parts.add(limits, UserLimits.leave)
+    with contextlib.suppress(RedisError, OSError):  # else the heartbeat retries
+        await limits.heartbeat()
+    presence = Presence(
+        redis=redis, node_id=settings.node_id, ttl_seconds=settings.presence_ttl_seconds
+    )
+    parts.add(presence, Presence.clear)
+    hub = Hub(engine=engine, settings=settings, presence=presence, bus=bus, metrics=metrics)
+    parts.add(hub, Hub.shut_down)
+    watch(metrics, hub, bus)
+    bus.start(on_message=hub.on_bus_message, on_resync=hub.resync)
+    parts.task(
+        heartbeat(
+            hub=hub, bus=bus, presence=presence, redis=redis, settings=settings, limits=limits
+        ),
+        name="heartbeat",
+    )
+    parts.task(presence_loop(hub, settings), name="presence")
+    return State(
+        settings=settings,
+        verifier=verifier,
+        engine=engine,
+        sessionmaker=make_sessionmaker(engine),
+        redis=redis,
+        presence=presence,
+        hub=hub,
+        bus=bus,
+        limits=limits,
+    )
+
+
 def create_app(settings: Settings | None = None, *, key_source: KeySource | None = None) -> FastAPI:
-    settings = settings or Settings()
-    configure_logging(service=settings.service_name, level=settings.log_level)
+    app_settings = settings or Settings()
     registry = CollectorRegistry()
     metrics = ChatMetrics(registry)
-
-    @contextlib.asynccontextmanager
-    async def lifespan(app: FastAPI) -> AsyncIterator[State]:
-        engine = make_engine(
-            str(settings.database_url),
-            pool_size=settings.database_pool_size,
-            max_overflow=settings.database_pool_overflow,
-        )
-        # bounded and blocking: a burst of sockets joining waits for a connection
-        # instead of failing with "Too many connections"
-        pool = BlockingConnectionPool.from_url(
-            str(settings.redis_url),
-            max_connections=settings.redis_max_connections,
-            timeout=5.0,
-            socket_connect_timeout=2.0,
-            socket_timeout=5.0,
-            # after a Redis restart pooled connections are dead: retry on a fresh one
-            retry=Retry(ExponentialBackoff(cap=0.2, base=0.02), retries=2),
-            retry_on_error=[RedisConnectionError, RedisTimeoutError],
-        )
-        redis = Redis(connection_pool=pool)
-        # publishing has connections of its own: it never waits behind presence
-        # or the limits, whatever they hold
-        publish_pool = BlockingConnectionPool.from_url(
-            str(settings.redis_url),
-            max_connections=settings.redis_publish_connections,
-            timeout=5.0,
-            socket_connect_timeout=2.0,
-            socket_timeout=5.0,
-            retry=Retry(ExponentialBackoff(cap=0.2, base=0.02), retries=2),
-            retry_on_error=[RedisConnectionError, RedisTimeoutError],
-        )
-        publisher = Redis(connection_pool=publish_pool)
-        http = httpx.AsyncClient()
-        verifier = TokenVerifier.for_service(settings, redis=redis, keys=key_source, http=http)
-        await verifier.start()
-        presence = Presence(
-            redis=redis, node_id=settings.node_id, ttl_seconds=settings.presence_ttl_seconds
-        )
-        hub = Hub(
-            engine=engine,
-            settings=settings,
-            presence=presence,
-            node_id=settings.node_id,
-            metrics=metrics,
-        )
-        bus = Bus(
-            url=str(settings.redis_url),
-            node_id=settings.node_id,
-            publisher=publisher,
-            on_message=hub.on_bus_message,
-            on_resync=hub.resync,
-            backoff_max_seconds=settings.bus_backoff_max_seconds,
-        )
-        hub.bus = bus
-        limits = UserLimits(
-            redis=redis,
-            node_id=settings.node_id,
-            rate_per_second=settings.send_rate_per_second,
-            burst=settings.send_burst,
-            max_sockets=settings.max_sockets_per_user,
-            liveness_seconds=settings.presence_ttl_seconds,
-        )
-        with contextlib.suppress(RedisError, OSError):  # else the heartbeat retries
-            await limits.heartbeat()
-        metrics.bus_connected.set_function(lambda: float(bus.connected.is_set()))
-        metrics.bus_reconnects.set_function(lambda: float(bus.reconnects))
-        metrics.rooms.set_function(lambda: float(len(hub.feeds)))
-        metrics.watch_queues(hub.outbox_depths, lambda: bus.backlog_size)
-        bus.start()
-        beat = asyncio.create_task(
-            heartbeat(
-                hub=hub,
-                bus=bus,
-                presence=presence,
-                redis=redis,
-                settings=settings,
-                limits=limits,
-            ),
-            name="heartbeat",
-        )
-        flusher = asyncio.create_task(presence_loop(hub, settings), name="presence")
-        try:
-            yield State(
-                settings=settings,
-                engine=engine,
-                sessionmaker=make_sessionmaker(engine),
-                redis=redis,
-                http=http,
-                verifier=verifier,
-                presence=presence,
-                hub=hub,
-                bus=bus,
-                limits=limits,
-            )
-        finally:
-            beat.cancel()
-            flusher.cancel()
-            await hub.close_all(CLOSE_SHUTDOWN, "server shutting down")
-            await presence.clear()
-            await limits.leave()
-            await bus.stop()
-            await verifier.aclose()
-            await redis.aclose()
-            await pool.aclose()
-            await publisher.aclose()
-            await publish_pool.aclose()
-            await http.aclose()
-            await engine.dispose()
-
     app = FastAPI(
         title="chat",
         summary="Chat rooms over WebSockets, ordered and resumable across replicas",
-        lifespan=lifespan,
+        # the collector stays as it is: a settled heap costs memory per idle socket
+        lifespan=lifespan(
+            lambda parts: open_parts(parts, app_settings, key_source=key_source, metrics=metrics),
+            settle_heap=False,
+        ),
     )
     # Every socket stores its messages in PostgreSQL and hears the other
     # replicas through Redis: both are core. Sockets already open keep working
     # on this replica while Redis is away (see bus.py).
     assemble(
         app,
-        settings,
+        app_settings,
         readiness={
             "database": check_database,
             "schema": schema_check(SCHEMA_REVISIONS),
@@ -246,5 +217,5 @@ def create_app(settings: Settings | None = None, *, key_source: KeySource | None
     )
     app.include_router(router)
     # outermost: a socket skips the HTTP layers (see SocketEntry)
-    app.add_middleware(SocketEntry, allowed_hosts=settings.trusted_hosts)
+    app.add_middleware(SocketEntry, allowed_hosts=app_settings.trusted_hosts)
     return app

@@ -9,8 +9,8 @@ from redis.exceptions import RedisError
 
 from chat import service
 from chat.deps import EngineDep, PresenceDep, RoomPath, SettingsDep
+from chat.endpoint import chat_socket
 from chat.schemas import HistoryPage, MessageOut, PresenceOut
-from chat.session import chat_socket
 from kit.deps import CurrentPrincipal
 from kit.errors import ServiceUnavailable
 

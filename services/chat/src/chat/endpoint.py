@@ -1,10 +1,13 @@
-"""One chat WebSocket, from the handshake to the close.
+"""The chat WebSocket endpoint: one socket from the handshake to the close.
+
+It authenticates the socket, joins it to its room (chat.hub), starts its
+`Connection` (chat.connection) and reads the client's frames.
 
 Refusals before the handshake completes are ASGI closes with 1008 (bad token,
 bad room, bad `since`) or 1013 (PostgreSQL or Redis unreachable); uvicorn turns
 a close before accept into an HTTP 403 answer to the upgrade request, so that
 is what clients see. After the `ready` frame every close carries a code from
-`chat.hub` (4001 token expired, 4003 token revoked, 4008 slow consumer,
+`chat.connection` (4001 token expired, 4003 token revoked, 4008 slow consumer,
 1012 shutdown, 1011 replay failed). A socket beyond the user's limit is
 accepted and closed at once with 4029 (`chat.limits`), so the client can
 read why.
@@ -16,6 +19,7 @@ import asyncio
 import contextlib
 import json
 import logging
+from collections.abc import Awaitable
 from datetime import UTC, datetime
 from typing import Any
 
@@ -26,16 +30,17 @@ from starlette.types import ASGIApp, Receive, Scope, Send
 
 from chat import service
 from chat.config import Settings
-from chat.hub import (
+from chat.connection import (
     CLOSE_POLICY,
     CLOSE_SLOW_CONSUMER,
     CLOSE_TRY_AGAIN,
     Connection,
-    Hub,
     Replay,
 )
+from chat.hub import Hub
 from chat.limits import CLOSE_TOO_MANY_SOCKETS, UserLimits
 from chat.schemas import (
+    StoredMessage,
     dumps,
     error_frame,
     invalid_frame,
@@ -132,24 +137,13 @@ async def authenticate(websocket: WebSocket, verifier: TokenVerifier) -> tuple[P
     return await verifier.verify(token), via_subprotocol
 
 
-def replay_after(hub: Hub, since: int) -> Replay:
-    async def replay(connection: Connection) -> None:
-        connection.last_sent_id = since
-        page_size = hub.settings.replay_page_size
-        while True:
-            page = await service.messages_after(
-                engine=hub.engine,
-                room=connection.room,
-                after=connection.last_sent_id,
-                limit=page_size,
-            )
-            for message in page:
-                await connection.websocket.send_text(message.frame())
-                connection.last_sent_id = message.id
-            if len(page) < page_size:
-                return
+def replay_after(hub: Hub, room: str, since: int) -> Replay:
+    page_size = hub.settings.replay_page_size
 
-    return replay
+    def read_after(after: int) -> Awaitable[list[StoredMessage]]:
+        return service.messages_after(engine=hub.engine, room=room, after=after, limit=page_size)
+
+    return Replay(since=since, read_after=read_after, page_size=page_size)
 
 
 async def chat_socket(websocket: WebSocket, room: str) -> None:
@@ -214,14 +208,16 @@ async def serve_socket(
         hub.leave(connection)
         return
 
-    connection.handler = asyncio.current_task()
-    if connection.dropped():  # while the handshake completed
+    first = [ready_frame(room=room, last_id=last_id, node=hub.node_id)]
+    replay = replay_after(hub, room, since) if since is not None else None
+    if not connection.start(
+        after=last_id,
+        first_frames=first,
+        replay=replay,
+        close_on_expiry=settings.close_on_token_expiry,
+    ):  # dropped while the handshake completed
         await websocket.close(connection.close_code or CLOSE_SLOW_CONSUMER, connection.close_reason)
         return
-    first = [ready_frame(room=room, last_id=last_id, node=hub.node_id)]
-    replay = replay_after(hub, since) if since is not None else None
-    connection.writer = asyncio.create_task(connection.run_writer(first, replay))
-    connection.schedule_expiry(principal.expires_at, settings.close_on_token_expiry)
     hub.announce(connection)
     try:
         await receive_frames(
@@ -229,7 +225,7 @@ async def serve_socket(
         )
     except asyncio.CancelledError:
         task = asyncio.current_task()
-        if not connection.dropped() or task is None:
+        if not connection.dropped or task is None:
             raise
         task.uncancel()
         # the close frame waits behind whatever the peer has not read yet
