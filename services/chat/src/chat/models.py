@@ -1,4 +1,6 @@
-"""Tables: one counter row per room, and the messages themselves."""
+"""Tables: one counter row per room, and the messages themselves. The one
+place their columns are written: chat.service builds its statements from these
+classes, and the migrations are checked against them (test_migrations)."""
 
 from __future__ import annotations
 

@@ -8,28 +8,45 @@ from collections.abc import Sequence
 from datetime import datetime
 from typing import Any
 
-from sqlalchemy import text
+from sqlalchemy import Table, bindparam, select
+from sqlalchemy.dialects.postgresql import insert
 from sqlalchemy.ext.asyncio import AsyncEngine
 
+from chat.models import Message, Room
 from chat.schemas import StoredMessage
 
-_NEXT_ID = text(
-    "INSERT INTO rooms (id, last_id) VALUES (:room, 1) "
-    "ON CONFLICT (id) DO UPDATE SET last_id = rooms.last_id + 1 RETURNING last_id"
+# The statements are built once from the models' tables (chat.models owns the
+# columns) and compiled once, on first use, into SQLAlchemy's statement cache.
+_rooms: Table = Room.__table__  # type: ignore[assignment]
+_messages: Table = Message.__table__  # type: ignore[assignment]
+_NEXT_ID = (
+    insert(_rooms)
+    .values(id=bindparam("room"), last_id=1)
+    .on_conflict_do_update(index_elements=[_rooms.c.id], set_={"last_id": _rooms.c.last_id + 1})
+    .returning(_rooms.c.last_id)
 )
-_INSERT = text(
-    "INSERT INTO messages (room, id, user_id, display_name, text, client_id, sent_at) "
-    "VALUES (:room, :id, :user_id, :display_name, :text, :client_id, :sent_at)"
+_INSERT = insert(_messages)
+_COLUMNS = (
+    _messages.c.room,
+    _messages.c.id,
+    _messages.c.user_id,
+    _messages.c.display_name,
+    _messages.c.text,
+    _messages.c.client_id,
+    _messages.c.sent_at,
 )
-_COLUMNS = "room, id, user_id, display_name, text, client_id, sent_at"
-_BY_CLIENT_ID = text(
-    f"SELECT {_COLUMNS} FROM messages "
-    "WHERE room = :room AND user_id = :user_id AND client_id = :client_id"
+_BY_CLIENT_ID = select(*_COLUMNS).where(
+    _messages.c.room == bindparam("room"),
+    _messages.c.user_id == bindparam("user_id"),
+    _messages.c.client_id == bindparam("client_id"),
 )
-_AFTER = text(
-    f"SELECT {_COLUMNS} FROM messages WHERE room = :room AND id > :after ORDER BY id LIMIT :limit"
+_AFTER = (
+    select(*_COLUMNS)
+    .where(_messages.c.room == bindparam("room"), _messages.c.id > bindparam("after"))
+    .order_by(_messages.c.id)
+    .limit(bindparam("limit"))
 )
-_LAST_ID = text("SELECT last_id FROM rooms WHERE id = :room")
+_LAST_ID = select(_rooms.c.last_id).where(_rooms.c.id == bindparam("room"))
 
 
 def _message(row: Sequence[Any]) -> StoredMessage:
