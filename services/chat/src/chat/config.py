@@ -31,7 +31,9 @@ class Settings(DatabaseSettings, VerifiedWritesSettings):
     """How long the close frame of a dropped slow consumer may wait for its buffer to drain."""
 
     ws_ping_interval: float = Field(default=20.0, gt=0)
-    """Protocol-level pings (uvicorn's `--ws-ping-interval`, used by `python -m chat`)."""
+    """Protocol-level pings. uvicorn sends them, not the app: compose and the
+    stack hand the same value to the image's uvicorn as `UVICORN_WS_PING_INTERVAL`
+    (and `UVICORN_WS_PING_TIMEOUT`); here it is validated and documented."""
     ws_ping_timeout: float = Field(default=20.0, gt=0)
 
     gap_fill_wait_ms: int = Field(default=40, ge=0)
