@@ -180,6 +180,29 @@ async def chat_socket(websocket: WebSocket, room: str) -> None:
         await limits.close_socket(principal.user_id)
 
 
+async def join_and_accept(connection: Connection, hub: Hub, subprotocol: str | None) -> int | None:
+    """Joins the socket to its room, then completes the handshake; the id it
+    starts after, or None if either failed (the socket is then closed)."""
+    try:
+        last_id = await hub.join(connection)
+    except Exception as error:  # noqa: BLE001 - the database is unreachable
+        logger.warning("joining room %s failed: %s", connection.room, error)
+        await connection.websocket.close(CLOSE_TRY_AGAIN, "try again later")
+        return None
+    try:
+        await connection.websocket.accept(subprotocol=subprotocol)
+    except Exception:  # noqa: BLE001 - the client left during the handshake
+        hub.leave(connection)
+        return None
+    return last_id
+
+
+async def close_dropped(connection: Connection) -> None:
+    """Sends the close frame of a socket the hub dropped."""
+    code = connection.close_code or CLOSE_SLOW_CONSUMER
+    await connection.websocket.close(code, connection.close_reason)
+
+
 async def serve_socket(
     websocket: WebSocket,
     principal: Principal,
@@ -196,18 +219,9 @@ async def serve_socket(
     connection = Connection(
         websocket=websocket, principal=principal, room=room, limit=settings.send_queue_size
     )
-    try:
-        last_id = await hub.join(connection)
-    except Exception as error:  # noqa: BLE001 - the database is unreachable
-        logger.warning("joining room %s failed: %s", room, error)
-        await websocket.close(CLOSE_TRY_AGAIN, "try again later")
+    last_id = await join_and_accept(connection, hub, subprotocol)
+    if last_id is None:
         return
-    try:
-        await websocket.accept(subprotocol=subprotocol)
-    except Exception:  # noqa: BLE001 - the client left during the handshake
-        hub.leave(connection)
-        return
-
     first = [ready_frame(room=room, last_id=last_id, node=hub.node_id)]
     replay = replay_after(hub, room, since) if since is not None else None
     if not connection.start(
@@ -216,7 +230,7 @@ async def serve_socket(
         replay=replay,
         close_on_expiry=settings.close_on_token_expiry,
     ):  # dropped while the handshake completed
-        await websocket.close(connection.close_code or CLOSE_SLOW_CONSUMER, connection.close_reason)
+        await close_dropped(connection)
         return
     hub.announce(connection)
     try:
@@ -230,12 +244,7 @@ async def serve_socket(
         task.uncancel()
         # the close frame waits behind whatever the peer has not read yet
         with contextlib.suppress(Exception):
-            await asyncio.wait_for(
-                websocket.close(
-                    connection.close_code or CLOSE_SLOW_CONSUMER, connection.close_reason
-                ),
-                settings.slow_consumer_close_seconds,
-            )
+            await asyncio.wait_for(close_dropped(connection), settings.slow_consumer_close_seconds)
     finally:
         connection.stop()
         hub.leave(connection)
@@ -254,6 +263,20 @@ def client_id_of(raw: str) -> str | None:
 def reply(hub: Hub, connection: Connection, frame: str) -> None:
     if not connection.push_frame(frame):
         hub.kick(connection, CLOSE_SLOW_CONSUMER, "slow consumer")
+
+
+def parse_frame(raw: str) -> dict[str, Any] | str:
+    """The client's frame as a JSON object, or the error frame that answers it."""
+    try:
+        frame = json.loads(raw)
+    except ValueError:
+        return error_frame("Frame is not valid JSON")
+    if not isinstance(frame, dict):
+        return error_frame("Frame must be a JSON object")
+    if problems := json_errors(frame, ()):
+        # NUL, lone surrogates, numbers beyond 64 bits: named, never stored
+        return invalid_frame(problems)
+    return frame
 
 
 async def receive_frames(
@@ -281,17 +304,9 @@ async def receive_frames(
             dropped = rate_limited_frame(retry_after=wait, client_id=client_id_of(raw))
             reply(hub, connection, dropped)
             continue
-        try:
-            frame = json.loads(raw)
-        except ValueError:
-            reply(hub, connection, error_frame("Frame is not valid JSON"))
-            continue
-        if not isinstance(frame, dict):
-            reply(hub, connection, error_frame("Frame must be a JSON object"))
-            continue
-        if problems := json_errors(frame, ()):
-            # NUL, lone surrogates, numbers beyond 64 bits: named, never stored
-            reply(hub, connection, invalid_frame(problems))
+        frame = parse_frame(raw)
+        if isinstance(frame, str):
+            reply(hub, connection, frame)
             continue
         kind = frame.get("type")
         if kind == "message":

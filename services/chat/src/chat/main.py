@@ -127,15 +127,35 @@ def watch(metrics: ChatMetrics, hub: Hub, bus: Bus) -> None:
     metrics.watch_queues(hub.outbox_depths, lambda: bus.backlog_size)
 
 
-async def open_parts(
-    parts: Parts, settings: Settings, *, key_source: KeySource | None, metrics: ChatMetrics
-) -> State:
+def open_engine(parts: Parts, settings: Settings) -> AsyncEngine:
     engine = make_engine(
         str(settings.database_url),
         pool_size=settings.database_pool_size,
         max_overflow=settings.database_pool_overflow,
     )
-    parts.add(engine, AsyncEngine.dispose)
+    return parts.add(engine, AsyncEngine.dispose)
+
+
+async def open_limits(parts: Parts, settings: Settings, redis: Redis) -> UserLimits:
+    """The per-user limits, this replica already counted (else the heartbeat retries)."""
+    limits = UserLimits(
+        redis=redis,
+        node_id=settings.node_id,
+        rate_per_second=settings.send_rate_per_second,
+        burst=settings.send_burst,
+        max_sockets=settings.max_sockets_per_user,
+        liveness_seconds=settings.presence_ttl_seconds,
+    )
+    parts.add(limits, UserLimits.leave)
+    with contextlib.suppress(RedisError, OSError):
+        await limits.heartbeat()
+    return limits
+
+
+async def open_parts(
+    parts: Parts, settings: Settings, *, key_source: KeySource | None, metrics: ChatMetrics
+) -> State:
+    engine = open_engine(parts, settings)
     redis = open_command_redis(parts, settings, max_connections=settings.redis_max_connections)
     # publishing has connections of its own: it never waits behind presence or the limits
     publisher = open_command_redis(
@@ -149,17 +169,7 @@ async def open_parts(
         backoff_max_seconds=settings.bus_backoff_max_seconds,
     )
     parts.add(bus, Bus.stop)
-    limits = UserLimits(
-        redis=redis,
-        node_id=settings.node_id,
-        rate_per_second=settings.send_rate_per_second,
-        burst=settings.send_burst,
-        max_sockets=settings.max_sockets_per_user,
-        liveness_seconds=settings.presence_ttl_seconds,
-    )
-    parts.add(limits, UserLimits.leave)
-    with contextlib.suppress(RedisError, OSError):  # else the heartbeat retries
-        await limits.heartbeat()
+    limits = await open_limits(parts, settings, redis)
     presence = Presence(
         redis=redis, node_id=settings.node_id, ttl_seconds=settings.presence_ttl_seconds
     )

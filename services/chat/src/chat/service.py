@@ -4,9 +4,8 @@ writers, so ids are strictly increasing, without holes, in commit order."""
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from dataclasses import asdict
 from datetime import datetime
-from typing import Any
 
 from sqlalchemy import Table, bindparam, select
 from sqlalchemy.dialects.postgresql import insert
@@ -49,19 +48,6 @@ _AFTER = (
 _LAST_ID = select(_rooms.c.last_id).where(_rooms.c.id == bindparam("room"))
 
 
-def _message(row: Sequence[Any]) -> StoredMessage:
-    room, message_id, user_id, display_name, body, client_id, sent_at = row
-    return StoredMessage(
-        room=room,
-        id=message_id,
-        user_id=user_id,
-        display_name=display_name,
-        text=body,
-        client_id=client_id,
-        sent_at=sent_at,
-    )
-
-
 async def store_message(
     *,
     engine: AsyncEngine,
@@ -82,13 +68,17 @@ async def store_message(
         if client_id is not None:
             # under the room's row lock: a concurrent first copy has committed or not started
             existing = (
-                await connection.execute(
-                    _BY_CLIENT_ID, {"room": room, "user_id": user_id, "client_id": client_id}
+                (
+                    await connection.execute(
+                        _BY_CLIENT_ID, {"room": room, "user_id": user_id, "client_id": client_id}
+                    )
                 )
-            ).first()
+                .mappings()
+                .first()
+            )
             if existing is not None:
                 await transaction.rollback()
-                return _message(existing), True
+                return StoredMessage(**existing), True
         message = StoredMessage(
             room=room,
             id=message_id,
@@ -98,18 +88,7 @@ async def store_message(
             client_id=client_id,
             sent_at=sent_at,
         )
-        await connection.execute(
-            _INSERT,
-            {
-                "room": room,
-                "id": message_id,
-                "user_id": user_id,
-                "display_name": display_name,
-                "text": text,
-                "client_id": client_id,
-                "sent_at": sent_at,
-            },
-        )
+        await connection.execute(_INSERT, asdict(message))
     return message, False
 
 
@@ -125,4 +104,4 @@ async def messages_after(
     """Stored messages with ids above `after`, oldest first."""
     async with engine.connect() as connection:
         rows = await connection.execute(_AFTER, {"room": room, "after": after, "limit": limit})
-        return [_message(row) for row in rows]
+        return [StoredMessage(**row) for row in rows.mappings()]
