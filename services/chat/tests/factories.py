@@ -64,7 +64,7 @@ async def start_node(
         yield Node(settings.node_id, url, app)
 
 
-async def presence_users(node: Node, room: str, minter: TokenMinter) -> list[dict[str, Any]]:
+async def presence_listing(node: Node, room: str, minter: TokenMinter) -> dict[str, Any]:
     """The room's presence listing as `node` answers it."""
     headers = {"Authorization": f"Bearer {minter.token()}"}
     async with httpx.AsyncClient(base_url=node.url, headers=headers) as http:
@@ -72,7 +72,12 @@ async def presence_users(node: Node, room: str, minter: TokenMinter) -> list[dic
     assert response.status_code == 200
     body: dict[str, Any] = response.json()
     assert body["room"] == room
-    users: list[dict[str, Any]] = body["users"]
+    return body
+
+
+async def presence_users(node: Node, room: str, minter: TokenMinter) -> list[dict[str, Any]]:
+    """Who the room's presence listing names, as `node` answers it."""
+    users: list[dict[str, Any]] = (await presence_listing(node, room, minter))["users"]
     return users
 
 

@@ -41,11 +41,15 @@ async def test_a_peer_that_stops_answering_pings_is_dropped(
             dead.sock.close()
         await alive.say("still fine")
         (message,) = await alive.messages(1)
-    assert {"id": "dead", "display_name": "Test User", "connections": 1} in joined["joins"]
+    assert {"id": "dead", "display_name": "Test User", "connections": 1, "here": 1} in joined[
+        "joins"
+    ]
     assert left == {
         "type": "presence",
         "room": room,
+        "node": node.name,
+        "seq": left["seq"],
         "joins": [],
-        "leaves": [{"id": "dead", "display_name": "Test User", "connections": 1}],
+        "leaves": [{"id": "dead", "display_name": "Test User", "connections": 1, "here": 0}],
     }
     assert message["text"] == "still fine"

@@ -1,15 +1,12 @@
 from __future__ import annotations
 
-import asyncio
-import time
-
 import httpx
 from redis.asyncio import Redis
 
 from chat.presence import Presence
 from kit_testing import TokenMinter
 
-from .factories import Node, chat, joins, leaves, presence_users, unique_room
+from .factories import Node, chat, joins, leaves, presence_listing, presence_users, unique_room
 
 
 def bearer(minter: TokenMinter) -> dict[str, str]:
@@ -84,37 +81,67 @@ async def test_presence_join_and_leave_across_replicas(
     async with chat(cluster[0], room, minter.token(user_id="ann", name="Ann")) as ann:
         async with chat(cluster[1], room, minter.token(user_id="bob", name="Bob")):
             joined = await ann.recv_until(joins("bob"))
-            listed = await presence_users(cluster[2], room, minter)
+            listing = await presence_listing(cluster[2], room, minter)
         left = await ann.recv_until(leaves("bob"))
-        after = await presence_users(cluster[2], room, minter)
+        after = await presence_listing(cluster[2], room, minter)
     bob = {"id": "bob", "display_name": "Bob", "connections": 1}
-    assert joined == {"type": "presence", "room": room, "joins": [bob], "leaves": []}
-    assert listed == [
+    node = cluster[1].name
+    assert joined == {
+        "type": "presence",
+        "room": room,
+        "node": node,
+        "seq": joined["seq"],
+        "joins": [bob | {"here": 1}],
+        "leaves": [],
+    }
+    assert listing["users"] == [
         {"id": "ann", "display_name": "Ann", "connections": 1},
         {"id": "bob", "display_name": "Bob", "connections": 1},
     ]
-    assert left == {"type": "presence", "room": room, "joins": [], "leaves": [bob]}
-    assert after == [{"id": "ann", "display_name": "Ann", "connections": 1}]
+    # replica by replica, each with the seq of the flush that wrote it
+    by_node = {entry["node"]: entry for entry in listing["nodes"]}
+    assert by_node[node] == {"node": node, "seq": joined["seq"], "users": [bob]}
+    assert by_node[cluster[0].name]["users"] == [
+        {"id": "ann", "display_name": "Ann", "connections": 1}
+    ]
+    assert left == {
+        "type": "presence",
+        "room": room,
+        "node": node,
+        "seq": left["seq"],
+        "joins": [],
+        "leaves": [bob | {"here": 0}],
+    }
+    assert left["seq"] > joined["seq"]
+    assert after["users"] == [{"id": "ann", "display_name": "Ann", "connections": 1}]
+    assert [entry["node"] for entry in after["nodes"]] == [cluster[0].name]
 
 
-async def test_presence_of_a_dead_replica_vanishes(
+async def test_presence_of_a_dead_replica_vanishes_and_members_hear_it(
     cluster: list[Node], minter: TokenMinter, redis_url: str
 ) -> None:
     room = unique_room()
     redis = Redis.from_url(redis_url)
     ghost = Presence(redis=redis, node_id="ghost-node", ttl_seconds=1.0)
     try:
-        ghost.joined(room, "gus", "Gus")
-        await ghost.flush()
-        seen = await presence_users(cluster[0], room, minter)
-        deadline = time.monotonic() + 10
-        # nothing refreshes the ghost's entries: they must drop out on their own
-        while await presence_users(cluster[0], room, minter):
-            assert time.monotonic() < deadline, "presence of a dead replica did not expire"
-            await asyncio.sleep(0.1)
+        async with chat(cluster[0], room, minter.token(user_id="ann", name="Ann")) as ann:
+            ghost.joined(room, "gus", "Gus")
+            ghost.joined(room, "gus", "Gus")
+            await ghost.flush()
+            seen = await presence_users(cluster[0], room, minter)
+            # nothing refreshes the ghost's entries: they drop out on their own,
+            # and a live replica tells the room who went with it
+            gone = await ann.recv_until(leaves("gus"), within=15)
+            listed = await presence_users(cluster[0], room, minter)
+            remaining = await redis.exists(f"chat:presence:{room}:ghost-node")
     finally:
         await redis.aclose()
-    assert seen == [{"id": "gus", "display_name": "Gus", "connections": 1}]
+    assert {"id": "gus", "display_name": "Gus", "connections": 2} in seen
+    assert gone["gone"] is True
+    assert gone["node"] == "ghost-node"
+    assert gone["leaves"] == [{"id": "gus", "display_name": "Gus", "connections": 2, "here": 0}]
+    assert listed == [{"id": "ann", "display_name": "Ann", "connections": 1}]
+    assert remaining == 0
 
 
 async def test_readyz_proves_database_and_bus(cluster: list[Node]) -> None:

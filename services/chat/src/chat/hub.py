@@ -274,17 +274,22 @@ class Hub:
         """Writes what changed to Redis and sends each changed room its diff,
         here and through the bus (one pipeline for all rooms)."""
         frames = await self.presence.flush()
+        await self._tell_rooms(list(frames.items()))
+
+    async def presence_heartbeat(self) -> None:
+        """Keeps this replica's presence alive, and tells rooms about dead replicas."""
+        await self._tell_rooms(await self.presence.heartbeat())
+
+    async def _tell_rooms(self, frames: list[tuple[str, str]]) -> None:
+        """Presence frames to the rooms' sockets here, and through the bus."""
         if not frames or not self.settings.presence_frames:
             return
-        for room, frame in frames.items():
+        for room, frame in frames:
             feed = self.feeds.get(room)
             if feed is not None:
                 self._push_to_room(feed, frame)
         await self.bus.publish_many(
-            [
-                (room_channel(room), presence_payload(self.node_id, frame))
-                for room, frame in frames.items()
-            ]
+            [(room_channel(room), presence_payload(self.node_id, frame)) for room, frame in frames]
         )
 
     def _push_to_room(self, feed: RoomFeed, frame: str) -> None:

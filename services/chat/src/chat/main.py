@@ -53,7 +53,6 @@ async def heartbeat(
     *,
     hub: Hub,
     bus: Bus,
-    presence: Presence,
     redis: Redis,
     settings: Settings,
     limits: UserLimits,
@@ -68,7 +67,7 @@ async def heartbeat(
         except (RedisError, OSError) as error:
             logger.warning("socket counts not refreshed: %s", error)
         try:
-            await beat_once(hub=hub, bus=bus, presence=presence, redis=redis, settings=settings)
+            await beat_once(hub=hub, bus=bus, redis=redis, settings=settings)
         except Exception:
             logger.exception(
                 "heartbeat failed; next one in %s s", settings.presence_heartbeat_seconds
@@ -85,10 +84,8 @@ async def presence_loop(hub: Hub, settings: Settings) -> None:
             logger.exception("presence flush failed")
 
 
-async def beat_once(
-    *, hub: Hub, bus: Bus, presence: Presence, redis: Redis, settings: Settings
-) -> None:
-    await presence.heartbeat()
+async def beat_once(*, hub: Hub, bus: Bus, redis: Redis, settings: Settings) -> None:
+    await hub.presence_heartbeat()
     await bus.flush()
     try:
         await hub.close_revoked(redis)
@@ -179,9 +176,7 @@ async def open_parts(
     watch(metrics, hub, bus)
     bus.start(on_message=hub.on_bus_message, on_resync=hub.resync)
     parts.task(
-        heartbeat(
-            hub=hub, bus=bus, presence=presence, redis=redis, settings=settings, limits=limits
-        ),
+        heartbeat(hub=hub, bus=bus, redis=redis, settings=settings, limits=limits),
         name="heartbeat",
     )
     parts.task(presence_loop(hub, settings), name="presence")

@@ -7,18 +7,31 @@ last flush go out at once, in one pipeline for every room that changed:
 
 - Redis: the replica's hash per room, `chat:presence:<room>:<node>`, maps
   each user to `{"id", "display_name", "connections"}` (this replica's
-  sockets of that user); the room's sorted set `chat:presence:<room>:nodes`
-  scores each replica with the time its entries expire.
+  sockets of that user) and `~seq` to the flush that wrote it last; the
+  room's sorted set `chat:presence:<room>:nodes` scores each replica with the
+  time its entries expire.
 - Members: one `presence` frame per changed room, `joins` and `leaves` each a
   list of users with how many of their sockets came or went on this replica
-  (net over the interval: a socket that came and went is not mentioned).
+  (net over the interval: a socket that came and went is not mentioned) and
+  how many are `here` now; the frame names its `node` and carries `seq`, a
+  number that grows with every flush of that replica (milliseconds since the
+  epoch, or one more than the last).
+
+A client therefore keeps counts per replica, not one running total: a frame
+sets the counts of the users it names on its replica unless the client
+already holds a newer `seq` for them (from the listing, which gives each
+replica's counts and `seq`, or from a later frame). Frames and the listing
+may arrive in any order, and the result is the same.
 
 So a join storm of n sockets costs each member one frame per replica per
 interval, not n frames, and Redis work grows with rooms, not with sockets.
-The heartbeat only pushes the expiry of every room ahead (one pipeline), so
-when a replica dies its entries drop out of every listing after `ttl`
-seconds (the score) and out of Redis soon after (the key TTL). Writes are
-best effort: a room whose write failed is rewritten whole by the next flush.
+The heartbeat pushes the expiry of every room ahead (one pipeline) and looks
+for replicas whose entries expired in those rooms: when a replica dies, its
+entries drop out of every listing after `ttl` seconds (the score), and the
+first live replica to remove it from the room's set (ZREM answers 1 to one
+of them) sends the room a `presence` frame with `"gone": true` that names
+the dead replica's users in `leaves`, so members see them go. Writes are best
+effort: a room whose write failed is rewritten whole by the next flush.
 """
 
 from __future__ import annotations
@@ -32,13 +45,22 @@ from typing import Any, cast
 from redis.asyncio import Redis
 from redis.exceptions import RedisError
 
-from chat.schemas import PresentUser, presence_diff_frame
+from chat.schemas import (
+    NodePresence,
+    PresenceChange,
+    PresenceOut,
+    PresentUser,
+    presence_diff_frame,
+)
 
 logger = logging.getLogger("chat.presence")
 
 PIPELINE_ROOMS = 200
 """Rooms written per pipeline round trip."""
 STALE_NODES_SECONDS = 3600
+SEQ_FIELD = "~seq"
+"""The hash field holding the `seq` of the flush that wrote it (user ids never start with ~)."""
+SEQ_KEYS = (SEQ_FIELD, SEQ_FIELD.encode())
 
 
 def presence_key(room: str, node: str) -> str:
@@ -66,6 +88,7 @@ class Presence:
         self._changes: dict[str, dict[str, list[Any]]] = {}
         # rooms whose last write failed: rewritten whole by the next flush
         self._stale: set[str] = set()
+        self._seq = 0
 
     # -- local counts (no I/O) ------------------------------------------------
 
@@ -92,22 +115,39 @@ class Presence:
 
     # -- flushing -------------------------------------------------------------
 
+    def _next_seq(self) -> int:
+        """Grows with every flush, and across restarts of a replica with the same id."""
+        self._seq = max(self._seq + 1, time.time_ns() // 1_000_000)
+        return self._seq
+
     async def flush(self) -> dict[str, str]:
         """Writes every changed room to Redis (one pipeline per `PIPELINE_ROOMS`)
         and returns the `presence` frame of each room with a net change."""
         changes, self._changes = self._changes, {}
         rooms = set(changes) | self._stale
-        if rooms:
-            await self._write(sorted(rooms), changes)
+        if not rooms:
+            return {}
+        seq = self._next_seq()
+        await self._write(sorted(rooms), changes, seq)
         frames: dict[str, str] = {}
         for room, users in changes.items():
-            joins = [(uid, name, n) for uid, (name, n) in users.items() if n > 0]
-            leaves = [(uid, name, -n) for uid, (name, n) in users.items() if n < 0]
+            joins: list[PresenceChange] = []
+            leaves: list[PresenceChange] = []
+            for uid, (name, n) in users.items():
+                change = PresenceChange(uid, name, abs(n), self.connections(room, uid))
+                if n > 0:
+                    joins.append(change)
+                elif n < 0:
+                    leaves.append(change)
             if joins or leaves:
-                frames[room] = presence_diff_frame(room=room, joins=joins, leaves=leaves)
+                frames[room] = presence_diff_frame(
+                    room=room, node=self.node_id, seq=seq, joins=joins, leaves=leaves
+                )
         return frames
 
-    async def _write(self, rooms: list[str], changes: dict[str, dict[str, list[Any]]]) -> None:
+    async def _write(
+        self, rooms: list[str], changes: dict[str, dict[str, list[Any]]], seq: int
+    ) -> None:
         expires_at = time.time() + self.ttl_seconds
         key_ttl = math.ceil(self.ttl_seconds) + 5
         for start in range(0, len(rooms), PIPELINE_ROOMS):
@@ -134,8 +174,8 @@ class Presence:
                             for uid in changed
                             if uid in users
                         }
-                        if mapping:
-                            pipe.hset(key, mapping=cast(Any, mapping))
+                        mapping[SEQ_FIELD] = str(seq)
+                        pipe.hset(key, mapping=cast(Any, mapping))
                         self._refresh(pipe, room, expires_at, key_ttl)
                     await pipe.execute()
                 self._stale.difference_update(batch)
@@ -151,21 +191,62 @@ class Presence:
         pipe.zremrangebyscore(nodes, 0, time.time() - STALE_NODES_SECONDS)
         pipe.expire(nodes, key_ttl + STALE_NODES_SECONDS)
 
-    async def heartbeat(self) -> None:
-        """Pushes the expiry of every room this replica has sockets in ahead."""
+    async def heartbeat(self) -> list[tuple[str, str]]:
+        """Pushes the expiry of every room this replica has sockets in ahead, and
+        returns a `gone` frame for every replica found dead in one of them."""
         rooms = sorted(self.rooms)
         expires_at = time.time() + self.ttl_seconds
         key_ttl = math.ceil(self.ttl_seconds) + 5
+        expired: list[tuple[str, str]] = []
         for start in range(0, len(rooms), PIPELINE_ROOMS):
             batch = rooms[start : start + PIPELINE_ROOMS]
             try:
                 async with self.redis.pipeline(transaction=False) as pipe:
                     for room in batch:
                         self._refresh(pipe, room, expires_at, key_ttl)
-                    await pipe.execute()
+                        pipe.zrangebyscore(presence_nodes_key(room), 0, time.time())
+                    results = await pipe.execute()
             except (RedisError, OSError) as error:
                 self._stale.update(batch)
                 logger.warning("presence heartbeat of %d rooms failed: %s", len(batch), error)
+                continue
+            per_room = len(results) // len(batch)
+            for index, room in enumerate(batch):
+                for node in results[(index + 1) * per_room - 1]:
+                    name = node.decode() if isinstance(node, bytes) else str(node)
+                    if name != self.node_id:
+                        expired.append((room, name))
+        return await self._bury(expired) if expired else []
+
+    async def _bury(self, expired: list[tuple[str, str]]) -> list[tuple[str, str]]:
+        """Removes dead replicas from their rooms; for each removal this replica
+        won, the room's frame naming the dead replica's users as gone."""
+        try:
+            async with self.redis.pipeline(transaction=False) as pipe:
+                for room, node in expired:
+                    pipe.hgetall(presence_key(room, node))
+                    pipe.zrem(presence_nodes_key(room), node)
+                    pipe.delete(presence_key(room, node))
+                results = await pipe.execute()
+        except (RedisError, OSError) as error:
+            logger.warning("dead replicas not removed from presence (retried): %s", error)
+            return []
+        frames: list[tuple[str, str]] = []
+        for index, (room, node) in enumerate(expired):
+            entries, won = results[3 * index], results[3 * index + 1]
+            if not won:
+                continue  # another replica announces it
+            users = [json.loads(raw) for field, raw in entries.items() if field not in SEQ_KEYS]
+            leaves = [
+                PresenceChange(u["id"], u["display_name"], int(u["connections"]), 0) for u in users
+            ]
+            logger.info("replica %s left room %s with %d users", node, room, len(leaves))
+            if leaves:
+                frame = presence_diff_frame(
+                    room=room, node=node, seq=self._next_seq(), joins=[], leaves=leaves, gone=True
+                )
+                frames.append((room, frame))
+        return frames
 
     async def clear(self) -> None:
         """This replica is stopping: its entries leave every listing now."""
@@ -184,25 +265,51 @@ class Presence:
 
     # -- reading --------------------------------------------------------------
 
+    async def listing(self, room: str) -> PresenceOut:
+        """Everyone connected to `room` on a live replica: one entry per user, and
+        each replica's own counts with the `seq` they were written at."""
+        now = time.time()
+        names = [
+            node.decode() if isinstance(node, bytes) else str(node)
+            for node in await self.redis.zrangebyscore(presence_nodes_key(room), now, math.inf)
+        ]
+        async with self.redis.pipeline(transaction=False) as pipe:
+            for name in names:
+                pipe.hgetall(presence_key(room, name))
+            results = await pipe.execute()
+        totals: dict[str, PresentUser] = {}
+        nodes: list[NodePresence] = []
+        for name, entries in zip(names, results, strict=True):
+            seq, users = 0, []
+            for field, raw in entries.items():
+                if field in SEQ_KEYS:
+                    seq = int(raw)
+                    continue
+                user = json.loads(raw)
+                present = PresentUser(
+                    id=user["id"],
+                    display_name=user["display_name"],
+                    connections=int(user.get("connections", 1)),
+                )
+                users.append(present)
+                total = totals.get(present.id)
+                if total is None:
+                    totals[present.id] = present.model_copy()
+                else:
+                    total.connections += present.connections
+            if users:
+                nodes.append(NodePresence(node=name, seq=seq, users=sorted(users, key=by_id)))
+        return PresenceOut(
+            room=room,
+            users=sorted(totals.values(), key=by_id),
+            nodes=nodes,
+            at=int(now * 1000),
+        )
+
     async def users(self, room: str) -> list[PresentUser]:
         """Everyone connected to `room` on a live replica, one entry per user."""
-        now = time.time()
-        nodes = await self.redis.zrangebyscore(presence_nodes_key(room), now, math.inf)
-        async with self.redis.pipeline(transaction=False) as pipe:
-            for node in nodes:
-                name = node.decode() if isinstance(node, bytes) else str(node)
-                pipe.hvals(presence_key(room, name))
-            results = await pipe.execute()
-        counts: dict[str, PresentUser] = {}
-        for values in results:
-            for raw in values:
-                user = json.loads(raw)
-                present = counts.get(user["id"])
-                connections = int(user.get("connections", 1))
-                if present is None:
-                    counts[user["id"]] = PresentUser(
-                        id=user["id"], display_name=user["display_name"], connections=connections
-                    )
-                else:
-                    present.connections += connections
-        return sorted(counts.values(), key=lambda user: user.id)
+        return (await self.listing(room)).users
+
+
+def by_id(user: PresentUser) -> str:
+    return user.id

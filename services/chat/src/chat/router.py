@@ -38,10 +38,9 @@ async def presence(
     room: RoomPath, principal: CurrentPrincipal, presence: PresenceDep
 ) -> PresenceOut:
     try:
-        users = await presence.users(room)
+        return await presence.listing(room)
     except (RedisError, OSError) as error:
         raise ServiceUnavailable("Presence is unavailable while Redis is unreachable") from error
-    return PresenceOut(room=room, users=users)
 
 
 @router.websocket("/ws/{room}")

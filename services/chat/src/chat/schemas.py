@@ -6,7 +6,7 @@ import json
 import re
 from dataclasses import dataclass
 from datetime import datetime
-from typing import Any
+from typing import Any, NamedTuple
 
 from pydantic import BaseModel
 
@@ -76,22 +76,44 @@ def invalid_frame(errors: list[dict[str, Any]]) -> str:
     return dumps({"type": "error", "detail": f"Invalid frame: {fields}", "errors": cleaned})
 
 
-PresenceChange = tuple[str, str, int]
-"""(user id, display name, sockets that came or went)."""
+class PresenceChange(NamedTuple):
+    user_id: str
+    display_name: str
+    connections: int
+    """Sockets of the user that came or went on the replica."""
+    here: int
+    """Sockets of the user on the replica now."""
 
 
 def presence_diff_frame(
-    *, room: str, joins: list[PresenceChange], leaves: list[PresenceChange]
+    *,
+    room: str,
+    node: str,
+    seq: int,
+    joins: list[PresenceChange],
+    leaves: list[PresenceChange],
+    gone: bool = False,
 ) -> str:
-    """Who came and who went in a room on one replica since its last diff."""
+    """Who came and who went in a room on one replica since its last diff; with
+    `gone`, the replica died and every user it had is in `leaves`."""
 
     def users(changes: list[PresenceChange]) -> list[dict[str, Any]]:
         return [
-            {"id": user_id, "display_name": name, "connections": count}
-            for user_id, name, count in changes
+            {"id": user_id, "display_name": name, "connections": count, "here": here}
+            for user_id, name, count, here in changes
         ]
 
-    return dumps({"type": "presence", "room": room, "joins": users(joins), "leaves": users(leaves)})
+    frame: dict[str, Any] = {
+        "type": "presence",
+        "room": room,
+        "node": node,
+        "seq": seq,
+        "joins": users(joins),
+        "leaves": users(leaves),
+    }
+    if gone:
+        frame["gone"] = True
+    return dumps(frame)
 
 
 class ChatUser(BaseModel):
@@ -122,6 +144,20 @@ class PresentUser(BaseModel):
     connections: int
 
 
+class NodePresence(BaseModel):
+    node: str
+    """The replica these sockets are on."""
+    seq: int
+    """The replica's flush that wrote these counts: frames from it with a higher `seq` are newer."""
+    users: list[PresentUser]
+
+
 class PresenceOut(BaseModel):
     room: str
     users: list[PresentUser]
+    """Everyone connected, with their sockets on every replica added up."""
+    nodes: list[NodePresence]
+    """The same, replica by replica: what a client applies `presence` frames to."""
+    at: int
+    """When this was read, in milliseconds since the epoch: a replica missing here
+    whose frames a client holds with a lower `seq` is gone."""

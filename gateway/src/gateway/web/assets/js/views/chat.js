@@ -4,6 +4,7 @@
 import { ChatClient } from "../chat-client.js";
 import { fill, formatTime, h } from "../dom.js";
 import { field, formError } from "../forms.js";
+import { RoomPresence } from "../presence.js";
 
 const ROOM_NAME = /^[A-Za-z0-9_-]{1,64}$/;
 const HISTORY = 50;
@@ -70,7 +71,7 @@ export function roomView({ session, params }) {
   );
 
   const shown = new Set();
-  const presence = new Map(); // user id -> {name, connections}
+  const presence = new RoomPresence();
   const scheme = location.protocol === "https:" ? "wss" : "ws";
   const client = new ChatClient({
     url: `${scheme}://${location.host}/chat/ws`,
@@ -99,9 +100,8 @@ export function roomView({ session, params }) {
   function renderPresence() {
     fill(
       people,
-      [...presence.values()]
-        .filter((person) => person.connections > 0)
-        .sort((a, b) => a.name.localeCompare(b.name))
+      presence
+        .people()
         .map((person) =>
           h("li", {}, person.name, person.connections > 1 ? ` (${person.connections} tabs)` : ""),
         ),
@@ -116,10 +116,7 @@ export function roomView({ session, params }) {
     }
     const [current, history] = await Promise.allSettled(calls);
     if (current.status === "fulfilled") {
-      presence.clear();
-      for (const user of current.value.body.users) {
-        presence.set(user.id, { name: user.display_name, connections: user.connections });
-      }
+      presence.reset(current.value.body);
       renderPresence();
     }
     if (history?.status === "fulfilled") {
@@ -148,17 +145,8 @@ export function roomView({ session, params }) {
     outbox.querySelector(`[data-client-id="${CSS.escape(detail.clientId)}"]`)?.remove();
   });
   client.addEventListener("presence", ({ detail }) => {
-    // one diff per replica and interval: who came and who went, with a count of sockets
-    for (const [users, sign] of [
-      [detail.joins, 1],
-      [detail.leaves, -1],
-    ]) {
-      for (const user of users) {
-        const person = presence.get(user.id) ?? { name: user.display_name, connections: 0 };
-        person.connections = Math.max(0, person.connections + sign * user.connections);
-        presence.set(user.id, person);
-      }
-    }
+    // one diff per replica and interval (see presence.js)
+    presence.apply(detail);
     renderPresence();
   });
   client.addEventListener("problem", ({ detail }) => {

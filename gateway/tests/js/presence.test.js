@@ -1,0 +1,78 @@
+// Room presence kept replica by replica: frames and the listing in any order.
+import assert from "node:assert/strict";
+import { test } from "node:test";
+
+const { RoomPresence } = await import("../../src/gateway/web/assets/js/presence.js");
+
+const user = (id, here, connections = 1) => ({ id, display_name: id, connections, here });
+const frame = (node, seq, { joins = [], leaves = [], gone = false } = {}) => ({
+  type: "presence",
+  node,
+  seq,
+  joins,
+  leaves,
+  ...(gone ? { gone } : {}),
+});
+const listing = (at, nodes) => ({
+  at,
+  nodes: Object.entries(nodes).map(([node, { seq, users }]) => ({
+    node,
+    seq,
+    users: Object.entries(users).map(([id, connections]) => ({ id, display_name: id, connections })),
+  })),
+});
+const counts = (presence) =>
+  Object.fromEntries(presence.people().map(({ id, connections }) => [id, connections]));
+
+test("a late leave from the replica a user moved away from does not remove them", () => {
+  // bob's first socket was on A; he reconnected to B; the listing already shows B
+  const presence = new RoomPresence();
+  presence.reset(listing(1000, { A: { seq: 900, users: { ann: 1 } }, B: { seq: 990, users: { bob: 1 } } }));
+  assert.deepEqual(counts(presence), { ann: 1, bob: 1 });
+  presence.apply(frame("A", 950, { leaves: [user("bob", 0)] }));
+  assert.deepEqual(counts(presence), { ann: 1, bob: 1 });
+});
+
+test("a frame older than the listing changes nothing; a newer one does", () => {
+  const presence = new RoomPresence();
+  presence.reset(listing(1000, { A: { seq: 900, users: { ann: 2 } } }));
+  presence.apply(frame("A", 850, { joins: [user("ann", 1)] })); // said before the listing was written
+  assert.deepEqual(counts(presence), { ann: 2 });
+  presence.apply(frame("A", 1100, { leaves: [user("ann", 1)] }));
+  assert.deepEqual(counts(presence), { ann: 1 });
+});
+
+test("frames that arrive before the listing survive it when newer", () => {
+  const presence = new RoomPresence();
+  presence.apply(frame("A", 1200, { joins: [user("cy", 1)] }));
+  presence.apply(frame("B", 1300, { leaves: [user("ann", 0)] }));
+  // read before those frames were written, answered after they arrived
+  presence.reset(listing(1100, { A: { seq: 1000, users: { ann: 1 } }, B: { seq: 1050, users: { ann: 1 } } }));
+  assert.deepEqual(counts(presence), { ann: 1, cy: 1 });
+});
+
+test("a replica the listing no longer has is dropped unless it spoke since", () => {
+  const presence = new RoomPresence();
+  presence.apply(frame("A", 500, { joins: [user("ann", 1)] }));
+  presence.apply(frame("C", 2000, { joins: [user("dee", 1)] }));
+  presence.reset(listing(1000, { B: { seq: 900, users: { bob: 1 } } }));
+  assert.deepEqual(counts(presence), { bob: 1, dee: 1 });
+});
+
+test("a gone replica takes its users, and the user's sockets elsewhere stay", () => {
+  const presence = new RoomPresence();
+  presence.reset(listing(1000, { A: { seq: 900, users: { ann: 1, bob: 2 } }, B: { seq: 900, users: { bob: 1 } } }));
+  assert.deepEqual(counts(presence), { ann: 1, bob: 3 });
+  presence.apply(frame("A", 5000, { leaves: [user("ann", 0), user("bob", 0, 2)], gone: true }));
+  assert.deepEqual(counts(presence), { bob: 1 });
+});
+
+test("people are listed by name with their sockets added up across replicas", () => {
+  const presence = new RoomPresence();
+  presence.apply(frame("A", 10, { joins: [user("zoe", 1), user("ann", 2, 2)] }));
+  presence.apply(frame("B", 10, { joins: [user("zoe", 1)] }));
+  assert.deepEqual(presence.people(), [
+    { id: "ann", name: "ann", connections: 2 },
+    { id: "zoe", name: "zoe", connections: 2 },
+  ]);
+});
