@@ -123,21 +123,27 @@ def upstream_request(scope: Scope, policy: HeaderPolicy, request_id: str) -> Out
     if connection is not None:
         listed = _connection_tokens(connection)
         headers = [(name, value) for name, value in headers if name.encode() not in listed]
+    headers += _forwarding(scope, forwarded_for, forwarded_proto, forwarded_host or host)
+    headers.append(("X-Request-ID", request_id))
+    return OutgoingRequest(headers, authorization, has_body, content_length)
+
+
+def _forwarding(
+    scope: Scope, forwarded_for: str | None, forwarded_proto: str | None, host: str
+) -> list[tuple[str, str]]:
+    """The X-Forwarded-* headers: the client's address added to those it came
+    through, the scheme and host it asked for."""
     client = scope.get("client")
     client_host = client[0] if client else ""
     scheme = scope.get("scheme", "http")
-    headers.append(
-        ("X-Forwarded-For", f"{forwarded_for}, {client_host}" if forwarded_for else client_host)
-    )
-    headers.append(
+    return [
+        ("X-Forwarded-For", f"{forwarded_for}, {client_host}" if forwarded_for else client_host),
         (
             "X-Forwarded-Proto",
             forwarded_proto or ("https" if scheme in ("https", "wss") else "http"),
-        )
-    )
-    headers.append(("X-Forwarded-Host", forwarded_host or host))
-    headers.append(("X-Request-ID", request_id))
-    return OutgoingRequest(headers, authorization, has_body, content_length)
+        ),
+        ("X-Forwarded-Host", host),
+    ]
 
 
 def downstream_headers(raw_headers: tuple[tuple[bytes, bytes], ...]) -> list[tuple[bytes, bytes]]:

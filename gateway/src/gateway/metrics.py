@@ -59,6 +59,24 @@ class GatewayMetrics:
         self.registry = registry
         # the same families the services export, with the route prefix as `route`
         self.http = HttpMetrics(registry)
+        self._declare_upstream(registry)
+        self._declare_edge(registry)
+        self.pools = PoolMetrics(registry)
+        registry.register(PoolCollector(pools))
+        for client in ("anonymous", "user"):
+            self.rate_limited.labels(client)
+        for pool in pools():
+            self.retries.labels(pool.name)
+            self.ejections.labels(pool.name)
+            for outcome in ("2xx", "3xx", "4xx", "5xx", "error"):
+                self.upstream_requests.labels(pool.name, outcome)
+        self._requests: dict[tuple[str, str, int], Callable[[], None]] = {}
+        self._latency: dict[tuple[str, str], Callable[[float], None]] = {}
+        self._upstream: dict[str, Callable[[float], None]] = {}
+        self._outcomes: dict[tuple[str, str], Callable[[], None]] = {}
+
+    def _declare_upstream(self, registry: CollectorRegistry) -> None:
+        """What the gateway sees of each upstream: latency, outcomes, retries, ejections."""
         self.upstream_latency = Histogram(
             "gateway_upstream_duration_seconds",
             "Time from sending a request upstream to its response head",
@@ -71,6 +89,21 @@ class GatewayMetrics:
             ["route"],
             registry=registry,
         )
+        self.upstream_requests = Counter(
+            "gateway_upstream_requests_total",
+            "Requests sent upstream, by route and outcome (the status class, or error)",
+            ["route", "outcome"],
+            registry=registry,
+        )
+        self.ejections = Counter(
+            "gateway_upstream_ejections_total",
+            "Replicas taken out of rotation after failures (passive health)",
+            ["route"],
+            registry=registry,
+        )
+
+    def _declare_edge(self, registry: CollectorRegistry) -> None:
+        """What the edge refuses: rate limits and guarded connections."""
         self.rate_limited = Counter(
             "gateway_rate_limited_total",
             "Requests refused with 429, by who was limited (anonymous, user)",
@@ -89,31 +122,6 @@ class GatewayMetrics:
             ["reason"],
             registry=registry,
         )
-        self.upstream_requests = Counter(
-            "gateway_upstream_requests_total",
-            "Requests sent upstream, by route and outcome (the status class, or error)",
-            ["route", "outcome"],
-            registry=registry,
-        )
-        self.ejections = Counter(
-            "gateway_upstream_ejections_total",
-            "Replicas taken out of rotation after failures (passive health)",
-            ["route"],
-            registry=registry,
-        )
-        self.pools = PoolMetrics(registry)
-        registry.register(PoolCollector(pools))
-        for client in ("anonymous", "user"):
-            self.rate_limited.labels(client)
-        for pool in pools():
-            self.retries.labels(pool.name)
-            self.ejections.labels(pool.name)
-            for outcome in ("2xx", "3xx", "4xx", "5xx", "error"):
-                self.upstream_requests.labels(pool.name, outcome)
-        self._requests: dict[tuple[str, str, int], Callable[[], None]] = {}
-        self._latency: dict[tuple[str, str], Callable[[float], None]] = {}
-        self._upstream: dict[str, Callable[[float], None]] = {}
-        self._outcomes: dict[tuple[str, str], Callable[[], None]] = {}
 
     def request(self, route: str, method: str, status: int, seconds: float) -> None:
         """Counts one proxied request; label children are looked up once per combination."""

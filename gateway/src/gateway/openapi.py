@@ -125,18 +125,7 @@ def merge_specs(specs: Mapping[str, Spec], *, title: str, version: str) -> Spec:
     for service, spec in specs.items():
         service_renames = renames.get(service, {})
         _rewrite_refs(spec, service_renames)
-        schemes = service_renames.get("securitySchemes", {})
-        for operation in _operations(spec.get("paths", {})):
-            operation["tags"] = [
-                _prefixed_tag(service, tag) for tag in operation.get("tags") or [service]
-            ]
-            operation_id = operation.get("operationId")
-            if operation_id is not None and operation_counts[operation_id] > 1:
-                operation["operationId"] = f"{service}_{operation_id}"
-            if "security" in operation:
-                operation["security"] = _rename_security(operation["security"], schemes)
-            if "security" in spec and "security" not in operation:
-                operation["security"] = _rename_security(spec["security"], schemes)
+        _label_operations(service, spec, service_renames, operation_counts)
         merged["paths"].update(spec.get("paths", {}))
         for section, entries in spec.get("components", {}).items():
             target = merged["components"].setdefault(section, {})
@@ -151,6 +140,28 @@ def merge_specs(specs: Mapping[str, Spec], *, title: str, version: str) -> Spec:
     if not merged["components"]:
         del merged["components"]
     return merged
+
+
+def _label_operations(
+    service: str,
+    spec: Spec,
+    renames: dict[str, dict[str, str]],
+    operation_counts: Mapping[str, int],
+) -> None:
+    """Tags each operation with its service, prefixes an operation id that two
+    services share, and points its security at the renamed schemes."""
+    schemes = renames.get("securitySchemes", {})
+    for operation in _operations(spec.get("paths", {})):
+        operation["tags"] = [
+            _prefixed_tag(service, tag) for tag in operation.get("tags") or [service]
+        ]
+        operation_id = operation.get("operationId")
+        if operation_id is not None and operation_counts[operation_id] > 1:
+            operation["operationId"] = f"{service}_{operation_id}"
+        if "security" in operation:
+            operation["security"] = _rename_security(operation["security"], schemes)
+        if "security" in spec and "security" not in operation:
+            operation["security"] = _rename_security(spec["security"], schemes)
 
 
 class MergedOpenApi:

@@ -22,7 +22,7 @@ import aiohttp
 from starlette.types import Message, Receive, Scope, Send
 
 from gateway.errors import refuse, request_id
-from gateway.headers import HeaderPolicy, downstream_headers, upstream_request
+from gateway.headers import HeaderPolicy, OutgoingRequest, downstream_headers, upstream_request
 from gateway.pool import SICK_STATUSES, Pool, Replica, not_listening
 from gateway.ratelimit import Quota
 from gateway.runtime import Route, Runtime
@@ -51,6 +51,11 @@ class ClientDisconnected(Exception):
 
 class BodyTooLarge(Exception):
     """The client's body grew past the limit while it was being forwarded."""
+
+
+class ClientClosed(Exception):
+    """The client went away before its request reached a replica: nobody is
+    left to answer (counted as 499)."""
 
 
 def too_large(limit: int) -> PayloadTooLarge:
@@ -193,39 +198,72 @@ class Proxy:
     async def forward(self, route: Route, scope: Scope, receive: Receive, send: Send) -> int:
         outgoing = upstream_request(scope, self.policy, request_id(scope))
         quota = await self.admit(scope, outgoing.authorization)
+        try:
+            body = await self.read_body(outgoing, receive)
+            replica, response, sent_at = await self.send_upstream(route, scope, outgoing, body)
+        except ClientClosed:
+            return CLIENT_CLOSED_REQUEST
+        pool = route.pool
+        try:
+            self.metrics.upstream(route.name, time.perf_counter() - sent_at, response.status)
+            if says_sick(response.status, response.headers.get("content-type")):
+                pool.failed(replica)
+            else:
+                # any other answer, 4xx or 500 included, shows a working replica
+                pool.succeeded(replica)
+            await self.relay(response, quota, body, receive, send)
+            return response.status
+        finally:
+            replica.in_flight -= 1
+            response.release()
+
+    async def read_body(
+        self, outgoing: OutgoingRequest, receive: Receive
+    ) -> bytes | StreamedBody | None:
+        """The request's body: whole if it came in one message, else streamed on."""
         limit = self.max_body_bytes
         if outgoing.content_length is not None and outgoing.content_length > limit:
             raise too_large(limit)
+        if not outgoing.has_body:
+            return None
+        message = await receive()
+        if message["type"] == "http.disconnect":
+            raise ClientClosed
+        chunk: bytes = message.get("body", b"")
+        if len(chunk) > limit:
+            raise too_large(limit)
+        return StreamedBody(chunk, receive, limit=limit) if message.get("more_body") else chunk
 
-        body: bytes | StreamedBody | None = None
-        if outgoing.has_body:
-            message = await receive()
-            if message["type"] == "http.disconnect":
-                return CLIENT_CLOSED_REQUEST
-            chunk: bytes = message.get("body", b"")
-            if len(chunk) > limit:
-                raise too_large(limit)
-            body = StreamedBody(chunk, receive, limit=limit) if message.get("more_body") else chunk
-
+    async def send_upstream(
+        self,
+        route: Route,
+        scope: Scope,
+        outgoing: OutgoingRequest,
+        body: bytes | StreamedBody | None,
+    ) -> tuple[Replica, aiohttp.ClientResponse, float]:
+        """Sends the request to a replica, and to another if the connection never
+        opened and the request can be sent twice; the chosen replica stays counted
+        in flight until the caller is done with the response."""
         method: str = scope["method"]
         # a body still streaming from the client cannot be sent twice
         replayable = method in IDEMPOTENT_METHODS and not isinstance(body, StreamedBody)
         pool = route.pool
-        session = self.runtime.session
+        target = scope["raw_path"] or scope["path"].encode()
         tried: list[Replica] = []
         while True:
             replica = pool.choose_or_refuse(tried, service=route.name)
             replica.in_flight += 1
             sent_at = time.perf_counter()
             try:
-                response = await session.request(
+                response = await self.runtime.session.request(
                     method,
-                    replica.url(scope["raw_path"] or scope["path"].encode(), scope["query_string"]),
+                    replica.url(target, scope["query_string"]),
                     headers=outgoing.headers,
                     data=body,
                     allow_redirects=False,
                     timeout=route.timeout,
                 )
+                return replica, response, sent_at
             except (aiohttp.ClientConnectorError, aiohttp.ConnectionTimeoutError) as error:
                 # the connection never opened: nothing was sent
                 replica.in_flight -= 1
@@ -246,26 +284,12 @@ class Proxy:
             except (aiohttp.ClientError, OSError, ClientDisconnected, BodyTooLarge) as error:
                 replica.in_flight -= 1
                 if isinstance(body, StreamedBody) and body.too_large:
-                    raise too_large(limit) from error
+                    raise too_large(self.max_body_bytes) from error
                 if isinstance(body, StreamedBody) and body.disconnected:
-                    return CLIENT_CLOSED_REQUEST
+                    raise ClientClosed from error
                 self.metrics.upstream(route.name, 0.0, None)
                 pool.failed(replica)
                 raise BadGateway(f"The {route.name} service failed to answer") from error
-            break
-
-        try:
-            self.metrics.upstream(route.name, time.perf_counter() - sent_at, response.status)
-            if says_sick(response.status, response.headers.get("content-type")):
-                pool.failed(replica)
-            else:
-                # any other answer, 4xx or 500 included, shows a working replica
-                pool.succeeded(replica)
-            await self.relay(response, quota, body, receive, send)
-            return response.status
-        finally:
-            replica.in_flight -= 1
-            response.release()
 
     async def relay(
         self,

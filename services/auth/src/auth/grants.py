@@ -130,6 +130,21 @@ def grant_type_of(form: TokenRequest) -> str:
     return grant_type
 
 
+async def client_credentials(
+    form: TokenRequest, caller: Caller, *, key_ring: KeyRing, settings: Settings
+) -> service.IssuedTokens:
+    """A confidential client's own token, with the scopes it asked for among its own."""
+    if caller.config is None or caller.client_id is None:
+        raise InvalidClient("client_credentials needs a confidential client's credentials")
+    return await service.issue_client_tokens(
+        key_ring=key_ring,
+        settings=settings,
+        client_id=caller.client_id,
+        client=caller.config,
+        scopes=client_scopes(form.scope, caller.config),
+    )
+
+
 async def grant(
     form: TokenRequest,
     caller: Caller,
@@ -144,15 +159,7 @@ async def grant(
 ) -> service.IssuedTokens:
     grant_type = grant_type_of(form)
     if grant_type == "client_credentials":
-        if caller.config is None or caller.client_id is None:
-            raise InvalidClient("client_credentials needs a confidential client's credentials")
-        return await service.issue_client_tokens(
-            key_ring=key_ring,
-            settings=settings,
-            client_id=caller.client_id,
-            client=caller.config,
-            scopes=client_scopes(form.scope, caller.config),
-        )
+        return await client_credentials(form, caller, key_ring=key_ring, settings=settings)
     if caller.confidential:
         raise UnauthorizedClient(
             f"A confidential client uses client_credentials, not the {grant_type} grant"
