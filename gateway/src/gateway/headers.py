@@ -59,6 +59,9 @@ class HeaderPolicy:
         return cls(http.dropped | _WEBSOCKET_HANDSHAKE, trust_forwarded)
 
 
+_FORWARDED = frozenset({b"x-forwarded-for", b"x-forwarded-proto", b"x-forwarded-host"})
+
+
 @dataclass(slots=True)
 class OutgoingRequest:
     headers: list[tuple[str, str]]
@@ -84,9 +87,7 @@ def upstream_request(scope: Scope, policy: HeaderPolicy, request_id: str) -> Out
     content_length: int | None = None
     host_seen = False
     connection: bytes | None = None
-    forwarded_for: str | None = None
-    forwarded_proto: str | None = None
-    forwarded_host: str | None = None
+    forwarded: dict[bytes, str] = {}
     host = ""
     dropped = policy.dropped
     for name, value in scope["headers"]:
@@ -110,20 +111,19 @@ def upstream_request(scope: Scope, policy: HeaderPolicy, request_id: str) -> Out
                 raise DuplicateHeader("Send one Host header, not several")
             host_seen = True
             host = text
-        elif name == b"x-forwarded-for":
-            forwarded_for = text
-            continue
-        elif name == b"x-forwarded-proto":
-            forwarded_proto = text
-            continue
-        elif name == b"x-forwarded-host":
-            forwarded_host = text
+        elif name in _FORWARDED:
+            forwarded[name] = text  # replaced below, the client's address added
             continue
         headers.append((name.decode("latin-1"), text))
     if connection is not None:
         listed = _connection_tokens(connection)
         headers = [(name, value) for name, value in headers if name.encode() not in listed]
-    headers += _forwarding(scope, forwarded_for, forwarded_proto, forwarded_host or host)
+    headers += _forwarding(
+        scope,
+        forwarded.get(b"x-forwarded-for"),
+        forwarded.get(b"x-forwarded-proto"),
+        forwarded.get(b"x-forwarded-host") or host,
+    )
     headers.append(("X-Request-ID", request_id))
     return OutgoingRequest(headers, authorization, has_body, content_length)
 

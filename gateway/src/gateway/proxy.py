@@ -274,22 +274,27 @@ class Proxy:
                     self.metrics.retries.labels(route.name).inc()
                     continue
                 raise unreachable(route.name, pool) from error
-            except aiohttp.ServerTimeoutError as error:
-                replica.in_flight -= 1
-                self.metrics.upstream(route.name, 0.0, None)
-                pool.failed(replica)
-                raise GatewayTimeout(
-                    f"The {route.name} service did not answer within {route.timeout_seconds:g} s"
-                ) from error
             except (aiohttp.ClientError, OSError, ClientDisconnected, BodyTooLarge) as error:
                 replica.in_flight -= 1
-                if isinstance(body, StreamedBody) and body.too_large:
-                    raise too_large(self.max_body_bytes) from error
-                if isinstance(body, StreamedBody) and body.disconnected:
-                    raise ClientClosed from error
-                self.metrics.upstream(route.name, 0.0, None)
-                pool.failed(replica)
-                raise BadGateway(f"The {route.name} service failed to answer") from error
+                raise self.failure(route, replica, body, error) from error
+
+    def failure(
+        self, route: Route, replica: Replica, body: bytes | StreamedBody | None, error: Exception
+    ) -> Exception:
+        """What to answer when a request sent to `replica` got no response."""
+        if isinstance(error, aiohttp.ServerTimeoutError):
+            self.metrics.upstream(route.name, 0.0, None)
+            route.pool.failed(replica)
+            return GatewayTimeout(
+                f"The {route.name} service did not answer within {route.timeout_seconds:g} s"
+            )
+        if isinstance(body, StreamedBody) and body.too_large:
+            return too_large(self.max_body_bytes)
+        if isinstance(body, StreamedBody) and body.disconnected:
+            return ClientClosed()
+        self.metrics.upstream(route.name, 0.0, None)
+        route.pool.failed(replica)
+        return BadGateway(f"The {route.name} service failed to answer")
 
     async def relay(
         self,
