@@ -138,6 +138,15 @@ def schema_check(revisions: Sequence[str]) -> Callable[[Request], Awaitable[None
     return check_schema
 
 
+Check = Callable[[Request], Awaitable[None]]
+
+
+def database_readiness(revisions: Sequence[str], **more: Check) -> dict[str, Check]:
+    """A service on PostgreSQL is ready when its database answers and its schema
+    is the one its code needs (`schema_check`), and then when `more` pass."""
+    return {"database": check_database, "schema": schema_check(revisions), **more}
+
+
 def asyncpg_dsn(url: str) -> str:
     """The plain `postgresql://` form asyncpg itself accepts."""
     return make_url(url).set(drivername="postgresql").render_as_string(hide_password=False)

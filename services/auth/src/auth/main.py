@@ -25,10 +25,9 @@ from kit.batching import BatchedReads
 from kit.db import (
     DatabaseState,
     asyncpg_dsn,
-    check_database,
+    database_readiness,
     make_engine,
     make_sessionmaker,
-    schema_check,
 )
 from kit.health import check_redis, check_revocations
 from kit.lifespan import Parts, lifespan, open_redis, open_verifier
@@ -141,11 +140,7 @@ def create_app(settings: Settings | None = None, *, key_source: KeySource | None
     assemble(
         app,
         app_settings,
-        readiness={
-            "database": check_database,
-            "schema": schema_check(SCHEMA_REVISIONS),
-            "bootstrap": check_bootstrap,
-        },
+        readiness=database_readiness(SCHEMA_REVISIONS, bootstrap=check_bootstrap),
         optional_readiness={"redis": check_redis, "revocations": check_revocations},
     )
     warn_if_issuer_is_elsewhere(app_settings)

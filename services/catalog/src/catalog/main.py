@@ -17,7 +17,7 @@ from catalog.errors import DatabaseUnavailable
 from catalog.router import router
 from kit.app import assemble
 from kit.batching import BatchedReads, SharedReads
-from kit.db import DatabaseState, check_database, schema_check
+from kit.db import DatabaseState, database_readiness
 from kit.health import VERIFIER_CHECKS
 from kit.lifespan import Parts, lifespan, open_redis, open_verifier
 from kit.point_pool import PointReadPool
@@ -98,7 +98,7 @@ def create_app(
     assemble(
         app,
         app_settings,
-        readiness={"database": check_database, "schema": schema_check(SCHEMA_REVISIONS)},
+        readiness=database_readiness(SCHEMA_REVISIONS),
         optional_readiness=VERIFIER_CHECKS,
         database_outage=DatabaseUnavailable,
     )

@@ -26,7 +26,7 @@ from chat.metrics import ChatMetrics
 from chat.presence import Presence
 from chat.router import router
 from kit.app import assemble
-from kit.db import DatabaseState, check_database, make_engine, make_sessionmaker, schema_check
+from kit.db import DatabaseState, database_readiness, make_engine, make_sessionmaker
 from kit.health import VERIFIER_CHECKS
 from kit.lifespan import Parts, lifespan, open_verifier
 from kit.security import KeySource
@@ -212,11 +212,7 @@ def create_app(settings: Settings | None = None, *, key_source: KeySource | None
     assemble(
         app,
         app_settings,
-        readiness={
-            "database": check_database,
-            "schema": schema_check(SCHEMA_REVISIONS),
-            "bus": check_bus,
-        },
+        readiness=database_readiness(SCHEMA_REVISIONS, bus=check_bus),
         optional_readiness=VERIFIER_CHECKS,
         registry=registry,
     )
