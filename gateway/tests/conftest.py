@@ -6,7 +6,6 @@ from typing import TYPE_CHECKING, Any
 
 import httpx
 import pytest
-from asgi_lifespan import LifespanManager
 from pydantic import AnyHttpUrl, RedisDsn
 
 from gateway.config import Settings
@@ -84,7 +83,9 @@ async def in_process_gateway(
     """The gateway driven through ASGITransport: no server in front of it that
     would read X-Forwarded-* itself; the client address is 127.0.0.1."""
     app = create_app(settings, key_source=minter.key_source)
-    async with LifespanManager(app) as manager:
+    from kit_testing import started
+
+    async with started(app) as manager:
         transport = httpx.ASGITransport(app=manager.app)
         async with httpx.AsyncClient(transport=transport, base_url="http://edge.test") as client:
             yield app, client

@@ -9,7 +9,6 @@ from typing import Any
 
 import httpx
 import pytest
-from asgi_lifespan import LifespanManager
 from fastapi import FastAPI
 from sqlalchemy import text
 from sqlalchemy.ext.asyncio import AsyncEngine
@@ -17,7 +16,7 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 from kit.db import ensure_database, make_engine, schema_check
 from kit.errors import install_problem_handlers
 from kit.health import health_router
-from kit_testing import unique_database_url
+from kit_testing import started, unique_database_url
 
 REVISIONS = ("0001", "0002", "0003")
 
@@ -41,7 +40,7 @@ async def client(engine: AsyncEngine) -> AsyncIterator[httpx.AsyncClient]:
     install_problem_handlers(app)
     app.include_router(health_router({"schema": schema_check(REVISIONS)}))
     async with (
-        LifespanManager(app) as manager,
+        started(app) as manager,
         httpx.AsyncClient(
             transport=httpx.ASGITransport(manager.app), base_url="http://svc"
         ) as http,

@@ -7,7 +7,6 @@ from typing import Any
 
 import httpx
 import pytest
-from asgi_lifespan import LifespanManager
 from fastapi import FastAPI
 from prometheus_client.parser import text_string_to_metric_families
 from redis.asyncio import BlockingConnectionPool, Redis
@@ -17,6 +16,7 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 from kit.app import assemble
 from kit.db import make_engine
 from kit.settings import ServiceSettings
+from kit_testing import started
 
 
 def samples(exposition: str) -> dict[tuple[str, frozenset[tuple[str, str]]], float]:
@@ -42,7 +42,7 @@ async def scraped(
     app = FastAPI(lifespan=lifespan)
     assemble(app, ServiceSettings(_env_file=None), readiness={})
     try:
-        async with LifespanManager(app) as manager:
+        async with started(app) as manager:
             transport = httpx.ASGITransport(app=manager.app)
             async with httpx.AsyncClient(transport=transport, base_url="http://test") as client:
                 yield client, engine, redis

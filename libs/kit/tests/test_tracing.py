@@ -10,7 +10,6 @@ from typing import Any
 
 import httpx
 import pytest
-from asgi_lifespan import LifespanManager
 from fastapi import FastAPI, Request
 from redis.asyncio import Redis
 from sqlalchemy import text
@@ -30,7 +29,7 @@ from kit.tracing import (
     sampler_for,
     tracing_config,
 )
-from kit_testing import TokenMinter
+from kit_testing import TokenMinter, started
 from kit_testing.otlp_receiver import OtlpReceiver, ReceivedSpan
 
 CALLER_TRACE = "4bf92f3577b34da6a3ce929d0e0e4736"
@@ -174,7 +173,7 @@ async def traced(
     access = logging.getLogger("access")
     access.addHandler(lines)
     try:
-        async with LifespanManager(app) as manager:
+        async with started(app) as manager:
             transport = httpx.ASGITransport(app=manager.app)
             async with httpx.AsyncClient(transport=transport, base_url="http://test") as client:
                 yield client, lines

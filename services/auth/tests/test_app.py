@@ -9,7 +9,6 @@ from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 
 import httpx
 import pytest
-from asgi_lifespan import LifespanManager
 from sqlalchemy import select
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
@@ -18,7 +17,7 @@ from auth.config import Settings
 from auth.main import create_app
 from auth.models import User
 from auth.passwords import Passwords
-from kit_testing import Service, TokenMinter, free_port
+from kit_testing import Service, TokenMinter, free_port, started
 
 from .conftest import SERVICE_DIR, make_settings, wait_until_ready
 from .factories import login, register, unique_email
@@ -32,7 +31,7 @@ async def client_for() -> AsyncIterator[StartApp]:
     async with contextlib.AsyncExitStack() as stack:
 
         async def start(settings: Settings) -> httpx.AsyncClient:
-            manager = await stack.enter_async_context(LifespanManager(create_app(settings)))
+            manager = await stack.enter_async_context(started(create_app(settings)))
             return await stack.enter_async_context(
                 httpx.AsyncClient(
                     transport=httpx.ASGITransport(manager.app), base_url="http://auth"
@@ -58,7 +57,7 @@ async def test_ready_without_redis_and_what_needs_it_says_retry(database_url: st
     settings = make_settings(database_url, f"redis://127.0.0.1:{free_port()}/0")
     app = create_app(settings, key_source=minter.key_source)
     async with (
-        LifespanManager(app) as manager,
+        started(app) as manager,
         httpx.AsyncClient(
             transport=httpx.ASGITransport(manager.app), base_url="http://auth"
         ) as client,

@@ -11,7 +11,6 @@ from datetime import UTC, datetime, timedelta
 
 import httpx
 import pytest
-from asgi_lifespan import LifespanManager
 from jose import jwk, jwt
 from sqlalchemy import func, select, update
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
@@ -32,6 +31,7 @@ from auth.main import create_app
 from auth.models import SigningKey
 from kit.db import make_engine, make_sessionmaker
 from kit.settings import DEFAULT_JWT_ISSUER
+from kit_testing import started
 
 from .conftest import SERVICE_DIR, fresh_database, make_settings, wait_until_ready
 from .factories import login
@@ -62,7 +62,7 @@ async def app_client(
     settings = make_settings(ring_db[0], redis_url, key_ring_refresh_seconds=0, **overrides)
     app = create_app(settings)
     async with (
-        LifespanManager(app) as manager,
+        started(app) as manager,
         httpx.AsyncClient(
             transport=httpx.ASGITransport(manager.app), base_url="http://auth"
         ) as client,

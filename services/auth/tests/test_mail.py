@@ -8,11 +8,10 @@ from collections.abc import AsyncIterator, Iterator
 
 import httpx
 import pytest
-from asgi_lifespan import LifespanManager
 
 from auth.config import Settings
 from auth.main import create_app
-from kit_testing import MailCatcher, emailed_token, free_port
+from kit_testing import MailCatcher, emailed_token, free_port, started
 
 from .conftest import CHEAP_ARGON2, make_settings, wait_until_ready
 from .factories import register, unique_email
@@ -21,7 +20,7 @@ from .factories import register, unique_email
 @contextlib.asynccontextmanager
 async def app_client(settings: Settings) -> AsyncIterator[httpx.AsyncClient]:
     async with (
-        LifespanManager(create_app(settings)) as manager,
+        started(create_app(settings)) as manager,
         httpx.AsyncClient(
             transport=httpx.ASGITransport(manager.app), base_url="http://auth"
         ) as client,

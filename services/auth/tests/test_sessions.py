@@ -9,13 +9,13 @@ from collections.abc import AsyncIterator
 from datetime import timedelta
 
 import httpx
-from asgi_lifespan import LifespanManager
 from sqlalchemy import select, update
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
 from auth.main import create_app
 from auth.models import RefreshToken
 from auth.tokens import opaque_token_hash
+from kit_testing import started
 
 from .conftest import ADMIN_EMAIL, ADMIN_PASSWORD, make_settings, wait_until_ready
 from .factories import login
@@ -27,7 +27,7 @@ async def app_with_sessions_of(
 ) -> AsyncIterator[httpx.AsyncClient]:
     settings = make_settings(database_url, redis_url, session_max_lifetime_seconds=seconds)
     async with (
-        LifespanManager(create_app(settings)) as manager,
+        started(create_app(settings)) as manager,
         httpx.AsyncClient(
             transport=httpx.ASGITransport(manager.app), base_url="http://auth"
         ) as client,

@@ -7,7 +7,6 @@ from typing import TYPE_CHECKING, Any
 
 import httpx
 import pytest
-from asgi_lifespan import LifespanManager
 from fastapi import FastAPI
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, AsyncSession, async_sessionmaker
 
@@ -26,9 +25,6 @@ pytest_plugins = ["kit_testing"]
 SERVICE_DIR = Path(__file__).resolve().parents[1]
 IMPORT_KEY = "import-key-for-tests"
 BASE_URL = "http://catalog"
-# kit's token verifier can take up to ~5 s to stop its Redis revocation
-# subscriber when it is stopped mid-handshake; allow for it.
-SHUTDOWN_TIMEOUT = 20.0
 
 
 def make_settings(database_url: str, redis_url: str, **overrides: Any) -> Settings:
@@ -124,7 +120,9 @@ async def app(
     application = create_app(
         settings, key_source=minter.key_source, database=joined_database(rollback_sessions)
     )
-    async with LifespanManager(application, shutdown_timeout=SHUTDOWN_TIMEOUT) as manager:
+    from kit_testing import started
+
+    async with started(application) as manager:
         application.state.asgi = manager.app
         yield application
 
@@ -164,7 +162,9 @@ async def session(
 async def committed_app(settings: Settings, minter: TokenMinter) -> AsyncIterator[FastAPI]:
     """The app on its own engine: commits are real, for tests of concurrency."""
     application = create_app(settings, key_source=minter.key_source)
-    async with LifespanManager(application, shutdown_timeout=SHUTDOWN_TIMEOUT) as manager:
+    from kit_testing import started
+
+    async with started(application) as manager:
         application.state.asgi = manager.app
         yield application
 

@@ -9,9 +9,9 @@ from sqlalchemy import func, select
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from catalog.models import Product
-from kit_testing import TokenMinter
+from kit_testing import TokenMinter, started
 
-from .conftest import IMPORT_KEY, SHUTDOWN_TIMEOUT
+from .conftest import IMPORT_KEY
 from .factories import create_category, create_product, product_body
 from .test_router import assert_problem
 
@@ -159,7 +159,6 @@ async def test_import_bounds_the_list(client: httpx.AsyncClient) -> None:
 
 
 async def test_import_is_disabled_without_a_configured_key(settings: Any, minter: Any) -> None:
-    from asgi_lifespan import LifespanManager
 
     from catalog.main import create_app
 
@@ -171,7 +170,7 @@ async def test_import_is_disabled_without_a_configured_key(settings: Any, minter
         key_source=minter.key_source,
     )
     async with (
-        LifespanManager(app, shutdown_timeout=SHUTDOWN_TIMEOUT) as manager,
+        started(app) as manager,
         httpx.AsyncClient(
             transport=httpx.ASGITransport(manager.app), base_url="http://catalog"
         ) as client,

@@ -7,11 +7,11 @@ import uuid
 from typing import TYPE_CHECKING, Any
 
 import httpx
-from asgi_lifespan import LifespanManager
 
 from catalog.main import create_app
+from kit_testing import started
 
-from .conftest import SERVICE_DIR, SHUTDOWN_TIMEOUT
+from .conftest import SERVICE_DIR
 from .factories import create_product
 from .test_router import assert_problem
 
@@ -41,7 +41,7 @@ async def test_starts_without_its_database_and_redis_and_says_not_ready(settings
     )
     app = create_app(unreachable)
     async with (
-        LifespanManager(app, shutdown_timeout=SHUTDOWN_TIMEOUT) as manager,
+        started(app) as manager,
         httpx.AsyncClient(
             transport=httpx.ASGITransport(manager.app), base_url="http://catalog"
         ) as client,
@@ -66,7 +66,7 @@ async def test_ready_without_redis_public_reads_serve_and_writes_say_retry(
     without_redis = settings.model_copy(update={"redis_url": f"redis://127.0.0.1:{free_port()}/0"})
     app = create_app(without_redis, key_source=minter.key_source)
     async with (
-        LifespanManager(app, shutdown_timeout=SHUTDOWN_TIMEOUT) as manager,
+        started(app) as manager,
         httpx.AsyncClient(
             transport=httpx.ASGITransport(manager.app), base_url="http://catalog"
         ) as client,
@@ -124,7 +124,7 @@ async def test_not_ready_until_its_migration_ran_then_ready_without_a_restart(
     await ensure_database(url)
     app = create_app(settings.model_copy(update={"database_url": url}))
     async with (
-        LifespanManager(app, shutdown_timeout=SHUTDOWN_TIMEOUT) as manager,
+        started(app) as manager,
         httpx.AsyncClient(
             transport=httpx.ASGITransport(manager.app), base_url="http://catalog"
         ) as client,

@@ -7,12 +7,11 @@ from collections.abc import AsyncIterator
 
 import httpx
 import pytest
-from asgi_lifespan import LifespanManager
 
 from catalog.main import create_app
-from kit_testing import TokenMinter
+from kit_testing import TokenMinter, started
 
-from .conftest import BASE_URL, SHUTDOWN_TIMEOUT, make_settings
+from .conftest import BASE_URL, make_settings
 
 
 @pytest.fixture
@@ -22,7 +21,7 @@ async def strict_client(
     settings = make_settings(database_url, redis_url, require_verified_email=True)
     application = create_app(settings, key_source=minter.key_source)
     async with (
-        LifespanManager(application, shutdown_timeout=SHUTDOWN_TIMEOUT) as manager,
+        started(application) as manager,
         httpx.AsyncClient(transport=httpx.ASGITransport(manager.app), base_url=BASE_URL) as http,
     ):
         yield http

@@ -27,6 +27,7 @@ from typing import Any
 import asyncpg
 import pytest
 import uvicorn
+from asgi_lifespan import LifespanManager
 from redis.asyncio import Redis
 from redis.exceptions import RedisError
 from starlette.types import ASGIApp, Receive, Scope, Send
@@ -37,6 +38,16 @@ from kit.settings import DEFAULT_JWT_ISSUER
 POSTGRES_IMAGE = os.environ.get("POSTGRES_IMAGE", "postgres:17")
 REDIS_IMAGE = os.environ.get("REDIS_IMAGE", "redis:7")
 STARTUP_TIMEOUT_SECONDS = 60.0
+APP_TIMEOUT_SECONDS = 60.0
+
+
+def started(app: Any) -> LifespanManager:
+    """`app` with its lifespan run, for httpx's ASGITransport (`manager.app`):
+    opening and closing may take as long as a busy machine needs, not the 5 s
+    asgi-lifespan allows by default."""
+    return LifespanManager(
+        app, startup_timeout=APP_TIMEOUT_SECONDS, shutdown_timeout=APP_TIMEOUT_SECONDS
+    )
 
 
 def free_port() -> int:
