@@ -13,6 +13,7 @@ from redis.asyncio import Redis
 from websockets.asyncio.client import connect
 from websockets.exceptions import InvalidStatus
 
+from chat import service
 from kit.context import request_id_var
 from kit.security import revoked_token_key, revoked_user_key
 from kit_testing import Service, TokenMinter, wait_for_postgres
@@ -448,3 +449,34 @@ async def test_a_socket_keeps_its_request_id_and_access_lines(
     assert opened["user_id"] == closed["user_id"] == "logged"
     assert closed["closed_by"] == "client"
     assert closed["close_code"] == 1000
+
+
+async def test_resume_at_the_newest_id_reads_nothing_and_misses_nothing(
+    cluster: list[Node], minter: TokenMinter, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    room = unique_room()
+    async with chat(cluster[0], room, minter.token(user_id="writer")) as writer:
+        for seq in range(3):
+            await writer.say(f"old{seq}")
+        await writer.messages(3)
+        replay_reads: list[int] = []
+        read_after = service.messages_after
+
+        async def counted(**arguments: Any) -> Any:
+            replay_reads.append(arguments["after"])
+            return await read_after(**arguments)
+
+        monkeypatch.setattr(service, "messages_after", counted)
+        # a client that saw everything (3) and one a message behind (2)
+        async with (
+            chat(cluster[1], room, minter.token(), since=3) as current,
+            chat(cluster[2], room, minter.token(), since=2) as behind,
+        ):
+            assert current.ready["last_id"] == behind.ready["last_id"] == 3
+            (caught_up,) = await behind.messages(1)
+            await writer.say("new")
+            (live,) = await current.messages(1)
+            (next_live,) = await behind.messages(1)
+    assert replay_reads == [2]  # only the socket behind read the stored messages
+    assert caught_up["id"] == 3
+    assert live["id"] == next_live["id"] == 4

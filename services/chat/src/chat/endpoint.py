@@ -146,6 +146,21 @@ def replay_after(hub: Hub, room: str, since: int) -> Replay:
     return Replay(since=since, read_after=read_after, page_size=page_size)
 
 
+def resume_point(
+    hub: Hub, room: str, *, last_id: int, since: int | None
+) -> tuple[int, Replay | None]:
+    """The id the live feed starts after, and the replay from PostgreSQL if
+    one is needed. A socket that resumes at or above the feed's mark (a client
+    that reconnects after a replica died has usually seen everything) needs no
+    read: every id above the mark reaches it through the feed, and none at or
+    below `since` is sent again."""
+    if since is None:
+        return last_id, None
+    if since >= last_id:
+        return since, None
+    return last_id, replay_after(hub, room, since)
+
+
 async def chat_socket(websocket: WebSocket, room: str) -> None:
     state = websocket.state
     settings: Settings = state.settings
@@ -223,9 +238,9 @@ async def serve_socket(
     if last_id is None:
         return
     first = [ready_frame(room=room, last_id=last_id, node=hub.node_id)]
-    replay = replay_after(hub, room, since) if since is not None else None
+    after, replay = resume_point(hub, room, last_id=last_id, since=since)
     if not connection.start(
-        after=last_id,
+        after=after,
         first_frames=first,
         replay=replay,
         close_on_expiry=settings.close_on_token_expiry,
