@@ -223,11 +223,11 @@ class Relay:
                     return  # the client closed first and we are closing the upstream
                 elif kind in (aiohttp.WSMsgType.CLOSED, aiohttp.WSMsgType.ERROR):
                     # an upstream that vanished without a close frame: "bad gateway"
-                    code = upstream.close_code
-                    if code is None or code == 1006:
+                    lost = upstream.close_code
+                    if lost is None or lost == 1006:
                         self.on_lost()
-                        code = WS_BAD_GATEWAY
-                    await self.close_client(wire_close_code(code), "")
+                        lost = WS_BAD_GATEWAY
+                    await self.close_client(wire_close_code(lost), "")
                     return
             except OSError:
                 # the client is gone; its disconnect reaches client_to_upstream
