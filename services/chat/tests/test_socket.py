@@ -451,7 +451,7 @@ async def test_a_socket_keeps_its_request_id_and_access_lines(
     assert closed["close_code"] == 1000
 
 
-async def test_resume_at_the_newest_id_reads_nothing_and_misses_nothing(
+async def test_resume_reads_postgresql_only_for_what_the_replica_no_longer_holds(
     cluster: list[Node], minter: TokenMinter, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     room = unique_room()
@@ -467,16 +467,24 @@ async def test_resume_at_the_newest_id_reads_nothing_and_misses_nothing(
             return await read_after(**arguments)
 
         monkeypatch.setattr(service, "messages_after", counted)
-        # a client that saw everything (3) and one a message behind (2)
         async with (
+            # saw everything: nothing to send
             chat(cluster[1], room, minter.token(), since=3) as current,
-            chat(cluster[2], room, minter.token(), since=2) as behind,
+            # node-a delivered 1..3 itself: the two missed come from its memory
+            chat(cluster[0], room, minter.token(), since=1) as behind_here,
+            # node-c's feed started at 3: id 3 is read from PostgreSQL
+            chat(cluster[2], room, minter.token(), since=2) as behind_there,
         ):
-            assert current.ready["last_id"] == behind.ready["last_id"] == 3
-            (caught_up,) = await behind.messages(1)
+            assert {current.ready["last_id"], behind_here.ready["last_id"]} == {3}
+            assert behind_there.ready["last_id"] == 3
+            missed_here = await behind_here.messages(2)
+            (missed_there,) = await behind_there.messages(1)
             await writer.say("new")
             (live,) = await current.messages(1)
-            (next_live,) = await behind.messages(1)
-    assert replay_reads == [2]  # only the socket behind read the stored messages
-    assert caught_up["id"] == 3
-    assert live["id"] == next_live["id"] == 4
+            (live_here,) = await behind_here.messages(1)
+            (live_there,) = await behind_there.messages(1)
+    assert replay_reads == [2]  # only the socket behind on node-c read stored messages
+    assert [frame["id"] for frame in missed_here] == [2, 3]
+    assert [frame["text"] for frame in missed_here] == ["old1", "old2"]
+    assert missed_there["id"] == 3
+    assert live["id"] == live_here["id"] == live_there["id"] == 4

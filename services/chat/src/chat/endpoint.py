@@ -148,17 +148,22 @@ def replay_after(hub: Hub, room: str, since: int) -> Replay:
 
 def resume_point(
     hub: Hub, room: str, *, last_id: int, since: int | None
-) -> tuple[int, Replay | None]:
-    """The id the live feed starts after, and the replay from PostgreSQL if
-    one is needed. A socket that resumes at or above the feed's mark (a client
-    that reconnects after a replica died has usually seen everything) needs no
-    read: every id above the mark reaches it through the feed, and none at or
-    below `since` is sent again."""
+) -> tuple[int, list[str], Replay | None]:
+    """Where a socket starts: the id the live feed starts after, the frames it
+    is sent first, and the replay from PostgreSQL if one is needed.
+
+    A socket resuming at or above the feed's mark needs nothing: every id above
+    the mark reaches it through the feed, and none at or below `since` is sent
+    again. One a few messages behind (a client whose replica died) is sent
+    them from the feed's memory. Only one further behind reads PostgreSQL."""
     if since is None:
-        return last_id, None
+        return last_id, [], None
     if since >= last_id:
-        return since, None
-    return last_id, replay_after(hub, room, since)
+        return since, [], None
+    held = hub.recent_frames(room, since, last_id)
+    if held is not None:
+        return last_id, held, None
+    return last_id, [], replay_after(hub, room, since)
 
 
 async def chat_socket(websocket: WebSocket, room: str) -> None:
@@ -237,8 +242,8 @@ async def serve_socket(
     last_id = await join_and_accept(connection, hub, subprotocol)
     if last_id is None:
         return
-    first = [ready_frame(room=room, last_id=last_id, node=hub.node_id)]
-    after, replay = resume_point(hub, room, last_id=last_id, since=since)
+    after, missed, replay = resume_point(hub, room, last_id=last_id, since=since)
+    first = [ready_frame(room=room, last_id=last_id, node=hub.node_id), *missed]
     if not connection.start(
         after=after,
         first_frames=first,
