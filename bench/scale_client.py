@@ -36,6 +36,7 @@ PASSWORD = "scale-bench-password"
 BACKOFF_BASE = 0.25
 BACKOFF_CAP = 4.0
 CLOSE_WITHIN = 15.0
+SETUP_ATTEMPTS = 5
 
 
 def emit(event: str, **fields: Any) -> None:
@@ -102,16 +103,28 @@ class Load:
     # -- set-up ---------------------------------------------------------------
 
     async def users(self) -> None:
+        async def post(path: str, ok: tuple[int, ...], **body: Any) -> dict[str, Any]:
+            """A 5xx (auth slow to hash on a busy machine: 504) costs a retry;
+            a registration that went through before its answer was lost is a 409."""
+            for attempt in range(SETUP_ATTEMPTS):
+                async with self.session.post(f"{self.base}{path}", **body) as response:
+                    if response.status in ok:
+                        answer: dict[str, Any] = await response.json(content_type=None)
+                        return answer
+                    text = await response.text()
+                    if response.status < 500 or attempt == SETUP_ATTEMPTS - 1:
+                        raise AssertionError(f"{path}: {response.status} {text}")
+                await asyncio.sleep(1.0 + attempt)
+            raise AssertionError(f"{path}: no answer")
+
         async def one(number: int) -> str:
             email = f"scale-{uuid.uuid4().hex[:12]}@example.com"
             body = {"email": email, "password": PASSWORD, "display_name": f"Load {number}"}
-            async with self.session.post(f"{self.base}/auth/register", json=body) as response:
-                assert response.status == 201, await response.text()
+            await post("/auth/register", (201, 409), json=body)
             form = {"username": email, "password": PASSWORD}
-            async with self.session.post(f"{self.base}/auth/token", data=form) as response:
-                assert response.status == 200, await response.text()
-                token: str = (await response.json())["access_token"]
-                return token
+            answer = await post("/auth/token", (200,), data=form)
+            token: str = answer["access_token"]
+            return token
 
         limit = asyncio.Semaphore(8)
 

@@ -32,7 +32,9 @@ class Stack:
     name of its own; `down` removes it with its volumes."""
 
     def __init__(self, name: str, override: str) -> None:
-        self.project = f"bazaar-bench-{name}-{uuid.uuid4().hex[:6]}"
+        # BENCH_PROJECT_PREFIX and TAG keep benchmarks run side by side apart
+        prefix = os.environ.get("BENCH_PROJECT_PREFIX") or "bazaar-bench"
+        self.project = f"{prefix}-{name}-{uuid.uuid4().hex[:6]}"
         self.env = {
             **os.environ,
             "COMPOSE_PROJECT_NAME": self.project,

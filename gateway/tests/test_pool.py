@@ -93,6 +93,20 @@ async def test_a_streak_of_sickness_signals_ejects_and_an_answer_breaks_it() -> 
     assert pool.states() == {"available": 1, "ejected": 1, "unhealthy": 0, "down": 0}
 
 
+async def test_connections_lost_without_a_close_eject_once_and_ask_dns_again() -> None:
+    pool = make_pool(("chat.test", 80))
+    pool.update([("10.0.0.1", 80), ("10.0.0.2", 80), ("10.0.0.3", 80)])
+    first = pool.replicas[0]
+    ejections: list[int] = []
+    pool.ejections = lambda: ejections.append(1)
+    # a killed replica drops every socket it held at once
+    for _ in range(50):
+        pool.lost(first)
+    assert pool.stale.is_set()
+    assert len(ejections) == 1
+    assert first not in {pool.choose() for _ in range(6)}
+
+
 async def test_never_ejects_more_than_half_the_pool() -> None:
     pool = make_pool(("10.0.0.1", 80), ("10.0.0.2", 80), ("10.0.0.3", 80))
     await pool.refresh()

@@ -3,7 +3,11 @@
 from __future__ import annotations
 
 import asyncio
+import base64
+import contextlib
+import hashlib
 import json
+from collections.abc import AsyncIterator
 
 import httpx
 import pytest
@@ -17,6 +21,7 @@ from .conftest import gateway_settings, running_gateway, running_upstream, urls
 from .upstreams import Upstream
 
 GatewayClient = tuple[Gateway, httpx.AsyncClient]
+WEBSOCKET_GUID = b"258EAFA5-E914-47DA-95CA-C5AB0DC85B11"
 
 
 def ws_url(client: httpx.AsyncClient, path: str) -> str:
@@ -132,3 +137,65 @@ async def test_refuses_the_upgrade_with_503_without_a_replica(
     assert json.loads(refused.value.response.body or b"{}")["detail"] == (
         "No chat replica is available"
     )
+
+
+@contextlib.asynccontextmanager
+async def vanishing_upstream() -> AsyncIterator[str]:
+    """A replica that completes each upgrade, then drops the connection without
+    a close frame, as a killed process does."""
+
+    async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        head = await reader.readuntil(b"\r\n\r\n")
+        key = next(
+            line.split(b":", 1)[1].strip()
+            for line in head.split(b"\r\n")
+            if line.lower().startswith(b"sec-websocket-key:")
+        )
+        accept = base64.b64encode(hashlib.sha1(key + WEBSOCKET_GUID).digest())
+        writer.write(
+            b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\n"
+            b"Connection: Upgrade\r\nSec-WebSocket-Accept: " + accept + b"\r\n\r\n"
+        )
+        await writer.drain()
+        writer.close()
+
+    server = await asyncio.start_server(handle, "127.0.0.1", 0)
+    port = server.sockets[0].getsockname()[1]
+    try:
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        server.close()
+        await server.wait_closed()
+
+
+async def test_a_replica_that_vanishes_is_out_for_the_sockets_that_reconnect(
+    redis_url: str, minter: TokenMinter
+) -> None:
+    async with vanishing_upstream() as gone_url, running_upstream("one") as (_, base_url):
+        settings = gateway_settings(
+            redis_url,
+            chat_upstream=urls(gone_url, base_url),
+            eject_after_failures=1,
+            eject_seconds=30,
+        )
+        async with running_gateway(settings, minter) as (app, client):
+            kept = []
+            lost_with: list[int | None] = []
+            # each socket stays open: the next goes to the replica with fewer
+            # in flight, so the vanishing one is chosen within two
+            for _ in range(5):
+                socket = await connect(ws_url(client, "/chat/ws/lobby"))
+                try:
+                    ready = json.loads(await socket.recv())
+                except ConnectionClosed:
+                    # 1014, bad gateway: the upstream vanished
+                    lost_with.append(socket.close_code)
+                    continue
+                assert ready["node"] == "one"
+                kept.append(socket)
+            # the first loss took it out: every later socket went to the live replica
+            assert lost_with == [1014]
+            assert len(kept) == 4
+            assert app.runtime.routes["chat"].pool.states()["ejected"] == 1
+            for socket in kept:
+                await socket.close()

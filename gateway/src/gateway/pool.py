@@ -265,6 +265,16 @@ class Pool:
             self.eject_seconds,
         )
 
+    def lost(self, replica: Replica) -> None:
+        """A connection it held (a relayed WebSocket) broke off without a close:
+        a sickness signal, as a reset is, unless it is out already; DNS is
+        asked again. A replica killed with thousands of sockets is out after
+        the first few, and gone from the pool once DNS no longer lists it."""
+        now = time.monotonic()
+        if replica.ejected_until <= now and replica.live(now):
+            self.failed(replica)
+        self.request_refresh()
+
     def unreachable(self, replica: Replica) -> None:
         """Its connection was refused: nothing listens there now. Skipped at
         once (this is no signal a client can fake), and DNS is asked again."""

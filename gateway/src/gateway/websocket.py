@@ -9,6 +9,7 @@ import asyncio
 import contextlib
 import logging
 import time
+from collections.abc import Callable
 
 import aiohttp
 from starlette.types import Receive, Scope, Send
@@ -80,7 +81,7 @@ class WebSocketProxy:
             await send(
                 {"type": "websocket.accept", "subprotocol": upstream.protocol, "headers": []}
             )
-            relay = Relay(upstream, receive, send)
+            relay = Relay(upstream, receive, send, on_lost=lambda: route.pool.lost(replica))
             self.runtime.websockets.add(relay.shut_down)
             try:
                 await relay.run()
@@ -145,16 +146,27 @@ class WebSocketProxy:
 
 
 class Relay:
-    """Frames both ways, unbuffered; whichever side closes first, the other follows."""
+    """Frames both ways, unbuffered; whichever side closes first, the other follows.
 
-    __slots__ = ("client_open", "receive", "send", "upstream")
+    An upstream that vanishes without a close frame (its process killed, its
+    connection reset) is reported through `on_lost`: the pool counts it
+    against the replica and resolves the replicas again, so the clients that
+    reconnect at once are not sent back to a replica that is gone."""
+
+    __slots__ = ("client_open", "on_lost", "receive", "send", "upstream")
 
     def __init__(
-        self, upstream: aiohttp.ClientWebSocketResponse, receive: Receive, send: Send
+        self,
+        upstream: aiohttp.ClientWebSocketResponse,
+        receive: Receive,
+        send: Send,
+        *,
+        on_lost: Callable[[], None] = lambda: None,
     ) -> None:
         self.upstream = upstream
         self.receive = receive
         self.send = send
+        self.on_lost = on_lost
         self.client_open = True
 
     async def run(self) -> None:
@@ -212,8 +224,10 @@ class Relay:
                 elif kind in (aiohttp.WSMsgType.CLOSED, aiohttp.WSMsgType.ERROR):
                     # an upstream that vanished without a close frame: "bad gateway"
                     lost = upstream.close_code
-                    code = WS_BAD_GATEWAY if lost is None or lost == 1006 else lost
-                    await self.close_client(wire_close_code(code), "")
+                    if lost is None or lost == 1006:
+                        self.on_lost()
+                        lost = WS_BAD_GATEWAY
+                    await self.close_client(wire_close_code(lost), "")
                     return
             except OSError:
                 # the client is gone; its disconnect reaches client_to_upstream

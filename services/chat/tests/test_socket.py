@@ -13,6 +13,7 @@ from redis.asyncio import Redis
 from websockets.asyncio.client import connect
 from websockets.exceptions import InvalidStatus
 
+from chat import service
 from kit.context import request_id_var
 from kit.security import revoked_token_key, revoked_user_key
 from kit_testing import Service, TokenMinter, wait_for_postgres
@@ -448,3 +449,42 @@ async def test_a_socket_keeps_its_request_id_and_access_lines(
     assert opened["user_id"] == closed["user_id"] == "logged"
     assert closed["closed_by"] == "client"
     assert closed["close_code"] == 1000
+
+
+async def test_resume_reads_postgresql_only_for_what_the_replica_no_longer_holds(
+    cluster: list[Node], minter: TokenMinter, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    room = unique_room()
+    async with chat(cluster[0], room, minter.token(user_id="writer")) as writer:
+        for seq in range(3):
+            await writer.say(f"old{seq}")
+        await writer.messages(3)
+        replay_reads: list[int] = []
+        read_after = service.messages_after
+
+        async def counted(**arguments: Any) -> Any:
+            replay_reads.append(arguments["after"])
+            return await read_after(**arguments)
+
+        monkeypatch.setattr(service, "messages_after", counted)
+        async with (
+            # saw everything: nothing to send
+            chat(cluster[1], room, minter.token(), since=3) as current,
+            # node-a delivered 1..3 itself: the two missed come from its memory
+            chat(cluster[0], room, minter.token(), since=1) as behind_here,
+            # node-c's feed started at 3: id 3 is read from PostgreSQL
+            chat(cluster[2], room, minter.token(), since=2) as behind_there,
+        ):
+            assert {current.ready["last_id"], behind_here.ready["last_id"]} == {3}
+            assert behind_there.ready["last_id"] == 3
+            missed_here = await behind_here.messages(2)
+            (missed_there,) = await behind_there.messages(1)
+            await writer.say("new")
+            (live,) = await current.messages(1)
+            (live_here,) = await behind_here.messages(1)
+            (live_there,) = await behind_there.messages(1)
+    assert replay_reads == [2]  # only the socket behind on node-c read stored messages
+    assert [frame["id"] for frame in missed_here] == [2, 3]
+    assert [frame["text"] for frame in missed_here] == ["old1", "old2"]
+    assert missed_there["id"] == 3
+    assert live["id"] == live_here["id"] == live_there["id"] == 4

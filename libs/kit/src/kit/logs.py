@@ -7,15 +7,21 @@ terminal. Timestamps are ISO 8601 in UTC with milliseconds and the zone
 (`2025-01-31T09:15:02.123+00:00`). A record may carry structured `fields`
 (`extra={"fields": {...}}`, as the access log does): JSON lines merge them
 in, text lines append them as `key=value`.
+
+Lines logged on a running event loop are written together once the loop
+has run the callbacks it had ready (`TickWriter`): a connection storm logs
+several lines per turn of the loop, and one write costs what each line's own
+would. Lines logged off the loop (start-up, other threads) are written at once.
 """
 
 from __future__ import annotations
 
+import asyncio
 import datetime as dt
 import json
 import logging
 import sys
-from typing import Any, Literal
+from typing import Any, Literal, TextIO
 
 from opentelemetry import trace
 
@@ -89,6 +95,66 @@ class TextFormatter(logging.Formatter):
         return line
 
 
+class TickWriter(logging.StreamHandler[TextIO]):
+    """A stream handler that writes the lines of one turn of the event loop at once.
+
+    Images run Python unbuffered, so each line written is a system call of its
+    own (and a wake-up of whatever reads the container's output). On a running
+    loop a record's line is kept and one callback, scheduled with
+    `call_soon`, writes every line kept so far in one write: the lines go out
+    in order, within the same turn of the loop. Off the loop, or from another
+    thread, a record is written at once, after whatever was kept."""
+
+    def __init__(self, stream: TextIO) -> None:
+        super().__init__(stream)
+        self._lines: list[str] = []
+        self._scheduled_on: asyncio.AbstractEventLoop | None = None
+
+    def emit(self, record: logging.LogRecord) -> None:
+        try:
+            loop = asyncio.get_running_loop()
+        except RuntimeError:
+            loop = None
+        try:
+            line = self.format(record) + self.terminator
+        except RecursionError:
+            raise
+        except Exception:  # noqa: BLE001 - logging's own rule: a bad record is reported, not raised
+            self.handleError(record)
+            return
+        self._lines.append(line)
+        if loop is None:
+            self._write()
+        elif self._scheduled_on is not loop:
+            # once per turn (a loop closed with the callback pending is replaced)
+            self._scheduled_on = loop
+            loop.call_soon(self._write_kept)
+
+    def _write_kept(self) -> None:
+        self.acquire()
+        try:
+            self._scheduled_on = None
+            self._write()
+        finally:
+            self.release()
+
+    def _write(self) -> None:
+        lines, self._lines = self._lines, []
+        if lines:
+            try:
+                self.stream.write("".join(lines))
+                self.stream.flush()
+            except Exception:  # noqa: BLE001 - the output is gone; nothing to report it to
+                self._lines = []
+
+    def flush(self) -> None:
+        self.acquire()
+        try:
+            self._write()
+        finally:
+            self.release()
+
+
 def configure_logging(
     *, service: str, level: str = "INFO", log_format: LogFormat | None = None
 ) -> None:
@@ -97,7 +163,7 @@ def configure_logging(
     global _format
     if log_format is not None:
         _format = log_format
-    handler = logging.StreamHandler(sys.stdout)
+    handler = TickWriter(sys.stdout)
     handler.addFilter(RequestIdFilter())
     formatter = TextFormatter(service) if _format == "text" else JsonFormatter(service)
     handler.setFormatter(formatter)

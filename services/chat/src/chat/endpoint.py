@@ -146,6 +146,26 @@ def replay_after(hub: Hub, room: str, since: int) -> Replay:
     return Replay(since=since, read_after=read_after, page_size=page_size)
 
 
+def resume_point(
+    hub: Hub, room: str, *, last_id: int, since: int | None
+) -> tuple[int, list[str], Replay | None]:
+    """Where a socket starts: the id the live feed starts after, the frames it
+    is sent first, and the replay from PostgreSQL if one is needed.
+
+    A socket resuming at or above the feed's mark needs nothing: every id above
+    the mark reaches it through the feed, and none at or below `since` is sent
+    again. One a few messages behind (a client whose replica died) is sent
+    them from the feed's memory. Only one further behind reads PostgreSQL."""
+    if since is None:
+        return last_id, [], None
+    if since >= last_id:
+        return since, [], None
+    held = hub.recent_frames(room, since, last_id)
+    if held is not None:
+        return last_id, held, None
+    return last_id, [], replay_after(hub, room, since)
+
+
 async def chat_socket(websocket: WebSocket, room: str) -> None:
     state = websocket.state
     settings: Settings = state.settings
@@ -222,10 +242,10 @@ async def serve_socket(
     last_id = await join_and_accept(connection, hub, subprotocol)
     if last_id is None:
         return
-    first = [ready_frame(room=room, last_id=last_id, node=hub.node_id)]
-    replay = replay_after(hub, room, since) if since is not None else None
+    after, missed, replay = resume_point(hub, room, last_id=last_id, since=since)
+    first = [ready_frame(room=room, last_id=last_id, node=hub.node_id), *missed]
     if not connection.start(
-        after=last_id,
+        after=after,
         first_frames=first,
         replay=replay,
         close_on_expiry=settings.close_on_token_expiry,

@@ -16,7 +16,9 @@ which room, delivers to them, and drops one whose outbox overflows (close
 from __future__ import annotations
 
 import asyncio
+import itertools
 import logging
+from collections import deque
 
 from redis.asyncio import Redis
 from sqlalchemy.ext.asyncio import AsyncEngine
@@ -39,6 +41,9 @@ logger = logging.getLogger("chat.hub")
 
 PENDING_LIMIT = 10_000
 """Ahead-of-order messages one feed buffers; beyond it they are re-read from PostgreSQL."""
+RECENT_FRAMES = 64
+"""Frames a feed keeps of what it delivered last: a socket resuming with a `since`
+among them is sent them from memory, not read from PostgreSQL."""
 
 
 class RoomFeed:
@@ -52,6 +57,7 @@ class RoomFeed:
         "hub",
         "pending",
         "ready",
+        "recent",
         "room",
         "started",
     )
@@ -63,6 +69,8 @@ class RoomFeed:
         self.delivered = 0
         self.ready = False
         self.pending: dict[int, str] = {}
+        # the frames of ids delivered - len(recent) + 1 ... delivered, in order
+        self.recent: deque[str] = deque(maxlen=RECENT_FRAMES)
         self.started: asyncio.Task[None] | None = None
         self._gap_timer: asyncio.TimerHandle | None = None
         self._fill_task: asyncio.Task[None] | None = None
@@ -90,8 +98,19 @@ class RoomFeed:
             self.pending[message_id] = frame
         self._schedule_fill(self.hub.gap_fill_wait)
 
+    def frames_after(self, since: int, upto: int) -> list[str] | None:
+        """The frames of ids above `since` up to `upto` from memory, or None
+        unless the feed still holds every one of them."""
+        first_held = self.delivered - len(self.recent) + 1
+        if since + 1 < first_held or upto > self.delivered:
+            return None
+        if since >= upto:
+            return []
+        return list(itertools.islice(self.recent, since + 1 - first_held, upto + 1 - first_held))
+
     def _deliver(self, message_id: int, frame: str) -> None:
         self.delivered = message_id
+        self.recent.append(frame)
         self.hub.metrics.deliveries.inc(len(self.connections))
         self.hub.metrics.delivered(frame)
         overflowed = [conn for conn in self.connections if not conn.push(message_id, frame)]
@@ -210,6 +229,12 @@ class Hub:
             del self.feeds[connection.room]
             feed.close()
         return True
+
+    def recent_frames(self, room: str, since: int, upto: int) -> list[str] | None:
+        """The room's frames of ids above `since` up to `upto`, if this replica
+        still holds them all in memory (see `RoomFeed.frames_after`)."""
+        feed = self.feeds.get(room)
+        return None if feed is None else feed.frames_after(since, upto)
 
     def kick(self, connection: Connection, code: int, reason: str) -> None:
         """Drops a socket at once (the room never waits for it) and ends its tasks;
