@@ -7,17 +7,19 @@ set -eu
 STACK=$1
 deadline=$(( $(date +%s) + $2 ))
 
-# One line per service: "name replicas", replicas as `docker service ls` shows
-# them: "3/3" for a replicated service, "0/1 (1/1 completed)" for a job.
+# One line per service: "name|mode|replicas", replicas as `docker service ls`
+# shows them: "3/3" or "1/1 (max 1 per node)" for a replicated service, "0/1
+# (1/1 completed)" for a job. The mode, not the parenthesis, tells a job.
 pending() {
   docker service ls --filter "label=com.docker.stack.namespace=$STACK" \
-    --format '{{.Name}} {{.Replicas}}' | while read -r name running rest; do
-    case "$rest" in
-      "("*)  # a job: done when every run completed
-        done_=${rest#(}; done_=${done_%% *}
+    --format '{{.Name}}|{{.Mode}}|{{.Replicas}}' | while IFS='|' read -r name mode replicas; do
+    case "$mode" in
+      *job)  # done when every run completed
+        done_=${replicas#*(}; done_=${done_%% *}
         [ "${done_%/*}" = "${done_#*/}" ] || echo "$name"
         ;;
-      *)
+      *)  # every replica running (and healthy, for a task with a health check)
+        running=${replicas%% *}
         [ "${running%/*}" = "${running#*/}" ] || echo "$name"
         ;;
     esac

@@ -3,7 +3,7 @@ trusted hosts and the merged OpenAPI (its docs page: test_webapp)."""
 
 from __future__ import annotations
 
-from kit_testing import TokenMinter, free_port
+from kit_testing import TokenMinter, free_port, serve
 
 from .conftest import gateway_settings, running_gateway, running_upstream, urls
 from .upstreams import Upstream, service_spec
@@ -108,6 +108,23 @@ async def test_refuses_untrusted_hosts(redis_url: str, minter: TokenMinter) -> N
         response = await client.get("/catalog/echo", headers={"Host": "evil.example"})
     assert response.status_code == 400
     assert response.json()["detail"] == "Invalid host header"
+
+
+async def test_the_merged_document_has_a_service_that_came_up_since_the_last_probe(
+    redis_url: str, minter: TokenMinter
+) -> None:
+    port = free_port()
+    settings = gateway_settings(
+        redis_url,
+        catalog_upstream=urls(f"http://127.0.0.1:{port}"),
+        health_check_interval_seconds=60,
+        eject_seconds=60,
+    )
+    late = Upstream("catalog", spec=service_spec("catalog", item_field="price"))
+    async with running_gateway(settings, minter) as (_, client), serve(late.app, port=port):
+        spec = (await client.get("/openapi.json")).json()
+    assert spec["info"]["x-unavailable-services"] == ["auth", "chat"]
+    assert "/catalog/items" in spec["paths"]
 
 
 async def test_merges_the_services_openapi_documents(redis_url: str, minter: TokenMinter) -> None:

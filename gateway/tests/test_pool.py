@@ -9,13 +9,15 @@ from collections.abc import Awaitable, Callable
 
 import pytest
 from pydantic import ValidationError
+from yarl import URL
 
 from gateway.config import Settings
 from gateway.pool import Pool
 from kit.errors import ServiceUnavailable
-from kit_testing import TokenMinter
+from kit_testing import TokenMinter, free_port, serve
 
 from .conftest import dead_url, gateway_settings, running_gateway, running_upstream, urls
+from .upstreams import Upstream
 
 
 async def eventually(check: Callable[[], Awaitable[bool]], within: float = 5.0) -> None:
@@ -338,6 +340,96 @@ async def test_probes_readiness_and_routes_around_unready_replicas(
             await eventually(both)
     # the dead port refuses: down, out of the count; one of two live is healthy
     assert nodes == {"one"}
+
+
+class FakeDns:
+    """Answers for one name, as Docker's DNS does for `tasks.<service>`: the
+    addresses of the replicas that are up now (none: the name does not exist).
+    Every other name goes to the real resolver."""
+
+    def __init__(self, monkeypatch: pytest.MonkeyPatch, name: str) -> None:
+        self.name = name
+        self.addresses: list[str] = []
+        self.lookups = 0
+        loop = asyncio.get_running_loop()
+        self.real = loop.getaddrinfo
+        monkeypatch.setattr(loop, "getaddrinfo", self.getaddrinfo)
+
+    async def getaddrinfo(
+        self, host: object, port: object, *args: object, **kwargs: object
+    ) -> object:
+        if host != self.name:
+            return await self.real(host, port, *args, **kwargs)  # type: ignore[arg-type]
+        self.lookups += 1
+        if not self.addresses:
+            raise socket.gaierror(socket.EAI_NONAME, "Name or service not known")
+        return [
+            (socket.AF_INET, socket.SOCK_STREAM, socket.IPPROTO_TCP, "", (address, port))
+            for address in self.addresses
+        ]
+
+
+async def test_a_replica_new_in_dns_since_the_last_resolution_serves_the_first_request(
+    redis_url: str, minter: TokenMinter, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # A deploy converging: the gateway started before catalog was in DNS, and
+    # its next resolution is a minute away.
+    dns = FakeDns(monkeypatch, "catalog.test")
+    async with running_upstream("late") as (_, base_url):
+        settings = gateway_settings(
+            redis_url,
+            catalog_upstream=urls(f"http://catalog.test:{URL(base_url).port}"),
+            dns_refresh_seconds=60,
+            health_check_interval_seconds=60,
+        )
+        async with running_gateway(settings, minter) as (app, client):
+            assert app.runtime.routes["catalog"].pool.replicas == []
+            dns.addresses = ["127.0.0.1"]
+            response = await client.get("/catalog/echo")
+    assert response.status_code == 200, response.text
+    assert response.json()["node"] == "late"
+
+
+async def test_a_replica_that_refused_the_last_probe_serves_once_it_listens(
+    redis_url: str, minter: TokenMinter
+) -> None:
+    port = free_port()
+    settings = gateway_settings(
+        redis_url,
+        chat_upstream=urls(f"http://127.0.0.1:{port}"),
+        health_check_interval_seconds=60,
+        eject_seconds=60,
+    )
+    async with running_gateway(settings, minter) as (app, client):
+        # nothing listened at the start-up probe: down for a minute
+        assert app.runtime.routes["chat"].pool.states()["down"] == 1
+        async with serve(Upstream("late").app, port=port):
+            response = await client.get("/chat/echo")
+    assert response.status_code == 200, response.text
+    assert response.json()["node"] == "late"
+
+
+async def test_requests_refused_together_share_one_look(
+    redis_url: str, minter: TokenMinter, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    dns = FakeDns(monkeypatch, "catalog.test")
+    settings = gateway_settings(
+        redis_url,
+        catalog_upstream=urls("http://catalog.test:8000"),
+        dns_refresh_seconds=60,
+        health_check_interval_seconds=60,
+    )
+    async with running_gateway(settings, minter) as (_, client):
+        at_start = dns.lookups
+        started = time.monotonic()
+        responses = await asyncio.gather(*(client.get("/catalog/echo") for _ in range(20)))
+        elapsed = time.monotonic() - started
+    assert {response.status_code for response in responses} == {503}
+    assert {response.json()["detail"] for response in responses} == {
+        "No catalog replica is available"
+    }
+    # one look a second at most, whatever the number of requests refused
+    assert 1 <= dns.lookups - at_start <= 1 + int(elapsed)
 
 
 def test_reads_pools_from_comma_separated_settings(monkeypatch: pytest.MonkeyPatch) -> None:

@@ -15,7 +15,7 @@ from websockets.asyncio.client import connect
 from websockets.exceptions import ConnectionClosed, InvalidStatus
 
 from gateway.main import Gateway
-from kit_testing import TokenMinter
+from kit_testing import TokenMinter, free_port, serve
 
 from .conftest import gateway_settings, running_gateway, running_upstream, urls
 from .upstreams import Upstream
@@ -123,6 +123,26 @@ async def test_closes_client_sockets_with_1012_when_the_gateway_stops(
         await asyncio.wait_for(service.ws_closed.wait(), 5)
     assert closed.value.rcvd is not None
     assert closed.value.rcvd.code == 1012
+
+
+async def test_a_replica_that_refused_the_last_probe_takes_the_upgrade_once_it_listens(
+    redis_url: str, minter: TokenMinter
+) -> None:
+    port = free_port()
+    settings = gateway_settings(
+        redis_url,
+        chat_upstream=urls(f"http://127.0.0.1:{port}"),
+        health_check_interval_seconds=60,
+        eject_seconds=60,
+    )
+    async with running_gateway(settings, minter) as (app, client):
+        assert app.runtime.routes["chat"].pool.states()["down"] == 1
+        async with (
+            serve(Upstream("late").app, port=port),
+            connect(ws_url(client, "/chat/ws/lobby")) as socket,
+        ):
+            ready = json.loads(await socket.recv())
+    assert ready["node"] == "late"
 
 
 async def test_refuses_the_upgrade_with_503_without_a_replica(

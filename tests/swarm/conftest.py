@@ -9,7 +9,7 @@ import json
 import os
 import subprocess
 import uuid
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Generator, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -185,3 +185,40 @@ def deployed_secrets(swarm: Swarm) -> dict[str, str]:
 async def client(swarm: Swarm) -> AsyncIterator[httpx.AsyncClient]:
     async with httpx.AsyncClient(base_url=swarm.base_url, timeout=20) as http:
         yield http
+
+
+FAILED = pytest.StashKey[bool]()
+LOGGED_SERVICES = ("gateway", "auth", "catalog", "chat")
+
+
+@pytest.hookimpl(wrapper=True)
+def pytest_runtest_makereport(
+    item: pytest.Item,
+) -> Generator[None, pytest.TestReport, pytest.TestReport]:
+    report = yield
+    if report.when == "call":
+        item.stash[FAILED] = report.failed
+    return report
+
+
+@pytest.fixture(autouse=True)
+def logs_on_failure(request: pytest.FixtureRequest) -> Iterator[None]:
+    """A failed test on the stack shows its tasks and its services' last log
+    lines (what the gateway's pools held, a task that restarted)."""
+    yield
+    if "swarm" not in request.fixturenames or not request.node.stash.get(FAILED, False):
+        return
+    swarm: Swarm = request.getfixturevalue("swarm")
+    services = [swarm.service(name) for name in LOGGED_SERVICES]
+    shown = [swarm.service_ls()]
+    shown.append(
+        docker("service", "ps", "--no-trunc", "--format",
+               "{{.Name}} {{.CurrentState}} {{.Error}}", *services)
+    )  # fmt: skip
+    for service in services:
+        logs = subprocess.run(
+            ["docker", "service", "logs", "--timestamps", "--tail", "40", service],
+            capture_output=True, text=True, check=False, timeout=60,
+        )  # fmt: skip
+        shown.append(logs.stdout + logs.stderr)
+    print("\n".join(shown))  # noqa: T201 - shown with the failure

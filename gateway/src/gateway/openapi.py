@@ -24,6 +24,7 @@ from typing import Any
 import httpx
 
 from gateway.runtime import ROUTE_NAMES, Runtime
+from kit.errors import ServiceUnavailable
 
 logger = logging.getLogger("gateway.openapi")
 
@@ -204,9 +205,12 @@ class MergedOpenApi:
         return merged, not missing
 
     async def _fetch(self, name: str) -> Spec | None:
-        pool = self.runtime.routes[name].pool
-        replica = pool.choose()
-        if replica is None:
+        route = self.runtime.routes[name]
+        pool = route.pool
+        try:
+            # as for a request: a replica up since the last round is looked for
+            replica = await self.runtime.replica_for(route, ())
+        except ServiceUnavailable:
             return None
         try:
             response = await self.runtime.http.get(

@@ -23,19 +23,23 @@ A replica is preferred while it is healthy and not ejected. When fewer than
 half of the live replicas are preferred, the pool panics, as Envoy does at its
 default 50% threshold: it ignores health and ejection and spreads requests
 over every live replica, since a replica that may be sick serves better than
-none. Only when every replica is down (or DNS has none) is the answer a 503.
+none. Only when every replica is down (or DNS has none) is the answer a 503,
+and only after a fresh look (`look_again`): discovery and probes run on their
+own intervals, so a replica that came up since the last round (a deploy that
+just converged, a service scaled up from nothing) serves the request instead.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import errno
 import ipaddress
 import logging
 import math
 import socket
 import time
-from collections.abc import Callable, Collection, Sequence
+from collections.abc import Awaitable, Callable, Collection, Sequence
 from dataclasses import dataclass, field
 
 import aiohttp
@@ -143,6 +147,9 @@ class Pool:
         self._refreshed_at = 0.0
         # counts a passive ejection (gateway_upstream_ejections_total)
         self.ejections: Callable[[], None] | None = None
+        # the look requests share when none of them found a replica (`look_again`)
+        self._look: asyncio.Task[None] | None = None
+        self._looked_at = -math.inf
 
     @property
     def host_header(self) -> str:
@@ -200,6 +207,45 @@ class Pool:
             f"No {service} replica is available",
             headers={"Retry-After": str(self.retry_after())},
         )
+
+    async def look_again(
+        self, probe: Callable[[Sequence[Replica]], Awaitable[None]] | None, *, within: float
+    ) -> None:
+        """Before a request is refused for want of a live replica: resolves the
+        targets again and probes every replica that is out (new, refused, never
+        answered), so one that came up since the last round takes the request.
+
+        Requests refused at the same moment share one look: a request joins the
+        look in progress, or the one made less than `REFRESH_GAP_SECONDS` ago,
+        so an outage costs one DNS query and one probe per replica a second,
+        however many requests arrive. A request waits for the look at most
+        `within` seconds; the look itself runs on and updates the pool."""
+        look = self._look
+        if look is None or (
+            look.done() and time.monotonic() - self._looked_at >= REFRESH_GAP_SECONDS
+        ):
+            self._looked_at = time.monotonic()
+            look = self._look = asyncio.create_task(self._look_now(probe))
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(asyncio.shield(look), within)
+
+    async def _look_now(self, probe: Callable[[Sequence[Replica]], Awaitable[None]] | None) -> None:
+        try:
+            await self.refresh()
+            if probe is not None:
+                now = time.monotonic()
+                out = [replica for replica in self.replicas if not replica.live(now)]
+                if out:
+                    await probe(out)
+        except Exception:
+            logger.exception("%s pool: looking for a replica failed", self.name)
+
+    async def stop_looking(self) -> None:
+        """Cancels a look still in progress (the gateway is stopping)."""
+        if self._look is not None and not self._look.done():
+            self._look.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._look
 
     def retry_after(self) -> int:
         """Whole seconds until a replica that is out may be back (at least 1)."""

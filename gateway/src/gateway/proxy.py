@@ -5,10 +5,11 @@ Order per request: headers (one Authorization, one Host), edge auth (a
 present token must verify), rate limit, the body size limit, choose a replica
 (least in flight), send. A connection that fails before anything was written
 is retried on another replica for idempotent methods; everything else becomes
-problem+json: 503 with `Retry-After` (no replica available, or none would take
-the connection: answered at once, nothing was sent), 502 (a replica answered
-garbage or broke off), 504 (upstream silent for the route's timeout), 413 (a
-body above `max_body_bytes`, by its Content-Length or as it streams in).
+problem+json: 503 with `Retry-After` (no replica available, even after the
+pool was looked at again, or none would take the connection: nothing was
+sent), 502 (a replica answered garbage or broke off), 504 (upstream silent
+for the route's timeout), 413 (a body above `max_body_bytes`, by its
+Content-Length or as it streams in).
 """
 
 from __future__ import annotations
@@ -251,7 +252,7 @@ class Proxy:
         target = scope["raw_path"] or scope["path"].encode()
         tried: list[Replica] = []
         while True:
-            replica = pool.choose_or_refuse(tried, service=route.name)
+            replica = await self.runtime.replica_for(route, tried)
             replica.in_flight += 1
             sent_at = time.perf_counter()
             try:

@@ -6,8 +6,9 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import logging
-from collections.abc import Awaitable, Callable, Iterable
+from collections.abc import Awaitable, Callable, Collection, Iterable
 from dataclasses import dataclass
 
 import aiohttp
@@ -20,7 +21,7 @@ from redis.asyncio import Redis
 from gateway.config import Settings
 from gateway.edge import EdgeGuard
 from gateway.metrics import GatewayMetrics
-from gateway.pool import HealthProber, Pool
+from gateway.pool import HealthProber, Pool, Replica
 from gateway.ratelimit import RateLimiter
 from kit.security import KeySource, TokenVerifier
 
@@ -165,6 +166,19 @@ class Runtime:
         if added and self.settings.health_check_interval_seconds > 0:
             await self.prober.probe_all(pool, added)
 
+    async def replica_for(self, route: Route, tried: Collection[Replica]) -> Replica:
+        """The replica to send a request to, or a 503: when none is live, the
+        pool is looked at again first, waiting at most a connection timeout."""
+        pool = route.pool
+        replica = pool.choose(tried)
+        if replica is not None:
+            return replica
+        probe = None
+        if self.settings.health_check_interval_seconds > 0:
+            probe = functools.partial(self.prober.probe_all, pool)
+        await pool.look_again(probe, within=self.settings.connect_timeout_seconds)
+        return pool.choose_or_refuse(tried, service=route.name)
+
     async def _rediscover(self, pool: Pool) -> None:
         while True:
             # every interval, or as soon as a connection to the pool failed
@@ -190,6 +204,8 @@ class Runtime:
             with contextlib.suppress(asyncio.CancelledError):
                 await task
         self._tasks.clear()
+        for route in self.routes.values():
+            await route.pool.stop_looking()
         # Sockets still open (a server that does not close them itself): 1012,
         # "service restart", so clients reconnect, through another gateway.
         await asyncio.gather(*(close() for close in list(self.websockets)), return_exceptions=True)

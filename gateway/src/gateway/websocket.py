@@ -98,7 +98,7 @@ class WebSocketProxy:
         pool = route.pool
         tried: list[Replica] = []
         while True:
-            replica = pool.choose_or_refuse(tried, service=route.name)
+            replica = await self.runtime.replica_for(route, tried)
             replica.in_flight += 1
             try:
                 async with asyncio.timeout(route.timeout_seconds):
