@@ -116,9 +116,9 @@ class Window:
 
 
 async def chat_side(addresses: list[str], tokens: list[str]) -> None:
-    """Opens the sockets and prints READY, then sends without pause: one
-    message every CHAT_PERIOD / ROOMS seconds, in the rooms in turn. `GO`
-    opens a window, `END` closes it: once every message sent within it has
+    """Opens the sockets and prints READY. `GO` opens a window and starts
+    sending: one message every CHAT_PERIOD / ROOMS seconds, in the rooms in
+    turn. `END` stops it; once every message sent within the window has
     reached every member (or CHAT_DEADLINE passed) the window's figures are
     printed as one JSON line."""
     import aiohttp
@@ -176,6 +176,9 @@ async def chat_side(addresses: list[str], tokens: list[str]) -> None:
                         ws = await session.ws_connect(url, headers=headers, autoping=True)
                         await ws.receive_json()
                     members[room].append(ws)
+                    # read at once: an unread socket answers no ping and is
+                    # closed (1011) while the others are still opening
+                    tasks.append(asyncio.create_task(reader(ws)))
                     return
                 except aiohttp.WSServerHandshakeError as error:
                     # opening is not what is measured: a refusal (503 while a
@@ -184,47 +187,50 @@ async def chat_side(addresses: list[str], tokens: list[str]) -> None:
                     await asyncio.sleep(0.5 * 2**attempt)
             raise RuntimeError(f"chat: {url} refused five times")
 
+        tasks: list[asyncio.Task[None]] = []
         await asyncio.gather(*(open_one(n) for n in range(SOCKETS)))
-        tasks = [asyncio.create_task(reader(ws)) for room in rooms for ws in members[room]]
 
-        async def sender() -> None:
+        async def sender(current: Window) -> None:
+            """Sends while `current` is open: the rooms in turn, one every
+            CHAT_PERIOD / ROOMS seconds, on its own schedule (a late send does
+            not push the next ones back)."""
             step = CHAT_PERIOD / ROOMS
-            started = time.monotonic()
             tick = 0
             while True:
-                await asyncio.sleep(max(0.0, started + tick * step - time.monotonic()))
+                await asyncio.sleep(max(0.0, current.started + tick * step - time.monotonic()))
                 room = rooms[tick % ROOMS]
                 open_members = [ws for ws in members[room] if not ws.closed]
                 tick += 1
                 if not open_members:
                     continue
                 client_id = uuid.uuid4().hex
-                pending[client_id] = [time.monotonic(), window, len(open_members)]
-                if window is not None:
-                    window.messages += 1
-                    window.outstanding += 1
-                    window.expected += len(open_members)
+                pending[client_id] = [time.monotonic(), current, len(open_members)]
+                current.messages += 1
+                current.outstanding += 1
+                current.expected += len(open_members)
                 frame = {"type": "message", "text": "mix", "client_id": client_id}
                 try:
                     await open_members[0].send_str(json.dumps(frame))
                 except (aiohttp.ClientError, ConnectionError) as error:
                     print(f"chat: sending in {room} failed: {error!r}", file=sys.stderr)
-                    if window is not None:
-                        window.errors += 1
+                    current.errors += 1
 
-        for work in (sender(), lag_probe()):
-            task = asyncio.create_task(work)
-            task.add_done_callback(crashed)
-            tasks.append(task)
+        probe = asyncio.create_task(lag_probe())
+        probe.add_done_callback(crashed)
+        tasks.append(probe)
+        sending: asyncio.Task[None] | None = None
         print("READY", flush=True)
         loop = asyncio.get_running_loop()
         while line := await loop.run_in_executor(None, sys.stdin.readline):
             if line.strip() == "GO":
                 window = Window()
+                sending = asyncio.create_task(sender(window))
+                sending.add_done_callback(crashed)
                 continue
             closing, window = window, None
-            if closing is None:
+            if closing is None or sending is None:
                 continue
+            sending.cancel()
             seconds = time.monotonic() - closing.started
             cpu = time.process_time() - closing.cpu
             closing.end()
