@@ -20,8 +20,9 @@ from typing import Any
 
 HERE = Path(__file__).resolve().parent
 PARTS = ["gateway", "catalog", "chat", "auth", "mix", "scale"]
-# seconds each part may take; the scale part holds 10,000 sockets for 5 minutes
-TIMEOUTS = {"scale": 2400, "mix": 1200}
+# seconds each part may take; the scale part holds 10,000 sockets for 5 minutes,
+# the mix part may try some 30 levels of up to 10 s and 15 s of chat drain each
+TIMEOUTS = {"scale": 2400, "mix": 1800}
 
 
 def machine() -> dict[str, Any]:
