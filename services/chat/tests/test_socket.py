@@ -7,6 +7,7 @@ import time
 import uuid
 from typing import Any
 
+import asyncpg
 import httpx
 import pytest
 from redis.asyncio import Redis
@@ -373,6 +374,37 @@ async def test_database_outage_answers_with_an_error_and_keeps_the_socket(
     assert error == {"type": "error", "detail": "Message not stored; try again"}
     assert frame["id"] == 1
     assert frame["client_id"] == "retry-1"
+
+
+async def test_connections_lost_with_a_database_restart_cost_no_message(
+    cluster: list[Node], minter: TokenMinter, database_url: str
+) -> None:
+    """Pooled connections are not pinged before use: one the database dropped is
+    found when it is used, and the message is stored (or the read made) again on
+    a fresh one."""
+    room = unique_room()
+    dsn = database_url.replace("postgresql+asyncpg://", "postgresql://")
+    async with chat(cluster[0], room, minter.token(user_id="steady")) as client:
+        await client.say("before", client_id="before-1")
+        await client.messages(1)
+        admin = await asyncpg.connect(dsn)
+        try:
+            # what a restart does to every connection the replica holds
+            await admin.execute(
+                "SELECT pg_terminate_backend(pid) FROM pg_stat_activity"
+                " WHERE datname = current_database() AND pid <> pg_backend_pid()"
+            )
+        finally:
+            await admin.close()
+        # joining reads the room's last id on another replica's dropped connections
+        async with chat(cluster[1], room, minter.token(user_id="late")) as late:
+            await client.say("with an id", client_id="after-1")
+            await client.say("without an id")
+            frames = await client.messages(2)
+            heard = await late.messages(2)
+    assert [(f["id"], f["text"]) for f in frames] == [(2, "with an id"), (3, "without an id")]
+    assert [f["id"] for f in heard] == [2, 3]
+    assert not [f for f in client.seen + late.seen if f["type"] == "error"]
 
 
 async def test_revoking_a_token_closes_its_open_socket(

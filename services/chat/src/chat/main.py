@@ -125,8 +125,14 @@ def watch(metrics: ChatMetrics, hub: Hub, bus: Bus) -> None:
 
 
 def open_engine(parts: Parts, settings: Settings) -> AsyncEngine:
+    # No pre-ping: on asyncpg it costs three round trips (BEGIN, ping,
+    # ROLLBACK) on every checkout, as many as storing a message itself. A
+    # connection lost to a database restart is found on use instead: SQLAlchemy
+    # recycles the whole pool, a message is stored again once on a fresh
+    # connection (chat.service.store_message), and a read answers 503.
     engine = make_engine(
         str(settings.database_url),
+        pool_pre_ping=False,
         pool_size=settings.database_pool_size,
         max_overflow=settings.database_pool_overflow,
     )

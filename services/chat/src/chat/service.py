@@ -4,15 +4,22 @@ writers, so ids are strictly increasing, without holes, in commit order."""
 
 from __future__ import annotations
 
+import logging
+from collections.abc import Awaitable, Callable
 from dataclasses import asdict
 from datetime import datetime
+from typing import TypeVar
 
 from sqlalchemy import Table, bindparam, select
 from sqlalchemy.dialects.postgresql import insert
+from sqlalchemy.exc import DBAPIError
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from chat.models import Message, Room
 from chat.schemas import StoredMessage
+
+logger = logging.getLogger("chat.service")
+T = TypeVar("T")
 
 # The statements are built once from the models' tables (chat.models owns the
 # columns) and compiled once, on first use, into SQLAlchemy's statement cache.
@@ -63,8 +70,40 @@ async def store_message(
     A repeated `client_id` of the same user returns the stored message and
     rolls back, so the counter is not bumped and no hole appears.
     """
+    for attempt in (1, 2):
+        counted: list[int] = []
+        try:
+            return await _store(
+                engine, room, user_id, display_name, text, client_id, sent_at, counted=counted
+            )
+        except DBAPIError as error:
+            # A pooled connection that died with the database (a restart) is
+            # found on use (no pre-ping: see main.open_engine), and SQLAlchemy
+            # then recycles the whole pool. A failure before the room's counter
+            # answered stored nothing, and a message with a client_id is found
+            # again by it, so one retry on a fresh connection is safe.
+            if attempt == 2 or not error.connection_invalidated:
+                raise
+            if client_id is None and counted:
+                raise
+            logger.info("storing a message in %s again on a fresh connection: %s", room, error)
+    raise AssertionError("unreachable")
+
+
+async def _store(
+    engine: AsyncEngine,
+    room: str,
+    user_id: str,
+    display_name: str,
+    text: str,
+    client_id: str | None,
+    sent_at: datetime,
+    *,
+    counted: list[int],
+) -> tuple[StoredMessage, bool]:
     async with engine.connect() as connection, connection.begin() as transaction:
         message_id = (await connection.execute(_NEXT_ID, {"room": room})).scalar_one()
+        counted.append(message_id)
         if client_id is not None:
             # under the room's row lock: a concurrent first copy has committed or not started
             existing = (
@@ -93,15 +132,34 @@ async def store_message(
 
 
 async def room_last_id(*, engine: AsyncEngine, room: str) -> int:
-    async with engine.connect() as connection:
-        last_id = (await connection.execute(_LAST_ID, {"room": room})).scalar_one_or_none()
-    return int(last_id or 0)
+    async def read() -> int:
+        async with engine.connect() as connection:
+            last_id = (await connection.execute(_LAST_ID, {"room": room})).scalar_one_or_none()
+        return int(last_id or 0)
+
+    return await read_again_if_stale(read)
 
 
 async def messages_after(
     *, engine: AsyncEngine, room: str, after: int, limit: int
 ) -> list[StoredMessage]:
     """Stored messages with ids above `after`, oldest first."""
-    async with engine.connect() as connection:
-        rows = await connection.execute(_AFTER, {"room": room, "after": after, "limit": limit})
-        return [StoredMessage(**row) for row in rows.mappings()]
+
+    async def read() -> list[StoredMessage]:
+        async with engine.connect() as connection:
+            rows = await connection.execute(_AFTER, {"room": room, "after": after, "limit": limit})
+            return [StoredMessage(**row) for row in rows.mappings()]
+
+    return await read_again_if_stale(read)
+
+
+async def read_again_if_stale(read: Callable[[], Awaitable[T]]) -> T:
+    """A read that met a pooled connection the database dropped (a restart)
+    runs once more: SQLAlchemy has recycled the pool by then."""
+    try:
+        return await read()
+    except DBAPIError as error:
+        if not error.connection_invalidated:
+            raise
+        logger.info("reading again on a fresh connection: %s", error)
+        return await read()
