@@ -12,6 +12,9 @@ import httpx
 import pytest
 from asgi_lifespan import LifespanManager
 from fastapi import FastAPI, Request
+from opentelemetry import trace
+from opentelemetry.sdk.trace.sampling import Decision
+from opentelemetry.trace import NonRecordingSpan, SpanContext, TraceFlags
 from redis.asyncio import Redis
 from sqlalchemy import text
 from starlette.types import Receive, Scope, Send
@@ -82,6 +85,19 @@ def test_disabled_sdk_or_no_exporter_turns_tracing_off() -> None:
         assert not tracing_config(settings).enabled
 
 
+def test_by_default_one_trace_in_ten_starts_and_callers_decide_for_theirs() -> None:
+    sampler = sampler_for(ServiceSettings(_env_file=None))
+    assert sampler.get_description().startswith("ParentBased{root:TraceIdRatioBased{0.1},")
+    caller = trace.set_span_in_context(
+        NonRecordingSpan(SpanContext(1, 2, is_remote=True, trace_flags=TraceFlags(1)))
+    )
+    # a trace id under the ratio's bound is kept, one above it dropped, a caller's flag followed
+    low, high = 1, (1 << 64) - 1
+    assert sampler.should_sample(None, low, "GET").decision == Decision.RECORD_AND_SAMPLE
+    assert sampler.should_sample(None, high, "GET").decision == Decision.DROP
+    assert sampler.should_sample(caller, high, "GET").decision == Decision.RECORD_AND_SAMPLE
+
+
 def test_samplers_and_headers_come_from_the_standard_variables() -> None:
     ratio = ServiceSettings(
         otel_traces_sampler="parentbased_traceidratio", otel_traces_sampler_arg=0.25
@@ -142,6 +158,8 @@ async def traced(
     settings = ServiceSettings(
         service_name="tracing-test",
         otel_exporter_otlp_endpoint=receiver.endpoint_for("127.0.0.1"),
+        # every trace a request starts, not the default one in ten
+        otel_traces_sampler="parentbased_always_on",
         _env_file=None,
     )
     assert configure_tracing(settings)
