@@ -493,7 +493,7 @@ def main() -> None:
     parser.add_argument("--goal", type=float, default=0.5)
     parser.add_argument("--aiohttp", action="store_true", help="load with aiohttp, not wrk")
     parser.add_argument(
-        "--tracing-rounds", type=int, default=3, help="off/on rounds of the tracing cost (0: skip)"
+        "--tracing-rounds", type=int, default=5, help="off/on rounds of the tracing cost (0: skip)"
     )
     args = parser.parse_args()
     with postgres_server() as server:
