@@ -5,6 +5,7 @@ import json
 import logging
 import subprocess
 import sys
+import uuid
 from collections.abc import AsyncIterator, Iterator
 from typing import Any
 
@@ -335,3 +336,30 @@ async def test_a_caller_that_does_not_sample_gets_no_spans_but_its_trace_id_in_t
     assert [span for span in receiver.spans() if span.trace_id == unsampled] == []
     (line,) = [line for line in lines.lines if line["path"] == "/things/8"]
     assert line["trace_id"] == unsampled
+
+
+async def test_statements_of_an_unsampled_request_skip_the_asyncpg_instrumentation(
+    traced: tuple[httpx.AsyncClient, Lines], minter: TokenMinter, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from opentelemetry.instrumentation import asyncpg as instrumented
+
+    hydrated: list[str] = []
+    original = instrumented._hydrate_span_from_args
+
+    def counting(connection: Any, query: str, *args: Any, **kwargs: Any) -> dict[str, Any]:
+        hydrated.append(query)
+        result: dict[str, Any] = original(connection, query, *args, **kwargs)
+        return result
+
+    monkeypatch.setattr(instrumented, "_hydrate_span_from_args", counting)
+    client, _ = traced
+
+    async def get(flags: str) -> None:
+        traceparent = f"00-{uuid.uuid4().hex}-{CALLER_SPAN}-{flags}"
+        headers = {"traceparent": traceparent, "authorization": f"Bearer {minter.token()}"}
+        assert (await client.get("/things/5", headers=headers)).status_code == 200
+
+    await get("00")  # the caller did not sample: its SELECT is not even looked at
+    assert hydrated == []
+    await get("01")
+    assert "SELECT 1" in hydrated

@@ -261,7 +261,8 @@ def _when_recording(wrapper: Wrapper) -> Wrapper:
     records. No span is lost, only the work of making one nobody records: under
     a span that does not record, every sampler here drops the child too (the
     `parentbased_` ones follow the parent, `traceidratio` decides alike for
-    the same trace id), and a span with no parent is dropped (`RequestRootSampler`)."""
+    the same trace id; under `always_on` every request's span records), and a
+    span with no parent is dropped (`RequestRootSampler`)."""
 
     async def lean(
         func: Callable[..., Awaitable[Any]], instance: Any, args: Any, kwargs: Any
