@@ -109,6 +109,9 @@ def stack(otlp_receiver: OtlpReceiver) -> Iterator[Stack]:
             "OTEL_EXPORTER_OTLP_ENDPOINT", otlp_receiver.endpoint_for(HOST_FROM_CONTAINERS)
         )
         patch.setenv("OTEL_BSP_SCHEDULE_DELAY", "200")
+        # every trace, not the default one in ten: the tests follow chat messages
+        # and requests without a sampled traceparent
+        patch.setenv("OTEL_TRACES_SAMPLER", "parentbased_always_on")
         compose = DockerCompose(
             ROOT,
             compose_file_name=["compose.yaml", "tests/e2e/compose.e2e.yaml"],

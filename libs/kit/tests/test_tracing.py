@@ -5,12 +5,16 @@ import json
 import logging
 import subprocess
 import sys
+import uuid
 from collections.abc import AsyncIterator, Iterator
 from typing import Any
 
 import httpx
 import pytest
 from fastapi import FastAPI, Request
+from opentelemetry import trace
+from opentelemetry.sdk.trace.sampling import Decision
+from opentelemetry.trace import NonRecordingSpan, SpanContext, TraceFlags
 from redis.asyncio import Redis
 from sqlalchemy import text
 from starlette.types import Receive, Scope, Send
@@ -81,6 +85,19 @@ def test_disabled_sdk_or_no_exporter_turns_tracing_off() -> None:
         assert not tracing_config(settings).enabled
 
 
+def test_by_default_one_trace_in_ten_starts_and_callers_decide_for_theirs() -> None:
+    sampler = sampler_for(ServiceSettings(_env_file=None))
+    assert sampler.get_description().startswith("ParentBased{root:TraceIdRatioBased{0.1},")
+    caller = trace.set_span_in_context(
+        NonRecordingSpan(SpanContext(1, 2, is_remote=True, trace_flags=TraceFlags(1)))
+    )
+    # a trace id under the ratio's bound is kept, one above it dropped, a caller's flag followed
+    low, high = 1, (1 << 64) - 1
+    assert sampler.should_sample(None, low, "GET").decision == Decision.RECORD_AND_SAMPLE
+    assert sampler.should_sample(None, high, "GET").decision == Decision.DROP
+    assert sampler.should_sample(caller, high, "GET").decision == Decision.RECORD_AND_SAMPLE
+
+
 def test_samplers_and_headers_come_from_the_standard_variables() -> None:
     ratio = ServiceSettings(
         otel_traces_sampler="parentbased_traceidratio", otel_traces_sampler_arg=0.25
@@ -141,6 +158,8 @@ async def traced(
     settings = ServiceSettings(
         service_name="tracing-test",
         otel_exporter_otlp_endpoint=receiver.endpoint_for("127.0.0.1"),
+        # every trace a request starts, not the default one in ten
+        otel_traces_sampler="parentbased_always_on",
         _env_file=None,
     )
     assert configure_tracing(settings)
@@ -316,3 +335,30 @@ async def test_a_caller_that_does_not_sample_gets_no_spans_but_its_trace_id_in_t
     assert [span for span in receiver.spans() if span.trace_id == unsampled] == []
     (line,) = [line for line in lines.lines if line["path"] == "/things/8"]
     assert line["trace_id"] == unsampled
+
+
+async def test_statements_of_an_unsampled_request_skip_the_asyncpg_instrumentation(
+    traced: tuple[httpx.AsyncClient, Lines], minter: TokenMinter, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from opentelemetry.instrumentation import asyncpg as instrumented
+
+    hydrated: list[str] = []
+    original = instrumented._hydrate_span_from_args
+
+    def counting(connection: Any, query: str, *args: Any, **kwargs: Any) -> dict[str, Any]:
+        hydrated.append(query)
+        result: dict[str, Any] = original(connection, query, *args, **kwargs)
+        return result
+
+    monkeypatch.setattr(instrumented, "_hydrate_span_from_args", counting)
+    client, _ = traced
+
+    async def get(flags: str) -> None:
+        traceparent = f"00-{uuid.uuid4().hex}-{CALLER_SPAN}-{flags}"
+        headers = {"traceparent": traceparent, "authorization": f"Bearer {minter.token()}"}
+        assert (await client.get("/things/5", headers=headers)).status_code == 200
+
+    await get("00")  # the caller did not sample: its SELECT is not even looked at
+    assert hydrated == []
+    await get("01")
+    assert "SELECT 1" in hydrated

@@ -14,14 +14,17 @@ middleware, so it costs nothing. On:
   `OTEL_EXPORTER_OTLP_HEADERS`. These come from the settings, so a `.env`
   file works for them as for every other setting; the SDK reads the rarer
   ones itself (`OTEL_EXPORTER_OTLP_TIMEOUT`, `_COMPRESSION`, `_CERTIFICATE`);
-- the sampler of `OTEL_TRACES_SAMPLER` / `_ARG` (parent-based always-on by
-  default), behind one rule of ours: a trace starts only at a request or a
-  message (a server or consumer span). A Redis or SQL call with no request
-  around it (heartbeats, readiness probes, pool pings) is not traced, or every
-  replica would send a one-span trace every few seconds;
+- the sampler of `OTEL_TRACES_SAMPLER` / `_ARG` (by default
+  `parentbased_traceidratio` at 0.1: one trace in ten is kept where it
+  starts, and a caller's sampled flag is followed), behind one rule of ours:
+  a trace starts only at a request or a message (a server or consumer span).
+  A Redis or SQL call with no request around it (heartbeats, readiness
+  probes, pool pings) is not traced, or every replica would send a one-span
+  trace every few seconds;
 - the standard instrumentations of the drivers: asyncpg (every SQL statement,
-  SQLAlchemy's included, runs through it), redis, and aiohttp's client (the
-  gateway's upstream requests, with `traceparent` injected);
+  SQLAlchemy's included, runs through it; skipped under a span that does not
+  record, see `_when_recording`), redis, and aiohttp's client (the gateway's
+  upstream requests, with `traceparent` injected);
 - `TracingMiddleware` on every app: one server span per request or WebSocket
   session, continuing the caller's W3C `traceparent` or starting a trace,
   named by the route template (`GET /catalog/products/{product_id}`), with the
@@ -33,8 +36,10 @@ off about 215 us; FastAPI's own OpenTelemetry support (FastAPI 0.165+) about
 400 us; this middleware about 340 us. opentelemetry-instrumentation-asgi costs about 110 us
 for the middleware alone. FastAPI's own spans are switched off wherever this
 middleware is on (`quiet_fastapi_tracing`), or each request would have two.
-Most of what remains is the SDK's: about 25 us to record a span and about
-35 us to encode it for OTLP, per span, in Python.
+Most of what remains is the SDK's, in Python, per span: recording it (about
+25 us, more with each attribute) and encoding it for OTLP in the export
+thread (about 35 us; its attributes double that). An unsampled request costs
+the middleware about 5 us: a sampling decision and a context, no attributes.
 """
 
 from __future__ import annotations
@@ -42,7 +47,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import threading
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -233,13 +238,40 @@ def _instrument_drivers(provider: TracerProvider) -> None:
     except ImportError:  # a service without a database (the gateway)
         pass
     else:
-        AsyncPGInstrumentor().instrument(tracer_provider=provider)  # type: ignore[no-untyped-call]
+        asyncpg = AsyncPGInstrumentor()  # type: ignore[no-untyped-call]
+        # it works out a statement's attributes (a regular expression, the
+        # connection's parameters) before it asks the sampler, so a statement of
+        # an unsampled request would cost nearly as much as a recorded one
+        for name in ("_do_execute", "_do_cursor_execute", "_do_prepared_execute"):
+            setattr(asyncpg, name, _when_recording(getattr(asyncpg, name)))
+        asyncpg.instrument(tracer_provider=provider)
     try:
         from opentelemetry.instrumentation.aiohttp_client import AioHttpClientInstrumentor
     except ImportError:  # only the gateway speaks aiohttp
         pass
     else:
         AioHttpClientInstrumentor().instrument(tracer_provider=provider)
+
+
+Wrapper = Callable[[Callable[..., Awaitable[Any]], Any, Any, Any], Awaitable[Any]]
+
+
+def _when_recording(wrapper: Wrapper) -> Wrapper:
+    """An instrumentation's wrapper that steps aside unless the current span
+    records. No span is lost, only the work of making one nobody records: under
+    a span that does not record, every sampler here drops the child too (the
+    `parentbased_` ones follow the parent, `traceidratio` decides alike for
+    the same trace id; under `always_on` every request's span records), and a
+    span with no parent is dropped (`RequestRootSampler`)."""
+
+    async def lean(
+        func: Callable[..., Awaitable[Any]], instance: Any, args: Any, kwargs: Any
+    ) -> Any:
+        if trace.get_current_span().is_recording():
+            return await wrapper(func, instance, args, kwargs)
+        return await func(*args, **kwargs)
+
+    return lean
 
 
 def quiet_fastapi_tracing(app: Any) -> None:
@@ -279,19 +311,24 @@ def incoming_context(headers: Iterable[tuple[bytes, bytes]]) -> Context:
     return propagate.extract(carried, context=Context(), getter=_getter)
 
 
-def span_attributes(scope: Scope) -> dict[str, Any]:
-    """The request's attributes, by the stable HTTP semantic conventions."""
+def span_attributes(scope: Scope, method: str, status: int) -> dict[str, Any]:
+    """The request's attributes, by the stable HTTP semantic conventions: the
+    required ones and `client.address`. Each attribute costs a span about as
+    much again to record and encode as the span itself, so not the opt-in
+    request headers: the request id is on the access log line, with the trace id."""
     attributes: dict[str, Any] = {
-        "http.request.method": scope.get("method", "GET"),
+        "http.request.method": method,
         "url.path": scope["path"],
         "url.scheme": scope.get("scheme", "http"),
     }
     client = scope.get("client")
     if client:
         attributes["client.address"] = client[0]
-    request_id = (scope.get("state") or {}).get("request_id")
-    if request_id:
-        attributes["http.request.header.x-request-id"] = (request_id,)
+    route = route_of(scope)
+    if route != UNMATCHED:
+        attributes["http.route"] = route
+    if status:
+        attributes["http.response.status_code"] = status
     return attributes
 
 
@@ -333,7 +370,6 @@ class TracingMiddleware:
     async def _recorded(
         self, span: trace.Span, method: str, scope: Scope, receive: Receive, send: Send
     ) -> None:
-        span.set_attributes(span_attributes(scope))
         status = 0
 
         async def recording_send(message: Message) -> None:
@@ -359,15 +395,13 @@ class TracingMiddleware:
 
 
 def _finish(span: trace.Span, scope: Scope, method: str, status: int) -> None:
-    attributes: dict[str, Any] = {}
-    route = route_of(scope)
-    if route != UNMATCHED:
+    # every attribute in one write, once the route and status are known: each
+    # write takes the span's lock and checks the values again
+    attributes = span_attributes(scope, "GET" if method == "WS" else method, status)
+    route = attributes.get("http.route")
+    if route is not None:
         span.update_name(f"{method} {route}")
-        attributes["http.route"] = route
-    if status:
-        attributes["http.response.status_code"] = status
-    if attributes:
-        span.set_attributes(attributes)
+    span.set_attributes(attributes)
     if status >= 500 or not status:
         span.set_status(Status(StatusCode.ERROR))
     span.end()
