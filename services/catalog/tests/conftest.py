@@ -11,9 +11,9 @@ from fastapi import FastAPI
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, AsyncSession, async_sessionmaker
 
 from catalog.config import Settings
-from catalog.connections import Database, DatabaseOpener, open_engine
+from catalog.connections import Database, DatabaseOpener
 from catalog.main import create_app
-from kit.db import make_engine
+from kit.db import make_engine, open_unpinged_engine
 from kit.lifespan import Parts
 
 if TYPE_CHECKING:
@@ -100,7 +100,7 @@ def joined_database(sessionmaker: async_sessionmaker[AsyncSession]) -> DatabaseO
 
     async def open_joined(parts: Parts, settings: Settings) -> Database:
         return Database(
-            engine=open_engine(parts, settings),
+            engine=open_unpinged_engine(parts, settings),
             sessionmaker=sessionmaker,
             reads=connection,
             driver_connections=driver_connection,

@@ -22,8 +22,9 @@ from sqlalchemy.ext.asyncio import (
 )
 from sqlalchemy.pool import AsyncAdaptedQueuePool, ConnectionPoolEntry
 
-from kit.lifespan import AppState, SettingsT
+from kit.lifespan import AppState, Parts, SettingsT
 from kit.pools import observe_wait
+from kit.settings import DatabaseSettings
 
 logger = logging.getLogger("kit.db")
 
@@ -90,6 +91,22 @@ def make_engine(url: str, **overrides: Any) -> AsyncEngine:
     }
     options.update(overrides)
     return create_async_engine(url, **options)
+
+
+def open_unpinged_engine(parts: Parts, settings: DatabaseSettings) -> AsyncEngine:
+    """The service's engine, sized by its settings, disposed when the app stops,
+    and without `pool_pre_ping`: on asyncpg the ping costs three round trips
+    (BEGIN, ping, ROLLBACK) on every checkout, as many as the work it guards.
+    A connection the database dropped (a restart) is found on use instead:
+    SQLAlchemy then recycles the whole pool, and the service decides what runs
+    again (a read; a write only where running it twice is safe)."""
+    engine = make_engine(
+        str(settings.database_url),
+        pool_pre_ping=False,
+        pool_size=settings.database_pool_size,
+        max_overflow=settings.database_pool_overflow,
+    )
+    return parts.add(engine, AsyncEngine.dispose)
 
 
 def make_sessionmaker(engine: AsyncEngine) -> async_sessionmaker[AsyncSession]:

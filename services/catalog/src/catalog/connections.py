@@ -19,7 +19,13 @@ from dataclasses import dataclass
 from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker
 
 from catalog.config import Settings
-from kit.db import ReadConnections, asyncpg_dsn, make_engine, make_sessionmaker, read_connections
+from kit.db import (
+    ReadConnections,
+    asyncpg_dsn,
+    make_sessionmaker,
+    open_unpinged_engine,
+    read_connections,
+)
 from kit.lifespan import Parts
 from kit.point_pool import Connections, PointReadPool
 
@@ -43,24 +49,11 @@ class Database:
 DatabaseOpener = Callable[[Parts, Settings], Awaitable[Database]]
 
 
-def open_engine(parts: Parts, settings: Settings) -> AsyncEngine:
-    # No pre-ping: on asyncpg it costs three round trips (BEGIN, ping,
-    # ROLLBACK) on every checkout, more than the query it guards. A connection
-    # lost to a database restart is detected on use instead; the whole pool is
-    # then recycled, reads retry once, and writes answer 503.
-    engine = make_engine(
-        str(settings.database_url),
-        pool_pre_ping=False,
-        pool_size=settings.database_pool_size,
-        max_overflow=settings.database_pool_overflow,
-    )
-    return parts.add(engine, AsyncEngine.dispose)
-
-
 async def open_database(parts: Parts, settings: Settings) -> Database:
     """The engine, and get-by-id's pool beside it; neither connects before
     its first use, so start-up never waits on the database."""
-    engine = open_engine(parts, settings)
+    # reads retry once on a dropped connection; writes answer 503
+    engine = open_unpinged_engine(parts, settings)
     point_pool = PointReadPool(
         asyncpg_dsn(str(settings.database_url)), max_size=settings.point_read_pool_size
     )

@@ -14,7 +14,6 @@ from redis.backoff import ExponentialBackoff
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import RedisError
 from redis.exceptions import TimeoutError as RedisTimeoutError
-from sqlalchemy.ext.asyncio import AsyncEngine
 
 from chat.bus import Bus
 from chat.config import Settings
@@ -26,7 +25,7 @@ from chat.metrics import ChatMetrics
 from chat.presence import Presence
 from chat.router import router
 from kit.app import assemble
-from kit.db import DatabaseState, database_readiness, make_engine, make_sessionmaker
+from kit.db import DatabaseState, database_readiness, make_sessionmaker, open_unpinged_engine
 from kit.health import VERIFIER_CHECKS
 from kit.lifespan import Parts, lifespan, open_verifier
 from kit.security import KeySource
@@ -124,21 +123,6 @@ def watch(metrics: ChatMetrics, hub: Hub, bus: Bus) -> None:
     metrics.watch_queues(hub.outbox_depths, lambda: bus.backlog_size)
 
 
-def open_engine(parts: Parts, settings: Settings) -> AsyncEngine:
-    # No pre-ping: on asyncpg it costs three round trips (BEGIN, ping,
-    # ROLLBACK) on every checkout, as many as storing a message itself. A
-    # connection lost to a database restart is found on use instead: SQLAlchemy
-    # recycles the whole pool, a message is stored again once on a fresh
-    # connection (chat.service.store_message), and a read answers 503.
-    engine = make_engine(
-        str(settings.database_url),
-        pool_pre_ping=False,
-        pool_size=settings.database_pool_size,
-        max_overflow=settings.database_pool_overflow,
-    )
-    return parts.add(engine, AsyncEngine.dispose)
-
-
 async def open_limits(parts: Parts, settings: Settings, redis: Redis) -> UserLimits:
     """The per-user limits, this replica already counted (else the heartbeat retries)."""
     limits = UserLimits(
@@ -158,7 +142,8 @@ async def open_limits(parts: Parts, settings: Settings, redis: Redis) -> UserLim
 async def open_parts(
     parts: Parts, settings: Settings, *, key_source: KeySource | None, metrics: ChatMetrics
 ) -> State:
-    engine = open_engine(parts, settings)
+    # a message is stored again once on a fresh connection (chat.service)
+    engine = open_unpinged_engine(parts, settings)
     redis = open_command_redis(parts, settings, max_connections=settings.redis_max_connections)
     # publishing has connections of its own: it never waits behind presence or the limits
     publisher = open_command_redis(

@@ -78,7 +78,7 @@ async def store_message(
             )
         except DBAPIError as error:
             # A pooled connection that died with the database (a restart) is
-            # found on use (no pre-ping: see main.open_engine), and SQLAlchemy
+            # found on use (no pre-ping: see kit.db.open_unpinged_engine), and SQLAlchemy
             # then recycles the whole pool. A failure before the room's counter
             # answered stored nothing, and a message with a client_id is found
             # again by it, so one retry on a fresh connection is safe.
