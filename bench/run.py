@@ -151,6 +151,12 @@ def goals_summary(report: dict[str, Any]) -> list[str]:
     return lines
 
 
+def without_logs(report: str) -> str:
+    """A part's report without the log lines of the apps it ran in process
+    (kit's JSON lines on the same stdout): they are not figures."""
+    return "\n".join(line for line in report.splitlines() if not line.startswith('{"ts": '))
+
+
 def markdown(report: dict[str, Any]) -> str:
     """The goals' verdicts, then each part's report of this run, and beside it
     the previous run's."""
@@ -176,12 +182,12 @@ def markdown(report: dict[str, Any]) -> str:
         busy = f" (1-minute load average {load[0]} before, {load[1]} after)" if load else ""
         lines += [f"This run, {ran}{carried}: {part['status']}{busy}", ""]
         if part.get("report"):
-            lines += ["```", part["report"], "```", ""]
+            lines += ["```", without_logs(part["report"]), "```", ""]
         previous = part.get("previous")
         if previous:
             lines += [f"Previous run, {previous.get('date', '?')}: {previous['status']}", ""]
             if previous.get("report"):
-                lines += ["```", previous["report"], "```", ""]
+                lines += ["```", without_logs(previous["report"]), "```", ""]
     return "\n".join(lines)
 
 
