@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Awaitable, Callable
-from dataclasses import asdict
+from dataclasses import asdict, replace
 from datetime import datetime
 from typing import TypeVar
 
@@ -70,46 +70,45 @@ async def store_message(
     A repeated `client_id` of the same user returns the stored message and
     rolls back, so the counter is not bumped and no hole appears.
     """
-    for attempt in (1, 2):
-        counted: list[int] = []
-        try:
-            return await _store(
-                engine, room, user_id, display_name, text, client_id, sent_at, counted=counted
-            )
-        except DBAPIError as error:
-            # A pooled connection that died with the database (a restart) is
-            # found on use (no pre-ping: see kit.db.open_unpinged_engine), and SQLAlchemy
-            # then recycles the whole pool. A failure before the room's counter
-            # answered stored nothing, and a message with a client_id is found
-            # again by it, so one retry on a fresh connection is safe.
-            if attempt == 2 or not error.connection_invalidated:
-                raise
-            if client_id is None and counted:
-                raise
-            logger.info("storing a message in %s again on a fresh connection: %s", room, error)
-    raise AssertionError("unreachable")
+    draft = StoredMessage(
+        room=room,
+        id=0,
+        user_id=user_id,
+        display_name=display_name,
+        text=text,
+        client_id=client_id,
+        sent_at=sent_at,
+    )
+    counted: list[int] = []
+    try:
+        return await _store(engine, draft, counted)
+    except DBAPIError as error:
+        # A pooled connection that died with the database (a restart) is found
+        # on use (no pre-ping: see kit.db.open_unpinged_engine), and SQLAlchemy
+        # then recycles the whole pool. A failure before the room's counter
+        # answered stored nothing, and a message with a client_id is found
+        # again by it, so one more try on a fresh connection is safe.
+        if not error.connection_invalidated or (client_id is None and counted):
+            raise
+        logger.info("storing a message in %s again on a fresh connection: %s", room, error)
+    return await _store(engine, draft, [])
 
 
 async def _store(
-    engine: AsyncEngine,
-    room: str,
-    user_id: str,
-    display_name: str,
-    text: str,
-    client_id: str | None,
-    sent_at: datetime,
-    *,
-    counted: list[int],
+    engine: AsyncEngine, draft: StoredMessage, counted: list[int]
 ) -> tuple[StoredMessage, bool]:
+    """`draft` stored under the room's next id (appended to `counted` once known)."""
+    room = draft.room
     async with engine.connect() as connection, connection.begin() as transaction:
         message_id = (await connection.execute(_NEXT_ID, {"room": room})).scalar_one()
         counted.append(message_id)
-        if client_id is not None:
+        if draft.client_id is not None:
             # under the room's row lock: a concurrent first copy has committed or not started
             existing = (
                 (
                     await connection.execute(
-                        _BY_CLIENT_ID, {"room": room, "user_id": user_id, "client_id": client_id}
+                        _BY_CLIENT_ID,
+                        {"room": room, "user_id": draft.user_id, "client_id": draft.client_id},
                     )
                 )
                 .mappings()
@@ -118,15 +117,7 @@ async def _store(
             if existing is not None:
                 await transaction.rollback()
                 return StoredMessage(**existing), True
-        message = StoredMessage(
-            room=room,
-            id=message_id,
-            user_id=user_id,
-            display_name=display_name,
-            text=text,
-            client_id=client_id,
-            sent_at=sent_at,
-        )
+        message = replace(draft, id=message_id)
         await connection.execute(_INSERT, asdict(message))
     return message, False
 
