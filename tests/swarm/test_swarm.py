@@ -44,6 +44,23 @@ async def until_docker_says(
         await asyncio.sleep(0.5)  # the engine is asked again after a pause
 
 
+async def until_the_gateway_reaches_every_chat_task(
+    ws_url: str, http: httpx.AsyncClient, replicas: int, *, within: float = 90.0
+) -> None:
+    """Tasks start one by one and the gateway learns of each from DNS and its
+    probes: wait until sockets opened through it land on all of them."""
+    deadline = time.monotonic() + within
+    seen: set[str] = set()
+    while True:
+        async with chat_clients(ws_url, http, 2 * replicas, room_prefix="warmup") as clients:
+            seen = {c.node for c in clients}
+        if len(seen) == replicas:
+            return
+        if time.monotonic() > deadline:
+            raise AssertionError(f"sockets reached only {sorted(seen)} of {replicas} chat tasks")
+        await asyncio.sleep(1.0)  # the gateway's next DNS and probe round
+
+
 async def test_the_journey_through_the_swarm_gateway(
     swarm: Swarm, client: httpx.AsyncClient
 ) -> None:
@@ -62,6 +79,7 @@ async def test_the_journey_through_the_swarm_gateway(
     assert created.status_code == 201, created.text
     assert [item["id"] for item in found.json()["items"]] == [created.json()["id"]]
 
+    await until_the_gateway_reaches_every_chat_task(swarm.ws_url, client, 3)
     async with chat_clients(swarm.ws_url, client, 6, room_prefix="swarm") as clients:
         sent: set[str] = set()
         await exchange(clients, "journey", range(3), sent)
