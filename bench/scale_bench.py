@@ -42,6 +42,7 @@ ROOMS = int(os.environ.get("SCALE_ROOMS", "100"))
 USERS = int(os.environ.get("SCALE_USERS", "100"))
 HOLD_SECONDS = float(os.environ.get("SCALE_HOLD_SECONDS", "300"))
 CONCURRENCY = int(os.environ.get("SCALE_CONCURRENCY", "64"))
+BROADCASTS = int(os.environ.get("SCALE_BROADCASTS", "1"))
 SETTLE_SECONDS = 10.0
 UNITS = {"B": 1, "KiB": 1024, "MiB": 1024**2, "GiB": 1024**3, "kB": 1000, "MB": 1000**2}
 
@@ -148,6 +149,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                 f"--users={USERS}",
                 f"--hold={HOLD_SECONDS}",
                 f"--concurrency={CONCURRENCY}",
+                f"--broadcasts={BROADCASTS}",
             ],
             stdin=subprocess.PIPE,
             stdout=subprocess.PIPE,
@@ -265,9 +267,10 @@ def report(figures: dict[str, Any]) -> list[str]:
     )
     lines.append(
         f"killed replica: {storm.get('moved')} sockets moved, {storm.get('resumed')} resumed "
-        f"(p50 {storm.get('p50_s')} s, p99 {storm.get('p99_s')} s, max {storm.get('max_s')} s), "
+        f"(p50 {storm.get('p50_s')} s, p99 {storm.get('p99_s')} s, max {storm.get('max_s')} s; "
+        f"drop seen p50 {storm.get('dropped_p50_s')} s, max {storm.get('dropped_max_s')} s), "
         f"lost {storm.get('lost')}, doubled {storm.get('doubled')}, caught up "
-        f"{storm.get('caught_up')}"
+        f"{storm.get('caught_up')}, refusals {storm.get('refusals')}"
     )
     for service, numbers in memory.items():
         lines.append(
