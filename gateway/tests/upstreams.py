@@ -163,6 +163,11 @@ class Upstream:
                     self.ws_closed_with = message.get("code")
                     return
                 text = message.get("text")
+                if text is not None and text.startswith("flood:"):
+                    for number in range(int(text.removeprefix("flood:"))):
+                        await websocket.send_text(f"frame {number}")
+                        await asyncio.sleep(0)  # a send never waits: let the loop turn
+                    continue
                 if text is not None and text.startswith("close:"):
                     await websocket.close(code=int(text.removeprefix("close:")), reason="bye")
                     return

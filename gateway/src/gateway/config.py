@@ -89,6 +89,12 @@ class Settings(ServiceSettings):
 
     openapi_cache_seconds: float = Field(default=300.0, ge=0)
     ws_max_message_bytes: int = Field(default=1_048_576, gt=0)
+    # WebSocket upgrades each worker handles at once, from the token check to
+    # the upstream's answer (0: no cap); the others wait their turn up to
+    # `ws_handshake_wait_seconds`, then get 503 with Retry-After. A reconnect
+    # storm is then served in turns rather than all at once (gateway.websocket).
+    ws_handshakes_in_flight: int = Field(default=64, ge=0)
+    ws_handshake_wait_seconds: float = Field(default=15.0, gt=0)
 
     @field_validator("auth_upstream", "catalog_upstream", "chat_upstream", mode="before")
     @classmethod

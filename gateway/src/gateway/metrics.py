@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterable, Sequence
 
-from prometheus_client import CollectorRegistry, Counter, Histogram
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 from prometheus_client.core import GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
@@ -103,7 +103,19 @@ class GatewayMetrics:
         )
 
     def _declare_edge(self, registry: CollectorRegistry) -> None:
-        """What the edge refuses: rate limits and guarded connections."""
+        """What the edge refuses (rate limits, guarded connections, upgrades that
+        waited too long), and how late its event loop runs."""
+        self.loop_lag = Histogram(
+            "gateway_event_loop_lag_seconds",
+            "How late this worker's event loop ran a timer due every 100 ms",
+            buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0),
+            registry=registry,
+        )
+        self.websocket_handshakes_waiting = Gauge(
+            "gateway_websocket_handshakes_waiting",
+            "WebSocket upgrades waiting for one of this worker's handshake slots",
+            registry=registry,
+        )
         self.rate_limited = Counter(
             "gateway_rate_limited_total",
             "Requests refused with 429, by who was limited (anonymous, user)",

@@ -129,6 +129,7 @@ class Pool:
         probing: bool,
         probe_failures: int = 3,
         busy_grace_seconds: float = 5.0,
+        stalled: Callable[[], bool] = lambda: False,
     ) -> None:
         self.name = name
         self.targets = list(targets)
@@ -140,6 +141,9 @@ class Pool:
         self.busy_grace_seconds = busy_grace_seconds
         # With active probes on, a replica takes traffic only once a probe passed.
         self.probing = probing
+        # whether this process's own event loop ran late just now
+        # (`kit.loopwatch`): its timeouts then say nothing about a replica
+        self.stalled = stalled
         self.replicas: list[Replica] = []
         self._cursor = 0
         # set when a connection failed, so discovery runs before its next interval
@@ -311,6 +315,15 @@ class Pool:
             self.eject_seconds,
         )
 
+    def timed_out(self, replica: Replica) -> None:
+        """A connection or an answer that did not come in time: a sickness
+        signal, unless this process's event loop was running late meanwhile. A
+        gateway swamped by a connection storm reads in-time answers late; were
+        those counted, it would eject healthy replicas when it is busiest and
+        pile the storm onto the replicas left."""
+        if not self.stalled():
+            self.failed(replica)
+
     def lost(self, replica: Replica) -> None:
         """A connection it held (a relayed WebSocket) broke off without a close:
         a sickness signal, as a reset is, unless it is out already; DNS is
@@ -339,7 +352,14 @@ class Pool:
 
     # -- active health ------------------------------------------------------------
 
-    def probed(self, replica: Replica, *, ready: bool | None, refused: bool = False) -> None:
+    def probed(
+        self,
+        replica: Replica,
+        *,
+        ready: bool | None,
+        refused: bool = False,
+        timed_out: bool = False,
+    ) -> None:
         """Applies one readiness probe: `ready` is its verdict when the replica
         answered, None when the probe failed in transport (timed out, reset).
         A replica turns unhealthy when it says it is not ready, when nothing
@@ -353,6 +373,8 @@ class Pool:
         elif ready is None:
             if time.monotonic() - replica.answered_at <= self.busy_grace_seconds:
                 return  # slow to probe but answering traffic: busy, not dead
+            if timed_out and self.stalled():
+                return  # this process was too busy to read the answer in time
             replica.probe_failures += 1
             if replica.probe_failures >= self.probe_failures:
                 replica.healthy = False
@@ -456,7 +478,9 @@ class HealthProber:
                 ready = 200 <= response.status < 300
         except aiohttp.ClientConnectorError as error:
             pool.probed(replica, ready=None, refused=not_listening(error))
-        except (aiohttp.ClientError, TimeoutError, OSError):
+        except TimeoutError:
+            pool.probed(replica, ready=None, timed_out=True)
+        except (aiohttp.ClientError, OSError):
             pool.probed(replica, ready=None)
         else:
             pool.probed(replica, ready=ready)

@@ -122,7 +122,10 @@ def connection_failed(pool: Pool, replica: Replica, error: BaseException) -> Non
     if not_listening(error):
         pool.unreachable(replica)
     else:
-        pool.failed(replica)
+        if isinstance(error, TimeoutError):
+            pool.timed_out(replica)
+        else:
+            pool.failed(replica)
         pool.request_refresh()
 
 
@@ -285,7 +288,7 @@ class Proxy:
         """What to answer when a request sent to `replica` got no response."""
         if isinstance(error, aiohttp.ServerTimeoutError):
             self.metrics.upstream(route.name, 0.0, None)
-            route.pool.failed(replica)
+            route.pool.timed_out(replica)
             return GatewayTimeout(
                 f"The {route.name} service did not answer within {route.timeout_seconds:g} s"
             )

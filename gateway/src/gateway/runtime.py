@@ -23,6 +23,7 @@ from gateway.edge import EdgeGuard
 from gateway.metrics import GatewayMetrics
 from gateway.pool import HealthProber, Pool, Replica
 from gateway.ratelimit import RateLimiter
+from kit.loopwatch import LoopWatch
 from kit.security import KeySource, TokenVerifier
 
 logger = logging.getLogger("gateway.runtime")
@@ -58,7 +59,9 @@ class Route:
         return f"/{self.name}"
 
 
-def build_routes(settings: Settings) -> dict[str, Route]:
+def build_routes(
+    settings: Settings, *, stalled: Callable[[], bool] = lambda: False
+) -> dict[str, Route]:
     upstreams = {
         "auth": (settings.auth_upstream, settings.auth_timeout_seconds),
         "catalog": (settings.catalog_upstream, settings.catalog_timeout_seconds),
@@ -76,6 +79,7 @@ def build_routes(settings: Settings) -> dict[str, Route]:
             probe_failures=settings.health_check_failures,
             busy_grace_seconds=settings.health_check_interval_seconds
             + settings.health_check_timeout_seconds,
+            stalled=stalled,
         )
         timeout = aiohttp.ClientTimeout(
             total=None, sock_connect=settings.connect_timeout_seconds, sock_read=timeout_seconds
@@ -95,11 +99,18 @@ class Runtime:
     def __init__(self, settings: Settings, *, key_source: KeySource | None = None) -> None:
         self.settings = settings
         self.key_source = key_source
-        self.routes = build_routes(settings)
+        # a timeout that fired while this worker's loop ran late is no verdict
+        # on a replica: the watch's window covers the longest such timeout
+        self.loop_watch = LoopWatch(
+            window=max(settings.connect_timeout_seconds, settings.health_check_timeout_seconds)
+            + 1.0
+        )
+        self.routes = build_routes(settings, stalled=self.loop_watch.stalled)
         self.registry = CollectorRegistry()
         self.metrics = GatewayMetrics(
             self.registry, lambda: [route.pool for route in self.routes.values()]
         )
+        self.loop_watch.observe = self.metrics.loop_lag.observe
         self.edge = EdgeGuard(
             header_timeout_seconds=settings.header_timeout_seconds,
             body_idle_timeout_seconds=settings.body_idle_timeout_seconds,
@@ -153,6 +164,7 @@ class Runtime:
             path=settings.health_check_path,
             timeout_seconds=settings.health_check_timeout_seconds,
         )
+        self._tasks.append(asyncio.create_task(self.loop_watch.run()))
         # the first membership and probe round before the first request
         await asyncio.gather(*(self.discover(route.pool) for route in self.routes.values()))
         for route in self.routes.values():

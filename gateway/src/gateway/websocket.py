@@ -8,10 +8,13 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import random
 import time
-from collections.abc import Callable
+from collections import deque
+from collections.abc import AsyncIterator, Callable
 
 import aiohttp
+from prometheus_client import Gauge
 from starlette.types import Receive, Scope, Send
 
 from gateway.errors import refuse, request_id
@@ -19,7 +22,7 @@ from gateway.headers import HeaderPolicy, OutgoingRequest, upstream_request
 from gateway.pool import SICK_STATUSES, Replica
 from gateway.proxy import Proxy, connection_failed, unreachable
 from gateway.runtime import Route, Runtime
-from kit.errors import BadGateway, DomainError, GatewayTimeout, NotFound
+from kit.errors import BadGateway, DomainError, GatewayTimeout, NotFound, ServiceUnavailable
 from kit.security import bearer_from_subprotocols
 
 logger = logging.getLogger("gateway.websocket")
@@ -44,11 +47,89 @@ class UpgradeRefused(Exception):
         self.status = status
 
 
+class HandshakeGate:
+    """At most `limit` upgrades of this worker between the token check and the
+    upstream's answer; the rest wait their turn, up to `wait_seconds`, then
+    get a 503 with `Retry-After`.
+
+    A reconnect storm (a replica killed under thousands of sockets) brings
+    every client back within a second or two. Served all at once, the
+    handshakes share the event loop until each one's timers (connect, Redis,
+    probes) fire before their answers are read: replicas look dead, Redis
+    looks down, and the work done for a handshake that then times out is
+    lost. In turns, each handshake runs at the speed of a quiet gateway and
+    the waiting ones cost a parked coroutine each."""
+
+    __slots__ = ("_free", "_queue", "_waiting", "limit", "wait_seconds")
+
+    def __init__(self, limit: int, wait_seconds: float, waiting: Gauge | None = None) -> None:
+        self.limit = limit
+        self.wait_seconds = wait_seconds
+        self._waiting = waiting
+        self._free = limit
+        # first come, first served: a slot set free goes to the oldest waiter
+        self._queue: deque[asyncio.Future[None]] = deque()
+
+    @property
+    def waiting(self) -> int:
+        return sum(not future.done() for future in self._queue)
+
+    @contextlib.asynccontextmanager
+    async def slot(self) -> AsyncIterator[None]:
+        if self.limit <= 0:
+            yield
+            return
+        if self._free > 0 and not self._queue:
+            self._free -= 1
+        else:
+            await self._wait_for_slot()
+        try:
+            yield
+        finally:
+            self._release()
+
+    async def _wait_for_slot(self) -> None:
+        future = asyncio.get_running_loop().create_future()
+        self._queue.append(future)
+        if self._waiting is not None:
+            self._waiting.inc()
+        try:
+            async with asyncio.timeout(self.wait_seconds):
+                await future
+        except BaseException as error:
+            if future.done() and not future.cancelled():
+                self._release()  # handed a slot just as the wait ended: pass it on
+            else:
+                future.cancel()
+            if isinstance(error, TimeoutError):
+                raise ServiceUnavailable(
+                    "Too many WebSocket handshakes at once; retry",
+                    headers={"Retry-After": str(1 + random.randrange(3))},
+                ) from None
+            raise
+        finally:
+            if self._waiting is not None:
+                self._waiting.dec()
+
+    def _release(self) -> None:
+        while self._queue:
+            future = self._queue.popleft()
+            if not future.done():
+                future.set_result(None)  # the slot passes straight to the next waiter
+                return
+        self._free += 1
+
+
 class WebSocketProxy:
     def __init__(self, runtime: Runtime, proxy: Proxy) -> None:
         self.runtime = runtime
         self.proxy = proxy
         self.metrics = runtime.metrics
+        self.gate = HandshakeGate(
+            runtime.settings.ws_handshakes_in_flight,
+            runtime.settings.ws_handshake_wait_seconds,
+            waiting=runtime.metrics.websocket_handshakes_waiting,
+        )
         self.policy = HeaderPolicy.for_websocket(
             trust_forwarded=runtime.settings.trust_forwarded_headers
         )
@@ -59,12 +140,13 @@ class WebSocketProxy:
             return
         subprotocols: list[str] = list(scope.get("subprotocols", ()))
         try:
-            outgoing = upstream_request(scope, self.policy, request_id(scope))
-            authorization = outgoing.authorization
-            if authorization is None and (token := bearer_from_subprotocols(subprotocols)):
-                authorization = f"Bearer {token}"
-            await self.proxy.admit(scope, authorization)
-            upstream, replica = await self.connect(route, scope, outgoing, subprotocols)
+            async with self.gate.slot():
+                outgoing = upstream_request(scope, self.policy, request_id(scope))
+                authorization = outgoing.authorization
+                if authorization is None and (token := bearer_from_subprotocols(subprotocols)):
+                    authorization = f"Bearer {token}"
+                await self.proxy.admit(scope, authorization)
+                upstream, replica = await self.connect(route, scope, outgoing, subprotocols)
         except UpgradeRefused as refused:
             # mirror the replica's refusal: a policy close reads as 403 to the client
             self.metrics.request(route.name, "GET", refused.status, time.perf_counter() - started)
@@ -133,7 +215,7 @@ class WebSocketProxy:
                 raise unreachable(route.name, pool) from error
             except TimeoutError as error:
                 replica.in_flight -= 1
-                pool.failed(replica)
+                pool.timed_out(replica)
                 raise GatewayTimeout(
                     f"The {route.name} service did not accept within {route.timeout_seconds:g} s"
                 ) from error
@@ -229,8 +311,11 @@ class Relay:
                         lost = WS_BAD_GATEWAY
                     await self.close_client(wire_close_code(lost), "")
                     return
-            except OSError:
-                # the client is gone; its disconnect reaches client_to_upstream
+            except (OSError, RuntimeError):
+                # the client is gone (OSError), or it closed and the server has
+                # answered its close frame before client_to_upstream read the
+                # disconnect (RuntimeError: nothing may be sent after a close);
+                # either way the disconnect reaches client_to_upstream
                 self.client_open = False
                 return
 
