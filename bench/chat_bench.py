@@ -36,7 +36,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
 
-from infra import postgres_server, redis_server
+from infra import postgres_server, ready_process, redis_server
 
 ROOT = Path(__file__).resolve().parents[1]
 CHAT_DIR = ROOT / "services" / "chat"
@@ -112,16 +112,10 @@ async def worker(url: str, token: str, count: int) -> None:
 
 class Workers:
     def __init__(self, url: str, token: str, count: int) -> None:
-        self.process = subprocess.Popen(
+        self.process = ready_process(
             [sys.executable, __file__, "--worker", url, token, str(count)],
-            stdin=subprocess.PIPE,
-            stdout=subprocess.PIPE,
-            text=True,
+            failure="worker failed to connect",
         )
-        assert self.process.stdout is not None
-        line = self.process.stdout.readline()
-        if line.strip() != "READY":
-            raise RuntimeError(f"worker failed to connect: {line!r}")
 
     def stop(self) -> dict[str, Any]:
         assert self.process.stdin is not None

@@ -1,5 +1,6 @@
 """What every benchmark stands on: PostgreSQL and Redis containers reached at
-their own addresses, and processes pinned to a core."""
+their own addresses, processes pinned to a core, and client processes that
+say when they are ready."""
 
 from __future__ import annotations
 
@@ -7,6 +8,7 @@ import contextlib
 import os
 import shutil
 import socket
+import subprocess
 from collections.abc import Iterator
 
 from testcontainers.core.container import DockerContainer
@@ -48,3 +50,14 @@ def pinned(command: list[str], core: int) -> list[str]:
     if shutil.which("taskset") and (os.cpu_count() or 1) > 1:
         return ["taskset", "-c", str(core), *command]
     return command
+
+
+def ready_process(command: list[str], *, failure: str) -> subprocess.Popen[str]:
+    """A process spoken to over its stdin and stdout (a benchmark's client
+    side), once it has written READY; any other first line is `failure`."""
+    process = subprocess.Popen(command, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    assert process.stdout is not None
+    line = process.stdout.readline()
+    if line.strip() != "READY":
+        raise RuntimeError(f"{failure}: {line!r}")
+    return process

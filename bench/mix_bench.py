@@ -59,6 +59,7 @@ import uuid
 from pathlib import Path
 from typing import Any
 
+from infra import ready_process
 from stack import Stack
 
 HERE = Path(__file__).resolve().parent
@@ -270,16 +271,10 @@ def chat_figures(window: Window, seconds: float, cpu: float) -> dict[str, Any]:
 
 class ChatSide:
     def __init__(self, addresses: list[str], tokens: list[str]) -> None:
-        self.process = subprocess.Popen(
+        self.process = ready_process(
             [sys.executable, __file__, "--chat", json.dumps([addresses, tokens])],
-            stdin=subprocess.PIPE,
-            stdout=subprocess.PIPE,
-            text=True,
+            failure="chat sockets did not open",
         )
-        assert self.process.stdout is not None
-        line = self.process.stdout.readline()
-        if line.strip() != "READY":
-            raise RuntimeError(f"chat sockets did not open: {line!r}")
 
     def _say(self, word: str) -> None:
         assert self.process.stdin is not None

@@ -80,6 +80,26 @@ def cpu_seconds(containers: list[str]) -> float | None:
     return total
 
 
+CpuTimes = dict[str, float | None]
+
+
+def cpu_times(services: dict[str, list[str]]) -> CpuTimes:
+    return {name: cpu_seconds(ids) for name, ids in services.items()}
+
+
+def cpu_per(
+    before: CpuTimes, services: dict[str, list[str]], *, count: int, unit: float, digits: int
+) -> dict[str, float]:
+    """CPU each service spent since `before`, per one of `count`, in `unit`s
+    of a second (1e6: microseconds); a service without accounting is left out."""
+    spent = cpu_times(services)
+    return {
+        name: round(unit * (now - then) / max(1, count), digits)
+        for name, then in before.items()
+        if then is not None and (now := spent[name]) is not None
+    }
+
+
 def full_ids(containers: list[str]) -> list[str]:
     out = subprocess.run(
         ["docker", "inspect", "--format", "{{.Id}}", *containers],
@@ -124,7 +144,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             service: full_ids(stack.containers(service))
             for service in ("gateway", "chat", "auth", "redis", "postgres")
         }
-        cpu_before: dict[str, float | None] = {}
+        cpu_before: CpuTimes = {}
         client = subprocess.Popen(
             [
                 "docker",
@@ -166,23 +186,17 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             figures[kind] = event
             if kind == "registered":
                 services["client"] = [cidfile.read_text().strip()]
-                cpu_before = {name: cpu_seconds(ids) for name, ids in services.items()}
+                cpu_before = cpu_times(services)
             if kind == "held":
-                cpu_before = {name: cpu_seconds(ids) for name, ids in services.items()}
+                cpu_before = cpu_times(services)
             if kind == "broadcast":
-                spent = {name: cpu_seconds(ids) for name, ids in services.items()}
-                figures["cpu_us_per_delivery"] = {
-                    name: round(1e6 * (spent[name] - before) / max(1, event["delivered"]), 1)  # type: ignore[operator]
-                    for name, before in cpu_before.items()
-                    if before is not None and spent[name] is not None
-                }
+                figures["cpu_us_per_delivery"] = cpu_per(
+                    cpu_before, services, count=event["delivered"], unit=1e6, digits=1
+                )
             if kind == "opened":
-                spent = {name: cpu_seconds(ids) for name, ids in services.items()}
-                figures["cpu_ms_per_socket_opened"] = {
-                    name: round(1000 * (spent[name] - before) / max(1, event["held"]), 2)  # type: ignore[operator]
-                    for name, before in cpu_before.items()
-                    if before is not None and spent[name] is not None
-                }
+                figures["cpu_ms_per_socket_opened"] = cpu_per(
+                    cpu_before, services, count=event["held"], unit=1000, digits=2
+                )
                 time.sleep(min(SETTLE_SECONDS, HOLD_SECONDS / 2))
                 held = max(1, event["held"])
                 figures["memory"] = {

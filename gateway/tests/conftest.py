@@ -2,7 +2,9 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import AsyncIterator
-from typing import TYPE_CHECKING, Any
+from contextlib import AbstractAsyncContextManager
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, Protocol
 
 import httpx
 import pytest
@@ -108,6 +110,51 @@ async def gateway(
     )
     async with running_gateway(settings, minter) as running:
         yield running
+
+
+@dataclass
+class LateReplica:
+    """A running gateway, and the port its one replica of a pool will listen on."""
+
+    app: Gateway
+    client: httpx.AsyncClient
+    port: int
+
+    def listen(self, upstream: Upstream) -> AbstractAsyncContextManager[str]:
+        """The replica comes up: `upstream` served on its port."""
+        from kit_testing import serve
+
+        return serve(upstream.app, port=self.port)
+
+
+class GatewayWithALateReplica(Protocol):
+    def __call__(
+        self, service: str, *, host: str = ...
+    ) -> AbstractAsyncContextManager[LateReplica]: ...
+
+
+@pytest.fixture
+def gateway_with_a_late_replica(redis_url: str, minter: TokenMinter) -> GatewayWithALateReplica:
+    """Starts a gateway whose `service` pool is one replica that does not
+    listen yet, at 127.0.0.1 or at `host` (a name the test resolves), on a free
+    port. The gateway looks at it again only a minute later (probes, DNS,
+    ejection): a replica that comes up in between is found by a request alone."""
+    from kit_testing import free_port
+
+    @contextlib.asynccontextmanager
+    async def start(service: str, *, host: str = "127.0.0.1") -> AsyncIterator[LateReplica]:
+        port = free_port()
+        settings = gateway_settings(
+            redis_url,
+            **{f"{service}_upstream": urls(f"http://{host}:{port}")},
+            dns_refresh_seconds=60,
+            health_check_interval_seconds=60,
+            eject_seconds=60,
+        )
+        async with running_gateway(settings, minter) as (app, client):
+            yield LateReplica(app, client, port)
+
+    return start
 
 
 @pytest.fixture

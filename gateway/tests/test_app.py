@@ -3,9 +3,15 @@ trusted hosts and the merged OpenAPI (its docs page: test_webapp)."""
 
 from __future__ import annotations
 
-from kit_testing import TokenMinter, free_port, serve
+from kit_testing import TokenMinter, free_port
 
-from .conftest import gateway_settings, running_gateway, running_upstream, urls
+from .conftest import (
+    GatewayWithALateReplica,
+    gateway_settings,
+    running_gateway,
+    running_upstream,
+    urls,
+)
 from .upstreams import Upstream, service_spec
 
 
@@ -111,18 +117,11 @@ async def test_refuses_untrusted_hosts(redis_url: str, minter: TokenMinter) -> N
 
 
 async def test_the_merged_document_has_a_service_that_came_up_since_the_last_probe(
-    redis_url: str, minter: TokenMinter
+    gateway_with_a_late_replica: GatewayWithALateReplica,
 ) -> None:
-    port = free_port()
-    settings = gateway_settings(
-        redis_url,
-        catalog_upstream=urls(f"http://127.0.0.1:{port}"),
-        health_check_interval_seconds=60,
-        eject_seconds=60,
-    )
-    late = Upstream("catalog", spec=service_spec("catalog", item_field="price"))
-    async with running_gateway(settings, minter) as (_, client), serve(late.app, port=port):
-        spec = (await client.get("/openapi.json")).json()
+    catalog = Upstream("catalog", spec=service_spec("catalog", item_field="price"))
+    async with gateway_with_a_late_replica("catalog") as late, late.listen(catalog):
+        spec = (await late.client.get("/openapi.json")).json()
     assert spec["info"]["x-unavailable-services"] == ["auth", "chat"]
     assert "/catalog/items" in spec["paths"]
 

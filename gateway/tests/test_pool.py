@@ -9,14 +9,20 @@ from collections.abc import Awaitable, Callable
 
 import pytest
 from pydantic import ValidationError
-from yarl import URL
 
 from gateway.config import Settings
 from gateway.pool import Pool
 from kit.errors import ServiceUnavailable
-from kit_testing import TokenMinter, free_port, serve
+from kit_testing import TokenMinter
 
-from .conftest import dead_url, gateway_settings, running_gateway, running_upstream, urls
+from .conftest import (
+    GatewayWithALateReplica,
+    dead_url,
+    gateway_settings,
+    running_gateway,
+    running_upstream,
+    urls,
+)
 from .upstreams import Upstream
 
 
@@ -370,59 +376,43 @@ class FakeDns:
 
 
 async def test_a_replica_new_in_dns_since_the_last_resolution_serves_the_first_request(
-    redis_url: str, minter: TokenMinter, monkeypatch: pytest.MonkeyPatch
+    gateway_with_a_late_replica: GatewayWithALateReplica, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     # A deploy converging: the gateway started before catalog was in DNS, and
     # its next resolution is a minute away.
     dns = FakeDns(monkeypatch, "catalog.test")
-    async with running_upstream("late") as (_, base_url):
-        settings = gateway_settings(
-            redis_url,
-            catalog_upstream=urls(f"http://catalog.test:{URL(base_url).port}"),
-            dns_refresh_seconds=60,
-            health_check_interval_seconds=60,
-        )
-        async with running_gateway(settings, minter) as (app, client):
-            assert app.runtime.routes["catalog"].pool.replicas == []
-            dns.addresses = ["127.0.0.1"]
-            response = await client.get("/catalog/echo")
+    async with (
+        gateway_with_a_late_replica("catalog", host="catalog.test") as late,
+        late.listen(Upstream("late")),
+    ):
+        assert late.app.runtime.routes["catalog"].pool.replicas == []
+        dns.addresses = ["127.0.0.1"]
+        response = await late.client.get("/catalog/echo")
     assert response.status_code == 200, response.text
     assert response.json()["node"] == "late"
 
 
 async def test_a_replica_that_refused_the_last_probe_serves_once_it_listens(
-    redis_url: str, minter: TokenMinter
+    gateway_with_a_late_replica: GatewayWithALateReplica,
 ) -> None:
-    port = free_port()
-    settings = gateway_settings(
-        redis_url,
-        chat_upstream=urls(f"http://127.0.0.1:{port}"),
-        health_check_interval_seconds=60,
-        eject_seconds=60,
-    )
-    async with running_gateway(settings, minter) as (app, client):
+    async with gateway_with_a_late_replica("chat") as late:
         # nothing listened at the start-up probe: down for a minute
-        assert app.runtime.routes["chat"].pool.states()["down"] == 1
-        async with serve(Upstream("late").app, port=port):
-            response = await client.get("/chat/echo")
+        assert late.app.runtime.routes["chat"].pool.states()["down"] == 1
+        async with late.listen(Upstream("late")):
+            response = await late.client.get("/chat/echo")
     assert response.status_code == 200, response.text
     assert response.json()["node"] == "late"
 
 
 async def test_requests_refused_together_share_one_look(
-    redis_url: str, minter: TokenMinter, monkeypatch: pytest.MonkeyPatch
+    gateway_with_a_late_replica: GatewayWithALateReplica, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     dns = FakeDns(monkeypatch, "catalog.test")
-    settings = gateway_settings(
-        redis_url,
-        catalog_upstream=urls("http://catalog.test:8000"),
-        dns_refresh_seconds=60,
-        health_check_interval_seconds=60,
-    )
-    async with running_gateway(settings, minter) as (_, client):
+    # the replica never comes: every request is refused
+    async with gateway_with_a_late_replica("catalog", host="catalog.test") as late:
         at_start = dns.lookups
         started = time.monotonic()
-        responses = await asyncio.gather(*(client.get("/catalog/echo") for _ in range(20)))
+        responses = await asyncio.gather(*(late.client.get("/catalog/echo") for _ in range(20)))
         elapsed = time.monotonic() - started
     assert {response.status_code for response in responses} == {503}
     assert {response.json()["detail"] for response in responses} == {

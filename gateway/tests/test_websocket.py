@@ -15,9 +15,15 @@ from websockets.asyncio.client import connect
 from websockets.exceptions import ConnectionClosed, InvalidStatus
 
 from gateway.main import Gateway
-from kit_testing import TokenMinter, free_port, serve
+from kit_testing import TokenMinter
 
-from .conftest import gateway_settings, running_gateway, running_upstream, urls
+from .conftest import (
+    GatewayWithALateReplica,
+    gateway_settings,
+    running_gateway,
+    running_upstream,
+    urls,
+)
 from .upstreams import Upstream
 
 GatewayClient = tuple[Gateway, httpx.AsyncClient]
@@ -126,20 +132,13 @@ async def test_closes_client_sockets_with_1012_when_the_gateway_stops(
 
 
 async def test_a_replica_that_refused_the_last_probe_takes_the_upgrade_once_it_listens(
-    redis_url: str, minter: TokenMinter
+    gateway_with_a_late_replica: GatewayWithALateReplica,
 ) -> None:
-    port = free_port()
-    settings = gateway_settings(
-        redis_url,
-        chat_upstream=urls(f"http://127.0.0.1:{port}"),
-        health_check_interval_seconds=60,
-        eject_seconds=60,
-    )
-    async with running_gateway(settings, minter) as (app, client):
-        assert app.runtime.routes["chat"].pool.states()["down"] == 1
+    async with gateway_with_a_late_replica("chat") as late:
+        assert late.app.runtime.routes["chat"].pool.states()["down"] == 1
         async with (
-            serve(Upstream("late").app, port=port),
-            connect(ws_url(client, "/chat/ws/lobby")) as socket,
+            late.listen(Upstream("late")),
+            connect(ws_url(late.client, "/chat/ws/lobby")) as socket,
         ):
             ready = json.loads(await socket.recv())
     assert ready["node"] == "late"

@@ -8,7 +8,7 @@ import json
 import os
 import subprocess
 import uuid
-from collections.abc import AsyncIterator, Generator, Iterator
+from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -18,6 +18,8 @@ from testcontainers.compose import DockerCompose
 
 from kit_testing import MailCatcher, free_port
 from kit_testing.otlp_receiver import OtlpReceiver
+
+from .failures import failed, pytest_runtest_makereport  # noqa: F401 - a hook, found here
 
 ROOT = Path(__file__).resolve().parents[2]
 ADMIN_EMAIL = "admin@e2e.example.com"
@@ -151,19 +153,6 @@ def host_gateway(compose: DockerCompose) -> str:
     return done.stdout.split()[0]
 
 
-@pytest.hookimpl(wrapper=True)
-def pytest_runtest_makereport(
-    item: pytest.Item,
-) -> Generator[None, pytest.TestReport, pytest.TestReport]:
-    report = yield
-    if report.when == "call":
-        item.stash[FAILED] = report.failed
-    return report
-
-
-FAILED = pytest.StashKey[bool]()
-
-
 @pytest.fixture
 def healthy_stack(stack: Stack, request: pytest.FixtureRequest) -> Iterator[Stack]:
     """The stack, put back in shape after a test that broke part of it; the
@@ -171,7 +160,7 @@ def healthy_stack(stack: Stack, request: pytest.FixtureRequest) -> Iterator[Stac
     try:
         yield stack
     finally:
-        if request.node.stash.get(FAILED, False):
+        if failed(request):
             logs = stack.compose.get_logs("auth", "catalog", "chat", "gateway")[0]
             print("\n".join(logs.splitlines()[-150:]))  # noqa: T201 - shown with the failure
         stack.restore()

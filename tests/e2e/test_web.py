@@ -33,7 +33,8 @@ from playwright.async_api import Error as PlaywrightError
 
 from kit_testing import emailed_token
 
-from .conftest import ADMIN_EMAIL, ADMIN_PASSWORD, FAILED, ROOT, Stack
+from .conftest import ADMIN_EMAIL, ADMIN_PASSWORD, ROOT, Stack
+from .failures import failed
 from .helpers import bearer, login, register
 
 ARTIFACTS = Path(__file__).parent / "artifacts"
@@ -114,7 +115,7 @@ async def tabs(
     try:
         yield open_tab
     finally:
-        if request.node.stash.get(FAILED, False):
+        if failed(request):
             await save_artifacts(request.node.name, opened)
         for tab in opened:
             await tab.context.close()

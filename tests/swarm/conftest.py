@@ -9,7 +9,7 @@ import json
 import os
 import subprocess
 import uuid
-from collections.abc import AsyncIterator, Generator, Iterator
+from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -17,6 +17,8 @@ import httpx
 import pytest
 
 from kit_testing import free_port
+
+from ..e2e.failures import failed, pytest_runtest_makereport  # noqa: F401 - a hook, found here
 
 ROOT = Path(__file__).resolve().parents[2]
 ADMIN_EMAIL = "admin@swarm.example.com"
@@ -187,18 +189,7 @@ async def client(swarm: Swarm) -> AsyncIterator[httpx.AsyncClient]:
         yield http
 
 
-FAILED = pytest.StashKey[bool]()
 LOGGED_SERVICES = ("gateway", "auth", "catalog", "chat")
-
-
-@pytest.hookimpl(wrapper=True)
-def pytest_runtest_makereport(
-    item: pytest.Item,
-) -> Generator[None, pytest.TestReport, pytest.TestReport]:
-    report = yield
-    if report.when == "call":
-        item.stash[FAILED] = report.failed
-    return report
 
 
 @pytest.fixture(autouse=True)
@@ -206,7 +197,7 @@ def logs_on_failure(request: pytest.FixtureRequest) -> Iterator[None]:
     """A failed test on the stack shows its tasks and its services' last log
     lines (what the gateway's pools held, a task that restarted)."""
     yield
-    if "swarm" not in request.fixturenames or not request.node.stash.get(FAILED, False):
+    if "swarm" not in request.fixturenames or not failed(request):
         return
     swarm: Swarm = request.getfixturevalue("swarm")
     services = [swarm.service(name) for name in LOGGED_SERVICES]

@@ -36,36 +36,45 @@ def token_instructions(*, token: str, link: str | None, endpoint: str) -> str:
     return f"Send this token to POST {endpoint}:\n\n{token}"
 
 
-def welcome_message(
-    *, sender: str, to: str, display_name: str, token: str, link: str | None, valid_for: str
-) -> EmailMessage:
+def plain_message(*, sender: str, to: str, subject: str, text: str) -> EmailMessage:
     message = EmailMessage()
     message["From"] = sender
     message["To"] = to
-    message["Subject"] = "Welcome to Bazaar: confirm your email address"
-    where = token_instructions(token=token, link=link, endpoint="/auth/email/verify")
-    message.set_content(
-        f"Hello {display_name},\n\nyour Bazaar account {to} is ready. Welcome aboard.\n\n"
-        f"To confirm that this address is yours: {where}\n\nIt works once, within {valid_for}."
-        " If you did not sign up, ignore this email.\n"
-    )
+    message["Subject"] = subject
+    message.set_content(text)
     return message
+
+
+def welcome_message(
+    *, sender: str, to: str, display_name: str, token: str, link: str | None, valid_for: str
+) -> EmailMessage:
+    where = token_instructions(token=token, link=link, endpoint="/auth/email/verify")
+    return plain_message(
+        sender=sender,
+        to=to,
+        subject="Welcome to Bazaar: confirm your email address",
+        text=(
+            f"Hello {display_name},\n\nyour Bazaar account {to} is ready. Welcome aboard.\n\n"
+            f"To confirm that this address is yours: {where}\n\nIt works once, within {valid_for}."
+            " If you did not sign up, ignore this email.\n"
+        ),
+    )
 
 
 def verification_message(
     *, sender: str, to: str, token: str, link: str | None, valid_for: str
 ) -> EmailMessage:
-    message = EmailMessage()
-    message["From"] = sender
-    message["To"] = to
-    message["Subject"] = "Confirm your Bazaar email address"
     where = token_instructions(token=token, link=link, endpoint="/auth/email/verify")
-    message.set_content(
-        f"Someone asked to confirm the email address of the Bazaar account {to}.\n\n"
-        f"{where}\n\nIt works once, within {valid_for}. If it was not you, ignore "
-        "this email.\n"
+    return plain_message(
+        sender=sender,
+        to=to,
+        subject="Confirm your Bazaar email address",
+        text=(
+            f"Someone asked to confirm the email address of the Bazaar account {to}.\n\n"
+            f"{where}\n\nIt works once, within {valid_for}. If it was not you, ignore "
+            "this email.\n"
+        ),
     )
-    return message
 
 
 def send_over_smtp(url: str, message: EmailMessage, *, timeout: float) -> None:
@@ -87,21 +96,21 @@ def send_over_smtp(url: str, message: EmailMessage, *, timeout: float) -> None:
 def reset_message(
     *, sender: str, to: str, token: str, link: str | None, minutes: int
 ) -> EmailMessage:
-    message = EmailMessage()
-    message["From"] = sender
-    message["To"] = to
-    message["Subject"] = "Reset your Bazaar password"
     where = (
         token_instructions(token=token, link=link, endpoint="/auth/password/reset")
         if link
         else f"Send this token with your new password to POST /auth/password/reset:\n\n{token}"
     )
-    message.set_content(
-        f"Someone asked to reset the password of the Bazaar account {to}.\n\n"
-        f"{where}\n\nIt works once, within {minutes} minutes. If it was not you, ignore "
-        "this email: your password stays as it is.\n"
+    return plain_message(
+        sender=sender,
+        to=to,
+        subject="Reset your Bazaar password",
+        text=(
+            f"Someone asked to reset the password of the Bazaar account {to}.\n\n"
+            f"{where}\n\nIt works once, within {minutes} minutes. If it was not you, ignore "
+            "this email: your password stays as it is.\n"
+        ),
     )
-    return message
 
 
 async def deliver(*, settings: Settings, message: EmailMessage, what: str) -> None:

@@ -8,6 +8,7 @@ from typing import Annotated, Literal
 
 from email_validator import EmailNotValidError, validate_email
 from pydantic import (
+    AfterValidator,
     BaseModel,
     ConfigDict,
     Field,
@@ -46,6 +47,10 @@ def login_email(value: str) -> str:
         # never stored, so it matches no account; NUL cannot even be queried
         return value.strip().lower().replace("\x00", "")
 
+
+# any string, as the account key it would be (a request that must not tell
+# whether an account exists accepts what no account could have)
+AccountEmail = Annotated[str, StringConstraints(max_length=320), AfterValidator(login_email)]
 
 PASSWORD_IS_EMAIL = "the password must not be the email address"
 
@@ -217,12 +222,7 @@ class PasswordForgotIn(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    email: Annotated[str, StringConstraints(max_length=320)]
-
-    @field_validator("email")
-    @classmethod
-    def _as_account_key(cls, value: str) -> str:
-        return login_email(value)
+    email: AccountEmail
 
 
 class PasswordResetIn(BaseModel):
@@ -269,9 +269,4 @@ class EmailResendIn(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    email: Annotated[str, StringConstraints(max_length=320)]
-
-    @field_validator("email")
-    @classmethod
-    def _as_account_key(cls, value: str) -> str:
-        return login_email(value)
+    email: AccountEmail
