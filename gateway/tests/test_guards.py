@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import logging
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -299,3 +300,27 @@ async def test_a_header_that_must_be_single_twice_is_a_400(
     assert refused.value.response.status_code == 400
     assert service.hits == 0
     assert service.ws_connects == 0
+
+
+async def test_an_upgrade_refused_with_problem_json_logs_no_server_error(
+    redis_url: str, minter: TokenMinter, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A refused upgrade (401 here; 503 in a reconnect storm) is an answer, not
+    a server error: uvicorn must not log that the handshake was left undone."""
+    server_log = logging.getLogger("uvicorn.error")
+    async with edge(redis_url, minter) as (_, _, base_url):
+        # after the app set up its logging; uvicorn's logger does not propagate
+        server_log.addHandler(caplog.handler)
+        try:
+            for _ in range(3):
+                with pytest.raises(InvalidStatus) as refused:
+                    async with connect(
+                        base_url.replace("http://", "ws://") + "/chat/ws/lobby",
+                        additional_headers={"Authorization": "Bearer not-a-token"},
+                    ):
+                        pass
+                assert refused.value.response.status_code == 401
+        finally:
+            server_log.removeHandler(caplog.handler)
+    errors = [record.getMessage() for record in caplog.records if record.levelno >= logging.ERROR]
+    assert errors == []

@@ -43,6 +43,7 @@ from typing import Any
 
 from uvicorn.config import Config
 from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
+from uvicorn.protocols.websockets.websockets_sansio_impl import WebSocketsSansIOProtocol
 from uvicorn.server import ServerState
 
 from kit.errors import PROBLEM_JSON, problem_type
@@ -156,6 +157,25 @@ def _counting(ws_class: type[Any]) -> type[Any]:
 _COUNTING_CLASSES: dict[type[Any], type[Any]] = {}
 
 
+class DenyingWebSocketProtocol(WebSocketsSansIOProtocol):
+    """uvicorn's sans-I/O WebSocket protocol, with an upgrade refused through
+    the denial-response extension counted as a finished handshake.
+
+    The gateway refuses upgrades that way (401 for a bad token, 503 with
+    Retry-After when no replica or no handshake slot is free: problem+json,
+    as for any request). uvicorn sends that answer but does not record the
+    handshake as done, and logs "ASGI callable returned without completing
+    handshake." at ERROR for each one: over a thousand error lines in one
+    reconnect storm, for answers that were all sent."""
+
+    async def send(self, message: Any) -> None:
+        await super().send(message)
+        if message["type"] == "websocket.http.response.body" and not message.get(
+            "more_body", False
+        ):
+            self.handshake_complete = True
+
+
 class EdgeHttpProtocol(HttpToolsProtocol):
     """uvicorn's httptools protocol with the guards above."""
 
@@ -169,6 +189,8 @@ class EdgeHttpProtocol(HttpToolsProtocol):
         super().__init__(config, server_state, app_state, _loop)
         runtime = app_state.get("runtime")
         self.guard: EdgeGuard | None = getattr(runtime, "edge", None)
+        if self.ws_protocol_class is WebSocketsSansIOProtocol:
+            self.ws_protocol_class = DenyingWebSocketProtocol
         if self.guard is not None and self.ws_protocol_class is not None:
             self.ws_protocol_class = _counting(self.ws_protocol_class)
         self.address: str | None = None  # set while this connection holds a slot
