@@ -24,6 +24,7 @@ from gateway.metrics import GatewayMetrics
 from gateway.pool import HealthProber, Pool, Replica
 from gateway.ratelimit import RateLimiter
 from kit.loopwatch import LoopWatch
+from kit.pools import REDIS_DRIVER
 from kit.security import KeySource, TokenVerifier
 
 logger = logging.getLogger("gateway.runtime")
@@ -146,6 +147,7 @@ class Runtime:
             str(settings.redis_url),
             socket_timeout=settings.redis_timeout_seconds,
             socket_connect_timeout=settings.redis_timeout_seconds,
+            driver_info=REDIS_DRIVER,
         )
         self.verifier = TokenVerifier.for_service(
             settings, redis=self.redis, keys=self.key_source, http=self.http

@@ -15,6 +15,8 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 
 from kit.app import assemble
 from kit.db import make_engine
+from kit.lifespan import Parts, open_redis
+from kit.pools import REDIS_DRIVER
 from kit.settings import ServiceSettings
 from kit_testing import started
 
@@ -102,3 +104,18 @@ async def test_metrics_include_the_process_and_requests_in_flight(
         "http_requests_in_flight",
     ):
         assert expected in names
+
+
+async def test_new_redis_connections_share_one_driver_info(redis_url: str) -> None:
+    """Each connection a pool opens takes the one `REDIS_DRIVER` instead of
+    building its own (which reads redis-py's version from the installed
+    distributions every time), and works as before."""
+    async with contextlib.AsyncExitStack() as stack:
+        settings = ServiceSettings(_env_file=None, redis_url=redis_url)
+        client = open_redis(Parts(stack), settings)
+        pool = client.connection_pool
+        first, second = pool.make_connection(), pool.make_connection()
+        assert first.driver_info is second.driver_info is REDIS_DRIVER
+        assert await client.ping()
+        await first.disconnect()
+        await second.disconnect()

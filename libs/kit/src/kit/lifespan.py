@@ -39,6 +39,7 @@ from fastapi import FastAPI
 from redis.asyncio import Redis
 
 from kit.heap import settled_heap
+from kit.pools import REDIS_DRIVER
 from kit.security import KeySource, TokenVerifier
 from kit.settings import ServiceSettings
 
@@ -128,7 +129,10 @@ def open_redis(parts: Parts, settings: ServiceSettings) -> Redis:
     partition) fails after 2 s instead of the kernel's minutes, so the
     revocation mirror reconnects promptly."""
     return parts.add(
-        Redis.from_url(str(settings.redis_url), socket_connect_timeout=2.0), Redis.aclose
+        Redis.from_url(
+            str(settings.redis_url), socket_connect_timeout=2.0, driver_info=REDIS_DRIVER
+        ),
+        Redis.aclose,
     )
 
 

@@ -27,8 +27,15 @@ from dataclasses import dataclass
 from typing import Any, Protocol, runtime_checkable
 
 from prometheus_client import CollectorRegistry, Gauge, Histogram
+from redis.driver_info import DriverInfo
 
 WAIT_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0)
+
+REDIS_DRIVER = DriverInfo()
+"""What every Redis client here passes as `driver_info`. Left out, redis-py
+builds it again for each connection it opens and reads its own version from
+the installed distributions each time: about 0.3 ms of a new connection's
+0.31, and pools grow by dozens in a connection storm."""
 
 DB_POOL_WAIT = Histogram(
     "db_pool_wait_seconds",

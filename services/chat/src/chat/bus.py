@@ -40,6 +40,8 @@ from typing import Any
 from redis.asyncio import Redis
 from redis.exceptions import RedisError
 
+from kit.pools import REDIS_DRIVER
+
 logger = logging.getLogger("chat.bus")
 
 ROOM_PREFIX = "chat:room:"
@@ -202,7 +204,11 @@ class Bus:
     async def _connect(self) -> Any:
         await self._close_subscriber()
         self._subscriber = Redis.from_url(
-            self.url, decode_responses=True, socket_connect_timeout=2.0, socket_keepalive=True
+            self.url,
+            decode_responses=True,
+            socket_connect_timeout=2.0,
+            socket_keepalive=True,
+            driver_info=REDIS_DRIVER,
         )
         pubsub = self._subscriber.pubsub()
         await pubsub.psubscribe(ROOM_PATTERN)

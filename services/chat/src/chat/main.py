@@ -28,6 +28,7 @@ from kit.app import assemble
 from kit.db import DatabaseState, database_readiness, make_sessionmaker, open_unpinged_engine
 from kit.health import VERIFIER_CHECKS
 from kit.lifespan import Parts, lifespan, open_verifier
+from kit.pools import REDIS_DRIVER
 from kit.security import KeySource
 
 logger = logging.getLogger("chat.main")
@@ -111,6 +112,7 @@ def open_command_redis(parts: Parts, settings: Settings, *, max_connections: int
         socket_timeout=5.0,
         retry=Retry(ExponentialBackoff(cap=0.2, base=0.02), retries=2),
         retry_on_error=[RedisConnectionError, RedisTimeoutError],
+        driver_info=REDIS_DRIVER,
     )
     return parts.add(Redis.from_pool(pool), Redis.aclose)
 
