@@ -61,6 +61,7 @@ from kit.security import (
     bearer_from_subprotocols,
 )
 from kit.tracing import TracingMiddleware, tracing_enabled
+from kit.websocket import release_headers
 
 logger = logging.getLogger("chat.socket")
 
@@ -242,6 +243,7 @@ async def serve_socket(
     last_id = await join_and_accept(connection, hub, subprotocol)
     if last_id is None:
         return
+    release_headers(websocket.scope)
     after, missed, replay = resume_point(hub, room, last_id=last_id, since=since)
     first = [ready_frame(room=room, last_id=last_id, node=hub.node_id), *missed]
     if not connection.start(
