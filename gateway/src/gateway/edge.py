@@ -144,11 +144,14 @@ def _counting(ws_class: type[Any]) -> type[Any]:
         try:
             ws_class.connection_lost(self, exc)
         finally:
-            release = self.__dict__.pop("edge_release", None)
+            release = getattr(self, "edge_release", None)
             if release is not None:
+                self.edge_release = None
                 release()
 
-    counted = type(f"Counted{ws_class.__name__}", (ws_class,), {"connection_lost": connection_lost})
+    # a slot: the socket's one attribute of the edge needs no __dict__ of its own
+    namespace = {"connection_lost": connection_lost, "__slots__": ("edge_release",)}
+    counted = type(f"Counted{ws_class.__name__}", (ws_class,), namespace)
     _COUNTING_CLASSES[ws_class] = counted
     return counted
 
