@@ -291,7 +291,7 @@ async def test_a_relayed_socket_keeps_none_of_the_clients_headers(
         (held,) = [
             protocol
             for protocol in gc.get_objects()
-            if isinstance(protocol, WebSocketProtocol)
+            if issubclass(type(protocol), WebSocketProtocol)  # not a weak proxy's referent
             and protocol.server == ("127.0.0.1", client.base_url.port)
             and getattr(protocol, "scope", {}).get("path") == "/chat/ws/held"
         ]

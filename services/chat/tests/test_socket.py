@@ -534,7 +534,7 @@ async def test_an_open_socket_keeps_none_of_its_handshake_headers(
         # the socket still speaks for its user, but its bearer token and the
         # rest of the upgrade's headers are gone from the server's memory
         (held,) = [
-            conn for conn in gc.get_objects() if isinstance(conn, Connection) and conn.room == room
+            conn for conn in gc.get_objects() if type(conn) is Connection and conn.room == room
         ]
         assert held.user_id == "holder"
         assert held.websocket.scope["headers"] == []
