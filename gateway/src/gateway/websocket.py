@@ -110,12 +110,12 @@ class WebSocketProxy:
             replica.in_flight += 1
             try:
                 async with asyncio.timeout(route.timeout_seconds):
-                    with upgrade_span(replica, target) as headers:
+                    with upgrade_span(replica, target) as carried:
                         upstream = await open_upstream(
                             replica.address,
                             replica.port,
                             target,
-                            [*outgoing.headers, *headers],
+                            with_trace_context(outgoing.headers, carried),
                             subprotocols=subprotocols,
                             max_size=settings.ws_max_message_bytes,
                             connect_timeout=settings.connect_timeout_seconds,
@@ -151,6 +151,17 @@ class WebSocketProxy:
                 raise BadGateway(f"The {route.name} service failed the upgrade") from error
             pool.succeeded(replica)
             return upstream, replica
+
+
+def with_trace_context(
+    headers: list[tuple[str, str]], carried: list[tuple[str, str]]
+) -> list[tuple[str, str]]:
+    """The client's headers, with the upgrade span's trace context in place of
+    the client's own (`traceparent`, `tracestate`) when tracing is on."""
+    if not carried:
+        return headers
+    replaced = {name for name, _ in carried}
+    return [(name, value) for name, value in headers if name not in replaced] + carried
 
 
 @contextlib.contextmanager
