@@ -56,7 +56,7 @@ USER app
 # other options from UVICORN_<OPTION> variables (chat's compose service sets
 # UVICORN_LOG_LEVEL=warning: uvicorn's three INFO lines per WebSocket would
 # flood a reconnect storm; the services' own logs follow LOG_LEVEL). WebSockets
-# are served by kit.websocket:WebSocketProtocol, uvicorn's own keeping 10-12 KB
+# are served by kit.websocket:WebSocketProtocol, uvicorn's own keeping 12-13 KB
 # less per open socket. `exec`: uvicorn replaces the shell (which only names the
 # package), so it gets the signals.
 CMD ["sh", "-c", "exec uvicorn \"${PACKAGE}.main:create_app\" --factory --host 0.0.0.0 --port 8000 --proxy-headers --forwarded-allow-ips '*' --timeout-graceful-shutdown 10 --ws kit.websocket:WebSocketProtocol"]
