@@ -231,21 +231,25 @@ async def test_a_replica_gone_without_a_close_frame_is_lost() -> None:
     assert await socket.receive() is ended
 
 
-async def test_reading_stops_while_a_message_waits_for_the_relay() -> None:
+async def test_reading_stops_while_more_than_the_limit_waits_for_the_relay() -> None:
     async def answer(head: bytes, reader: asyncio.StreamReader, w: asyncio.StreamWriter) -> None:
-        w.write(accepted(head) + frame(1, b"one"))
+        w.write(accepted(head) + frame(1, b"one") + frame(1, b"more"))
         await w.drain()
         await reader.read()
 
     async with replica(answer) as port:
-        socket = await open_to(port)
-        transport = socket.transport
-        assert transport is not None
+        socket = UpstreamSocket(subprotocols=[], max_size=1024, read_limit=4)
+        loop = asyncio.get_running_loop()
+        transport, _ = await loop.create_connection(lambda: socket, "127.0.0.1", port)
+        transport.write(socket.request(b"/chat/ws/lobby", [], f"127.0.0.1:{port}"))
+        await asyncio.wait_for(socket.opened, TIMEOUT)
 
         async def paused() -> bool:
             return not transport.is_reading()
 
-        await eventually(paused)  # the frame is in, waiting for the relay
+        await eventually(paused)  # 7 bytes waiting, above the limit of 4
         assert await socket.receive() == "one"
+        assert not transport.is_reading()  # until the relay took them all
+        assert await socket.receive() == "more"
         assert transport.is_reading()
         socket.abort()

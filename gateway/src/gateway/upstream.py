@@ -13,9 +13,10 @@ and dropped once it has checked the answer (status 101, `Sec-WebSocket-Accept`,
 the subprotocol); the frames after it go to a second parser made open, so the
 response is not kept alive by the parser's own state for the socket's life.
 
-Flow control both ways: a frame the relay has not taken yet stops reading
-from the replica (as uvicorn does for the client's frames); a send waits while
-the transport's buffer is above its high-water mark.
+Flow control both ways: more than `READ_LIMIT_BYTES` of frames the relay has
+not taken yet stop reading from the replica until it took them all (a limit,
+not a pause after every frame: that would cost two system calls a frame); a
+send waits while the transport's buffer is above its high-water mark.
 """
 
 from __future__ import annotations
@@ -35,6 +36,9 @@ from kit.websocket import Inbox
 
 CLOSE_TIMEOUT_SECONDS = 10.0
 """How long a closing handshake may wait for the replica (aiohttp's default)."""
+READ_LIMIT_BYTES = 65_536
+"""Frames read from a replica and not yet relayed, at most (aiohttp's read buffer,
+which the gateway used before, was as large)."""
 MAX_HEAD_BYTES = 65_536
 """Longest answer head a replica may send before the gateway gives up on it."""
 _HEAD_END = b"\r\n\r\n"
@@ -97,12 +101,16 @@ class UpstreamSocket(asyncio.Protocol):
         "_inbox",
         "_max_size",
         "_opened",
+        "_read_limit",
         "_reading_paused",
+        "_unread",
         "subprotocol",
         "transport",
     )
 
-    def __init__(self, *, subprotocols: Iterable[str], max_size: int) -> None:
+    def __init__(
+        self, *, subprotocols: Iterable[str], max_size: int, read_limit: int = READ_LIMIT_BYTES
+    ) -> None:
         offered = [Subprotocol(name) for name in subprotocols]
         # the handshake's parser: fed the response's head only, then dropped
         self._handshake: ClientProtocol | None = ClientProtocol(
@@ -118,7 +126,9 @@ class UpstreamSocket(asyncio.Protocol):
         self._ended: Ended | None = None
         self._fragments: tuple[bool, list[bytes]] | None = None
         self._gone = False
+        self._read_limit = read_limit
         self._reading_paused = False
+        self._unread = 0  # bytes of messages in the inbox
         self.subprotocol: str | None = None
         self.transport: asyncio.Transport | None = None
 
@@ -288,11 +298,11 @@ class UpstreamSocket(asyncio.Protocol):
                 self._deliver(b"".join(parts), text=text)
 
     def _deliver(self, data: bytes | bytearray | memoryview, *, text: bool) -> None:
-        message: Message = bytes(data).decode() if text else bytes(data)
-
+        message: str | bytes = bytes(data).decode() if text else bytes(data)
         self._inbox.put_nowait(message)
-        if not self._reading_paused and self.transport is not None:
-            # the relay has not taken it yet: read no more from the replica
+        self._unread += len(message)
+        if self._unread > self._read_limit and not self._reading_paused and self.transport:
+            # the relay is behind (its client reads slowly): read no more for now
             self._reading_paused = True
             self.transport.pause_reading()
 
@@ -329,6 +339,8 @@ class UpstreamSocket(asyncio.Protocol):
         if self._ended is not None and self._inbox.empty():
             return self._ended
         message: Message = await self._inbox.get()
+        if not isinstance(message, Ended):
+            self._unread -= len(message)
         if self._inbox.empty() and self._reading_paused and self.transport is not None:
             self._reading_paused = False
             self.transport.resume_reading()
