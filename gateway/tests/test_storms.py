@@ -9,13 +9,13 @@ import json
 import time
 from collections.abc import AsyncIterator
 
-import aiohttp
 import pytest
 from starlette.types import Message
 from websockets.asyncio.client import connect
 from websockets.exceptions import InvalidStatus
 
 from gateway.pool import Pool
+from gateway.upstream import open_upstream
 from gateway.websocket import HandshakeGate, Relay
 from kit.errors import ServiceUnavailable
 from kit_testing import TokenMinter
@@ -164,10 +164,19 @@ async def test_a_relay_whose_client_side_was_closed_by_the_server_ends_quietly()
     phone in a tunnel), and from then on refuses every send with RuntimeError,
     while the upstream's frames keep coming. The relay must end there rather
     than raise: the error ended the session with a traceback per socket."""
-    async with running_upstream("one") as (service, base_url), aiohttp.ClientSession() as session:
-        upstream = await session.ws_connect(base_url.replace("http", "ws") + "/chat/ws/lobby")
+    async with running_upstream("one") as (service, base_url):
+        host, port = base_url.removeprefix("http://").split(":")
+        upstream = await open_upstream(
+            host,
+            int(port),
+            b"/chat/ws/lobby",
+            [("host", "chat")],
+            subprotocols=[],
+            max_size=1 << 20,
+            connect_timeout=5,
+        )
         await upstream.receive()  # ready
-        await upstream.send_str("flood:50")
+        await upstream.send_text("flood:50")
         sent: list[str] = []
 
         async def closed_by_the_server(message: Message) -> None:

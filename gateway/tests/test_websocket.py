@@ -5,17 +5,20 @@ from __future__ import annotations
 import asyncio
 import base64
 import contextlib
+import gc
 import hashlib
 import json
 from collections.abc import AsyncIterator
 
 import httpx
 import pytest
+from starlette.types import Receive, Scope, Send
 from websockets.asyncio.client import connect
 from websockets.exceptions import ConnectionClosed, InvalidStatus
 
 from gateway.main import Gateway
-from kit_testing import TokenMinter
+from kit.websocket import WebSocketProtocol
+from kit_testing import TokenMinter, serve
 
 from .conftest import (
     GatewayWithALateReplica,
@@ -218,3 +221,91 @@ async def test_a_replica_that_vanishes_is_out_for_the_sockets_that_reconnect(
             assert app.runtime.routes["chat"].pool.states()["ejected"] == 1
             for socket in kept:
                 await socket.close()
+
+
+async def refusing_upstream(scope: Scope, receive: Receive, send: Send) -> None:
+    """A replica that refuses every upgrade: `/chat/ws/<status>` answers that status."""
+    if scope["type"] == "http":
+        await send({"type": "http.response.start", "status": 200, "headers": []})
+        await send({"type": "http.response.body", "body": b"{}"})
+        return
+    status = int(scope["path"].rsplit("/", 1)[1])
+    await receive()
+    if status == 403:
+        await send({"type": "websocket.close", "code": 1008})
+        return
+    await send({"type": "websocket.http.response.start", "status": status, "headers": []})
+    await send({"type": "websocket.http.response.body", "body": b"no"})
+
+
+@pytest.mark.parametrize(("refused", "answered"), [(403, 403), (404, 404), (500, 502)])
+async def test_a_refused_upgrade_is_answered_before_the_socket_opens(
+    redis_url: str, minter: TokenMinter, refused: int, answered: int
+) -> None:
+    async with serve(refusing_upstream, lifespan="off") as base_url:
+        settings = gateway_settings(redis_url, chat_upstream=urls(base_url))
+        async with running_gateway(settings, minter) as (_, client):
+            with pytest.raises(InvalidStatus) as refusal:
+                async with connect(ws_url(client, f"/chat/ws/{refused}")):
+                    pass
+    assert refusal.value.response.status_code == answered
+
+
+async def test_a_socket_for_an_untrusted_host_is_refused_before_the_upstream(
+    redis_url: str, minter: TokenMinter
+) -> None:
+    async with running_upstream("one") as (service, base_url):
+        settings = gateway_settings(
+            redis_url, chat_upstream=urls(base_url), trusted_hosts=["api.example"]
+        )
+        async with running_gateway(settings, minter) as (_, client):
+            port = client.base_url.port
+            # the Host is the URL's; the connection goes to the gateway on loopback
+            with pytest.raises(InvalidStatus) as refused:
+                async with connect(
+                    f"ws://evil.example:{port}/chat/ws/lobby", host="127.0.0.1", port=port
+                ):
+                    pass
+            async with connect(
+                f"ws://api.example:{port}/chat/ws/lobby", host="127.0.0.1", port=port
+            ) as socket:
+                assert json.loads(await socket.recv())["type"] == "ready"
+    assert refused.value.response.status_code == 403
+    assert service.ws_connects == 1
+
+
+async def test_a_relayed_socket_keeps_none_of_the_clients_headers(
+    gateway: GatewayClient, minter: TokenMinter
+) -> None:
+    _, client = gateway
+    token = minter.token()
+    async with connect(
+        ws_url(client, "/chat/ws/held"), additional_headers={"Authorization": f"Bearer {token}"}
+    ) as socket:
+        ready = json.loads(await socket.recv())
+        await socket.send("still relayed")
+        assert await socket.recv() == "echo:still relayed"
+        # the server side of the client's socket: its scope holds no header (the
+        # bearer token among them) while the relay runs
+        (held,) = [
+            protocol
+            for protocol in gc.get_objects()
+            if issubclass(type(protocol), WebSocketProtocol)  # not a weak proxy's referent
+            and protocol.server == ("127.0.0.1", client.base_url.port)
+            and getattr(protocol, "scope", {}).get("path") == "/chat/ws/held"
+        ]
+        assert held.scope["headers"] == []
+    assert ready["authorization"] == f"Bearer {token}"  # the upstream had it
+
+
+def test_the_upgrade_carries_the_gateways_trace_context_in_place_of_the_clients() -> None:
+    from gateway.websocket import with_trace_context
+
+    client = [("host", "edge"), ("traceparent", "00-client-01"), ("authorization", "Bearer t")]
+    ours = [("traceparent", "00-gateway-01")]
+    assert with_trace_context(client, ours) == [
+        ("host", "edge"),
+        ("authorization", "Bearer t"),
+        ("traceparent", "00-gateway-01"),
+    ]
+    assert with_trace_context(client, []) == client  # tracing off: passed through

@@ -196,3 +196,23 @@ def test_one_worker_per_core_is_capped_by_the_containers_cpu_quota(tmp_path: Pat
     assert usable_cores(v1_unlimited) == cores
     assert usable_cores(tmp_path / "none") == cores
     assert worker_count(3) == 3  # WORKERS set: taken as it is
+
+
+def test_the_lean_websocket_protocol_and_no_deflate_unless_the_environment_says_otherwise() -> None:
+    from gateway.__main__ import uvicorn_arguments
+    from gateway.config import Settings
+
+    settings = Settings(workers=1)
+
+    def option(arguments: list[str], name: str) -> str | None:
+        return arguments[arguments.index(name) + 1] if name in arguments else None
+
+    defaults = uvicorn_arguments(settings, {})
+    assert option(defaults, "--ws") == "kit.websocket:WebSocketProtocol"
+    assert option(defaults, "--ws-per-message-deflate") == "false"
+    # uvicorn reads UVICORN_<OPTION> itself: the defaults step aside
+    chosen = uvicorn_arguments(
+        settings, {"UVICORN_WS": "wsproto", "UVICORN_WS_PER_MESSAGE_DEFLATE": "true"}
+    )
+    assert "--ws" not in chosen
+    assert "--ws-per-message-deflate" not in chosen

@@ -32,6 +32,7 @@ logger = logging.getLogger("gateway")
 
 
 CGROUP = Path("/sys/fs/cgroup")
+WEBSOCKET_PROTOCOL = "kit.websocket:WebSocketProtocol"
 
 
 def cpu_quota(cgroup: Path = CGROUP) -> float | None:
@@ -87,6 +88,9 @@ def uvicorn_arguments(settings: Settings, environ: Mapping[str, str] = os.enviro
     # turns it back on
     if "UVICORN_WS_PER_MESSAGE_DEFLATE" not in environ:
         defaults += ["--ws-per-message-deflate", "false"]
+    # uvicorn's sans-I/O protocol, keeping less per socket (kit.websocket)
+    if "UVICORN_WS" not in environ:
+        defaults += ["--ws", WEBSOCKET_PROTOCOL]
     # uvicorn's own INFO lines are three per WebSocket (accepted, opened,
     # closed): a flood in a connection storm, and a tenth of the CPU of a
     # handshake. The gateway's own logs follow LOG_LEVEL.

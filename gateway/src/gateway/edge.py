@@ -47,6 +47,7 @@ from uvicorn.protocols.websockets.websockets_sansio_impl import WebSocketsSansIO
 from uvicorn.server import ServerState
 
 from kit.errors import PROBLEM_JSON, problem_type
+from kit.websocket import WebSocketProtocol
 
 logger = logging.getLogger("gateway.edge")
 
@@ -145,35 +146,19 @@ def _counting(ws_class: type[Any]) -> type[Any]:
         try:
             ws_class.connection_lost(self, exc)
         finally:
-            release = self.__dict__.pop("edge_release", None)
+            release = getattr(self, "edge_release", None)
             if release is not None:
+                self.edge_release = None
                 release()
 
-    counted = type(f"Counted{ws_class.__name__}", (ws_class,), {"connection_lost": connection_lost})
+    # a slot: the socket's one attribute of the edge needs no __dict__ of its own
+    namespace = {"connection_lost": connection_lost, "__slots__": ("edge_release",)}
+    counted = type(f"Counted{ws_class.__name__}", (ws_class,), namespace)
     _COUNTING_CLASSES[ws_class] = counted
     return counted
 
 
 _COUNTING_CLASSES: dict[type[Any], type[Any]] = {}
-
-
-class DenyingWebSocketProtocol(WebSocketsSansIOProtocol):
-    """uvicorn's sans-I/O WebSocket protocol, with an upgrade refused through
-    the denial-response extension counted as a finished handshake.
-
-    The gateway refuses upgrades that way (401 for a bad token, 503 with
-    Retry-After when no replica or no handshake slot is free: problem+json,
-    as for any request). uvicorn sends that answer but does not record the
-    handshake as done, and logs "ASGI callable returned without completing
-    handshake." at ERROR for each one: over a thousand error lines in one
-    reconnect storm, for answers that were all sent."""
-
-    async def send(self, message: Any) -> None:
-        await super().send(message)
-        if message["type"] == "websocket.http.response.body" and not message.get(
-            "more_body", False
-        ):
-            self.handshake_complete = True
 
 
 class EdgeHttpProtocol(HttpToolsProtocol):
@@ -190,7 +175,9 @@ class EdgeHttpProtocol(HttpToolsProtocol):
         runtime = app_state.get("runtime")
         self.guard: EdgeGuard | None = getattr(runtime, "edge", None)
         if self.ws_protocol_class is WebSocketsSansIOProtocol:
-            self.ws_protocol_class = DenyingWebSocketProtocol
+            # uvicorn's default, as `--ws auto` picks it: kit's, which keeps less
+            # per socket and logs no error for an upgrade refused with an answer
+            self.ws_protocol_class = WebSocketProtocol
         if self.guard is not None and self.ws_protocol_class is not None:
             self.ws_protocol_class = _counting(self.ws_protocol_class)
         self.address: str | None = None  # set while this connection holds a slot

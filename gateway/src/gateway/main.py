@@ -13,12 +13,13 @@ from __future__ import annotations
 
 import contextlib
 import logging
-from collections.abc import AsyncIterator, Mapping
+from collections.abc import AsyncIterator, Awaitable, Mapping
 from typing import Any, TypedDict
 
 from fastapi import FastAPI, Request
 from fastapi.openapi.utils import get_openapi
 from redis.asyncio import Redis
+from starlette.datastructures import Headers
 from starlette.middleware.cors import CORSMiddleware
 from starlette.middleware.gzip import GZipMiddleware
 from starlette.types import ASGIApp, Receive, Scope, Send
@@ -115,7 +116,13 @@ class GZipWhenAccepted:
 
 
 class Gateway:
-    """The ASGI app uvicorn runs; `runtime` and `api` are there for tests."""
+    """The ASGI app uvicorn runs; `runtime` and `api` are there for tests.
+
+    A WebSocket to a proxied path skips the layers that only HTTP needs
+    (timing, CORS, GZip, the dispatcher): every layer a socket passes keeps a
+    frame for as long as the relay lives. It passes the request id, the server
+    span when tracing is on and the access log, then the host check, which
+    hands it to the relay without keeping a frame of its own."""
 
     def __init__(self, settings: Settings, *, key_source: KeySource | None = None) -> None:
         self.settings = settings
@@ -124,10 +131,11 @@ class Gateway:
         self.runtime = runtime = Runtime(settings, key_source=key_source)
         self.api = build_api(runtime)
         proxy = Proxy(runtime)
+        self.websockets = WebSocketProxy(runtime, proxy)
         dispatcher = Dispatcher(
             runtime.routes,
             proxy=proxy,
-            websockets=WebSocketProxy(runtime, proxy),
+            websockets=self.websockets,
             api=MetricsMiddleware(SecurityHeaders(self.api), metrics=runtime.metrics.http),
         )
         app: ASGIApp = GZipWhenAccepted(dispatcher)
@@ -141,15 +149,36 @@ class Gateway:
                 allow_headers=["*"],
                 expose_headers=EXPOSED_HEADERS,
             )
-        app = TrustedHostMiddleware(app, allowed_hosts=settings.trusted_hosts)
+        self.hosts = app = TrustedHostMiddleware(app, allowed_hosts=settings.trusted_hosts)
         app = TimingMiddleware(app)
         app = AccessLogMiddleware(app)
         if tracing:
             app = TracingMiddleware(app)
         self.app = RequestIdMiddleware(app)
+        socket: ASGIApp = AccessLogMiddleware(self._relay)
+        if tracing:
+            socket = TracingMiddleware(socket)
+        self.sockets = RequestIdMiddleware(socket)
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        await self.app(scope, receive, send)
+        if scope["type"] == "websocket" and self._route(scope) is not None:
+            await self.sockets(scope, receive, send)
+        else:
+            await self.app(scope, receive, send)
+
+    def _route(self, scope: Scope) -> Route | None:
+        return self.runtime.routes.get(scope["path"][1:].partition("/")[0])
+
+    def _relay(self, scope: Scope, receive: Receive, send: Send) -> Awaitable[None]:
+        """The host check, then the relay's own coroutine, returned rather than
+        awaited: this layer keeps no frame for the socket's life."""
+        hosts = self.hosts
+        if not hosts.allow_any and not hosts.is_allowed(Headers(scope=scope).get("host", "")):
+            return send({"type": "websocket.close", "code": 1008, "reason": "Invalid host"})
+        route = self._route(scope)
+        assert route is not None
+        scope[ROUTE_TEMPLATE_KEY] = route.template
+        return self.websockets(route, scope, receive, send)
 
 
 async def check_rate_limits(request: Request) -> None:

@@ -122,7 +122,8 @@ def connection_failed(pool: Pool, replica: Replica, error: BaseException) -> Non
     if not_listening(error):
         pool.unreachable(replica)
     else:
-        if isinstance(error, TimeoutError):
+        # aiohttp's connect timeout, or the socket upstream's (gateway.upstream)
+        if isinstance(getattr(error, "os_error", error), TimeoutError):
             pool.timed_out(replica)
         else:
             pool.failed(replica)

@@ -11,9 +11,10 @@ import logging
 import random
 import time
 from collections import deque
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Iterator
 
-import aiohttp
+from opentelemetry import propagate, trace
+from opentelemetry.trace import SpanKind
 from prometheus_client import Gauge
 from starlette.types import Receive, Scope, Send
 
@@ -22,10 +23,20 @@ from gateway.headers import HeaderPolicy, OutgoingRequest, upstream_request
 from gateway.pool import SICK_STATUSES, Replica
 from gateway.proxy import Proxy, connection_failed, unreachable
 from gateway.runtime import Route, Runtime
+from gateway.upstream import (
+    ConnectFailed,
+    HandshakeFailed,
+    UpgradeRefused,
+    UpstreamSocket,
+    open_upstream,
+)
 from kit.errors import BadGateway, DomainError, GatewayTimeout, NotFound, ServiceUnavailable
 from kit.security import bearer_from_subprotocols
+from kit.tracing import tracing_enabled
+from kit.websocket import release_headers
 
 logger = logging.getLogger("gateway.websocket")
+_tracer = trace.get_tracer("gateway.websocket")
 
 WS_GOING_AWAY = 1001
 WS_SERVICE_RESTART = 1012
@@ -37,14 +48,6 @@ _NOT_ON_THE_WIRE = {1005: 1000, 1006: WS_GOING_AWAY, 1015: WS_GOING_AWAY}
 def wire_close_code(code: int) -> int:
     code = _NOT_ON_THE_WIRE.get(code, code)
     return code if 1000 <= code <= 1014 or 3000 <= code <= 4999 else 1000
-
-
-class UpgradeRefused(Exception):
-    """The upstream answered the upgrade with a plain HTTP status."""
-
-    def __init__(self, status: int) -> None:
-        super().__init__(status)
-        self.status = status
 
 
 class HandshakeGate:
@@ -159,9 +162,10 @@ class WebSocketProxy:
         self.metrics.request(route.name, "GET", 101, time.perf_counter() - started)
         # a relay lives for hours: keep nothing of the handshake's request
         del outgoing, authorization, subprotocols
+        release_headers(scope)
         try:
             await send(
-                {"type": "websocket.accept", "subprotocol": upstream.protocol, "headers": []}
+                {"type": "websocket.accept", "subprotocol": upstream.subprotocol, "headers": []}
             )
             relay = Relay(upstream, receive, send, on_lost=lambda: route.pool.lost(replica))
             self.runtime.websockets.add(relay.shut_down)
@@ -171,41 +175,45 @@ class WebSocketProxy:
                 self.runtime.websockets.discard(relay.shut_down)
         finally:
             replica.in_flight -= 1
-            if not upstream.closed:
-                await upstream.close(code=WS_GOING_AWAY)
+            # sends 1001 unless a close is under way, and lets the connection end
+            await upstream.close(WS_GOING_AWAY)
 
     async def connect(
         self, route: Route, scope: Scope, outgoing: OutgoingRequest, subprotocols: list[str]
-    ) -> tuple[aiohttp.ClientWebSocketResponse, Replica]:
+    ) -> tuple[UpstreamSocket, Replica]:
         pool = route.pool
+        settings = self.runtime.settings
+        target = scope["raw_path"] or scope["path"].encode()
+        if scope["query_string"]:
+            target += b"?" + scope["query_string"]
         tried: list[Replica] = []
         while True:
             replica = await self.runtime.replica_for(route, tried)
             replica.in_flight += 1
             try:
                 async with asyncio.timeout(route.timeout_seconds):
-                    upstream = await self.runtime.session.ws_connect(
-                        replica.url(
-                            scope["raw_path"] or scope["path"].encode(), scope["query_string"]
-                        ),
-                        protocols=subprotocols,
-                        headers=outgoing.headers,
-                        autoclose=False,
-                        autoping=True,
-                        max_msg_size=self.runtime.settings.ws_max_message_bytes,
-                    )
-            except aiohttp.WSServerHandshakeError as error:
+                    with upgrade_span(replica, target) as carried:
+                        upstream = await open_upstream(
+                            replica.address,
+                            replica.port,
+                            target,
+                            with_trace_context(outgoing.headers, carried),
+                            subprotocols=subprotocols,
+                            max_size=settings.ws_max_message_bytes,
+                            connect_timeout=settings.connect_timeout_seconds,
+                        )
+            except UpgradeRefused as refused:
                 replica.in_flight -= 1
-                if error.status in SICK_STATUSES:
+                if refused.status in SICK_STATUSES:
                     pool.failed(replica)
                 else:
                     pool.succeeded(replica)
-                if error.status >= 500:
-                    raise BadGateway(f"The {route.name} service refused the upgrade") from error
-                if error.status == 404:
-                    raise NotFound("No WebSocket endpoint at this path") from error
-                raise UpgradeRefused(error.status) from error
-            except (aiohttp.ClientConnectorError, aiohttp.ConnectionTimeoutError) as error:
+                if refused.status >= 500:
+                    raise BadGateway(f"The {route.name} service refused the upgrade") from refused
+                if refused.status == 404:
+                    raise NotFound("No WebSocket endpoint at this path") from refused
+                raise
+            except ConnectFailed as error:
                 replica.in_flight -= 1
                 connection_failed(pool, replica, error)
                 if len(tried) < self.proxy.retries:
@@ -219,12 +227,49 @@ class WebSocketProxy:
                 raise GatewayTimeout(
                     f"The {route.name} service did not accept within {route.timeout_seconds:g} s"
                 ) from error
-            except (aiohttp.ClientError, OSError) as error:
+            except (HandshakeFailed, OSError) as error:
                 replica.in_flight -= 1
                 pool.failed(replica)
                 raise BadGateway(f"The {route.name} service failed the upgrade") from error
             pool.succeeded(replica)
             return upstream, replica
+
+
+def with_trace_context(
+    headers: list[tuple[str, str]], carried: list[tuple[str, str]]
+) -> list[tuple[str, str]]:
+    """The client's headers, with the upgrade span's trace context in place of
+    the client's own (`traceparent`, `tracestate`) when tracing is on."""
+    if not carried:
+        return headers
+    replaced = {name for name, _ in carried}
+    return [(name, value) for name, value in headers if name not in replaced] + carried
+
+
+@contextlib.contextmanager
+def upgrade_span(replica: Replica, target: bytes) -> Iterator[list[tuple[str, str]]]:
+    """With tracing on, the upgrade is a client span whose context goes upstream
+    (`traceparent`), so the replica's session continues the client's trace;
+    yields the headers that carry it (none with tracing off)."""
+    if not tracing_enabled():
+        yield []
+        return
+    url = f"http://{replica.address}:{replica.port}{target.decode('latin-1')}"
+    attributes: dict[str, str | int] = {
+        "http.request.method": "GET",
+        "url.full": url,
+        "server.address": replica.address,
+        "server.port": replica.port,
+    }
+    with _tracer.start_as_current_span("GET", kind=SpanKind.CLIENT, attributes=attributes) as span:
+        carrier: dict[str, str] = {}
+        propagate.inject(carrier)
+        try:
+            yield list(carrier.items())
+        except UpgradeRefused as refused:
+            span.set_attribute("http.response.status_code", refused.status)
+            raise
+        span.set_attribute("http.response.status_code", 101)
 
 
 class Relay:
@@ -239,7 +284,7 @@ class Relay:
 
     def __init__(
         self,
-        upstream: aiohttp.ClientWebSocketResponse,
+        upstream: UpstreamSocket,
         receive: Receive,
         send: Send,
         *,
@@ -272,44 +317,38 @@ class Relay:
                 text = message.get("text")
                 try:
                     if text is not None:
-                        await upstream.send_str(text)
+                        await upstream.send_text(text)
                     else:
                         await upstream.send_bytes(message.get("bytes") or b"")
-                except (aiohttp.ClientError, ConnectionError):
+                except ConnectionError:
                     pass  # the upstream is closing; its close frame is on its way
             elif kind == "websocket.disconnect":
                 self.client_open = False
                 if not upstream.closed:
                     reason = str(message.get("reason") or "").encode()[:123]
-                    await upstream.close(
-                        code=wire_close_code(int(message.get("code", 1000))), message=reason
-                    )
+                    await upstream.close(wire_close_code(int(message.get("code", 1000))), reason)
                 return
 
     async def upstream_to_client(self) -> None:
         upstream = self.upstream
         while True:
             message = await upstream.receive()
-            kind = message.type
             try:
-                if kind is aiohttp.WSMsgType.TEXT:
-                    await self.send({"type": "websocket.send", "text": message.data})
-                elif kind is aiohttp.WSMsgType.BINARY:
-                    await self.send({"type": "websocket.send", "bytes": message.data})
-                elif kind is aiohttp.WSMsgType.CLOSE:
-                    code = wire_close_code(int(message.data or 1000))
-                    await self.close_client(code, str(message.extra or ""))
-                    await upstream.close(code=code)
-                    return
-                elif kind is aiohttp.WSMsgType.CLOSING:
-                    return  # the client closed first and we are closing the upstream
-                elif kind in (aiohttp.WSMsgType.CLOSED, aiohttp.WSMsgType.ERROR):
+                if isinstance(message, str):
+                    await self.send({"type": "websocket.send", "text": message})
+                elif isinstance(message, bytes):
+                    await self.send({"type": "websocket.send", "bytes": message})
+                elif message.lost:
                     # an upstream that vanished without a close frame: "bad gateway"
-                    lost = upstream.close_code
-                    if lost is None or lost == 1006:
-                        self.on_lost()
-                        lost = WS_BAD_GATEWAY
-                    await self.close_client(wire_close_code(lost), "")
+                    self.on_lost()
+                    await self.close_client(WS_BAD_GATEWAY, "")
+                    return
+                else:
+                    # its close frame (echoed already), or the close the relay sent:
+                    # the client gets the same code
+                    code = wire_close_code(message.code)
+                    await self.close_client(code, message.reason)
+                    await upstream.close(code)
                     return
             except (OSError, RuntimeError):
                 # the client is gone (OSError), or it closed and the server has

@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 import asyncio
+import gc
 import json
 import logging
 import time
@@ -15,6 +16,7 @@ from websockets.asyncio.client import connect
 from websockets.exceptions import InvalidStatus
 
 from chat import service
+from chat.connection import Connection
 from kit.context import request_id_var
 from kit.security import revoked_token_key, revoked_user_key
 from kit_testing import Service, TokenMinter, wait_for_postgres
@@ -520,3 +522,21 @@ async def test_resume_reads_postgresql_only_for_what_the_replica_no_longer_holds
     assert [frame["text"] for frame in missed_here] == ["old1", "old2"]
     assert missed_there["id"] == 3
     assert live["id"] == live_here["id"] == live_there["id"] == 4
+
+
+async def test_an_open_socket_keeps_none_of_its_handshake_headers(
+    cluster: list[Node], minter: TokenMinter
+) -> None:
+    room = unique_room()
+    async with chat(cluster[0], room, minter.token(user_id="holder")) as client:
+        await client.say("hello")
+        (echoed,) = await client.messages(1)
+        # the socket still speaks for its user, but its bearer token and the
+        # rest of the upgrade's headers are gone from the server's memory
+        (held,) = [
+            conn for conn in gc.get_objects() if type(conn) is Connection and conn.room == room
+        ]
+        assert held.user_id == "holder"
+        assert held.websocket.scope["headers"] == []
+        assert held.websocket.headers.get("authorization") is None
+    assert echoed["user"]["id"] == "holder"

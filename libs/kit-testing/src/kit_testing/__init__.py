@@ -214,9 +214,17 @@ async def serve(
 ) -> AsyncIterator[str]:
     """Runs `app` under uvicorn on 127.0.0.1 in this event loop; yields its base URL.
 
-    `uvicorn_options` go to `uvicorn.Config` (e.g. `ws_ping_interval=0.2`)."""
+    `uvicorn_options` go to `uvicorn.Config` (e.g. `ws_ping_interval=0.2`).
+    WebSockets are served by `kit.websocket.WebSocketProtocol`, as every image does."""
+    from kit.websocket import WebSocketProtocol
+
     port = port or free_port()
-    options: dict[str, Any] = {"log_level": "warning", "lifespan": "on", "ws_ping_interval": None}
+    options: dict[str, Any] = {
+        "log_level": "warning",
+        "lifespan": "on",
+        "ws_ping_interval": None,
+        "ws": WebSocketProtocol,
+    }
     options.update(uvicorn_options)
     config = uvicorn.Config(app, host="127.0.0.1", port=port, **options)
     server = uvicorn.Server(config)

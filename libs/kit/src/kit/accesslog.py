@@ -90,50 +90,82 @@ class AccessLogMiddleware:
             )
 
     async def _websocket(self, scope: Scope, receive: Receive, send: Send, level: int) -> None:
-        started = time.perf_counter()
-        opened = 0.0
-        close_code: int | None = None
-        closed_by = ""
-        status = 0
-
-        async def watching_send(message: Message) -> None:
-            nonlocal opened, close_code, closed_by, status
-            message_type = message["type"]
-            if message_type == "websocket.accept":
-                status = 101
-                opened = time.perf_counter()
-                fields = _request_fields(scope, status, started)
-                fields["event"] = "open"
-                self.log.log(level, "websocket open %s", fields["route"], extra={"fields": fields})
-            elif message_type == "websocket.close" and close_code is None:
-                close_code = int(message.get("code", 1000))
-                closed_by = "server"
-            elif message_type == "websocket.http.response.start":
-                status = message["status"]
-            await send(message)
-
-        async def watching_receive() -> Message:
-            nonlocal close_code, closed_by
-            message = await receive()
-            if message["type"] == "websocket.disconnect" and close_code is None:
-                close_code = int(message.get("code", 1005))
-                closed_by = "client"
-            return message
-
+        session = _SocketSession(self.log, level, scope, receive, send)
         try:
-            await self.app(scope, watching_receive, watching_send)
+            await self.app(scope, session.receive, session.send)
         finally:
-            if opened:
-                fields = _request_fields(scope, status, opened)
-                fields.update(event="close", close_code=close_code, closed_by=closed_by)
-                message = "websocket close %s %s"
-            else:
-                # refused before the handshake completed: uvicorn answers 403
-                status = status or 403
-                fields = _request_fields(scope, status, started)
-                fields.update(event="refused", close_code=close_code)
-                message = "websocket refused %s %s"
-            self.log.log(level, message, fields["route"], close_code, extra={"fields": fields})
+            session.finish()
+
+
+class _SocketSession:
+    """What the access log follows of one WebSocket session, for its whole life:
+    a small object, where closures over the same state would hold a cell for
+    each variable and a function for each wrapper (a socket may live for hours,
+    and a server may hold thousands)."""
+
+    __slots__ = (
+        "_receive",
+        "_send",
+        "close_code",
+        "closed_by",
+        "level",
+        "log",
+        "opened",
+        "scope",
+        "started",
+        "status",
+    )
+
+    def __init__(
+        self, log: logging.Logger, level: int, scope: Scope, receive: Receive, send: Send
+    ) -> None:
+        self.log = log
+        self.level = level
+        self.scope = scope
+        self._receive = receive
+        self._send = send
+        self.started = time.perf_counter()
+        self.opened = 0.0
+        self.close_code: int | None = None
+        self.closed_by = ""
+        self.status = 0
+
+    async def send(self, message: Message) -> None:
+        message_type = message["type"]
+        if message_type == "websocket.accept":
+            self.status = 101
+            self.opened = time.perf_counter()
+            fields = _request_fields(self.scope, self.status, self.started)
+            fields["event"] = "open"
+            self.log.log(self.level, "websocket open %s", fields["route"], extra={"fields": fields})
+        elif message_type == "websocket.close" and self.close_code is None:
+            self.close_code = int(message.get("code", 1000))
+            self.closed_by = "server"
+        elif message_type == "websocket.http.response.start":
+            self.status = message["status"]
+        await self._send(message)
+
+    async def receive(self) -> Message:
+        message = await self._receive()
+        if message["type"] == "websocket.disconnect" and self.close_code is None:
+            self.close_code = int(message.get("code", 1005))
+            self.closed_by = "client"
+        return message
+
+    def finish(self) -> None:
+        if self.opened:
+            fields = _request_fields(self.scope, self.status, self.opened)
+            fields.update(event="close", close_code=self.close_code, closed_by=self.closed_by)
+            message = "websocket close %s %s"
+        else:
+            # refused before the handshake completed: uvicorn answers 403
+            self.status = self.status or 403
+            fields = _request_fields(self.scope, self.status, self.started)
+            fields.update(event="refused", close_code=self.close_code)
+            message = "websocket refused %s %s"
+        self.log.log(
+            self.level, message, fields["route"], self.close_code, extra={"fields": fields}
+        )
 
 
 def _request_fields(scope: Scope, status: int, started: float) -> dict[str, Any]:

@@ -61,6 +61,7 @@ from kit.security import (
     bearer_from_subprotocols,
 )
 from kit.tracing import TracingMiddleware, tracing_enabled
+from kit.websocket import release_headers
 
 logger = logging.getLogger("chat.socket")
 
@@ -70,34 +71,40 @@ SOCKET_ROUTE = "/chat/ws/{room}"
 
 
 class SocketEntry:
-    """`/chat/ws/<room>` straight from the server, ahead of the HTTP middleware.
+    """`/chat/ws/<room>` straight from the server, ahead of FastAPI (see
+    `chat.main.ChatApp`).
 
     A socket lives for hours, and every ASGI layer it passes keeps a frame,
-    often a closure and an exit stack, for as long: through FastAPI's stack
-    (kit's middleware, exception handling, routing, dependencies) that is
-    about 15 KB a socket, a third of what chat holds per socket. A socket
+    often a closure and an exit stack, for as long: through FastAPI (its own
+    telemetry and body-limit layers, Starlette's error middleware, kit's
+    middleware, routing, dependencies) that was about 17 KB a socket. A socket
     here passes only the layers whose work it needs: the request id (logs and
     the `X-Request-ID` of the handshake), the server span when tracing is on,
     the access log's open and close lines, then the host check and the input
-    screen. Every other request, and any other WebSocket path, goes to the app."""
+    screen. Every other request, and any other WebSocket path, goes to FastAPI."""
 
-    def __init__(self, app: ASGIApp, *, allowed_hosts: list[str]) -> None:
-        self.app = app
-        self.hosts = TrustedHostMiddleware(app, allowed_hosts=allowed_hosts)
+    def __init__(self, *, allowed_hosts: list[str]) -> None:
         socket: ASGIApp = AccessLogMiddleware(self._socket)
+        # only its check is used: a refused host is answered here, as a socket
+        self.hosts = TrustedHostMiddleware(socket, allowed_hosts=allowed_hosts)
         if tracing_enabled():
             socket = TracingMiddleware(socket)
         self.socket = RequestIdMiddleware(socket)
 
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+    @staticmethod
+    def serves(scope: Scope) -> bool:
+        """Whether `scope` is a socket of a room (`/chat/ws/<room>`)."""
+        if scope["type"] != "websocket":
+            return False
         path: str = scope.get("path", "")
-        room = path[len(SOCKET_PREFIX) :]
-        if scope["type"] != "websocket" or not path.startswith(SOCKET_PREFIX) or "/" in room:
-            await self.app(scope, receive, send)
-            return
-        scope["path_params"] = {"room": room}
+        return path.startswith(SOCKET_PREFIX) and "/" not in path[len(SOCKET_PREFIX) :]
+
+    def __call__(self, scope: Scope, receive: Receive, send: Send) -> Awaitable[None]:
+        """Serves a socket `serves` took; returns the socket's coroutine rather
+        than awaiting it, so this layer keeps no frame for the socket's life."""
+        scope["path_params"] = {"room": scope["path"][len(SOCKET_PREFIX) :]}
         scope[ROUTE_TEMPLATE_KEY] = SOCKET_ROUTE
-        await self.socket(scope, receive, send)
+        return self.socket(scope, receive, send)
 
     async def _socket(self, scope: Scope, receive: Receive, send: Send) -> None:
         hosts = self.hosts
@@ -242,6 +249,7 @@ async def serve_socket(
     last_id = await join_and_accept(connection, hub, subprotocol)
     if last_id is None:
         return
+    release_headers(websocket.scope)
     after, missed, replay = resume_point(hub, room, last_id=last_id, since=since)
     first = [ready_frame(room=room, last_id=last_id, node=hub.node_id), *missed]
     if not connection.start(

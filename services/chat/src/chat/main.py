@@ -14,6 +14,7 @@ from redis.backoff import ExponentialBackoff
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import RedisError
 from redis.exceptions import TimeoutError as RedisTimeoutError
+from starlette.types import Receive, Scope, Send
 
 from chat.bus import Bus
 from chat.config import Settings
@@ -186,11 +187,27 @@ async def open_parts(
     )
 
 
+class ChatApp(FastAPI):
+    """FastAPI, with the rooms' sockets served first, by `SocketEntry`: under
+    FastAPI each socket would keep a frame in each of its layers (its own
+    telemetry and body limit, Starlette's app and error middleware) for as
+    long as the socket lives."""
+
+    sockets: SocketEntry | None = None
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        sockets = self.sockets
+        if sockets is not None and sockets.serves(scope):
+            await sockets(scope, receive, send)
+        else:
+            await super().__call__(scope, receive, send)
+
+
 def create_app(settings: Settings | None = None, *, key_source: KeySource | None = None) -> FastAPI:
     app_settings = settings or Settings()
     registry = CollectorRegistry()
     metrics = ChatMetrics(registry)
-    app = FastAPI(
+    app = ChatApp(
         title="chat",
         summary="Chat rooms over WebSockets, ordered and resumable across replicas",
         # the collector stays as it is: a settled heap costs memory per idle socket
@@ -210,6 +227,5 @@ def create_app(settings: Settings | None = None, *, key_source: KeySource | None
         registry=registry,
     )
     app.include_router(router)
-    # outermost: a socket skips the HTTP layers (see SocketEntry)
-    app.add_middleware(SocketEntry, allowed_hosts=app_settings.trusted_hosts)
+    app.sockets = SocketEntry(allowed_hosts=app_settings.trusted_hosts)
     return app

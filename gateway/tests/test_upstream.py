@@ -1,0 +1,255 @@
+"""gateway.upstream: the relay's WebSocket to a replica, against replicas that
+answer byte for byte as the test says."""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import contextlib
+import hashlib
+from collections.abc import AsyncIterator, Awaitable, Callable
+
+import pytest
+
+from gateway.pool import not_listening
+from gateway.upstream import (
+    ConnectFailed,
+    Ended,
+    HandshakeFailed,
+    UpgradeRefused,
+    UpstreamSocket,
+    open_upstream,
+)
+from kit_testing import free_port
+
+from .test_pool import eventually
+
+TIMEOUT = 5.0
+GUID = b"258EAFA5-E914-47DA-95CA-C5AB0DC85B11"
+Answer = Callable[[bytes, asyncio.StreamReader, asyncio.StreamWriter], Awaitable[None]]
+
+
+def accepted(head: bytes, *, extra: bytes = b"") -> bytes:
+    key = next(
+        line.split(b":", 1)[1].strip()
+        for line in head.split(b"\r\n")
+        if line.lower().startswith(b"sec-websocket-key:")
+    )
+    accept = base64.b64encode(hashlib.sha1(key + GUID).digest())
+    return (
+        b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
+        b"Sec-WebSocket-Accept: " + accept + b"\r\n" + extra + b"\r\n"
+    )
+
+
+def frame(opcode: int, payload: bytes, *, fin: bool = True) -> bytes:
+    """A server's frame (not masked)."""
+    first = (0x80 if fin else 0) | opcode
+    if len(payload) < 126:
+        return bytes([first, len(payload)]) + payload
+    return bytes([first, 126]) + len(payload).to_bytes(2, "big") + payload
+
+
+@contextlib.asynccontextmanager
+async def replica(answer: Answer) -> AsyncIterator[int]:
+    """A replica on a loopback port that reads the upgrade's head and answers it."""
+    heads: list[bytes] = []
+
+    async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        head = await reader.readuntil(b"\r\n\r\n")
+        heads.append(head)
+        try:
+            await answer(head, reader, writer)
+        finally:
+            writer.close()
+
+    server = await asyncio.start_server(handle, "127.0.0.1", 0)
+    try:
+        yield server.sockets[0].getsockname()[1]
+    finally:
+        server.close()
+        await server.wait_closed()
+
+
+async def open_to(port: int, **options: object) -> UpstreamSocket:
+    settings: dict[str, object] = {
+        "subprotocols": [],
+        "max_size": 1024,
+        "connect_timeout": TIMEOUT,
+    }
+    settings.update(options)
+    return await asyncio.wait_for(
+        open_upstream(
+            "127.0.0.1",
+            port,
+            b"/chat/ws/lobby?since=4",
+            [("host", "edge.example"), ("authorization", "Bearer token")],
+            **settings,  # type: ignore[arg-type]
+        ),
+        TIMEOUT,
+    )
+
+
+async def test_sends_the_clients_headers_and_takes_the_frames_behind_the_101() -> None:
+    seen: list[bytes] = []
+
+    async def answer(head: bytes, reader: asyncio.StreamReader, w: asyncio.StreamWriter) -> None:
+        seen.append(head)
+        # the 101 and the first frame in one write, as a busy replica sends them
+        w.write(accepted(head, extra=b"Sec-WebSocket-Protocol: bearer\r\n") + frame(1, b"ready"))
+        await w.drain()
+        await reader.read()
+
+    async with replica(answer) as port:
+        socket = await open_to(port, subprotocols=["bearer", "token"])
+        assert socket.subprotocol == "bearer"
+        assert await asyncio.wait_for(socket.receive(), TIMEOUT) == "ready"
+        socket.abort()
+    request = seen[0].decode()
+    assert request.startswith("GET /chat/ws/lobby?since=4 HTTP/1.1\r\n")
+    assert "host: edge.example\r\n" in request
+    assert "authorization: Bearer token\r\n" in request
+    assert "sec-websocket-protocol: bearer, token\r\n" in request
+
+
+@pytest.mark.parametrize(
+    "answer_bytes",
+    [
+        [b"HTTP/1.1 403 Forbidden\r\ncontent-length: 0\r\n\r\n"],
+        # a body in a later packet, then one read to the end of the stream
+        [b"HTTP/1.1 503 Service Unavailable\r\ncontent-length: 5\r\n\r\n", b"busy!"],
+        [b"HTTP/1.1 404 Not Found\r\n\r\n", b"no such path"],
+    ],
+)
+async def test_a_plain_http_answer_is_a_refusal_with_its_status(answer_bytes: list[bytes]) -> None:
+    async def answer(head: bytes, reader: asyncio.StreamReader, w: asyncio.StreamWriter) -> None:
+        for chunk in answer_bytes:
+            w.write(chunk)
+            await w.drain()
+
+    async with replica(answer) as port:
+        with pytest.raises(UpgradeRefused) as refused:
+            await open_to(port)
+    assert refused.value.status == int(answer_bytes[0].split()[1])
+
+
+async def test_a_101_that_fails_the_handshake_is_no_socket() -> None:
+    async def answer(head: bytes, reader: asyncio.StreamReader, w: asyncio.StreamWriter) -> None:
+        w.write(
+            b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\n"
+            b"Connection: Upgrade\r\nSec-WebSocket-Accept: wrong\r\n\r\n"
+        )
+        await w.drain()
+        await reader.read()
+
+    async with replica(answer) as port:
+        with pytest.raises(HandshakeFailed):
+            await open_to(port)
+
+
+async def test_a_replica_that_hangs_up_during_the_handshake_is_no_socket() -> None:
+    async def answer(head: bytes, reader: asyncio.StreamReader, w: asyncio.StreamWriter) -> None:
+        w.write(b"HTTP/1.1 101 Switch")
+
+    async with replica(answer) as port:
+        with pytest.raises(HandshakeFailed):
+            await open_to(port)
+
+
+async def test_a_port_nobody_listens_on_is_a_connect_failure() -> None:
+    with pytest.raises(ConnectFailed) as failed:
+        await open_to(free_port())
+    assert not_listening(failed.value)
+
+
+async def test_messages_in_fragments_arrive_whole_and_pings_are_answered() -> None:
+    replies: list[bytes] = []
+
+    async def answer(head: bytes, reader: asyncio.StreamReader, w: asyncio.StreamWriter) -> None:
+        w.write(accepted(head))
+        w.write(frame(1, b"hel", fin=False) + frame(9, b"ping") + frame(0, b"lo"))
+        w.write(frame(2, b"\x00", fin=False) + frame(0, b"\x01"))
+        await w.drain()
+        # the pong: a client's frame is masked (2 bytes of head, 4 of mask, 4 of payload)
+        replies.append(await reader.readexactly(10))
+        await reader.read()
+
+    async with replica(answer) as port:
+        socket = await open_to(port)
+        assert await asyncio.wait_for(socket.receive(), TIMEOUT) == "hello"
+        assert await asyncio.wait_for(socket.receive(), TIMEOUT) == b"\x00\x01"
+        socket.abort()
+    pong = replies[0]
+    assert pong[0] == 0x8A
+    mask = pong[2:6]
+    assert bytes(byte ^ mask[index % 4] for index, byte in enumerate(pong[6:])) == b"ping"
+
+
+async def test_a_message_above_the_limit_ends_the_socket_with_1009() -> None:
+    async def answer(head: bytes, reader: asyncio.StreamReader, w: asyncio.StreamWriter) -> None:
+        w.write(accepted(head) + frame(1, b"x" * 1025))
+        await w.drain()
+        await reader.read()
+
+    async with replica(answer) as port:
+        socket = await open_to(port, max_size=1024)
+        ended = await asyncio.wait_for(socket.receive(), TIMEOUT)
+        socket.abort()
+    assert isinstance(ended, Ended)
+    assert (ended.code, ended.lost) == (1009, False)
+
+
+async def test_a_close_frame_ends_the_socket_and_is_echoed() -> None:
+    echoed: list[bytes] = []
+
+    async def answer(head: bytes, reader: asyncio.StreamReader, w: asyncio.StreamWriter) -> None:
+        w.write(accepted(head) + frame(8, (4001).to_bytes(2, "big") + b"bye"))
+        await w.drain()
+        echoed.append(await reader.readexactly(2 + 4 + 5))
+
+    async with replica(answer) as port:
+        socket = await open_to(port)
+        ended = await asyncio.wait_for(socket.receive(), TIMEOUT)
+        assert isinstance(ended, Ended)
+        assert (ended.code, ended.reason, ended.lost) == (4001, "bye", False)
+        assert socket.closed
+        await asyncio.wait_for(socket.close(1000), TIMEOUT)  # the replica hung up
+    assert echoed[0][0] == 0x88
+
+
+async def test_a_replica_gone_without_a_close_frame_is_lost() -> None:
+    async def answer(head: bytes, reader: asyncio.StreamReader, w: asyncio.StreamWriter) -> None:
+        w.write(accepted(head))
+        await w.drain()
+
+    async with replica(answer) as port:
+        socket = await open_to(port)
+        ended = await asyncio.wait_for(socket.receive(), TIMEOUT)
+    assert isinstance(ended, Ended)
+    assert (ended.code, ended.lost) == (1006, True)
+    # and it stays ended for every later read
+    assert await socket.receive() is ended
+
+
+async def test_reading_stops_while_more_than_the_limit_waits_for_the_relay() -> None:
+    async def answer(head: bytes, reader: asyncio.StreamReader, w: asyncio.StreamWriter) -> None:
+        w.write(accepted(head) + frame(1, b"one") + frame(1, b"more"))
+        await w.drain()
+        await reader.read()
+
+    async with replica(answer) as port:
+        socket = UpstreamSocket(subprotocols=[], max_size=1024, read_limit=4)
+        loop = asyncio.get_running_loop()
+        transport, _ = await loop.create_connection(lambda: socket, "127.0.0.1", port)
+        transport.write(socket.request(b"/chat/ws/lobby", [], f"127.0.0.1:{port}"))
+        await asyncio.wait_for(socket.opened, TIMEOUT)
+
+        async def paused() -> bool:
+            return not transport.is_reading()
+
+        await eventually(paused)  # 7 bytes waiting, above the limit of 4
+        assert await socket.receive() == "one"
+        assert not transport.is_reading()  # until the relay took them all
+        assert await socket.receive() == "more"
+        assert transport.is_reading()
+        socket.abort()

@@ -1,0 +1,233 @@
+"""uvicorn's WebSocket protocol, keeping less for each socket it holds.
+
+uvicorn's `websockets-sansio` protocol (the one `--ws auto` picks) keeps, for
+as long as a socket lives:
+
+- the handshake's request, as websockets parsed it (every header as a name, a
+  lower-cased name and a value, in a dict and a list: 4-5 KB with a bearer
+  token among them), twice over: as an attribute, and in the frame of the
+  parser generator that read it and then reads every frame after it;
+- the handshake's response;
+- an `asyncio.Queue` for the events the app has not received: four deques
+  (its getters, putters and items, and its `Event`'s waiters) of about 600
+  bytes each, even while empty;
+- an `asyncio.Event` for the transport's write flow control: one deque more.
+
+`WebSocketProtocol` is that protocol with the handshake let go once it is
+answered (the frames get a parser of their own) and with an inbox and a write
+gate that allocate only while something is in them or waits on them, and that
+keeps uvicorn's attributes in slots: 12-13 KB less per socket, measured in a
+chat replica and a gateway worker holding 2,000 sockets each.
+Everything else is uvicorn's own, so it speaks and closes exactly as uvicorn
+does: pings, the size limit, flow control, 1012 on shutdown. Run it with
+`uvicorn --ws kit.websocket:WebSocketProtocol` (or
+`UVICORN_WS=kit.websocket:WebSocketProtocol`); every image does.
+
+The headers the app reads stay in `scope["headers"]`, which the app owns;
+`release_headers` lets an app that is done with them let them go.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Any
+
+from starlette.types import Scope
+from uvicorn._types import ASGISendEvent
+from uvicorn.protocols.websockets.websockets_sansio_impl import WebSocketsSansIOProtocol
+from websockets.protocol import Protocol, State
+
+
+class Inbox:
+    """The events the app has not received yet: the part of `asyncio.Queue`
+    uvicorn uses (`put_nowait`, `get`, `empty`), holding no container while
+    empty and a future only while a reader waits."""
+
+    __slots__ = ("_items", "_waiters")
+
+    def __init__(self) -> None:
+        self._items: list[Any] | None = None
+        self._waiters: list[asyncio.Future[None]] | None = None
+
+    def put_nowait(self, item: Any) -> None:
+        if self._items is None:
+            self._items = [item]
+        else:
+            self._items.append(item)
+        self._wake_one()
+
+    def empty(self) -> bool:
+        return not self._items
+
+    def qsize(self) -> int:
+        return len(self._items) if self._items else 0
+
+    async def get(self) -> Any:
+        while not self._items:
+            waiter = asyncio.get_running_loop().create_future()
+            if self._waiters is None:
+                self._waiters = [waiter]
+            else:
+                self._waiters.append(waiter)
+            try:
+                await waiter
+            except BaseException:
+                waiter.cancel()
+                self._forget(waiter)
+                if self._items and not waiter.cancelled():
+                    self._wake_one()  # woken, then cancelled: the next reader takes it
+                raise
+            self._forget(waiter)
+        items = self._items
+        item = items.pop(0)
+        if not items:
+            self._items = None
+        return item
+
+    def _forget(self, waiter: asyncio.Future[None]) -> None:
+        waiters = self._waiters
+        if waiters is not None and waiter in waiters:
+            waiters.remove(waiter)
+            if not waiters:
+                self._waiters = None
+
+    def _wake_one(self) -> None:
+        for waiter in self._waiters or ():
+            if not waiter.done():
+                waiter.set_result(None)
+                return
+
+
+class WriteGate:
+    """Open while the transport takes writes: the part of `asyncio.Event` uvicorn
+    uses for flow control (`set`, `clear`, `is_set`, `wait`), holding a future
+    only while a writer waits for the transport to drain."""
+
+    __slots__ = ("_open", "_waiters")
+
+    def __init__(self) -> None:
+        self._open = True
+        self._waiters: list[asyncio.Future[None]] | None = None
+
+    def is_set(self) -> bool:
+        return self._open
+
+    def set(self) -> None:
+        self._open = True
+        waiters, self._waiters = self._waiters, None
+        for waiter in waiters or ():
+            if not waiter.done():
+                waiter.set_result(None)
+
+    def clear(self) -> None:
+        self._open = False
+
+    async def wait(self) -> bool:
+        if self._open:
+            return True
+        waiter = asyncio.get_running_loop().create_future()
+        if self._waiters is None:
+            self._waiters = [waiter]
+        else:
+            self._waiters.append(waiter)
+        try:
+            await waiter
+        finally:
+            if self._waiters is not None and waiter in self._waiters:
+                self._waiters.remove(waiter)
+                if not self._waiters:
+                    self._waiters = None
+        return True
+
+
+class WebSocketProtocol(WebSocketsSansIOProtocol):
+    """uvicorn's sans-I/O WebSocket protocol with less kept per socket (above)."""
+
+    # uvicorn's attributes, in slots: more than 30 of them would otherwise make
+    # each socket's __dict__ a table of its own (1.5 KB) rather than values
+    # beside keys shared by the class. A name uvicorn adds later still works,
+    # in a __dict__.
+    __slots__ = (
+        "app",
+        "app_state",
+        "asgi_version",
+        "client",
+        "close_sent",
+        "close_timeout",
+        "close_timer",
+        "config",
+        "conn",
+        "connections",
+        "curr_msg_data_type",
+        "default_headers",
+        "disconnected",
+        "frames",
+        "handshake_complete",
+        "handshake_initiated",
+        "initial_response",
+        "last_ping_rtt",
+        "logger",
+        "loop",
+        "pending_ping_payload",
+        "ping_interval",
+        "ping_sent_at",
+        "ping_timeout",
+        "ping_timer",
+        "pong_timer",
+        "queue",
+        "read_paused",
+        "request",
+        "response",
+        "root_path",
+        "scheme",
+        "scope",
+        "server",
+        "tasks",
+        "transport",
+        "writable",
+    )
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.queue = Inbox()  # type: ignore[assignment]
+        self.writable = WriteGate()  # type: ignore[assignment]
+
+    def handle_connect(self, event: Any) -> None:
+        super().handle_connect(event)
+        # the scope holds what the app reads of the request; the parsed request
+        # itself is never read again
+        self.request = None  # type: ignore[assignment]
+        conn = self.conn
+        if conn.state is State.CONNECTING and not conn.reader.buffer:
+            # websockets' server parser reads the request, then frames for the
+            # socket's whole life in the same generator, whose frame keeps the
+            # request alive; a frame parser of its own lets it go. Nothing of a
+            # frame has been read yet (a client sends none before the answer),
+            # so nothing is lost; a buffer not empty keeps the parser it has.
+            conn.parser = Protocol.parse(conn)
+            next(conn.parser)
+
+    async def send(self, message: ASGISendEvent) -> None:
+        await super().send(message)
+        if message["type"] == "websocket.http.response.body" and not message.get(
+            "more_body", False
+        ):
+            # an upgrade refused with an HTTP answer (the denial-response
+            # extension: a 401 or a 503 as problem+json) is a finished
+            # handshake; uvicorn leaves it unfinished in its books and logs
+            # "ASGI callable returned without completing handshake." at ERROR
+            # for every one, a thousand lines in a reconnect storm
+            self.handshake_complete = True
+        if self.handshake_complete:
+            # answered (accepted, refused or an HTTP response): never read again
+            self.response = None  # type: ignore[assignment]
+
+
+def release_headers(scope: Scope) -> None:
+    """Lets the handshake's request headers go once the app is done with them:
+    an open socket holds its scope for its whole life, and with it every header
+    (a bearer token, forwarded addresses: 1-2 KB). The list is emptied in place,
+    so every layer holding it (a Starlette `Headers`, say) sees it empty."""
+    headers = scope.get("headers")
+    if isinstance(headers, list):
+        headers.clear()

@@ -1,0 +1,174 @@
+"""kit.websocket: uvicorn's protocol keeping less per socket, still speaking as uvicorn does."""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import gc
+import os
+import weakref
+from typing import Any
+
+import pytest
+from starlette.types import Receive, Scope, Send
+from websockets.asyncio.client import connect
+from websockets.exceptions import ConnectionClosed
+from websockets.http11 import Request, Response
+
+from kit.websocket import Inbox, WebSocketProtocol, WriteGate, release_headers
+from kit_testing import serve
+
+TIMEOUT = 5.0
+
+
+class Recorder(WebSocketProtocol):
+    """Keeps a weak reference to each handshake's request and response."""
+
+    handshakes: list[tuple[weakref.ref[Request], weakref.ref[Response]]] = []  # noqa: RUF012
+
+    def handle_connect(self, event: Any) -> None:
+        request = weakref.ref(event)
+        super().handle_connect(event)
+        # the response is made in handle_connect and sent on accept
+        response = weakref.ref(self.response) if self.response is not None else None
+        assert response is not None
+        Recorder.handshakes.append((request, response))
+
+
+async def echo(scope: Scope, receive: Receive, send: Send) -> None:
+    """Echoes frames; `close:<code>` closes with that code; `headers` tells how
+    many request headers the scope still holds after `release_headers`."""
+    assert scope["type"] == "websocket"
+    assert (await receive())["type"] == "websocket.connect"
+    await send({"type": "websocket.accept", "subprotocol": None})
+    while True:
+        message = await receive()
+        if message["type"] == "websocket.disconnect":
+            return
+        text = message.get("text")
+        if text is None:
+            await send({"type": "websocket.send", "bytes": message["bytes"]})
+        elif text.startswith("close:"):
+            await send({"type": "websocket.close", "code": int(text[6:]), "reason": "bye"})
+            return
+        elif text == "headers":
+            before = len(scope["headers"])
+            release_headers(scope)
+            await send({"type": "websocket.send", "text": f"{before}->{len(scope['headers'])}"})
+        else:
+            await send({"type": "websocket.send", "text": text})
+
+
+async def test_frames_go_both_ways_and_close_codes_pass() -> None:
+    async with serve(echo, lifespan="off", ws=WebSocketProtocol) as base:
+        url = base.replace("http://", "ws://") + "/ws"
+        async with connect(url) as socket:
+            await socket.send("hello")
+            assert await socket.recv() == "hello"
+            await socket.send(b"\x00\x01")
+            assert await socket.recv() == b"\x00\x01"
+            # more than one frame waiting at once
+            for number in range(20):
+                await socket.send(str(number))
+            assert [await socket.recv() for _ in range(20)] == [str(n) for n in range(20)]
+            await socket.send("close:4001")
+            with pytest.raises(ConnectionClosed) as closed:
+                await socket.recv()
+        assert closed.value.rcvd is not None
+        assert (closed.value.rcvd.code, closed.value.rcvd.reason) == (4001, "bye")
+
+
+async def test_the_handshake_is_not_kept_once_the_socket_is_open() -> None:
+    Recorder.handshakes.clear()
+    async with serve(echo, lifespan="off", ws=Recorder) as base:
+        url = base.replace("http://", "ws://") + "/ws"
+        async with connect(url, additional_headers={"Authorization": "Bearer x" * 100}) as socket:
+            await socket.send("still here")
+            assert await socket.recv() == "still here"
+            gc.collect()
+            ((request, response),) = Recorder.handshakes
+            assert request() is None
+            assert response() is None
+            await socket.send("headers")
+            released = await socket.recv()
+        before, after = str(released).split("->")
+        assert int(before) > 0
+        assert after == "0"
+
+
+async def test_a_frame_above_the_size_limit_closes_with_1009() -> None:
+    async with serve(echo, lifespan="off", ws=WebSocketProtocol, ws_max_size=1024) as base:
+        url = base.replace("http://", "ws://") + "/ws"
+        async with connect(url) as socket:
+            await socket.send("x" * 1024)
+            assert await socket.recv() == "x" * 1024
+            await socket.send("x" * 1025)
+            with pytest.raises(ConnectionClosed) as closed:
+                await socket.recv()
+        assert closed.value.rcvd is not None
+        assert closed.value.rcvd.code == 1009
+
+
+async def test_a_client_that_never_answers_pings_is_closed() -> None:
+    async with serve(
+        echo, lifespan="off", ws=WebSocketProtocol, ws_ping_interval=0.1, ws_ping_timeout=0.2
+    ) as base:
+        host, port = base.removeprefix("http://").split(":")
+        reader, writer = await asyncio.open_connection(host, int(port))
+        key = base64.b64encode(os.urandom(16)).decode()
+        writer.write(
+            f"GET /ws HTTP/1.1\r\nHost: {host}\r\nUpgrade: websocket\r\n"
+            f"Connection: Upgrade\r\nSec-WebSocket-Key: {key}\r\n"
+            "Sec-WebSocket-Version: 13\r\n\r\n".encode()
+        )
+        head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), TIMEOUT)
+        assert head.startswith(b"HTTP/1.1 101")
+        # pings arrive, then, unanswered, a close frame and the end of the stream
+        received = await asyncio.wait_for(reader.read(), TIMEOUT)
+        writer.close()
+    frames = []
+    while received:  # a server's frames are not masked; these are short
+        length = received[1] & 0x7F
+        frames.append((received[0] & 0x0F, received[2 : 2 + length]))
+        received = received[2 + length :]
+    assert frames[0][0] == 0x9
+    opcode, payload = frames[-1]
+    assert opcode == 0x8
+    assert int.from_bytes(payload[:2], "big") == 1011
+
+
+async def test_inbox_hands_items_over_in_order_and_wakes_a_waiting_reader() -> None:
+    inbox = Inbox()
+    assert inbox.empty()
+    reader = asyncio.create_task(inbox.get())
+    await asyncio.sleep(0)  # one turn of the loop: the reader starts and waits
+    assert not reader.done()
+    inbox.put_nowait("first")
+    inbox.put_nowait("second")
+    assert await asyncio.wait_for(reader, TIMEOUT) == "first"
+    assert inbox.qsize() == 1
+    assert await inbox.get() == "second"
+    assert inbox.empty()
+
+
+async def test_inbox_passes_a_wake_up_on_when_its_reader_is_cancelled() -> None:
+    inbox = Inbox()
+    first = asyncio.create_task(inbox.get())
+    second = asyncio.create_task(inbox.get())
+    await asyncio.sleep(0)  # both wait
+    inbox.put_nowait("only")
+    first.cancel()
+    assert await asyncio.wait_for(second, TIMEOUT) == "only"
+    assert first.cancelled()
+
+
+async def test_write_gate_holds_writers_until_it_opens() -> None:
+    gate = WriteGate()
+    assert gate.is_set()
+    assert await gate.wait()
+    gate.clear()
+    waiting = [asyncio.create_task(gate.wait()) for _ in range(3)]
+    await asyncio.sleep(0)  # they wait
+    assert not any(task.done() for task in waiting)
+    gate.set()
+    assert await asyncio.wait_for(asyncio.gather(*waiting), TIMEOUT) == [True, True, True]
