@@ -253,3 +253,75 @@ async def test_reading_stops_while_more_than_the_limit_waits_for_the_relay() -> 
         assert await socket.receive() == "more"
         assert transport.is_reading()
         socket.abort()
+
+
+def frame_head(opcode: int, length: int, *, fin: bool = True, masked: bool = False) -> bytes:
+    first = (0x80 if fin else 0) | opcode
+    mask = 0x80 if masked else 0
+    if length < 126:
+        return bytes([first, mask | length])
+    if length < 65536:
+        return bytes([first, mask | 126]) + length.to_bytes(2, "big")
+    return bytes([first, mask | 127]) + length.to_bytes(8, "big")
+
+
+async def test_frames_split_at_every_byte_read_the_same_as_whole() -> None:
+    big = b"y" * 70_000  # a 64-bit length
+    stream = (
+        frame(1, "héllo".encode())
+        + frame(1, b"frag", fin=False)
+        + frame(9, b"p")
+        + frame(0, b"ment")
+        + frame_head(2, len(big))
+        + big
+        + frame(1, b"x" * 300)
+    )
+
+    async def answer(head: bytes, reader: asyncio.StreamReader, w: asyncio.StreamWriter) -> None:
+        w.write(accepted(head))
+        for index in range(len(stream)):
+            w.write(stream[index : index + 1])
+            if index % 4096 == 0:
+                await w.drain()
+        await w.drain()
+        await reader.read()
+
+    async with replica(answer) as port:
+        socket = await open_to(port, max_size=100_000)
+        received = [await asyncio.wait_for(socket.receive(), TIMEOUT) for _ in range(4)]
+        socket.abort()
+    assert received == ["héllo", "fragment", big, "x" * 300]
+
+
+@pytest.mark.parametrize(
+    ("broken", "code"),
+    [
+        (frame_head(1, 2, masked=True) + b"\x00\x00\x00\x00hi", 1002),  # masked by the server
+        (bytes([0xC1, 2]) + b"hi", 1002),  # a reserved bit with no extension
+        (frame(1, b"\xff\xfe"), 1007),  # text that is not UTF-8
+        (frame(0, b"lost"), 1002),  # a continuation of nothing
+        (frame(9, b"p", fin=False), 1002),  # a fragmented ping
+        (frame(8, (999).to_bytes(2, "big")), 1002),  # a close code nobody may send
+        (frame(8, b"\x03"), 1002),  # a close payload of one byte
+        (frame(3, b"?"), 1002),  # an opcode that does not exist
+    ],
+)
+async def test_a_frame_that_breaks_the_protocol_ends_the_socket_with_a_close(
+    broken: bytes, code: int
+) -> None:
+    answered: list[bytes] = []
+
+    async def answer(head: bytes, reader: asyncio.StreamReader, w: asyncio.StreamWriter) -> None:
+        w.write(accepted(head) + frame(1, b"fine") + broken + frame(1, b"never read"))
+        await w.drain()
+        answered.append(await reader.readexactly(2))  # the close frame's head
+        await reader.read()
+
+    async with replica(answer) as port:
+        socket = await open_to(port)
+        assert await asyncio.wait_for(socket.receive(), TIMEOUT) == "fine"
+        ended = await asyncio.wait_for(socket.receive(), TIMEOUT)
+        socket.abort()
+    assert isinstance(ended, Ended)
+    assert (ended.code, ended.lost) == (code, False)
+    assert answered[0][0] == 0x88  # a close frame went to the replica

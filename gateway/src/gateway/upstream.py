@@ -1,22 +1,30 @@
-"""The relay's WebSocket to a replica: websockets' sans-I/O client protocol
-on a bare transport, keeping only what a relayed socket needs.
+"""The relay's WebSocket to a replica, keeping only what a relayed socket needs.
 
 aiohttp's `ws_connect` keeps, for as long as the socket lives, the whole
 upgrade: the request's headers (the client's bearer token among them), the
 101 response's headers raw and parsed, its HTTP parser, a frame queue with a
 deque and the connection's pool bookkeeping, about 10 KB a socket. Once the
-handshake is done a relay needs the transport, a frame parser and the frames
-the client has not been sent yet; `UpstreamSocket` keeps those.
+handshake is done a relay needs the transport, the bytes of a frame not yet
+whole and the messages the client has not been sent yet; `UpstreamSocket`
+keeps those.
 
-The handshake is read by a parser of its own, fed only the response's head,
-and dropped once it has checked the answer (status 101, `Sec-WebSocket-Accept`,
-the subprotocol); the frames after it go to a second parser made open, so the
-response is not kept alive by the parser's own state for the socket's life.
+The handshake is websockets' sans-I/O client protocol, fed only the answer's
+head and dropped once it has checked it (status 101, `Sec-WebSocket-Accept`,
+the subprotocol). The frames after it are read here: a replica's frames are
+few kinds (text, binary, continuation, ping, pong, close) and arrive whole
+in one read nearly always, and websockets' generator-based parser cost about
+4 us a frame against about 1 us for this loop, at every delivery to every
+socket. The rules are RFC 6455's: a replica's frames are not masked and set
+no reserved bit (no extension is negotiated), control frames are whole and
+at most 125 bytes, text is UTF-8, a message is at most `max_size` bytes; a
+frame that breaks one is answered with a close frame (1002, 1007, 1009) and
+ends the socket. Frames sent are masked and built by websockets.
 
-Flow control both ways: more than `READ_LIMIT_BYTES` of frames the relay has
-not taken yet stop reading from the replica until it took them all (a limit,
-not a pause after every frame: that would cost two system calls a frame); a
-send waits while the transport's buffer is above its high-water mark.
+Flow control both ways: more than `READ_LIMIT_BYTES` of messages the relay
+has not taken yet stop reading from the replica until it took them all (a
+limit, not a pause after every message: that would cost two system calls a
+message); a send waits while the transport's buffer is above its high-water
+mark.
 """
 
 from __future__ import annotations
@@ -25,10 +33,9 @@ import asyncio
 from collections.abc import Iterable
 
 from websockets.client import ClientProtocol
-from websockets.exceptions import InvalidStatus
-from websockets.frames import Frame, Opcode
+from websockets.exceptions import InvalidStatus, ProtocolError
+from websockets.frames import Close, Frame, Opcode
 from websockets.http11 import Response
-from websockets.protocol import SEND_EOF, State
 from websockets.typing import Subprotocol
 from websockets.uri import parse_uri
 
@@ -37,13 +44,18 @@ from kit.websocket import Inbox
 CLOSE_TIMEOUT_SECONDS = 10.0
 """How long a closing handshake may wait for the replica (aiohttp's default)."""
 READ_LIMIT_BYTES = 65_536
-"""Frames read from a replica and not yet relayed, at most (aiohttp's read buffer,
-which the gateway used before, was as large)."""
+"""Messages read from a replica and not yet relayed, at most (aiohttp's read
+buffer, which the gateway used before, was as large)."""
 MAX_HEAD_BYTES = 65_536
 """Longest answer head a replica may send before the gateway gives up on it."""
 _HEAD_END = b"\r\n\r\n"
 _ABNORMAL = 1006
-# the parsers never read it: the request line and Host are the relay's own
+_PROTOCOL_ERROR = 1002
+_INVALID_DATA = 1007
+_MESSAGE_TOO_BIG = 1009
+_TEXT, _BINARY, _CONTINUATION = 0x1, 0x2, 0x0
+_CLOSE, _PING, _PONG = 0x8, 0x9, 0xA
+# the handshake's parser never reads it: the request line and Host are the relay's own
 _URI = parse_uri("ws://upstream/")
 
 
@@ -69,8 +81,8 @@ class HandshakeFailed(Exception):
 
 class Ended:
     """The end of the replica's side: its close frame, the connection lost
-    without one (`lost`), or a frame it sent that broke the protocol (code
-    1002, 1007, 1009: the close frame the relay sent it)."""
+    without one (`lost`), or a frame it sent that broke the protocol (the close
+    frame the relay answered it with: 1002, 1007, 1009)."""
 
     __slots__ = ("code", "lost", "reason")
 
@@ -91,7 +103,6 @@ class UpstreamSocket(asyncio.Protocol):
 
     __slots__ = (
         "_closed",
-        "_conn",
         "_drained",
         "_ended",
         "_fragments",
@@ -100,9 +111,12 @@ class UpstreamSocket(asyncio.Protocol):
         "_head",
         "_inbox",
         "_max_size",
+        "_open",
         "_opened",
+        "_pending",
         "_read_limit",
         "_reading_paused",
+        "_sent_close",
         "_unread",
         "subprotocol",
         "transport",
@@ -112,23 +126,25 @@ class UpstreamSocket(asyncio.Protocol):
         self, *, subprotocols: Iterable[str], max_size: int, read_limit: int = READ_LIMIT_BYTES
     ) -> None:
         offered = [Subprotocol(name) for name in subprotocols]
-        # the handshake's parser: fed the response's head only, then dropped
+        # the handshake's parser: fed the answer's head only, then dropped
         self._handshake: ClientProtocol | None = ClientProtocol(
             _URI, subprotocols=offered or None, max_size=max_size
         )
         self._head: bytearray | None = bytearray()
-        self._conn: ClientProtocol | None = None
+        self._open = False  # the handshake is done and no close frame went out
         self._max_size = max_size
         self._opened: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         self._closed: asyncio.Future[None] | None = None
         self._drained: asyncio.Future[None] | None = None
         self._inbox = Inbox()
         self._ended: Ended | None = None
-        self._fragments: tuple[bool, list[bytes]] | None = None
+        self._pending: bytearray | None = None  # a frame not yet whole
+        self._fragments: tuple[bool, list[bytes]] | None = None  # a message not yet whole
+        self._sent_close: Close | None = None
         self._gone = False
         self._read_limit = read_limit
         self._reading_paused = False
-        self._unread = 0  # bytes of messages in the inbox
+        self._unread = 0  # bytes of the messages in the inbox
         self.subprotocol: str | None = None
         self.transport: asyncio.Transport | None = None
 
@@ -168,39 +184,36 @@ class UpstreamSocket(asyncio.Protocol):
         self.transport = transport  # type: ignore[assignment]
 
     def data_received(self, data: bytes) -> None:
-        if self._conn is not None:
-            self._frame_data(data)
+        if self._handshake is None:
+            self._frames(data)
         elif self._head is not None:
             self._head_data(data)
-        elif self._handshake is not None:
+        else:
             # the body of a refusal
             self._handshake.receive_data(data)
             self._handshake_answered()
 
     def eof_received(self) -> bool | None:
-        if self._conn is not None:
-            self._conn.receive_eof()
-            self._flush()
-        elif self._handshake is not None:
+        if self._handshake is not None:
             if self._head is not None:
                 self._refuse(HandshakeFailed("the replica closed the connection"))
             else:
                 self._handshake.receive_eof()  # a refusal's body read to its end
                 self._handshake_answered()
-        return None  # the transport closes itself
+        return None  # the transport closes itself; connection_lost tells how it ended
 
     def connection_lost(self, exc: Exception | None) -> None:
         self._gone = True
+        self._open = False
         if not self._opened.done():
             self._opened.set_exception(HandshakeFailed("the replica closed the connection"))
         self._handshake = self._head = None
+        self._pending = None
         if self._ended is None:
-            conn = self._conn
-            if conn is not None and conn.close_rcvd is not None:
-                self._end(conn.close_rcvd.code, conn.close_rcvd.reason, lost=False)
-            elif conn is not None and conn.close_sent is not None:
-                # the relay closed first (or refused a frame): not a lost replica
-                self._end(conn.close_sent.code, conn.close_sent.reason, lost=False)
+            sent = self._sent_close
+            if sent is not None:
+                # the relay closed first, and the replica hung up before answering
+                self._end(sent.code, sent.reason, lost=False)
             else:
                 self._end(_ABNORMAL, "", lost=True)
         if self._closed is not None and not self._closed.done():
@@ -218,8 +231,9 @@ class UpstreamSocket(asyncio.Protocol):
 
     def _head_data(self, data: bytes) -> None:
         head = self._head
+        handshake = self._handshake
         assert head is not None
-        assert self._handshake is not None
+        assert handshake is not None
         head += data
         end = head.find(_HEAD_END)
         if end < 0:
@@ -229,11 +243,11 @@ class UpstreamSocket(asyncio.Protocol):
         end += len(_HEAD_END)
         self._head = None
         if head.startswith(b"HTTP/1.1 101 "):
-            # the head alone: the frames after it go to the socket's own parser
-            self._handshake.receive_data(bytes(head[:end]))
+            # the head alone: the frames after it are this socket's own
+            handshake.receive_data(bytes(head[:end]))
             self._handshake_answered(bytes(head[end:]))
         else:
-            self._handshake.receive_data(bytes(head))
+            handshake.receive_data(bytes(head))
             self._handshake_answered()
 
     def _handshake_answered(self, rest: bytes = b"") -> None:
@@ -255,10 +269,10 @@ class UpstreamSocket(asyncio.Protocol):
             self._refuse(HandshakeFailed(f"invalid handshake: {error}"))
         else:
             self.subprotocol = handshake.subprotocol
-            self._conn = ClientProtocol(_URI, state=State.OPEN, max_size=self._max_size)
+            self._open = True
             self._opened.set_result(None)
             if rest:
-                self._frame_data(rest)
+                self._frames(rest)
 
     def _refuse(self, error: Exception) -> None:
         self._handshake = self._head = None
@@ -269,36 +283,91 @@ class UpstreamSocket(asyncio.Protocol):
 
     # -- frames ---------------------------------------------------------------
 
-    def _frame_data(self, data: bytes) -> None:
-        conn = self._conn
-        assert conn is not None
-        conn.receive_data(data)
-        for event in conn.events_received():
-            if isinstance(event, Frame):
-                self._frame(event)
-        self._flush()  # pongs, the echo of a close frame, a close for a bad frame
-        if conn.close_rcvd is not None and self._ended is None:
-            self._end(conn.close_rcvd.code, conn.close_rcvd.reason, lost=False)
-        elif conn.parser_exc is not None and conn.close_sent is not None and self._ended is None:
-            self._end(conn.close_sent.code, conn.close_sent.reason, lost=False)
+    def _frames(self, data: bytes) -> None:
+        """Reads every whole frame in what has arrived; keeps the rest."""
+        if self._ended is not None:
+            return  # after a close frame (or a broken one) nothing more is read
+        pending = self._pending
+        if pending is not None:
+            pending += data
+            buffer: bytes | bytearray = pending
+        else:
+            buffer = data
+        size = len(buffer)
+        at = 0
+        while size - at >= 2:
+            first, second = buffer[at], buffer[at + 1]
+            length, start = second & 0x7F, at + 2
+            if length == 126:
+                if size - at < 4:
+                    break
+                length, start = int.from_bytes(buffer[at + 2 : at + 4], "big"), at + 4
+            elif length == 127:
+                if size - at < 10:
+                    break
+                length, start = int.from_bytes(buffer[at + 2 : at + 10], "big"), at + 10
+            if second & 0x80 or first & 0x70:
+                self._fail(_PROTOCOL_ERROR, "a masked frame or a reserved bit from the server")
+                return
+            if length > self._max_size:
+                self._fail(_MESSAGE_TOO_BIG, f"a frame of {length} bytes")
+                return
+            end = start + length
+            if end > size:
+                break
+            self._frame(first, bytes(buffer[start:end]))
+            at = end
+            if self.ended:
+                return  # a close frame, or one that broke the protocol
+        if at == size:
+            self._pending = None
+        elif pending is not None:
+            del pending[:at]
+        else:
+            self._pending = bytearray(buffer[at:])
 
-    def _frame(self, frame: Frame) -> None:
-        """A message from its frames (websockets checks their order and size)."""
-        opcode = frame.opcode
-        if opcode is Opcode.TEXT or opcode is Opcode.BINARY:
-            if frame.fin:
-                self._deliver(frame.data, text=opcode is Opcode.TEXT)
+    def _frame(self, first: int, payload: bytes) -> None:
+        fin, opcode = first & 0x80, first & 0x0F
+        if opcode in (_TEXT, _BINARY):
+            if self._fragments is not None:
+                self._fail(_PROTOCOL_ERROR, "a new message inside a fragmented one")
+            elif fin:
+                self._deliver(payload, text=opcode == _TEXT)
             else:
-                self._fragments = (opcode is Opcode.TEXT, [bytes(frame.data)])
-        elif opcode is Opcode.CONT and self._fragments is not None:
+                self._fragments = (opcode == _TEXT, [payload])
+        elif opcode == _CONTINUATION:
+            if self._fragments is None:
+                self._fail(_PROTOCOL_ERROR, "a continuation of no message")
+                return
             text, parts = self._fragments
-            parts.append(bytes(frame.data))
-            if frame.fin:
+            parts.append(payload)
+            if sum(len(part) for part in parts) > self._max_size:
+                self._fail(_MESSAGE_TOO_BIG, "a fragmented message above the limit")
+            elif fin:
                 self._fragments = None
                 self._deliver(b"".join(parts), text=text)
+        elif opcode in (_CLOSE, _PING, _PONG):
+            if not fin or len(payload) > 125:
+                self._fail(_PROTOCOL_ERROR, "a fragmented or long control frame")
+            elif opcode == _PING:
+                if self._open:
+                    self._write(Opcode.PONG, payload)
+            elif opcode == _CLOSE:
+                self._closed_by_replica(payload)
+        else:
+            self._fail(_PROTOCOL_ERROR, f"an unknown opcode {opcode}")
 
-    def _deliver(self, data: bytes | bytearray | memoryview, *, text: bool) -> None:
-        message: str | bytes = bytes(data).decode() if text else bytes(data)
+    def _deliver(self, data: bytes, *, text: bool) -> None:
+        if self._sent_close is not None:
+            return  # the relay is closing: its client is gone
+        if text:
+            try:
+                message: str | bytes = data.decode()
+            except UnicodeDecodeError:
+                self._fail(_INVALID_DATA, "text that is not UTF-8")
+                return
+        else:
+            message = data
         self._inbox.put_nowait(message)
         self._unread += len(message)
         if self._unread > self._read_limit and not self._reading_paused and self.transport:
@@ -306,20 +375,39 @@ class UpstreamSocket(asyncio.Protocol):
             self._reading_paused = True
             self.transport.pause_reading()
 
+    def _closed_by_replica(self, payload: bytes) -> None:
+        try:
+            close = Close.parse(payload)  # no payload: 1005, no status
+        except (ProtocolError, UnicodeDecodeError):
+            self._fail(_PROTOCOL_ERROR, "an invalid close frame")
+            return
+        if self._open:
+            # echoed as it came; the replica then ends the connection
+            self._open = False
+            self._write(Opcode.CLOSE, payload)
+        self._end(close.code, close.reason, lost=False)
+
+    def _fail(self, code: int, reason: str) -> None:
+        """The replica broke the protocol: a close frame tells it why, and the
+        socket ends with that code."""
+        self._send_close(code, reason)
+        self._pending = None
+        self._end(code, reason, lost=False)
+
     def _end(self, code: int, reason: str, *, lost: bool) -> None:
         self._ended = Ended(code, reason, lost=lost)
         self._inbox.put_nowait(self._ended)
 
-    def _flush(self) -> None:
-        conn, transport = self._conn, self.transport
-        if conn is None or transport is None or transport.is_closing():
-            return
-        for data in conn.data_to_send():
-            if data is SEND_EOF or data == b"":
-                if transport.can_write_eof():
-                    transport.write_eof()
-            else:
-                transport.write(data)
+    def _send_close(self, code: int, reason: str) -> None:
+        if self._open:
+            self._open = False
+            self._sent_close = Close(code, reason)
+            self._write(Opcode.CLOSE, self._sent_close.serialize())
+
+    def _write(self, opcode: Opcode, data: bytes) -> None:
+        transport = self.transport
+        if transport is not None and not transport.is_closing():
+            transport.write(Frame(opcode, data).serialize(mask=True))
 
     def _wake_writer(self) -> None:
         drained, self._drained = self._drained, None
@@ -329,10 +417,14 @@ class UpstreamSocket(asyncio.Protocol):
     # -- what the relay calls ---------------------------------------------------
 
     @property
+    def ended(self) -> bool:
+        """Whether the replica's side is over (its close frame, a broken frame, gone)."""
+        return self._ended is not None
+
+    @property
     def closed(self) -> bool:
         """Whether the socket is over or closing (nothing can be sent)."""
-        conn = self._conn
-        return conn is None or conn.state is not State.OPEN or self._ended is not None
+        return not self._open or self._ended is not None
 
     async def receive(self) -> Message:
         """The replica's next message, or `Ended` (again on every later call)."""
@@ -347,43 +439,32 @@ class UpstreamSocket(asyncio.Protocol):
         return message
 
     async def send_text(self, text: str) -> None:
-        await self._send(text.encode(), text=True)
+        await self._send(Opcode.TEXT, text.encode())
 
     async def send_bytes(self, data: bytes) -> None:
-        await self._send(data, text=False)
+        await self._send(Opcode.BINARY, data)
 
-    async def _send(self, data: bytes, *, text: bool) -> None:
-        conn = self._conn
-        if conn is None or conn.state is not State.OPEN:
+    async def _send(self, opcode: Opcode, data: bytes) -> None:
+        if not self._open:
             raise ConnectionResetError("the upstream socket is closing")
-        if text:
-            conn.send_text(data)
-        else:
-            conn.send_binary(data)
-        self._flush()
-        while self._drained is not None and self._ended is None:
+        self._write(opcode, data)
+        while self._drained is not None and not self._gone:
             await asyncio.shield(self._drained)
 
     async def close(self, code: int = 1000, reason: bytes | str = b"") -> None:
         """Closes with `code` unless a close is under way, then waits (at most
         CLOSE_TIMEOUT_SECONDS) for the replica to end the connection."""
-        transport = self.transport
-        if transport is None:
+        if self.transport is None or self._gone:
             return
-        conn = self._conn
-        if conn is not None and conn.state is State.OPEN:
-            text = reason.decode(errors="replace") if isinstance(reason, bytes) else reason
-            conn.send_close(code, text)
-            self._flush()
-        if self._gone:
-            return
+        text = reason.decode(errors="replace") if isinstance(reason, bytes) else reason
+        self._send_close(code, text)
         if self._closed is None:
             self._closed = asyncio.get_running_loop().create_future()
         try:
             async with asyncio.timeout(CLOSE_TIMEOUT_SECONDS):
                 await asyncio.shield(self._closed)
         except TimeoutError:
-            transport.abort()
+            self.abort()
 
     def abort(self) -> None:
         if self.transport is not None:
