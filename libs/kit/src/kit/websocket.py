@@ -38,6 +38,17 @@ from uvicorn.protocols.websockets.websockets_sansio_impl import WebSocketsSansIO
 from websockets.protocol import Protocol, State
 
 
+def _park(
+    waiters: list[asyncio.Future[None]] | None,
+) -> tuple[list[asyncio.Future[None]], asyncio.Future[None]]:
+    """A new future to wait on, added to `waiters` (a list made on first use)."""
+    waiter: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+    if waiters is None:
+        return [waiter], waiter
+    waiters.append(waiter)
+    return waiters, waiter
+
+
 class Inbox:
     """The events the app has not received yet: the part of `asyncio.Queue`
     uvicorn uses (`put_nowait`, `get`, `empty`), holding no container while
@@ -64,11 +75,7 @@ class Inbox:
 
     async def get(self) -> Any:
         while not self._items:
-            waiter = asyncio.get_running_loop().create_future()
-            if self._waiters is None:
-                self._waiters = [waiter]
-            else:
-                self._waiters.append(waiter)
+            self._waiters, waiter = _park(self._waiters)
             try:
                 await waiter
             except BaseException:
@@ -125,11 +132,7 @@ class WriteGate:
     async def wait(self) -> bool:
         if self._open:
             return True
-        waiter = asyncio.get_running_loop().create_future()
-        if self._waiters is None:
-            self._waiters = [waiter]
-        else:
-            self._waiters.append(waiter)
+        self._waiters, waiter = _park(self._waiters)
         try:
             await waiter
         finally:
