@@ -9,6 +9,7 @@ import httpx
 import pytest
 from fastapi import FastAPI
 from prometheus_client.parser import text_string_to_metric_families
+from pydantic import RedisDsn
 from redis.asyncio import BlockingConnectionPool, Redis
 from sqlalchemy import text
 from sqlalchemy.ext.asyncio import AsyncEngine
@@ -111,10 +112,11 @@ async def test_new_redis_connections_share_one_driver_info(redis_url: str) -> No
     building its own (which reads redis-py's version from the installed
     distributions every time), and works as before."""
     async with contextlib.AsyncExitStack() as stack:
-        settings = ServiceSettings(_env_file=None, redis_url=redis_url)
+        settings = ServiceSettings(_env_file=None, redis_url=RedisDsn(redis_url))
         client = open_redis(Parts(stack), settings)
         pool = client.connection_pool
-        first, second = pool.make_connection(), pool.make_connection()
+        first = pool.make_connection()  # type: ignore[no-untyped-call]
+        second = pool.make_connection()  # type: ignore[no-untyped-call]
         assert first.driver_info is second.driver_info is REDIS_DRIVER
         assert await client.ping()
         await first.disconnect()
