@@ -79,6 +79,9 @@ async def test_presence_join_and_leave_across_replicas(
 ) -> None:
     room = unique_room()
     async with chat(cluster[0], room, minter.token(user_id="ann", name="Ann")) as ann:
+        # each replica writes its presence on its own beat: Ann's is written
+        # (and told to her) before Bob comes, or the listing could miss her
+        await ann.recv_until(joins("ann"))
         async with chat(cluster[1], room, minter.token(user_id="bob", name="Bob")):
             joined = await ann.recv_until(joins("bob"))
             listing = await presence_listing(cluster[2], room, minter)
