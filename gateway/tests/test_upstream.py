@@ -325,3 +325,68 @@ async def test_a_frame_that_breaks_the_protocol_ends_the_socket_with_a_close(
     assert isinstance(ended, Ended)
     assert (ended.code, ended.lost) == (code, False)
     assert answered[0][0] == 0x88  # a close frame went to the replica
+
+
+class ClientSide:
+    """Stands in for the client socket's frame writer (`kit.websocket`)."""
+
+    def __init__(self) -> None:
+        self.frames: list[bytes] = []
+        self.taking = True
+
+    def write_frame(self, encoded: bytes) -> bool:
+        if self.taking:
+            self.frames.append(encoded)
+        return self.taking
+
+
+async def test_whole_frames_pass_to_the_client_as_they_came_and_in_order() -> None:
+    cues: asyncio.Queue[bytes] = asyncio.Queue()
+
+    async def answer(head: bytes, reader: asyncio.StreamReader, w: asyncio.StreamWriter) -> None:
+        w.write(accepted(head))
+        while data := await cues.get():
+            w.write(data)
+            await w.drain()
+        await reader.read()
+
+    async with replica(answer) as port:
+        socket = await open_to(port)
+        client = ClientSide()
+        socket.forward = client  # type: ignore[assignment]
+
+        async def forwarded(count: int) -> None:
+            async def arrived() -> bool:
+                return len(client.frames) == count
+
+            await eventually(arrived)
+
+        # whole frames: the very bytes, nothing for the relay
+        cues.put_nowait(frame(1, "héllo".encode()) + frame(2, b"\x00\x01"))
+        await forwarded(2)
+        assert client.frames == [frame(1, "héllo".encode()), frame(2, b"\x00\x01")]
+        # the client's transport is paused: the relay gets it, and what follows
+        # it waits behind it even once the client takes frames again
+        client.taking = False
+        cues.put_nowait(frame(1, b"two"))
+        assert await asyncio.wait_for(socket.receive(), TIMEOUT) == "two"
+        client.taking = True
+        cues.put_nowait(frame(1, b"three"))
+        assert await asyncio.wait_for(socket.receive(), TIMEOUT) == "three"
+        socket.relayed()  # "two" was sent
+        socket.relayed()  # and "three"
+        # a message in fragments is the relay's too
+        cues.put_nowait(frame(1, b"fo", fin=False) + frame(0, b"ur"))
+        assert await asyncio.wait_for(socket.receive(), TIMEOUT) == "four"
+        socket.relayed()
+        cues.put_nowait(frame(1, b"five"))
+        await forwarded(3)
+        assert client.frames[-1] == frame(1, b"five")
+        # text that is not UTF-8 is never passed on: the socket ends with 1007
+        cues.put_nowait(frame(1, b"\xff\xfe"))
+        ended = await asyncio.wait_for(socket.receive(), TIMEOUT)
+        assert isinstance(ended, Ended)
+        assert ended.code == 1007
+        assert len(client.frames) == 3
+        cues.put_nowait(b"")
+        socket.abort()

@@ -20,6 +20,14 @@ at most 125 bytes, text is UTF-8, a message is at most `max_size` bytes; a
 frame that breaks one is answered with a close frame (1002, 1007, 1009) and
 ends the socket. Frames sent are masked and built by websockets.
 
+A whole text or binary frame is passed to the client as it came, when
+nothing is waiting before it: a replica's frame and the gateway's frame to
+its client are the same bytes (neither is masked, neither compressed), so
+`forward` (the client socket's `kit.websocket` frame writer) writes it to the
+client's transport from here, with no task woken and nothing framed again.
+Anything else (fragments, a client transport that is paused, messages the
+relay has not sent yet) goes through the inbox and the relay, in order.
+
 Flow control both ways: more than `READ_LIMIT_BYTES` of messages the relay
 has not taken yet stop reading from the replica until it took them all (a
 limit, not a pause after every message: that would cost two system calls a
@@ -39,7 +47,7 @@ from websockets.http11 import Response
 from websockets.typing import Subprotocol
 from websockets.uri import parse_uri
 
-from kit.websocket import Inbox
+from kit.websocket import Inbox, WebSocketProtocol
 
 CLOSE_TIMEOUT_SECONDS = 10.0
 """How long a closing handshake may wait for the replica (aiohttp's default)."""
@@ -55,6 +63,8 @@ _INVALID_DATA = 1007
 _MESSAGE_TOO_BIG = 1009
 _TEXT, _BINARY, _CONTINUATION = 0x1, 0x2, 0x0
 _CLOSE, _PING, _PONG = 0x8, 0x9, 0xA
+_TEXT_WHOLE, _BINARY_WHOLE = 0x80 | _TEXT, 0x80 | _BINARY
+_WHOLE_DATA = frozenset((_TEXT_WHOLE, _BINARY_WHOLE))
 # the handshake's parser never reads it: the request line and Host are the relay's own
 _URI = parse_uri("ws://upstream/")
 
@@ -113,11 +123,13 @@ class UpstreamSocket(asyncio.Protocol):
         "_max_size",
         "_open",
         "_opened",
+        "_owed",
         "_pending",
         "_read_limit",
         "_reading_paused",
         "_sent_close",
         "_unread",
+        "forward",
         "subprotocol",
         "transport",
     )
@@ -145,6 +157,8 @@ class UpstreamSocket(asyncio.Protocol):
         self._read_limit = read_limit
         self._reading_paused = False
         self._unread = 0  # bytes of the messages in the inbox
+        self._owed = 0  # messages handed to the relay and not yet sent by it
+        self.forward: WebSocketProtocol | None = None
         self.subprotocol: str | None = None
         self.transport: asyncio.Transport | None = None
 
@@ -315,6 +329,17 @@ class UpstreamSocket(asyncio.Protocol):
             end = start + length
             if end > size:
                 break
+            if (
+                first in _WHOLE_DATA
+                and self.forward is not None
+                and self._owed == 0
+                and self._fragments is None
+                and self._inbox.empty()
+                and self._sent_close is None
+                and self._forwarded(first, buffer, at, start, end)
+            ):
+                at = end
+                continue
             self._frame(first, bytes(buffer[start:end]))
             at = end
             if self.ended:
@@ -325,6 +350,19 @@ class UpstreamSocket(asyncio.Protocol):
             del pending[:at]
         else:
             self._pending = bytearray(buffer[at:])
+
+    def _forwarded(
+        self, first: int, buffer: bytes | bytearray, at: int, start: int, end: int
+    ) -> bool:
+        """Writes a whole data frame to the client as it came; False if the
+        client's socket cannot take it now (or its text is not UTF-8)."""
+        assert self.forward is not None
+        if first == _TEXT_WHOLE:
+            try:
+                bytes(buffer[start:end]).decode()
+            except UnicodeDecodeError:
+                return False  # read the usual way, which closes with 1007
+        return self.forward.write_frame(bytes(buffer[at:end]))
 
     def _frame(self, first: int, payload: bytes) -> None:
         fin, opcode = first & 0x80, first & 0x0F
@@ -433,10 +471,15 @@ class UpstreamSocket(asyncio.Protocol):
         message: Message = await self._inbox.get()
         if not isinstance(message, Ended):
             self._unread -= len(message)
+            self._owed += 1
         if self._inbox.empty() and self._reading_paused and self.transport is not None:
             self._reading_paused = False
             self.transport.resume_reading()
         return message
+
+    def relayed(self) -> None:
+        """The relay sent (or gave up on) the message `receive` gave it last."""
+        self._owed -= 1
 
     async def send_text(self, text: str) -> None:
         await self._send(Opcode.TEXT, text.encode())

@@ -33,7 +33,7 @@ from gateway.upstream import (
 from kit.errors import BadGateway, DomainError, GatewayTimeout, NotFound, ServiceUnavailable
 from kit.security import bearer_from_subprotocols
 from kit.tracing import tracing_enabled
-from kit.websocket import release_headers
+from kit.websocket import frames_of, release_headers
 
 logger = logging.getLogger("gateway.websocket")
 _tracer = trace.get_tracer("gateway.websocket")
@@ -167,6 +167,8 @@ class WebSocketProxy:
             await send(
                 {"type": "websocket.accept", "subprotocol": upstream.subprotocol, "headers": []}
             )
+            # the replica's whole frames go straight to the client (gateway.upstream)
+            upstream.forward = frames_of(scope)
             relay = Relay(upstream, receive, send, on_lost=lambda: route.pool.lost(replica))
             self.runtime.websockets.add(relay.shut_down)
             try:
@@ -335,9 +337,15 @@ class Relay:
             message = await upstream.receive()
             try:
                 if isinstance(message, str):
-                    await self.send({"type": "websocket.send", "text": message})
+                    try:
+                        await self.send({"type": "websocket.send", "text": message})
+                    finally:
+                        upstream.relayed()
                 elif isinstance(message, bytes):
-                    await self.send({"type": "websocket.send", "bytes": message})
+                    try:
+                        await self.send({"type": "websocket.send", "bytes": message})
+                    finally:
+                        upstream.relayed()
                 elif message.lost:
                     # an upstream that vanished without a close frame: "bad gateway"
                     self.on_lost()

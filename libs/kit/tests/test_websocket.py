@@ -15,7 +15,15 @@ from websockets.asyncio.client import connect
 from websockets.exceptions import ConnectionClosed
 from websockets.http11 import Request, Response
 
-from kit.websocket import Inbox, WebSocketProtocol, WriteGate, release_headers
+from kit.websocket import (
+    Inbox,
+    WebSocketProtocol,
+    WriteGate,
+    binary_frame,
+    frames_of,
+    release_headers,
+    text_frame,
+)
 from kit_testing import serve
 
 TIMEOUT = 5.0
@@ -172,3 +180,74 @@ async def test_write_gate_holds_writers_until_it_opens() -> None:
     assert not any(task.done() for task in waiting)
     gate.set()
     assert await asyncio.wait_for(asyncio.gather(*waiting), TIMEOUT) == [True, True, True]
+
+
+@pytest.mark.parametrize("size", [0, 125, 126, 65535, 65536])
+def test_frames_encoded_once_parse_as_websockets_reads_them(size: int) -> None:
+    from websockets.frames import Frame, Opcode
+    from websockets.streams import StreamReader
+
+    text = "é" * (size // 2) + "x" * (size % 2)
+    for encoded, opcode, payload in (
+        (text_frame(text), Opcode.TEXT, text.encode()),
+        (binary_frame(b"\x01" * size), Opcode.BINARY, b"\x01" * size),
+    ):
+        reader = StreamReader()
+        reader.feed_data(encoded)
+        parser = Frame.parse(reader.read_exact, mask=False, max_size=None)
+        with pytest.raises(StopIteration) as parsed:
+            next(parser)
+        frame = parsed.value.value
+        assert (frame.opcode, frame.fin, frame.data) == (opcode, True, payload)
+        assert not reader.buffer  # nothing left over
+
+
+async def frames_app(scope: Scope, receive: Receive, send: Send) -> None:
+    """Writes encoded frames straight to the transport: `before` is what
+    `write_frame` answered before the accept, then each text received comes
+    back twice, the second time as an encoded frame; `pause` reports what it
+    answers while the transport is paused."""
+    protocol = frames_of(scope)
+    assert protocol is not None
+    assert (await receive())["type"] == "websocket.connect"
+    before = protocol.write_frame(text_frame("too early"))
+    await send({"type": "websocket.accept"})
+    await send({"type": "websocket.send", "text": f"before:{before}"})
+    while True:
+        message = await receive()
+        if message["type"] == "websocket.disconnect":
+            return
+        text = message["text"]
+        if text == "pause":
+            protocol.pause_writing()
+            paused = protocol.write_frame(text_frame("while paused"))
+            protocol.resume_writing()
+            await send({"type": "websocket.send", "text": f"paused:{paused}"})
+        elif text == "close":
+            await send({"type": "websocket.close", "code": 1000})
+            assert protocol.write_frame(text_frame("after close")) is False
+            return
+        else:
+            await send({"type": "websocket.send", "text": text})
+            assert protocol.write_frame(text_frame(text.upper()))
+
+
+async def test_encoded_frames_go_straight_out_only_while_the_socket_can_take_them() -> None:
+    async with serve(frames_app, lifespan="off") as base:
+        url = base.replace("http://", "ws://") + "/ws"
+        async with connect(url) as socket:
+            assert await socket.recv() == "before:False"
+            await socket.send("hello")
+            assert [await socket.recv(), await socket.recv()] == ["hello", "HELLO"]
+            await socket.send("pause")
+            assert await socket.recv() == "paused:False"
+            await socket.send("close")
+            with pytest.raises(ConnectionClosed) as closed:
+                await socket.recv()
+        assert closed.value.rcvd is not None
+        assert closed.value.rcvd.code == 1000
+
+
+def test_a_scope_from_another_server_has_no_frame_writer() -> None:
+    assert frames_of({"type": "websocket", "extensions": {}}) is None
+    assert frames_of({"type": "websocket"}) is None

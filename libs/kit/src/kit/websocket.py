@@ -25,6 +25,14 @@ does: pings, the size limit, flow control, 1012 on shutdown. Run it with
 
 The headers the app reads stay in `scope["headers"]`, which the app owns;
 `release_headers` lets an app that is done with them let them go.
+
+A frame sent the ASGI way passes every layer's `send` wrapper, uvicorn's
+checks and websockets' framing, for each socket it goes to. A server frame
+is the same bytes whoever receives it (servers do not mask), so an app that
+sends one message to many sockets (a chat room, a relay) frames it once
+(`text_frame`) and writes it to each socket's transport (`frames_of(scope)`
+then `write_frame`), falling back to `send` whenever the socket cannot take
+it at once (its transport is paused, or it is closing).
 """
 
 from __future__ import annotations
@@ -36,6 +44,30 @@ from starlette.types import Scope
 from uvicorn._types import ASGISendEvent
 from uvicorn.protocols.websockets.websockets_sansio_impl import WebSocketsSansIOProtocol
 from websockets.protocol import Protocol, State
+
+FRAMES_EXTENSION = "kit.websocket.frames"
+"""The scope extension under which the socket's protocol takes encoded frames."""
+_TEXT_FIN = 0x81
+_BINARY_FIN = 0x82
+
+
+def _frame(first: int, payload: bytes) -> bytes:
+    length = len(payload)
+    if length < 126:
+        return bytes((first, length)) + payload
+    if length < 65536:
+        return bytes((first, 126)) + length.to_bytes(2, "big") + payload
+    return bytes((first, 127)) + length.to_bytes(8, "big") + payload
+
+
+def text_frame(text: str) -> bytes:
+    """`text` as one unmasked, unfragmented text frame: what a server sends."""
+    return _frame(_TEXT_FIN, text.encode())
+
+
+def binary_frame(data: bytes) -> bytes:
+    """`data` as one unmasked, unfragmented binary frame."""
+    return _frame(_BINARY_FIN, data)
 
 
 def _park(
@@ -197,6 +229,11 @@ class WebSocketProtocol(WebSocketsSansIOProtocol):
 
     def handle_connect(self, event: Any) -> None:
         super().handle_connect(event)
+        extensions = self.scope.get("extensions")
+        if extensions is not None:
+            # the protocol itself rather than a dict of its own (ASGI's custom):
+            # nothing more kept per socket
+            extensions[FRAMES_EXTENSION] = self  # type: ignore[assignment]
         # the scope holds what the app reads of the request; the parsed request
         # itself is never read again
         self.request = None  # type: ignore[assignment]
@@ -224,6 +261,31 @@ class WebSocketProtocol(WebSocketsSansIOProtocol):
         if self.handshake_complete:
             # answered (accepted, refused or an HTTP response): never read again
             self.response = None  # type: ignore[assignment]
+
+    def write_frame(self, frame: bytes) -> bool:
+        """Writes an encoded frame (`text_frame`, `binary_frame`) to the client
+        now; False, writing nothing, when the socket cannot take it at once: not
+        open yet or any more, closing, or its transport paused (the caller then
+        sends the ASGI way, which waits for the transport or raises)."""
+        if (
+            not self.handshake_complete
+            or self.close_sent
+            or self.disconnected
+            or self.initial_response is not None
+            or not self.writable.is_set()
+            or self.conn.state is not State.OPEN
+            or self.transport.is_closing()
+        ):
+            return False
+        self.transport.write(frame)
+        return True
+
+
+def frames_of(scope: Scope) -> WebSocketProtocol | None:
+    """The protocol that takes encoded frames for this socket, if its server
+    runs `WebSocketProtocol`."""
+    extensions = scope.get("extensions")
+    return None if extensions is None else extensions.get(FRAMES_EXTENSION)
 
 
 def release_headers(scope: Scope) -> None:

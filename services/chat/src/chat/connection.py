@@ -6,6 +6,13 @@ pushes frames into the outbox and never awaits the socket, so a slow consumer
 cannot hold up a room; an outbox that overflows gets the socket dropped
 instead (close 4008). The endpoint (chat.endpoint) starts it once the
 handshake is done and stops it when the socket ends.
+
+A frame pushed while the writer is idle (nothing queued, nothing being sent)
+is written to the socket's transport there and then, already encoded
+(`kit.websocket.write_frame`): a room's message is framed once for all its
+sockets, and no task wakes for it. Anything else (the socket's transport
+paused, a replay running, frames queued) goes through the outbox and the
+writer, in order.
 """
 
 from __future__ import annotations
@@ -21,6 +28,7 @@ from typing import TYPE_CHECKING, NamedTuple
 from starlette.websockets import WebSocket
 
 from chat.schemas import StoredMessage
+from kit.websocket import WebSocketProtocol, frames_of, text_frame
 
 if TYPE_CHECKING:
     from kit.security import Principal
@@ -52,6 +60,7 @@ class Connection:
     __slots__ = (
         "_dropped",
         "_expiry",
+        "_frames",
         "_handler",
         "_outbox",
         "_present",
@@ -95,6 +104,7 @@ class Connection:
         self._outbox: deque[tuple[int, str] | None] = deque()
         self._waiter: asyncio.Future[None] | None = None
         self._expiry: asyncio.TimerHandle | None = None
+        self._frames: WebSocketProtocol | None = frames_of(websocket.scope)
 
     # -- life ---------------------------------------------------------------
 
@@ -156,8 +166,19 @@ class Connection:
 
     # -- outgoing -----------------------------------------------------------
 
-    def push(self, message_id: int, frame: str) -> bool:
-        """Queues a message frame (id order); False when the outbox is full."""
+    def push(self, message_id: int, frame: str, encoded: bytes | None = None) -> bool:
+        """Sends a message frame (id order; `encoded`: the same as `text_frame`
+        makes it, shared by every socket of a room), at once if the writer is
+        idle, else through the outbox; False when the outbox is full."""
+        if (
+            self._waiter is not None  # the writer waits on an empty outbox
+            and (message_id == 0 or message_id > self.last_sent_id)
+            and self._frames is not None
+            and self._frames.write_frame(encoded or text_frame(frame))
+        ):
+            if message_id:
+                self.last_sent_id = message_id
+            return True
         if len(self._outbox) >= self.limit:
             return False
         self._outbox.append((message_id, frame))
@@ -169,9 +190,9 @@ class Connection:
         """Frames waiting in the outbox."""
         return len(self._outbox)
 
-    def push_frame(self, frame: str) -> bool:
-        """Queues a frame outside the id order (presence, errors, acknowledgements)."""
-        return self.push(0, frame)
+    def push_frame(self, frame: str, encoded: bytes | None = None) -> bool:
+        """Sends a frame outside the id order (presence, errors, acknowledgements)."""
+        return self.push(0, frame, encoded)
 
     def request_close(self, code: int, reason: str) -> None:
         """Closes after the frames already queued; the close itself is never refused."""

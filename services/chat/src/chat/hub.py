@@ -36,6 +36,7 @@ from chat.metrics import ChatMetrics
 from chat.presence import Presence
 from chat.schemas import StoredMessage
 from kit.security import revoked_among
+from kit.websocket import text_frame
 
 logger = logging.getLogger("chat.hub")
 
@@ -113,7 +114,10 @@ class RoomFeed:
         self.recent.append(frame)
         self.hub.metrics.deliveries.inc(len(self.connections))
         self.hub.metrics.delivered(frame)
-        overflowed = [conn for conn in self.connections if not conn.push(message_id, frame)]
+        encoded = text_frame(frame)  # once for every socket of the room
+        overflowed = [
+            conn for conn in self.connections if not conn.push(message_id, frame, encoded)
+        ]
         for connection in overflowed:
             self.hub.kick(connection, CLOSE_SLOW_CONSUMER, "slow consumer")
 
@@ -318,7 +322,8 @@ class Hub:
         )
 
     def _push_to_room(self, feed: RoomFeed, frame: str) -> None:
-        overflowed = [conn for conn in feed.connections if not conn.push_frame(frame)]
+        encoded = text_frame(frame)
+        overflowed = [conn for conn in feed.connections if not conn.push_frame(frame, encoded)]
         for connection in overflowed:
             self.kick(connection, CLOSE_SLOW_CONSUMER, "slow consumer")
 
