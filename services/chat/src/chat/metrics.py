@@ -67,7 +67,9 @@ class ChatMetrics:
             "chat_messages_stored_total", "Messages stored by this replica", registry=registry
         )
         self.deliveries = Counter(
-            "chat_deliveries_total", "Message frames queued to sockets", registry=registry
+            "chat_deliveries_total",
+            "Message frames given to sockets (written at once or queued)",
+            registry=registry,
         )
         self.delivery_lag = Histogram(
             "chat_delivery_lag_seconds",
