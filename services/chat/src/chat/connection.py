@@ -171,7 +171,8 @@ class Connection:
         makes it, shared by every socket of a room), at once if the writer is
         idle, else through the outbox; False when the outbox is full."""
         if (
-            self._waiter is not None  # the writer waits on an empty outbox
+            self._waiter is not None  # the writer waits on an empty outbox...
+            and not self._outbox  # ...and was not woken for a frame that failed this test
             and (message_id == 0 or message_id > self.last_sent_id)
             and self._frames is not None
             and self._frames.write_frame(encoded or text_frame(frame))
