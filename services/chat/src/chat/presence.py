@@ -31,12 +31,14 @@ member: a room whose sockets here number more than `sockets_per_change` times
 its changes waits (its changes accumulate, net) until enough have come or the
 oldest of them is `max_delay` seconds old. A diff goes to every member of the
 room, on every replica, so without this a storm of joins into rooms of m
-members costs m frames per replica and interval whatever the joins: about
-30 frames relayed per socket opened when 10,000 sockets join 100 rooms. Held
-back, a diff carries at least one change per `sockets_per_change` sockets
-here, so the frames per change stay a small constant. Rooms of at most
-`sockets_per_change` sockets here (and a room's last socket leaving) are not
-held: a change there goes out at the next interval, as before.
+members costs m frames per replica and interval whatever the joins (about 10
+frames relayed per socket opened when 2,000 sockets joined 100 rooms through
+the gateway, more as rooms grow). Held back, a diff carries at least one
+change per `sockets_per_change` sockets here, so the frames per change stay
+a small constant. Rooms of at most `sockets_per_change` sockets here (and a
+room's last socket leaving) are not held: a change there goes out at the next
+interval, as before.
+
 The heartbeat pushes the expiry of every room ahead (one pipeline) and looks
 for replicas whose entries expired in those rooms: when a replica dies, its
 entries drop out of every listing after `ttl` seconds (the score), and the
