@@ -253,6 +253,10 @@ def report(figures: dict[str, Any]) -> list[str]:
         f"opened: {opened['held']} held, {opened['refused']} refused {opened['refusals']}, "
         f"{opened['seconds']} s, {opened['per_second']} sockets/s, per replica {opened['nodes']}"
     )
+    if "frames" in opened:
+        lines.append(
+            f"frames the sockets read while they opened (after `ready`): {opened['frames']}"
+        )
     held = figures.get("held", {})
     broadcast = figures.get("broadcast", {})
     storm = figures.get("storm", {})

@@ -37,6 +37,7 @@ BACKOFF_BASE = 0.25
 BACKOFF_CAP = 4.0
 CLOSE_WITHIN = 15.0
 SETUP_ATTEMPTS = 5
+PRESENCE_PREFIX = '{"type":"presence",'  # chat writes its frames compact, type first
 
 
 def emit(event: str, **fields: Any) -> None:
@@ -99,6 +100,7 @@ class Load:
         self.readers: list[asyncio.Task[None]] = []
         self.room_last: dict[str, int] = {}
         self.refusals: dict[str, int] = {}
+        self.frames: dict[str, int] = {}  # frames read, by type
 
     # -- set-up ---------------------------------------------------------------
 
@@ -208,6 +210,7 @@ class Load:
             seconds=round(elapsed, 2),
             per_second=round(opened / elapsed, 1),
             nodes=nodes,
+            frames=dict(self.frames),
         )
 
     async def read(self, sock: Sock) -> None:
@@ -218,8 +221,16 @@ class Load:
             async for frame in ws:
                 if frame.type is not aiohttp.WSMsgType.TEXT:
                     break
-                data = json.loads(frame.data)
-                if data.get("type") != "message":
+                text: str = frame.data
+                if text.startswith(PRESENCE_PREFIX):
+                    # counted, not decoded: the client shares the cores with
+                    # the stack, and only messages are checked
+                    self.frames["presence"] = self.frames.get("presence", 0) + 1
+                    continue
+                data = json.loads(text)
+                kind = data.get("type")
+                self.frames[kind] = self.frames.get(kind, 0) + 1
+                if kind != "message":
                     continue
                 message_id = data["id"]
                 if message_id <= sock.last_id:

@@ -5,14 +5,18 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import math
 import time
 from collections.abc import AsyncIterator, Callable
 from typing import Any
 
+import pytest
 from redis.asyncio import Redis
 
+from chat import presence as presence_module
 from chat.config import Settings
+from chat.presence import Presence
 from kit_testing import TokenMinter
 
 from .factories import ChatClient, Node, chat, presence_users, start_node, unique_room
@@ -120,3 +124,120 @@ async def test_a_join_storm_reaches_members_as_batched_diffs(
     # Redis: at most one HSET and one HDEL per room, replica and flush, whatever the sockets
     assert len(writes) <= 2 * flushes, (len(writes), flushes)
     assert len(writes) < STORM, len(writes)
+
+
+class Clock:
+    """The presence module's clock, moved by hand."""
+
+    def __init__(self) -> None:
+        self.now = 1000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def joins_of(frame: str) -> dict[str, int]:
+    return {user["id"]: user["connections"] for user in json.loads(frame)["joins"]}
+
+
+async def listed(presence: Presence, room: str) -> dict[str, int]:
+    return {user.id: user.connections for user in await presence.users(room)}
+
+
+@pytest.fixture
+def clock(monkeypatch: pytest.MonkeyPatch) -> Clock:
+    moved = Clock()
+    monkeypatch.setattr(presence_module, "_clock", moved)
+    return moved
+
+
+@contextlib.asynccontextmanager
+async def held_presence(redis_url: str, **options: Any) -> AsyncIterator[Presence]:
+    redis = Redis.from_url(redis_url)
+    presence = Presence(redis=redis, node_id=f"held-{unique_room()}", ttl_seconds=30, **options)
+    try:
+        yield presence
+    finally:
+        await presence.clear()
+        await redis.aclose()
+
+
+async def test_a_large_rooms_changes_wait_until_they_are_worth_a_frame(
+    redis_url: str, clock: Clock
+) -> None:
+    room = unique_room("held")
+    async with held_presence(redis_url, sockets_per_change=2, max_delay=10.0) as presence:
+        for user in ("a", "b", "c", "d"):
+            presence.joined(room, user, user.upper())
+        first = await presence.flush()  # 4 changes, 4 sockets here: not held
+        presence.joined(room, "e", "E")
+        presence.joined(room, "f", "F")
+        presence.joined(room, "g", "G")
+        held = await presence.flush()  # 3 changes for 7 sockets: fewer than one per 2
+        listed_while_held = await listed(presence, room)
+        presence.joined(room, "h", "H")
+        worth_it = await presence.flush()  # 4 changes for 8 sockets
+        listed_after = await listed(presence, room)
+
+    assert joins_of(first[room]) == {"a": 1, "b": 1, "c": 1, "d": 1}
+    assert held == {}
+    assert listed_while_held == {"a": 1, "b": 1, "c": 1, "d": 1}
+    # every change held back comes in the one diff, none lost
+    assert joins_of(worth_it[room]) == {"e": 1, "f": 1, "g": 1, "h": 1}
+    assert listed_after == dict.fromkeys("abcdefgh", 1)
+
+
+async def test_a_held_change_goes_out_once_the_delay_has_passed(
+    redis_url: str, clock: Clock
+) -> None:
+    room = unique_room("held")
+    async with held_presence(redis_url, sockets_per_change=2, max_delay=3.0) as presence:
+        for user in ("a", "b", "c", "d"):
+            presence.joined(room, user, user.upper())
+        await presence.flush()
+        presence.joined(room, "e", "E")
+        clock.now += 2.9
+        early = await presence.flush()
+        clock.now += 0.1
+        due = await presence.flush()
+
+    assert early == {}
+    assert joins_of(due[room]) == {"e": 1}
+
+
+async def test_small_rooms_and_a_rooms_last_leave_are_never_held(
+    redis_url: str, clock: Clock
+) -> None:
+    small, emptied = unique_room("small"), unique_room("emptied")
+    async with held_presence(redis_url, sockets_per_change=2, max_delay=3600.0) as presence:
+        presence.joined(small, "a", "A")
+        presence.joined(small, "b", "B")
+        for user in ("a", "b", "c", "d", "e"):
+            presence.joined(emptied, user, user.upper())
+        await presence.flush()
+        # 2 changes for the 2 sockets left here; the emptied room's last ones leave
+        presence.joined(small, "c", "C")
+        presence.left(small, "a", "A")
+        for user in ("a", "b", "c", "d", "e"):
+            presence.left(emptied, user, user.upper())
+        frames = await presence.flush()
+        listed_emptied = await listed(presence, emptied)
+
+    assert json.loads(frames[small])["joins"][0]["id"] == "c"
+    assert [user["id"] for user in json.loads(frames[small])["leaves"]] == ["a"]
+    assert sorted(user["id"] for user in json.loads(frames[emptied])["leaves"]) == list("abcde")
+    assert listed_emptied == {}
+
+
+async def test_without_a_ratio_every_change_goes_out_at_the_next_flush(
+    redis_url: str, clock: Clock
+) -> None:
+    room = unique_room("unheld")
+    async with held_presence(redis_url) as presence:
+        for user in ("a", "b", "c", "d", "e", "f"):
+            presence.joined(room, user, user.upper())
+        await presence.flush()
+        presence.joined(room, "g", "G")
+        frames = await presence.flush()
+
+    assert joins_of(frames[room]) == {"g": 1}

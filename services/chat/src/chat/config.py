@@ -50,6 +50,14 @@ class Settings(DatabaseSettings, VerifiedWritesSettings):
     presence_interval_seconds: float = Field(default=1.0, gt=0)
     """How often a replica writes presence changes to Redis and sends each changed
     room one `presence` diff: a member gets at most one per replica per interval."""
+    presence_sockets_per_change: int = Field(default=4, ge=0)
+    """A room with more sockets on this replica than this many times its
+    changes holds them back (its Redis entries and its diff) until enough have
+    come or `presence_max_delay_seconds` passed: a join storm into large rooms
+    costs each member a frame per batch of joins, not one per interval. 0: no
+    room is held."""
+    presence_max_delay_seconds: float = Field(default=3.0, ge=0)
+    """The longest a room's presence change is held back (see above)."""
     presence_frames: bool = True
     """Send `presence` diff frames to the rooms. The presence listing works either way."""
 

@@ -162,7 +162,11 @@ async def open_parts(
     parts.add(bus, Bus.stop)
     limits = await open_limits(parts, settings, redis)
     presence = Presence(
-        redis=redis, node_id=settings.node_id, ttl_seconds=settings.presence_ttl_seconds
+        redis=redis,
+        node_id=settings.node_id,
+        ttl_seconds=settings.presence_ttl_seconds,
+        sockets_per_change=settings.presence_sockets_per_change,
+        max_delay=settings.presence_max_delay_seconds,
     )
     parts.add(presence, Presence.clear)
     hub = Hub(engine=engine, settings=settings, presence=presence, bus=bus, metrics=metrics)
