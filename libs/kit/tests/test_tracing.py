@@ -3,6 +3,7 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
+import random
 import subprocess
 import sys
 import uuid
@@ -13,8 +14,15 @@ import httpx
 import pytest
 from fastapi import FastAPI, Request
 from opentelemetry import trace
+from opentelemetry.sdk.trace import TracerProvider
 from opentelemetry.sdk.trace.sampling import Decision
-from opentelemetry.trace import NonRecordingSpan, SpanContext, TraceFlags
+from opentelemetry.trace import (
+    INVALID_SPAN_CONTEXT,
+    NonRecordingSpan,
+    SpanContext,
+    SpanKind,
+    TraceFlags,
+)
 from redis.asyncio import Redis
 from sqlalchemy import text
 from starlette.types import Receive, Scope, Send
@@ -27,9 +35,12 @@ from kit.observe import ROUTE_TEMPLATE_KEY
 from kit.security import TokenVerifier
 from kit.settings import DEFAULT_JWT_ISSUER, ServiceSettings
 from kit.tracing import (
+    DrawnIdGenerator,
+    RequestRootSampler,
     TracingMiddleware,
     configure_tracing,
     flush_traces,
+    head_sampling,
     sampler_for,
     tracing_config,
 )
@@ -362,3 +373,121 @@ async def test_statements_of_an_unsampled_request_skip_the_asyncpg_instrumentati
     assert hydrated == []
     await get("01")
     assert "SELECT 1" in hydrated
+
+
+SAMPLERS = [
+    (name, ratio)
+    for root in ("always_on", "always_off", "traceidratio")
+    for name in (root, f"parentbased_{root}")
+    for ratio in ((0.0, 0.1, 0.5, 1.0) if root == "traceidratio" else (0.1,))
+]
+
+
+@pytest.mark.parametrize(("name", "ratio"), SAMPLERS)
+def test_the_head_decision_is_the_samplers_own(name: str, ratio: float) -> None:
+    """What the middleware decides before it makes a span is what the sampler
+    decides, for a trace that starts here and under every kind of parent."""
+    head = head_sampling(
+        ServiceSettings(otel_traces_sampler=name, otel_traces_sampler_arg=ratio, _env_file=None)
+    )
+    rng = random.Random(17)
+    parents = [INVALID_SPAN_CONTEXT] + [
+        SpanContext(rng.getrandbits(128) or 1, 5, is_remote=remote, trace_flags=TraceFlags(flags))
+        for remote in (True, False)
+        for flags in (0, 1, 2, 3)
+    ]
+    for parent in parents:
+        context = trace.set_span_in_context(NonRecordingSpan(parent))
+        for _ in range(200):
+            trace_id = parent.trace_id if parent.is_valid else rng.getrandbits(128)
+            decision = head.sampler.should_sample(context, trace_id, "GET", SpanKind.SERVER)
+            recorded = decision.decision in (Decision.RECORD_ONLY, Decision.RECORD_AND_SAMPLE)
+            assert head.records(parent, trace_id) == recorded
+
+
+class Seen:
+    """A plain ASGI app that notes the span context current while it runs."""
+
+    def __init__(self) -> None:
+        self.contexts: list[SpanContext] = []
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        self.contexts.append(trace.get_current_span().get_span_context())
+        await send({"type": "http.response.start", "status": 204, "headers": []})
+        await send({"type": "http.response.body", "body": b""})
+
+
+async def test_a_request_is_sampled_by_the_trace_id_it_carries_and_unsampled_ones_get_valid_ids(
+    traced: tuple[httpx.AsyncClient, Lines],
+) -> None:
+    """Under the ratio sampler, whether a request's span records follows its
+    own trace id (the one decided on is the one the span gets), and a request
+    that is not sampled still carries fresh, valid ids with the unsampled flag."""
+    provider = trace.get_tracer_provider()
+    assert isinstance(provider, TracerProvider)
+    head = head_sampling(
+        ServiceSettings(otel_traces_sampler="traceidratio", otel_traces_sampler_arg=0.5)
+    )
+    tracer = TracerProvider(
+        resource=provider.resource,
+        sampler=RequestRootSampler(head.sampler, head),
+        id_generator=DrawnIdGenerator(),
+    ).get_tracer("test")
+    seen = Seen()
+    transport = httpx.ASGITransport(app=TracingMiddleware(seen, tracer=tracer))
+    async with httpx.AsyncClient(transport=transport, base_url="http://test") as client:
+        for _ in range(100):
+            assert (await client.get("/catalog/products/3")).status_code == 204
+    recorded = [span.trace_flags.sampled for span in seen.contexts]
+    assert 0 < sum(recorded) < 100
+    for span in seen.contexts:
+        assert span.is_valid
+        assert not span.is_remote
+        assert span.trace_flags.sampled == head.records(INVALID_SPAN_CONTEXT, span.trace_id)
+    assert len({span.trace_id for span in seen.contexts}) == 100
+
+
+async def test_an_unsampled_caller_is_continued_with_its_trace_id_and_state(
+    traced: tuple[httpx.AsyncClient, Lines],
+) -> None:
+    seen = Seen()
+    transport = httpx.ASGITransport(app=TracingMiddleware(seen))
+    headers = {
+        "traceparent": f"00-{CALLER_TRACE}-{CALLER_SPAN}-02",
+        "tracestate": "vendor=a1",
+    }
+    async with httpx.AsyncClient(transport=transport, base_url="http://test") as client:
+        assert (await client.get("/catalog/products/3", headers=headers)).status_code == 204
+    (span,) = seen.contexts
+    assert format(span.trace_id, "032x") == CALLER_TRACE
+    assert format(span.span_id, "016x") != CALLER_SPAN
+    assert not span.trace_flags.sampled
+    assert span.trace_flags.random_trace_id
+    assert span.trace_state.to_header() == "vendor=a1"
+
+
+async def test_commands_of_an_unsampled_request_skip_the_redis_instrumentation(
+    traced: tuple[httpx.AsyncClient, Lines], minter: TokenMinter, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from opentelemetry.instrumentation import redis as instrumented
+
+    named: list[str] = []
+    original = instrumented._build_span_name  # type: ignore[attr-defined]
+
+    def counting(instance: Any, args: Any) -> str:
+        name: str = original(instance, args)
+        named.append(name)
+        return name
+
+    monkeypatch.setattr(instrumented, "_build_span_name", counting)
+    client, _ = traced
+
+    async def get(flags: str) -> None:
+        traceparent = f"00-{uuid.uuid4().hex}-{CALLER_SPAN}-{flags}"
+        headers = {"traceparent": traceparent, "authorization": f"Bearer {minter.token()}"}
+        assert (await client.get("/things/5", headers=headers)).status_code == 200
+
+    await get("00")  # the caller did not sample: its GET makes no span at all
+    assert named == []
+    await get("01")
+    assert "GET" in named

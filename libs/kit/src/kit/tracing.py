@@ -22,8 +22,9 @@ middleware, so it costs nothing. On:
   probes, pool pings) is not traced, or every replica would send a one-span
   trace every few seconds;
 - the standard instrumentations of the drivers: asyncpg (every SQL statement,
-  SQLAlchemy's included, runs through it; skipped under a span that does not
-  record, see `_when_recording`), redis, and aiohttp's client (the gateway's
+  SQLAlchemy's included, runs through it) and redis's asyncio client, both
+  skipped under a span that does not record (see `_when_recording`), and
+  aiohttp's client (the gateway's
   upstream requests, with `traceparent` injected);
 - `TracingMiddleware` on every app: one server span per request or WebSocket
   session, continuing the caller's W3C `traceparent` or starting a trace,
@@ -56,8 +57,10 @@ from opentelemetry import propagate, trace
 from opentelemetry.context import Context
 from opentelemetry.propagators.textmap import Getter
 from opentelemetry.sdk.resources import Resource
+from opentelemetry.sdk.trace import Tracer as SdkTracer
 from opentelemetry.sdk.trace import TracerProvider
 from opentelemetry.sdk.trace.export import BatchSpanProcessor, ConsoleSpanExporter, SpanExporter
+from opentelemetry.sdk.trace.id_generator import RandomIdGenerator
 from opentelemetry.sdk.trace.sampling import (
     ALWAYS_OFF,
     ALWAYS_ON,
@@ -67,7 +70,15 @@ from opentelemetry.sdk.trace.sampling import (
     SamplingResult,
     TraceIdRatioBased,
 )
-from opentelemetry.trace import Link, SpanKind, Status, StatusCode
+from opentelemetry.trace import (
+    Link,
+    NonRecordingSpan,
+    SpanContext,
+    SpanKind,
+    Status,
+    StatusCode,
+    TraceFlags,
+)
 from opentelemetry.util.re import parse_env_headers
 from opentelemetry.util.types import Attributes
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
@@ -121,17 +132,46 @@ def tracing_config(settings: ServiceSettings) -> TracingConfig:
 
 def sampler_for(settings: ServiceSettings) -> Sampler:
     """`OTEL_TRACES_SAMPLER` and `_ARG`, by the specification's names."""
+    return head_sampling(settings).sampler
+
+
+@dataclass(frozen=True, slots=True)
+class HeadSampling:
+    """The configured sampler, and its decision for a request's span in a few
+    operations: what `TracingMiddleware` asks before it makes any span, so an
+    unsampled request costs no more than a context. Every sampler here decides
+    a request's span by its parent's sampled flag (the `parentbased_` ones,
+    when there is a parent) or by the trace id's low 64 bits under a bound
+    (`traceidratio`'s; `always_on`'s takes every id, `always_off`'s none).
+    `records` takes that decision with the sampler's own bound."""
+
+    sampler: Sampler
+    parent_based: bool
+    bound: int
+
+    def records(self, parent: SpanContext, trace_id: int) -> bool:
+        """Whether the sampler records a server span under `parent` (an invalid
+        one for a trace that starts here) with `trace_id`."""
+        if self.parent_based and parent.is_valid:
+            return parent.trace_flags.sampled
+        return trace_id & TraceIdRatioBased.TRACE_ID_LIMIT < self.bound
+
+
+def head_sampling(settings: ServiceSettings) -> HeadSampling:
+    """The sampler of `OTEL_TRACES_SAMPLER` and `_ARG` (see `HeadSampling`)."""
     name = settings.otel_traces_sampler.strip().lower()
-    ratio = settings.otel_traces_sampler_arg
-    roots: dict[str, Sampler] = {
-        "always_on": ALWAYS_ON,
-        "always_off": ALWAYS_OFF,
-        "traceidratio": TraceIdRatioBased(ratio),
+    ratio = TraceIdRatioBased(settings.otel_traces_sampler_arg)
+    roots: dict[str, tuple[Sampler, int]] = {
+        "always_on": (ALWAYS_ON, TraceIdRatioBased.TRACE_ID_LIMIT + 1),
+        "always_off": (ALWAYS_OFF, 0),
+        "traceidratio": (ratio, ratio.bound),
     }
     if name in roots:
-        return roots[name]
+        root, bound = roots[name]
+        return HeadSampling(root, parent_based=False, bound=bound)
     if name.startswith("parentbased_") and name.removeprefix("parentbased_") in roots:
-        return ParentBased(roots[name.removeprefix("parentbased_")])
+        root, bound = roots[name.removeprefix("parentbased_")]
+        return HeadSampling(ParentBased(root), parent_based=True, bound=bound)
     raise ValueError(
         f"OTEL_TRACES_SAMPLER={settings.otel_traces_sampler!r}: use always_on, always_off,"
         " traceidratio or their parentbased_ forms"
@@ -142,8 +182,9 @@ class RequestRootSampler(Sampler):
     """The configured sampler, for spans that may start a trace: a root span
     must be a server or consumer span; anything else without a parent is dropped."""
 
-    def __init__(self, delegate: Sampler) -> None:
+    def __init__(self, delegate: Sampler, head: HeadSampling | None = None) -> None:
         self.delegate = delegate
+        self.head = head
 
     def should_sample(
         self,
@@ -164,6 +205,26 @@ class RequestRootSampler(Sampler):
 
     def get_description(self) -> str:
         return f"RequestRoot{{{self.delegate.get_description()}}}"
+
+
+class DrawnIdGenerator(RandomIdGenerator):
+    """Random ids, as the SDK's default generator makes them, plus a trace id
+    drawn ahead: `TracingMiddleware` decides on a request's trace id before any
+    span is made, and the span the SDK then makes for it gets that id."""
+
+    def __init__(self) -> None:
+        self._drawn = threading.local()
+
+    def draw(self, trace_id: int | None) -> None:
+        """The trace id the next root span of this thread gets (None: a new one)."""
+        self._drawn.trace_id = trace_id
+
+    def generate_trace_id(self) -> int:
+        drawn: int | None = getattr(self._drawn, "trace_id", None)
+        if drawn is None:
+            return super().generate_trace_id()
+        self._drawn.trace_id = None
+        return drawn
 
 
 _lock = threading.Lock()
@@ -193,8 +254,11 @@ def configure_tracing(settings: ServiceSettings, *, exporter: SpanExporter | Non
             return False
         if exporter is None:
             exporter = _exporter(config)
+        head = head_sampling(settings)
         provider = TracerProvider(
-            resource=_resource(settings), sampler=RequestRootSampler(sampler_for(settings))
+            resource=_resource(settings),
+            sampler=RequestRootSampler(head.sampler, head),
+            id_generator=DrawnIdGenerator(),
         )
         provider.add_span_processor(
             BatchSpanProcessor(exporter, schedule_delay_millis=settings.otel_bsp_schedule_delay)
@@ -215,9 +279,9 @@ def flush_traces(timeout_millis: int = 5000) -> None:
 def _exporter(config: TracingConfig) -> SpanExporter:
     if config.exporter == "console":
         return ConsoleSpanExporter()
-    from opentelemetry.exporter.otlp.proto.http.trace_exporter import OTLPSpanExporter
+    from kit.otlp import LeanOTLPSpanExporter
 
-    return OTLPSpanExporter(endpoint=config.endpoint, headers=config.headers or None)
+    return LeanOTLPSpanExporter(endpoint=config.endpoint, headers=config.headers or None)
 
 
 def _resource(settings: ServiceSettings) -> Resource:
@@ -230,9 +294,14 @@ def _resource(settings: ServiceSettings) -> Resource:
 
 def _instrument_drivers(provider: TracerProvider) -> None:
     """The standard instrumentations of whichever drivers this service has."""
-    from opentelemetry.instrumentation.redis import RedisInstrumentor
+    from opentelemetry.instrumentation import redis as redis_instrumentation
 
-    RedisInstrumentor().instrument(tracer_provider=provider)
+    # it makes a span for every command, under a span that does not record too
+    # (the sampler drops it, after the work of naming it and starting it)
+    for name in ("_async_traced_execute_factory", "_async_traced_execute_pipeline_factory"):
+        factory = getattr(redis_instrumentation, name)
+        setattr(redis_instrumentation, name, _recording_only(factory))
+    redis_instrumentation.RedisInstrumentor().instrument(tracer_provider=provider)
     try:
         from opentelemetry.instrumentation.asyncpg import AsyncPGInstrumentor
     except ImportError:  # a service without a database (the gateway)
@@ -254,6 +323,16 @@ def _instrument_drivers(provider: TracerProvider) -> None:
 
 
 Wrapper = Callable[[Callable[..., Awaitable[Any]], Any, Any, Any], Awaitable[Any]]
+
+
+def _recording_only(factory: Callable[..., Wrapper]) -> Callable[..., Wrapper]:
+    """A factory of instrumentation wrappers whose wrappers step aside unless
+    the current span records (see `_when_recording`)."""
+
+    def made(*args: Any, **kwargs: Any) -> Wrapper:
+        return _when_recording(factory(*args, **kwargs))
+
+    return made
 
 
 def _when_recording(wrapper: Wrapper) -> Wrapper:
@@ -332,6 +411,21 @@ def span_attributes(scope: Scope, method: str, status: int) -> dict[str, Any]:
     return attributes
 
 
+_UNSAMPLED = TraceFlags(TraceFlags.DEFAULT)
+_RANDOM_UNSAMPLED = TraceFlags(TraceFlags.RANDOM_TRACE_ID)
+
+
+def _head_of(tracer: trace.Tracer) -> tuple[HeadSampling, DrawnIdGenerator] | None:
+    """The head sampling and ids of a tracer made by `configure_tracing`, so
+    the middleware can decide before it makes a span; None for any other."""
+    if not isinstance(tracer, SdkTracer):
+        return None
+    sampler, ids = tracer.sampler, tracer.id_generator
+    if not isinstance(sampler, RequestRootSampler) or not isinstance(ids, DrawnIdGenerator):
+        return None
+    return None if sampler.head is None else (sampler.head, ids)
+
+
 class TracingMiddleware:
     """One server span per HTTP request or WebSocket session, continuing the
     caller's trace; current while the app runs, so every span below is its child."""
@@ -346,6 +440,7 @@ class TracingMiddleware:
         self.app = app
         self.tracer = tracer or trace.get_tracer("kit.tracing")
         self.untraced_paths = frozenset(untraced_paths)
+        self._head = _head_of(self.tracer)
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         kind = scope["type"]
@@ -353,9 +448,7 @@ class TracingMiddleware:
             await self.app(scope, receive, send)
             return
         method = scope.get("method", "GET") if kind == "http" else "WS"
-        span = self.tracer.start_span(
-            method, context=incoming_context(scope["headers"]), kind=SpanKind.SERVER
-        )
+        span = self._start(method, incoming_context(scope["headers"]))
         # current even when not sampled: its context, flagged unsampled, goes on
         # to the SQL and Redis calls below and to the upstream, which then drop theirs
         token = otel_context.attach(trace.set_span_in_context(span))
@@ -366,6 +459,37 @@ class TracingMiddleware:
                 await self.app(scope, receive, send)
         finally:
             otel_context.detach(token)
+
+    def _start(self, method: str, context: Context) -> trace.Span:
+        """The request's span: the SDK's when it records, else one that only
+        carries the context (valid ids, the unsampled flag), made without the
+        SDK's span machinery. The decision comes first, on the trace id the
+        span will have (the caller's, or one drawn now and handed to the SDK),
+        and it is the tracer's own sampler's (see `HeadSampling`)."""
+        if self._head is None:
+            return self.tracer.start_span(method, context=context, kind=SpanKind.SERVER)
+        head, ids = self._head
+        parent = trace.get_current_span(context).get_span_context()
+        if parent.is_valid:
+            trace_id = parent.trace_id
+            if head.records(parent, trace_id):
+                return self.tracer.start_span(method, context=context, kind=SpanKind.SERVER)
+            random_id = parent.trace_flags.random_trace_id
+            trace_state: trace.TraceState | None = parent.trace_state
+        else:
+            trace_id = ids.generate_trace_id()
+            if head.records(parent, trace_id):
+                ids.draw(trace_id)
+                try:
+                    return self.tracer.start_span(method, context=context, kind=SpanKind.SERVER)
+                finally:
+                    ids.draw(None)  # taken, unless the SDK made no span
+            random_id, trace_state = ids.is_trace_id_random(), None
+        flags = _RANDOM_UNSAMPLED if random_id else _UNSAMPLED
+        span_context = SpanContext(
+            trace_id, ids.generate_span_id(), False, flags, trace_state=trace_state
+        )
+        return NonRecordingSpan(span_context)
 
     async def _recorded(
         self, span: trace.Span, method: str, scope: Scope, receive: Receive, send: Send
