@@ -14,13 +14,17 @@ import httpx
 import pytest
 from fastapi import FastAPI, Request
 from opentelemetry import trace
-from opentelemetry.sdk.trace import TracerProvider
+from opentelemetry.sdk.resources import Resource
+from opentelemetry.sdk.trace import ReadableSpan, TracerProvider
+from opentelemetry.sdk.trace.export import SimpleSpanProcessor
+from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 from opentelemetry.sdk.trace.sampling import Decision
 from opentelemetry.trace import (
     INVALID_SPAN_CONTEXT,
     NonRecordingSpan,
     SpanContext,
     SpanKind,
+    StatusCode,
     TraceFlags,
 )
 from redis.asyncio import Redis
@@ -35,8 +39,8 @@ from kit.observe import ROUTE_TEMPLATE_KEY
 from kit.security import TokenVerifier
 from kit.settings import DEFAULT_JWT_ISSUER, ServiceSettings
 from kit.tracing import (
-    DrawnIdGenerator,
     RequestRootSampler,
+    ServerSpan,
     TracingMiddleware,
     configure_tracing,
     flush_traces,
@@ -429,9 +433,7 @@ async def test_a_request_is_sampled_by_the_trace_id_it_carries_and_unsampled_one
         ServiceSettings(otel_traces_sampler="traceidratio", otel_traces_sampler_arg=0.5)
     )
     tracer = TracerProvider(
-        resource=provider.resource,
-        sampler=RequestRootSampler(head.sampler, head),
-        id_generator=DrawnIdGenerator(),
+        resource=provider.resource, sampler=RequestRootSampler(head.sampler, head)
     ).get_tracer("test")
     seen = Seen()
     transport = httpx.ASGITransport(app=TracingMiddleware(seen, tracer=tracer))
@@ -491,3 +493,82 @@ async def test_commands_of_an_unsampled_request_skip_the_redis_instrumentation(
     assert named == []
     await get("01")
     assert "GET" in named
+
+
+def recorded_by(kit_spans: bool) -> tuple[trace.Tracer, InMemorySpanExporter]:
+    """A tracer keeping every trace, with kit's server spans (the sampler
+    `configure_tracing` installs) or with the SDK's (any other sampler)."""
+    head = head_sampling(ServiceSettings(otel_traces_sampler="parentbased_always_on"))
+    sampler = RequestRootSampler(head.sampler, head) if kit_spans else head.sampler
+    provider = TracerProvider(resource=Resource.create({"service.name": "t"}), sampler=sampler)
+    exporter = InMemorySpanExporter()
+    provider.add_span_processor(SimpleSpanProcessor(exporter))
+    return provider.get_tracer("kit.tracing"), exporter
+
+
+async def failing_app(scope: Scope, receive: Receive, send: Send) -> None:
+    span = trace.get_current_span()
+    span.set_attribute("app.note", "written by the app")
+    span.set_attribute("url.scheme", "ftp")  # kit's own write, at the end, wins
+    span.set_attribute("bad", object())  # type: ignore[arg-type] # checked as the SDK checks
+    span.add_event("checkpoint", {"step": 1})
+    span.add_link(SpanContext(int(OTHER_TRACE, 16), 9, is_remote=True), {"why": "batch"})
+    scope[ROUTE_TEMPLATE_KEY] = "/things/{thing_id}"
+    if scope["path"].endswith("/boom"):
+        raise RuntimeError("boom")
+    await send({"type": "http.response.start", "status": 201, "headers": []})
+    await send({"type": "http.response.body", "body": b""})
+
+
+def comparable(span: ReadableSpan) -> dict[str, Any]:
+    def event(event: Any) -> tuple[str, dict[str, Any]]:
+        attributes = dict(event.attributes)
+        attributes.pop("exception.stacktrace", None)  # the frames differ, not the shape
+        return event.name, attributes
+
+    assert span.context is not None
+    return {
+        "name": span.name,
+        "kind": span.kind,
+        "parent": span.parent,
+        "trace_state": span.context.trace_state,
+        "sampled": span.context.trace_flags.sampled,
+        "remote": span.context.is_remote,
+        "attributes": dict(span.attributes or {}),
+        "status": (span.status.status_code, span.status.description),
+        "events": [event(e) for e in span.events],
+        "links": [(link.context, dict(link.attributes or {})) for link in span.links],
+        "scope": span.instrumentation_scope,
+        "resource": span.resource,
+        "ended": span.end_time is not None and span.start_time is not None,
+        "stacktrace": [bool((e.attributes or {}).get("exception.stacktrace")) for e in span.events],
+    }
+
+
+async def test_kits_server_span_records_what_the_sdks_span_records() -> None:
+    """The same requests through the middleware with kit's server span and
+    with the SDK's: the same exported spans, app writes and failures included."""
+    exported: dict[bool, list[dict[str, Any]]] = {}
+    for kit_spans in (True, False):
+        tracer, exporter = recorded_by(kit_spans)
+        transport = httpx.ASGITransport(
+            app=TracingMiddleware(failing_app, tracer=tracer), raise_app_exceptions=False
+        )
+        headers = {
+            "traceparent": f"00-{CALLER_TRACE}-{CALLER_SPAN}-01",
+            "tracestate": "vendor=a1",
+        }
+        async with httpx.AsyncClient(transport=transport, base_url="http://test") as client:
+            assert (await client.get("/things/1", headers=headers)).status_code == 201
+            assert (await client.get("/things/boom")).status_code == 500
+        spans = exporter.get_finished_spans()
+        assert isinstance(spans[0], ServerSpan) is False  # processors get ReadableSpans
+        exported[kit_spans] = [comparable(span) for span in spans]
+    for mine, sdks in zip(exported[True], exported[False], strict=True):
+        for key in mine:
+            assert (key, mine[key]) == (key, sdks[key])
+    ok, failed = exported[True]
+    assert ok["attributes"]["url.scheme"] == "http"
+    assert ok["attributes"]["app.note"] == "written by the app"
+    assert failed["status"][0] == StatusCode.ERROR
+    assert [name for name, _ in failed["events"]] == ["checkpoint", "exception"]
