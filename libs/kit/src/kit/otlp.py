@@ -266,7 +266,11 @@ class SpanEncoder:
 
 
 class LeanOTLPSpanExporter(OTLPSpanExporter):
-    """The SDK's OTLP/HTTP span exporter, encoding with `SpanEncoder`."""
+    """The SDK's OTLP/HTTP span exporter (its client: endpoint, headers,
+    timeout, compression, retries, TLS), encoding with `SpanEncoder`. Its
+    `export` is this one's, without the SDK exporter's own metrics (off unless
+    `OTEL_PYTHON_SDK_INTERNAL_METRICS_ENABLED`) and its request size cap (64
+    MiB; a batch of 512 spans is a few hundred KiB)."""
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
