@@ -3,6 +3,7 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
+import random
 import subprocess
 import sys
 import uuid
@@ -13,8 +14,19 @@ import httpx
 import pytest
 from fastapi import FastAPI, Request
 from opentelemetry import trace
+from opentelemetry.sdk.resources import Resource
+from opentelemetry.sdk.trace import ReadableSpan, TracerProvider
+from opentelemetry.sdk.trace.export import SimpleSpanProcessor
+from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 from opentelemetry.sdk.trace.sampling import Decision
-from opentelemetry.trace import NonRecordingSpan, SpanContext, TraceFlags
+from opentelemetry.trace import (
+    INVALID_SPAN_CONTEXT,
+    NonRecordingSpan,
+    SpanContext,
+    SpanKind,
+    StatusCode,
+    TraceFlags,
+)
 from redis.asyncio import Redis
 from sqlalchemy import text
 from starlette.types import Receive, Scope, Send
@@ -27,9 +39,12 @@ from kit.observe import ROUTE_TEMPLATE_KEY
 from kit.security import TokenVerifier
 from kit.settings import DEFAULT_JWT_ISSUER, ServiceSettings
 from kit.tracing import (
+    RequestRootSampler,
+    ServerSpan,
     TracingMiddleware,
     configure_tracing,
     flush_traces,
+    head_sampling,
     sampler_for,
     tracing_config,
 )
@@ -362,3 +377,198 @@ async def test_statements_of_an_unsampled_request_skip_the_asyncpg_instrumentati
     assert hydrated == []
     await get("01")
     assert "SELECT 1" in hydrated
+
+
+SAMPLERS = [
+    (name, ratio)
+    for root in ("always_on", "always_off", "traceidratio")
+    for name in (root, f"parentbased_{root}")
+    for ratio in ((0.0, 0.1, 0.5, 1.0) if root == "traceidratio" else (0.1,))
+]
+
+
+@pytest.mark.parametrize(("name", "ratio"), SAMPLERS)
+def test_the_head_decision_is_the_samplers_own(name: str, ratio: float) -> None:
+    """What the middleware decides before it makes a span is what the sampler
+    decides, for a trace that starts here and under every kind of parent."""
+    head = head_sampling(
+        ServiceSettings(otel_traces_sampler=name, otel_traces_sampler_arg=ratio, _env_file=None)
+    )
+    rng = random.Random(17)
+    parents = [INVALID_SPAN_CONTEXT] + [
+        SpanContext(rng.getrandbits(128) or 1, 5, is_remote=remote, trace_flags=TraceFlags(flags))
+        for remote in (True, False)
+        for flags in (0, 1, 2, 3)
+    ]
+    for parent in parents:
+        context = trace.set_span_in_context(NonRecordingSpan(parent))
+        for _ in range(200):
+            trace_id = parent.trace_id if parent.is_valid else rng.getrandbits(128)
+            decision = head.sampler.should_sample(context, trace_id, "GET", SpanKind.SERVER)
+            recorded = decision.decision in (Decision.RECORD_ONLY, Decision.RECORD_AND_SAMPLE)
+            assert head.records(parent, trace_id) == recorded
+
+
+class Seen:
+    """A plain ASGI app that notes the span context current while it runs."""
+
+    def __init__(self) -> None:
+        self.contexts: list[SpanContext] = []
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        self.contexts.append(trace.get_current_span().get_span_context())
+        await send({"type": "http.response.start", "status": 204, "headers": []})
+        await send({"type": "http.response.body", "body": b""})
+
+
+async def test_a_request_is_sampled_by_the_trace_id_it_carries_and_unsampled_ones_get_valid_ids(
+    traced: tuple[httpx.AsyncClient, Lines],
+) -> None:
+    """Under the ratio sampler, whether a request's span records follows its
+    own trace id (the one decided on is the one the span gets), and a request
+    that is not sampled still carries fresh, valid ids with the unsampled flag."""
+    provider = trace.get_tracer_provider()
+    assert isinstance(provider, TracerProvider)
+    head = head_sampling(
+        ServiceSettings(otel_traces_sampler="traceidratio", otel_traces_sampler_arg=0.5)
+    )
+    tracer = TracerProvider(
+        resource=provider.resource, sampler=RequestRootSampler(head.sampler, head)
+    ).get_tracer("test")
+    seen = Seen()
+    transport = httpx.ASGITransport(app=TracingMiddleware(seen, tracer=tracer))
+    async with httpx.AsyncClient(transport=transport, base_url="http://test") as client:
+        for _ in range(100):
+            assert (await client.get("/catalog/products/3")).status_code == 204
+    recorded = [span.trace_flags.sampled for span in seen.contexts]
+    assert 0 < sum(recorded) < 100
+    for span in seen.contexts:
+        assert span.is_valid
+        assert not span.is_remote
+        assert span.trace_flags.sampled == head.records(INVALID_SPAN_CONTEXT, span.trace_id)
+    assert len({span.trace_id for span in seen.contexts}) == 100
+
+
+async def test_an_unsampled_caller_is_continued_with_its_trace_id_and_state(
+    traced: tuple[httpx.AsyncClient, Lines],
+) -> None:
+    seen = Seen()
+    transport = httpx.ASGITransport(app=TracingMiddleware(seen))
+    headers = {
+        "traceparent": f"00-{CALLER_TRACE}-{CALLER_SPAN}-02",
+        "tracestate": "vendor=a1",
+    }
+    async with httpx.AsyncClient(transport=transport, base_url="http://test") as client:
+        assert (await client.get("/catalog/products/3", headers=headers)).status_code == 204
+    (span,) = seen.contexts
+    assert format(span.trace_id, "032x") == CALLER_TRACE
+    assert format(span.span_id, "016x") != CALLER_SPAN
+    assert not span.trace_flags.sampled
+    assert span.trace_flags.random_trace_id
+    assert span.trace_state.to_header() == "vendor=a1"
+
+
+async def test_commands_of_an_unsampled_request_skip_the_redis_instrumentation(
+    traced: tuple[httpx.AsyncClient, Lines], minter: TokenMinter, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from opentelemetry.instrumentation import redis as instrumented
+
+    named: list[str] = []
+    original = instrumented._build_span_name  # type: ignore[attr-defined]
+
+    def counting(instance: Any, args: Any) -> str:
+        name: str = original(instance, args)
+        named.append(name)
+        return name
+
+    monkeypatch.setattr(instrumented, "_build_span_name", counting)
+    client, _ = traced
+
+    async def get(flags: str) -> None:
+        traceparent = f"00-{uuid.uuid4().hex}-{CALLER_SPAN}-{flags}"
+        headers = {"traceparent": traceparent, "authorization": f"Bearer {minter.token()}"}
+        assert (await client.get("/things/5", headers=headers)).status_code == 200
+
+    await get("00")  # the caller did not sample: its GET makes no span at all
+    assert named == []
+    await get("01")
+    assert "GET" in named
+
+
+def recorded_by(kit_spans: bool) -> tuple[trace.Tracer, InMemorySpanExporter]:
+    """A tracer keeping every trace, with kit's server spans (the sampler
+    `configure_tracing` installs) or with the SDK's (any other sampler)."""
+    head = head_sampling(ServiceSettings(otel_traces_sampler="parentbased_always_on"))
+    sampler = RequestRootSampler(head.sampler, head) if kit_spans else head.sampler
+    provider = TracerProvider(resource=Resource.create({"service.name": "t"}), sampler=sampler)
+    exporter = InMemorySpanExporter()
+    provider.add_span_processor(SimpleSpanProcessor(exporter))
+    return provider.get_tracer("kit.tracing"), exporter
+
+
+async def failing_app(scope: Scope, receive: Receive, send: Send) -> None:
+    span = trace.get_current_span()
+    span.set_attribute("app.note", "written by the app")
+    span.set_attribute("url.scheme", "ftp")  # kit's own write, at the end, wins
+    span.set_attribute("bad", object())  # type: ignore[arg-type] # checked as the SDK checks
+    span.add_event("checkpoint", {"step": 1})
+    span.add_link(SpanContext(int(OTHER_TRACE, 16), 9, is_remote=True), {"why": "batch"})
+    scope[ROUTE_TEMPLATE_KEY] = "/things/{thing_id}"
+    if scope["path"].endswith("/boom"):
+        raise RuntimeError("boom")
+    await send({"type": "http.response.start", "status": 201, "headers": []})
+    await send({"type": "http.response.body", "body": b""})
+
+
+def comparable(span: ReadableSpan) -> dict[str, Any]:
+    def event(event: Any) -> tuple[str, dict[str, Any]]:
+        attributes = dict(event.attributes)
+        attributes.pop("exception.stacktrace", None)  # the frames differ, not the shape
+        return event.name, attributes
+
+    assert span.context is not None
+    return {
+        "name": span.name,
+        "kind": span.kind,
+        "parent": span.parent,
+        "trace_state": span.context.trace_state,
+        "sampled": span.context.trace_flags.sampled,
+        "remote": span.context.is_remote,
+        "attributes": dict(span.attributes or {}),
+        "status": (span.status.status_code, span.status.description),
+        "events": [event(e) for e in span.events],
+        "links": [(link.context, dict(link.attributes or {})) for link in span.links],
+        "scope": span.instrumentation_scope,
+        "resource": span.resource,
+        "ended": span.end_time is not None and span.start_time is not None,
+        "stacktrace": [bool((e.attributes or {}).get("exception.stacktrace")) for e in span.events],
+    }
+
+
+async def test_kits_server_span_records_what_the_sdks_span_records() -> None:
+    """The same requests through the middleware with kit's server span and
+    with the SDK's: the same exported spans, app writes and failures included."""
+    exported: dict[bool, list[dict[str, Any]]] = {}
+    for kit_spans in (True, False):
+        tracer, exporter = recorded_by(kit_spans)
+        transport = httpx.ASGITransport(
+            app=TracingMiddleware(failing_app, tracer=tracer), raise_app_exceptions=False
+        )
+        headers = {
+            "traceparent": f"00-{CALLER_TRACE}-{CALLER_SPAN}-01",
+            "tracestate": "vendor=a1",
+        }
+        async with httpx.AsyncClient(transport=transport, base_url="http://test") as client:
+            assert (await client.get("/things/1", headers=headers)).status_code == 201
+            assert (await client.get("/things/boom")).status_code == 500
+        spans = exporter.get_finished_spans()
+        assert isinstance(spans[0], ServerSpan) is False  # processors get ReadableSpans
+        exported[kit_spans] = [comparable(span) for span in spans]
+    for mine, sdks in zip(exported[True], exported[False], strict=True):
+        for key in mine:
+            assert (key, mine[key]) == (key, sdks[key])
+    ok, failed = exported[True]
+    assert ok["attributes"]["url.scheme"] == "http"
+    assert ok["attributes"]["app.note"] == "written by the app"
+    assert failed["status"][0] == StatusCode.ERROR
+    assert [name for name, _ in failed["events"]] == ["checkpoint", "exception"]

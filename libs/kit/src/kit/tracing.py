@@ -11,9 +11,10 @@ middleware, so it costs nothing. On:
   `service.instance.id` = the replica's `NODE_ID`; `OTEL_SERVICE_NAME` and
   `OTEL_RESOURCE_ATTRIBUTES` add or override), spans exported in batches
   (every `OTEL_BSP_SCHEDULE_DELAY` ms) over OTLP/HTTP (protobuf) with
-  `OTEL_EXPORTER_OTLP_HEADERS`. These come from the settings, so a `.env`
-  file works for them as for every other setting; the SDK reads the rarer
-  ones itself (`OTEL_EXPORTER_OTLP_TIMEOUT`, `_COMPRESSION`, `_CERTIFICATE`);
+  `OTEL_EXPORTER_OTLP_HEADERS`, encoded by kit's own encoder (`kit.otlp`).
+  These come from the settings, so a `.env` file works for them as for every
+  other setting; the SDK reads the rarer ones itself
+  (`OTEL_EXPORTER_OTLP_TIMEOUT`, `_COMPRESSION`, `_CERTIFICATE`);
 - the sampler of `OTEL_TRACES_SAMPLER` / `_ARG` (by default
   `parentbased_traceidratio` at 0.1: one trace in ten is kept where it
   starts, and a caller's sampled flag is followed), behind one rule of ours:
@@ -22,24 +23,41 @@ middleware, so it costs nothing. On:
   probes, pool pings) is not traced, or every replica would send a one-span
   trace every few seconds;
 - the standard instrumentations of the drivers: asyncpg (every SQL statement,
-  SQLAlchemy's included, runs through it; skipped under a span that does not
-  record, see `_when_recording`), redis, and aiohttp's client (the gateway's
-  upstream requests, with `traceparent` injected);
+  SQLAlchemy's included, runs through it) and redis's asyncio client, both
+  skipped under a span that does not record (see `_when_recording`), and
+  aiohttp's client (the gateway's upstream requests, with `traceparent`
+  injected);
 - `TracingMiddleware` on every app: one server span per request or WebSocket
   session, continuing the caller's W3C `traceparent` or starting a trace,
   named by the route template (`GET /catalog/products/{product_id}`), with the
   stable HTTP semantic conventions' attributes.
 
-The server span is kit's own, for what it costs. Measured on the catalog's
-get-by-id, in process, CPU per request (tracing on = exporting every span):
-off about 215 us; FastAPI's own OpenTelemetry support (FastAPI 0.165+) about
-400 us; this middleware about 340 us. opentelemetry-instrumentation-asgi costs about 110 us
-for the middleware alone. FastAPI's own spans are switched off wherever this
-middleware is on (`quiet_fastapi_tracing`), or each request would have two.
-Most of what remains is the SDK's, in Python, per span: recording it (about
-25 us, more with each attribute) and encoding it for OTLP in the export
-thread (about 35 us; its attributes double that). An unsampled request costs
-the middleware about 5 us: a sampling decision and a context, no attributes.
+The server span is kit's own, for what it costs. FastAPI's own OpenTelemetry
+support (FastAPI 0.165+) cost get-by-id about 400 us of CPU per request in
+process against 340 us for this middleware with the SDK's spans (215 us off),
+and opentelemetry-instrumentation-asgi about 110 us for the middleware alone;
+FastAPI's spans are switched off wherever this middleware is on
+(`quiet_fastapi_tracing`), or each request would have two.
+
+Most of what tracing cost a request was the SDK's own work, in Python, so
+the middleware does without most of it:
+
+- the sampling decision comes first, before any span is made: the
+  configured sampler's own rule, taken on the trace id the span will have
+  (`HeadSampling`, checked against the sampler in the tests). A request that
+  is not sampled gets a span that only carries its context (valid ids, the
+  unsampled flag), as the SDK's tracer would make it, without the tracer;
+- a recorded request's span is `ServerSpan`: kit's attributes in a plain
+  dict, written once, no lock, and the span processors get the same
+  `ReadableSpan` the SDK's span would hand them (the tests compare the two);
+- the export encodes spans straight to protobuf bytes (`kit.otlp`), a
+  quarter of the SDK encoder's time, in the thread that competes with the
+  requests for the GIL.
+
+In a micro-benchmark (loaded machine, best of 40) the middleware costs
+about 5 us per unsampled request (9 us with the SDK's tracer), about 14 us
+per recorded one (40 us), and encoding a server span about 19 us (70 us).
+The drivers' spans (a SQL statement, a Redis command) are still the SDK's.
 """
 
 from __future__ import annotations
@@ -47,17 +65,22 @@ from __future__ import annotations
 import dataclasses
 import logging
 import threading
+import time
+import traceback
 from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
 from opentelemetry import context as otel_context
 from opentelemetry import propagate, trace
+from opentelemetry.attributes import BoundedAttributes
 from opentelemetry.context import Context
 from opentelemetry.propagators.textmap import Getter
 from opentelemetry.sdk.resources import Resource
-from opentelemetry.sdk.trace import TracerProvider
+from opentelemetry.sdk.trace import Event, ReadableSpan, SpanLimits, SpanProcessor, TracerProvider
+from opentelemetry.sdk.trace import Tracer as SdkTracer
 from opentelemetry.sdk.trace.export import BatchSpanProcessor, ConsoleSpanExporter, SpanExporter
+from opentelemetry.sdk.trace.id_generator import IdGenerator
 from opentelemetry.sdk.trace.sampling import (
     ALWAYS_OFF,
     ALWAYS_ON,
@@ -67,9 +90,19 @@ from opentelemetry.sdk.trace.sampling import (
     SamplingResult,
     TraceIdRatioBased,
 )
-from opentelemetry.trace import Link, SpanKind, Status, StatusCode
+from opentelemetry.sdk.util import BoundedList
+from opentelemetry.sdk.util.instrumentation import InstrumentationScope
+from opentelemetry.trace import (
+    Link,
+    NonRecordingSpan,
+    SpanContext,
+    SpanKind,
+    Status,
+    StatusCode,
+    TraceFlags,
+)
 from opentelemetry.util.re import parse_env_headers
-from opentelemetry.util.types import Attributes
+from opentelemetry.util.types import Attributes, AttributeValue
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from kit.observe import UNMATCHED, route_of
@@ -121,17 +154,46 @@ def tracing_config(settings: ServiceSettings) -> TracingConfig:
 
 def sampler_for(settings: ServiceSettings) -> Sampler:
     """`OTEL_TRACES_SAMPLER` and `_ARG`, by the specification's names."""
+    return head_sampling(settings).sampler
+
+
+@dataclass(frozen=True, slots=True)
+class HeadSampling:
+    """The configured sampler, and its decision for a request's span in a few
+    operations: what `TracingMiddleware` asks before it makes any span, so an
+    unsampled request costs no more than a context. Every sampler here decides
+    a request's span by its parent's sampled flag (the `parentbased_` ones,
+    when there is a parent) or by the trace id's low 64 bits under a bound
+    (`traceidratio`'s; `always_on`'s takes every id, `always_off`'s none).
+    `records` takes that decision with the sampler's own bound."""
+
+    sampler: Sampler
+    parent_based: bool
+    bound: int
+
+    def records(self, parent: SpanContext, trace_id: int) -> bool:
+        """Whether the sampler records a server span under `parent` (an invalid
+        one for a trace that starts here) with `trace_id`."""
+        if self.parent_based and parent.is_valid:
+            return parent.trace_flags.sampled
+        return trace_id & TraceIdRatioBased.TRACE_ID_LIMIT < self.bound
+
+
+def head_sampling(settings: ServiceSettings) -> HeadSampling:
+    """The sampler of `OTEL_TRACES_SAMPLER` and `_ARG` (see `HeadSampling`)."""
     name = settings.otel_traces_sampler.strip().lower()
-    ratio = settings.otel_traces_sampler_arg
-    roots: dict[str, Sampler] = {
-        "always_on": ALWAYS_ON,
-        "always_off": ALWAYS_OFF,
-        "traceidratio": TraceIdRatioBased(ratio),
+    ratio = TraceIdRatioBased(settings.otel_traces_sampler_arg)
+    roots: dict[str, tuple[Sampler, int]] = {
+        "always_on": (ALWAYS_ON, TraceIdRatioBased.TRACE_ID_LIMIT + 1),
+        "always_off": (ALWAYS_OFF, 0),
+        "traceidratio": (ratio, ratio.bound),
     }
     if name in roots:
-        return roots[name]
+        root, bound = roots[name]
+        return HeadSampling(root, parent_based=False, bound=bound)
     if name.startswith("parentbased_") and name.removeprefix("parentbased_") in roots:
-        return ParentBased(roots[name.removeprefix("parentbased_")])
+        root, bound = roots[name.removeprefix("parentbased_")]
+        return HeadSampling(ParentBased(root), parent_based=True, bound=bound)
     raise ValueError(
         f"OTEL_TRACES_SAMPLER={settings.otel_traces_sampler!r}: use always_on, always_off,"
         " traceidratio or their parentbased_ forms"
@@ -142,8 +204,9 @@ class RequestRootSampler(Sampler):
     """The configured sampler, for spans that may start a trace: a root span
     must be a server or consumer span; anything else without a parent is dropped."""
 
-    def __init__(self, delegate: Sampler) -> None:
+    def __init__(self, delegate: Sampler, head: HeadSampling | None = None) -> None:
         self.delegate = delegate
+        self.head = head
 
     def should_sample(
         self,
@@ -193,8 +256,10 @@ def configure_tracing(settings: ServiceSettings, *, exporter: SpanExporter | Non
             return False
         if exporter is None:
             exporter = _exporter(config)
+        head = head_sampling(settings)
         provider = TracerProvider(
-            resource=_resource(settings), sampler=RequestRootSampler(sampler_for(settings))
+            resource=_resource(settings),
+            sampler=RequestRootSampler(head.sampler, head),
         )
         provider.add_span_processor(
             BatchSpanProcessor(exporter, schedule_delay_millis=settings.otel_bsp_schedule_delay)
@@ -215,9 +280,9 @@ def flush_traces(timeout_millis: int = 5000) -> None:
 def _exporter(config: TracingConfig) -> SpanExporter:
     if config.exporter == "console":
         return ConsoleSpanExporter()
-    from opentelemetry.exporter.otlp.proto.http.trace_exporter import OTLPSpanExporter
+    from kit.otlp import LeanOTLPSpanExporter
 
-    return OTLPSpanExporter(endpoint=config.endpoint, headers=config.headers or None)
+    return LeanOTLPSpanExporter(endpoint=config.endpoint, headers=config.headers or None)
 
 
 def _resource(settings: ServiceSettings) -> Resource:
@@ -230,9 +295,14 @@ def _resource(settings: ServiceSettings) -> Resource:
 
 def _instrument_drivers(provider: TracerProvider) -> None:
     """The standard instrumentations of whichever drivers this service has."""
-    from opentelemetry.instrumentation.redis import RedisInstrumentor
+    from opentelemetry.instrumentation import redis as redis_instrumentation
 
-    RedisInstrumentor().instrument(tracer_provider=provider)
+    # it makes a span for every command, under a span that does not record too
+    # (the sampler drops it, after the work of naming it and starting it)
+    for name in ("_async_traced_execute_factory", "_async_traced_execute_pipeline_factory"):
+        factory = getattr(redis_instrumentation, name)
+        setattr(redis_instrumentation, name, _recording_only(factory))
+    redis_instrumentation.RedisInstrumentor().instrument(tracer_provider=provider)
     try:
         from opentelemetry.instrumentation.asyncpg import AsyncPGInstrumentor
     except ImportError:  # a service without a database (the gateway)
@@ -254,6 +324,16 @@ def _instrument_drivers(provider: TracerProvider) -> None:
 
 
 Wrapper = Callable[[Callable[..., Awaitable[Any]], Any, Any, Any], Awaitable[Any]]
+
+
+def _recording_only(factory: Callable[..., Wrapper]) -> Callable[..., Wrapper]:
+    """A factory of instrumentation wrappers whose wrappers step aside unless
+    the current span records (see `_when_recording`)."""
+
+    def made(*args: Any, **kwargs: Any) -> Wrapper:
+        return _when_recording(factory(*args, **kwargs))
+
+    return made
 
 
 def _when_recording(wrapper: Wrapper) -> Wrapper:
@@ -332,6 +412,236 @@ def span_attributes(scope: Scope, method: str, status: int) -> dict[str, Any]:
     return attributes
 
 
+_UNSAMPLED = TraceFlags(TraceFlags.DEFAULT)
+_RANDOM_UNSAMPLED = TraceFlags(TraceFlags.RANDOM_TRACE_ID)
+_SAMPLED = TraceFlags(TraceFlags.SAMPLED)
+_RANDOM_SAMPLED = TraceFlags(TraceFlags.SAMPLED | TraceFlags.RANDOM_TRACE_ID)
+
+
+@dataclass(frozen=True, slots=True)
+class _ServerSpans:
+    """What `TracingMiddleware` needs to make a request's span itself, from a
+    tracer made by `configure_tracing`: its head sampling, ids, processors,
+    resource and scope."""
+
+    head: HeadSampling
+    ids: IdGenerator
+    processor: SpanProcessor
+    resource: Resource
+    scope: InstrumentationScope
+    limits: SpanLimits
+
+    def start(self, name: str, context: Context) -> trace.Span:
+        """The request's span: recording when the sampler keeps it, else one
+        that only carries the context (valid ids, the unsampled flag). The
+        decision is the tracer's own sampler's (see `HeadSampling`), taken on
+        the trace id the span has: the caller's, or a new one."""
+        parent = trace.get_current_span(context).get_span_context()
+        ids = self.ids
+        if parent.is_valid:
+            trace_id, random_id = parent.trace_id, parent.trace_flags.random_trace_id
+            trace_state: trace.TraceState | None = parent.trace_state
+        else:
+            trace_id, random_id, trace_state = (
+                ids.generate_trace_id(),
+                ids.is_trace_id_random(),
+                None,
+            )
+        if not self.head.records(parent, trace_id):
+            flags = _RANDOM_UNSAMPLED if random_id else _UNSAMPLED
+            span_context = SpanContext(trace_id, ids.generate_span_id(), False, flags, trace_state)
+            return NonRecordingSpan(span_context)
+        flags = _RANDOM_SAMPLED if random_id else _SAMPLED
+        span_context = SpanContext(trace_id, ids.generate_span_id(), False, flags, trace_state)
+        span = ServerSpan(name, span_context, parent if parent.is_valid else None, self)
+        # the processors see a span, as the SDK's; only its context and
+        # attributes are read at the start (the batch processor reads nothing)
+        self.processor.on_start(span, parent_context=context)  # type: ignore[arg-type]
+        return span
+
+
+def _server_spans(tracer: trace.Tracer) -> _ServerSpans | None:
+    """How to make server spans for a tracer made by `configure_tracing`; None
+    for any other (the middleware then asks the tracer for each span)."""
+    if not isinstance(tracer, SdkTracer):
+        return None
+    sampler = tracer.sampler
+    if not isinstance(sampler, RequestRootSampler) or sampler.head is None:
+        return None
+    info = tracer.instrumentation_info
+    scope = InstrumentationScope(info.name, info.version, info.schema_url)
+    return _ServerSpans(
+        sampler.head,
+        tracer.id_generator,
+        tracer.span_processor,
+        tracer.resource,
+        scope,
+        SpanLimits(),
+    )
+
+
+class ServerSpan(trace.Span):
+    """A request's recorded server span, made by `TracingMiddleware` rather
+    than the SDK's tracer: the SDK's span takes a lock and checks every value
+    on each write, keeps bounded containers for attributes, events and links
+    that a server span hardly uses, and copies itself when it ends; for a
+    request that is most of what recording it costs. This one keeps kit's own
+    attributes (known valid) in a plain dict, checks only what other code
+    writes (as the SDK does, within the span limits), and hands the span
+    processors the same `ReadableSpan` the SDK's would."""
+
+    def __init__(
+        self, name: str, context: SpanContext, parent: SpanContext | None, spans: _ServerSpans
+    ) -> None:
+        self._name = name
+        self._context = context
+        self._parent = parent
+        self._spans = spans
+        self._start_time = time.time_ns()
+        self._end_time: int | None = None
+        self._own: dict[str, AttributeValue] = {}
+        self._others: BoundedAttributes | None = None
+        self._events: BoundedList[Event] | None = None
+        self._links: BoundedList[Link] | None = None
+        self._status = Status(StatusCode.UNSET)
+
+    def set_own_attributes(self, attributes: Mapping[str, AttributeValue]) -> None:
+        """kit's attributes, by the semantic conventions' types: not checked again."""
+        if self._others is not None:
+            self.set_attributes(attributes)  # after others' writes: in their order
+        elif self._end_time is None:
+            self._own.update(attributes)
+
+    def get_span_context(self) -> SpanContext:
+        return self._context
+
+    def is_recording(self) -> bool:
+        return self._end_time is None
+
+    def set_attributes(self, attributes: Mapping[str, Any]) -> None:
+        if self._end_time is not None:
+            return
+        if self._others is None:
+            limits = self._spans.limits
+            self._others = BoundedAttributes(
+                limits.max_span_attributes,
+                immutable=False,
+                max_value_len=limits.max_span_attribute_length,
+            )
+        for key, value in attributes.items():
+            self._others[key] = value
+            self._own.pop(key, None)  # the latest write wins
+
+    def set_attribute(self, key: str, value: Any) -> None:
+        self.set_attributes({key: value})
+
+    def add_event(
+        self, name: str, attributes: Attributes = None, timestamp: int | None = None
+    ) -> None:
+        if self._end_time is not None:
+            return
+        limits = self._spans.limits
+        if self._events is None:
+            self._events = BoundedList(limits.max_events)
+        bounded = BoundedAttributes(
+            limits.max_event_attributes,
+            attributes,
+            max_value_len=limits.max_attribute_length,
+            immutable=True,
+        )
+        self._events.append(Event(name, bounded, timestamp))
+
+    def add_link(self, context: SpanContext, attributes: Attributes = None) -> None:
+        if self._end_time is not None or (not context.is_valid and not attributes):
+            return  # the SDK too drops a link with neither a valid context nor attributes
+        limits = self._spans.limits
+        if self._links is None:
+            self._links = BoundedList(limits.max_links)
+        bounded = BoundedAttributes(
+            limits.max_link_attributes,
+            attributes,
+            max_value_len=limits.max_attribute_length,
+            immutable=True,
+        )
+        self._links.append(Link(context, bounded))
+
+    def update_name(self, name: str) -> None:
+        if self._end_time is None:
+            self._name = name
+
+    def set_status(self, status: Status | StatusCode, description: str | None = None) -> None:
+        # as the SDK's: OK is final, UNSET never replaces anything
+        if self._end_time is not None or self._status.status_code is StatusCode.OK:
+            return
+        if isinstance(status, StatusCode):
+            status = Status(status, description)
+        if status.status_code is not StatusCode.UNSET:
+            self._status = status
+
+    def record_exception(
+        self,
+        exception: BaseException,
+        attributes: Attributes = None,
+        timestamp: int | None = None,
+        escaped: bool = False,
+    ) -> None:
+        """The SDK's `exception` event, with the same attributes."""
+        module = type(exception).__module__
+        qualname = type(exception).__qualname__
+        event: dict[str, AttributeValue] = {
+            "exception.type": f"{module}.{qualname}"
+            if module and module != "builtins"
+            else qualname,
+            "exception.message": str(exception),
+            "exception.stacktrace": "".join(traceback.format_exception(exception)),
+            "exception.escaped": str(escaped),
+        }
+        if attributes:
+            event.update(attributes)
+        self.add_event("exception", event, timestamp)
+
+    def end(self, end_time: int | None = None) -> None:
+        if self._end_time is not None:
+            logger.warning("Calling end() on an ended span.")
+            return
+        self._end_time = end_time if end_time is not None else time.time_ns()
+        spans = self._spans
+        spans.processor.on_end(
+            ReadableSpan(
+                name=self._name,
+                context=self._context,
+                parent=self._parent,
+                resource=spans.resource,
+                attributes=self._attributes(),
+                events=self._events or (),
+                links=self._links or (),
+                kind=SpanKind.SERVER,
+                status=self._status,
+                start_time=self._start_time,
+                end_time=self._end_time,
+                instrumentation_scope=spans.scope,
+            )
+        )
+
+    def _attributes(self) -> Mapping[str, AttributeValue]:
+        limits = self._spans.limits
+        if self._others is None and (
+            limits.max_span_attribute_length is None
+            and (limits.max_span_attributes is None or len(self._own) <= limits.max_span_attributes)
+        ):
+            return self._own
+        # limits to apply, or others' writes: all of it checked the SDK's way
+        merged = BoundedAttributes(
+            limits.max_span_attributes,
+            self._own,
+            immutable=False,
+            max_value_len=limits.max_span_attribute_length,
+        )
+        for key, value in (self._others or {}).items():
+            merged[key] = value
+        return merged
+
+
 class TracingMiddleware:
     """One server span per HTTP request or WebSocket session, continuing the
     caller's trace; current while the app runs, so every span below is its child."""
@@ -346,6 +656,7 @@ class TracingMiddleware:
         self.app = app
         self.tracer = tracer or trace.get_tracer("kit.tracing")
         self.untraced_paths = frozenset(untraced_paths)
+        self._spans = _server_spans(self.tracer)
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         kind = scope["type"]
@@ -353,9 +664,7 @@ class TracingMiddleware:
             await self.app(scope, receive, send)
             return
         method = scope.get("method", "GET") if kind == "http" else "WS"
-        span = self.tracer.start_span(
-            method, context=incoming_context(scope["headers"]), kind=SpanKind.SERVER
-        )
+        span = self._start(method, incoming_context(scope["headers"]))
         # current even when not sampled: its context, flagged unsampled, goes on
         # to the SQL and Redis calls below and to the upstream, which then drop theirs
         token = otel_context.attach(trace.set_span_in_context(span))
@@ -366,6 +675,11 @@ class TracingMiddleware:
                 await self.app(scope, receive, send)
         finally:
             otel_context.detach(token)
+
+    def _start(self, method: str, context: Context) -> trace.Span:
+        if self._spans is None:
+            return self.tracer.start_span(method, context=context, kind=SpanKind.SERVER)
+        return self._spans.start(method, context)
 
     async def _recorded(
         self, span: trace.Span, method: str, scope: Scope, receive: Receive, send: Send
@@ -401,7 +715,10 @@ def _finish(span: trace.Span, scope: Scope, method: str, status: int) -> None:
     route = attributes.get("http.route")
     if route is not None:
         span.update_name(f"{method} {route}")
-    span.set_attributes(attributes)
+    if isinstance(span, ServerSpan):
+        span.set_own_attributes(attributes)
+    else:
+        span.set_attributes(attributes)
     if status >= 500 or not status:
         span.set_status(Status(StatusCode.ERROR))
     span.end()

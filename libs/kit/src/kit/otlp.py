@@ -1,0 +1,289 @@
+"""A lean OTLP/HTTP trace encoder: finished spans straight to the bytes of an
+`ExportTraceServiceRequest`, without building protobuf objects first.
+
+Why: the OTLP exporter's own encoder builds a message object per span, per
+attribute and per value, then serializes the lot; in the export thread, holding
+the GIL the requests need, that costs more than recording the span did. This
+writes the protobuf wire format directly (a few byte strings joined per span)
+and keeps the encoded resource and instrumentation scope across batches, since
+they never change in a process.
+
+The message is the one the SDK's encoder makes, field for field (the tests
+decode both and compare them): same grouping (resource, then scope), same
+span flags (`SPAN_FLAGS_CONTEXT_HAS_IS_REMOTE` and `_IS_REMOTE`), the status
+always present, the links without their trace state, an attribute value the
+format cannot carry (an int beyond 64 bits) left out with an error logged.
+
+`LeanOTLPSpanExporter` is the SDK's OTLP/HTTP exporter (endpoint, headers,
+timeout, compression, retries, TLS, all from the same settings) with this
+encoder in place of its own.
+"""
+
+from __future__ import annotations
+
+import logging
+import struct
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+from opentelemetry.exporter.otlp.proto.http.trace_exporter import OTLPSpanExporter
+from opentelemetry.sdk.resources import Resource
+from opentelemetry.sdk.trace import Event, ReadableSpan
+from opentelemetry.sdk.trace.export import SpanExportResult
+from opentelemetry.sdk.util.instrumentation import InstrumentationScope
+from opentelemetry.trace import Link, SpanContext
+
+logger = logging.getLogger("kit.otlp")
+
+_FIXED64 = struct.Struct("<Q").pack
+_DOUBLE = struct.Struct("<d").pack
+_FIXED32 = struct.Struct("<I").pack
+_SMALL = [bytes((value,)) for value in range(0x80)]
+_INT64_MIN, _INT64_MAX = -(1 << 63), (1 << 63) - 1
+
+# span flags, as the SDK's encoder sets them (trace.proto's SpanFlags)
+_HAS_IS_REMOTE = 0x100
+_IS_REMOTE = 0x200
+_LOCAL_FLAGS = b"\x85\x01" + _FIXED32(_HAS_IS_REMOTE)  # field 16, fixed32
+_REMOTE_FLAGS = b"\x85\x01" + _FIXED32(_HAS_IS_REMOTE | _IS_REMOTE)
+
+
+def _varint(value: int) -> bytes:
+    if value < 0x80:
+        return _SMALL[value] if value >= 0 else _varint(value & 0xFFFFFFFFFFFFFFFF)
+    out = bytearray()
+    while value > 0x7F:
+        out.append((value & 0x7F) | 0x80)
+        value >>= 7
+    out.append(value)
+    return bytes(out)
+
+
+def _field(tag: bytes, payload: bytes) -> bytes:
+    """A length-delimited field (a string, bytes or a message); `tag` already encoded."""
+    size = len(payload)
+    return tag + (_SMALL[size] if size < 0x80 else _varint(size)) + payload
+
+
+def _any_value(value: Any) -> bytes:
+    """An `AnyValue`'s fields, by the SDK encoder's order of type checks."""
+    if value is None:
+        return b""
+    if isinstance(value, bool):
+        return b"\x10\x01" if value else b"\x10\x00"
+    if isinstance(value, str):
+        return _field(b"\x0a", value.encode())
+    if isinstance(value, int):
+        if not _INT64_MIN <= value <= _INT64_MAX:
+            raise ValueError(f"{value} does not fit an int64")
+        return b"\x18" + _varint(value)
+    if isinstance(value, float):
+        return b"\x21" + _DOUBLE(value)
+    if isinstance(value, bytes):
+        return _field(b"\x3a", value)
+    if isinstance(value, Sequence):
+        items = b"".join(_field(b"\x0a", _any_value(item)) for item in value)
+        return _field(b"\x2a", items)
+    if isinstance(value, Mapping):
+        pairs = b"".join(_field(b"\x0a", _key_value(str(k), v)) for k, v in value.items())
+        return _field(b"\x32", pairs)
+    raise TypeError(f"Invalid type {type(value)} of value {value}")
+
+
+_keys: dict[str, bytes] = {}
+_MAX_KEYS = 4096
+
+
+def _key_value(key: str, value: Any) -> bytes:
+    encoded = _keys.get(key)
+    if encoded is None:
+        encoded = _field(b"\x0a", key.encode()) if key else b""
+        if len(_keys) < _MAX_KEYS:  # attribute names come from a small set
+            _keys[key] = encoded
+    return encoded + _field(b"\x12", _any_value(value))
+
+
+def _attributes(tag: bytes, attributes: Mapping[str, Any] | None) -> list[bytes]:
+    """Each attribute as a repeated `KeyValue` field; one that cannot be encoded
+    is left out, as the SDK's encoder does."""
+    if not attributes:
+        return []
+    fields = []
+    for key, value in attributes.items():
+        try:
+            fields.append(_field(tag, _key_value(key, value)))
+        except (TypeError, ValueError, UnicodeError) as error:
+            logger.error("Failed to encode key %s: %s", key, error)
+    return fields
+
+
+def _count(tag: bytes, count: int) -> bytes:
+    return tag + _varint(count) if count else b""
+
+
+def _string(tag: bytes, text: str | None) -> bytes:
+    return _field(tag, text.encode()) if text else b""
+
+
+def _event(event: Event) -> bytes:
+    parts = [b"\x09" + _FIXED64(event.timestamp) if event.timestamp else b""]
+    parts.append(_string(b"\x12", event.name))
+    parts.extend(_attributes(b"\x1a", event.attributes))
+    parts.append(_count(b"\x20", event.dropped_attributes))
+    return b"".join(parts)
+
+
+def _link(link: Link) -> bytes:
+    context = link.context
+    parts = [
+        b"\x0a\x10" + context.trace_id.to_bytes(16, "big"),
+        b"\x12\x08" + context.span_id.to_bytes(8, "big"),
+    ]
+    parts.extend(_attributes(b"\x22", link.attributes))
+    parts.append(_count(b"\x28", link.dropped_attributes))
+    flags = _HAS_IS_REMOTE | (_IS_REMOTE if context.is_remote else 0)
+    parts.append(b"\x35" + _FIXED32(flags))
+    return b"".join(parts)
+
+
+def _trace_state(context: SpanContext) -> bytes:
+    state = context.trace_state
+    if not state:
+        return b""
+    return _string(b"\x1a", ",".join(f"{key}={value}" for key, value in state.items()))
+
+
+def encode_span(span: ReadableSpan) -> bytes:
+    """One `Span` message."""
+    context = span.get_span_context()
+    assert context is not None  # a finished SDK span always has one
+    parent = span.parent
+    parts = [
+        b"\x0a\x10" + context.trace_id.to_bytes(16, "big"),
+        b"\x12\x08" + context.span_id.to_bytes(8, "big"),
+        _trace_state(context),
+        b"\x22\x08" + parent.span_id.to_bytes(8, "big") if parent else b"",
+        _string(b"\x2a", span.name),
+        b"\x30" + _SMALL[span.kind.value + 1],
+        b"\x39" + _FIXED64(span.start_time) if span.start_time else b"",
+        b"\x41" + _FIXED64(span.end_time) if span.end_time else b"",
+    ]
+    parts.extend(_attributes(b"\x4a", span.attributes))
+    parts.append(_count(b"\x50", span.dropped_attributes))
+    parts.extend(_field(b"\x5a", _event(event)) for event in span.events)
+    parts.append(_count(b"\x60", span.dropped_events))
+    parts.extend(_field(b"\x6a", _link(link)) for link in span.links)
+    parts.append(_count(b"\x70", span.dropped_links))
+    status = span.status
+    code = status.status_code.value
+    parts.append(
+        _field(
+            b"\x7a",
+            _string(b"\x12", status.description) + (b"\x18" + _SMALL[code] if code else b""),
+        )
+    )
+    parts.append(_REMOTE_FLAGS if parent is not None and parent.is_remote else _LOCAL_FLAGS)
+    return b"".join(parts)
+
+
+def _resource(resource: Resource) -> bytes:
+    return b"".join(_attributes(b"\x0a", resource.attributes))
+
+
+def _scope(scope: InstrumentationScope | None) -> bytes:
+    if scope is None:
+        return b""
+    parts = [_string(b"\x0a", scope.name), _string(b"\x12", scope.version)]
+    parts.extend(_attributes(b"\x1a", scope.attributes))
+    return b"".join(parts)
+
+
+_MAX_KEPT = 1024
+
+
+class SpanEncoder:
+    """Encodes batches of finished spans. Groups them as the SDK's encoder
+    does, by equal resource and equal scope, but compares each resource or
+    scope object only once: a process has one resource and a few scopes, and
+    their encodings are kept."""
+
+    def __init__(self) -> None:
+        self._forget()
+
+    def _forget(self) -> None:
+        # by the object's id (the object kept, so the id stays its own): its
+        # group, and each group's encoding and schema
+        self._resources: dict[int, tuple[Resource, int]] = {}
+        self._scopes: dict[int, tuple[InstrumentationScope | None, int]] = {}
+        self._encoded_resources: list[tuple[bytes, str | None]] = []
+        self._encoded_scopes: list[tuple[bytes, str | None]] = []
+
+    def encode(self, spans: Sequence[ReadableSpan]) -> bytes:
+        """An `ExportTraceServiceRequest` with every span of `spans`."""
+        if len(self._resources) + len(self._scopes) > _MAX_KEPT:
+            self._forget()  # tracers made per call would keep adding: start over
+        grouped: dict[int, dict[int, list[bytes]]] = {}
+        for span in spans:
+            resource = self._resource_group(span.resource)
+            scope = self._scope_group(span.instrumentation_scope)
+            grouped.setdefault(resource, {}).setdefault(scope, []).append(
+                _field(b"\x12", encode_span(span))
+            )
+        request = []
+        for resource, scopes in grouped.items():
+            scope_spans = []
+            for scope, encoded in scopes.items():
+                scope_bytes, scope_schema = self._encoded_scopes[scope]
+                body = _field(b"\x0a", scope_bytes) + b"".join(encoded)
+                scope_spans.append(_field(b"\x12", body + _string(b"\x1a", scope_schema)))
+            resource_bytes, resource_schema = self._encoded_resources[resource]
+            body = _field(b"\x0a", resource_bytes) + b"".join(scope_spans)
+            request.append(_field(b"\x0a", body + _string(b"\x1a", resource_schema)))
+        return b"".join(request)
+
+    def _resource_group(self, resource: Resource) -> int:
+        known = self._resources.get(id(resource))
+        if known is not None:
+            return known[1]
+        group = next((group for seen, group in self._resources.values() if seen == resource), None)
+        if group is None:
+            group = len(self._encoded_resources)
+            self._encoded_resources.append((_resource(resource), resource.schema_url))
+        self._resources[id(resource)] = (resource, group)
+        return group
+
+    def _scope_group(self, scope: InstrumentationScope | None) -> int:
+        known = self._scopes.get(id(scope))
+        if known is not None:
+            return known[1]
+        group = next((group for seen, group in self._scopes.values() if seen == scope), None)
+        if group is None:
+            group = len(self._encoded_scopes)
+            schema = scope.schema_url if scope is not None else None
+            self._encoded_scopes.append((_scope(scope), schema))
+        self._scopes[id(scope)] = (scope, group)
+        return group
+
+
+class LeanOTLPSpanExporter(OTLPSpanExporter):
+    """The SDK's OTLP/HTTP span exporter (its client: endpoint, headers,
+    timeout, compression, retries, TLS), encoding with `SpanEncoder`. Its
+    `export` is this one's, without the SDK exporter's own metrics (off unless
+    `OTEL_PYTHON_SDK_INTERNAL_METRICS_ENABLED`) and its request size cap (64
+    MiB; a batch of 512 spans is a few hundred KiB)."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self._encoder = SpanEncoder()
+
+    def export(self, spans: Sequence[ReadableSpan]) -> SpanExportResult:
+        if self._shutdown:
+            logger.warning("Exporter already shut down, ignoring batch")
+            return SpanExportResult.FAILURE
+        try:
+            body = self._encoder.encode(spans)
+        except Exception:
+            logger.exception("Failed to encode a batch of %d spans", len(spans))
+            return SpanExportResult.FAILURE
+        result = self._client.export(body)
+        return SpanExportResult.SUCCESS if result.success else SpanExportResult.FAILURE
