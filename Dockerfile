@@ -57,15 +57,14 @@ USER app
 # UVICORN_LOG_LEVEL=warning: uvicorn's three INFO lines per WebSocket would
 # flood a reconnect storm; the services' own logs follow LOG_LEVEL). WebSockets
 # are served by kit.websocket:WebSocketProtocol, uvicorn's own keeping 12-13 KB
-# less per open socket; HTTP by kit.http:HttpProtocol, uvicorn's httptools one
-# sending a response made in one turn in one write. `exec`: uvicorn replaces the shell (which only names the
+# less per open socket. `exec`: uvicorn replaces the shell (which only names the
 # package), so it gets the signals.
-CMD ["sh", "-c", "exec uvicorn \"${PACKAGE}.main:create_app\" --factory --host 0.0.0.0 --port 8000 --proxy-headers --forwarded-allow-ips '*' --timeout-graceful-shutdown 10 --http kit.http:HttpProtocol --ws kit.websocket:WebSocketProtocol"]
+CMD ["sh", "-c", "exec uvicorn \"${PACKAGE}.main:create_app\" --factory --host 0.0.0.0 --port 8000 --proxy-headers --forwarded-allow-ips '*' --timeout-graceful-shutdown 10 --ws kit.websocket:WebSocketProtocol"]
 
 # `python -m gateway`: uvicorn[standard] (httptools, uvloop) with one worker
 # process per core (WORKERS, 0 = one per usable core, capped by the CPU
 # quota), each a complete gateway, and `gateway.edge:EdgeHttpProtocol`:
-# kit's HTTP protocol (httptools, a response in one write) with the edge's guards (head deadline, body idle timeout, head
+# httptools with the edge's guards (head deadline, body idle timeout, head
 # size, connections per address, counted per worker). It raises its open-file
 # limit to the hard limit first (two descriptors per relayed WebSocket).
 # SIGTERM drains in-flight requests and closes WebSockets with 1012 before the

@@ -2,8 +2,7 @@
 
 Starts PostgreSQL and Redis (Testcontainers, reached on their container
 addresses when this host can, as services reach them under compose) and the
-auth app under uvicorn (kit's httptools protocol + uvloop, as the image
-runs it) on loopback, then measures,
+auth app under uvicorn (httptools + uvloop) on loopback, then measures,
 interleaved over a few rounds with a closed-loop keep-alive client:
 
 - a trivial public endpoint vs the same endpoint behind a Bearer token (kit's
@@ -112,7 +111,7 @@ async def auth_server(database_url: str, redis_url: str) -> AsyncIterator[str]:
         "--loop",
         "uvloop",
         "--http",
-        "kit.http:HttpProtocol",  # as the image runs it
+        "httptools",
         "--no-access-log",
         "--log-level",
         "warning",
@@ -324,7 +323,7 @@ async def measure(database_url: str, redis_url: str) -> dict[str, Any]:
         "me_vs_healthz_met": figures["ratios"]["me_vs_healthz"] >= ME_GOAL,
     }
     figures["setup"] = {
-        "server": "uvicorn kit.http (httptools)+uvloop, 1 process, pinned to core 1",
+        "server": "uvicorn httptools+uvloop, 1 process, pinned to core 1",
         "database": database_url.split("@", 1)[1],
         "client": f"asyncio closed loop, {CONNECTIONS} keep-alive connections, core 0",
         "seconds_per_run": SECONDS_PER_RUN,

@@ -1,8 +1,8 @@
 """Catalog read path against the same service's trivial endpoint.
 
 Starts PostgreSQL (Testcontainers, image from POSTGRES_IMAGE), migrates and
-seeds it, runs the catalog under uvicorn (kit's httptools protocol + uvloop, one
-worker, as the container does) on loopback, then loads, one after the other:
+seeds it, runs the catalog under uvicorn (httptools + uvloop, one worker, as
+the container does) on loopback, then loads, one after the other:
 
 - `GET /healthz` (the trivial endpoint: middleware + routing, no I/O),
 - `GET /catalog/products/{id}` (random ids out of the seeded ones),
@@ -134,7 +134,7 @@ async def catalog_server(
     }
     command = [
         sys.executable, "-m", "uvicorn", "catalog.main:create_app", "--factory",
-        "--host", "127.0.0.1", "--port", str(port), "--http", "kit.http:HttpProtocol", "--loop", "uvloop",
+        "--host", "127.0.0.1", "--port", str(port), "--http", "httptools", "--loop", "uvloop",
         "--log-level", "warning", "--no-access-log",
     ]  # fmt: skip
     process = subprocess.Popen(pinned(command, 1), env=env, stdout=subprocess.DEVNULL)  # noqa: ASYNC220 - started once, before any load

@@ -42,11 +42,11 @@ from collections.abc import Callable
 from typing import Any
 
 from uvicorn.config import Config
+from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 from uvicorn.protocols.websockets.websockets_sansio_impl import WebSocketsSansIOProtocol
 from uvicorn.server import ServerState
 
 from kit.errors import PROBLEM_JSON, problem_type
-from kit.http import HttpProtocol
 from kit.websocket import WebSocketProtocol
 
 logger = logging.getLogger("gateway.edge")
@@ -161,9 +161,8 @@ def _counting(ws_class: type[Any]) -> type[Any]:
 _COUNTING_CLASSES: dict[type[Any], type[Any]] = {}
 
 
-class EdgeHttpProtocol(HttpProtocol):
-    """Kit's HTTP protocol (uvicorn's httptools one, each response in one
-    write) with the guards above."""
+class EdgeHttpProtocol(HttpToolsProtocol):
+    """uvicorn's httptools protocol with the guards above."""
 
     def __init__(
         self,

@@ -215,9 +215,7 @@ async def serve(
     """Runs `app` under uvicorn on 127.0.0.1 in this event loop; yields its base URL.
 
     `uvicorn_options` go to `uvicorn.Config` (e.g. `ws_ping_interval=0.2`).
-    HTTP is served by `kit.http.HttpProtocol` and WebSockets by
-    `kit.websocket.WebSocketProtocol`, as every image does."""
-    from kit.http import HttpProtocol
+    WebSockets are served by `kit.websocket.WebSocketProtocol`, as every image does."""
     from kit.websocket import WebSocketProtocol
 
     port = port or free_port()
@@ -225,7 +223,6 @@ async def serve(
         "log_level": "warning",
         "lifespan": "on",
         "ws_ping_interval": None,
-        "http": HttpProtocol,
         "ws": WebSocketProtocol,
     }
     options.update(uvicorn_options)
