@@ -1,10 +1,10 @@
 """Chat fan-out: latency and throughput across replicas, memory per idle socket.
 
 Starts PostgreSQL and Redis (Testcontainers), migrates, serves a JWKS, and runs
-chat replicas as uvicorn subprocesses (httptools, uvloop, kit's protocols as
-the image runs them). One sender on replica A publishes at a fixed rate (a
-schedule, so a slow server cannot slow the sender down and hide its own
-latency); receivers sit on replica A (same
+chat replicas as uvicorn subprocesses (httptools, uvloop, kit's WebSocket
+protocol as the image runs it). One sender on replica A publishes at a fixed
+rate (a schedule, so a slow server cannot slow the sender down and hide its
+own latency); receivers sit on replica A (same
 replica as the sender) and on replica B (cross-replica, through Redis). Each
 message carries the server's `sent_at` (taken before the database write), and
 each receiver records arrival minus `sent_at`.
@@ -175,8 +175,6 @@ class Replica:
                 "--log-level",
                 "warning",
                 # the protocols the image runs
-                "--http",
-                "kit.http:HttpProtocol",
                 "--ws",
                 "kit.websocket:WebSocketProtocol",
                 "--ws-ping-interval",
