@@ -352,6 +352,13 @@ async def test_a_caller_that_does_not_sample_gets_no_spans_but_its_trace_id_in_t
     assert line["trace_id"] == unsampled
 
 
+async def get_thing(client: httpx.AsyncClient, minter: TokenMinter, flags: str) -> None:
+    """`GET /things/5` as a caller whose trace has the sampled flag `flags`."""
+    traceparent = f"00-{uuid.uuid4().hex}-{CALLER_SPAN}-{flags}"
+    headers = {"traceparent": traceparent, "authorization": f"Bearer {minter.token()}"}
+    assert (await client.get("/things/5", headers=headers)).status_code == 200
+
+
 async def test_statements_of_an_unsampled_request_skip_the_asyncpg_instrumentation(
     traced: tuple[httpx.AsyncClient, Lines], minter: TokenMinter, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -368,14 +375,11 @@ async def test_statements_of_an_unsampled_request_skip_the_asyncpg_instrumentati
     monkeypatch.setattr(instrumented, "_hydrate_span_from_args", counting)
     client, _ = traced
 
-    async def get(flags: str) -> None:
-        traceparent = f"00-{uuid.uuid4().hex}-{CALLER_SPAN}-{flags}"
-        headers = {"traceparent": traceparent, "authorization": f"Bearer {minter.token()}"}
-        assert (await client.get("/things/5", headers=headers)).status_code == 200
-
-    await get("00")  # the caller did not sample: its SELECT is not even looked at
+    await get_thing(
+        client, minter, "00"
+    )  # the caller did not sample: its SELECT is not even looked at
     assert hydrated == []
-    await get("01")
+    await get_thing(client, minter, "01")
     assert "SELECT 1" in hydrated
 
 
@@ -484,14 +488,9 @@ async def test_commands_of_an_unsampled_request_skip_the_redis_instrumentation(
     monkeypatch.setattr(instrumented, "_build_span_name", counting)
     client, _ = traced
 
-    async def get(flags: str) -> None:
-        traceparent = f"00-{uuid.uuid4().hex}-{CALLER_SPAN}-{flags}"
-        headers = {"traceparent": traceparent, "authorization": f"Bearer {minter.token()}"}
-        assert (await client.get("/things/5", headers=headers)).status_code == 200
-
-    await get("00")  # the caller did not sample: its GET makes no span at all
+    await get_thing(client, minter, "00")  # the caller did not sample: its GET makes no span at all
     assert named == []
-    await get("01")
+    await get_thing(client, minter, "01")
     assert "GET" in named
 
 

@@ -480,6 +480,13 @@ def _server_spans(tracer: trace.Tracer) -> _ServerSpans | None:
     )
 
 
+def _bounded(limits: SpanLimits, count: int | None, attributes: Attributes) -> BoundedAttributes:
+    """An event's or a link's attributes, within the span limits (as the SDK bounds them)."""
+    return BoundedAttributes(
+        count, attributes, max_value_len=limits.max_attribute_length, immutable=True
+    )
+
+
 class ServerSpan(trace.Span):
     """A request's recorded server span, made by `TracingMiddleware` rather
     than the SDK's tracer: the SDK's span takes a lock and checks every value
@@ -543,12 +550,7 @@ class ServerSpan(trace.Span):
         limits = self._spans.limits
         if self._events is None:
             self._events = BoundedList(limits.max_events)
-        bounded = BoundedAttributes(
-            limits.max_event_attributes,
-            attributes,
-            max_value_len=limits.max_attribute_length,
-            immutable=True,
-        )
+        bounded = _bounded(limits, limits.max_event_attributes, attributes)
         self._events.append(Event(name, bounded, timestamp))
 
     def add_link(self, context: SpanContext, attributes: Attributes = None) -> None:
@@ -557,12 +559,7 @@ class ServerSpan(trace.Span):
         limits = self._spans.limits
         if self._links is None:
             self._links = BoundedList(limits.max_links)
-        bounded = BoundedAttributes(
-            limits.max_link_attributes,
-            attributes,
-            max_value_len=limits.max_attribute_length,
-            immutable=True,
-        )
+        bounded = _bounded(limits, limits.max_link_attributes, attributes)
         self._links.append(Link(context, bounded))
 
     def update_name(self, name: str) -> None:
