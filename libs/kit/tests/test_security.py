@@ -491,7 +491,8 @@ async def test_auth_unreachable_keeps_the_keys_and_an_unknown_kid_is_a_503_not_a
             assert not await source.refresh()
             with pytest.raises(ServiceUnavailable, match="cannot be fetched"):
                 await verifier.verify(stranger.token())
-            server.failing = False
+            # still failing while it stops: a background retry that found it well
+            # again would leave the source content until the next failure
 
         # auth stopped: connections are refused
         await poll(lambda: not source.answered)
@@ -503,6 +504,7 @@ async def test_auth_unreachable_keeps_the_keys_and_an_unknown_kid_is_a_503_not_a
         assert source.describe().startswith("auth unreachable for")
         assert "using 1 cached key(s)" in source.describe()
 
+        server.failing = False
         async with jwks_app(server):
             await poll(lambda: source.answered)  # the background retry
             with pytest.raises(Unauthenticated, match="unknown key"):
