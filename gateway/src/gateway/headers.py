@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from dataclasses import dataclass
 
 from starlette.types import Scope
@@ -146,7 +147,7 @@ def _forwarding(
     ]
 
 
-def downstream_headers(raw_headers: tuple[tuple[bytes, bytes], ...]) -> list[tuple[bytes, bytes]]:
+def downstream_headers(raw_headers: Iterable[tuple[bytes, bytes]]) -> list[tuple[bytes, bytes]]:
     """An upstream response's headers, minus the hop-by-hop ones, names lower-cased."""
     headers: list[tuple[bytes, bytes]] = []
     connection: bytes | None = None

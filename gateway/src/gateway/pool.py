@@ -96,16 +96,6 @@ class Replica:
     def __post_init__(self) -> None:
         self.origin = URL.build(scheme="http", host=self.address, port=self.port)
 
-    def url(self, raw_path: bytes, query_string: bytes) -> URL:
-        return URL.build(
-            scheme="http",
-            host=self.address,
-            port=self.port,
-            path=raw_path.decode("latin-1"),
-            query_string=query_string.decode("latin-1"),
-            encoded=True,
-        )
-
     def live(self, now: float) -> bool:
         return self.down_until <= now
 

@@ -19,14 +19,16 @@ import logging
 import time
 from collections.abc import AsyncIterator
 
-import aiohttp
 from starlette.types import Message, Receive, Scope, Send
 
+from gateway.client import UpstreamBroken, UpstreamResponse
 from gateway.errors import refuse, request_id
 from gateway.headers import HeaderPolicy, OutgoingRequest, downstream_headers, upstream_request
 from gateway.pool import SICK_STATUSES, Pool, Replica, not_listening
 from gateway.ratelimit import Quota
 from gateway.runtime import Route, Runtime
+from gateway.spans import client_span, with_trace_context
+from gateway.upstream import ConnectFailed
 from kit.errors import (
     PROBLEM_JSON,
     BadGateway,
@@ -44,6 +46,7 @@ logger = logging.getLogger("gateway.proxy")
 
 IDEMPOTENT_METHODS = frozenset({"GET", "HEAD", "OPTIONS", "TRACE", "PUT", "DELETE"})
 CLIENT_CLOSED_REQUEST = 499  # nginx's code, for metrics only: nobody receives it
+_PROBLEM_JSON = PROBLEM_JSON.encode()
 
 
 class ClientDisconnected(Exception):
@@ -105,7 +108,7 @@ class StreamedBody:
                 return
 
 
-def says_sick(status: int, content_type: str | None) -> bool:
+def says_sick(status: int, content_type: bytes | None) -> bool:
     """Whether an answer is a sickness signal. A 503 the service wrote itself
     as problem+json says a dependency it needs is down (every replica would
     say the same; its readiness probe tells the replica's own state), so it
@@ -113,7 +116,7 @@ def says_sick(status: int, content_type: str | None) -> bool:
     proxy in between) counts against it."""
     if status not in SICK_STATUSES:
         return False
-    return status != 503 or not (content_type or "").startswith(PROBLEM_JSON)
+    return status != 503 or not (content_type or b"").startswith(_PROBLEM_JSON)
 
 
 def connection_failed(pool: Pool, replica: Replica, error: BaseException) -> None:
@@ -122,7 +125,7 @@ def connection_failed(pool: Pool, replica: Replica, error: BaseException) -> Non
     if not_listening(error):
         pool.unreachable(replica)
     else:
-        # aiohttp's connect timeout, or the socket upstream's (gateway.upstream)
+        # a connect that timed out (gateway.client, gateway.upstream)
         if isinstance(getattr(error, "os_error", error), TimeoutError):
             pool.timed_out(replica)
         else:
@@ -211,12 +214,12 @@ class Proxy:
         pool = route.pool
         try:
             self.metrics.upstream(route.name, time.perf_counter() - sent_at, response.status)
-            if says_sick(response.status, response.headers.get("content-type")):
+            if says_sick(response.status, response.header(b"content-type")):
                 pool.failed(replica)
             else:
                 # any other answer, 4xx or 500 included, shows a working replica
                 pool.succeeded(replica)
-            await self.relay(response, quota, body, receive, send)
+            await self.relay(response, route.timeout_seconds, quota, body, receive, send)
             return response.status
         finally:
             replica.in_flight -= 1
@@ -245,7 +248,7 @@ class Proxy:
         scope: Scope,
         outgoing: OutgoingRequest,
         body: bytes | StreamedBody | None,
-    ) -> tuple[Replica, aiohttp.ClientResponse, float]:
+    ) -> tuple[Replica, UpstreamResponse, float]:
         """Sends the request to a replica, and to another if the connection never
         opened and the request can be sent twice; the chosen replica stays counted
         in flight until the caller is done with the response."""
@@ -254,22 +257,29 @@ class Proxy:
         replayable = method in IDEMPOTENT_METHODS and not isinstance(body, StreamedBody)
         pool = route.pool
         target = scope["raw_path"] or scope["path"].encode()
+        if scope["query_string"]:
+            target += b"?" + scope["query_string"]
+        client = self.runtime.client
         tried: list[Replica] = []
         while True:
             replica = await self.runtime.replica_for(route, tried)
             replica.in_flight += 1
             sent_at = time.perf_counter()
             try:
-                response = await self.runtime.session.request(
-                    method,
-                    replica.url(target, scope["query_string"]),
-                    headers=outgoing.headers,
-                    data=body,
-                    allow_redirects=False,
-                    timeout=route.timeout,
-                )
+                with client_span(method, replica, target) as span:
+                    response = await client.request(
+                        replica.address,
+                        replica.port,
+                        method,
+                        target,
+                        with_trace_context(outgoing.headers, span.carried),
+                        body,
+                        read_timeout=route.timeout_seconds,
+                        replayable=replayable,
+                    )
+                    span.answered(response.status)
                 return replica, response, sent_at
-            except (aiohttp.ClientConnectorError, aiohttp.ConnectionTimeoutError) as error:
+            except ConnectFailed as error:
                 # the connection never opened: nothing was sent
                 replica.in_flight -= 1
                 self.metrics.upstream(route.name, 0.0, None)
@@ -279,7 +289,13 @@ class Proxy:
                     self.metrics.retries.labels(route.name).inc()
                     continue
                 raise unreachable(route.name, pool) from error
-            except (aiohttp.ClientError, OSError, ClientDisconnected, BodyTooLarge) as error:
+            except (
+                TimeoutError,
+                UpstreamBroken,
+                OSError,
+                ClientDisconnected,
+                BodyTooLarge,
+            ) as error:
                 replica.in_flight -= 1
                 raise self.failure(route, replica, body, error) from error
 
@@ -287,7 +303,7 @@ class Proxy:
         self, route: Route, replica: Replica, body: bytes | StreamedBody | None, error: Exception
     ) -> Exception:
         """What to answer when a request sent to `replica` got no response."""
-        if isinstance(error, aiohttp.ServerTimeoutError):
+        if isinstance(error, TimeoutError):
             self.metrics.upstream(route.name, 0.0, None)
             route.pool.timed_out(replica)
             return GatewayTimeout(
@@ -303,7 +319,8 @@ class Proxy:
 
     async def relay(
         self,
-        response: aiohttp.ClientResponse,
+        response: UpstreamResponse,
+        read_timeout: float,
         quota: Quota | None,
         body: bytes | StreamedBody | None,
         receive: Receive,
@@ -317,11 +334,10 @@ class Proxy:
             "status": response.status,
             "headers": headers,
         }
-        content = response.content
-        if content.is_eof():
+        if response.complete():
             # the whole body came with the head: one message, no streaming machinery
             await send(start)
-            await send({"type": "http.response.body", "body": await content.read()})
+            await send({"type": "http.response.body", "body": response.body()})
             return
         await send(start)
         watcher: asyncio.Future[None] | None = None
@@ -332,15 +348,15 @@ class Proxy:
 
             def client_gone(done: asyncio.Future[None]) -> None:
                 # uvicorn also reports a disconnect once the response is complete
-                if not done.cancelled() and not content.is_eof():
+                if not done.cancelled() and not response.complete():
                     response.close()
 
             watcher.add_done_callback(client_gone)
         try:
-            while chunk := await content.readany():
+            while chunk := await response.read(read_timeout):
                 await send({"type": "http.response.body", "body": chunk, "more_body": True})
             await send({"type": "http.response.body", "body": b""})
-        except (aiohttp.ClientError, TimeoutError, OSError) as error:
+        except (UpstreamBroken, TimeoutError, OSError) as error:
             # the head is out: all that is left is to cut the response short
             logger.warning("upstream response broke off: %s", error)
         finally:

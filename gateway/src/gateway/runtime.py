@@ -1,5 +1,5 @@
 """What the proxy needs at run time: routes and their pools, the upstream
-client session, Redis, the token verifier, the rate limiter. Built without I/O
+clients, Redis, the token verifier, the rate limiter. Built without I/O
 in `create_app`, opened and closed by the lifespan."""
 
 from __future__ import annotations
@@ -18,6 +18,7 @@ from multidict import CIMultiDict, istr
 from prometheus_client import CollectorRegistry
 from redis.asyncio import Redis
 
+from gateway.client import UpstreamClient
 from gateway.config import Settings
 from gateway.edge import EdgeGuard
 from gateway.metrics import GatewayMetrics
@@ -33,10 +34,9 @@ ROUTE_NAMES = ("auth", "catalog", "chat")
 
 
 class ForwardedRequest(aiohttp.ClientRequest):
-    """Sends the client's headers as they are, adding none of aiohttp's own:
-    a default `Accept-Encoding` would have the upstream compress for a client
-    that never asked, and `User-Agent`/`Accept`/`Content-Type` are the client's
-    to choose."""
+    """The gateway's own requests (probes, OpenAPI documents) add none of
+    aiohttp's default headers: a default `Accept-Encoding` would have the
+    upstream compress what the session does not decompress."""
 
     DEFAULT_HEADERS: dict[istr, str] = {}  # noqa: RUF012 - aiohttp reads the class's
     _skip_auto_headers = CIMultiDict({hdrs.CONTENT_TYPE: None})
@@ -52,7 +52,6 @@ class Route:
     name: str
     pool: Pool
     timeout_seconds: float
-    timeout: aiohttp.ClientTimeout
 
     @property
     def template(self) -> str:
@@ -82,14 +81,12 @@ def build_routes(
             + settings.health_check_timeout_seconds,
             stalled=stalled,
         )
-        timeout = aiohttp.ClientTimeout(
-            total=None, sock_connect=settings.connect_timeout_seconds, sock_read=timeout_seconds
-        )
-        routes[name] = Route(name, pool, timeout_seconds, timeout)
+        routes[name] = Route(name, pool, timeout_seconds)
     return routes
 
 
 class Runtime:
+    client: UpstreamClient
     session: aiohttp.ClientSession
     http: httpx.AsyncClient
     redis: Redis
@@ -127,6 +124,9 @@ class Runtime:
 
     async def start(self) -> None:
         settings = self.settings
+        # proxied requests: the gateway's own keep-alive client (gateway.client)
+        self.client = UpstreamClient(connect_timeout=settings.connect_timeout_seconds)
+        # the gateway's own requests (probes, OpenAPI documents)
         connector = aiohttp.TCPConnector(
             limit=0, limit_per_host=0, keepalive_timeout=30, enable_cleanup_closed=False
         )
@@ -223,6 +223,7 @@ class Runtime:
         # Sockets still open (a server that does not close them itself): 1012,
         # "service restart", so clients reconnect, through another gateway.
         await asyncio.gather(*(close() for close in list(self.websockets)), return_exceptions=True)
+        self.client.close()
         await self.session.close()
         await self.http.aclose()
         await self.redis.aclose()

@@ -13,8 +13,6 @@ import time
 from collections import deque
 from collections.abc import AsyncIterator, Callable, Iterator
 
-from opentelemetry import propagate, trace
-from opentelemetry.trace import SpanKind
 from prometheus_client import Gauge
 from starlette.types import Receive, Scope, Send
 
@@ -23,6 +21,7 @@ from gateway.headers import HeaderPolicy, OutgoingRequest, upstream_request
 from gateway.pool import SICK_STATUSES, Replica
 from gateway.proxy import Proxy, connection_failed, unreachable
 from gateway.runtime import Route, Runtime
+from gateway.spans import client_span, with_trace_context
 from gateway.upstream import (
     ConnectFailed,
     HandshakeFailed,
@@ -32,11 +31,9 @@ from gateway.upstream import (
 )
 from kit.errors import BadGateway, DomainError, GatewayTimeout, NotFound, ServiceUnavailable
 from kit.security import bearer_from_subprotocols
-from kit.tracing import tracing_enabled
 from kit.websocket import frames_of, release_headers
 
 logger = logging.getLogger("gateway.websocket")
-_tracer = trace.get_tracer("gateway.websocket")
 
 WS_GOING_AWAY = 1001
 WS_SERVICE_RESTART = 1012
@@ -237,41 +234,18 @@ class WebSocketProxy:
             return upstream, replica
 
 
-def with_trace_context(
-    headers: list[tuple[str, str]], carried: list[tuple[str, str]]
-) -> list[tuple[str, str]]:
-    """The client's headers, with the upgrade span's trace context in place of
-    the client's own (`traceparent`, `tracestate`) when tracing is on."""
-    if not carried:
-        return headers
-    replaced = {name for name, _ in carried}
-    return [(name, value) for name, value in headers if name not in replaced] + carried
-
-
 @contextlib.contextmanager
 def upgrade_span(replica: Replica, target: bytes) -> Iterator[list[tuple[str, str]]]:
     """With tracing on, the upgrade is a client span whose context goes upstream
     (`traceparent`), so the replica's session continues the client's trace;
     yields the headers that carry it (none with tracing off)."""
-    if not tracing_enabled():
-        yield []
-        return
-    url = f"http://{replica.address}:{replica.port}{target.decode('latin-1')}"
-    attributes: dict[str, str | int] = {
-        "http.request.method": "GET",
-        "url.full": url,
-        "server.address": replica.address,
-        "server.port": replica.port,
-    }
-    with _tracer.start_as_current_span("GET", kind=SpanKind.CLIENT, attributes=attributes) as span:
-        carrier: dict[str, str] = {}
-        propagate.inject(carrier)
+    with client_span("GET", replica, target) as span:
         try:
-            yield list(carrier.items())
+            yield span.carried
         except UpgradeRefused as refused:
-            span.set_attribute("http.response.status_code", refused.status)
+            span.answered(refused.status)
             raise
-        span.set_attribute("http.response.status_code", 101)
+        span.answered(101)
 
 
 class Relay:
