@@ -41,20 +41,19 @@ class Request:
 async def read_request(reader: asyncio.StreamReader) -> Request | None:
     """One request as a replica reads it (None when the connection ends)."""
     try:
-        head = await reader.readuntil(b"\r\n\r\n")
-    except asyncio.IncompleteReadError:
-        return None
-    request = Request(head, b"")
-    length = request.header(b"content-length")
-    if length is not None:
-        request.body = await reader.readexactly(int(length))
-    elif request.header(b"transfer-encoding") == b"chunked":
-        while True:
-            size = int((await reader.readuntil(b"\r\n")).strip(), 16)
-            chunk = await reader.readexactly(size + 2)
-            if size == 0:
-                break
-            request.body += chunk[:-2]
+        request = Request(await reader.readuntil(b"\r\n\r\n"), b"")
+        length = request.header(b"content-length")
+        if length is not None:
+            request.body = await reader.readexactly(int(length))
+        elif request.header(b"transfer-encoding") == b"chunked":
+            while True:
+                size = int((await reader.readuntil(b"\r\n")).strip(), 16)
+                chunk = await reader.readexactly(size + 2)
+                if size == 0:
+                    break
+                request.body += chunk[:-2]
+    except (asyncio.IncompleteReadError, ConnectionError):
+        return None  # the client left, mid-request or between requests
     return request
 
 
@@ -75,9 +74,13 @@ class Replica:
 @contextlib.asynccontextmanager
 async def replica(answer: Answer) -> AsyncIterator[Replica]:
     state = Replica(answer)
+    handlers: set[asyncio.Task[None]] = set()
 
     async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         state.connections += 1
+        task = asyncio.current_task()
+        assert task is not None
+        handlers.add(task)
         try:
             while (request := await read_request(reader)) is not None:
                 state.requests.append(request)
@@ -92,6 +95,10 @@ async def replica(answer: Answer) -> AsyncIterator[Replica]:
         yield state
     finally:
         server.close()
+        # connections the client keeps open end with the replica
+        for task in handlers:
+            task.cancel()
+        await asyncio.gather(*handlers, return_exceptions=True)
         await server.wait_closed()
 
 

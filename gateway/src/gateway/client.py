@@ -26,7 +26,7 @@ worker's CPU for a small request; this one does only what relaying needs:
   fresh connection when it can be sent twice (idempotent, body in hand), as
   browsers and Go's client do; otherwise it is a broken exchange.
 
-Errors: `ConnectFailed` (nothing was sent), `TimeoutError` (no byte for the
+Errors: `gateway.upstream.ConnectFailed` (nothing was sent), `TimeoutError` (no byte for the
 read timeout), `UpstreamBroken` (garbage, or the connection lost mid-answer).
 """
 
@@ -41,7 +41,7 @@ from collections.abc import AsyncIterable, Iterable
 
 import httptools
 
-from gateway.upstream import ConnectFailed
+from gateway.upstream import connect
 
 BUFFER_LIMIT = 2**16
 KEEPALIVE_SECONDS = 30.0
@@ -449,16 +449,8 @@ class UpstreamClient:
 
     async def connect(self, host: str, port: int) -> UpstreamConnection:
         """A new connection; raises ConnectFailed (nothing was sent)."""
-        loop = asyncio.get_running_loop()
         connection = UpstreamConnection(self, (host, port))
-        try:
-            async with asyncio.timeout(self.connect_timeout):
-                await loop.create_connection(lambda: connection, host, port)
-        except TimeoutError as error:
-            connection.close()
-            raise ConnectFailed(TimeoutError(f"connecting to {host}:{port} timed out")) from error
-        except OSError as error:
-            raise ConnectFailed(error) from error
+        await connect(connection, host, port, self.connect_timeout, abandon=connection.close)
         self._open.add(connection)
         return connection
 

@@ -38,7 +38,7 @@ mark.
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 
 from websockets.client import ClientProtocol
 from websockets.exceptions import InvalidStatus, ProtocolError
@@ -514,6 +514,28 @@ class UpstreamSocket(asyncio.Protocol):
             self.transport.abort()
 
 
+async def connect(
+    protocol: asyncio.Protocol,
+    host: str,
+    port: int,
+    connect_timeout: float,
+    *,
+    abandon: Callable[[], None],
+) -> None:
+    """Opens a TCP connection to a replica for `protocol`; raises ConnectFailed
+    (refused, unreachable or timed out: nothing was sent). `abandon` drops a
+    connection that opened only after the timeout fired."""
+    loop = asyncio.get_running_loop()
+    try:
+        async with asyncio.timeout(connect_timeout):
+            await loop.create_connection(lambda: protocol, host, port)
+    except TimeoutError as error:
+        abandon()
+        raise ConnectFailed(TimeoutError(f"connecting to {host}:{port} timed out")) from error
+    except OSError as error:
+        raise ConnectFailed(error) from error
+
+
 async def open_upstream(
     host: str,
     port: int,
@@ -526,16 +548,8 @@ async def open_upstream(
 ) -> UpstreamSocket:
     """Connects to `host:port` and upgrades `target` (path and query string);
     raises ConnectFailed, UpgradeRefused, HandshakeFailed or TimeoutError."""
-    loop = asyncio.get_running_loop()
     socket = UpstreamSocket(subprotocols=subprotocols, max_size=max_size)
-    try:
-        async with asyncio.timeout(connect_timeout):
-            await loop.create_connection(lambda: socket, host, port)
-    except TimeoutError as error:
-        socket.abort()
-        raise ConnectFailed(TimeoutError(f"connecting to {host}:{port} timed out")) from error
-    except OSError as error:
-        raise ConnectFailed(error) from error
+    await connect(socket, host, port, connect_timeout, abandon=socket.abort)
     assert socket.transport is not None
     try:
         socket.transport.write(socket.request(target, headers, f"{host}:{port}"))
