@@ -10,7 +10,13 @@ from dataclasses import dataclass, field
 
 import pytest
 
-from gateway.client import BUFFER_LIMIT, UpstreamBroken, UpstreamClient, UpstreamResponse
+from gateway.client import (
+    BUFFER_LIMIT,
+    KEEPALIVE_SECONDS,
+    UpstreamBroken,
+    UpstreamClient,
+    UpstreamResponse,
+)
 from gateway.pool import not_listening
 from gateway.upstream import ConnectFailed
 from kit_testing import free_port
@@ -353,4 +359,16 @@ async def test_a_request_whose_body_failed_midway_leaves_no_connection_behind(
             await get(client, server.port, method="PUT", body=cut_short(), replayable=False)
         assert not client._open  # the half-written request's connection is closed
         assert await whole(await get(client, server.port)) == b"hello"
+        assert server.connections == 2
+
+
+async def test_a_connection_idle_past_the_keep_alive_limit_is_not_used(
+    client: UpstreamClient,
+) -> None:
+    async with replica(answering(OK)) as server:
+        await whole(await get(client, server.port))
+        (kept,) = client._open
+        kept.idle_since -= KEEPALIVE_SECONDS + 1  # idle for longer than the limit
+        assert await whole(await get(client, server.port)) == b"hello"
+        assert kept.closed
         assert server.connections == 2

@@ -20,7 +20,8 @@ worker's CPU for a small request; this one does only what relaying needs:
   was read to the end and both sides allow keep-alive; anything else (an
   error, a client that left mid-response, `Connection: close`, a HEAD) closes
   it. Idle connections closed by the replica are dropped when the close
-  arrives, and those idle longer than `KEEPALIVE_SECONDS` when next looked at;
+  arrives, and those idle longer than `KEEPALIVE_SECONDS` (4 s, under the
+  services' 5 s) are closed rather than used;
 - a request sent on a reused connection that the replica closed before
   answering (its keep-alive ran out as the request left) is sent again on a
   fresh connection when it can be sent twice (idempotent, body in hand), as
@@ -44,7 +45,10 @@ import httptools
 from gateway.upstream import connect
 
 BUFFER_LIMIT = 2**16
-KEEPALIVE_SECONDS = 30.0
+# idle connections are not used after this long: below the services' own
+# keep-alive timeout (uvicorn's 5 s), so the gateway never writes a request
+# into a connection the replica is closing
+KEEPALIVE_SECONDS = 4.0
 MAX_IDLE_PER_REPLICA = 256
 _CHUNK_END = b"0\r\n\r\n"
 
@@ -443,8 +447,12 @@ class UpstreamClient:
         idle = self._idle.get(key)
         while idle:
             connection = idle.pop()
-            if not connection.closed:
-                return connection
+            if connection.closed:
+                continue
+            if time.monotonic() - connection.idle_since > KEEPALIVE_SECONDS:
+                connection.close()  # the replica may be closing it right now
+                continue
+            return connection
         return None
 
     async def connect(self, host: str, port: int) -> UpstreamConnection:
