@@ -117,9 +117,11 @@ class Conn(asyncio.Protocol):
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.closed = True
-        for future in (self.handshake, self.ready):
-            if not future.done():
-                future.set_exception(ConnectionError("closed"))
+        # `ready` is awaited only once the handshake succeeded
+        if not self.handshake.done():
+            self.handshake.set_exception(ConnectionError("closed"))
+        elif self.handshake.exception() is None and not self.ready.done():
+            self.ready.set_exception(ConnectionError("closed"))
         if not self.done.done():
             self.done.set_result(None)
 
