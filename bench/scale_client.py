@@ -1,11 +1,17 @@
 """The load client of bench/scale_bench.py: thousands of chat sockets through
 the gateway, from a container on the stack's own network.
 
-It runs inside one of the project's images (the gateway's: Python, aiohttp)
-so that no connection crosses Docker's userland proxy, and talks to the
-orchestrator on the host in lines: it prints one JSON event per line on
+It runs inside one of the project's images (the gateway's: Python, aiohttp,
+websockets) so that no connection crosses Docker's userland proxy, and talks
+to the orchestrator on the host in lines: it prints one JSON event per line on
 stdout and, where a step needs the host (a replica to kill), reads one line
-on stdin. Steps:
+on stdin.
+
+The client shares the cores with the stack it measures, so its sockets are
+lean: each is an `asyncio.Protocol` that writes the upgrade request, checks
+the answer and reads frames in `data_received`, handing every text frame to
+the load there and then (no task woken, no queue per frame); pings are
+answered on the spot. aiohttp only registers the users. Steps:
 
 1. register and log in `--users` users;
 2. open `--sockets` sockets, `--rooms` rooms of equal size, `--concurrency`
@@ -22,15 +28,22 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import base64
 import contextlib
+import hashlib
 import json
+import os
 import random
+import socket
 import sys
 import time
 import uuid
-from typing import Any
+from collections.abc import Callable
+from typing import Any, cast
+from urllib.parse import urlsplit
 
 import aiohttp
+from websockets.speedups import apply_mask
 
 PASSWORD = "scale-bench-password"
 BACKOFF_BASE = 0.25
@@ -38,6 +51,202 @@ BACKOFF_CAP = 4.0
 CLOSE_WITHIN = 15.0
 SETUP_ATTEMPTS = 5
 PRESENCE_PREFIX = '{"type":"presence",'  # chat writes its frames compact, type first
+HANDSHAKE_SECONDS = 30.0
+WS_GUID = b"258EAFA5-E914-47DA-95CA-C5AB0DC85B11"
+TEXT, CLOSE, PING, PONG, CONTINUATION = 0x1, 0x8, 0x9, 0xA, 0x0
+
+
+class Refused(Exception):
+    """The upgrade was answered with another status than 101."""
+
+    def __init__(self, status: int) -> None:
+        super().__init__(status)
+        self.status = status
+
+
+def client_frame(opcode: int, payload: bytes) -> bytes:
+    """One masked, unfragmented frame, as a client must send it."""
+    mask = os.urandom(4)
+    length = len(payload)
+    if length < 126:
+        head = bytes((0x80 | opcode, 0x80 | length))
+    elif length < 65536:
+        head = bytes((0x80 | opcode, 0x80 | 126)) + length.to_bytes(2, "big")
+    else:
+        head = bytes((0x80 | opcode, 0x80 | 127)) + length.to_bytes(8, "big")
+    return head + mask + apply_mask(payload, mask)
+
+
+class Conn(asyncio.Protocol):
+    """One WebSocket, read in `data_received`: the first text frame (chat's
+    `ready`) resolves `ready`; after `attach`, every text frame goes to the
+    callback at once; frames in between wait in `held`."""
+
+    __slots__ = (
+        "_buffer",
+        "_fragments",
+        "_key",
+        "_request",
+        "closed",
+        "done",
+        "handshake",
+        "held",
+        "on_text",
+        "ready",
+        "transport",
+    )
+
+    def __init__(self, request: bytes, key: str) -> None:
+        loop = asyncio.get_running_loop()
+        self._request = request
+        self._key = key
+        self._buffer = bytearray()
+        self._fragments: list[bytes] | None = None
+        self.handshake: asyncio.Future[None] = loop.create_future()
+        self.ready: asyncio.Future[str] = loop.create_future()
+        self.done: asyncio.Future[None] = loop.create_future()
+        self.held: list[str] = []
+        self.on_text: Callable[[str], None] | None = None
+        self.closed = False
+        self.transport: asyncio.Transport | None = None
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        # uvloop's transports are not subclasses of asyncio.Transport
+        self.transport = cast(asyncio.Transport, transport)
+        self.transport.write(self._request)
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.closed = True
+        # `ready` is awaited only once the handshake succeeded
+        if not self.handshake.done():
+            self.handshake.set_exception(ConnectionError("closed"))
+        elif self.handshake.exception() is None and not self.ready.done():
+            self.ready.set_exception(ConnectionError("closed"))
+        if not self.done.done():
+            self.done.set_result(None)
+
+    def data_received(self, data: bytes) -> None:
+        self._buffer += data
+        if not self.handshake.done():
+            head, found, rest = self._buffer.partition(b"\r\n\r\n")
+            if not found:
+                return
+            self._answer(bytes(head))
+            if not self.handshake.done() or self.handshake.exception() is not None:
+                return
+            self._buffer = rest
+        self._frames()
+
+    def _answer(self, head: bytes) -> None:
+        lines = head.decode("latin-1").split("\r\n")
+        try:
+            status = int(lines[0].split()[1])
+        except (IndexError, ValueError):
+            self.handshake.set_exception(ConnectionError("not an HTTP answer"))
+            self.abort()
+            return
+        headers = {}
+        for line in lines[1:]:
+            name, _, value = line.partition(":")
+            headers[name.strip().lower()] = value.strip()
+        accept = base64.b64encode(hashlib.sha1(self._key.encode() + WS_GUID).digest()).decode()
+        if status != 101:
+            self.handshake.set_exception(Refused(status))
+        elif headers.get("sec-websocket-accept") != accept:
+            self.handshake.set_exception(ConnectionError("bad Sec-WebSocket-Accept"))
+        else:
+            self.handshake.set_result(None)
+            return
+        self.abort()
+
+    def _frames(self) -> None:
+        buffer = self._buffer
+        at, size = 0, len(buffer)
+        while size - at >= 2:
+            first, second = buffer[at], buffer[at + 1]
+            length, start = second & 0x7F, at + 2
+            if length == 126:
+                if size - start < 2:
+                    break
+                length, start = int.from_bytes(buffer[start : start + 2], "big"), start + 2
+            elif length == 127:
+                if size - start < 8:
+                    break
+                length, start = int.from_bytes(buffer[start : start + 8], "big"), start + 8
+            if second & 0x80 or size - start < length:  # servers never mask
+                if second & 0x80:
+                    self.abort()
+                    return
+                break
+            at = start + length
+            self._frame(first, bytes(buffer[start:at]))
+            if self.transport is None:
+                return
+        del buffer[:at]
+
+    def _frame(self, first: int, payload: bytes) -> None:
+        opcode = first & 0x0F
+        if opcode in (TEXT, CONTINUATION):
+            parts = [payload] if self._fragments is None else [*self._fragments, payload]
+            if not first & 0x80:
+                self._fragments = parts
+                return
+            self._fragments = None
+            self._text(b"".join(parts).decode())
+        elif opcode == PING:
+            self.write(client_frame(PONG, payload))
+        elif opcode == CLOSE:
+            # the close handshake: echo the code (unless this side began it) and
+            # end the connection; the socket is over as of this frame
+            if not self.closed:
+                self.write(client_frame(CLOSE, payload[:2]))
+            self.closed = True
+            if self.transport is not None:
+                self.transport.close()
+            if not self.done.done():
+                self.done.set_result(None)
+        elif opcode != PONG:
+            self.abort()  # binary: chat never sends it
+
+    def _text(self, text: str) -> None:
+        if not self.ready.done():
+            self.ready.set_result(text)
+        elif self.on_text is not None:
+            self.on_text(text)
+        else:
+            self.held.append(text)
+
+    def attach(self, on_text: Callable[[str], None]) -> None:
+        """Every text frame after `ready` goes to `on_text`, those held first."""
+        self.on_text = on_text
+        held, self.held = self.held, []
+        for text in held:
+            on_text(text)
+
+    def write(self, data: bytes) -> None:
+        if self.transport is not None and not self.transport.is_closing():
+            self.transport.write(data)
+
+    def send_str(self, text: str) -> None:
+        if self.closed or self.transport is None or self.transport.is_closing():
+            raise ConnectionError("closed")
+        self.transport.write(client_frame(TEXT, text.encode()))
+
+    def abort(self) -> None:
+        self.closed = True
+        if self.transport is not None:
+            self.transport.abort()
+            self.transport = None
+
+    async def close(self) -> None:
+        """Sends a close frame, then waits (at most 5 s) for the server to end the connection."""
+        if not self.closed:
+            self.closed = True
+            self.write(client_frame(CLOSE, (1000).to_bytes(2, "big")))
+        try:
+            await asyncio.wait_for(asyncio.shield(self.done), 5.0)
+        except TimeoutError:
+            self.abort()
 
 
 def emit(event: str, **fields: Any) -> None:
@@ -74,7 +283,7 @@ class Sock:
         self.index = index
         self.room = room
         self.token = token
-        self.ws: aiohttp.ClientWebSocketResponse | None = None
+        self.ws: Conn | None = None
         self.node = ""
         self.nodes: list[str] = []
         self.last_id = 0
@@ -89,7 +298,10 @@ class Load:
     def __init__(self, args: argparse.Namespace) -> None:
         self.args = args
         self.base = args.url.rstrip("/")
-        self.ws_base = self.base.replace("http://", "ws://", 1)
+        url = urlsplit(self.base)
+        self.host_header = url.netloc
+        self.port = url.port or 80
+        self.address = url.hostname or "gateway"
         self.session: aiohttp.ClientSession
         self.socks: list[Sock] = []
         self.tokens: list[str] = []
@@ -138,32 +350,46 @@ class Load:
 
     # -- sockets --------------------------------------------------------------
 
-    async def connect(self, sock: Sock, *, since: int | None) -> bool:
+    def upgrade_request(self, sock: Sock, since: int | None) -> tuple[bytes, str]:
         query = "" if since is None else f"?since={since}"
+        key = base64.b64encode(os.urandom(16)).decode()
+        request = (
+            f"GET /chat/ws/{sock.room}{query} HTTP/1.1\r\n"
+            f"Host: {self.host_header}\r\n"
+            "Upgrade: websocket\r\nConnection: Upgrade\r\n"
+            f"Sec-WebSocket-Key: {key}\r\nSec-WebSocket-Version: 13\r\n"
+            # offered as every browser does; the gateway declines it by default
+            "Sec-WebSocket-Extensions: permessage-deflate; client_max_window_bits\r\n"
+            f"Authorization: Bearer {sock.token}\r\n\r\n"
+        )
+        return request.encode(), key
+
+    async def connect(self, sock: Sock, *, since: int | None) -> bool:
+        request, key = self.upgrade_request(sock, since)
+        loop = asyncio.get_running_loop()
+        ws: Conn | None = None
         try:
-            ws = await self.session.ws_connect(
-                f"{self.ws_base}/chat/ws/{sock.room}{query}",
-                headers={"Authorization": f"Bearer {sock.token}"},
-                autoping=True,
-                heartbeat=None,
-                # offered as every browser does; the gateway declines it by default
-                compress=15,
-                timeout=aiohttp.ClientWSTimeout(ws_close=5.0),
-            )
-        except aiohttp.WSServerHandshakeError as error:
+            async with asyncio.timeout(HANDSHAKE_SECONDS):
+                _, ws = await loop.create_connection(
+                    lambda: Conn(request, key), self.address, self.port
+                )
+                await ws.handshake
+        except Refused as error:
             self.refusals[str(error.status)] = self.refusals.get(str(error.status), 0) + 1
             return False
-        except (aiohttp.ClientError, OSError, TimeoutError) as error:
+        except (OSError, TimeoutError) as error:
+            if ws is not None:
+                ws.abort()
             name = type(error).__name__
             self.refusals[name] = self.refusals.get(name, 0) + 1
             return False
         try:
-            ready = await asyncio.wait_for(ws.receive_json(), 30)
-        except (TimeoutError, TypeError, ValueError, aiohttp.ClientError):
+            ready = json.loads(await asyncio.wait_for(ws.ready, 30))
+        except (TimeoutError, TypeError, ValueError, ConnectionError):
             self.refusals["no ready"] = self.refusals.get("no ready", 0) + 1
             await ws.close()
             return False
-        if ready.get("type") != "ready":
+        if not isinstance(ready, dict) or ready.get("type") != "ready":
             self.refusals["closed"] = self.refusals.get("closed", 0) + 1
             await ws.close()
             return False
@@ -172,6 +398,7 @@ class Load:
         sock.nodes.append(sock.node)
         if since is None:
             sock.last_id = ready["last_id"]
+        ws.attach(lambda text: self.on_text(sock, text))
         return True
 
     async def open_all(self) -> None:
@@ -213,36 +440,39 @@ class Load:
             frames=dict(self.frames),
         )
 
+    def on_text(self, sock: Sock, text: str) -> None:
+        """One text frame of the socket, as it arrives."""
+        if sock.ws is None or sock.ws.closed:
+            return  # after the close frame: the socket is over
+        if text.startswith(PRESENCE_PREFIX):
+            # counted, not decoded: the client shares the cores with
+            # the stack, and only messages are checked
+            self.frames["presence"] = self.frames.get("presence", 0) + 1
+            return
+        data = json.loads(text)
+        kind = data.get("type")
+        self.frames[kind] = self.frames.get(kind, 0) + 1
+        if kind != "message":
+            return
+        message_id = data["id"]
+        if message_id <= sock.last_id:
+            sock.duplicates += 1
+            return
+        if message_id != sock.last_id + 1:
+            sock.gaps += 1
+        sock.last_id = message_id
+        client_id = data.get("client_id") or ""
+        sent = self.sent_at.get(client_id)
+        if sent is not None:
+            self.latencies.append(time.monotonic() - sent)
+
     async def read(self, sock: Sock) -> None:
-        """Reads the socket; on a drop, reconnects (backoff with full jitter) with `since`."""
+        """Waits for the socket to end (its frames are read by `on_text` as they
+        come); on a drop, reconnects (backoff with full jitter) with `since`."""
         while True:
             ws = sock.ws
             assert ws is not None
-            async for frame in ws:
-                if frame.type is not aiohttp.WSMsgType.TEXT:
-                    break
-                text: str = frame.data
-                if text.startswith(PRESENCE_PREFIX):
-                    # counted, not decoded: the client shares the cores with
-                    # the stack, and only messages are checked
-                    self.frames["presence"] = self.frames.get("presence", 0) + 1
-                    continue
-                data = json.loads(text)
-                kind = data.get("type")
-                self.frames[kind] = self.frames.get(kind, 0) + 1
-                if kind != "message":
-                    continue
-                message_id = data["id"]
-                if message_id <= sock.last_id:
-                    sock.duplicates += 1
-                    continue
-                if message_id != sock.last_id + 1:
-                    sock.gaps += 1
-                sock.last_id = message_id
-                client_id = data.get("client_id") or ""
-                sent = self.sent_at.get(client_id)
-                if sent is not None:
-                    self.latencies.append(time.monotonic() - sent)
+            await ws.done
             sock.dropped += 1
             sock.closed_at = sock.closed_at or time.time()
             sock.ws = None
@@ -282,9 +512,9 @@ class Load:
             client_id = uuid.uuid4().hex
             self.sent_at[client_id] = time.monotonic()
             assert sock.ws is not None
-            with contextlib.suppress(ConnectionError, aiohttp.ClientError):
+            with contextlib.suppress(ConnectionError):
                 frame = {"type": "message", "text": "scale", "client_id": client_id}
-                await sock.ws.send_str(json.dumps(frame))
+                sock.ws.send_str(json.dumps(frame))
                 sent += 1
         return sent
 
@@ -414,6 +644,11 @@ async def main() -> None:
     async with aiohttp.ClientSession(connector=connector) as session:
         load.session = session
         await load.users()
+        # resolved once: the sockets connect to the address, not the name
+        infos = await asyncio.get_running_loop().getaddrinfo(
+            load.address, load.port, type=socket.SOCK_STREAM
+        )
+        load.address = infos[0][4][0]
         emit("registered", users=len(load.tokens))
         await load.open_all()
         await load.hold()

@@ -434,6 +434,42 @@ async def test_revoking_a_token_closes_its_open_socket(
     assert message["text"] == "still open"
 
 
+async def revocation_reads(redis_url: str, key: str, reads: int) -> list[list[str]]:
+    """The first `reads` MGETs (Redis MONITOR) that read `key`, as their key lists."""
+    client = Redis.from_url(redis_url, decode_responses=True)
+    seen: list[list[str]] = []
+    try:
+        async with client.monitor() as monitor:
+            async for command in monitor.listen():
+                words = str(command.get("command", "")).split()
+                if words and words[0].upper() == "MGET" and key in words[1:]:
+                    seen.append(words[1:])
+                    if len(seen) == reads:
+                        return seen
+    finally:
+        await client.aclose()
+    return seen
+
+
+async def test_the_revocation_check_reads_each_token_once_whatever_its_sockets(
+    cluster: list[Node], minter: TokenMinter, redis_url: str
+) -> None:
+    room = unique_room()
+    jti = f"jti-shared-{uuid.uuid4().hex[:8]}"
+    shared = minter.token(user_id="tabs", jti=jti)
+    async with (
+        chat(cluster[0], room, shared),
+        chat(cluster[0], room, shared),
+        chat(cluster[0], room, shared),
+        chat(cluster[0], room, minter.token(user_id="tabs")),
+    ):
+        reads = await asyncio.wait_for(revocation_reads(redis_url, revoked_token_key(jti), 2), 20)
+    # three sockets, one token: its keys are read once per check, beside the other token's
+    for keys in reads:
+        assert keys.count(revoked_token_key(jti)) == 1, keys
+        assert keys.count(revoked_user_key("tabs")) == 2, keys
+
+
 class AccessLines(logging.Handler):
     """The access logger's records, with the request id current when each was written."""
 

@@ -328,12 +328,21 @@ class Hub:
             self.kick(connection, CLOSE_SLOW_CONSUMER, "slow consumer")
 
     async def close_revoked(self, redis: Redis) -> None:
-        """Closes sockets whose token was revoked (logout) since they connected (4003)."""
-        connections = self.connections()
-        revoked = await revoked_among(redis, connections)
-        for connection, refused in zip(connections, revoked, strict=True):
+        """Closes sockets whose token was revoked (logout) since they connected (4003).
+
+        Sockets holding the same token share one verdict, so each token is read
+        from Redis once however many sockets hold it: a user's tabs and devices
+        often reuse one token, and the check runs at every heartbeat."""
+        holders: dict[tuple[str, str, int], list[Connection]] = {}
+        for connection in self.connections():
+            token = (connection.jti, connection.user_id, connection.issued_at)
+            holders.setdefault(token, []).append(connection)
+        tokens = [sockets[0] for sockets in holders.values()]
+        revoked = await revoked_among(redis, tokens)
+        for sockets, refused in zip(holders.values(), revoked, strict=True):
             if refused:
-                connection.request_close(CLOSE_TOKEN_REVOKED, "token revoked")
+                for connection in sockets:
+                    connection.request_close(CLOSE_TOKEN_REVOKED, "token revoked")
 
     def connections(self) -> list[Connection]:
         """Every socket of this replica."""
