@@ -1,5 +1,6 @@
 """Runs SQL statements and Redis commands under the standard instrumentations,
-with the SDK's tracer (`sdk`) or kit's `LeanTracer` (`kit`), and prints the
+with the SDK's tracer (`sdk`) or as kit installs them (`kit`: `LeanTracer`,
+the statements' attributes worked out once), and prints the
 spans they export as JSON: `test_driver_spans.py` compares the two. In a
 process of its own, since an instrumentation patches the drivers once per process.
 
@@ -30,7 +31,12 @@ from sqlalchemy import text
 from sqlalchemy.ext.asyncio import create_async_engine
 
 from kit.settings import ServiceSettings
-from kit.tracing import LeanTracerProvider, RequestRootSampler, head_sampling
+from kit.tracing import (
+    LeanTracerProvider,
+    RequestRootSampler,
+    _instrument_drivers,
+    head_sampling,
+)
 
 CALLER = SpanContext(
     0x4BF92F3577B34DA6A3CE929D0E0E4736,
@@ -93,10 +99,13 @@ async def calls(dsn: str, redis_url: str) -> None:
 
 async def run(mode: str, dsn: str, redis_url: str) -> list[ReadableSpan]:
     made, exporter = provider()
-    given: trace.TracerProvider = LeanTracerProvider(made) if mode == "kit" else made
-    RedisInstrumentor().instrument(tracer_provider=given)
-    AsyncPGInstrumentor().instrument(tracer_provider=given)  # type: ignore[no-untyped-call]
-    server = given.get_tracer("kit.tracing")
+    if mode == "kit":  # the drivers as `configure_tracing` instruments them
+        _instrument_drivers(made)
+        server = LeanTracerProvider(made).get_tracer("kit.tracing")
+    else:
+        RedisInstrumentor().instrument(tracer_provider=made)
+        AsyncPGInstrumentor().instrument(tracer_provider=made)  # type: ignore[no-untyped-call]
+        server = made.get_tracer("kit.tracing")
     await calls(dsn, redis_url)  # outside any request: no trace starts
     unsampled = trace.set_span_in_context(NonRecordingSpan(UNSAMPLED_CALLER))
     with server.start_as_current_span("GET /unsampled", unsampled, SpanKind.SERVER):
@@ -104,6 +113,7 @@ async def run(mode: str, dsn: str, redis_url: str) -> list[ReadableSpan]:
     caller = trace.set_span_in_context(NonRecordingSpan(CALLER))
     with server.start_as_current_span("GET /things", caller, SpanKind.SERVER):
         await calls(dsn, redis_url)
+        await calls(dsn, redis_url)  # the same statements again
     token = otel_context.attach(caller)
     try:
         with (

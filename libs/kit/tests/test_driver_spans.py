@@ -11,6 +11,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
+import asyncpg
 import pytest
 from opentelemetry import trace
 from opentelemetry.sdk.resources import Resource
@@ -29,7 +30,14 @@ from opentelemetry.trace import (
 )
 
 from kit.settings import ServiceSettings
-from kit.tracing import LeanSpan, LeanTracer, LeanTracerProvider, RequestRootSampler, head_sampling
+from kit.tracing import (
+    LeanSpan,
+    LeanTracer,
+    LeanTracerProvider,
+    RequestRootSampler,
+    _statement_attributes,
+    head_sampling,
+)
 
 PROGRAM = Path(__file__).with_name("driver_spans.py")
 
@@ -67,7 +75,7 @@ def test_the_drivers_spans_are_exported_as_the_sdks_tracer_exports_them(
     assert "SET" in names
     assert "GET" in names
     failed = [span for span in clients if span["status"][0] == "ERROR"]
-    assert len(failed) == 2  # the missing table and the INCR of a string
+    assert len(failed) == 4  # the missing table and the INCR of a string, twice
     assert all(event[0] == "exception" and event[2] for span in failed for event in span["events"])
     (handler,) = [span for span in mine if span["name"] == "failing"]
     assert handler["status"] == ["ERROR", "RuntimeError: the handler failed"]
@@ -186,3 +194,37 @@ def test_a_span_with_links_or_used_as_a_context_manager_behaves_as_the_sdks() ->
         ]
     assert exported[True] == exported[False]
     assert [span[0] for span in exported[True]] == ["linked", "own", "quiet", "current"]
+
+
+async def test_a_statements_attributes_are_worked_out_once_and_are_the_instrumentations(
+    postgres_server_url: str,
+) -> None:
+    from opentelemetry.instrumentation import asyncpg as instrumentation
+
+    # the instrumentation's own, also where kit has put its own in front of it
+    hydrate = instrumentation._hydrate_span_from_args
+    original = getattr(hydrate, "__wrapped__", hydrate)
+    worked_out: list[str] = []
+
+    def counting(connection: Any, query: Any, parameters: Any, *args: Any) -> dict[str, Any]:
+        worked_out.append(query)
+        made: dict[str, Any] = original(connection, query, parameters, *args)
+        return made
+
+    remembering = _statement_attributes(counting)
+    dsn = f"{postgres_server_url}/test".replace("postgresql+asyncpg://", "postgresql://")
+    connection = await asyncpg.connect(dsn)
+    try:
+        first = remembering(connection, "SELECT 1", None)
+        first["changed"] = "by the caller"
+        again = remembering(connection, "SELECT 1", None)
+        other = remembering(connection, "SELECT 2", None)
+        with_parameters = remembering(connection, "SELECT $1", (1,))
+        remembering(connection, "SELECT $1", (1,))
+    finally:
+        await connection.close()
+    assert again == original(connection, "SELECT 1", None)
+    assert again["db.system"] == "postgresql"
+    assert other == original(connection, "SELECT 2", None)
+    assert with_parameters == original(connection, "SELECT $1", (1,))
+    assert worked_out == ["SELECT 1", "SELECT 2", "SELECT $1", "SELECT $1"]
