@@ -14,8 +14,9 @@ from typing import Any
 import asyncpg
 import pytest
 from opentelemetry import trace
+from opentelemetry.context import Context
 from opentelemetry.sdk.resources import Resource
-from opentelemetry.sdk.trace import TracerProvider
+from opentelemetry.sdk.trace import Span, SpanProcessor, TracerProvider
 from opentelemetry.sdk.trace.export import SimpleSpanProcessor
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 from opentelemetry.sdk.trace.id_generator import IdGenerator
@@ -95,7 +96,30 @@ class Ids(IdGenerator):
         return self.random.getrandbits(128) or 1
 
 
-def tracer_of(sampler_name: str, lean: bool) -> tuple[trace.Tracer, InMemorySpanExporter]:
+class StartSeen(SpanProcessor):
+    """What a span processor reads of a span as it starts."""
+
+    def __init__(self) -> None:
+        self.seen: list[tuple[Any, ...]] = []
+
+    def on_start(self, span: Span, parent_context: Context | None = None) -> None:
+        self.seen.append(
+            (
+                span.name,
+                span.kind,
+                span.context,
+                span.parent,
+                dict(span.attributes or {}),
+                span.start_time is not None,
+                span.resource,
+                span.instrumentation_scope,
+            )
+        )
+
+
+def tracer_of(
+    sampler_name: str, lean: bool, started: StartSeen | None = None
+) -> tuple[trace.Tracer, InMemorySpanExporter]:
     head = head_sampling(
         ServiceSettings(
             otel_traces_sampler=sampler_name, otel_traces_sampler_arg=0.5, _env_file=None
@@ -108,6 +132,8 @@ def tracer_of(sampler_name: str, lean: bool) -> tuple[trace.Tracer, InMemorySpan
     )
     exporter = InMemorySpanExporter()
     provider.add_span_processor(SimpleSpanProcessor(exporter))
+    if started is not None:
+        provider.add_span_processor(started)
     given: trace.TracerProvider = LeanTracerProvider(provider) if lean else provider
     return given.get_tracer("drivers", "1.0", schema_url="https://example.com/s"), exporter
 
@@ -131,7 +157,8 @@ def test_lean_spans_are_sampled_and_identified_as_the_sdks(sampler_name: str) ->
     same recording decision, ids, flags and trace state as the SDK's tracer."""
     results: dict[bool, list[tuple[Any, ...]]] = {}
     for lean in (False, True):
-        tracer, exporter = tracer_of(sampler_name, lean)
+        started = StartSeen()
+        tracer, exporter = tracer_of(sampler_name, lean, started)
         assert isinstance(tracer, LeanTracer) is lean
         seen: list[tuple[Any, ...]] = []
         for parent in parents(random.Random(3)):
@@ -143,7 +170,7 @@ def test_lean_spans_are_sampled_and_identified_as_the_sdks(sampler_name: str) ->
                 seen.append((span.is_recording(), made.trace_id, made.span_id, made.trace_flags))
                 seen.append((made.trace_state.to_header(), made.is_remote))
                 span.end()
-        results[lean] = [*seen, (len(exporter.get_finished_spans()),)]
+        results[lean] = [*seen, (len(exporter.get_finished_spans()),), *started.seen]
     assert results[True] == results[False]
 
 
