@@ -26,7 +26,9 @@ middleware, so it costs nothing. On:
   SQLAlchemy's included, runs through it) and redis's asyncio client, both
   skipped under a span that does not record (see `_when_recording`), and
   aiohttp's client (the gateway's upstream requests, with `traceparent`
-  injected);
+  injected). They get their tracers from `LeanTracerProvider`, so their
+  spans are kit's lean ones (below), and asyncpg's works out a statement's
+  attributes once per statement (`_statement_attributes`);
 - `TracingMiddleware` on every app: one server span per request or WebSocket
   session, continuing the caller's W3C `traceparent` or starting a trace,
   named by the route template (`GET /catalog/products/{product_id}`), with the
@@ -40,16 +42,22 @@ FastAPI's spans are switched off wherever this middleware is on
 (`quiet_fastapi_tracing`), or each request would have two.
 
 Most of what tracing cost a request was the SDK's own work, in Python, so
-the middleware does without most of it:
+kit does without most of it:
 
 - the sampling decision comes first, before any span is made: the
   configured sampler's own rule, taken on the trace id the span will have
   (`HeadSampling`, checked against the sampler in the tests). A request that
   is not sampled gets a span that only carries its context (valid ids, the
   unsampled flag), as the SDK's tracer would make it, without the tracer;
-- a recorded request's span is `ServerSpan`: kit's attributes in a plain
-  dict, written once, no lock, and the span processors get the same
-  `ReadableSpan` the SDK's span would hand them (the tests compare the two);
+- a recorded span is a `LeanSpan`: the request's server span, and the
+  drivers' spans through `LeanTracer` (what the standard instrumentations
+  get in place of the SDK's tracer). Attributes known valid (kit's own, the
+  plain ones an instrumentation starts a span with) in a plain dict, no
+  lock, and the span processors get the same `ReadableSpan` the SDK's span
+  would hand them (the tests run the same requests, SQL statements and Redis
+  commands through both and compare what is exported). A span with links,
+  or a tracer the SDK configures otherwise (its own span metrics on), is the
+  SDK's;
 - the export encodes spans straight to protobuf bytes (`kit.otlp`), a
   quarter of the SDK encoder's time, in the thread that competes with the
   requests for the GIL.
@@ -57,18 +65,23 @@ the middleware does without most of it:
 In a micro-benchmark (loaded machine, best of 40) the middleware costs
 about 5 us per unsampled request (9 us with the SDK's tracer), about 14 us
 per recorded one (40 us), and encoding a server span about 19 us (70 us).
-The drivers' spans (a SQL statement, a Redis command) are still the SDK's.
+A SQL statement through the asyncpg instrumentation (its wrapper and span,
+not the query) costs about 14 us with kit's tracer and remembered
+attributes, 23 us with kit's tracer alone, and 51 us with the SDK's tracer;
+the span alone 10 us against 35 (loaded machine, best of 8 rounds).
 """
 
 from __future__ import annotations
 
 import dataclasses
+import functools
 import logging
 import threading
 import time
 import traceback
 from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
+from types import TracebackType
 from typing import Any
 
 from opentelemetry import context as otel_context
@@ -79,6 +92,7 @@ from opentelemetry.propagators.textmap import Getter
 from opentelemetry.sdk.resources import Resource
 from opentelemetry.sdk.trace import Event, ReadableSpan, SpanLimits, SpanProcessor, TracerProvider
 from opentelemetry.sdk.trace import Tracer as SdkTracer
+from opentelemetry.sdk.trace._tracer_metrics import NoOpTracerMetrics
 from opentelemetry.sdk.trace.export import BatchSpanProcessor, ConsoleSpanExporter, SpanExporter
 from opentelemetry.sdk.trace.id_generator import IdGenerator
 from opentelemetry.sdk.trace.sampling import (
@@ -293,8 +307,10 @@ def _resource(settings: ServiceSettings) -> Resource:
     return Resource.create(attributes)
 
 
-def _instrument_drivers(provider: TracerProvider) -> None:
-    """The standard instrumentations of whichever drivers this service has."""
+def _instrument_drivers(sdk_provider: TracerProvider) -> None:
+    """The standard instrumentations of whichever drivers this service has,
+    their spans made by `LeanTracer`."""
+    provider = LeanTracerProvider(sdk_provider)
     from opentelemetry.instrumentation import redis as redis_instrumentation
 
     # it makes a span for every command, under a span that does not record too
@@ -304,10 +320,14 @@ def _instrument_drivers(provider: TracerProvider) -> None:
         setattr(redis_instrumentation, name, _recording_only(factory))
     redis_instrumentation.RedisInstrumentor().instrument(tracer_provider=provider)
     try:
+        from opentelemetry.instrumentation import asyncpg as asyncpg_instrumentation
         from opentelemetry.instrumentation.asyncpg import AsyncPGInstrumentor
     except ImportError:  # a service without a database (the gateway)
         pass
     else:
+        # it works a statement's attributes out again for every statement
+        hydrate = asyncpg_instrumentation._hydrate_span_from_args
+        asyncpg_instrumentation._hydrate_span_from_args = _statement_attributes(hydrate)
         asyncpg = AsyncPGInstrumentor()  # type: ignore[no-untyped-call]
         # it works out a statement's attributes (a regular expression, the
         # connection's parameters) before it asks the sampler, so a statement of
@@ -324,6 +344,47 @@ def _instrument_drivers(provider: TracerProvider) -> None:
 
 
 Wrapper = Callable[[Callable[..., Awaitable[Any]], Any, Any, Any], Awaitable[Any]]
+Hydrate = Callable[..., dict[str, Any]]
+STATEMENTS_REMEMBERED = 1024
+"""Distinct statements whose attributes are kept; the lot is dropped when full."""
+
+
+def _statement_attributes(hydrate: Hydrate) -> Hydrate:
+    """The asyncpg instrumentation's attributes of a statement
+    (`_hydrate_span_from_args`), worked out once per statement and connection
+    target. They depend only on the connection's database, user and address,
+    the statement's text and the conventions' mode; a dozen calls and
+    lookups for each statement (about a tenth of its span) otherwise. With
+    the parameters captured (not kit's case) every call works them out."""
+    remembered: dict[tuple[Any, ...], dict[str, Any]] = {}
+
+    @functools.wraps(hydrate)
+    def attributes(
+        connection: Any, query: Any, parameters: Any, *args: Any, **kwargs: Any
+    ) -> dict[str, Any]:
+        if parameters is not None or not isinstance(query, str):
+            return hydrate(connection, query, parameters, *args, **kwargs)
+        params = getattr(connection, "_params", None)
+        address = getattr(connection, "_addr", None)
+        key = (
+            getattr(params, "database", None),
+            getattr(params, "user", None),
+            address if isinstance(address, tuple | str) else repr(address),
+            query,
+            args,
+            tuple(kwargs.items()),
+        )
+        try:
+            known = remembered.get(key)
+        except TypeError:  # something unhashable in it: not remembered
+            return hydrate(connection, query, parameters, *args, **kwargs)
+        if known is None:
+            if len(remembered) >= STATEMENTS_REMEMBERED:
+                remembered.clear()
+            known = remembered[key] = hydrate(connection, query, parameters, *args, **kwargs)
+        return dict(known)  # the instrumentation's to keep: not the remembered one
+
+    return attributes
 
 
 def _recording_only(factory: Callable[..., Wrapper]) -> Callable[..., Wrapper]:
@@ -418,11 +479,16 @@ _SAMPLED = TraceFlags(TraceFlags.SAMPLED)
 _RANDOM_SAMPLED = TraceFlags(TraceFlags.SAMPLED | TraceFlags.RANDOM_TRACE_ID)
 
 
+_NEW_TRACE_KINDS = (SpanKind.SERVER, SpanKind.CONSUMER)
+_PLAIN_VALUES = frozenset({str, int, float, bool})
+
+
 @dataclass(frozen=True, slots=True)
-class _ServerSpans:
-    """What `TracingMiddleware` needs to make a request's span itself, from a
-    tracer made by `configure_tracing`: its head sampling, ids, processors,
-    resource and scope."""
+class _LeanSpans:
+    """What it takes to make spans without the SDK's tracer, from a tracer
+    made by `configure_tracing`: its head sampling, ids, processors, resource
+    and scope. `TracingMiddleware` makes each request's span with it, and
+    `LeanTracer` the drivers' spans."""
 
     head: HeadSampling
     ids: IdGenerator
@@ -431,52 +497,76 @@ class _ServerSpans:
     scope: InstrumentationScope
     limits: SpanLimits
 
-    def start(self, name: str, context: Context) -> trace.Span:
-        """The request's span: recording when the sampler keeps it, else one
-        that only carries the context (valid ids, the unsampled flag). The
-        decision is the tracer's own sampler's (see `HeadSampling`), taken on
-        the trace id the span has: the caller's, or a new one."""
+    def start(
+        self,
+        name: str,
+        context: Context | None,
+        kind: SpanKind = SpanKind.SERVER,
+        attributes: Attributes = None,
+        start_time: int | None = None,
+        on_exception: tuple[bool, bool] = (True, True),
+    ) -> trace.Span:
+        """A span under `context`'s: recording when the sampler keeps it, else
+        one that only carries the context (valid ids, the unsampled flag). The
+        decision is the tracer's own sampler's (see `HeadSampling` and
+        `RequestRootSampler`), taken on the trace id the span has: the
+        parent's, or a new one. `on_exception` says whether the span, used as
+        a context manager, records an exception and sets the error status (the
+        SDK's `record_exception` and `set_status_on_exception`)."""
         parent = trace.get_current_span(context).get_span_context()
         ids = self.ids
         if parent.is_valid:
             trace_id, random_id = parent.trace_id, parent.trace_flags.random_trace_id
             trace_state: trace.TraceState | None = parent.trace_state
+            records = self.head.records(parent, trace_id)
         else:
             trace_id, random_id, trace_state = (
                 ids.generate_trace_id(),
                 ids.is_trace_id_random(),
                 None,
             )
-        if not self.head.records(parent, trace_id):
+            # only a request or a message starts a trace (RequestRootSampler)
+            records = kind in _NEW_TRACE_KINDS and self.head.records(parent, trace_id)
+        if not records:
             flags = _RANDOM_UNSAMPLED if random_id else _UNSAMPLED
             span_context = SpanContext(trace_id, ids.generate_span_id(), False, flags, trace_state)
             return NonRecordingSpan(span_context)
         flags = _RANDOM_SAMPLED if random_id else _SAMPLED
         span_context = SpanContext(trace_id, ids.generate_span_id(), False, flags, trace_state)
-        span = ServerSpan(name, span_context, parent if parent.is_valid else None, self)
+        span = LeanSpan(
+            name, span_context, parent if parent.is_valid else None, self, kind, start_time
+        )
+        if attributes:
+            span.set_start_attributes(attributes)
+        span.on_exception = on_exception
         # the processors see a span, as the SDK's; only its context and
         # attributes are read at the start (the batch processor reads nothing)
         self.processor.on_start(span, parent_context=context)  # type: ignore[arg-type]
         return span
 
 
-def _server_spans(tracer: trace.Tracer) -> _ServerSpans | None:
-    """How to make server spans for a tracer made by `configure_tracing`; None
-    for any other (the middleware then asks the tracer for each span)."""
+def _lean_spans(tracer: trace.Tracer) -> _LeanSpans | None:
+    """How to make spans for a tracer made by `configure_tracing`; None for
+    any other (its spans are then the tracer's own)."""
     if not isinstance(tracer, SdkTracer):
         return None
     sampler = tracer.sampler
     if not isinstance(sampler, RequestRootSampler) or sampler.head is None:
         return None
-    info = tracer.instrumentation_info
-    scope = InstrumentationScope(info.name, info.version, info.schema_url)
-    return _ServerSpans(
+    if not isinstance(getattr(tracer, "_tracer_metrics", None), NoOpTracerMetrics):
+        return None  # the SDK's own metrics of spans are asked for: its spans count them
+    scope = getattr(tracer, "_instrumentation_scope", None)
+    if not isinstance(scope, InstrumentationScope):  # the scope's attributes with it
+        info = tracer.instrumentation_info
+        scope = InstrumentationScope(info.name, info.version, info.schema_url)
+    limits = getattr(tracer, "_span_limits", None)
+    return _LeanSpans(
         sampler.head,
         tracer.id_generator,
         tracer.span_processor,
         tracer.resource,
         scope,
-        SpanLimits(),
+        limits if isinstance(limits, SpanLimits) else SpanLimits(),
     )
 
 
@@ -487,30 +577,95 @@ def _bounded(limits: SpanLimits, count: int | None, attributes: Attributes) -> B
     )
 
 
-class ServerSpan(trace.Span):
-    """A request's recorded server span, made by `TracingMiddleware` rather
-    than the SDK's tracer: the SDK's span takes a lock and checks every value
-    on each write, keeps bounded containers for attributes, events and links
-    that a server span hardly uses, and copies itself when it ends; for a
-    request that is most of what recording it costs. This one keeps kit's own
-    attributes (known valid) in a plain dict, checks only what other code
-    writes (as the SDK does, within the span limits), and hands the span
-    processors the same `ReadableSpan` the SDK's would."""
+def _plain(attributes: Mapping[str, Any], limits: SpanLimits) -> bool:
+    """Whether the SDK would keep `attributes` exactly as they are: named by
+    non-empty strings, plain scalar values, within the span limits (what an
+    instrumentation passes when it starts a span)."""
+    if limits.max_span_attribute_length is not None or (
+        limits.max_span_attributes is not None and len(attributes) > limits.max_span_attributes
+    ):
+        return False
+    for key, value in attributes.items():
+        if type(key) is not str or not key or type(value) not in _PLAIN_VALUES:
+            return False
+    return True
+
+
+class LeanSpan(trace.Span):
+    """A recorded span made without the SDK's tracer: a request's server span
+    (`TracingMiddleware`) or a driver's client span (`LeanTracer`). The SDK's
+    span takes a lock and checks every value on each write, keeps bounded
+    containers for attributes, events and links that these spans hardly use,
+    and copies itself when it ends; for a request or a SQL statement that is
+    most of what recording it costs. This one keeps attributes known valid
+    (kit's own, plain ones passed at the start) in a plain dict, checks only
+    what other code writes (as the SDK does, within the span limits), and
+    hands the span processors the same `ReadableSpan` the SDK's would."""
 
     def __init__(
-        self, name: str, context: SpanContext, parent: SpanContext | None, spans: _ServerSpans
+        self,
+        name: str,
+        context: SpanContext,
+        parent: SpanContext | None,
+        spans: _LeanSpans,
+        kind: SpanKind = SpanKind.SERVER,
+        start_time: int | None = None,
     ) -> None:
         self._name = name
         self._context = context
         self._parent = parent
         self._spans = spans
-        self._start_time = time.time_ns()
+        self._kind = kind
+        self._start_time = start_time if start_time is not None else time.time_ns()
         self._end_time: int | None = None
         self._own: dict[str, AttributeValue] = {}
         self._others: BoundedAttributes | None = None
         self._events: BoundedList[Event] | None = None
         self._links: BoundedList[Link] | None = None
         self._status = Status(StatusCode.UNSET)
+        self.on_exception = (True, True)
+        """Used as a context manager: whether to record an exception, and to set the error status."""
+
+    # what a span processor may read of a started span, as of the SDK's
+    @property
+    def kind(self) -> SpanKind:
+        return self._kind
+
+    @property
+    def name(self) -> str:
+        return self._name
+
+    @property
+    def context(self) -> SpanContext:
+        return self._context
+
+    @property
+    def parent(self) -> SpanContext | None:
+        return self._parent
+
+    @property
+    def attributes(self) -> Mapping[str, AttributeValue]:
+        return self._attributes()
+
+    @property
+    def start_time(self) -> int:
+        return self._start_time
+
+    @property
+    def resource(self) -> Resource:
+        return self._spans.resource
+
+    @property
+    def instrumentation_scope(self) -> InstrumentationScope:
+        return self._spans.scope
+
+    def set_start_attributes(self, attributes: Mapping[str, Any]) -> None:
+        """The attributes a span starts with: kept as they are when the SDK
+        would keep them so (see `_plain`), else checked as it checks them."""
+        if self._others is None and not self._own and _plain(attributes, self._spans.limits):
+            self._own.update(attributes)
+        else:
+            self.set_attributes(attributes)
 
     def set_own_attributes(self, attributes: Mapping[str, AttributeValue]) -> None:
         """kit's attributes, by the semantic conventions' types: not checked again."""
@@ -612,7 +767,7 @@ class ServerSpan(trace.Span):
                 attributes=self._attributes(),
                 events=self._events or (),
                 links=self._links or (),
-                kind=SpanKind.SERVER,
+                kind=self._kind,
                 status=self._status,
                 start_time=self._start_time,
                 end_time=self._end_time,
@@ -638,6 +793,172 @@ class ServerSpan(trace.Span):
             merged[key] = value
         return merged
 
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc_val: BaseException | None,
+        exc_tb: TracebackType | None,
+    ) -> None:
+        """As the SDK's span: records what escapes `with span:`, then ends."""
+        if exc_val is not None and self.is_recording():
+            record, set_status = self.on_exception
+            if record:
+                self.record_exception(exc_val, escaped=True)
+            if set_status:
+                self.set_status(_error_of(exc_val))
+        self.end()
+
+
+def _error_of(error: BaseException) -> Status:
+    """The status the SDK gives a span an exception escapes."""
+    return Status(StatusCode.ERROR, f"{type(error).__name__}: {error}")
+
+
+class LeanTracer(trace.Tracer):
+    """The SDK tracer of an instrumentation (asyncpg's, redis's, aiohttp's),
+    making its spans as `LeanSpan`s: the same sampling, ids, processors and
+    exported spans, for a fraction of the SDK's work per span (a SQL
+    statement's span was most of what tracing a get-by-id still cost). A span
+    with links, or a tracer the SDK configures otherwise, is the SDK's."""
+
+    def __init__(self, tracer: SdkTracer, spans: _LeanSpans) -> None:
+        self.tracer = tracer
+        self._spans = spans
+
+    def start_span(
+        self,
+        name: str,
+        context: Context | None = None,
+        kind: SpanKind = SpanKind.INTERNAL,
+        attributes: Attributes = None,
+        links: Sequence[Link] | None = (),
+        start_time: int | None = None,
+        record_exception: bool = True,
+        set_status_on_exception: bool = True,
+    ) -> trace.Span:
+        if links or not self.tracer._is_enabled():
+            return self.tracer.start_span(
+                name,
+                context,
+                kind,
+                attributes,
+                links,
+                start_time,
+                record_exception,
+                set_status_on_exception,
+            )
+        return self._spans.start(
+            name, context, kind, attributes, start_time, (record_exception, set_status_on_exception)
+        )
+
+    def start_as_current_span(  # type: ignore[override]
+        self,
+        name: str,
+        context: Context | None = None,
+        kind: SpanKind = SpanKind.INTERNAL,
+        attributes: Attributes = None,
+        links: Sequence[Link] | None = (),
+        start_time: int | None = None,
+        record_exception: bool = True,
+        set_status_on_exception: bool = True,
+        end_on_exit: bool = True,
+    ) -> _CurrentSpan:
+        """As the SDK's (`start_span`, then `trace.use_span`), as a plain
+        context manager rather than a generator's: the span starts on entry."""
+        return _CurrentSpan(
+            self,
+            (name, context, kind, attributes, links, start_time),
+            (record_exception, set_status_on_exception),
+            end_on_exit,
+        )
+
+
+class _CurrentSpan:
+    """`LeanTracer.start_as_current_span`: `with` starts the span and makes it
+    current, and on the way out does what `trace.use_span` does. Used as a
+    decorator, it is the SDK tracer's (a new span for every call)."""
+
+    __slots__ = ("_end", "_on_exception", "_span", "_start", "_token", "_tracer")
+
+    def __init__(
+        self,
+        tracer: LeanTracer,
+        start: tuple[str, Context | None, SpanKind, Attributes, Sequence[Link] | None, int | None],
+        on_exception: tuple[bool, bool],
+        end_on_exit: bool,
+    ) -> None:
+        self._tracer = tracer
+        self._start = start
+        self._on_exception = on_exception
+        self._end = end_on_exit
+
+    def __enter__(self) -> trace.Span:
+        span = self._tracer.start_span(*self._start, *self._on_exception)
+        self._span = span
+        self._token = otel_context.attach(trace.set_span_in_context(span))
+        return span
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc_val: BaseException | None,
+        exc_tb: TracebackType | None,
+    ) -> None:
+        span = self._span
+        otel_context.detach(self._token)
+        # as use_span: an Exception only (not a cancellation), on a recording span
+        try:
+            if isinstance(exc_val, Exception) and span.is_recording():
+                record, set_status = self._on_exception
+                if record:
+                    span.record_exception(exc_val)
+                if set_status:
+                    span.set_status(_error_of(exc_val))
+        finally:
+            if self._end:
+                span.end()
+
+    def __call__(self, function: Callable[..., Any]) -> Callable[..., Any]:
+        name, context, kind, attributes, links, start_time = self._start
+        record, set_status = self._on_exception
+        decorate: Callable[[Callable[..., Any]], Callable[..., Any]] = (
+            self._tracer.tracer.start_as_current_span(
+                name,
+                context,
+                kind,
+                attributes,
+                links,
+                start_time,
+                record,
+                set_status,
+                self._end,
+            )
+        )
+        return decorate(function)
+
+
+class LeanTracerProvider(trace.TracerProvider):
+    """The SDK provider, handing out `LeanTracer`s: what the drivers'
+    instrumentations are given, so their spans are lean too."""
+
+    def __init__(self, provider: TracerProvider) -> None:
+        self.provider = provider
+
+    def get_tracer(
+        self,
+        instrumenting_module_name: str,
+        instrumenting_library_version: str | None = None,
+        schema_url: str | None = None,
+        attributes: Attributes | None = None,
+    ) -> trace.Tracer:
+        tracer = self.provider.get_tracer(
+            instrumenting_module_name, instrumenting_library_version, schema_url, attributes
+        )
+        spans = _lean_spans(tracer)
+        if spans is None or not isinstance(tracer, SdkTracer):
+            return tracer
+        return LeanTracer(tracer, spans)
+
 
 class TracingMiddleware:
     """One server span per HTTP request or WebSocket session, continuing the
@@ -653,7 +974,7 @@ class TracingMiddleware:
         self.app = app
         self.tracer = tracer or trace.get_tracer("kit.tracing")
         self.untraced_paths = frozenset(untraced_paths)
-        self._spans = _server_spans(self.tracer)
+        self._spans = _lean_spans(self.tracer)
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         kind = scope["type"]
@@ -712,7 +1033,7 @@ def _finish(span: trace.Span, scope: Scope, method: str, status: int) -> None:
     route = attributes.get("http.route")
     if route is not None:
         span.update_name(f"{method} {route}")
-    if isinstance(span, ServerSpan):
+    if isinstance(span, LeanSpan):
         span.set_own_attributes(attributes)
     else:
         span.set_attributes(attributes)
