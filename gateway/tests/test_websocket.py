@@ -299,7 +299,7 @@ async def test_a_relayed_socket_keeps_none_of_the_clients_headers(
 
 
 def test_the_upgrade_carries_the_gateways_trace_context_in_place_of_the_clients() -> None:
-    from gateway.websocket import with_trace_context
+    from gateway.spans import with_trace_context
 
     client = [("host", "edge"), ("traceparent", "00-client-01"), ("authorization", "Bearer t")]
     ours = [("traceparent", "00-gateway-01")]
