@@ -46,12 +46,12 @@ class ClientSpan:
         span = self.span
         if span is None:
             return
+        if self._scope is not None:
+            self._scope.__exit__(kind, error, traceback)  # no longer the current span
         if error is not None:
             span.record_exception(error)
             span.set_status(Status(StatusCode.ERROR, f"{type(error).__name__}: {error}"))
         span.end()
-        if self._scope is not None:
-            self._scope.__exit__(kind, error, traceback)
 
     def answered(self, status: int) -> None:
         """The replica's status; 4xx and 5xx mark a client span as failed
@@ -79,7 +79,10 @@ def client_span(method: str, replica: Replica, target: bytes) -> ClientSpan:
         "server.port": replica.port,
     }
     span = _tracer.start_span(method, kind=SpanKind.CLIENT, attributes=attributes)
-    scope = trace.use_span(span, end_on_exit=False)
+    # the exception, if any, is recorded once, by ClientSpan
+    scope = trace.use_span(
+        span, end_on_exit=False, record_exception=False, set_status_on_exception=False
+    )
     scope.__enter__()
     carrier: dict[str, str] = {}
     propagate.inject(carrier)
