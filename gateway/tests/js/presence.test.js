@@ -76,3 +76,19 @@ test("people are listed by name with their sockets added up across replicas", ()
     { id: "zoe", name: "zoe", connections: 2 },
   ]);
 });
+
+test("a frame of several diffs applies each in order, as the separate frames would", () => {
+  const diffs = [
+    frame("A", 10, { joins: [user("ann", 1), user("bob", 1)] }),
+    frame("B", 10, { joins: [user("ann", 2, 2)] }),
+    frame("A", 11, { leaves: [user("bob", 0)] }),
+    frame("C", 12, { joins: [user("cy", 1)] }),
+    frame("C", 13, { leaves: [user("cy", 0)], gone: true }),
+  ];
+  const together = new RoomPresence();
+  together.apply({ type: "presence", room: "lobby", diffs });
+  const apart = new RoomPresence();
+  for (const diff of diffs) apart.apply(diff);
+  assert.deepEqual(counts(together), { ann: 3 });
+  assert.deepEqual(counts(together), counts(apart));
+});

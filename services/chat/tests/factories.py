@@ -85,6 +85,18 @@ def has_text(text: str) -> Callable[[dict[str, Any]], bool]:
     return lambda frame: frame.get("text") == text
 
 
+def diffs_of(frame: dict[str, Any]) -> list[dict[str, Any]]:
+    """A frame as the frames it holds: a presence frame of several diffs gives
+    each of them, in order; any other frame is itself."""
+    diffs: list[dict[str, Any]] | None = frame.get("diffs")
+    return diffs if frame.get("type") == "presence" and diffs is not None else [frame]
+
+
+def presence_diffs(frames: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Every presence diff among `frames`, those of a frame of several included."""
+    return [diff for frame in frames if frame["type"] == "presence" for diff in diffs_of(frame)]
+
+
 def joins(user_id: str) -> Callable[[dict[str, Any]], bool]:
     """A presence diff in which `user_id` came."""
     return lambda frame: (
@@ -117,11 +129,14 @@ class ChatClient:
     async def recv_until(
         self, predicate: Callable[[dict[str, Any]], bool], within: float = TIMEOUT
     ) -> dict[str, Any]:
+        """The next frame `predicate` takes; a diff of a presence frame of
+        several is tried on its own (and returned alone)."""
         deadline = time.monotonic() + within
         while True:
             frame = await self.recv(max(0.01, deadline - time.monotonic()))
-            if predicate(frame):
-                return frame
+            for candidate in diffs_of(frame):
+                if predicate(candidate):
+                    return candidate
 
     async def recv_type(self, kind: str, within: float = TIMEOUT) -> dict[str, Any]:
         return await self.recv_until(lambda frame: frame["type"] == kind, within)

@@ -15,11 +15,24 @@ import pytest
 from redis.asyncio import Redis
 
 from chat import presence as presence_module
+from chat.bus import presence_payload, room_channel
 from chat.config import Settings
+from chat.main import TICK_MARGIN_SECONDS, until_next_tick
 from chat.presence import Presence
+from chat.schemas import PresenceChange, presence_diff_frame
 from kit_testing import TokenMinter
 
-from .factories import ChatClient, Node, chat, presence_users, start_node, unique_room
+from .factories import (
+    ChatClient,
+    Node,
+    chat,
+    diffs_of,
+    joins,
+    presence_diffs,
+    presence_users,
+    start_node,
+    unique_room,
+)
 
 SettingsFor = Callable[..., Settings]
 STORM = 40
@@ -29,7 +42,7 @@ INTERVAL = 0.5
 def net_connections(frames: list[dict[str, Any]]) -> dict[str, int]:
     """Sockets per user as the diffs tell it."""
     counts: dict[str, int] = {}
-    for frame in frames:
+    for frame in presence_diffs(frames):
         for user in frame["joins"]:
             counts[user["id"]] = counts.get(user["id"], 0) + user["connections"]
         for user in frame["leaves"]:
@@ -111,11 +124,12 @@ async def test_a_join_storm_reaches_members_as_batched_diffs(
             left = await diffs_until(observer, dict.fromkeys(everyone, -2))
             flushes = 2 * (math.ceil((time.monotonic() - started) / INTERVAL) + 2)
 
-    # O(1) frames per replica and interval, never one per socket
+    # O(1) frames per interval, never one per socket: the replicas flush on the
+    # same tick, and their diffs reach the observer together, as one frame
     assert len(joined) < STORM / 4, len(joined)
-    assert len(joined) <= 2 * (math.ceil(elapsed / INTERVAL) + 2), (len(joined), elapsed)
+    assert len(joined) <= math.ceil(elapsed / INTERVAL) + 2, (len(joined), elapsed)
     assert len(left) < STORM / 4, len(left)
-    for frame in joined:  # each diff names a user once, with how many of its sockets came
+    for frame in presence_diffs(joined):  # each diff names a user once, with its sockets that came
         ids = [user["id"] for user in frame["joins"]]
         assert len(ids) == len(set(ids))
         assert frame["leaves"] == []
@@ -187,22 +201,34 @@ async def test_a_large_rooms_changes_wait_until_they_are_worth_a_frame(
     assert listed_after == dict.fromkeys("abcdefgh", 1)
 
 
-async def test_a_held_change_goes_out_once_the_delay_has_passed(
+async def test_a_held_change_goes_out_at_the_next_boundary_of_the_delays_grid(
     redis_url: str, clock: Clock
 ) -> None:
+    """Held changes go at the first multiple of the delay on the wall clock after
+    the oldest of them: at most the delay later, and at the same instant on
+    every replica."""
     room = unique_room("held")
     async with held_presence(redis_url, sockets_per_change=2, max_delay=3.0) as presence:
         for user in ("a", "b", "c", "d"):
             presence.joined(room, user, user.upper())
         await presence.flush()
+        clock.now = 3000.0  # a boundary: 1000 delays
         presence.joined(room, "e", "E")
-        clock.now += 2.9
+        clock.now += 2.5
         early = await presence.flush()
-        clock.now += 0.1
+        clock.now += 0.5
         due = await presence.flush()
+        clock.now += 1.0
+        presence.joined(room, "f", "F")  # 1 s into the grid's next 3 s
+        clock.now += 1.5
+        early_again = await presence.flush()
+        clock.now += 0.5  # 2 s after the change: the boundary
+        due_again = await presence.flush()
 
     assert early == {}
     assert joins_of(due[room]) == {"e": 1}
+    assert early_again == {}
+    assert joins_of(due_again[room]) == {"f": 1}
 
 
 async def test_small_rooms_and_a_rooms_last_leave_are_never_held(
@@ -241,3 +267,54 @@ async def test_without_a_ratio_every_change_goes_out_at_the_next_flush(
         frames = await presence.flush()
 
     assert joins_of(frames[room]) == {"g": 1}
+
+
+def test_flushes_fall_just_after_the_wall_clocks_multiples_of_the_interval() -> None:
+    for now in (1000.0, 1000.2, 1000.999, 123456.5):
+        woken = now + until_next_tick(now, 1.0)
+        assert math.floor(woken) == math.floor(now) + 1
+        assert 0 < woken - math.floor(woken) <= 0.01
+    assert 0.5 < until_next_tick(1000.0, 0.5) <= 0.51
+    assert math.isclose(until_next_tick(1000.3, 0.5), 0.2 + TICK_MARGIN_SECONDS)
+
+
+async def next_presence_frame(client: ChatClient) -> dict[str, Any]:
+    """The next presence frame as it came (several diffs in one stay together)."""
+    while (frame := await client.recv())["type"] != "presence":
+        pass
+    return frame
+
+
+def remote_diff(room: str, node: str, seq: int, user_id: str) -> str:
+    joins = [PresenceChange(user_id, user_id.upper(), 1, 1)]
+    return presence_diff_frame(room=room, node=node, seq=seq, joins=joins, leaves=[])
+
+
+@pytest.mark.parametrize("gather", [2.0, 0.0])
+async def test_diffs_that_come_together_reach_members_as_one_frame(
+    settings_for: SettingsFor, minter: TokenMinter, redis_url: str, gather: float
+) -> None:
+    room = unique_room("gathered")
+    settings = settings_for(f"gather-{unique_room()}", presence_gather_seconds=gather)
+    redis = Redis.from_url(redis_url)
+    diffs = [remote_diff(room, "far-1", 10, "x"), remote_diff(room, "far-2", 20, "y")]
+    diffs.append(remote_diff(room, "far-1", 11, "z"))
+    try:
+        async with contextlib.AsyncExitStack() as stack:
+            node = await stack.enter_async_context(start_node(settings, minter))
+            observer = await stack.enter_async_context(
+                chat(node, room, minter.token(user_id="observer"))
+            )
+            await observer.recv_until(joins("observer"), within=10)
+            for diff in diffs:  # three diffs of two replicas, one after another
+                await redis.publish(room_channel(room), presence_payload("far", diff))
+            frames = [await next_presence_frame(observer) for _ in range(1 if gather else 3)]
+    finally:
+        await redis.aclose()
+
+    assert [diff for frame in frames for diff in diffs_of(frame)] == [json.loads(d) for d in diffs]
+    if gather:
+        assert frames[0]["room"] == room
+        assert len(frames[0]["diffs"]) == 3
+    else:
+        assert all("diffs" not in frame for frame in frames)

@@ -49,7 +49,9 @@ class Settings(DatabaseSettings, VerifiedWritesSettings):
     presence_heartbeat_seconds: float = Field(default=5.0, gt=0)
     presence_interval_seconds: float = Field(default=1.0, gt=0)
     """How often a replica writes presence changes to Redis and sends each changed
-    room one `presence` diff: a member gets at most one per replica per interval."""
+    room one `presence` diff. Flushes fall on the wall clock's multiples of the
+    interval on every replica, so a member gets one frame per interval holding
+    every replica's diff (see `presence_gather_seconds`)."""
     presence_sockets_per_change: int = Field(default=4, ge=0)
     """A room with more sockets on this replica than this many times its
     changes holds them back (its Redis entries and its diff) until enough have
@@ -58,6 +60,10 @@ class Settings(DatabaseSettings, VerifiedWritesSettings):
     room is held."""
     presence_max_delay_seconds: float = Field(default=3.0, ge=0)
     """The longest a room's presence change is held back (see above)."""
+    presence_gather_seconds: float = Field(default=0.25, ge=0)
+    """How long a room's first presence diff waits for others (the other
+    replicas' diffs of the same flush) before they go to its members as one
+    frame. 0: every diff is sent on its own as it comes."""
     presence_frames: bool = True
     """Send `presence` diff frames to the rooms. The presence listing works either way."""
 

@@ -34,7 +34,7 @@ from chat.connection import (
 )
 from chat.metrics import ChatMetrics
 from chat.presence import Presence
-from chat.schemas import StoredMessage
+from chat.schemas import StoredMessage, presence_frames
 from kit.security import revoked_among
 from kit.websocket import text_frame
 
@@ -53,10 +53,12 @@ class RoomFeed:
     __slots__ = (
         "_fill_task",
         "_gap_timer",
+        "_presence_timer",
         "connections",
         "delivered",
         "hub",
         "pending",
+        "presence",
         "ready",
         "recent",
         "room",
@@ -75,6 +77,9 @@ class RoomFeed:
         self.started: asyncio.Task[None] | None = None
         self._gap_timer: asyncio.TimerHandle | None = None
         self._fill_task: asyncio.Task[None] | None = None
+        # presence diffs gathered for the room's next presence frame (`Hub.gather_presence`)
+        self.presence: list[str] = []
+        self._presence_timer: asyncio.TimerHandle | None = None
 
     async def start(self) -> None:
         """The bus already hears the room (pattern subscription), so any id above
@@ -167,7 +172,28 @@ class RoomFeed:
         if retry and self.connections:
             self._schedule_fill(1.0)
 
+    def gather_presence(self, frame: str, wait: float) -> None:
+        """Keeps a presence diff for the room's next frame, sent `wait` seconds
+        after the first diff gathered (at once with no wait)."""
+        self.presence.append(frame)
+        if wait <= 0:
+            self.send_presence()
+        elif self._presence_timer is None:
+            self._presence_timer = asyncio.get_running_loop().call_later(wait, self.send_presence)
+
+    def send_presence(self) -> None:
+        """Sends the gathered diffs: one as it came, several as one frame (`diffs`)."""
+        self._presence_timer = None
+        diffs, self.presence = self.presence, []
+        if diffs:
+            frame = diffs[0] if len(diffs) == 1 else presence_frames(self.room, diffs)
+            self.hub.push_to_room(self, frame)
+
     def close(self) -> None:
+        self.presence = []
+        if self._presence_timer is not None:
+            self._presence_timer.cancel()
+            self._presence_timer = None
         if self._gap_timer is not None:
             self._gap_timer.cancel()
             self._gap_timer = None
@@ -194,6 +220,7 @@ class Hub:
         self.bus = bus
         self.node_id = settings.node_id
         self.gap_fill_wait = settings.gap_fill_wait_ms / 1000
+        self.presence_gather = settings.presence_gather_seconds
         self.feeds: dict[str, RoomFeed] = {}
 
     # -- membership -------------------------------------------------------
@@ -285,7 +312,7 @@ class Hub:
             ):
                 feed.offer(message_id, frame)
         elif kind == "p" and head != self.node_id:
-            self._push_to_room(feed, frame)
+            feed.gather_presence(frame, self.presence_gather)
 
     def resync(self) -> None:
         """After the bus came back: read what every room missed meanwhile."""
@@ -316,12 +343,12 @@ class Hub:
         for room, frame in frames:
             feed = self.feeds.get(room)
             if feed is not None:
-                self._push_to_room(feed, frame)
+                feed.gather_presence(frame, self.presence_gather)
         await self.bus.publish_many(
             [(room_channel(room), presence_payload(self.node_id, frame)) for room, frame in frames]
         )
 
-    def _push_to_room(self, feed: RoomFeed, frame: str) -> None:
+    def push_to_room(self, feed: RoomFeed, frame: str) -> None:
         encoded = text_frame(frame)
         overflowed = [conn for conn in feed.connections if not conn.push_frame(frame, encoded)]
         for connection in overflowed:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import time
 
 from fastapi import FastAPI, Request
 from prometheus_client import CollectorRegistry
@@ -75,10 +76,24 @@ async def heartbeat(
             )
 
 
+TICK_MARGIN_SECONDS = 0.005
+"""How long after a tick of the grid a flush wakes: past the boundary, not just before it."""
+
+
+def until_next_tick(now: float, interval: float) -> float:
+    """Seconds from `now` to just after the next multiple of `interval`."""
+    return interval - now % interval + TICK_MARGIN_SECONDS
+
+
 async def presence_loop(hub: Hub, settings: Settings) -> None:
-    """Every `presence_interval_seconds`: what changed goes to Redis and to the rooms."""
+    """Every `presence_interval_seconds`: what changed goes to Redis and to the rooms.
+
+    Flushes fall just after the wall clock's multiples of the interval, on
+    every replica alike: the replicas' diffs of a room reach each other within
+    `presence_gather_seconds` and go to the members as one frame."""
+    interval = settings.presence_interval_seconds
     while True:
-        await asyncio.sleep(settings.presence_interval_seconds)
+        await asyncio.sleep(until_next_tick(time.time(), interval))
         try:
             await hub.flush_presence()
         except Exception:

@@ -28,8 +28,11 @@ interval, not n frames, and Redis work grows with rooms, not with sockets.
 
 A large room's changes are held back until they are worth a frame to every
 member: a room whose sockets here number more than `sockets_per_change` times
-its changes waits (its changes accumulate, net) until enough have come or the
-oldest of them is `max_delay` seconds old. A diff goes to every member of the
+its changes waits (its changes accumulate, net) until enough have come or a
+boundary of the wall clock's `max_delay` grid has passed since the oldest of
+them (so at most `max_delay` seconds; every replica lets a room's held changes
+go at the same boundary, and members get the replicas' diffs in one frame, see
+`chat.hub`). A diff goes to every member of the
 room, on every replica, so without this a storm of joins into rooms of m
 members costs m frames per replica and interval whatever the joins (about 10
 frames relayed per socket opened when 2,000 sockets joined 100 rooms through
@@ -75,7 +78,7 @@ STALE_NODES_SECONDS = 3600
 SEQ_FIELD = "~seq"
 """The hash field holding the `seq` of the flush that wrote it (user ids never start with ~)."""
 SEQ_KEYS = (SEQ_FIELD, SEQ_FIELD.encode())
-_clock = time.monotonic  # how long changes were held (a module attribute so tests can move it)
+_clock = time.time  # the shared grid of held rooms (a module attribute so tests can move it)
 
 
 def presence_key(room: str, node: str) -> str:
@@ -114,7 +117,7 @@ class Presence:
         self._sockets: dict[str, int] = {}
         # room -> user id -> [display name, net change since the last flush]
         self._changes: dict[str, dict[str, list[Any]]] = {}
-        # room -> when its oldest change not flushed yet was counted (monotonic)
+        # room -> when its oldest change not flushed yet was counted (wall clock)
         self._held_since: dict[str, float] = {}
         # rooms whose last write failed: rewritten whole by the next flush
         self._stale: set[str] = set()
@@ -189,13 +192,22 @@ class Presence:
 
     def _holds(self, room: str, users: dict[str, list[Any]], now: float) -> bool:
         """Whether a room's changes wait for a later flush: fewer than one per
-        `sockets_per_change` of its sockets here, the oldest younger than
-        `max_delay`. A room being rewritten after a failed write, or left
+        `sockets_per_change` of its sockets here, and no boundary of the
+        `max_delay` grid passed since the oldest (`_due`). A room being rewritten after a failed write, or left
         without sockets here, is never held."""
-        if room in self._stale or now - self._held_since.get(room, now) >= self.max_delay:
+        if room in self._stale or self._due(self._held_since.get(room, now), now):
             return False
         changed: int = sum(abs(n) for _, n in users.values())
         return changed * self.sockets_per_change < self._sockets.get(room, 0)
+
+    def _due(self, held_since: float, now: float) -> bool:
+        """Whether a boundary of the `max_delay` grid of the wall clock passed
+        since `held_since`: every replica holding a room's changes lets them go
+        at the same instant, so members receive the replicas' diffs together
+        (one frame, `chat.hub`) rather than each at its own time."""
+        if self.max_delay <= 0:
+            return True
+        return math.floor(now / self.max_delay) > math.floor(held_since / self.max_delay)
 
     async def _write(
         self, rooms: list[str], changes: dict[str, dict[str, list[Any]]], seq: int

@@ -85,6 +85,13 @@ class PresenceChange(NamedTuple):
     """Sockets of the user on the replica now."""
 
 
+def presence_frames(room: str, diffs: list[str]) -> str:
+    """Several `presence` diffs of one room (from different replicas, or one
+    replica's successive flushes) as one frame: `diffs` holds them whole, in the
+    order they came, and a client applies them in that order."""
+    return f'{{"type":"presence","room":{dumps(room)},"diffs":[{",".join(diffs)}]}}'
+
+
 def presence_diff_frame(
     *,
     room: str,

@@ -10,8 +10,9 @@
 //   state    {state, delayMs?, code?}   connecting | open | reconnecting | closed
 //   message  the message frame          each new message once, in id order
 //   ack      {clientId, message}        a message of ours is stored
-//   presence the presence diff frame    {node, seq, joins, leaves, gone?}: one replica's
-//                                        users that came or went (see presence.js)
+//   presence the presence frame         {node, seq, joins, leaves, gone?}: one replica's
+//                                        users that came or went, or {diffs: [...]},
+//                                        several such diffs in order (see presence.js)
 //   problem  the error frame            the server refused a frame; the socket stays open
 
 const AUTH_CLOSE_CODES = new Set([4001, 4003]); // token expired / revoked while open

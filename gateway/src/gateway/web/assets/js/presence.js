@@ -9,6 +9,8 @@
 // frames from different replicas through different paths), so each count is
 // kept with the `seq` it came with and only ever replaced by a newer one. A
 // replica's `gone` frame (it died; a live one noticed) drops all of its users.
+// Diffs of one room that reach a replica together (the replicas flush on the
+// same tick) come as one frame whose `diffs` holds them, applied in order.
 
 export class RoomPresence {
   constructor() {
@@ -40,8 +42,12 @@ export class RoomPresence {
     this.nodes = next;
   }
 
-  /** Applies one `presence` frame. */
+  /** Applies one `presence` frame: a replica's diff, or several in `diffs`, in order. */
   apply(frame) {
+    if (Array.isArray(frame.diffs)) {
+      for (const diff of frame.diffs) this.apply(diff);
+      return;
+    }
     if (frame.node === undefined) return; // a replica older than per-replica frames
     if (frame.gone) {
       this.nodes.delete(frame.node);
