@@ -26,6 +26,11 @@ timer is set only when a read ends with a head or a body still owed (and
 when the connection opens), never armed and cancelled within one read; the
 head's size is summed once from what the parser kept, not per header.
 
+A response's head goes out with the first bytes of its body, in one write
+(`HeadFirst`): uvicorn writes the head as soon as the app starts the response
+and the body with the next message, two system calls and two packets for
+every proxied answer where one does.
+
 The guard reads its settings from the lifespan state (the gateway's `runtime`),
 so it follows the settings the app was built with; without it (an app that
 is not the gateway) the protocol is uvicorn's own.
@@ -159,6 +164,55 @@ def _counting(ws_class: type[Any]) -> type[Any]:
 
 
 _COUNTING_CLASSES: dict[type[Any], type[Any]] = {}
+
+
+class HeadFirst:
+    """A request cycle's view of its connection's transport that holds the
+    cycle's first write (the response head) until its second (the body's first
+    bytes) and writes both at once, or until the loop finishes its current
+    turn, whichever comes first: an answer whose body is in hand costs one
+    write, and a head whose body is slow to come still goes out at once.
+    Closing writes what is held first; a connection lost meanwhile takes it
+    with it, as it would have taken the written head. Everything else is the
+    transport's."""
+
+    __slots__ = ("_flush", "_held", "_loop", "_started", "_transport")
+
+    def __init__(self, transport: asyncio.Transport, loop: asyncio.AbstractEventLoop) -> None:
+        self._transport = transport
+        self._loop = loop
+        self._held: bytes | None = None
+        self._started = False
+        self._flush: asyncio.Handle | None = None
+
+    def write(self, data: bytes) -> None:
+        held = self._held
+        if held is not None:
+            self._held = None
+            assert self._flush is not None
+            self._flush.cancel()
+            self._transport.writelines((held, data))
+        elif self._started:
+            self._transport.write(data)
+        else:
+            self._started = True
+            self._held = data
+            self._flush = self._loop.call_soon(self.flush)
+
+    def flush(self) -> None:
+        held, self._held = self._held, None
+        if held is not None and not self._transport.is_closing():
+            self._transport.write(held)
+
+    def close(self) -> None:
+        self.flush()
+        self._transport.close()
+
+    def is_closing(self) -> bool:
+        return self._transport.is_closing()
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._transport, name)
 
 
 class EdgeHttpProtocol(HttpToolsProtocol):
@@ -297,6 +351,9 @@ class EdgeHttpProtocol(HttpToolsProtocol):
         # gets its idle timer from data_received
         self.disarm()
         super().on_headers_complete()
+        cycle = self.cycle
+        if cycle is not None and cycle.scope is self.scope:  # a request, not an upgrade
+            cycle.transport = HeadFirst(self.transport, self.loop)  # type: ignore[assignment]
 
     def on_body(self, body: bytes) -> None:
         super().on_body(body)
