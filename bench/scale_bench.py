@@ -122,6 +122,32 @@ def log_count(stack: Stack, service: str, pattern: str, since: str) -> int:
     return len(re.findall(pattern, out))
 
 
+METRICS_REQUEST = (
+    "exec 3<>/dev/tcp/127.0.0.1/8000; "
+    'printf "GET /metrics HTTP/1.1\\r\\nHost: localhost\\r\\nConnection: close\\r\\n\\r\\n" >&3; '
+    "cat <&3"
+)
+
+
+def presence_counts(containers: list[str]) -> dict[str, int]:
+    """The chat replicas' presence frames sent to rooms and the diffs they
+    carried (`chat_presence_frames_total`, `chat_presence_diffs_total`), summed;
+    read inside each container (bash alone, as its health check does)."""
+    counts = {"frames": 0, "diffs": 0}
+    for container in containers:
+        out = subprocess.run(
+            ["docker", "exec", container, "bash", "-c", METRICS_REQUEST],
+            capture_output=True,
+            text=True,
+            check=False,
+        ).stdout
+        for line in out.splitlines():
+            for name in counts:
+                if line.startswith(f"chat_presence_{name}_total "):
+                    counts[name] += int(float(line.split()[1]))
+    return counts
+
+
 def run(args: argparse.Namespace) -> dict[str, Any]:
     stack = Stack("scale", "bench/compose.scale.yaml")
     figures: dict[str, Any] = {
@@ -197,6 +223,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                 figures["cpu_ms_per_socket_opened"] = cpu_per(
                     cpu_before, services, count=event["held"], unit=1000, digits=2
                 )
+                figures["presence_sent"] = presence_counts(chats)
                 time.sleep(min(SETTLE_SECONDS, HOLD_SECONDS / 2))
                 held = max(1, event["held"])
                 figures["memory"] = {
@@ -256,6 +283,12 @@ def report(figures: dict[str, Any]) -> list[str]:
     if "frames" in opened:
         lines.append(
             f"frames the sockets read while they opened (after `ready`): {opened['frames']}"
+        )
+    sent = figures.get("presence_sent")
+    if sent and sent["frames"]:
+        lines.append(
+            f"presence frames chat sent to rooms while they opened: {sent['frames']}, "
+            f"carrying {sent['diffs']} diffs ({sent['diffs'] / sent['frames']:.2f} a frame)"
         )
     held = figures.get("held", {})
     broadcast = figures.get("broadcast", {})

@@ -11,6 +11,7 @@ import time
 from collections.abc import AsyncIterator, Callable
 from typing import Any
 
+import httpx
 import pytest
 from redis.asyncio import Redis
 
@@ -285,6 +286,18 @@ async def next_presence_frame(client: ChatClient) -> dict[str, Any]:
     return frame
 
 
+async def presence_counts(node: Node) -> dict[str, int]:
+    """The replica's presence frames sent and the diffs they carried, from /metrics."""
+    async with httpx.AsyncClient(base_url=node.url) as http:
+        text = (await http.get("/metrics")).text
+    counts = {}
+    for line in text.splitlines():
+        for name in ("frames", "diffs"):
+            if line.startswith(f"chat_presence_{name}_total "):
+                counts[name] = int(float(line.split()[1]))
+    return counts
+
+
 def remote_diff(room: str, node: str, seq: int, user_id: str) -> str:
     joins = [PresenceChange(user_id, user_id.upper(), 1, 1)]
     return presence_diff_frame(room=room, node=node, seq=seq, joins=joins, leaves=[])
@@ -309,10 +322,13 @@ async def test_diffs_that_come_together_reach_members_as_one_frame(
             for diff in diffs:  # three diffs of two replicas, one after another
                 await redis.publish(room_channel(room), presence_payload("far", diff))
             frames = [await next_presence_frame(observer) for _ in range(1 if gather else 3)]
+            counted = await presence_counts(node)
     finally:
         await redis.aclose()
 
     assert [diff for frame in frames for diff in diffs_of(frame)] == [json.loads(d) for d in diffs]
+    # the observer's own diff came alone; the three far ones in one frame or in three
+    assert counted == ({"frames": 2, "diffs": 4} if gather else {"frames": 4, "diffs": 4})
     if gather:
         assert frames[0]["room"] == room
         assert len(frames[0]["diffs"]) == 3

@@ -187,6 +187,9 @@ class RoomFeed:
         diffs, self.presence = self.presence, []
         if diffs:
             frame = diffs[0] if len(diffs) == 1 else presence_frames(self.room, diffs)
+            metrics = self.hub.metrics
+            metrics.presence_frames.inc()
+            metrics.presence_diffs.inc(len(diffs))
             self.hub.push_to_room(self, frame)
 
     def close(self) -> None:

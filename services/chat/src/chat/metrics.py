@@ -92,6 +92,17 @@ class ChatMetrics:
         self.bus_reconnects = Gauge(
             "chat_bus_reconnects", "Times the bus subscriber came back", registry=registry
         )
+        self.presence_frames = Counter(
+            "chat_presence_frames_total",
+            "Presence frames sent to rooms here (each to every socket of its room)",
+            registry=registry,
+        )
+        self.presence_diffs = Counter(
+            "chat_presence_diffs_total",
+            "Presence diffs (this replica's and the others') those frames carried: "
+            "more diffs than frames is diffs gathered into one frame",
+            registry=registry,
+        )
         self.queues = QueueCollector()
         registry.register(self.queues)
 
