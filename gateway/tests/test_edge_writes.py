@@ -48,6 +48,12 @@ class Recorder:
         return getattr(self.transport, name)
 
 
+def head_first() -> tuple[Recorder, HeadFirst]:
+    """A `HeadFirst` over a transport that only records."""
+    recorder = Recorder()
+    return recorder, HeadFirst(recorder, asyncio.get_running_loop())  # type: ignore[arg-type]
+
+
 async def a_turn() -> None:
     """Lets the loop finish its current turn (and run what it scheduled)."""
     await asyncio.sleep(0)
@@ -55,8 +61,7 @@ async def a_turn() -> None:
 
 
 async def test_a_head_and_the_body_written_in_one_turn_are_one_write() -> None:
-    recorder = Recorder()
-    writes = HeadFirst(recorder, asyncio.get_running_loop())  # type: ignore[arg-type]
+    recorder, writes = head_first()
     writes.write(b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\n")
     writes.write(b"{}")
     writes.write(b"more")
@@ -65,8 +70,7 @@ async def test_a_head_and_the_body_written_in_one_turn_are_one_write() -> None:
 
 
 async def test_a_head_whose_body_is_late_goes_out_at_the_end_of_the_turn() -> None:
-    recorder = Recorder()
-    writes = HeadFirst(recorder, asyncio.get_running_loop())  # type: ignore[arg-type]
+    recorder, writes = head_first()
     writes.write(b"head")
     assert recorder.writes == []
     await a_turn()
@@ -77,8 +81,7 @@ async def test_a_head_whose_body_is_late_goes_out_at_the_end_of_the_turn() -> No
 
 
 async def test_closing_writes_the_held_head_first() -> None:
-    recorder = Recorder()
-    writes = HeadFirst(recorder, asyncio.get_running_loop())  # type: ignore[arg-type]
+    recorder, writes = head_first()
     writes.write(b"head")
     writes.close()
     await a_turn()
@@ -161,8 +164,7 @@ async def test_a_streamed_answer_sends_its_head_before_the_rest_of_the_body(
 
 
 async def test_a_head_held_when_the_connection_is_lost_is_dropped() -> None:
-    recorder = Recorder()
-    writes = HeadFirst(recorder, asyncio.get_running_loop())  # type: ignore[arg-type]
+    recorder, writes = head_first()
     writes.write(b"head")
     recorder.closed_after = 0  # lost under the held head
     await a_turn()
