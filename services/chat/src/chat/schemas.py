@@ -32,6 +32,19 @@ class StoredMessage:
     client_id: str | None
     sent_at: datetime
 
+    def row(self) -> dict[str, Any]:
+        """Its columns as the messages table names them (`dataclasses.asdict`
+        would deep-copy every field, `sent_at` included)."""
+        return {
+            "room": self.room,
+            "id": self.id,
+            "user_id": self.user_id,
+            "display_name": self.display_name,
+            "text": self.text,
+            "client_id": self.client_id,
+            "sent_at": self.sent_at,
+        }
+
     def as_dict(self) -> dict[str, Any]:
         return {
             "type": "message",

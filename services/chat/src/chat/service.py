@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Awaitable, Callable
-from dataclasses import asdict, replace
+from dataclasses import replace
 from datetime import datetime
 from typing import TypeVar
 
@@ -118,7 +118,7 @@ async def _store(
                 await transaction.rollback()
                 return StoredMessage(**existing), True
         message = replace(draft, id=message_id)
-        await connection.execute(_INSERT, asdict(message))
+        await connection.execute(_INSERT, message.row())
     return message, False
 
 
