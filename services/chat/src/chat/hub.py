@@ -11,6 +11,12 @@ once id n is published every id below it is already readable.
 The hub tracks which sockets (each a `chat.connection.Connection`) are in
 which room, delivers to them, and drops one whose outbox overflows (close
 4008); it never writes a socket's state itself.
+
+Presence diffs, this replica's and those the bus brings from the others,
+wait in their room's feed for `presence_gather_seconds` after the first and
+go to the room's sockets together: the replicas flush on the same ticks of
+the wall clock (`chat.main.presence_loop`), so a member gets one frame per
+tick, not one per replica.
 """
 
 from __future__ import annotations
@@ -77,7 +83,7 @@ class RoomFeed:
         self.started: asyncio.Task[None] | None = None
         self._gap_timer: asyncio.TimerHandle | None = None
         self._fill_task: asyncio.Task[None] | None = None
-        # presence diffs gathered for the room's next presence frame (`Hub.gather_presence`)
+        # presence diffs gathered for the room's next presence frame (`gather_presence`)
         self.presence: list[str] = []
         self._presence_timer: asyncio.TimerHandle | None = None
 
