@@ -360,8 +360,10 @@ async def _big_room(first: Replica, second: Replica, minter: Any, room: str) -> 
                 data = json.loads(frame.data)
                 if data["type"] == "presence":
                     frames.append(time.monotonic())
-                    joined += sum(user["connections"] for user in data["joins"])
-                    joined -= sum(user["connections"] for user in data["leaves"])
+                    # one replica's diff, or several gathered into one frame
+                    for diff in data.get("diffs", [data]):
+                        joined += sum(user["connections"] for user in diff["joins"])
+                        joined -= sum(user["connections"] for user in diff["leaves"])
 
         watching = asyncio.create_task(watch())
         started = time.monotonic()
