@@ -1,14 +1,22 @@
-"""Background tasks of an app's life end when it stops, even one that loses a cancellation."""
+"""Background tasks of an app's life end when it stops, even one that loses a
+cancellation; so do the Redis calls it gave up on."""
 
 from __future__ import annotations
 
 import asyncio
+import time
 from contextlib import AsyncExitStack
+from typing import Any, ClassVar
 
 import pytest
+from pydantic import RedisDsn
+from redis.asyncio import Redis
+from redis.asyncio.connection import Connection
 
-from kit import lifespan
-from kit.lifespan import Parts
+from kit import lifespan, security
+from kit.errors import ServiceUnavailable
+from kit.lifespan import Parts, open_redis, open_verifier
+from kit.settings import ServiceSettings
 
 
 async def test_a_task_is_cancelled_and_awaited_when_the_parts_close() -> None:
@@ -73,3 +81,60 @@ async def test_a_task_that_never_stops_does_not_hold_the_shutdown(
     task.cancel()
     await asyncio.wait({task}, timeout=1)
     assert task.done()
+
+
+class GatedConnection(Connection):
+    """A connection whose connect waits for `gate`: a name lookup or a SYN
+    taking its time, the moment a closing pool cannot reach it."""
+
+    gate = asyncio.Event()
+    attempts = 0
+    ended = 0
+    opened: ClassVar[list[Connection]] = []
+
+    async def _connect(self) -> None:
+        GatedConnection.attempts += 1
+        try:
+            await GatedConnection.gate.wait()
+            await super()._connect()  # type: ignore[no-untyped-call]
+            GatedConnection.opened.append(self)
+        finally:
+            GatedConnection.ended += 1
+
+
+class GatedRedis(Redis):
+    @classmethod
+    def from_url(cls, url: str, **kwargs: Any) -> Redis:  # type: ignore[override]
+        return Redis.from_url(url, connection_class=GatedConnection, **kwargs)
+
+
+async def test_redis_calls_given_up_on_open_no_connection_after_the_lifespan(
+    redis_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A revocation check and a login's cutoff read that Redis did not answer in
+    time end with the lifespan: neither connects once the pool is closed."""
+    from kit_testing import TokenMinter
+
+    monkeypatch.setattr(lifespan, "Redis", GatedRedis)
+    monkeypatch.setattr(security, "STRAGGLER_GRACE_SECONDS", 0.05)
+    monkeypatch.setattr(GatedConnection, "gate", asyncio.Event())
+    monkeypatch.setattr(GatedConnection, "opened", [])
+    minter = TokenMinter()
+    settings = ServiceSettings(redis_url=RedisDsn(redis_url), _env_file=None)
+
+    async with AsyncExitStack() as stack:
+        parts = Parts(stack)
+        redis = open_redis(parts, settings)
+        verifier = await open_verifier(parts, settings, redis=redis, keys=minter.key_source)
+        with pytest.raises(ServiceUnavailable, match="revocation list is unreachable"):
+            await verifier.verify(minter.token())
+        assert await security.user_revoked_before(redis, "u-1") is None
+    started = GatedConnection.attempts
+
+    GatedConnection.gate.set()  # Redis answers again, after the app stopped
+    give_up = time.monotonic() + 5
+    while GatedConnection.ended < GatedConnection.attempts:  # every connect has ended
+        assert time.monotonic() < give_up, "a connect attempt never ended"
+        await asyncio.sleep(0.01)
+    assert GatedConnection.attempts == started
+    assert [connection for connection in GatedConnection.opened if connection.is_connected] == []

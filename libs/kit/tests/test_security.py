@@ -586,3 +586,35 @@ async def test_a_deadline_gives_up_on_a_slow_call_without_cancelling_it() -> Non
     release.set()
     await poll(lambda: finished == ["slow"])  # it was left to finish, not cancelled
     assert await deadline.run(quick) == "now"
+
+
+async def test_closing_a_deadline_ends_the_calls_it_gave_up_on(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setattr(kit.security, "STRAGGLER_GRACE_SECONDS", 0.05)
+    deadline = Deadline(0.01)
+    finishing, frozen = asyncio.Event(), asyncio.Event()
+    ended: list[str] = []
+
+    async def slow(name: str, until: asyncio.Event) -> str:
+        try:
+            await until.wait()
+        except asyncio.CancelledError:
+            ended.append(f"{name} cancelled")
+            raise
+        ended.append(f"{name} finished")
+        return name
+
+    # two callers at once: both calls are given up on and both are ended
+    results = await asyncio.gather(
+        deadline.run(lambda: slow("finishing", finishing)),
+        deadline.run(lambda: slow("frozen", frozen)),
+        return_exceptions=True,
+    )
+    assert all(isinstance(result, TimeoutError) for result in results)
+    asyncio.get_running_loop().call_later(0.01, finishing.set)  # within the grace
+
+    await deadline.aclose()
+
+    assert sorted(ended) == ["finishing finished", "frozen cancelled"]
+    assert await deadline.run(lambda: slow("next", finishing)) == "next"

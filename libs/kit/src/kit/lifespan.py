@@ -40,7 +40,7 @@ from redis.asyncio import Redis
 
 from kit.heap import settled_heap
 from kit.pools import REDIS_DRIVER
-from kit.security import KeySource, TokenVerifier
+from kit.security import KeySource, TokenVerifier, settle_redis_calls
 from kit.settings import ServiceSettings
 
 logger = logging.getLogger("kit.lifespan")
@@ -132,8 +132,16 @@ def open_redis(parts: Parts, settings: ServiceSettings) -> Redis:
         Redis.from_url(
             str(settings.redis_url), socket_connect_timeout=2.0, driver_info=REDIS_DRIVER
         ),
-        Redis.aclose,
+        close_redis,
     )
+
+
+async def close_redis(redis: Redis) -> None:
+    """Closes a Redis client once nothing can use it any more: the calls kit's
+    helpers gave up on and left running end first (`settle_redis_calls`), else
+    one still connecting would open its connection after the pool was closed."""
+    await settle_redis_calls(redis)
+    await redis.aclose()
 
 
 async def open_verifier(

@@ -29,6 +29,7 @@ import json
 import logging
 import math
 import time
+import weakref
 from collections import OrderedDict
 from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
@@ -73,6 +74,8 @@ SHARED_JWKS_TTL_SECONDS = 86_400
 REDIS_BACKOFF_SECONDS = 1.0
 # the longest a revocation lookup waits for Redis before answering without it
 REDIS_TIMEOUT_SECONDS = 0.5
+# how long a stopping verifier waits for a Redis call it gave up on, before cancelling it
+STRAGGLER_GRACE_SECONDS = 1.0
 ISSUED_AT_LEEWAY_SECONDS = 60  # clock skew between auth and a verifier
 _now = time.time  # the cache's clock (a module attribute so tests can move it)
 
@@ -82,27 +85,51 @@ class Deadline:
 
     Cancelling a call still resolving the server's name leaves uvloop logging
     "Future exception was never retrieved" once the lookup fails, so a call
-    given up on is left to finish (the client's own timeouts, or Redis
-    answering, end it). While it runs, Redis counts as unresponsive and further
-    calls fail at once: a frozen Redis holds at most one call per deadline."""
+    given up on (or whose caller was cancelled) is left to finish (the client's
+    own timeouts, or Redis answering, end it). While one runs, Redis counts as
+    unresponsive and further calls fail at once: a frozen Redis holds at most
+    one call per deadline, plus those already under way when it froze.
+
+    A call left running still holds the Redis client: one stuck connecting
+    when the client's pool is closed opens its connection afterwards, in a
+    pool nobody closes again. So whoever owns a deadline closes it
+    (`aclose`) when it stops, before the Redis client is closed."""
 
     def __init__(self, seconds: float) -> None:
         self.seconds = seconds
-        self._straggler: asyncio.Future[Any] | None = None
+        self._stragglers: set[asyncio.Future[Any]] = set()
 
     async def run(self, call: Callable[[], Awaitable[T]]) -> T:
-        if self._straggler is not None and not self._straggler.done():
+        if any(not straggler.done() for straggler in self._stragglers):
             raise TimeoutError("an earlier call to Redis has not finished")
         task = asyncio.ensure_future(call())
         try:
             done, _ = await asyncio.wait({task}, timeout=self.seconds)
         finally:
             if not task.done():
-                self._straggler = task
+                self._stragglers.add(task)
+                task.add_done_callback(self._stragglers.discard)
                 task.add_done_callback(_consume)
         if not done:
             raise TimeoutError(f"Redis did not answer within {self.seconds:g} s")
         return task.result()
+
+    async def aclose(self) -> None:
+        """Ends the calls given up on that still run: they have
+        `STRAGGLER_GRACE_SECONDS` to finish, then are cancelled and waited for
+        (a few times at most: one that will not end is logged and left behind
+        rather than holding the shutdown)."""
+        pending = {straggler for straggler in self._stragglers if not straggler.done()}
+        if pending:
+            await asyncio.wait(pending, timeout=STRAGGLER_GRACE_SECONDS)
+        for _ in range(3):
+            pending = {straggler for straggler in pending if not straggler.done()}
+            if not pending:
+                return
+            for straggler in pending:
+                straggler.cancel()
+            await asyncio.wait(pending, timeout=1.0)
+        logger.error("a Redis call given up on would not stop; closing without it")
 
 
 def _consume(task: asyncio.Future[Any]) -> None:
@@ -110,7 +137,24 @@ def _consume(task: asyncio.Future[Any]) -> None:
         task.exception()
 
 
-_logins = Deadline(REDIS_TIMEOUT_SECONDS)  # for `user_revoked_before`
+_login_deadlines: weakref.WeakKeyDictionary[Redis, Deadline] = weakref.WeakKeyDictionary()
+
+
+def _logins(redis: Redis) -> Deadline:
+    """The deadline of `user_revoked_before`'s reads through `redis`."""
+    deadline = _login_deadlines.get(redis)
+    if deadline is None:
+        deadline = _login_deadlines[redis] = Deadline(REDIS_TIMEOUT_SECONDS)
+    return deadline
+
+
+async def settle_redis_calls(redis: Redis) -> None:
+    """Ends the calls through `redis` that module-level helpers
+    (`user_revoked_before`) gave up on and left running; called before the
+    client is closed (`kit.lifespan.open_redis` does)."""
+    deadline = _login_deadlines.pop(redis, None)
+    if deadline is not None:
+        await deadline.aclose()
 
 
 def revoked_token_key(jti: str) -> str:
@@ -141,7 +185,7 @@ async def user_revoked_before(redis: Redis, user_id: str) -> float | None:
     or, while Redis cannot answer, as this process's revocation mirror last saw it
     (nobody can write a new one meanwhile)."""
     try:
-        marker = await _logins.run(lambda: redis.get(revoked_user_key(user_id)))
+        marker = await _logins(redis).run(lambda: redis.get(revoked_user_key(user_id)))
     except (RedisError, OSError, TimeoutError):
         return mirrored_cutoff(redis, user_id)
     return None if marker is None else float(marker)
@@ -334,6 +378,8 @@ class JwksKeySource:
                 pending.cancel()
                 with contextlib.suppress(asyncio.CancelledError):
                     await pending
+        # a Redis call the fetch gave up on (or was cancelled in) ends before Redis closes
+        await self._deadline.aclose()
 
     async def _run(self) -> None:
         delay = self.retry_seconds[0]
@@ -533,6 +579,9 @@ class TokenVerifier:
             await mirror.aclose()
         if isinstance(self.keys, JwksKeySource):
             await self.keys.aclose()
+        # a revocation check given up on must not outlive the verifier: it would
+        # open its connection after the app closed its Redis client
+        await self._deadline.aclose()
 
     async def __aenter__(self) -> Self:
         await self.start()
