@@ -30,6 +30,7 @@ import os
 import re
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -148,6 +149,27 @@ def presence_counts(containers: list[str]) -> dict[str, int]:
     return counts
 
 
+def sample_memory(
+    figures: dict[str, Any],
+    before: dict[str, int],
+    containers: dict[str, list[str]],
+    sockets: int,
+) -> None:
+    """Memory per held socket, once the sockets have settled (docker stats)."""
+    time.sleep(min(SETTLE_SECONDS, HOLD_SECONDS / 2))
+    memory = {
+        service: {
+            "before_mib": round(before[service] / 2**20, 1),
+            "held_mib": round(memory_bytes(ids) / 2**20, 1),
+        }
+        for service, ids in containers.items()
+    }
+    for numbers in memory.values():
+        grown = (numbers["held_mib"] - numbers["before_mib"]) * 1024
+        numbers["kib_per_socket"] = round(grown / max(1, sockets), 1)
+    figures["memory"] = memory
+
+
 def run(args: argparse.Namespace) -> dict[str, Any]:
     stack = Stack("scale", "bench/compose.scale.yaml")
     figures: dict[str, Any] = {
@@ -171,6 +193,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             for service in ("gateway", "chat", "auth", "redis", "postgres")
         }
         cpu_before: CpuTimes = {}
+        sampler: threading.Thread | None = None
         client = subprocess.Popen(
             [
                 "docker",
@@ -224,19 +247,16 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                     cpu_before, services, count=event["held"], unit=1000, digits=2
                 )
                 figures["presence_sent"] = presence_counts(chats)
-                time.sleep(min(SETTLE_SECONDS, HOLD_SECONDS / 2))
-                held = max(1, event["held"])
-                figures["memory"] = {
-                    service: {
-                        "before_mib": round(before[service] / 2**20, 1),
-                        "held_mib": round(memory_bytes(ids) / 2**20, 1),
-                    }
-                    for service, ids in (("gateway", gateways), ("chat", chats))
-                }
-                for numbers in figures["memory"].values():
-                    grown = (numbers["held_mib"] - numbers["before_mib"]) * 1024
-                    numbers["kib_per_socket"] = round(grown / held, 1)
+                # sampled aside: the events after this one (held, broadcast) must be
+                # read as they come, or the CPU they start and end is mismeasured
+                sampler = threading.Thread(
+                    target=sample_memory,
+                    args=(figures, before, {"gateway": gateways, "chat": chats}, event["held"]),
+                )
+                sampler.start()
             elif kind == "kill":
+                if sampler is not None:
+                    sampler.join()  # the memory of the replicas held, before one dies
                 figures["unhealthy_or_ejected_before_kill"] = log_count(
                     stack, "gateway", r"ejected chat replica|chat replica \S+ is unhealthy", started
                 )
@@ -245,6 +265,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                 client.stdin.flush()
             elif kind == "storm":
                 break  # every figure is in; the client closes its sockets and exits
+        if sampler is not None:
+            sampler.join()
         try:
             client.wait(timeout=120)
         except subprocess.TimeoutExpired:
