@@ -6,7 +6,14 @@ attribute and per value, then serializes the lot; in the export thread, holding
 the GIL the requests need, that costs more than recording the span did. This
 writes the protobuf wire format directly (a few byte strings joined per span)
 and keeps the encoded resource and instrumentation scope across batches, since
-they never change in a process.
+they never change in a process. What repeats from span to span is encoded once
+too: each attribute's whole field by its name, type and value (the route, the
+method, the status, a statement's text and connection; up to 4,096 of them,
+dropped all at once when full, as paths and ids that never repeat would fill
+it), each span name, the unset status. A span kit's tracer ended (plain
+attributes, no events or links) is read without the `ReadableSpan`
+properties' copies and checks. About 4-5 us a span in a micro-benchmark,
+against 10-14 us before these and 29-41 us for the SDK's encoder.
 
 The message is the one the SDK's encoder makes, field for field (the tests
 decode both and compare them): same grouping (resource, then scope), same
