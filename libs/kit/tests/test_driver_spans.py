@@ -15,6 +15,7 @@ import asyncpg
 import pytest
 from opentelemetry import trace
 from opentelemetry.context import Context
+from opentelemetry.instrumentation.asyncpg import AsyncPGInstrumentor
 from opentelemetry.sdk.resources import Resource
 from opentelemetry.sdk.trace import Span, SpanProcessor, TracerProvider
 from opentelemetry.sdk.trace.export import SimpleSpanProcessor
@@ -37,6 +38,7 @@ from kit.tracing import (
     LeanTracerProvider,
     RequestRootSampler,
     _statement_attributes,
+    _StatementNames,
     head_sampling,
 )
 
@@ -255,3 +257,34 @@ async def test_a_statements_attributes_are_worked_out_once_and_are_the_instrumen
     assert other == original(connection, "SELECT 2", None)
     assert with_parameters == original(connection, "SELECT $1", (1,))
     assert worked_out == ["SELECT 1", "SELECT 2", "SELECT $1", "SELECT $1"]
+
+
+@pytest.mark.parametrize(
+    "text",
+    [
+        "SELECT products.id, products.name FROM products WHERE products.id = ANY($1)",
+        "/* a comment */ UPDATE t SET x = 1",
+        "/* a comment */",
+        "",
+        "   ",
+        "\n\tselect 1",
+        "/* one */ /* two */ DELETE FROM t",
+    ],
+)
+def test_a_statements_span_name_is_the_instrumentations(text: str) -> None:
+    """The instrumentation's own expression, on its own pattern and on the
+    remembered first words: the same name, or the same IndexError."""
+    pattern = AsyncPGInstrumentor._leading_comment_remover
+
+    def name(remover: Any) -> str:
+        try:
+            first: str = remover.sub("", text).split()[0]
+        except IndexError:
+            return "<IndexError>"
+        return first
+
+    names = _StatementNames(pattern)
+    assert name(names) == name(names) == name(pattern)
+    assert names.sub("x", text) == pattern.sub("x", text)  # any other use: the pattern's
+    assert names.pattern is pattern
+    assert names.flags == pattern.flags

@@ -144,3 +144,94 @@ def test_an_int_beyond_64_bits_is_left_out_as_the_sdk_leaves_it(
     (span_message,) = decoded.resource_spans[0].scope_spans[0].spans
     assert [kv.key for kv in span_message.attributes] == ["kept"]
     assert "huge" in caplog.text
+
+
+def spans_with(values: list[dict[str, object]]) -> list[ReadableSpan]:
+    provider, exporter = spans_of(Resource.create({"service.name": "catalog"}))
+    tracer = provider.get_tracer("t")
+    for attributes in values:
+        with tracer.start_as_current_span("s") as span:
+            span.set_attributes(attributes)  # type: ignore[arg-type]
+    return list(exporter.get_finished_spans())
+
+
+def test_equal_values_of_other_types_are_encoded_each_by_its_own_type() -> None:
+    """True == 1 == 1.0 and 0.0 == -0.0, but each is written as its own
+    type: the attributes encoded once must not stand in for one another."""
+    spans = spans_with(
+        [
+            {"v": 1, "w": 0.0},
+            {"v": True, "w": -0.0},
+            {"v": 1.0, "w": 0},
+            {"v": "1", "w": False},
+            {"v": 1, "w": 0.0},
+        ]
+    )
+    encoder = SpanEncoder()
+    for _ in range(2):
+        assert ExportTraceServiceRequest.FromString(encoder.encode(spans)) == encode_spans(spans)
+
+
+def test_attributes_beyond_those_kept_encoded_are_encoded_all_the_same(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Values that never repeat (paths, ids): what is kept of them is
+    dropped when full, and every span is still the SDK encoder's."""
+    monkeypatch.setattr("kit.otlp._MAX_PAIRS", 8)
+    monkeypatch.setattr("kit.otlp._pairs", {})
+    spans = spans_with(
+        [{"url.path": f"/catalog/products/{n}", "n": n % 3, "ok": True} for n in range(40)]
+    )
+    encoder = SpanEncoder()
+    for _ in range(2):
+        assert ExportTraceServiceRequest.FromString(encoder.encode(spans)) == encode_spans(spans)
+    from kit import otlp
+
+    assert len(otlp._pairs) <= 8
+
+
+def test_a_string_that_cannot_be_encoded_is_left_out_every_time(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    spans = spans_with([{"bad": "\ud800", "good": "x"}] * 2)
+    with caplog.at_level(logging.ERROR, logger="kit.otlp"):
+        decoded = ExportTraceServiceRequest.FromString(SpanEncoder().encode(spans))
+    ours = [record for record in caplog.records if record.name == "kit.otlp"]
+    assert decoded == encode_spans(spans)
+    for span_message in decoded.resource_spans[0].scope_spans[0].spans:
+        assert [kv.key for kv in span_message.attributes] == ["good"]
+    assert ["bad" in record.getMessage() for record in ours] == [True, True]
+
+
+def test_kits_own_spans_are_encoded_as_the_sdk_encodes_them() -> None:
+    """The spans kit's tracer ends with plain attributes (`LeanSpan`), with
+    and without a parent, events or links, among the SDK's own."""
+    from kit.settings import ServiceSettings
+    from kit.tracing import RequestRootSampler, _lean_spans, head_sampling
+
+    head = head_sampling(ServiceSettings(otel_traces_sampler="parentbased_always_on"))
+    provider = TracerProvider(
+        resource=Resource.create({"service.name": "catalog"}),
+        sampler=RequestRootSampler(head.sampler, head),
+    )
+    exporter = InMemorySpanExporter()
+    provider.add_span_processor(SimpleSpanProcessor(exporter))
+    spans = _lean_spans(provider.get_tracer("kit.tracing"))
+    assert spans is not None
+    plain = spans.start("GET /a", None, attributes={"n": 1, "s": "x", "f": 0.5, "b": True})
+    plain.end()
+    child_context = set_span_in_context(plain)
+    bare = spans.start("SELECT", child_context, SpanKind.CLIENT)
+    bare.end()
+    eventful = spans.start("GET /b", set_span_in_context(NonRecordingSpan(REMOTE)))
+    eventful.add_event("retry", {"attempt": 2})
+    eventful.add_link(REMOTE, {"why": "batch"})
+    eventful.set_attribute("late", "written by the app")
+    eventful.set_status(Status(StatusCode.ERROR, "no"))
+    eventful.end()
+    finished = list(exporter.get_finished_spans())
+    assert [type(span) for span in finished] == [ReadableSpan] * 3
+    assert finished[0]._attributes.__class__ is dict
+    assert ExportTraceServiceRequest.FromString(SpanEncoder().encode(finished)) == encode_spans(
+        finished
+    )

@@ -6,7 +6,14 @@ attribute and per value, then serializes the lot; in the export thread, holding
 the GIL the requests need, that costs more than recording the span did. This
 writes the protobuf wire format directly (a few byte strings joined per span)
 and keeps the encoded resource and instrumentation scope across batches, since
-they never change in a process.
+they never change in a process. What repeats from span to span is encoded once
+too: each attribute's whole field by its name, type and value (the route, the
+method, the status, a statement's text and connection; up to 4,096 of them,
+dropped all at once when full, as paths and ids that never repeat would fill
+it), each span name, the unset status. A span kit's tracer ended (plain
+attributes, no events or links) is read without the `ReadableSpan`
+properties' copies and checks. About 4-5 us a span in a micro-benchmark,
+against 10-14 us before these and 29-41 us for the SDK's encoder.
 
 The message is the one the SDK's encoder makes, field for field (the tests
 decode both and compare them): same grouping (resource, then scope), same
@@ -31,7 +38,7 @@ from opentelemetry.sdk.resources import Resource
 from opentelemetry.sdk.trace import Event, ReadableSpan
 from opentelemetry.sdk.trace.export import SpanExportResult
 from opentelemetry.sdk.util.instrumentation import InstrumentationScope
-from opentelemetry.trace import Link, SpanContext
+from opentelemetry.trace import Link, SpanContext, SpanKind, StatusCode
 
 logger = logging.getLogger("kit.otlp")
 
@@ -153,35 +160,127 @@ def _trace_state(context: SpanContext) -> bytes:
     return _string(b"\x1a", ",".join(f"{key}={value}" for key, value in state.items()))
 
 
+def _size(size: int) -> bytes:
+    """A length prefix."""
+    if size < 0x80:
+        return _SMALL[size]
+    if size < 0x4000:
+        return bytes(((size & 0x7F) | 0x80, size >> 7))
+    return _varint(size)
+
+
+_pairs: dict[tuple[str, type, Any], bytes] = {}
+"""A span attribute's whole field by its name and value: a process's spans
+repeat most of theirs (the route, the method, the status, each statement's
+text and connection)."""
+_MAX_PAIRS = 4096
+_ENCODED_ONCE = frozenset({str, int, bool})
+"""The values whose encoding only their type and value decide (not a float:
+-0.0 == 0.0), and which compare equal only within their type here."""
+
+
+def _span_attributes(attributes: Mapping[str, Any]) -> list[bytes]:
+    """`_attributes(b"\x4a", attributes)`, each plain pair encoded once."""
+    fields = []
+    for key, value in attributes.items():
+        kind = value.__class__
+        if kind in _ENCODED_ONCE:
+            # True == 1 and hash alike: the type is part of the name
+            pair = (key, kind, value)
+            field = _pairs.get(pair)
+            if field is None:
+                try:
+                    field = _field(b"\x4a", _key_value(key, value))
+                except (TypeError, ValueError, UnicodeError) as error:
+                    logger.error("Failed to encode key %s: %s", key, error)
+                    continue
+                if len(_pairs) >= _MAX_PAIRS:
+                    _pairs.clear()  # paths or ids that never repeat: start over
+                _pairs[pair] = field
+            fields.append(field)
+        else:
+            fields.extend(_attributes(b"\x4a", {key: value}))
+    return fields
+
+
+_names: dict[str, bytes] = {}
+_KINDS = {kind: b"\x30" + _SMALL[kind.value + 1] for kind in SpanKind}
+_UNSET_STATUS = b"\x7a\x00"
+
+
+def _rest(span: ReadableSpan) -> list[bytes]:
+    """A span's attributes, events, links and what was dropped of them."""
+    parts = []
+    attributes = span.attributes
+    if attributes:
+        parts.extend(_span_attributes(attributes))
+    dropped = span.dropped_attributes
+    if dropped:
+        parts.append(_count(b"\x50", dropped))
+    events = span.events
+    if events:
+        parts.extend(_field(b"\x5a", _event(event)) for event in events)
+    dropped = span.dropped_events
+    if dropped:
+        parts.append(_count(b"\x60", dropped))
+    links = span.links
+    if links:
+        parts.extend(_field(b"\x6a", _link(link)) for link in links)
+    dropped = span.dropped_links
+    if dropped:
+        parts.append(_count(b"\x70", dropped))
+    return parts
+
+
 def encode_span(span: ReadableSpan) -> bytes:
     """One `Span` message."""
     context = span.get_span_context()
     assert context is not None  # a finished SDK span always has one
     parent = span.parent
+    name = span.name
+    name_field = _names.get(name)
+    if name_field is None:
+        name_field = _string(b"\x2a", name)
+        if len(_names) < _MAX_KEYS:  # span names come from a small set
+            _names[name] = name_field
+    start, end = span.start_time, span.end_time
     parts = [
         b"\x0a\x10" + context.trace_id.to_bytes(16, "big"),
         b"\x12\x08" + context.span_id.to_bytes(8, "big"),
-        _trace_state(context),
-        b"\x22\x08" + parent.span_id.to_bytes(8, "big") if parent else b"",
-        _string(b"\x2a", span.name),
-        b"\x30" + _SMALL[span.kind.value + 1],
-        b"\x39" + _FIXED64(span.start_time) if span.start_time else b"",
-        b"\x41" + _FIXED64(span.end_time) if span.end_time else b"",
     ]
-    parts.extend(_attributes(b"\x4a", span.attributes))
-    parts.append(_count(b"\x50", span.dropped_attributes))
-    parts.extend(_field(b"\x5a", _event(event)) for event in span.events)
-    parts.append(_count(b"\x60", span.dropped_events))
-    parts.extend(_field(b"\x6a", _link(link)) for link in span.links)
-    parts.append(_count(b"\x70", span.dropped_links))
+    if context.trace_state:
+        parts.append(_trace_state(context))
+    if parent:
+        parts.append(b"\x22\x08" + parent.span_id.to_bytes(8, "big"))
+    parts.append(name_field)
+    parts.append(_KINDS[span.kind])
+    if start:
+        parts.append(b"\x39" + _FIXED64(start))
+    if end:
+        parts.append(b"\x41" + _FIXED64(end))
+    if (
+        span.__class__ is ReadableSpan
+        and span._attributes.__class__ is dict
+        and not span._events
+        and not span._links
+    ):
+        # kit's spans (what `LeanSpan` ends as): plain attributes, nothing
+        # dropped, no events or links, so none of the properties' copies and checks
+        if span._attributes:
+            parts.extend(_span_attributes(span._attributes))
+    else:
+        parts.extend(_rest(span))
     status = span.status
-    code = status.status_code.value
-    parts.append(
-        _field(
-            b"\x7a",
-            _string(b"\x12", status.description) + (b"\x18" + _SMALL[code] if code else b""),
+    if status.status_code is not StatusCode.UNSET or status.description:
+        code = status.status_code.value
+        parts.append(
+            _field(
+                b"\x7a",
+                _string(b"\x12", status.description) + (b"\x18" + _SMALL[code] if code else b""),
+            )
         )
-    )
+    else:
+        parts.append(_UNSET_STATUS)
     parts.append(_REMOTE_FLAGS if parent is not None and parent.is_remote else _LOCAL_FLAGS)
     return b"".join(parts)
 
@@ -223,12 +322,22 @@ class SpanEncoder:
         if len(self._resources) + len(self._scopes) > _MAX_KEPT:
             self._forget()  # tracers made per call would keep adding: start over
         grouped: dict[int, dict[int, list[bytes]]] = {}
+        kept_resources, kept_scopes = self._resources, self._scopes
+        last: tuple[int, int, list[bytes]] | None = None
         for span in spans:
-            resource = self._resource_group(span.resource)
-            scope = self._scope_group(span.instrumentation_scope)
-            grouped.setdefault(resource, {}).setdefault(scope, []).append(
-                _field(b"\x12", encode_span(span))
-            )
+            span_resource, span_scope = span.resource, span.instrumentation_scope
+            if last is None or last[0] != id(span_resource) or last[1] != id(span_scope):
+                # spans come in runs of the same resource and scope: looked up once a run
+                known_resource = kept_resources.get(id(span_resource))
+                known_scope = kept_scopes.get(id(span_scope))
+                resource_group = (
+                    known_resource[1] if known_resource else self._resource_group(span_resource)
+                )
+                scope_group = known_scope[1] if known_scope else self._scope_group(span_scope)
+                group = grouped.setdefault(resource_group, {}).setdefault(scope_group, [])
+                last = (id(span_resource), id(span_scope), group)
+            span_bytes = encode_span(span)
+            last[2].append(b"\x12" + _size(len(span_bytes)) + span_bytes)
         request = []
         for resource, scopes in grouped.items():
             scope_spans = []
