@@ -66,10 +66,18 @@ def _varint(value: int) -> bytes:
     return bytes(out)
 
 
+def _size(size: int) -> bytes:
+    """A length prefix (a varint, the one- and two-byte ones without the loop)."""
+    if size < 0x80:
+        return _SMALL[size]
+    if size < 0x4000:
+        return bytes(((size & 0x7F) | 0x80, size >> 7))
+    return _varint(size)
+
+
 def _field(tag: bytes, payload: bytes) -> bytes:
     """A length-delimited field (a string, bytes or a message); `tag` already encoded."""
-    size = len(payload)
-    return tag + (_SMALL[size] if size < 0x80 else _varint(size)) + payload
+    return tag + _size(len(payload)) + payload
 
 
 def _any_value(value: Any) -> bytes:
@@ -158,15 +166,6 @@ def _trace_state(context: SpanContext) -> bytes:
     if not state:
         return b""
     return _string(b"\x1a", ",".join(f"{key}={value}" for key, value in state.items()))
-
-
-def _size(size: int) -> bytes:
-    """A length prefix."""
-    if size < 0x80:
-        return _SMALL[size]
-    if size < 0x4000:
-        return bytes(((size & 0x7F) | 0x80, size >> 7))
-    return _varint(size)
 
 
 _pairs: dict[tuple[str, type, Any], bytes] = {}
@@ -336,8 +335,7 @@ class SpanEncoder:
                 scope_group = known_scope[1] if known_scope else self._scope_group(span_scope)
                 group = grouped.setdefault(resource_group, {}).setdefault(scope_group, [])
                 last = (id(span_resource), id(span_scope), group)
-            span_bytes = encode_span(span)
-            last[2].append(b"\x12" + _size(len(span_bytes)) + span_bytes)
+            last[2].append(_field(b"\x12", encode_span(span)))
         request = []
         for resource, scopes in grouped.items():
             scope_spans = []
