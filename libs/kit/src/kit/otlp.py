@@ -23,17 +23,39 @@ format cannot carry (an int beyond 64 bits) left out with an error logged.
 
 `LeanOTLPSpanExporter` is the SDK's OTLP/HTTP exporter (endpoint, headers,
 timeout, compression, retries, TLS, all from the same settings) with this
-encoder in place of its own.
+encoder in place of its own, and posting with the standard library's
+`http.client` over one kept-alive connection (`HTTPClientTransport`) in
+place of `requests`. The SDK's client around the transport is kept (headers,
+timeout, gzip, retries with backoff on 429, 502, 503, 504 and connection
+errors), and so is what `requests` makes of the environment for the endpoint
+(the CA bundle, the client certificate and key); where `requests` would do
+more than post (a proxy, `.netrc` credentials, a credential provider's
+session) the SDK's transport stays (`lean_transport`). Posting a batch of 512
+server spans (150 KB) to a local receiver cost 1.5-2.0 ms of the export
+thread's CPU with `requests` and 0.55-0.63 ms with `http.client` (median of
+30, three rounds, 2026-12-02); in the catalog, 5.3 us a span against 2.4.
 """
 
 from __future__ import annotations
 
+import http.client
 import logging
+import os
+import ssl
 import struct
+import threading
+import urllib.parse
 from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
 from typing import Any
 
+from opentelemetry.exporter.http.transport._base import BaseHTTPResult, BaseHTTPTransport
+from opentelemetry.exporter.http.transport._requests import RequestsHTTPTransport
 from opentelemetry.exporter.otlp.proto.http.trace_exporter import OTLPSpanExporter
+from opentelemetry.sdk.environment_variables import (
+    _OTEL_PYTHON_EXPORTER_OTLP_HTTP_CREDENTIAL_PROVIDER,
+    _OTEL_PYTHON_EXPORTER_OTLP_HTTP_TRACES_CREDENTIAL_PROVIDER,
+)
 from opentelemetry.sdk.resources import Resource
 from opentelemetry.sdk.trace import Event, ReadableSpan
 from opentelemetry.sdk.trace.export import SpanExportResult
@@ -372,9 +394,173 @@ class SpanEncoder:
         return group
 
 
+@dataclass(frozen=True, slots=True)
+class HTTPClientResult(BaseHTTPResult):
+    body: bytes = b""
+    message: Any = field(default=None, hash=False, compare=False)
+
+    def content(self) -> bytes:
+        return self.body
+
+    def headers(self) -> Mapping[str, str]:
+        return self.message if self.message is not None else {}
+
+
+class HTTPClientTransport(BaseHTTPTransport):
+    """Posts with the standard library's `http.client` over one kept-alive
+    connection, opened again after any failure or a response that closes it.
+
+    The SDK's transport is `requests`: 1.5-2.0 ms of CPU for a batch of 512
+    spans where this takes 0.55-0.63 ms, in the export thread that holds the
+    GIL the requests need (see the module's docstring). The SDK's client around it
+    is kept (`_OTLPHTTPClient`: the endpoint, headers, timeout, compression
+    and retries with backoff on 429, 502, 503, 504 and connection errors, a
+    connection error retried at once first), and so is what `requests` made
+    of the environment for the endpoint: the CA bundle to verify against
+    (`OTEL_EXPORTER_OTLP_CERTIFICATE`, else `REQUESTS_CA_BUNDLE` or
+    `CURL_CA_BUNDLE`) and the client certificate and key. Where `requests`
+    would do more (a proxy from `HTTPS_PROXY`/`HTTP_PROXY`, `.netrc`
+    credentials, a credential provider's session), `LeanOTLPSpanExporter`
+    keeps the SDK's transport (see `lean_transport`)."""
+
+    def __init__(
+        self, *, verify: bool | str = True, cert: str | tuple[str, str] | None = None
+    ) -> None:
+        self._verify = verify
+        self._cert = cert
+        self._tls: ssl.SSLContext | None = None
+        self._connection: http.client.HTTPConnection | None = None
+        self._url: str | None = None
+        self._target: tuple[str, str, int | None] = ("http", "", None)
+        self._path = "/"
+        self._lock = threading.Lock()
+
+    def request(
+        self,
+        method: str,
+        url: str,
+        *,
+        headers: dict[str, str] | None = None,
+        timeout: float | None = None,
+        data: bytes | None = None,
+    ) -> BaseHTTPResult:
+        with self._lock:
+            try:
+                connection, path = self._connection_to(url, timeout)
+                connection.request(method, path, body=data, headers=headers or {})
+                response = connection.getresponse()
+                body = response.read()
+            except Exception as error:  # noqa: BLE001 - the SDK's client decides what to retry
+                self._close()
+                return HTTPClientResult(error=error)
+            if response.will_close:
+                self._close()
+            return HTTPClientResult(
+                status_code=response.status,
+                reason=response.reason,
+                body=body,
+                message=response.msg,
+            )
+
+    def _connection_to(
+        self, url: str, timeout: float | None
+    ) -> tuple[http.client.HTTPConnection, str]:
+        if url != self._url:
+            parts = urllib.parse.urlsplit(url)
+            if parts.scheme not in ("http", "https") or not parts.hostname:
+                raise ValueError(f"not an http(s) URL: {url!r}")
+            self._close()
+            self._url = url
+            self._target = (parts.scheme, parts.hostname, parts.port)
+            self._path = (parts.path or "/") + ("?" + parts.query if parts.query else "")
+        connection = self._connection
+        if connection is None:
+            scheme, host, port = self._target
+            if scheme == "https":
+                connection = http.client.HTTPSConnection(
+                    host, port, timeout=timeout, context=self._tls_context()
+                )
+            else:
+                connection = http.client.HTTPConnection(host, port, timeout=timeout)
+            self._connection = connection
+        else:
+            connection.timeout = timeout
+            if connection.sock is not None:
+                connection.sock.settimeout(timeout)
+        return connection, self._path
+
+    def _tls_context(self) -> ssl.SSLContext:
+        if self._tls is None:
+            if self._verify is False:
+                context = ssl.create_default_context()
+                context.check_hostname = False
+                context.verify_mode = ssl.CERT_NONE
+            elif isinstance(self._verify, str) and os.path.isdir(self._verify):
+                context = ssl.create_default_context(capath=self._verify)
+            elif isinstance(self._verify, str):
+                context = ssl.create_default_context(cafile=self._verify)
+            else:
+                context = ssl.create_default_context()
+            if isinstance(self._cert, tuple):
+                context.load_cert_chain(self._cert[0], self._cert[1])
+            elif self._cert:
+                context.load_cert_chain(self._cert)
+            self._tls = context
+        return self._tls
+
+    def _close(self) -> None:
+        connection, self._connection = self._connection, None
+        if connection is not None:
+            connection.close()
+
+    def is_connection_error(self, exception: Exception | None) -> bool:
+        # refused, reset, timed out, closed by the peer (RemoteDisconnected), TLS
+        return isinstance(exception, OSError | http.client.HTTPException)
+
+    def close(self) -> None:
+        with self._lock:
+            self._close()
+
+
+def lean_transport(transport: BaseHTTPTransport, endpoint: str) -> BaseHTTPTransport:
+    """`HTTPClientTransport` in place of the SDK's `requests` transport, with
+    what `requests` makes of the environment for `endpoint` (the CA bundle,
+    the client certificate); `transport` itself wherever `requests` would do
+    more than post: a proxy for the endpoint, `.netrc` credentials, a session
+    from a credential provider, or a transport that is not the SDK's."""
+    if not isinstance(transport, RequestsHTTPTransport):
+        return transport
+    if os.environ.get(_OTEL_PYTHON_EXPORTER_OTLP_HTTP_CREDENTIAL_PROVIDER) or os.environ.get(
+        _OTEL_PYTHON_EXPORTER_OTLP_HTTP_TRACES_CREDENTIAL_PROVIDER
+    ):
+        return transport
+    import requests
+    from requests.utils import get_netrc_auth
+
+    session = getattr(transport, "_session", None)
+    if (
+        type(session) is not requests.Session
+        or session.auth is not None
+        or session.proxies
+        or any(session.hooks.values())
+    ):
+        return transport
+    try:
+        settings = session.merge_environment_settings(
+            endpoint, {}, None, session.verify, session.cert
+        )
+        netrc = session.trust_env and get_netrc_auth(endpoint)
+    except Exception:  # noqa: BLE001 - whatever it is, requests is left to deal with it
+        return transport
+    if settings["proxies"] or netrc:
+        return transport
+    return HTTPClientTransport(verify=settings["verify"], cert=settings["cert"])
+
+
 class LeanOTLPSpanExporter(OTLPSpanExporter):
     """The SDK's OTLP/HTTP span exporter (its client: endpoint, headers,
-    timeout, compression, retries, TLS), encoding with `SpanEncoder`. Its
+    timeout, compression, retries, TLS), encoding with `SpanEncoder` and
+    posting with `HTTPClientTransport` (see `lean_transport`). Its
     `export` is this one's, without the SDK exporter's own metrics (off unless
     `OTEL_PYTHON_SDK_INTERNAL_METRICS_ENABLED`) and its request size cap (64
     MiB; a batch of 512 spans is a few hundred KiB)."""
@@ -382,6 +568,11 @@ class LeanOTLPSpanExporter(OTLPSpanExporter):
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self._encoder = SpanEncoder()
+        client = self._client
+        transport = lean_transport(client._transport, self._endpoint)
+        if transport is not client._transport:
+            client._transport.close()
+            client._transport = transport
 
     def export(self, spans: Sequence[ReadableSpan]) -> SpanExportResult:
         if self._shutdown:
