@@ -5,11 +5,15 @@ transport wherever `requests` would do more than post."""
 
 from __future__ import annotations
 
+import datetime
 import gzip
+import ipaddress
+import ssl
 import threading
-from collections.abc import Iterator
+from collections.abc import Generator, Iterator
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -90,6 +94,10 @@ class Collector:
 
 @pytest.fixture
 def collector() -> Iterator[Collector]:
+    yield from serve(None)
+
+
+def serve(tls: ssl.SSLContext | None) -> Generator[Collector]:
     state: dict[str, Collector] = {}
 
     class Handler(BaseHTTPRequestHandler):
@@ -114,7 +122,11 @@ def collector() -> Iterator[Collector]:
 
     server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
     server.daemon_threads = True
-    state["collector"] = Collector(f"http://127.0.0.1:{server.server_address[1]}")
+    scheme = "http"
+    if tls is not None:
+        server.socket = tls.wrap_socket(server.socket, server_side=True)
+        scheme = "https"
+    state["collector"] = Collector(f"{scheme}://127.0.0.1:{server.server_address[1]}")
     thread = threading.Thread(target=server.serve_forever, daemon=True)
     thread.start()
     try:
@@ -259,3 +271,65 @@ def test_a_proxy_the_endpoint_bypasses_is_no_reason_for_requests(
     monkeypatch.setenv("NO_PROXY", "collector")
     exporter = LeanOTLPSpanExporter(endpoint="https://collector:4318/v1/traces")
     assert isinstance(exporter._client._transport, HTTPClientTransport)
+
+
+def self_signed(directory: Path) -> tuple[Path, Path]:
+    """A certificate for 127.0.0.1 (its own CA) and its key, as PEM files."""
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.x509.oid import NameOID
+
+    key = ec.generate_private_key(ec.SECP256R1())
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "collector")])
+    now = datetime.datetime.now(datetime.UTC)
+    certificate = (
+        x509.CertificateBuilder()
+        .subject_name(name)
+        .issuer_name(name)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - datetime.timedelta(minutes=5))
+        .not_valid_after(now + datetime.timedelta(hours=1))
+        .add_extension(
+            x509.SubjectAlternativeName([x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]),
+            critical=False,
+        )
+        .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
+        .sign(key, hashes.SHA256())
+    )
+    certificate_file, key_file = directory / "collector.pem", directory / "collector.key"
+    certificate_file.write_bytes(certificate.public_bytes(serialization.Encoding.PEM))
+    key_file.write_bytes(
+        key.private_bytes(
+            serialization.Encoding.PEM,
+            serialization.PrivateFormat.PKCS8,
+            serialization.NoEncryption(),
+        )
+    )
+    return certificate_file, key_file
+
+
+def test_tls_verified_against_the_configured_certificate(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, exporters: list[LeanOTLPSpanExporter]
+) -> None:
+    certificate, key = self_signed(tmp_path)
+    tls = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    tls.load_cert_chain(certificate, key)
+    served = serve(tls)
+    collector = next(served)
+    try:
+        # not trusted without the certificate: the batch fails, nothing is sent
+        untrusting = exporter_of(exporters, endpoint=collector.url + "/v1/traces", timeout=0.5)
+        assert untrusting.export(finished_spans(1)) is SpanExportResult.FAILURE
+        monkeypatch.setenv("OTEL_EXPORTER_OTLP_CERTIFICATE", str(certificate))
+        exporter = exporter_of(exporters, endpoint=collector.url + "/v1/traces")
+        assert isinstance(exporter._client._transport, HTTPClientTransport)
+        spans = finished_spans(2)
+        assert exporter.export(spans) is SpanExportResult.SUCCESS
+        assert exporter.export(spans) is SpanExportResult.SUCCESS
+        first, second = collector.posts
+        assert first.body == SpanEncoder().encode(spans)
+        assert first.client_port == second.client_port
+    finally:
+        served.close()
