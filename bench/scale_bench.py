@@ -345,6 +345,21 @@ def report(figures: dict[str, Any]) -> list[str]:
         f"lost {storm.get('lost')}, doubled {storm.get('doubled')}, caught up "
         f"{storm.get('caught_up')}, refusals {storm.get('refusals')}"
     )
+    phases = storm.get("phases")
+    if phases:
+        # where a resume's time went: the jitter before the first attempt, then
+        # each successful attempt's TCP connect, its 101, and its `ready`
+        lines.append(
+            "resume phases (p50/p99/max s): "
+            + ", ".join(
+                f"{name} {numbers['p50_s']}/{numbers['p99_s']}/{numbers['max_s']}"
+                for name, numbers in phases.items()
+            )
+        )
+    if storm.get("resumed_by_second"):
+        lines.append(f"resumed in each second after the kill: {storm['resumed_by_second']}")
+    if storm.get("frames"):
+        lines.append(f"frames the sockets read from the kill on: {storm['frames']}")
     for service, numbers in memory.items():
         lines.append(
             f"memory {service}: {numbers['before_mib']} -> {numbers['held_mib']} MiB = "

@@ -21,7 +21,11 @@ answered on the spot. aiohttp only registers the users. Steps:
 5. the orchestrator kills the chat replica holding the most sockets; every
    socket it held reconnects with jittered exponential backoff and `since`,
    while one message a second goes into every room; each socket must end with
-   every id exactly once, and its resume time is counted from the kill.
+   every id exactly once, and its resume time is counted from the kill. Where
+   that time went is reported too: the jitter before the first attempt, then
+   each successful attempt's TCP connect, its 101 and its `ready` (p50, p99,
+   max), how many resumed in each second after the kill, and the frames the
+   sockets read meanwhile, by type.
 """
 
 from __future__ import annotations
@@ -313,6 +317,15 @@ class Load:
         self.room_last: dict[str, int] = {}
         self.refusals: dict[str, int] = {}
         self.frames: dict[str, int] = {}  # frames read, by type
+        # where each resume's time went, in seconds: from the drop to its
+        # first attempt, then each successful attempt's TCP connect, the
+        # 101 after it, and the `ready` frame after the 101
+        self.phases: dict[str, list[float]] = {
+            "first_attempt": [],
+            "tcp": [],
+            "upgrade": [],
+            "ready": [],
+        }
 
     # -- set-up ---------------------------------------------------------------
 
@@ -368,12 +381,15 @@ class Load:
         request, key = self.upgrade_request(sock, since)
         loop = asyncio.get_running_loop()
         ws: Conn | None = None
+        began = time.monotonic()
         try:
             async with asyncio.timeout(HANDSHAKE_SECONDS):
                 _, ws = await loop.create_connection(
                     lambda: Conn(request, key), self.address, self.port
                 )
+                connected = time.monotonic()
                 await ws.handshake
+                upgraded = time.monotonic()
         except Refused as error:
             self.refusals[str(error.status)] = self.refusals.get(str(error.status), 0) + 1
             return False
@@ -393,6 +409,10 @@ class Load:
             self.refusals["closed"] = self.refusals.get("closed", 0) + 1
             await ws.close()
             return False
+        if since is not None:
+            self.phases["tcp"].append(connected - began)
+            self.phases["upgrade"].append(upgraded - connected)
+            self.phases["ready"].append(time.monotonic() - upgraded)
         sock.ws = ws
         sock.node = ready["node"]
         sock.nodes.append(sock.node)
@@ -482,6 +502,7 @@ class Load:
             # full jitter from the first attempt: thousands of sockets dropped at
             # once must not come back in one instant
             await asyncio.sleep(random.uniform(0, BACKOFF_BASE * 4))
+            self.phases["first_attempt"].append(time.time() - sock.closed_at)
             while not await self.connect(sock, since=sock.last_id):
                 attempt += 1
                 await asyncio.sleep(random.uniform(0, min(BACKOFF_CAP, BACKOFF_BASE * 2**attempt)))
@@ -579,6 +600,7 @@ class Load:
             sock.closed_at = sock.resumed_at = 0.0
             sock.dropped = 0
         self.reconnecting = True
+        frames_before = dict(self.frames)
         emit("kill", node=victim, sockets=nodes[victim])
         line = await asyncio.get_running_loop().run_in_executor(None, sys.stdin.readline)
         killed_at = float(line.split()[1])
@@ -608,6 +630,22 @@ class Load:
             lost=sum(sock.gaps for sock in self.socks),
             doubled=sum(sock.duplicates for sock in self.socks),
             refusals=self.refusals,
+            # frames the sockets read from the kill on, by type
+            frames={kind: n - frames_before.get(kind, 0) for kind, n in self.frames.items()},
+            # how many resumed in each second after the kill: the rate over time
+            resumed_by_second=[
+                sum(second <= seconds < second + 1 for seconds in resume)
+                for second in range(int(max(resume, default=0)) + 1)
+            ],
+            phases={
+                name: {
+                    "p50_s": round(percentile(values, 0.5), 3),
+                    "p99_s": round(percentile(values, 0.99), 3),
+                    "max_s": round(max(values, default=float("nan")), 3),
+                }
+                for name, values in self.phases.items()
+                if values
+            },
         )
 
     async def close(self) -> None:

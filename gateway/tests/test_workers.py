@@ -216,3 +216,16 @@ def test_the_lean_websocket_protocol_and_no_deflate_unless_the_environment_says_
     )
     assert "--ws" not in chosen
     assert "--ws-per-message-deflate" not in chosen
+
+
+def test_the_listening_socket_queues_a_reconnect_storm() -> None:
+    """uvicorn's backlog of 2,048 overflowed when a killed chat replica's 3,334
+    clients came back at once (their SYNs dropped, retried 1-3 s later)."""
+    from gateway.__main__ import uvicorn_arguments
+    from gateway.config import Settings
+
+    def backlog(arguments: list[str]) -> int:
+        return int(arguments[arguments.index("--backlog") + 1])
+
+    assert backlog(uvicorn_arguments(Settings(workers=1), {})) == 4096
+    assert backlog(uvicorn_arguments(Settings(workers=1, listen_backlog=8192), {})) == 8192

@@ -107,6 +107,10 @@ def uvicorn_arguments(settings: Settings, environ: Mapping[str, str] = os.enviro
         "10",
         "--workers",
         str(worker_count(settings.workers)),
+        # uvicorn's 2,048 overflowed when a killed replica's 3,334 clients came
+        # back at once: their SYNs were dropped and retried 1-3 s later
+        "--backlog",
+        str(settings.listen_backlog),
         # a worker busy with a storm still answers the supervisor from a thread;
         # give it room before it is taken for hung and restarted
         "--timeout-worker-healthcheck",

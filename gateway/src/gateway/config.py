@@ -62,6 +62,12 @@ class Settings(ServiceSettings):
     # Worker processes of `python -m gateway` (the image's command), each a
     # complete gateway on the one listening socket; 0 = one per usable core.
     workers: int = Field(default=0, ge=0)
+    # Connections the kernel queues for the workers before they accept them
+    # (the listening socket's backlog); beyond it a client's SYN is dropped and
+    # retried after 1 s, then 3 s. A killed chat replica's clients come back
+    # within a second, thousands at once: queued, they are served in order. The
+    # kernel caps it at `net.core.somaxconn` (4096 since Linux 5.4).
+    listen_backlog: int = Field(default=4096, ge=1)
 
     # Edge guards below ASGI (gateway.edge): the request head must arrive
     # within `header_timeout_seconds` and fit in `max_header_bytes`; a body
