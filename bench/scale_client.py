@@ -425,8 +425,10 @@ class Load:
         args = self.args
         rooms = [f"scale-{uuid.uuid4().hex[:6]}-{n}" for n in range(args.rooms)]
         for index in range(args.sockets):
-            # user k's sockets spread over rooms: a room's members are distinct users
-            token = self.tokens[index % len(self.tokens)]
+            # socket i is in room i % rooms; its user steps once per pass over
+            # the rooms, so a room's members are distinct users (as many as
+            # there are users) and each user has a socket in every room
+            token = self.tokens[(index // args.rooms) % len(self.tokens)]
             self.socks.append(Sock(index, rooms[index % args.rooms], token))
         queue: asyncio.Queue[Sock] = asyncio.Queue()
         for sock in self.socks:
