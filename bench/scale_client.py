@@ -525,11 +525,21 @@ class Load:
         )
 
     async def say_in_every_room(self, avoid: str = "") -> int:
+        # one sender per room, each room's a different user where there are
+        # enough: a hundred people saying one thing each, not one person
+        # saying a hundred (which the per-user message limit refuses)
         chosen: dict[str, Sock] = {}
+        speaking: set[str] = set()
+        spare: dict[str, Sock] = {}
         for sock in self.socks:
             if sock.ws is None or sock.ws.closed or sock.node == avoid:
                 continue
-            chosen.setdefault(sock.room, sock)
+            spare.setdefault(sock.room, sock)
+            if sock.room not in chosen and sock.token not in speaking:
+                chosen[sock.room] = sock
+                speaking.add(sock.token)
+        for room, sock in spare.items():
+            chosen.setdefault(room, sock)
         sent = 0
         for sock in chosen.values():
             client_id = uuid.uuid4().hex
