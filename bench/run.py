@@ -148,7 +148,25 @@ def goals_summary(report: dict[str, Any]) -> list[str]:
         ),
         "",
     ]
-    return lines
+    return lines + tracing_summary(by_name.get("catalog"), report["date"])
+
+
+def tracing_summary(catalog: dict[str, Any] | None, date: str) -> list[str]:
+    """The observability issue's measured goal: what tracing costs get-by-id."""
+    lines = ['## Goals of "Observability"', ""]
+    tracing = ((catalog or {}).get("figures") or {}).get("tracing")
+    if not tracing:
+        return [*lines, "- catalog: tracing cost not run", ""]
+    when = catalog.get("date", date) if catalog else date
+    for variant, cost in tracing.get("cost_from_cpu", {}).items():
+        measured = tracing.get("cost", {}).get(variant)
+        verdict = "met" if cost <= tracing["goal"] else "MISSED"
+        lines.append(
+            f"- catalog ({when}): [{verdict}] tracing {variant} costs <= {tracing['goal']:.0%} "
+            f"of get-by-id rps: {cost:.1%} by CPU per request"
+            + (f", {measured:.1%} by measured rps" if measured is not None else "")
+        )
+    return [*lines, ""]
 
 
 def without_logs(report: str) -> str:
