@@ -265,6 +265,16 @@ def percentile(values: list[float], fraction: float) -> float:
     return ordered[min(len(ordered) - 1, int(fraction * len(ordered)))]
 
 
+def spread(values: list[float], unit: str, digits: int) -> dict[str, float]:
+    """p50, p99 and max of durations in seconds, in `unit` ("s" or "ms")."""
+    scale = 1000 if unit == "ms" else 1
+    return {
+        f"p50_{unit}": round(scale * percentile(values, 0.5), digits),
+        f"p99_{unit}": round(scale * percentile(values, 0.99), digits),
+        f"max_{unit}": round(scale * max(values, default=float("nan")), digits),
+    }
+
+
 class Sock:
     """One chat socket; reconnects with `since` after a drop when asked to."""
 
@@ -583,21 +593,14 @@ class Load:
                 await asyncio.sleep(0.02)
             got += sum(sock.last_id > before[sock.index] for sock in self.socks)
             latencies += self.latencies
-            rounds.append(
-                {
-                    "p50_ms": round(1000 * percentile(self.latencies, 0.5), 1),
-                    "p99_ms": round(1000 * percentile(self.latencies, 0.99), 1),
-                }
-            )
+            rounds.append(spread(self.latencies, "ms", 1))
         emit(
             "broadcast",
             messages=sent,
             expected=expected,
             delivered=len(latencies),
             sockets_reached=got,
-            p50_ms=round(1000 * percentile(latencies, 0.5), 1),
-            p99_ms=round(1000 * percentile(latencies, 0.99), 1),
-            max_ms=round(1000 * max(latencies, default=float("nan")), 1),
+            **spread(latencies, "ms", 1),
             rounds=rounds,
         )
 
@@ -632,9 +635,7 @@ class Load:
             moved=len(moved),
             resumed=len(resume),
             within_goal=sum(seconds <= self.args.resume_within for seconds in resume),
-            p50_s=round(percentile(resume, 0.5), 2),
-            p99_s=round(percentile(resume, 0.99), 2),
-            max_s=round(max(resume, default=float("nan")), 2),
+            **spread(resume, "s", 2),
             dropped_p50_s=round(percentile(noticed, 0.5), 2),
             dropped_max_s=round(max(noticed, default=float("nan")), 2),
             still_on_victim=sum(sock.node == victim for sock in self.socks if sock.ws),
@@ -649,15 +650,7 @@ class Load:
                 sum(second <= seconds < second + 1 for seconds in resume)
                 for second in range(int(max(resume, default=0)) + 1)
             ],
-            phases={
-                name: {
-                    "p50_s": round(percentile(values, 0.5), 3),
-                    "p99_s": round(percentile(values, 0.99), 3),
-                    "max_s": round(max(values, default=float("nan")), 3),
-                }
-                for name, values in self.phases.items()
-                if values
-            },
+            phases={name: spread(values, "s", 3) for name, values in self.phases.items() if values},
         )
 
     async def close(self) -> None:
