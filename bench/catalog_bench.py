@@ -408,17 +408,11 @@ async def tracing_cost(
             )
             # what the batch processors still hold goes out within their 5 s delay
             await asyncio.sleep(6)
+            spans = {
+                variant: received_spans(url) - before[variant] for variant, url in receivers.items()
+            }
             rounds.append(
-                {
-                    result.name: asdict(result)
-                    | {
-                        "spans_exported": received_spans(receivers[result.name])
-                        - before[result.name]
-                        if result.name in receivers
-                        else 0
-                    }
-                    for result in results
-                }
+                {r.name: asdict(r) | {"spans_exported": spans.get(r.name, 0)} for r in results}
             )
     traced = [variant for variant in TRACING_VARIANTS if variant != "off"]
     costs = {

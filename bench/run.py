@@ -154,10 +154,9 @@ def goals_summary(report: dict[str, Any]) -> list[str]:
 def tracing_summary(catalog: dict[str, Any] | None, date: str) -> list[str]:
     """The observability issue's measured goal: what tracing costs get-by-id."""
     lines = ['## Goals of "Observability"', ""]
-    tracing = ((catalog or {}).get("figures") or {}).get("tracing")
-    if not tracing:
+    if not catalog or not (tracing := (catalog.get("figures") or {}).get("tracing")):
         return [*lines, "- catalog: tracing cost not run", ""]
-    when = catalog.get("date", date) if catalog else date
+    when = catalog.get("date", date)
     for variant, cost in tracing.get("cost_from_cpu", {}).items():
         measured = tracing.get("cost", {}).get(variant)
         verdict = "met" if cost <= tracing["goal"] else "MISSED"
