@@ -16,7 +16,7 @@ from fastapi import FastAPI, Request
 from opentelemetry import trace
 from opentelemetry.sdk.resources import Resource
 from opentelemetry.sdk.trace import ReadableSpan, TracerProvider
-from opentelemetry.sdk.trace.export import SimpleSpanProcessor
+from opentelemetry.sdk.trace.export import BatchSpanProcessor, SimpleSpanProcessor
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 from opentelemetry.sdk.trace.sampling import Decision
 from opentelemetry.trace import (
@@ -24,6 +24,7 @@ from opentelemetry.trace import (
     NonRecordingSpan,
     SpanContext,
     SpanKind,
+    Status,
     StatusCode,
     TraceFlags,
 )
@@ -544,6 +545,30 @@ def comparable(span: ReadableSpan) -> dict[str, Any]:
     }
 
 
+async def test_kits_spans_reach_a_batch_processor_and_one_added_later() -> None:
+    """A batch processor gets kit's spans queued directly (what its on_end
+    does), and a processor added to the provider after the tracer was made
+    gets every span from then on, as the SDK's spans would reach it."""
+    head = head_sampling(ServiceSettings(otel_traces_sampler="parentbased_always_on"))
+    provider = TracerProvider(sampler=RequestRootSampler(head.sampler, head))
+    batched = InMemorySpanExporter()
+    provider.add_span_processor(BatchSpanProcessor(batched))
+    tracer = provider.get_tracer("kit.tracing")
+    transport = httpx.ASGITransport(app=TracingMiddleware(failing_app, tracer=tracer))
+    async with httpx.AsyncClient(transport=transport, base_url="http://test") as client:
+        assert (await client.get("/things/1")).status_code == 201
+        later = InMemorySpanExporter()
+        provider.add_span_processor(SimpleSpanProcessor(later))
+        assert (await client.get("/things/2")).status_code == 201
+    provider.force_flush()
+    assert [span.attributes["url.path"] for span in batched.get_finished_spans()] == [
+        "/things/1",
+        "/things/2",
+    ]
+    assert [span.attributes["url.path"] for span in later.get_finished_spans()] == ["/things/2"]
+    provider.shutdown()
+
+
 async def test_kits_server_span_records_what_the_sdks_span_records() -> None:
     """The same requests through the middleware with kit's server span and
     with the SDK's: the same exported spans, app writes and failures included."""
@@ -561,7 +586,16 @@ async def test_kits_server_span_records_what_the_sdks_span_records() -> None:
             assert (await client.get("/things/1", headers=headers)).status_code == 201
             assert (await client.get("/things/boom")).status_code == 500
         spans = exporter.get_finished_spans()
-        assert isinstance(spans[0], LeanSpan) is False  # processors get ReadableSpans
+        assert isinstance(spans[0], LeanSpan) is kit_spans
+        if kit_spans:  # handed over ended, as a ReadableSpan: a late write changes nothing
+            ended = spans[0]
+            assert isinstance(ended, ReadableSpan)
+            as_ended = comparable(ended)
+            ended.set_attribute("late", 1)
+            ended.update_name("renamed")
+            ended.add_event("late")
+            ended.set_status(Status(StatusCode.ERROR))
+            assert comparable(ended) == as_ended
         exported[kit_spans] = [comparable(span) for span in spans]
     for mine, sdks in zip(exported[True], exported[False], strict=True):
         for key in mine:

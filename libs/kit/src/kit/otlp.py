@@ -63,6 +63,8 @@ from opentelemetry.sdk.trace.export import SpanExportResult
 from opentelemetry.sdk.util.instrumentation import InstrumentationScope
 from opentelemetry.trace import Link, SpanContext, SpanKind, StatusCode
 
+from kit.tracing import LeanSpan
+
 logger = logging.getLogger("kit.otlp")
 
 _FIXED64 = struct.Struct("<Q").pack
@@ -254,6 +256,10 @@ def _rest(span: ReadableSpan) -> list[bytes]:
     return parts
 
 
+_PLAIN_SPANS = frozenset({ReadableSpan, LeanSpan})
+"""Spans whose attributes may be a plain dict, read as they are (see `encode_span`)."""
+
+
 def encode_span(span: ReadableSpan) -> bytes:
     """One `Span` message."""
     context = span.get_span_context()
@@ -281,12 +287,12 @@ def encode_span(span: ReadableSpan) -> bytes:
     if end:
         parts.append(b"\x41" + _FIXED64(end))
     if (
-        span.__class__ is ReadableSpan
+        span.__class__ in _PLAIN_SPANS
         and span._attributes.__class__ is dict
         and not span._events
         and not span._links
     ):
-        # kit's spans (what `LeanSpan` ends as): plain attributes, nothing
+        # kit's spans (`LeanSpan`, or a copy of one): plain attributes, nothing
         # dropped, no events or links, so none of the properties' copies and checks
         if span._attributes:
             parts.extend(_span_attributes(span._attributes))

@@ -54,11 +54,25 @@ kit does without most of it:
   drivers' spans through `LeanTracer` (what the standard instrumentations
   get in place of the SDK's tracer). Attributes known valid (kit's own, the
   plain ones an instrumentation starts a span with) in a plain dict, no
-  lock, and the span processors get the same `ReadableSpan` the SDK's span
-  would hand them (the tests run the same requests, SQL statements and Redis
-  commands through both and compare what is exported). A span with links,
-  or a tracer the SDK configures otherwise (its own span metrics on), is the
-  SDK's;
+  lock; ended, it is itself the `ReadableSpan` the SDK's span would copy
+  itself into, with the same fields (the tests run the same requests, SQL
+  statements and Redis commands through both and compare what is exported).
+  A span with links, or a tracer the SDK configures otherwise (its own span
+  metrics on), is the SDK's;
+- what a request's span costs is mostly calls into code run once per
+  request, whose cache misses cost more than the work they do: measured on
+  the catalog's get-by-id, the request thread's tracing cost 10x its
+  micro-benchmark (starting an unsampled span: 13-16 us of thread CPU a
+  request against 1.3 us in a loop in the same process). So the request's
+  path makes few: the current context is read and set as the API does it
+  but without its layers (`_current_span`, `_attach_span`, `_detach`),
+  ids are drawn as the SDK's generator draws them, the sampling decision is
+  taken inline, a batch processor's `on_end` (queueing the span) is done
+  directly, and its empty `on_start` skipped (`_Processors`, worked out
+  again whenever the provider's processors change). A recorded get-by-id
+  with its SQL statement made 124 Python calls into tracing's code (kit's
+  and OpenTelemetry's) and makes 70; an unsampled one 43, now 24 (12 of each
+  are FastAPI's own telemetry checks, made with tracing off too);
 - the export encodes spans straight to protobuf bytes (`kit.otlp`), each
   repeated attribute, name and status once, about an eighth of the SDK
   encoder's time, in the thread that competes with the requests for the GIL
@@ -104,21 +118,31 @@ import threading
 import time
 import traceback
 from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
+from contextvars import ContextVar, Token
 from dataclasses import dataclass
-from types import TracebackType
+from random import getrandbits
+from types import MappingProxyType, TracebackType
 from typing import Any
 
 from opentelemetry import context as otel_context
 from opentelemetry import propagate, trace
 from opentelemetry.attributes import BoundedAttributes
 from opentelemetry.context import Context
+from opentelemetry.context.contextvars_context import ContextVarsRuntimeContext
 from opentelemetry.propagators.textmap import Getter
 from opentelemetry.sdk.resources import Resource
-from opentelemetry.sdk.trace import Event, ReadableSpan, SpanLimits, SpanProcessor, TracerProvider
+from opentelemetry.sdk.trace import (
+    Event,
+    ReadableSpan,
+    SpanLimits,
+    SpanProcessor,
+    SynchronousMultiSpanProcessor,
+    TracerProvider,
+)
 from opentelemetry.sdk.trace import Tracer as SdkTracer
 from opentelemetry.sdk.trace._tracer_metrics import NoOpTracerMetrics
 from opentelemetry.sdk.trace.export import BatchSpanProcessor, ConsoleSpanExporter, SpanExporter
-from opentelemetry.sdk.trace.id_generator import IdGenerator
+from opentelemetry.sdk.trace.id_generator import IdGenerator, RandomIdGenerator
 from opentelemetry.sdk.trace.sampling import (
     ALWAYS_OFF,
     ALWAYS_ON,
@@ -131,6 +155,8 @@ from opentelemetry.sdk.trace.sampling import (
 from opentelemetry.sdk.util import BoundedList
 from opentelemetry.sdk.util.instrumentation import InstrumentationScope
 from opentelemetry.trace import (
+    INVALID_SPAN,
+    INVALID_SPAN_CONTEXT,
     Link,
     NonRecordingSpan,
     SpanContext,
@@ -139,6 +165,7 @@ from opentelemetry.trace import (
     StatusCode,
     TraceFlags,
 )
+from opentelemetry.trace import propagation as trace_propagation
 from opentelemetry.util.re import parse_env_headers
 from opentelemetry.util.types import Attributes, AttributeValue
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
@@ -147,6 +174,50 @@ from kit.observe import UNMATCHED, route_of
 from kit.settings import ServiceSettings
 
 logger = logging.getLogger("kit.tracing")
+
+# The current context, read and set as the API's functions do it (the
+# contextvars runtime context: a ContextVar holding a `Context`), without
+# their four or five calls deep: on a request's path, each call into code run
+# once per request costs more than the work it does (its cache misses). The
+# API's own functions where the runtime context is another.
+_RUNTIME = getattr(otel_context, "_RUNTIME_CONTEXT", None)
+_CURRENT: ContextVar[Context] | None = (
+    _RUNTIME._current_context
+    if type(_RUNTIME) is ContextVarsRuntimeContext
+    and isinstance(getattr(_RUNTIME, "_current_context", None), ContextVar)
+    and isinstance(getattr(trace_propagation, "_SPAN_KEY", None), str)
+    else None
+)
+_SPAN_KEY: str = getattr(trace_propagation, "_SPAN_KEY", "")
+
+
+def _current_span(context: Context | None = None) -> trace.Span:
+    """`trace.get_current_span(context)`."""
+    if _CURRENT is None:
+        return trace.get_current_span(context)
+    span = (_CURRENT.get() if context is None else context).get(_SPAN_KEY)
+    return span if isinstance(span, trace.Span) else INVALID_SPAN
+
+
+def _attach_span(span: trace.Span) -> Token[Context]:
+    """`otel_context.attach(trace.set_span_in_context(span))`."""
+    if _CURRENT is None:
+        return otel_context.attach(trace.set_span_in_context(span))
+    values = _CURRENT.get().copy()
+    values[_SPAN_KEY] = span
+    return _CURRENT.set(Context(values))
+
+
+def _detach(token: Token[Context]) -> None:
+    """`otel_context.detach(token)`."""
+    if _CURRENT is None:
+        otel_context.detach(token)
+        return
+    try:
+        _CURRENT.reset(token)
+    except Exception:  # as the API's: logged, never raised into the request
+        logger.exception("Failed to detach context")
+
 
 UNTRACED_PATHS = frozenset({"/healthz", "/readyz", "/metrics"})
 """Probes and scrapes: every few seconds from every checker, never worth a trace."""
@@ -463,7 +534,7 @@ def _when_recording(wrapper: Wrapper) -> Wrapper:
     async def lean(
         func: Callable[..., Awaitable[Any]], instance: Any, args: Any, kwargs: Any
     ) -> Any:
-        if trace.get_current_span().is_recording():
+        if _current_span().is_recording():
             return await wrapper(func, instance, args, kwargs)
         return await func(*args, **kwargs)
 
@@ -496,6 +567,8 @@ _getter = _HeaderGetter()
 
 
 _PROPAGATED = frozenset({b"traceparent", b"tracestate", b"baggage"})
+_NO_PARENT = Context()
+"""The context of a request that carries none: a trace starts with it."""
 
 
 def incoming_context(headers: Iterable[tuple[bytes, bytes]]) -> Context:
@@ -503,7 +576,7 @@ def incoming_context(headers: Iterable[tuple[bytes, bytes]]) -> Context:
     empty context, so nothing left over in the current task becomes a parent."""
     carried = [(name, value) for name, value in headers if name in _PROPAGATED]
     if not carried:
-        return Context()  # most requests: nothing for the propagators to read
+        return _NO_PARENT  # most requests: nothing for the propagators to read
     return propagate.extract(carried, context=Context(), getter=_getter)
 
 
@@ -534,6 +607,52 @@ _SAMPLED = TraceFlags(TraceFlags.SAMPLED)
 _RANDOM_SAMPLED = TraceFlags(TraceFlags.SAMPLED | TraceFlags.RANDOM_TRACE_ID)
 
 
+class _Processors:
+    """The tracer's span processors as a span of kit's meets them: the SDK's
+    `SynchronousMultiSpanProcessor`, with what its batch processors do for a
+    sampled span done directly (`on_start` does nothing, `on_end` queues the
+    span) rather than through two calls each. Worked out again whenever the
+    provider's list of processors changes (a processor added later gets its
+    spans)."""
+
+    __slots__ = ("_ends", "_processors", "_seen", "_starts")
+
+    def __init__(self, processor: SpanProcessor) -> None:
+        self._processors = processor
+        self._seen: object = _Processors  # nothing seen yet
+        self._starts: tuple[SpanProcessor, ...] = ()
+        self._ends: tuple[Callable[[ReadableSpan], None], ...] = ()
+
+    def _current(self, listed: Any) -> None:
+        if not isinstance(self._processors, SynchronousMultiSpanProcessor) or listed is None:
+            self._starts, self._ends = (self._processors,), (self._processors.on_end,)
+        else:
+            starts, ends = [], []
+            for processor in listed:
+                emit = getattr(getattr(processor, "_batch_processor", None), "emit", None)
+                if type(processor) is BatchSpanProcessor and emit is not None:
+                    ends.append(emit)  # what its on_end does with a sampled span
+                else:
+                    starts.append(processor)
+                    ends.append(processor.on_end)
+            self._starts, self._ends = tuple(starts), tuple(ends)
+        self._seen = listed
+
+    def on_start(self, span: LeanSpan, context: Context | None) -> None:
+        listed = getattr(self._processors, "_span_processors", None)
+        if listed is not self._seen:
+            self._current(listed)
+        for processor in self._starts:
+            processor.on_start(span, parent_context=context)  # type: ignore[arg-type]
+
+    def on_end(self, span: LeanSpan) -> None:
+        listed = getattr(self._processors, "_span_processors", None)
+        if listed is not self._seen:
+            self._current(listed)
+        for end in self._ends:
+            end(span)
+
+
 _UNSET = Status(StatusCode.UNSET)
 """Every span's status until one is set (a `Status` never changes: one for all)."""
 _NEW_TRACE_KINDS = (SpanKind.SERVER, SpanKind.CONSUMER)
@@ -549,10 +668,12 @@ class _LeanSpans:
 
     head: HeadSampling
     ids: IdGenerator
-    processor: SpanProcessor
+    processor: _Processors
     resource: Resource
     scope: InstrumentationScope
     limits: SpanLimits
+    random_ids: bool = False
+    """`ids` is the SDK's `RandomIdGenerator`: its ids are drawn here, without its calls."""
 
     def start(
         self,
@@ -570,35 +691,48 @@ class _LeanSpans:
         parent's, or a new one. `on_exception` says whether the span, used as
         a context manager, records an exception and sets the error status (the
         SDK's `record_exception` and `set_status_on_exception`)."""
-        parent = trace.get_current_span(context).get_span_context()
-        ids = self.ids
-        if parent.is_valid:
-            trace_id, random_id = parent.trace_id, parent.trace_flags.random_trace_id
-            trace_state: trace.TraceState | None = parent.trace_state
-            records = self.head.records(parent, trace_id)
+        if context is _NO_PARENT:
+            parent = INVALID_SPAN_CONTEXT
         else:
-            trace_id, random_id, trace_state = (
-                ids.generate_trace_id(),
-                ids.is_trace_id_random(),
-                None,
+            parent = _current_span(context).get_span_context()
+        ids = self.ids
+        head = self.head
+        valid = parent.is_valid
+        if valid:
+            trace_id, parent_flags = parent.trace_id, parent.trace_flags
+            random_id = parent_flags.random_trace_id
+            trace_state: trace.TraceState | None = parent.trace_state
+            # `HeadSampling.records`: the parent's flag, or the trace id's bound
+            records = (
+                parent_flags.sampled
+                if head.parent_based
+                else trace_id & TraceIdRatioBased.TRACE_ID_LIMIT < head.bound
             )
-            # only a request or a message starts a trace (RequestRootSampler)
-            records = kind in _NEW_TRACE_KINDS and self.head.records(parent, trace_id)
+        else:
+            trace_state = None
+            if self.random_ids:  # as the generator draws them (0 is not an id)
+                trace_id, random_id = getrandbits(128) or ids.generate_trace_id(), True
+            else:
+                trace_id, random_id = ids.generate_trace_id(), ids.is_trace_id_random()
+            # only a request or a message starts a trace (RequestRootSampler),
+            # by the trace id alone (`HeadSampling.records` with no parent)
+            records = (
+                kind in _NEW_TRACE_KINDS
+                and trace_id & TraceIdRatioBased.TRACE_ID_LIMIT < head.bound
+            )
+        span_id = (self.random_ids and getrandbits(64)) or ids.generate_span_id()
         if not records:
             flags = _RANDOM_UNSAMPLED if random_id else _UNSAMPLED
-            span_context = SpanContext(trace_id, ids.generate_span_id(), False, flags, trace_state)
-            return NonRecordingSpan(span_context)
+            return NonRecordingSpan(SpanContext(trace_id, span_id, False, flags, trace_state))
         flags = _RANDOM_SAMPLED if random_id else _SAMPLED
-        span_context = SpanContext(trace_id, ids.generate_span_id(), False, flags, trace_state)
-        span = LeanSpan(
-            name, span_context, parent if parent.is_valid else None, self, kind, start_time
-        )
+        span_context = SpanContext(trace_id, span_id, False, flags, trace_state)
+        span = LeanSpan(name, span_context, parent if valid else None, self, kind, start_time)
         if attributes:
             span.set_start_attributes(attributes)
         span.on_exception = on_exception
         # the processors see a span, as the SDK's; only its context and
         # attributes are read at the start (the batch processor reads nothing)
-        self.processor.on_start(span, parent_context=context)  # type: ignore[arg-type]
+        self.processor.on_start(span, context)
         return span
 
 
@@ -620,10 +754,11 @@ def _lean_spans(tracer: trace.Tracer) -> _LeanSpans | None:
     return _LeanSpans(
         sampler.head,
         tracer.id_generator,
-        tracer.span_processor,
+        _Processors(tracer.span_processor),
         tracer.resource,
         scope,
         limits if isinstance(limits, SpanLimits) else SpanLimits(),
+        type(tracer.id_generator) is RandomIdGenerator,
     )
 
 
@@ -648,16 +783,18 @@ def _plain(attributes: Mapping[str, Any], limits: SpanLimits) -> bool:
     return True
 
 
-class LeanSpan(trace.Span):
+class LeanSpan(trace.Span, ReadableSpan):
     """A recorded span made without the SDK's tracer: a request's server span
     (`TracingMiddleware`) or a driver's client span (`LeanTracer`). The SDK's
     span takes a lock and checks every value on each write, keeps bounded
     containers for attributes, events and links that these spans hardly use,
-    and copies itself when it ends; for a request or a SQL statement that is
-    most of what recording it costs. This one keeps attributes known valid
-    (kit's own, plain ones passed at the start) in a plain dict, checks only
-    what other code writes (as the SDK does, within the span limits), and
-    hands the span processors the same `ReadableSpan` the SDK's would."""
+    and copies itself into a `ReadableSpan` when it ends; for a request or a
+    SQL statement that is most of what recording it costs. This one keeps
+    attributes known valid (kit's own, plain ones passed at the start) in a
+    plain dict, checks only what other code writes (as the SDK does, within
+    the span limits), and, being a `ReadableSpan` itself with the fields the
+    SDK's copy would have, is handed to the span processors as it is when it
+    ends (nothing writes to an ended span)."""
 
     def __init__(
         self,
@@ -668,59 +805,40 @@ class LeanSpan(trace.Span):
         kind: SpanKind = SpanKind.SERVER,
         start_time: int | None = None,
     ) -> None:
+        # ReadableSpan's fields, as its constructor sets them
         self._name = name
         self._context = context
-        self._parent = parent
-        self._spans = spans
         self._kind = kind
+        self._instrumentation_info = None
+        self._instrumentation_scope = spans.scope
+        self._parent = parent
         self._start_time = start_time if start_time is not None else time.time_ns()
         self._end_time: int | None = None
-        self._own: dict[str, AttributeValue] = {}
-        self._others: BoundedAttributes | None = None
-        self._events: BoundedList[Event] | None = None
-        self._links: BoundedList[Link] | None = None
+        self._attributes: dict[str, AttributeValue] = {}
+        """Attributes known valid; once ended, all of them (see `end`)."""
+        self._events: BoundedList[Event] | None = None  # type: ignore[assignment]
+        self._links: BoundedList[Link] | None = None  # type: ignore[assignment]
+        self._resource = spans.resource
         self._status = _UNSET
+        # the span's own
+        self._spans = spans
+        self._others: BoundedAttributes | None = None
         self.on_exception = (True, True)
         """Used as a context manager: whether to record an exception, and to set the error status."""
 
-    # what a span processor may read of a started span, as of the SDK's
-    @property
-    def kind(self) -> SpanKind:
-        return self._kind
-
-    @property
-    def name(self) -> str:
-        return self._name
-
-    @property
-    def context(self) -> SpanContext:
-        return self._context
-
-    @property
-    def parent(self) -> SpanContext | None:
-        return self._parent
-
     @property
     def attributes(self) -> Mapping[str, AttributeValue]:
-        return self._attributes()
-
-    @property
-    def start_time(self) -> int:
-        return self._start_time
-
-    @property
-    def resource(self) -> Resource:
-        return self._spans.resource
-
-    @property
-    def instrumentation_scope(self) -> InstrumentationScope:
-        return self._spans.scope
+        # what a span processor may read of a started span; once ended, the
+        # ReadableSpan's read-only view
+        if self._end_time is None:
+            return self._merged()
+        return MappingProxyType(self._attributes or {})
 
     def set_start_attributes(self, attributes: Mapping[str, Any]) -> None:
         """The attributes a span starts with: kept as they are when the SDK
         would keep them so (see `_plain`), else checked as it checks them."""
-        if self._others is None and not self._own and _plain(attributes, self._spans.limits):
-            self._own.update(attributes)
+        if self._others is None and not self._attributes and _plain(attributes, self._spans.limits):
+            self._attributes.update(attributes)
         else:
             self.set_attributes(attributes)
 
@@ -729,10 +847,10 @@ class LeanSpan(trace.Span):
         if self._others is not None:
             self.set_attributes(attributes)  # after others' writes: in their order
         elif self._end_time is None:
-            self._own.update(attributes)
+            self._attributes.update(attributes)
 
     def get_span_context(self) -> SpanContext:
-        return self._context
+        return self._context  # type: ignore[return-value]  # always set here
 
     def is_recording(self) -> bool:
         return self._end_time is None
@@ -749,7 +867,7 @@ class LeanSpan(trace.Span):
             )
         for key, value in attributes.items():
             self._others[key] = value
-            self._own.pop(key, None)  # the latest write wins
+            self._attributes.pop(key, None)  # the latest write wins
 
     def set_attribute(self, key: str, value: Any) -> None:
         self.set_attributes({key: value})
@@ -813,36 +931,38 @@ class LeanSpan(trace.Span):
         if self._end_time is not None:
             logger.warning("Calling end() on an ended span.")
             return
-        self._end_time = end_time if end_time is not None else time.time_ns()
-        spans = self._spans
-        spans.processor.on_end(
-            ReadableSpan(
-                name=self._name,
-                context=self._context,
-                parent=self._parent,
-                resource=spans.resource,
-                attributes=self._attributes(),
-                events=self._events or (),
-                links=self._links or (),
-                kind=self._kind,
-                status=self._status,
-                start_time=self._start_time,
-                end_time=self._end_time,
-                instrumentation_scope=spans.scope,
+        limits = self._spans.limits
+        if (
+            self._others is not None
+            or limits.max_span_attribute_length is not None
+            or (
+                limits.max_span_attributes is not None
+                and len(self._attributes) > limits.max_span_attributes
             )
-        )
+        ):  # others' writes, or limits to apply: all of it the SDK's way
+            self._attributes, self._others = self._merged(), None  # type: ignore[assignment]
+        if self._events is None:
+            self._events = ()  # type: ignore[assignment]
+        if self._links is None:
+            self._links = ()  # type: ignore[assignment]
+        self._end_time = end_time if end_time is not None else time.time_ns()
+        self._spans.processor.on_end(self)
 
-    def _attributes(self) -> Mapping[str, AttributeValue]:
+    def _merged(self) -> Mapping[str, AttributeValue]:
+        """All the attributes: the ones known valid, and others' writes
+        checked the SDK's way, or all of them when span limits apply."""
         limits = self._spans.limits
         if self._others is None and (
             limits.max_span_attribute_length is None
-            and (limits.max_span_attributes is None or len(self._own) <= limits.max_span_attributes)
+            and (
+                limits.max_span_attributes is None
+                or len(self._attributes) <= limits.max_span_attributes
+            )
         ):
-            return self._own
-        # limits to apply, or others' writes: all of it checked the SDK's way
+            return self._attributes
         merged = BoundedAttributes(
             limits.max_span_attributes,
-            self._own,
+            self._attributes,
             immutable=False,
             max_value_len=limits.max_span_attribute_length,
         )
@@ -952,7 +1072,7 @@ class _CurrentSpan:
     def __enter__(self) -> trace.Span:
         span = self._tracer.start_span(*self._start, *self._on_exception)
         self._span = span
-        self._token = otel_context.attach(trace.set_span_in_context(span))
+        self._token = _attach_span(span)
         return span
 
     def __exit__(
@@ -962,7 +1082,7 @@ class _CurrentSpan:
         exc_tb: TracebackType | None,
     ) -> None:
         span = self._span
-        otel_context.detach(self._token)
+        _detach(self._token)
         # as use_span: an Exception only (not a cancellation), on a recording span
         try:
             if isinstance(exc_val, Exception) and span.is_recording():
@@ -1039,48 +1159,47 @@ class TracingMiddleware:
             await self.app(scope, receive, send)
             return
         method = scope.get("method", "GET") if kind == "http" else "WS"
-        span = self._start(method, incoming_context(scope["headers"]))
+        context = _NO_PARENT  # most requests: nothing for the propagators to read
+        for name, _ in scope["headers"]:
+            if name in _PROPAGATED:
+                context = incoming_context(scope["headers"])
+                break
+        spans = self._spans
+        if spans is not None:
+            span = spans.start(method, context)
+        else:
+            span = self.tracer.start_span(method, context=context, kind=SpanKind.SERVER)
         # current even when not sampled: its context, flagged unsampled, goes on
         # to the SQL and Redis calls below and to the upstream, which then drop theirs
-        token = otel_context.attach(trace.set_span_in_context(span))
+        token = _attach_span(span)
         try:
-            if span.is_recording():
-                await self._recorded(span, method, scope, receive, send)
-            else:
+            if not span.is_recording():
                 await self.app(scope, receive, send)
+                return
+            status = 0
+
+            async def recording_send(message: Message) -> None:
+                nonlocal status
+                message_type = message["type"]
+                if message_type in ("http.response.start", "websocket.http.response.start"):
+                    status = message["status"]
+                elif message_type == "websocket.accept":
+                    status = 101
+                elif message_type == "websocket.close" and not status:
+                    status = 403  # closed before accept: the server answers the upgrade with 403
+                await send(message)
+
+            try:
+                await self.app(scope, receive, recording_send)
+            except BaseException as error:
+                if not status:
+                    status = 500
+                span.record_exception(error)
+                raise
+            finally:
+                _finish(span, scope, method, status)
         finally:
-            otel_context.detach(token)
-
-    def _start(self, method: str, context: Context) -> trace.Span:
-        if self._spans is None:
-            return self.tracer.start_span(method, context=context, kind=SpanKind.SERVER)
-        return self._spans.start(method, context)
-
-    async def _recorded(
-        self, span: trace.Span, method: str, scope: Scope, receive: Receive, send: Send
-    ) -> None:
-        status = 0
-
-        async def recording_send(message: Message) -> None:
-            nonlocal status
-            message_type = message["type"]
-            if message_type in ("http.response.start", "websocket.http.response.start"):
-                status = message["status"]
-            elif message_type == "websocket.accept":
-                status = 101
-            elif message_type == "websocket.close" and not status:
-                status = 403  # closed before accept: the server answers the upgrade with 403
-            await send(message)
-
-        try:
-            await self.app(scope, receive, recording_send)
-        except BaseException as error:
-            if not status:
-                status = 500
-            span.record_exception(error)
-            raise
-        finally:
-            _finish(span, scope, method, status)
+            _detach(token)
 
 
 def _finish(span: trace.Span, scope: Scope, method: str, status: int) -> None:
@@ -1088,6 +1207,15 @@ def _finish(span: trace.Span, scope: Scope, method: str, status: int) -> None:
     # write takes the span's lock and checks the values again
     attributes = span_attributes(scope, "GET" if method == "WS" else method, status)
     route = attributes.get("http.route")
+    if type(span) is LeanSpan and span._others is None and span.is_recording():
+        # kit's span, written by nobody else: its fields directly
+        if route is not None:
+            span._name = f"{method} {route}"
+        span._attributes.update(attributes)
+        if status >= 500 or not status:
+            span.set_status(Status(StatusCode.ERROR))
+        span.end()
+        return
     if route is not None:
         span.update_name(f"{method} {route}")
     if isinstance(span, LeanSpan):
