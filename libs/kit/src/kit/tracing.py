@@ -427,8 +427,9 @@ def _instrument_drivers(sdk_provider: TracerProvider) -> None:
         # it works out a statement's attributes (a regular expression, the
         # connection's parameters) before it asks the sampler, so a statement of
         # an unsampled request would cost nearly as much as a recorded one
-        for name in ("_do_execute", "_do_cursor_execute", "_do_prepared_execute"):
+        for name in ("_do_cursor_execute", "_do_prepared_execute"):
             setattr(asyncpg, name, _when_recording(getattr(asyncpg, name)))
+        asyncpg._do_execute = _lean_execute(asyncpg, asyncpg_instrumentation)  # type: ignore[method-assign,assignment]
         remover: Any = asyncpg._leading_comment_remover
         if not isinstance(remover, _StatementNames):
             asyncpg._leading_comment_remover = _StatementNames(remover)  # type: ignore[assignment]
@@ -483,6 +484,64 @@ def _statement_attributes(hydrate: Hydrate) -> Hydrate:
         return dict(known)  # the instrumentation's to keep: not the remembered one
 
     return attributes
+
+
+def _lean_execute(instrumentor: Any, module: Any) -> Wrapper:
+    """The asyncpg instrumentation's wrapper of a connection's `execute`,
+    `executemany`, `fetch`, `fetchrow` and `fetchval` (`_do_execute`, what
+    kit's point reads run through), in one frame: the same span (its name,
+    attributes, error status, `error.type` and exception event, in the same
+    order) made by kit's tracer directly, without the layers of the
+    context manager the instrumentation opens. It steps aside as
+    `_when_recording` does, and leaves the statement to the instrumentation's
+    own wrapper for any other tracer, with instrumentation suppressed, or if
+    this version of the instrumentation lacks what it uses."""
+    own: Wrapper = instrumentor._do_execute
+    report_new = getattr(module, "_report_new", None)
+    error_type = getattr(module, "ERROR_TYPE", None)
+    enabled = getattr(module, "is_instrumentation_enabled", None)
+    if report_new is None or error_type is None or enabled is None:
+        return _when_recording(own)
+
+    async def execute(
+        func: Callable[..., Awaitable[Any]], instance: Any, args: Any, kwargs: Any
+    ) -> Any:
+        if not _current_span().is_recording():
+            return await func(*args, **kwargs)
+        tracer = instrumentor._tracer
+        if type(tracer) is not LeanTracer or not enabled():
+            return await own(func, instance, args, kwargs)
+        params = getattr(instance, "_params", None)
+        name = args[0] if args[0] else getattr(params, "database", "postgresql")
+        try:
+            name = instrumentor._leading_comment_remover.sub("", name).split()[0]
+        except IndexError:
+            name = ""
+        mode = instrumentor._semconv_opt_in_mode
+        attributes = module._hydrate_span_from_args(
+            instance,
+            args[0],
+            args[1:] if instrumentor.capture_parameters else None,
+            semconv_opt_in_mode=mode,
+        )
+        span = tracer.start_span(name, kind=SpanKind.CLIENT, attributes=attributes)
+        token = _attach_span(span)
+        try:
+            return await func(*args, **kwargs)
+        except Exception as error:
+            if span.is_recording():
+                # the instrumentation's own marks, then its context manager's
+                span.set_status(Status(StatusCode.ERROR))
+                if report_new(mode):
+                    span.set_attribute(error_type, type(error).__qualname__)
+                span.record_exception(error)
+                span.set_status(_error_of(error))
+            raise
+        finally:
+            _detach(token)
+            span.end()
+
+    return execute
 
 
 class _StatementNames:
