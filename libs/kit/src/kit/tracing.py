@@ -792,8 +792,12 @@ class _LeanSpans:
             span.set_start_attributes(attributes)
         span.on_exception = on_exception
         # the processors see a span, as the SDK's; only its context and
-        # attributes are read at the start (the batch processor reads nothing)
-        self.processor.on_start(span, context)
+        # attributes are read at the start (the batch processor reads nothing,
+        # and alone, is not called)
+        processor = self.processor
+        listed = getattr(processor._processors, "_span_processors", None)
+        if processor._starts or listed is not processor._seen:
+            processor.on_start(span, context)
         return span
 
 
@@ -1007,7 +1011,12 @@ class LeanSpan(trace.Span, ReadableSpan):
         if self._links is None:
             self._links = ()  # type: ignore[assignment]
         self._end_time = end_time if end_time is not None else time.time_ns()
-        self._spans.processor.on_end(self)
+        processor = self._spans.processor
+        if getattr(processor._processors, "_span_processors", None) is not processor._seen:
+            processor.on_end(self)  # they changed: worked out again
+        else:
+            for end in processor._ends:
+                end(self)
 
     def _merged(self) -> Mapping[str, AttributeValue]:
         """All the attributes: the ones known valid, and others' writes
@@ -1268,7 +1277,7 @@ def _finish(span: trace.Span, scope: Scope, method: str, status: int) -> None:
     # write takes the span's lock and checks the values again
     attributes = span_attributes(scope, "GET" if method == "WS" else method, status)
     route = attributes.get("http.route")
-    if type(span) is LeanSpan and span._others is None and span.is_recording():
+    if type(span) is LeanSpan and span._others is None and span._end_time is None:
         # kit's span, written by nobody else: its fields directly
         if route is not None:
             span._name = f"{method} {route}"
