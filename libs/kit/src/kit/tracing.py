@@ -71,7 +71,7 @@ kit does without most of it:
   directly, and its empty `on_start` skipped (`_Processors`, worked out
   again whenever the provider's processors change). A recorded get-by-id
   with its SQL statement made 124 Python calls into tracing's code (kit's
-  and OpenTelemetry's) and makes 63; an unsampled one 43, now 24 (12 of each
+  and OpenTelemetry's) and makes 59; an unsampled one 43, now 24 (12 of each
   are FastAPI's own telemetry checks, made with tracing off too). The
   statement's span is made in the asyncpg instrumentation's wrapper itself
   (`_lean_execute`), without the layers of its context manager;
