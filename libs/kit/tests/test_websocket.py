@@ -6,6 +6,8 @@ import asyncio
 import base64
 import gc
 import os
+import socket
+import time
 import weakref
 from typing import Any
 
@@ -251,3 +253,44 @@ async def test_encoded_frames_go_straight_out_only_while_the_socket_can_take_the
 def test_a_scope_from_another_server_has_no_frame_writer() -> None:
     assert frames_of({"type": "websocket", "extensions": {}}) is None
     assert frames_of({"type": "websocket"}) is None
+
+
+async def stall(base: str, stalled: socket.socket, protocols: list[WebSocketProtocol]) -> None:
+    """Opens a socket on `stalled` that reads nothing; returns once the
+    server's transport holds bytes, so the kernel's buffers are full."""
+    host, port = base.removeprefix("http://").split(":")
+    stalled.connect((host, int(port)))
+    key = base64.b64encode(os.urandom(16)).decode()
+    stalled.sendall(
+        f"GET /ws HTTP/1.1\r\nHost: {host}\r\nUpgrade: websocket\r\n"
+        f"Connection: Upgrade\r\nSec-WebSocket-Key: {key}\r\n"
+        "Sec-WebSocket-Version: 13\r\n\r\n".encode()
+    )
+    deadline = time.monotonic() + TIMEOUT
+    while not (protocols and protocols[0].transport.get_write_buffer_size()):
+        assert time.monotonic() < deadline, "the server's buffers never filled"
+        await asyncio.sleep(0.01)
+
+
+async def test_a_server_held_open_by_a_peer_that_reads_nothing_fails_to_stop_rather_than_hang() -> (
+    None
+):
+    protocols: list[WebSocketProtocol] = []
+
+    async def flood(scope: Scope, receive: Receive, send: Send) -> None:
+        await receive()
+        await send({"type": "websocket.accept"})
+        protocol = frames_of(scope)
+        assert protocol is not None
+        protocols.append(protocol)
+        while True:  # waits once the transport is paused
+            await send({"type": "websocket.send", "bytes": bytes(65536)})
+
+    stalled = socket.socket()
+    stalled.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+    try:
+        with pytest.raises(AssertionError, match=r"1 connection\(s\) still open"):
+            async with serve(flood, lifespan="off", stop_seconds=0.5) as base:
+                await stall(base, stalled, protocols)
+    finally:
+        stalled.close()

@@ -13,7 +13,7 @@ import uuid
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
-from urllib.parse import urlsplit
+from urllib.parse import SplitResult, urlsplit
 
 import httpx
 from fastapi import FastAPI
@@ -194,13 +194,24 @@ class StalledReader:
         self.buffer = b""
 
     @classmethod
-    async def open(cls, node: Node, room: str, token: str) -> StalledReader:
-        loop = asyncio.get_running_loop()
-        address = urlsplit(node.url)
+    @contextlib.asynccontextmanager
+    async def opened(cls, node: Node, room: str, token: str) -> AsyncIterator[StalledReader]:
+        """A reader past the handshake, its socket closed on the way out whatever
+        happened: the server cannot stop while a peer that reads nothing holds
+        its socket open."""
         sock = socket.socket()
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
-        sock.setblocking(False)
-        await loop.sock_connect(sock, (address.hostname, address.port))
+        try:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+            sock.setblocking(False)
+            reader = cls(sock)
+            await reader._handshake(urlsplit(node.url), room, token)
+            yield reader
+        finally:
+            sock.close()
+
+    async def _handshake(self, address: SplitResult, room: str, token: str) -> None:
+        loop = asyncio.get_running_loop()
+        await loop.sock_connect(self.sock, (address.hostname, address.port))
         key = base64.b64encode(os.urandom(16)).decode()
         request = (
             f"GET /chat/ws/{room} HTTP/1.1\r\nHost: {address.netloc}\r\n"
@@ -208,13 +219,11 @@ class StalledReader:
             f"Sec-WebSocket-Key: {key}\r\nSec-WebSocket-Version: 13\r\n"
             f"Authorization: Bearer {token}\r\n\r\n"
         )
-        await loop.sock_sendall(sock, request.encode())
-        reader = cls(sock)
-        while b"\r\n\r\n" not in reader.buffer:
-            reader.buffer += await asyncio.wait_for(loop.sock_recv(sock, 4096), TIMEOUT)
-        head, _, reader.buffer = reader.buffer.partition(b"\r\n\r\n")
+        await loop.sock_sendall(self.sock, request.encode())
+        while b"\r\n\r\n" not in self.buffer:
+            self.buffer += await asyncio.wait_for(loop.sock_recv(self.sock, 4096), TIMEOUT)
+        head, _, self.buffer = self.buffer.partition(b"\r\n\r\n")
         assert head.startswith(b"HTTP/1.1 101"), head
-        return reader
 
     async def drain(self) -> tuple[list[dict[str, Any]], int | None, str]:
         """Reads to the end: the text frames, then the close code and reason."""

@@ -33,12 +33,9 @@ async def test_a_peer_that_stops_answering_pings_is_dropped(
     )
     async with node_cm as node, chat(node, room, minter.token(user_id="alive")) as alive:
         # answers nothing, not even pings
-        dead = await StalledReader.open(node, room, minter.token(user_id="dead"))
-        try:
+        async with StalledReader.opened(node, room, minter.token(user_id="dead")):
             joined = await alive.recv_until(joins("dead"))
             left = await alive.recv_until(leaves("dead"))
-        finally:
-            dead.sock.close()
         await alive.say("still fine")
         (message,) = await alive.messages(1)
     assert {"id": "dead", "display_name": "Test User", "connections": 1, "here": 1} in joined[

@@ -82,8 +82,8 @@ async def test_slow_consumer_is_dropped_and_the_room_goes_on(
         start_node(settings, minter) as node,
         chat(node, room, minter.token(user_id="sender")) as sender,
         chat(node, room, minter.token(user_id="fast")) as fast,
+        StalledReader.opened(node, room, minter.token(user_id="slow")) as slow,
     ):
-        slow = await StalledReader.open(node, room, minter.token(user_id="slow"))
         await fast.recv_until(joins("slow"))
         # 16 KB frames: the kernel holds a few MB before the server's own buffers fill
         total = 0

@@ -210,12 +210,22 @@ async def downgrade(service_dir: Path, url: str, revision: str = "base") -> None
 
 @contextlib.asynccontextmanager
 async def serve(
-    app: ASGIApp, *, port: int | None = None, **uvicorn_options: Any
+    app: ASGIApp,
+    *,
+    port: int | None = None,
+    stop_seconds: float = 30.0,
+    **uvicorn_options: Any,
 ) -> AsyncIterator[str]:
     """Runs `app` under uvicorn on 127.0.0.1 in this event loop; yields its base URL.
 
     `uvicorn_options` go to `uvicorn.Config` (e.g. `ws_ping_interval=0.2`).
-    WebSockets are served by `kit.websocket.WebSocketProtocol`, as every image does."""
+    WebSockets are served by `kit.websocket.WebSocketProtocol`, as every image does.
+
+    uvicorn waits, unbounded, for every connection to close as it stops; one
+    whose peer stopped reading never does, since its transport closes only
+    once its buffer is written. So a server still stopping `stop_seconds`
+    after it was asked to is an AssertionError (chained to whatever the test
+    raised), not a run that hangs."""
     from kit.websocket import WebSocketProtocol
 
     port = port or free_port()
@@ -238,7 +248,20 @@ async def serve(
         yield f"http://127.0.0.1:{port}"
     finally:
         server.should_exit = True
+        await _stopped(server, task, stop_seconds)
+
+
+async def _stopped(server: uvicorn.Server, task: asyncio.Task[None], within: float) -> None:
+    try:
+        await asyncio.wait_for(asyncio.shield(task), within)
+    except TimeoutError as error:
+        left_open = len(server.server_state.connections)
+        server.force_exit = True  # stops waiting on them; the lifespan then ends
         await task
+        raise AssertionError(
+            f"the server had not stopped {within:g} s after it was asked to: "
+            f"{left_open} connection(s) still open"
+        ) from error
 
 
 class TokenMinter:
