@@ -1,10 +1,15 @@
 from __future__ import annotations
 
 import asyncio
+import fcntl
 import io
 import json
 import logging
+import os
 import re
+import select
+import subprocess
+import sys
 
 from kit.context import request_id_var
 from kit.logs import JsonFormatter, RequestIdFilter, TextFormatter, TickWriter
@@ -99,3 +104,62 @@ async def test_flush_writes_what_is_kept() -> None:
     log.info("kept")
     log.handlers[0].flush()
     assert stream.getvalue() == "kept\n"
+
+
+async def test_a_turns_lines_go_out_in_writes_no_larger_than_a_pipe_writes_atomically() -> None:
+    stream = CountingStream()
+    log = tick_logger(stream)
+    lines = [f"line {number} " + "x" * 290 + " \N{EM DASH}" for number in range(40)]
+    lines.append("y" * 5000)  # longer than any atomic write: alone, and whole
+    lines.append("last")
+    for line in lines:
+        log.info("%s", line)
+    await asyncio.sleep(0)
+    assert stream.getvalue() == "".join(f"{line}\n" for line in lines)
+    assert len(stream.writes) > 1
+    assert "y" * 5000 + "\n" in stream.writes
+    for write in stream.writes:
+        assert write.endswith("\n")
+        assert len(write.encode()) <= select.PIPE_BUF or write == "y" * 5000 + "\n"
+
+
+# Two processes writing batched lines to one pipe, read slowly, as two gateway
+# workers write to the container's output while its reader lags behind.
+PIPE_WRITER = """
+import asyncio, json, logging, sys
+from kit.logs import TickWriter
+handler = TickWriter(sys.stdout)
+handler.setFormatter(logging.Formatter("%(message)s"))
+log = logging.getLogger("writer")
+log.handlers[:] = [handler]
+log.propagate = False
+log.setLevel(logging.INFO)
+async def main():
+    for turn in range(40):
+        for number in range(100):
+            log.info("%s", json.dumps({"writer": sys.argv[1], "turn": turn, "n": number, "pad": "x" * 200}))
+        await asyncio.sleep(0)
+asyncio.run(main())
+"""
+
+
+def test_processes_sharing_a_pipe_never_interleave_within_a_line() -> None:
+    read_end, write_end = os.pipe()
+    # a pipe of one page: a write larger than that waits for the reader midway,
+    # and the other writer's lines can then land inside it
+    fcntl.fcntl(write_end, fcntl.F_SETPIPE_SZ, select.PIPE_BUF)
+    writers = [
+        subprocess.Popen([sys.executable, "-u", "-c", PIPE_WRITER, name], stdout=write_end)
+        for name in ("a", "b")
+    ]
+    os.close(write_end)
+    received = bytearray()
+    with os.fdopen(read_end, "rb", buffering=0) as reader:
+        while chunk := reader.read(512):
+            received += chunk
+    for writer in writers:
+        assert writer.wait(timeout=60) == 0
+    entries = [json.loads(line) for line in received.decode().splitlines()]
+    assert sorted((e["writer"], e["turn"], e["n"]) for e in entries) == sorted(
+        (name, turn, number) for name in ("a", "b") for turn in range(40) for number in range(100)
+    )

@@ -11,7 +11,10 @@ in, text lines append them as `key=value`.
 Lines logged on a running event loop are written together once the loop
 has run the callbacks it had ready (`TickWriter`): a connection storm logs
 several lines per turn of the loop, and one write costs what each line's own
-would. Lines logged off the loop (start-up, other threads) are written at once.
+would. No write is larger than `PIPE_BUF` (4 KiB), the most a pipe takes
+whole, so processes sharing one output (the gateway's workers) never split
+each other's lines. Lines logged off the loop (start-up, other threads) are
+written at once.
 """
 
 from __future__ import annotations
@@ -21,6 +24,8 @@ import datetime as dt
 import json
 import logging
 import sys
+from collections.abc import Iterator
+from select import PIPE_BUF
 from typing import Any, Literal, TextIO
 
 from opentelemetry import trace
@@ -101,8 +106,9 @@ class TickWriter(logging.StreamHandler[TextIO]):
     Images run Python unbuffered, so each line written is a system call of its
     own (and a wake-up of whatever reads the container's output). On a running
     loop a record's line is kept and one callback, scheduled with
-    `call_soon`, writes every line kept so far in one write: the lines go out
-    in order, within the same turn of the loop. Off the loop, or from another
+    `call_soon`, writes every line kept so far: the lines go out in order,
+    within the same turn of the loop, in as few writes as keep each write
+    whole (`atomic_chunks`). Off the loop, or from another
     thread, a record is written at once, after whatever was kept."""
 
     def __init__(self, stream: TextIO) -> None:
@@ -142,8 +148,9 @@ class TickWriter(logging.StreamHandler[TextIO]):
         lines, self._lines = self._lines, []
         if lines:
             try:
-                self.stream.write("".join(lines))
-                self.stream.flush()
+                for chunk in atomic_chunks(lines):
+                    self.stream.write(chunk)
+                    self.stream.flush()
             except Exception:  # noqa: BLE001 - the output is gone; nothing to report it to
                 self._lines = []
 
@@ -153,6 +160,27 @@ class TickWriter(logging.StreamHandler[TextIO]):
             self._write()
         finally:
             self.release()
+
+
+def atomic_chunks(lines: list[str]) -> Iterator[str]:
+    """`lines` joined into writes of at most `PIPE_BUF` bytes each, a line
+    longer than that alone.
+
+    Processes that share an output (a gateway's workers, a container's
+    stdout) write into one pipe. A write of up to `PIPE_BUF` bytes lands whole;
+    a larger one that finds the pipe full waits for the reader midway, and
+    another process's write can land inside it, splitting a line in two."""
+    chunk: list[str] = []
+    size = 0
+    for line in lines:
+        length = len(line) if line.isascii() else len(line.encode())
+        if chunk and size + length > PIPE_BUF:
+            yield "".join(chunk)
+            chunk, size = [], 0
+        chunk.append(line)
+        size += length
+    if chunk:
+        yield "".join(chunk)
 
 
 def configure_logging(
