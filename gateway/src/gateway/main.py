@@ -235,6 +235,9 @@ def create_app(settings: Settings | None = None, *, key_source: KeySource | None
     """`key_source` replaces the JWKS for token verification (tests)."""
     settings = settings or Settings()
     configure_logging(
-        service=settings.service_name, level=settings.log_level, log_format=settings.log_format
+        service=settings.service_name,
+        level=settings.log_level,
+        log_format=settings.log_format,
+        access_log=settings.access_log,
     )
     return Gateway(settings, key_source=key_source)

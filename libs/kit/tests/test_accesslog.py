@@ -43,9 +43,9 @@ def lines() -> Iterator[Lines]:
         access.removeHandler(handler)
 
 
-def logged_app() -> FastAPI:
+def logged_app(**settings: Any) -> FastAPI:
     app = FastAPI()
-    assemble(app, ServiceSettings(log_level="INFO", _env_file=None), readiness={})
+    assemble(app, ServiceSettings(log_level="INFO", _env_file=None, **settings), readiness={})
 
     @app.get("/items/{item_id}")
     async def item(item_id: str) -> dict[str, str]:
@@ -71,8 +71,8 @@ def logged_app() -> FastAPI:
     return app
 
 
-def client() -> httpx.AsyncClient:
-    transport = httpx.ASGITransport(app=logged_app(), raise_app_exceptions=False)
+def client(**settings: Any) -> httpx.AsyncClient:
+    transport = httpx.ASGITransport(app=logged_app(**settings), raise_app_exceptions=False)
     return httpx.AsyncClient(transport=transport, base_url="http://test")
 
 
@@ -167,3 +167,25 @@ async def test_a_refused_websocket_is_one_line(lines: Lines) -> None:
     assert line["event"] == "refused"
     assert line["status"] == 403
     assert line["close_code"] == 1008
+
+
+async def test_access_log_off_drops_the_access_lines_alone(lines: Lines) -> None:
+    try:
+        async with client(access_log=False) as http:
+            assert (await http.get("/items/17")).status_code == 200
+        app = logged_app(access_log=False)
+        async with (
+            serve(app) as base,
+            connect(base.replace("http://", "ws://") + "/ws/lobby") as socket,
+        ):
+            await socket.send("bye")
+            with pytest.raises(ConnectionClosed):
+                await socket.recv()
+        assert lines.lines == []
+        assert logging.getLogger("catalog").isEnabledFor(logging.INFO)
+        assert logging.getLogger("access").isEnabledFor(logging.WARNING)
+    finally:
+        logged_app()  # on again, as every other test has it
+    async with client() as http:
+        await http.get("/items/17")
+    assert [line["route"] for line in lines.lines] == ["/items/{item_id}"]

@@ -37,7 +37,10 @@ def add_common_middleware(
     sets the log format and, once per process, tracing (see kit.tracing).
     """
     configure_logging(
-        service=settings.service_name, level=settings.log_level, log_format=settings.log_format
+        service=settings.service_name,
+        level=settings.log_level,
+        log_format=settings.log_format,
+        access_log=settings.access_log,
     )
     tracing = configure_tracing(settings)
     metrics = HttpMetrics(registry)

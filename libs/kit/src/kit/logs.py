@@ -34,6 +34,7 @@ from kit.context import request_id_var
 
 LogFormat = Literal["json", "text"]
 _format: LogFormat = "json"
+_access_log = True
 
 
 class RequestIdFilter(logging.Filter):
@@ -184,13 +185,21 @@ def atomic_chunks(lines: list[str]) -> Iterator[str]:
 
 
 def configure_logging(
-    *, service: str, level: str = "INFO", log_format: LogFormat | None = None
+    *,
+    service: str,
+    level: str = "INFO",
+    log_format: LogFormat | None = None,
+    access_log: bool | None = None,
 ) -> None:
-    """Root logging to stdout. `log_format` sticks for the process: a later
-    call without it (a lifespan re-configuring) keeps the format chosen."""
-    global _format
+    """Root logging to stdout. `log_format` and `access_log` stick for the
+    process: a later call without them (a lifespan re-configuring) keeps what
+    was chosen. With `access_log` False the `access` logger writes nothing
+    below WARNING, and kit's access log middleware then follows no request."""
+    global _format, _access_log
     if log_format is not None:
         _format = log_format
+    if access_log is not None:
+        _access_log = access_log
     handler = TickWriter(sys.stdout)
     handler.addFilter(RequestIdFilter())
     formatter = TextFormatter(service) if _format == "text" else JsonFormatter(service)
@@ -204,3 +213,4 @@ def configure_logging(
         logging.getLogger(name).handlers[:] = []
         logging.getLogger(name).propagate = True
     logging.getLogger("uvicorn.access").setLevel(logging.WARNING)
+    logging.getLogger("access").setLevel(logging.NOTSET if _access_log else logging.WARNING)

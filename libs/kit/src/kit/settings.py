@@ -193,6 +193,8 @@ class ServiceSettings(SettingsBase):
     log_level: str = "INFO"
     # json: one object per line, for collectors; text: for people at a terminal
     log_format: Literal["json", "text"] = "json"
+    # the access log's lines (kit.accesslog); off, every other INFO line stays
+    access_log: bool = True
     node_id: str = Field(default_factory=socket.gethostname)
 
     redis_url: RedisDsn = RedisDsn("redis://redis:6379/0")
