@@ -50,7 +50,7 @@ from pathlib import Path
 from typing import Any
 
 import httpx
-from infra import pinned, postgres_server
+from infra import cpu_seconds, pinned, postgres_server
 from sqlalchemy import insert
 from sqlalchemy.ext.asyncio import create_async_engine
 
@@ -75,15 +75,6 @@ class Result:
     # CPU the server process spent per request (user + system): what a request
     # costs the service, unlike rps hardly moved by other load on the machine
     server_cpu_us: float | None = None
-
-
-def cpu_seconds(pid: int) -> float | None:
-    """User + system CPU time of a process, from /proc (None elsewhere)."""
-    try:
-        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    except OSError:
-        return None
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 def product_name(number: int) -> str:

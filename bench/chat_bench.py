@@ -37,11 +37,10 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
 
-from infra import postgres_server, ready_process, redis_server
+from infra import cpu_seconds, postgres_server, ready_process, redis_server
 
 ROOT = Path(__file__).resolve().parents[1]
 CHAT_DIR = ROOT / "services" / "chat"
-CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
 PAGE_KIB = os.sysconf("SC_PAGE_SIZE") // 1024
 
 RECEIVERS_PER_REPLICA = 100
@@ -205,8 +204,10 @@ class Replica:
         return f"ws://127.0.0.1:{self.port}/chat/ws/{room}"
 
     def cpu_seconds(self) -> float:
-        fields = Path(f"/proc/{self.process.pid}/stat").read_text().rsplit(")", 1)[1].split()
-        return (int(fields[11]) + int(fields[12])) / CLOCK_TICKS
+        seconds = cpu_seconds(self.process.pid)
+        if seconds is None:
+            raise RuntimeError(f"replica {self.name} has exited")
+        return seconds
 
     def rss_kib(self) -> int:
         pages = int(Path(f"/proc/{self.process.pid}/statm").read_text().split()[1])

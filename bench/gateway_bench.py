@@ -3,9 +3,13 @@
 A trivial upstream endpoint (raw ASGI, and FastAPI, on uvicorn with httptools
 and uvloop) is loaded with wrk directly, through the gateway as its image runs
 it (`python -m gateway`: one worker process per core, the edge protocol),
-through the gateway with one worker (for the scaling), and through nginx
+through the gateway with one worker (for the scaling), through nginx
 (Debian package, a worker per core, keep-alive upstream) as the reference
-proxy, at one connection and at 32.
+proxy, and through `floor_relay.py`, a relay on the same loop and parser as
+the gateway with nothing else in it (the floor of a relay in Python), at one
+connection and at 32. Each proxy's CPU time per request (all its processes)
+is reported beside its rps: the figure that does not depend on how the
+scheduler shared the cores.
 
     uv run python bench/gateway_bench.py --json /tmp/gateway.json
 
@@ -36,7 +40,11 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+from infra import cpu_seconds
+
 PATH = "/catalog/ping"
+FLOOR_RELAY = Path(__file__).with_name("floor_relay.py")
+PATHS = ("direct", "gateway", "gateway1", "nginx", "floor")
 UPSTREAM_APPS = textwrap.dedent(
     '''
     from fastapi import FastAPI
@@ -186,15 +194,27 @@ def wrk(url: str, *, connections: int, seconds: float) -> dict[str, float]:
 
 
 def measure(
-    targets: dict[str, str], *, connections: int, seconds: float, rounds: int
+    targets: dict[str, tuple[str, int]],
+    *,
+    connections: int,
+    seconds: float,
+    rounds: int,
 ) -> dict[str, dict[str, float]]:
-    """Interleaved rounds (direct, gateway, nginx, direct, ...); the median round wins."""
+    """Interleaved rounds (direct, gateway, nginx, direct, ...); the median round
+    wins. A target is its URL and the process whose CPU time (its own and its
+    workers') it costs: the proxy's, the upstream's when it is loaded directly."""
     runs: dict[str, list[dict[str, float]]] = {name: [] for name in targets}
-    for url in targets.values():
+    for url, _ in targets.values():
         wrk(url, connections=connections, seconds=1)  # warm-up: connections, caches
     for _ in range(rounds):
-        for name, url in targets.items():
-            runs[name].append(wrk(url, connections=connections, seconds=seconds))
+        for name, (url, pid) in targets.items():
+            before = cpu_seconds(pid, descendants=True)
+            result = wrk(url, connections=connections, seconds=seconds)
+            after = cpu_seconds(pid, descendants=True)
+            requests = result["rps"] * max(1, round(seconds))
+            if before is not None and after is not None and requests:
+                result["cpu_us"] = (after - before) / requests * 1e6
+            runs[name].append(result)
     return {
         name: sorted(results, key=lambda r: r["rps"])[len(results) // 2]
         for name, results in runs.items()
@@ -207,7 +227,9 @@ def main() -> None:
     )
     parser.add_argument("--json", type=Path, help="write the figures here")
     parser.add_argument("--seconds", type=float, default=3.0, help="per wrk run")
-    parser.add_argument("--rounds", type=int, default=1, help="interleaved repetitions")
+    parser.add_argument(
+        "--rounds", type=int, default=3, help="interleaved repetitions; the median is reported"
+    )
     args = parser.parse_args()
     for tool in ("wrk", "nginx"):
         if shutil.which(tool) is None:
@@ -221,7 +243,7 @@ def main() -> None:
             ("FastAPI", "bench_upstream:fastapi_app"),
         ):
             upstream_port, nginx_port = free_port(), free_port()
-            gateway_port, single_port = free_port(), free_port()
+            gateway_port, single_port, floor_port = free_port(), free_port(), free_port()
             prefix = Path(workdir) / f"nginx-{upstream_port}"
             prefix.mkdir()
             gateway_env = {
@@ -236,17 +258,20 @@ def main() -> None:
                 "UVICORN_LOG_LEVEL": "warning",
             }
             with (
-                process(uvicorn(app, upstream_port, app_dir=workdir)),
+                process(uvicorn(app, upstream_port, app_dir=workdir)) as upstream,
                 process(
                     [sys.executable, "-m", "gateway"],
                     env={**gateway_env, "UVICORN_PORT": str(gateway_port)},
                     cwd=workdir,
-                ),
+                ) as gateway,
                 process(
                     [sys.executable, "-m", "gateway"],
                     env={**gateway_env, "UVICORN_PORT": str(single_port), "WORKERS": "1"},
                     cwd=workdir,
-                ),
+                ) as single,
+                process(
+                    [sys.executable, str(FLOOR_RELAY), str(floor_port), str(upstream_port)]
+                ) as floor,
                 process(
                     [
                         "nginx",
@@ -257,15 +282,16 @@ def main() -> None:
                         "-c",
                         str(nginx_config(prefix, nginx_port, upstream_port)),
                     ]
-                ),
+                ) as nginx,
             ):
                 targets = {
-                    "direct": f"http://127.0.0.1:{upstream_port}{PATH}",
-                    "gateway": f"http://127.0.0.1:{gateway_port}{PATH}",
-                    "gateway1": f"http://127.0.0.1:{single_port}{PATH}",
-                    "nginx": f"http://127.0.0.1:{nginx_port}{PATH}",
+                    "direct": (f"http://127.0.0.1:{upstream_port}{PATH}", upstream.pid),
+                    "gateway": (f"http://127.0.0.1:{gateway_port}{PATH}", gateway.pid),
+                    "gateway1": (f"http://127.0.0.1:{single_port}{PATH}", single.pid),
+                    "nginx": (f"http://127.0.0.1:{nginx_port}{PATH}", nginx.pid),
+                    "floor": (f"http://127.0.0.1:{floor_port}{PATH}", floor.pid),
                 }
-                for url in targets.values():
+                for url, _ in targets.values():
                     wait_until_answers(url)
                 for connections in (1, 32):
                     figures = measure(
@@ -283,20 +309,29 @@ def report(results: dict[str, Any]) -> None:
     print(
         f"GET {results['path']}, wrk -t1, {results['seconds']:g} s per run, loopback, shared cores"
     )
-    print("gateway: one worker per core (as the image runs it); gateway1: one worker")
-    header = f"{'upstream':<9} {'c':>3} {'path':<8} {'rps':>9} {'p50 ms':>8} {'p99 ms':>8} {'rps/direct':>10} {'+p50 ms':>8}"
+    print("gateway: one worker per core (as the image runs it); gateway1: one worker;")
+    print("floor: a relay on uvloop and httptools with nothing else in it (floor_relay.py)")
+    print("cpu us: the proxy's CPU time per request, all its processes (direct: the upstream's)")
+    header = (
+        f"{'upstream':<9} {'c':>3} {'path':<8} {'rps':>9} {'p50 ms':>8} {'p99 ms':>8} "
+        f"{'rps/direct':>10} {'+p50 ms':>8} {'cpu us':>7}"
+    )
     print(header)
     print("-" * len(header))
     for case in results["cases"]:
         direct = case["direct"]
-        for name in ("direct", "gateway", "gateway1", "nginx"):
-            row = case[name]
+        for name in PATHS:
+            row = case.get(name)
+            if row is None:  # a run from before the path was measured
+                continue
             ratio = row["rps"] / direct["rps"]
             added = row["p50_ms"] - direct["p50_ms"]
             row["rps_ratio"], row["added_p50_ms"] = round(ratio, 3), round(added, 3)
+            cpu = row.get("cpu_us")
             print(
                 f"{case['upstream']:<9} {case['connections']:>3} {name:<8} {row['rps']:>9.0f} "
                 f"{row['p50_ms']:>8.3f} {row['p99_ms']:>8.3f} {ratio:>10.2f} {added:>+8.3f}"
+                f" {'-' if cpu is None else f'{cpu:.0f}':>7}"
             )
     goals = []
     for case in results["cases"]:
@@ -313,13 +348,30 @@ def report(results: dict[str, Any]) -> None:
             ratio = gateway["rps_ratio"]
             figure = (
                 f"{ratio:.2f}x (one worker {single['rps_ratio']:.2f}x, "
-                f"nginx {nginx['rps_ratio']:.2f}x)"
+                f"nginx {nginx['rps_ratio']:.2f}x{_floor(case)}){_cpu_note(case)}"
             )
             goals.append((f"{label}: gateway >= {wanted}x direct rps", ratio >= wanted, figure))
     print()
     for goal, met, figure in goals:
         print(f"[{'met' if met else 'MISSED'}] {goal}: {figure}")
     results["goals"] = [{"goal": goal, "met": met, "figure": figure} for goal, met, figure in goals]
+
+
+def _floor(case: dict[str, Any]) -> str:
+    floor = case.get("floor")
+    return "" if floor is None else f", floor relay {floor['rps_ratio']:.2f}x"
+
+
+def _cpu_note(case: dict[str, Any]) -> str:
+    """The CPU a request costs the gateway, the upstream and the floor relay:
+    on shared cores the rps ratio follows from these."""
+    names = {"gateway": "gateway", "direct": "upstream", "floor": "floor relay"}
+    parts = [
+        f"{label} {case[name]['cpu_us']:.0f}"
+        for name, label in names.items()
+        if name in case and case[name].get("cpu_us") is not None
+    ]
+    return f"; CPU a request (us): {', '.join(parts)}" if parts else ""
 
 
 if __name__ == "__main__":

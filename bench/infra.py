@@ -1,6 +1,6 @@
 """What every benchmark stands on: PostgreSQL and Redis containers reached at
-their own addresses, processes pinned to a core, and client processes that
-say when they are ready."""
+their own addresses, processes pinned to a core, client processes that say
+when they are ready, and the CPU time processes spent."""
 
 from __future__ import annotations
 
@@ -10,10 +10,47 @@ import shutil
 import socket
 import subprocess
 from collections.abc import Iterator
+from pathlib import Path
 
 from testcontainers.core.container import DockerContainer
 
 from kit_testing import postgres_container, redis_container
+
+CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
+
+
+def _stat(pid: int) -> list[str] | None:
+    """The fields of /proc/<pid>/stat after the command's name, None if gone."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except OSError:
+        return None
+
+
+def _children(pid: int) -> list[int]:
+    found: list[int] = []
+    for task in Path(f"/proc/{pid}/task").glob("*/children"):
+        with contextlib.suppress(OSError):
+            found += [int(child) for child in task.read_text().split()]
+    return found
+
+
+def cpu_seconds(pid: int, *, descendants: bool = False) -> float | None:
+    """User + system CPU time of a process (with `descendants`, of every process
+    under it as well: a server's workers), from /proc; None where there is none."""
+    fields = _stat(pid)
+    if fields is None:
+        return None
+    total = int(fields[11]) + int(fields[12])
+    if descendants:
+        pending = _children(pid)
+        while pending:
+            child = pending.pop()
+            child_fields = _stat(child)
+            if child_fields is not None:
+                total += int(child_fields[11]) + int(child_fields[12])
+                pending += _children(child)
+    return total / CLOCK_TICKS
 
 
 def direct_address(container: DockerContainer, port: int, published: int) -> str:
