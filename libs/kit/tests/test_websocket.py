@@ -3,9 +3,7 @@
 from __future__ import annotations
 
 import asyncio
-import base64
 import gc
-import os
 import socket
 import time
 import weakref
@@ -26,7 +24,7 @@ from kit.websocket import (
     release_headers,
     text_frame,
 )
-from kit_testing import serve
+from kit_testing import serve, websocket_upgrade
 
 TIMEOUT = 5.0
 
@@ -125,12 +123,7 @@ async def test_a_client_that_never_answers_pings_is_closed() -> None:
     ) as base:
         host, port = base.removeprefix("http://").split(":")
         reader, writer = await asyncio.open_connection(host, int(port))
-        key = base64.b64encode(os.urandom(16)).decode()
-        writer.write(
-            f"GET /ws HTTP/1.1\r\nHost: {host}\r\nUpgrade: websocket\r\n"
-            f"Connection: Upgrade\r\nSec-WebSocket-Key: {key}\r\n"
-            "Sec-WebSocket-Version: 13\r\n\r\n".encode()
-        )
+        writer.write(websocket_upgrade("/ws", host))
         head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), TIMEOUT)
         assert head.startswith(b"HTTP/1.1 101")
         # pings arrive, then, unanswered, a close frame and the end of the stream
@@ -260,12 +253,7 @@ async def stall(base: str, stalled: socket.socket, protocols: list[WebSocketProt
     server's transport holds bytes, so the kernel's buffers are full."""
     host, port = base.removeprefix("http://").split(":")
     stalled.connect((host, int(port)))
-    key = base64.b64encode(os.urandom(16)).decode()
-    stalled.sendall(
-        f"GET /ws HTTP/1.1\r\nHost: {host}\r\nUpgrade: websocket\r\n"
-        f"Connection: Upgrade\r\nSec-WebSocket-Key: {key}\r\n"
-        "Sec-WebSocket-Version: 13\r\n\r\n".encode()
-    )
+    stalled.sendall(websocket_upgrade("/ws", host))
     deadline = time.monotonic() + TIMEOUT
     while not (protocols and protocols[0].transport.get_write_buffer_size()):
         assert time.monotonic() < deadline, "the server's buffers never filled"

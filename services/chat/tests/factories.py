@@ -3,10 +3,8 @@
 from __future__ import annotations
 
 import asyncio
-import base64
 import contextlib
 import json
-import os
 import socket
 import time
 import uuid
@@ -212,14 +210,12 @@ class StalledReader:
     async def _handshake(self, address: SplitResult, room: str, token: str) -> None:
         loop = asyncio.get_running_loop()
         await loop.sock_connect(self.sock, (address.hostname, address.port))
-        key = base64.b64encode(os.urandom(16)).decode()
-        request = (
-            f"GET /chat/ws/{room} HTTP/1.1\r\nHost: {address.netloc}\r\n"
-            "Upgrade: websocket\r\nConnection: Upgrade\r\n"
-            f"Sec-WebSocket-Key: {key}\r\nSec-WebSocket-Version: 13\r\n"
-            f"Authorization: Bearer {token}\r\n\r\n"
+        from kit_testing import websocket_upgrade
+
+        request = websocket_upgrade(
+            f"/chat/ws/{room}", address.netloc, headers={"Authorization": f"Bearer {token}"}
         )
-        await loop.sock_sendall(self.sock, request.encode())
+        await loop.sock_sendall(self.sock, request)
         while b"\r\n\r\n" not in self.buffer:
             self.buffer += await asyncio.wait_for(loop.sock_recv(self.sock, 4096), TIMEOUT)
         head, _, self.buffer = self.buffer.partition(b"\r\n\r\n")

@@ -9,6 +9,7 @@ Load it with `pytest_plugins = ["kit_testing"]` in a conftest.
 from __future__ import annotations
 
 import asyncio
+import base64
 import contextlib
 import email.policy
 import json
@@ -206,6 +207,19 @@ async def downgrade(service_dir: Path, url: str, revision: str = "base") -> None
 
     config = alembic_config(service_dir, url)
     await asyncio.to_thread(command.downgrade, config, revision)  # type: ignore[arg-type]
+
+
+def websocket_upgrade(path: str, host: str, *, headers: dict[str, str] | None = None) -> bytes:
+    """A WebSocket upgrade request as raw bytes (a fresh key each time), for
+    tests that drive a socket by hand: a peer that reads nothing, one that
+    never answers pings."""
+    key = base64.b64encode(os.urandom(16)).decode()
+    extra = "".join(f"{name}: {value}\r\n" for name, value in (headers or {}).items())
+    return (
+        f"GET {path} HTTP/1.1\r\nHost: {host}\r\nUpgrade: websocket\r\n"
+        f"Connection: Upgrade\r\nSec-WebSocket-Key: {key}\r\n"
+        f"Sec-WebSocket-Version: 13\r\n{extra}\r\n"
+    ).encode()
 
 
 @contextlib.asynccontextmanager
