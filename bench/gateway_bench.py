@@ -185,8 +185,10 @@ def wrk(url: str, *, connections: int, seconds: float) -> dict[str, float]:
         raise RuntimeError(f"unexpected wrk output:\n{output}")
     latency = {p: float(v) * _UNITS[u] for p, v, u in _LATENCY.findall(output)}
     errors = re.search(r"Non-2xx or 3xx responses: (\d+)", output)
+    requests = re.search(r"(\d+) requests in", output)
     return {
         "rps": float(rps_match.group(1)),
+        "requests": float(requests.group(1)) if requests else 0.0,
         "p50_ms": latency["50"],
         "p99_ms": latency["99"],
         "non_2xx": float(errors.group(1)) if errors else 0.0,
@@ -211,9 +213,8 @@ def measure(
             before = cpu_seconds(pid, descendants=True)
             result = wrk(url, connections=connections, seconds=seconds)
             after = cpu_seconds(pid, descendants=True)
-            requests = result["rps"] * max(1, round(seconds))
-            if before is not None and after is not None and requests:
-                result["cpu_us"] = (after - before) / requests * 1e6
+            if before is not None and after is not None and result["requests"]:
+                result["cpu_us"] = (after - before) / result["requests"] * 1e6
             runs[name].append(result)
     return {
         name: sorted(results, key=lambda r: r["rps"])[len(results) // 2]
