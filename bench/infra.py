@@ -19,12 +19,13 @@ from kit_testing import postgres_container, redis_container
 CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
 
 
-def _stat(pid: int) -> list[str] | None:
-    """The fields of /proc/<pid>/stat after the command's name, None if gone."""
+def _ticks(pid: int) -> int | None:
+    """User + system clock ticks of a process, from /proc/<pid>/stat; None if gone."""
     try:
-        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
     except OSError:
         return None
+    return int(fields[11]) + int(fields[12])
 
 
 def _children(pid: int) -> list[int]:
@@ -38,18 +39,14 @@ def _children(pid: int) -> list[int]:
 def cpu_seconds(pid: int, *, descendants: bool = False) -> float | None:
     """User + system CPU time of a process (with `descendants`, of every process
     under it as well: a server's workers), from /proc; None where there is none."""
-    fields = _stat(pid)
-    if fields is None:
+    total = _ticks(pid)
+    if total is None:
         return None
-    total = int(fields[11]) + int(fields[12])
-    if descendants:
-        pending = _children(pid)
-        while pending:
-            child = pending.pop()
-            child_fields = _stat(child)
-            if child_fields is not None:
-                total += int(child_fields[11]) + int(child_fields[12])
-                pending += _children(child)
+    pending = _children(pid) if descendants else []
+    while pending:
+        child = pending.pop()
+        total += _ticks(child) or 0  # a worker gone meanwhile took its time along
+        pending += _children(child)
     return total / CLOCK_TICKS
 
 
