@@ -81,7 +81,9 @@ async def test_slow_consumer_is_dropped_and_the_room_goes_on(
     async with (
         start_node(settings, minter) as node,
         chat(node, room, minter.token(user_id="sender")) as sender,
-        chat(node, room, minter.token(user_id="fast")) as fast,
+        # reads every frame as it comes (no cap on what its client keeps), so it is
+        # never a slow consumer itself, however long the stalled one takes to be
+        chat(node, room, minter.token(user_id="fast"), max_queue=None) as fast,
         StalledReader.opened(node, room, minter.token(user_id="slow")) as slow,
     ):
         await fast.recv_until(joins("slow"))
