@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import asyncio
+import logging
 import time
 import uuid
 
 import httpx
+import pytest
 from prometheus_client import CollectorRegistry
 from redis.asyncio import Redis
 
@@ -16,7 +18,7 @@ from gateway.ratelimit import LocalWindows, RateLimiter
 from kit.security import revoke_token, revoke_user
 from kit_testing import JwksServer, Service, TokenMinter, free_port, serve, wait_for_redis
 
-from .conftest import gateway_settings, header_values, running_gateway, urls
+from .conftest import gateway_settings, header_values, in_process_gateway, running_gateway, urls
 from .upstreams import Upstream
 
 GatewayClient = tuple[Gateway, httpx.AsyncClient]
@@ -111,6 +113,50 @@ async def test_limits_anonymous_clients_by_address(
     assert signed_in.headers["ratelimit-remaining"] == "4"
     assert upstream[0].hits == 4
     assert 'gateway_rate_limited_total{client="anonymous"} 1.0' in metrics
+
+
+@pytest.mark.parametrize(
+    ("trusted", "expected"), [(True, [200, 429, 200]), (False, [200, 429, 429])]
+)
+async def test_behind_a_trusted_proxy_each_client_it_reports_has_its_own_limit(
+    upstream: tuple[Upstream, str],
+    clean_redis_url: str,
+    minter: TokenMinter,
+    trusted: bool,
+    expected: list[int],
+) -> None:
+    settings = gateway_settings(
+        clean_redis_url,
+        catalog_upstream=urls(upstream[1]),
+        rate_limit_enabled=True,
+        rate_limit_anonymous=1,
+        rate_limit_window_seconds=DAY,
+        trust_forwarded_headers=trusted,
+        log_level="INFO",
+    )
+    # the first entry is the client's own word; the last is the proxy's
+    clients = ("203.0.113.1", "203.0.113.1", "203.0.113.2")
+    logged: list[str] = []
+    collect = logging.Handler()
+    collect.emit = lambda record: logged.append(record.fields["client"])  # type: ignore[method-assign,attr-defined]
+    # in process: no server in front that would read X-Forwarded-For itself
+    async with in_process_gateway(settings, minter) as (_, client):
+        logging.getLogger("access").addHandler(collect)
+        try:
+            responses = [
+                await client.get(
+                    "/catalog/echo", headers={"X-Forwarded-For": f"198.51.100.7, {address}"}
+                )
+                for address in clients
+            ]
+        finally:
+            logging.getLogger("access").removeHandler(collect)
+    assert [response.status_code for response in responses] == expected
+    assert logged == (list(clients) if trusted else ["127.0.0.1"] * 3)
+    # the client's own entries never go on: the services take the first for their client
+    assert header_values(responses[0].json(), "x-forwarded-for") == (
+        ["203.0.113.1, 127.0.0.1"] if trusted else ["127.0.0.1"]
+    )
 
 
 async def test_refused_tokens_count_against_the_address(

@@ -8,7 +8,9 @@ import time
 from collections.abc import AsyncIterator
 
 import httpx
+import pytest
 
+from gateway.headers import HeaderPolicy, reported_client, upstream_request
 from gateway.main import Gateway
 from kit_testing import TokenMinter
 
@@ -52,6 +54,7 @@ async def test_sets_forwarded_headers_and_passes_the_request_id(
                 "X-Forwarded-For": "6.6.6.6",
                 "X-Forwarded-Proto": "https",
                 "X-Forwarded-Host": "spoofed.example",
+                "Forwarded": "for=6.6.6.6;proto=https;host=spoofed.example",
             },
         )
     assert response.status_code == 200
@@ -59,10 +62,81 @@ async def test_sets_forwarded_headers_and_passes_the_request_id(
     assert header_values(echoed, "x-forwarded-for") == ["127.0.0.1"]
     assert header_values(echoed, "x-forwarded-proto") == ["http"]
     assert header_values(echoed, "x-forwarded-host") == ["edge.test"]
+    assert header_values(echoed, "forwarded") == []
     assert header_values(echoed, "host") == ["edge.test"]
     assert header_values(echoed, "x-request-id") == ["req-123"]
     assert response.headers["x-request-id"] == "req-123"
     assert float(response.headers["x-process-time"]) >= 0
+
+
+@pytest.mark.parametrize(
+    "policy",
+    [
+        HeaderPolicy.for_http(trust_forwarded=False),
+        HeaderPolicy.for_websocket(trust_forwarded=False),
+    ],
+    ids=["http", "websocket"],
+)
+def test_a_client_cannot_say_where_it_came_from(policy: HeaderPolicy) -> None:
+    scope = {
+        "headers": [
+            (b"host", b"edge.test"),
+            (b"forwarded", b"for=6.6.6.6;proto=https"),
+            (b"x-forwarded-for", b"6.6.6.6"),
+            (b"x-forwarded-proto", b"https"),
+        ],
+        "client": ("10.0.0.7", 40000),
+        "scheme": "http",
+    }
+    outgoing = upstream_request(scope, policy, "req-1")
+    assert [value for name, value in outgoing.headers if name.lower() == "forwarded"] == []
+    assert ("X-Forwarded-For", "10.0.0.7") in outgoing.headers
+    assert ("X-Forwarded-Proto", "http") in outgoing.headers
+
+
+@pytest.mark.parametrize(
+    ("headers", "expected"),
+    [
+        ([(b"x-forwarded-for", b"198.51.100.7, 203.0.113.1")], "203.0.113.1"),
+        # several headers are one list: the last entry of the last one
+        (
+            [(b"x-forwarded-for", b"203.0.113.9"), (b"x-forwarded-for", b" 2001:db8::1 ")],
+            "2001:db8::1",
+        ),
+        ([(b"x-forwarded-for", b"203.0.113.1, not-an-address")], None),
+        ([(b"x-forwarded-for", b"")], None),
+        ([(b"forwarded", b"for=203.0.113.1")], None),
+    ],
+)
+def test_the_client_a_trusted_proxy_reports(
+    headers: list[tuple[bytes, bytes]], expected: str | None
+) -> None:
+    assert reported_client(headers) == expected
+
+
+async def test_a_trusted_proxy_in_front_keeps_what_it_says_and_the_client_is_added(
+    upstream: tuple[Upstream, str], redis_url: str, minter: TokenMinter
+) -> None:
+    settings = gateway_settings(
+        redis_url, catalog_upstream=urls(upstream[1]), trust_forwarded_headers=True
+    )
+    forwarded = "for=6.6.6.6;proto=https;host=shop.example"
+    async with in_process_gateway(settings, minter) as (_, client):
+        response = await client.get(
+            "/catalog/echo",
+            headers={
+                "X-Forwarded-For": "6.6.6.6",
+                "X-Forwarded-Proto": "https",
+                "X-Forwarded-Host": "shop.example",
+                "Forwarded": forwarded,
+            },
+        )
+    assert response.status_code == 200
+    echoed = response.json()
+    assert header_values(echoed, "x-forwarded-for") == ["6.6.6.6, 127.0.0.1"]
+    assert header_values(echoed, "x-forwarded-proto") == ["https"]
+    assert header_values(echoed, "x-forwarded-host") == ["shop.example"]
+    assert header_values(echoed, "forwarded") == [forwarded]
 
 
 async def test_passes_redirects_and_head_requests_through(

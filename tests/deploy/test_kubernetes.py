@@ -203,6 +203,18 @@ def test_every_variable_is_a_setting_of_the_container_that_gets_it() -> None:
         assert unknown == set(), name
 
 
+def test_the_gateway_sees_each_client_address() -> None:
+    # rate limits and the connection cap count by it: a node's address in its
+    # place would put every client behind that node in one bucket
+    (public,) = (
+        service
+        for service in objects("Service").values()
+        if service["spec"].get("type") == "LoadBalancer"
+    )
+    assert public["metadata"]["name"] == "gateway"
+    assert public["spec"]["externalTrafficPolicy"] == "Local"
+
+
 def test_chat_scales_on_its_own_and_survives_drains() -> None:
     (autoscaler,) = objects("HorizontalPodAutoscaler").values()
     budgets = objects("PodDisruptionBudget")

@@ -89,8 +89,9 @@ class Settings(ServiceSettings):
     # While Redis cannot answer, each gateway process counts on its own.
     redis_timeout_seconds: float = Field(default=0.5, gt=0)
 
-    # Keep a client's X-Forwarded-* (append to X-Forwarded-For) only when
-    # another trusted proxy stands in front of the gateway.
+    # Only when a proxy of your own stands in front of the gateway: keep its
+    # X-Forwarded-* and Forwarded (append to X-Forwarded-For), and take the
+    # client address it reports (gateway.headers.ClientFromTrustedProxy).
     trust_forwarded_headers: bool = False
 
     openapi_cache_seconds: float = Field(default=300.0, ge=0)

@@ -3,10 +3,11 @@
 
 from __future__ import annotations
 
+import ipaddress
 from collections.abc import Iterable
 from dataclasses import dataclass
 
-from starlette.types import Scope
+from starlette.types import ASGIApp, Receive, Scope, Send
 
 from kit.errors import DomainError
 
@@ -25,9 +26,13 @@ HOP_BY_HOP = frozenset(
         b"upgrade",
     }
 )
-_FORWARDED = frozenset(
-    {b"x-forwarded-for", b"x-forwarded-proto", b"x-forwarded-host", b"forwarded"}
-)
+# the X-Forwarded-* headers: the gateway writes its own (`_forwarding`), from
+# what a trusted proxy in front says
+_REWRITTEN_FORWARDING = frozenset({b"x-forwarded-for", b"x-forwarded-proto", b"x-forwarded-host"})
+# every header by which a request says where it came from: an untrusted
+# client's never reach a service (RFC 7239's `Forwarded` passes on only from
+# a trusted proxy, as it wrote it)
+_CLIENT_FORWARDING = _REWRITTEN_FORWARDING | {b"forwarded"}
 # the gateway sets its own request id; uvicorn answers `Expect: 100-continue` itself
 _ALWAYS_REPLACED = frozenset({b"x-request-id", b"expect"})
 _WEBSOCKET_HANDSHAKE = frozenset(
@@ -52,15 +57,12 @@ class HeaderPolicy:
     @classmethod
     def for_http(cls, *, trust_forwarded: bool) -> HeaderPolicy:
         dropped = HOP_BY_HOP | _ALWAYS_REPLACED
-        return cls(dropped if trust_forwarded else dropped | _FORWARDED, trust_forwarded)
+        return cls(dropped if trust_forwarded else dropped | _CLIENT_FORWARDING, trust_forwarded)
 
     @classmethod
     def for_websocket(cls, *, trust_forwarded: bool) -> HeaderPolicy:
         http = cls.for_http(trust_forwarded=trust_forwarded)
         return cls(http.dropped | _WEBSOCKET_HANDSHAKE, trust_forwarded)
-
-
-_FORWARDED = frozenset({b"x-forwarded-for", b"x-forwarded-proto", b"x-forwarded-host"})
 
 
 @dataclass(slots=True)
@@ -112,7 +114,7 @@ def upstream_request(scope: Scope, policy: HeaderPolicy, request_id: str) -> Out
                 raise DuplicateHeader("Send one Host header, not several")
             host_seen = True
             host = text
-        elif name in _FORWARDED:
+        elif name in _REWRITTEN_FORWARDING:
             forwarded[name] = text  # replaced below, the client's address added
             continue
         headers.append((name.decode("latin-1"), text))
@@ -120,25 +122,29 @@ def upstream_request(scope: Scope, policy: HeaderPolicy, request_id: str) -> Out
         listed = _connection_tokens(connection)
         headers = [(name, value) for name, value in headers if name.encode() not in listed]
     headers += _forwarding(
-        scope,
-        forwarded.get(b"x-forwarded-for"),
-        forwarded.get(b"x-forwarded-proto"),
-        forwarded.get(b"x-forwarded-host") or host,
+        scope, forwarded.get(b"x-forwarded-proto"), forwarded.get(b"x-forwarded-host") or host
     )
     headers.append(("X-Request-ID", request_id))
     return OutgoingRequest(headers, authorization, has_body, content_length)
 
 
-def _forwarding(
-    scope: Scope, forwarded_for: str | None, forwarded_proto: str | None, host: str
-) -> list[tuple[str, str]]:
-    """The X-Forwarded-* headers: the client's address added to those it came
-    through, the scheme and host it asked for."""
+def _forwarding(scope: Scope, forwarded_proto: str | None, host: str) -> list[tuple[str, str]]:
+    """The X-Forwarded-* headers: the addresses the request came from, the
+    scheme and host it asked for.
+
+    `X-Forwarded-For` is the connection's peer, after the client a trusted
+    proxy in front reported (`ClientFromTrustedProxy`). Entries a client wrote
+    itself never go on: the services take the first entry for their client
+    (their uvicorn trusts every peer, as only the gateway reaches them), and
+    auth's login throttle counts by it."""
     client = scope.get("client")
-    client_host = client[0] if client else ""
+    hops = [client[0] if client else ""]
+    if PEER_KEY in scope:  # the client a trusted proxy reported, then that proxy
+        peer = scope[PEER_KEY]
+        hops.append(peer[0] if peer else "")
     scheme = scope.get("scheme", "http")
     return [
-        ("X-Forwarded-For", f"{forwarded_for}, {client_host}" if forwarded_for else client_host),
+        ("X-Forwarded-For", ", ".join(hops)),
         (
             "X-Forwarded-Proto",
             forwarded_proto or ("https" if scheme in ("https", "wss") else "http"),
@@ -162,3 +168,47 @@ def downstream_headers(raw_headers: Iterable[tuple[bytes, bytes]]) -> list[tuple
         listed = _connection_tokens(connection)
         headers = [(name, value) for name, value in headers if name not in listed]
     return headers
+
+
+PEER_KEY = "gateway.peer"
+"""The scope key of the connection's peer, kept when "client" is the address a
+trusted proxy in front reported."""
+
+
+def reported_client(headers: Iterable[tuple[bytes, bytes]]) -> str | None:
+    """The address a trusted proxy in front reports for its client: the last
+    `X-Forwarded-For` entry, the one that proxy appended (those before it came
+    from the client and may be anything). None without one, or if it is not
+    an IP address."""
+    reported: bytes | None = None
+    for name, value in headers:
+        if name == b"x-forwarded-for":
+            reported = value  # several headers are one list, in order
+    if reported is None:
+        return None
+    address = reported.rpartition(b",")[2].strip().decode("latin-1")
+    try:
+        return str(ipaddress.ip_address(address))
+    except ValueError:
+        return None
+
+
+class ClientFromTrustedProxy:
+    """Behind a trusted proxy (`TRUST_FORWARDED_HEADERS=true`) every
+    connection comes from that proxy: the client of a request or socket is the
+    address the proxy reports (`reported_client`), as nginx's real-IP module
+    and uvicorn's proxy headers make it. Rate limits, access log lines and
+    spans then name the client, not the proxy; the proxy's own address stays
+    under `PEER_KEY` for the `X-Forwarded-For` chain sent on. The per-address
+    connection cap still counts connections, i.e. the proxy's."""
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] in ("http", "websocket"):
+            address = reported_client(scope["headers"])
+            if address is not None:
+                scope[PEER_KEY] = scope.get("client")
+                scope["client"] = (address, 0)
+        await self.app(scope, receive, send)

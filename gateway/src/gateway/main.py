@@ -25,6 +25,7 @@ from starlette.middleware.gzip import GZipMiddleware
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 from gateway.config import Settings
+from gateway.headers import ClientFromTrustedProxy
 from gateway.openapi import MergedOpenApi
 from gateway.proxy import Proxy
 from gateway.router import docs_router, well_known_router
@@ -154,11 +155,14 @@ class Gateway:
         app = AccessLogMiddleware(app)
         if tracing:
             app = TracingMiddleware(app)
-        self.app = RequestIdMiddleware(app)
+        self.app: ASGIApp = RequestIdMiddleware(app)
         socket: ASGIApp = AccessLogMiddleware(self._relay)
         if tracing:
             socket = TracingMiddleware(socket)
-        self.sockets = RequestIdMiddleware(socket)
+        self.sockets: ASGIApp = RequestIdMiddleware(socket)
+        if settings.trust_forwarded_headers:
+            self.app = ClientFromTrustedProxy(self.app)
+            self.sockets = ClientFromTrustedProxy(self.sockets)
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] == "websocket" and self._route(scope) is not None:
