@@ -159,6 +159,28 @@ async def test_behind_a_trusted_proxy_each_client_it_reports_has_its_own_limit(
     )
 
 
+async def test_an_ipv6_client_is_limited_by_its_network(
+    upstream: tuple[Upstream, str], clean_redis_url: str, minter: TokenMinter
+) -> None:
+    # a host may take any address of its /64: one address a bucket would be
+    # a fresh bucket for every request
+    settings = gateway_settings(
+        clean_redis_url,
+        catalog_upstream=urls(upstream[1]),
+        rate_limit_enabled=True,
+        rate_limit_anonymous=1,
+        rate_limit_window_seconds=DAY,
+        trust_forwarded_headers=True,
+    )
+    clients = ("2001:db8:1:2::1", "2001:db8:1:2:a:b:c:d", "2001:db8:1:3::1")
+    async with in_process_gateway(settings, minter) as (_, client):
+        statuses = [
+            (await client.get("/catalog/echo", headers={"X-Forwarded-For": address})).status_code
+            for address in clients
+        ]
+    assert statuses == [200, 429, 200]
+
+
 async def test_refused_tokens_count_against_the_address(
     upstream: tuple[Upstream, str], clean_redis_url: str, minter: TokenMinter
 ) -> None:

@@ -51,6 +51,7 @@ from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 from uvicorn.protocols.websockets.websockets_sansio_impl import WebSocketsSansIOProtocol
 from uvicorn.server import ServerState
 
+from kit.addresses import limit_key
 from kit.errors import PROBLEM_JSON, problem_type
 from kit.websocket import WebSocketProtocol
 
@@ -251,7 +252,8 @@ class EdgeHttpProtocol(HttpToolsProtocol):
         guard = self.guard
         if guard is None:
             return
-        address = self.client[0] if self.client else ""
+        # an IPv6 client counted by its /64 (kit.addresses)
+        address = limit_key(self.client[0]) if self.client else ""
         if not guard.admit(address):
             self.refuse(
                 429,

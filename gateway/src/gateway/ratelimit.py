@@ -1,4 +1,5 @@
-"""Rate limits: a fixed window per client address or per user, counted in Redis.
+"""Rate limits: a fixed window per client address (an IPv6 one by its /64,
+`kit.addresses`) or per user, counted in Redis.
 
 One EVALSHA per request counts the hit and sets the window's expiry, so every
 gateway process shares one count. While Redis cannot answer, each process
@@ -21,6 +22,7 @@ from redis.asyncio import Redis
 from redis.exceptions import RedisError
 
 from gateway.metrics import GatewayMetrics
+from kit.addresses import limit_key
 from kit.errors import RateLimited
 
 logger = logging.getLogger("gateway.ratelimit")
@@ -117,7 +119,8 @@ class RateLimiter:
         if user_id is not None:
             identity, limit, client = f"user:{user_id}", self.user_limit, "user"
         else:
-            identity, limit, client = f"ip:{client_address}", self.anonymous_limit, "anonymous"
+            identity = f"ip:{limit_key(client_address)}"  # an IPv6 client by its /64
+            limit, client = self.anonymous_limit, "anonymous"
         now = time.time()
         window = int(now // self.window_seconds)
         window_end = (window + 1) * self.window_seconds

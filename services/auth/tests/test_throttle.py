@@ -95,6 +95,19 @@ async def test_a_stranger_cannot_lock_the_owner_out(app: FastAPI, account: Accou
     assert mine.status_code == 200
 
 
+async def test_hosts_of_one_ipv6_network_are_one_address(app: FastAPI, account: Account) -> None:
+    # a host may take any address of its /64: each would otherwise be a fresh count
+    network = next(_networks)
+    guesses = []
+    for host in range(1, 5):
+        async with from_address(app, f"2001:db8:{network:x}::{host:x}") as http:
+            guesses.append((await log_in(http, account.email, "guess 1234")).status_code)
+    async with from_address(app, f"2001:db8:{network + 1:x}::1") as http:
+        elsewhere = await log_in(http, account.email, account.password)
+    assert guesses == [400, 400, 400, 429]
+    assert elsewhere.status_code == 200
+
+
 async def test_guesses_spread_over_many_addresses_are_slowed_not_locked(
     app: FastAPI, account: Account
 ) -> None:

@@ -16,6 +16,7 @@ from auth.config import Settings
 from auth.keys import KeyRing
 from auth.passwords import Passwords
 from auth.throttle import LoginThrottle
+from kit.addresses import limit_key
 from kit.batching import BatchedReads
 from kit.db import session_dependency
 
@@ -46,9 +47,10 @@ async def get_passwords(request: Request) -> Passwords:
 
 
 async def client_address(request: Request) -> str:
-    """The caller's address, for per-client throttling. Behind the gateway,
-    uvicorn's `--proxy-headers` has already put X-Forwarded-For's address here."""
-    return request.client.host if request.client else "unknown"
+    """The caller's address as per-client throttling counts it (an IPv6 one by
+    its /64, `kit.addresses`). Behind the gateway, uvicorn's `--proxy-headers`
+    has already put X-Forwarded-For's first address here."""
+    return limit_key(request.client.host) if request.client else "unknown"
 
 
 SettingsDep = Annotated[Settings, Depends(get_settings)]
