@@ -66,6 +66,10 @@ class Stack:
         """Back to the suite's starting shape, every service healthy."""
         self.compose_cmd("up", "--detach", "--wait", "--no-recreate", "--no-build")
 
+    def service_logs(self) -> list[str]:
+        """Every line the four services have logged, oldest first per service."""
+        return self.compose.get_logs("auth", "catalog", "chat", "gateway")[0].splitlines()
+
     def containers(self, service: str) -> list[dict[str, str]]:
         output = self.compose_cmd("ps", "--format", "json", service).stdout.decode()
         rows: list[dict[str, str]] = []
@@ -161,8 +165,7 @@ def healthy_stack(stack: Stack, request: pytest.FixtureRequest) -> Iterator[Stac
         yield stack
     finally:
         if failed(request):
-            logs = stack.compose.get_logs("auth", "catalog", "chat", "gateway")[0]
-            print("\n".join(logs.splitlines()[-150:]))  # noqa: T201 - shown with the failure
+            print("\n".join(stack.service_logs()[-150:]))  # noqa: T201 - shown with the failure
         stack.restore()
 
 

@@ -82,6 +82,13 @@ async def fuzz(job: dict[str, object]) -> dict[str, dict[str, object]]:
     return result
 
 
+def warnings_logged(stack: Stack, last: int = 40) -> list[str]:
+    """The services' last WARNING and ERROR lines: what a 5xx's cause logged."""
+    marks = ('"WARNING"', '"ERROR"', "WARNING:", "ERROR:")  # kit's JSON lines, uvicorn's own
+    lines = [line for line in stack.service_logs() if any(mark in line for mark in marks)]
+    return lines[-last:]
+
+
 async def test_generated_requests_get_no_server_error(
     stack: Stack, user_headers: dict[str, str]
 ) -> None:
@@ -109,7 +116,7 @@ async def test_generated_requests_get_no_server_error(
         failures.update(result["failures"])
 
     print(f"examples per operation and mode: {examples}")  # noqa: T201
-    assert failures == {}, failures
+    assert failures == {}, (failures, warnings_logged(stack))
     assert len(examples) == 2 * len(labels)
     for label in labels:
         positive, negative = examples[f"{label} (positive)"], examples[f"{label} (negative)"]

@@ -360,6 +360,9 @@ async def count_email(
             pipe.incr(key)
             _, count = await pipe.execute()
     except RedisError as error:
+        logger.warning(
+            "%s emails cannot be counted (%s: %s); answered 503", what, type(error).__name__, error
+        )
         raise ServiceUnavailable(f"{what} throttling is unavailable; retry") from error
     return int(count) <= limit
 
