@@ -6,12 +6,14 @@ import asyncio
 import logging
 import time
 import uuid
+from typing import Any
 
 import httpx
 import pytest
 from prometheus_client import CollectorRegistry
 from redis.asyncio import Redis
 
+from gateway.config import Settings
 from gateway.main import Gateway, create_app
 from gateway.metrics import GatewayMetrics
 from gateway.ratelimit import LocalWindows, RateLimiter
@@ -24,6 +26,18 @@ from .upstreams import Upstream
 GatewayClient = tuple[Gateway, httpx.AsyncClient]
 # day-long windows: a test never straddles a window boundary (except at midnight UTC)
 DAY = 86_400
+
+
+def limited(redis_url: str, upstream_url: str, **overrides: Any) -> Settings:
+    """The gateway in front of `upstream_url` with rate limits on, in a window
+    of a day (no test sees it end)."""
+    return gateway_settings(
+        redis_url,
+        catalog_upstream=urls(upstream_url),
+        rate_limit_enabled=True,
+        rate_limit_window_seconds=DAY,
+        **overrides,
+    )
 
 
 async def test_passes_a_valid_token_to_the_service(
@@ -84,14 +98,7 @@ async def test_refuses_revoked_tokens_and_users(
 async def test_limits_anonymous_clients_by_address(
     upstream: tuple[Upstream, str], clean_redis_url: str, minter: TokenMinter
 ) -> None:
-    settings = gateway_settings(
-        clean_redis_url,
-        catalog_upstream=urls(upstream[1]),
-        rate_limit_enabled=True,
-        rate_limit_anonymous=3,
-        rate_limit_user=5,
-        rate_limit_window_seconds=DAY,
-    )
+    settings = limited(clean_redis_url, upstream[1], rate_limit_anonymous=3, rate_limit_user=5)
     async with running_gateway(settings, minter) as (_, client):
         allowed = [await client.get("/catalog/echo") for _ in range(3)]
         refused = await client.get("/catalog/echo")
@@ -125,12 +132,10 @@ async def test_behind_a_trusted_proxy_each_client_it_reports_has_its_own_limit(
     trusted: bool,
     expected: list[int],
 ) -> None:
-    settings = gateway_settings(
+    settings = limited(
         clean_redis_url,
-        catalog_upstream=urls(upstream[1]),
-        rate_limit_enabled=True,
+        upstream[1],
         rate_limit_anonymous=1,
-        rate_limit_window_seconds=DAY,
         trust_forwarded_headers=trusted,
         log_level="INFO",
     )
@@ -164,12 +169,10 @@ async def test_an_ipv6_client_is_limited_by_its_network(
 ) -> None:
     # a host may take any address of its /64: one address a bucket would be
     # a fresh bucket for every request
-    settings = gateway_settings(
+    settings = limited(
         clean_redis_url,
-        catalog_upstream=urls(upstream[1]),
-        rate_limit_enabled=True,
+        upstream[1],
         rate_limit_anonymous=1,
-        rate_limit_window_seconds=DAY,
         trust_forwarded_headers=True,
     )
     clients = ("2001:db8:1:2::1", "2001:db8:1:2:a:b:c:d", "2001:db8:1:3::1")
@@ -184,13 +187,7 @@ async def test_an_ipv6_client_is_limited_by_its_network(
 async def test_refused_tokens_count_against_the_address(
     upstream: tuple[Upstream, str], clean_redis_url: str, minter: TokenMinter
 ) -> None:
-    settings = gateway_settings(
-        clean_redis_url,
-        catalog_upstream=urls(upstream[1]),
-        rate_limit_enabled=True,
-        rate_limit_anonymous=2,
-        rate_limit_window_seconds=DAY,
-    )
+    settings = limited(clean_redis_url, upstream[1], rate_limit_anonymous=2)
     forged = {"Authorization": f"Bearer {TokenMinter().token()}"}
     async with running_gateway(settings, minter) as (_, client):
         statuses = [
@@ -205,13 +202,7 @@ async def test_refused_tokens_count_against_the_address(
 async def test_limits_each_user_on_their_own(
     upstream: tuple[Upstream, str], clean_redis_url: str, minter: TokenMinter
 ) -> None:
-    settings = gateway_settings(
-        clean_redis_url,
-        catalog_upstream=urls(upstream[1]),
-        rate_limit_enabled=True,
-        rate_limit_user=2,
-        rate_limit_window_seconds=DAY,
-    )
+    settings = limited(clean_redis_url, upstream[1], rate_limit_user=2)
     alice, bob = minter.token(user_id="alice"), minter.token(user_id="bob")
     async with running_gateway(settings, minter) as (_, client):
         statuses = [
@@ -227,13 +218,7 @@ async def test_counts_per_process_while_redis_is_down(
     upstream: tuple[Upstream, str], minter: TokenMinter
 ) -> None:
     unreachable = f"redis://127.0.0.1:{free_port()}/0"
-    settings = gateway_settings(
-        unreachable,
-        catalog_upstream=urls(upstream[1]),
-        rate_limit_enabled=True,
-        rate_limit_anonymous=2,
-        rate_limit_window_seconds=DAY,
-    )
+    settings = limited(unreachable, upstream[1], rate_limit_anonymous=2)
     async with running_gateway(settings, minter) as (_, client):
         responses = [await client.get("/catalog/echo") for _ in range(3)]
         with_token = await client.get(
