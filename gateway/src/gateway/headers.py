@@ -115,7 +115,8 @@ def upstream_request(scope: Scope, policy: HeaderPolicy, request_id: str) -> Out
             host_seen = True
             host = text
         elif name in _REWRITTEN_FORWARDING:
-            forwarded[name] = text  # replaced below, the client's address added
+            # a trusted proxy's scheme and host go on; `_forwarding` writes the rest
+            forwarded[name] = text
             continue
         headers.append((name.decode("latin-1"), text))
     if connection is not None:
