@@ -28,11 +28,9 @@ def limit_key(address: str) -> str:
 @functools.lru_cache(maxsize=4096)
 def _ipv6_key(address: str) -> str:
     try:
-        ip = ipaddress.ip_address(address)
+        ip = ipaddress.IPv6Address(address)
     except ValueError:
         return address
-    if isinstance(ip, ipaddress.IPv6Address):
-        if ip.ipv4_mapped is not None:
-            return str(ip.ipv4_mapped)
-        return str(ipaddress.IPv6Network((ip, IPV6_PREFIX), strict=False))
-    return address
+    if ip.ipv4_mapped is not None:
+        return str(ip.ipv4_mapped)
+    return str(ipaddress.IPv6Network((ip, IPV6_PREFIX), strict=False))
