@@ -11,6 +11,7 @@ import pytest
 from pydantic import AnyHttpUrl, RedisDsn
 
 from gateway.config import Settings
+from gateway.edge import EdgeHttpProtocol
 from gateway.main import Gateway, create_app
 
 from .upstreams import Upstream
@@ -71,11 +72,21 @@ async def running_upstream(node: str, **options: Any) -> AsyncIterator[tuple[Ups
 async def running_gateway(
     settings: Settings, minter: TokenMinter
 ) -> AsyncIterator[tuple[Gateway, httpx.AsyncClient]]:
+    app = create_app(settings, key_source=minter.key_source)
+    async with (
+        serve_gateway(app) as base_url,
+        httpx.AsyncClient(base_url=base_url) as client,
+    ):
+        yield app, client
+
+
+def serve_gateway(app: Gateway, **uvicorn_options: Any) -> AbstractAsyncContextManager[str]:
+    """The gateway served as its image runs it: the edge protocol (its guards
+    and the direct path), no proxy headers read by uvicorn."""
     from kit_testing import serve
 
-    app = create_app(settings, key_source=minter.key_source)
-    async with serve(app) as base_url, httpx.AsyncClient(base_url=base_url) as client:
-        yield app, client
+    options: dict[str, Any] = {"http": EdgeHttpProtocol, "proxy_headers": False}
+    return serve(app, **{**options, **uvicorn_options})
 
 
 @contextlib.asynccontextmanager

@@ -50,6 +50,7 @@ class Upstream:
                 Route("/{service}/flaky", self.flaky, methods=ALL_METHODS),
                 Route("/{service}/hop", self.hop),
                 Route("/{service}/moved", self.moved),
+                Route("/{service}/ids", self.ids),
                 Route("/{service}/events", self.events),
                 WebSocketRoute("/{service}/ws/{room}", self.websocket),
             ]
@@ -132,6 +133,10 @@ class Upstream:
                 "X-End-To-End": "1",
             },
         )
+
+    async def ids(self, request: Request) -> Response:
+        """An answer with the headers every service adds, as the gateway does."""
+        return Response(b"ok", headers={"X-Request-ID": "the-service-s", "X-Process-Time": "9"})
 
     async def events(self, request: Request) -> Response:
         async def body() -> AsyncIterator[bytes]:

@@ -31,6 +31,10 @@ A response's head goes out with the first bytes of its body, in one write
 and the body with the next message, two system calls and two packets for
 every proxied answer where one does.
 
+A proxied request without a body starts on the gateway's direct path
+(`gateway.direct`) rather than at the top of the ASGI app, when the app is
+the gateway itself and not wrapped by uvicorn.
+
 The guard reads its settings from the lifespan state (the gateway's `runtime`),
 so it follows the settings the app was built with; without it (an app that
 is not the gateway) the protocol is uvicorn's own.
@@ -44,16 +48,19 @@ import logging
 import os
 from collections import defaultdict
 from collections.abc import Callable
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from uvicorn.config import Config
-from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
+from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol, RequestResponseCycle
 from uvicorn.protocols.websockets.websockets_sansio_impl import WebSocketsSansIOProtocol
 from uvicorn.server import ServerState
 
 from kit.addresses import limit_key
 from kit.errors import PROBLEM_JSON, problem_type
 from kit.websocket import WebSocketProtocol
+
+if TYPE_CHECKING:
+    from gateway.direct import DirectPath
 
 logger = logging.getLogger("gateway.edge")
 
@@ -229,6 +236,8 @@ class EdgeHttpProtocol(HttpToolsProtocol):
         super().__init__(config, server_state, app_state, _loop)
         runtime = app_state.get("runtime")
         self.guard: EdgeGuard | None = getattr(runtime, "edge", None)
+        # the gateway's direct path, unless uvicorn wrapped the app (gateway.direct)
+        self.direct: DirectPath | None = getattr(self.app, "direct", None)
         if self.ws_protocol_class is WebSocketsSansIOProtocol:
             # uvicorn's default, as `--ws auto` picks it: kit's, which keeps less
             # per socket and logs no error for an upgrade refused with an answer
@@ -311,6 +320,18 @@ class EdgeHttpProtocol(HttpToolsProtocol):
             guard, address = self.guard, self.address
             setattr(socket_protocol, "edge_release", lambda: guard.release(address))  # noqa: B010
             self.address = None
+
+    def _start_asgi_task(self, cycle: RequestResponseCycle, app: Any) -> None:
+        """Starts a request's task: the direct path's for a request it takes,
+        the ASGI app's otherwise (uvicorn calls this for a request as it comes
+        and for a pipelined one once the one before it is answered)."""
+        direct = self.direct
+        if direct is not None and app is self.app and direct.takes(cycle):
+            task = self.loop.create_task(direct.run(cycle))
+            task.add_done_callback(self.tasks.discard)
+            self.tasks.add(task)
+            return
+        super()._start_asgi_task(cycle, app)
 
     def send_400_response(self, msg: str) -> None:
         if self.refusing or self.transport.is_closing():

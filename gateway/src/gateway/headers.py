@@ -208,8 +208,14 @@ class ClientFromTrustedProxy:
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] in ("http", "websocket"):
-            address = reported_client(scope["headers"])
-            if address is not None:
-                scope[PEER_KEY] = scope.get("client")
-                scope["client"] = (address, 0)
+            adopt_reported_client(scope)
         await self.app(scope, receive, send)
+
+
+def adopt_reported_client(scope: Scope) -> None:
+    """Makes the address a trusted proxy reports the scope's client, the
+    proxy's own kept under `PEER_KEY` (see `ClientFromTrustedProxy`)."""
+    address = reported_client(scope["headers"])
+    if address is not None:
+        scope[PEER_KEY] = scope.get("client")
+        scope["client"] = (address, 0)

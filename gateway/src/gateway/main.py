@@ -25,6 +25,7 @@ from starlette.middleware.gzip import GZipMiddleware
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 from gateway.config import Settings
+from gateway.direct import DirectPath
 from gateway.headers import ClientFromTrustedProxy
 from gateway.openapi import MergedOpenApi
 from gateway.proxy import Proxy
@@ -139,7 +140,8 @@ class Gateway:
             websockets=self.websockets,
             api=MetricsMiddleware(SecurityHeaders(self.api), metrics=runtime.metrics.http),
         )
-        app: ASGIApp = GZipWhenAccepted(dispatcher)
+        below_cors: ASGIApp = GZipWhenAccepted(dispatcher)
+        app = below_cors
         if settings.cors_origins:
             app = CORSMiddleware(
                 app,
@@ -152,7 +154,7 @@ class Gateway:
             )
         self.hosts = app = TrustedHostMiddleware(app, allowed_hosts=settings.trusted_hosts)
         app = TimingMiddleware(app)
-        app = AccessLogMiddleware(app)
+        app = access_log = AccessLogMiddleware(app)
         if tracing:
             app = TracingMiddleware(app)
         self.app: ASGIApp = RequestIdMiddleware(app)
@@ -163,6 +165,21 @@ class Gateway:
         if settings.trust_forwarded_headers:
             self.app = ClientFromTrustedProxy(self.app)
             self.sockets = ClientFromTrustedProxy(self.sockets)
+        # proxied requests without a body skip the layers above CORS, which
+        # it does itself (gateway.direct); with tracing on, every request
+        # gets its server span the one way
+        self.direct = (
+            None
+            if tracing
+            else DirectPath(
+                routes=runtime.routes,
+                app=below_cors,
+                hosts=self.hosts,
+                access_log=access_log,
+                cors=bool(settings.cors_origins),
+                trust_forwarded=settings.trust_forwarded_headers,
+            )
+        )
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] == "websocket" and self._route(scope) is not None:

@@ -49,7 +49,7 @@ class AccessLogMiddleware:
         if kind not in ("http", "websocket"):
             await self.app(scope, receive, send)
             return
-        level = logging.DEBUG if scope["path"] in self.quiet_paths else logging.INFO
+        level = self.level_for(scope)
         if not self.log.isEnabledFor(level):
             await self.app(scope, receive, send)
             return
@@ -57,6 +57,20 @@ class AccessLogMiddleware:
             await self._http(scope, receive, send, level)
         else:
             await self._websocket(scope, receive, send, level)
+
+    def level_for(self, scope: Scope) -> int:
+        return logging.DEBUG if scope["path"] in self.quiet_paths else logging.INFO
+
+    def request_done(
+        self, scope: Scope, level: int, status: int, started: float, sent_bytes: int
+    ) -> None:
+        """Writes one HTTP request's line (also for a server that answers
+        without this middleware in the way, as the gateway's direct path does)."""
+        fields = _request_fields(scope, status, started)
+        fields["bytes"] = sent_bytes
+        self.log.log(
+            level, "%s %s %s", fields["method"], fields["route"], status, extra={"fields": fields}
+        )
 
     async def _http(self, scope: Scope, receive: Receive, send: Send, level: int) -> None:
         started = time.perf_counter()
@@ -78,16 +92,7 @@ class AccessLogMiddleware:
             status = status or 500
             raise
         finally:
-            fields = _request_fields(scope, status, started)
-            fields["bytes"] = sent_bytes
-            self.log.log(
-                level,
-                "%s %s %s",
-                fields["method"],
-                fields["route"],
-                status,
-                extra={"fields": fields},
-            )
+            self.request_done(scope, level, status, started, sent_bytes)
 
     async def _websocket(self, scope: Scope, receive: Receive, send: Send, level: int) -> None:
         session = _SocketSession(self.log, level, scope, receive, send)
