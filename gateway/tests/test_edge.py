@@ -240,6 +240,27 @@ async def test_counts_per_process_while_redis_is_down(
     assert upstream[0].hits == 2
 
 
+async def test_a_redis_connection_closed_under_the_limiter_costs_no_count(
+    upstream: tuple[Upstream, str], clean_redis_url: str, minter: TokenMinter
+) -> None:
+    # Redis closed the gateway's pooled connection (a restart, its idle
+    # timeout): the next count goes on a fresh one, not to local counting
+    settings = limited(clean_redis_url, upstream[1], rate_limit_anonymous=5)
+    async with running_gateway(settings, minter) as (app, client):
+        first = await client.get("/catalog/echo")
+        redis = app.runtime.redis
+        killed = await redis.client_id()  # the connection the next count takes
+        async with Redis.from_url(clean_redis_url) as killer:
+            assert await killer.client_kill_filter(_id=killed) == 1
+        second = await client.get("/catalog/echo")
+        assert app.runtime.limiter is not None
+        assert not app.runtime.limiter.counting_locally
+    assert [first.headers["ratelimit-remaining"], second.headers["ratelimit-remaining"]] == [
+        "4",
+        "3",
+    ]
+
+
 async def test_limits_move_back_to_redis_when_it_returns(
     redis_service: Service, clean_redis_url: str
 ) -> None:

@@ -25,7 +25,7 @@ from gateway.metrics import GatewayMetrics
 from gateway.pool import HealthProber, Pool, Replica
 from gateway.ratelimit import RateLimiter
 from kit.loopwatch import LoopWatch
-from kit.pools import REDIS_DRIVER
+from kit.pools import REDIS_DRIVER, redis_reconnects
 from kit.security import KeySource, TokenVerifier
 
 logger = logging.getLogger("gateway.runtime")
@@ -148,6 +148,7 @@ class Runtime:
             socket_timeout=settings.redis_timeout_seconds,
             socket_connect_timeout=settings.redis_timeout_seconds,
             driver_info=REDIS_DRIVER,
+            **redis_reconnects(),
         )
         self.verifier = TokenVerifier.for_service(
             settings, redis=self.redis, keys=self.key_source, http=self.http

@@ -2,6 +2,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import uuid
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -121,3 +122,19 @@ async def test_new_redis_connections_share_one_driver_info(redis_url: str) -> No
         assert await client.ping()
         await first.disconnect()
         await second.disconnect()
+
+
+async def test_a_connection_redis_closed_costs_a_reconnect_not_an_error(redis_url: str) -> None:
+    """A pooled connection Redis has closed (here by `CLIENT KILL`, as a
+    restart or its idle timeout would) fails the next command sent on it; the
+    command goes again on a fresh connection instead of failing the caller."""
+    async with contextlib.AsyncExitStack() as stack:
+        settings = ServiceSettings(_env_file=None, redis_url=RedisDsn(redis_url))
+        client = open_redis(Parts(stack), settings)
+        key = f"reconnect-{uuid.uuid4().hex}"
+        killed = await client.client_id()  # the one pooled connection
+        async with Redis.from_url(redis_url) as killer:
+            assert await killer.client_kill_filter(_id=killed) == 1
+        assert await client.incr(key) == 1  # sent once: counted once
+        assert await client.client_id() != killed
+        await client.delete(key)

@@ -39,7 +39,7 @@ from fastapi import FastAPI
 from redis.asyncio import Redis
 
 from kit.heap import settled_heap
-from kit.pools import REDIS_DRIVER
+from kit.pools import REDIS_DRIVER, redis_reconnects
 from kit.security import KeySource, TokenVerifier, settle_redis_calls
 from kit.settings import ServiceSettings
 
@@ -127,10 +127,14 @@ def lifespan(
 def open_redis(parts: Parts, settings: ServiceSettings) -> Redis:
     """The service's Redis client. A connect that hangs (Redis stopping, a
     partition) fails after 2 s instead of the kernel's minutes, so the
-    revocation mirror reconnects promptly."""
+    revocation mirror reconnects promptly; a pooled connection Redis closed
+    (a restart) costs a reconnect, not an error (`redis_reconnects`)."""
     return parts.add(
         Redis.from_url(
-            str(settings.redis_url), socket_connect_timeout=2.0, driver_info=REDIS_DRIVER
+            str(settings.redis_url),
+            socket_connect_timeout=2.0,
+            driver_info=REDIS_DRIVER,
+            **redis_reconnects(),
         ),
         close_redis,
     )

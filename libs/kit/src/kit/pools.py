@@ -27,7 +27,10 @@ from dataclasses import dataclass
 from typing import Any, Protocol, runtime_checkable
 
 from prometheus_client import CollectorRegistry, Gauge, Histogram
+from redis.asyncio.retry import Retry
+from redis.backoff import ExponentialBackoff
 from redis.driver_info import DriverInfo
+from redis.exceptions import ConnectionError as RedisConnectionError
 
 WAIT_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0)
 
@@ -36,6 +39,25 @@ REDIS_DRIVER = DriverInfo()
 builds it again for each connection it opens and reads its own version from
 the installed distributions each time: about 0.3 ms of a new connection's
 0.31, and pools grow by dozens in a connection storm."""
+
+
+def redis_reconnects() -> dict[str, Any]:
+    """Options for a Redis client on which a pooled connection that Redis
+    closed (a restart, its idle timeout, `CLIENT KILL`) costs a reconnect, not
+    an error: a command that fails with a connection error is sent once more,
+    on a fresh connection. redis-py's asyncio connections retry nothing by
+    default. Timeouts are not retried: a command that timed out may have run
+    (an INCR counted twice), and a connect that timed out would double every
+    call's wait while Redis is down."""
+    return {
+        "retry": Retry(
+            ExponentialBackoff(cap=0.05, base=0.01),
+            retries=1,
+            supported_errors=(RedisConnectionError,),
+        ),
+        "retry_on_error": [RedisConnectionError],
+    }
+
 
 DB_POOL_WAIT = Histogram(
     "db_pool_wait_seconds",
