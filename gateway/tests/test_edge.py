@@ -251,7 +251,7 @@ async def test_a_redis_connection_closed_under_the_limiter_costs_no_count(
         redis = app.runtime.redis
         killed = await redis.client_id()  # the connection the next count takes
         async with Redis.from_url(clean_redis_url) as killer:
-            assert await killer.client_kill_filter(_id=killed) == 1
+            assert await killer.client_kill_filter(_id=str(killed)) == 1
         second = await client.get("/catalog/echo")
         assert app.runtime.limiter is not None
         assert not app.runtime.limiter.counting_locally

@@ -134,7 +134,7 @@ async def test_a_connection_redis_closed_costs_a_reconnect_not_an_error(redis_ur
         key = f"reconnect-{uuid.uuid4().hex}"
         killed = await client.client_id()  # the one pooled connection
         async with Redis.from_url(redis_url) as killer:
-            assert await killer.client_kill_filter(_id=killed) == 1
+            assert await killer.client_kill_filter(_id=str(killed)) == 1
         assert await client.incr(key) == 1  # sent once: counted once
         assert await client.client_id() != killed
         await client.delete(key)
