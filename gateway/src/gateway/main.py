@@ -7,6 +7,10 @@ handler, and everything else to the gateway's own FastAPI app (`/healthz`,
 `/readyz`, `/metrics`, `/openapi.json`, `/docs`, RFC 8414's root well-known
 path for auth's metadata, and the web client at `/`), whose every response
 carries the page security headers (`webapp`).
+
+A proxied request without a body skips the layers above CORS: the edge
+protocol starts it on the direct path (`gateway.direct`), which does their
+work itself and calls the layer under CORS.
 """
 
 from __future__ import annotations
@@ -165,9 +169,9 @@ class Gateway:
         if settings.trust_forwarded_headers:
             self.app = ClientFromTrustedProxy(self.app)
             self.sockets = ClientFromTrustedProxy(self.sockets)
-        # proxied requests without a body skip the layers above CORS, which
-        # it does itself (gateway.direct); with tracing on, every request
-        # gets its server span the one way
+        # for a proxied request without a body, the direct path does the work
+        # of the layers above CORS itself (gateway.direct); with tracing on
+        # there is none, so every request gets its server span the one way
         self.direct = (
             None
             if tracing
