@@ -202,7 +202,7 @@ class DirectResponse:
         for name, value in headers:
             if name in _OWN_HEADERS:
                 continue
-            if name == b"content-length" or name == b"transfer-encoding":
+            if name in _BODY_HEADERS:
                 framed = True
                 self.chunked = name == b"transfer-encoding"
             content += (name, b": ", value, b"\r\n")
