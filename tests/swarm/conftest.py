@@ -4,10 +4,12 @@ own stack name and gateway port, and removed with everything it created."""
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import json
 import os
 import subprocess
+import time
 import uuid
 from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass
@@ -183,9 +185,40 @@ def deployed_secrets(swarm: Swarm) -> dict[str, str]:
     }
 
 
+class RetryAfter(httpx.AsyncBaseTransport):
+    """A client that does what every 503 asks (`docs/design.md`, Errors):
+    retry after `Retry-After`, for at most `patience_seconds` in all. A
+    stack just converged is ready before each task has, say, auth's signing
+    keys (its JWKS fetches started while auth's name did not resolve yet):
+    such a task answers 503 with `Retry-After` until its next fetch."""
+
+    def __init__(self, *, patience_seconds: float = 30.0) -> None:
+        self.inner = httpx.AsyncHTTPTransport()
+        self.patience_seconds = patience_seconds
+
+    async def handle_async_request(self, request: httpx.Request) -> httpx.Response:
+        deadline = time.monotonic() + self.patience_seconds
+        while True:
+            response = await self.inner.handle_async_request(request)
+            retry_after = response.headers.get("retry-after", "")
+            if (
+                response.status_code != 503
+                or not retry_after.isdigit()
+                or time.monotonic() + int(retry_after) > deadline
+            ):
+                return response
+            await response.aclose()
+            await asyncio.sleep(int(retry_after))
+
+    async def aclose(self) -> None:
+        await self.inner.aclose()
+
+
 @pytest.fixture
 async def client(swarm: Swarm) -> AsyncIterator[httpx.AsyncClient]:
-    async with httpx.AsyncClient(base_url=swarm.base_url, timeout=20) as http:
+    async with httpx.AsyncClient(
+        base_url=swarm.base_url, timeout=20, transport=RetryAfter()
+    ) as http:
         yield http
 
 
