@@ -41,7 +41,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope
 from uvicorn.protocols.http.httptools_impl import STATUS_LINE, RequestResponseCycle
 
 from gateway.headers import adopt_reported_client
-from gateway.runtime import Route
+from gateway.runtime import Route, route_for
 from kit.accesslog import AccessLogMiddleware
 from kit.context import request_id_var
 from kit.middleware import TrustedHostMiddleware, incoming_request_id
@@ -82,7 +82,7 @@ class DirectPath:
     def takes(self, cycle: RequestResponseCycle) -> bool:
         """Whether the request is one this path answers as the ASGI path would."""
         scope = cycle.scope
-        if scope["path"][1:].partition("/")[0] not in self.routes:
+        if route_for(self.routes, scope["path"]) is None:
             return False
         host_checked = self.hosts.allow_any
         for name, value in scope["headers"]:
@@ -126,10 +126,7 @@ class DirectPath:
                 cycle.transport.close()
         finally:
             cycle.on_response = lambda: None
-            access_log = self.access_log
-            level = access_log.level_for(scope)
-            if access_log.log.isEnabledFor(level):
-                access_log.request_done(scope, level, response.status, started, response.sent_bytes)
+            self.access_log.request_done(scope, response.status, started, response.sent_bytes)
 
 
 class DirectResponse:

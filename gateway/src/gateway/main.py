@@ -34,7 +34,7 @@ from gateway.headers import ClientFromTrustedProxy
 from gateway.openapi import MergedOpenApi
 from gateway.proxy import Proxy
 from gateway.router import docs_router, well_known_router
-from gateway.runtime import Route, Runtime
+from gateway.runtime import Route, Runtime, route_for
 from gateway.webapp import SecurityHeaders, install_web
 from gateway.websocket import WebSocketProxy
 from kit.accesslog import AccessLogMiddleware
@@ -88,7 +88,7 @@ class Dispatcher:
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         kind = scope["type"]
         if kind == "http" or kind == "websocket":
-            route = self.routes.get(scope["path"][1:].partition("/")[0])
+            route = route_for(self.routes, scope["path"])
             if route is not None:
                 scope[ROUTE_TEMPLATE_KEY] = route.template
                 if kind == "http":
@@ -192,7 +192,7 @@ class Gateway:
             await self.app(scope, receive, send)
 
     def _route(self, scope: Scope) -> Route | None:
-        return self.runtime.routes.get(scope["path"][1:].partition("/")[0])
+        return route_for(self.runtime.routes, scope["path"])
 
     def _relay(self, scope: Scope, receive: Receive, send: Send) -> Awaitable[None]:
         """The host check, then the relay's own coroutine, returned rather than

@@ -8,7 +8,7 @@ import asyncio
 import contextlib
 import functools
 import logging
-from collections.abc import Awaitable, Callable, Collection, Iterable
+from collections.abc import Awaitable, Callable, Collection, Iterable, Mapping
 from dataclasses import dataclass
 
 import aiohttp
@@ -57,6 +57,12 @@ class Route:
     def template(self) -> str:
         """The route in access logs and span names: the prefix, as in `/catalog`."""
         return f"/{self.name}"
+
+
+def route_for(routes: Mapping[str, Route], path: str) -> Route | None:
+    """The route of a request's path: its first segment names the service
+    (`/catalog/products/7` is catalog's), whatever follows."""
+    return routes.get(path[1:].partition("/")[0])
 
 
 def build_routes(

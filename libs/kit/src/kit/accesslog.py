@@ -62,10 +62,21 @@ class AccessLogMiddleware:
         return logging.DEBUG if scope["path"] in self.quiet_paths else logging.INFO
 
     def request_done(
-        self, scope: Scope, level: int, status: int, started: float, sent_bytes: int
+        self,
+        scope: Scope,
+        status: int,
+        started: float,
+        sent_bytes: int,
+        level: int | None = None,
     ) -> None:
         """Writes one HTTP request's line (also for a server that answers
-        without this middleware in the way, as the gateway's direct path does)."""
+        without this middleware in the way, as the gateway's direct path does).
+        `level` is the one `level_for` gave, when the caller has already found
+        it enabled; without it the line is written only if its level is."""
+        if level is None:
+            level = self.level_for(scope)
+            if not self.log.isEnabledFor(level):
+                return
         fields = _request_fields(scope, status, started)
         fields["bytes"] = sent_bytes
         self.log.log(
@@ -92,7 +103,7 @@ class AccessLogMiddleware:
             status = status or 500
             raise
         finally:
-            self.request_done(scope, level, status, started, sent_bytes)
+            self.request_done(scope, status, started, sent_bytes, level)
 
     async def _websocket(self, scope: Scope, receive: Receive, send: Send, level: int) -> None:
         session = _SocketSession(self.log, level, scope, receive, send)
