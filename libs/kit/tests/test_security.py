@@ -155,6 +155,8 @@ async def test_cache_is_bounded_and_claims_are_copies(minter: TokenMinter) -> No
     ("attack", "message"),
     [
         ("alg_none", "algorithm is not allowed"),
+        ("alg_list", "algorithm is not allowed"),
+        ("alg_object", "algorithm is not allowed"),
         ("hs256_with_public_key", "algorithm is not allowed"),
         ("unknown_kid", "unknown key"),
         ("tampered_payload", "Invalid token"),
@@ -175,6 +177,10 @@ async def test_forged_tokens_are_refused_even_after_a_genuine_one_is_cached(
     header = {"alg": "ES256", "kid": minter.kid, "typ": "JWT"}
     if attack == "alg_none":
         token = forged({**header, "alg": "none"}, claims, lambda _: b"")
+    elif attack == "alg_list":  # a header is any JSON: an unhashable alg, not a 500
+        token = forged({**header, "alg": ["ES256"]}, claims, lambda _: b"")
+    elif attack == "alg_object":
+        token = forged({**header, "alg": {"ES256": True}}, claims, lambda _: b"")
     elif attack == "hs256_with_public_key":
         secret = minter.public_pem.encode()
         token = forged(

@@ -89,6 +89,23 @@ async def test_alg_none_is_refused(client: httpx.AsyncClient) -> None:
     assert await refused(client, token) == "Token algorithm is not allowed"
 
 
+@pytest.mark.parametrize("alg", [["ES256"], {"ES256": True}, None, 256])
+async def test_a_header_alg_that_is_not_a_string_is_refused_everywhere(
+    client: httpx.AsyncClient, alg: object
+) -> None:
+    """A JWT header is any JSON; an alg no set can hold is a 401, not a 500."""
+    _account, tokens = await registered_and_logged_in(client)
+    kid = jwt.get_unverified_header(tokens.access)["kid"]
+    token = unsigned({"alg": alg, "kid": kid}, jwt.get_unverified_claims(tokens.access))
+    assert await refused(client, token) == "Token algorithm is not allowed"
+    bearer = {"Authorization": f"Bearer {token}"}
+    assert_problem(await client.post("/auth/logout", headers=bearer), 401)
+    assert_problem(await client.get("/auth/userinfo", headers=bearer), 401)
+    # as the token of a revocation or an introspection: not a live token of ours
+    revoked = await client.post("/auth/revoke", data={"token": token})
+    assert revoked.status_code == 200, revoked.text
+
+
 async def test_hs256_signed_with_the_public_key_is_refused(client: httpx.AsyncClient) -> None:
     _account, tokens = await registered_and_logged_in(client)
     kid = jwt.get_unverified_header(tokens.access)["kid"]

@@ -640,7 +640,8 @@ class TokenVerifier:
         except JWTError as error:
             raise Unauthenticated("Malformed token") from error
         algorithm, kid = header.get("alg"), header.get("kid")
-        if algorithm not in self.algorithms:
+        # a header is any JSON: a list or an object here must not reach the set lookup
+        if not isinstance(algorithm, str) or algorithm not in self.algorithms:
             raise Unauthenticated("Token algorithm is not allowed")
         if not isinstance(kid, str):
             raise Unauthenticated("Token has no key id")
