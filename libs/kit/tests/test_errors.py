@@ -35,6 +35,16 @@ def error_app() -> FastAPI:
     async def restarting() -> None:
         raise WrappedDatabaseError(AdminShutdownError("terminating connection"))
 
+    @app.get("/out-of-range")
+    async def out_of_range() -> None:
+        # what the server answers a statement run on asyncpg itself, as the
+        # point reads are, with a value its column cannot hold
+        raise asyncpg.exceptions.NumericValueOutOfRangeError("numeric field overflow")
+
+    @app.get("/unencodable")
+    async def unencodable() -> None:
+        raise asyncpg.exceptions._base.DataError("invalid input for query argument $1")
+
     @app.get("/bug")
     async def bug() -> None:
         raise ValueError("a bug")
@@ -79,6 +89,18 @@ async def test_driver_errors_are_answered_inside_the_middleware_stack() -> None:
     assert response.status_code == 503
     assert response.headers["x-request-id"] == "req-4"
     assert float(response.headers["x-process-time"]) >= 0
+
+
+async def test_a_value_the_driver_or_server_refuses_is_422_inside_the_middleware_stack() -> None:
+    async with client() as http:
+        for path in ("/out-of-range", "/unencodable"):
+            response = await http.get(path, headers={"X-Request-ID": "req-5"})
+
+            assert response.status_code == 422, path
+            assert response.json()["errors"][0]["type"] == "value_refused"
+            assert response.headers["x-request-id"] == "req-5"
+            assert float(response.headers["x-process-time"]) >= 0
+            assert "overflow" not in response.text
 
 
 async def test_a_bug_is_a_500_that_reveals_nothing_but_the_request_id() -> None:

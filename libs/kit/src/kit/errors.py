@@ -257,7 +257,8 @@ def is_data_error(error: BaseException) -> bool:
         if isinstance(sqlstate, str) and sqlstate.startswith(_DATA_SQLSTATE_CLASSES):
             return True
         # asyncpg's client-side DataError (a value it cannot encode, e.g. an
-        # integer beyond 64 bits) subclasses InterfaceError: checked first
+        # integer beyond 64 bits) subclasses InterfaceError, its server-side
+        # one (sqlstate class 22) PostgresError: both are named DataError
         if any(cls.__name__ == "DataError" for cls in type(candidate).__mro__):
             return True
     return False
@@ -341,7 +342,9 @@ def _dependency_error_classes() -> list[type[Exception]]:
     with contextlib.suppress(ImportError):
         import asyncpg
 
-        classes += [asyncpg.PostgresConnectionError, asyncpg.InterfaceError]
+        # PostgresError: whatever the server refuses on a statement run on
+        # the driver itself (a value out of range: 422), not through SQLAlchemy
+        classes += [asyncpg.PostgresError, asyncpg.InterfaceError]
     return classes
 
 
