@@ -16,9 +16,10 @@ from pydantic import ValidationError
 
 from auth.config import Settings
 from auth.discovery import server_metadata, warn_if_issuer_is_elsewhere
+from kit_testing import MailCatcher, emailed_token
 
 from .conftest import IMPORTER, RESOURCE_SERVER, make_settings
-from .factories import register, registered_and_logged_in
+from .factories import login, register, registered_and_logged_in
 from .test_router import assert_problem
 
 TOKEN = "/auth/token"
@@ -284,6 +285,20 @@ async def test_wrong_or_missing_client_credentials_are_invalid_client(
     assert response.headers["www-authenticate"].startswith("Basic realm=")
 
 
+@pytest.mark.parametrize("path", [TOKEN, "/auth/revoke", "/auth/introspect"])
+@pytest.mark.parametrize(
+    "credentials",
+    [b"Basic \xe9\xe9\xe9\xe9", b"Basic Y2F0YWxvZy1pbXBvcnRlcg\xff=", b"Basic %%%"],
+    ids=["latin-1", "latin-1-inside", "not-base64"],
+)
+async def test_basic_credentials_that_are_not_base64_are_invalid_client(
+    client: httpx.AsyncClient, path: str, credentials: bytes
+) -> None:
+    form = {"grant_type": "client_credentials", "token": "made-up"}
+    response = await client.post(path, data=form, headers={b"Authorization": credentials})
+    assert_oauth_error(response, 401, "invalid_client")
+
+
 async def test_one_client_authentication_method_at_a_time(client: httpx.AsyncClient) -> None:
     response = await client.post(
         TOKEN,
@@ -424,7 +439,9 @@ async def test_introspection_of_refresh_tokens_follows_their_life(
 
 
 async def test_garbage_introspects_as_inactive(client: httpx.AsyncClient) -> None:
-    for token in ("made-up", "not.a.jwt", "x" * 4000):
+    # the last: a JWT whose header's alg is a list, which no set of algorithms holds
+    unhashable_alg = "eyJhbGciOiBbIkVTMjU2Il0sICJraWQiOiAiayJ9.e30.AAAA"
+    for token in ("made-up", "not.a.jwt", "x" * 4000, unhashable_alg):
         assert await introspect(client, token) == {"active": False}
     # a NUL byte is odd input for every field of every service, this one too
     nul = await client.post("/auth/introspect", data={"token": "\x00"}, auth=RESOURCE_SERVER)
@@ -469,6 +486,19 @@ async def test_userinfo_answers_the_standard_claims(client: httpx.AsyncClient) -
             "email": account.email,
             "email_verified": False,
         }
+
+
+async def test_userinfo_says_a_confirmed_address_is_verified(
+    client: httpx.AsyncClient, mail: MailCatcher
+) -> None:
+    account = await register(client)
+    (welcome,) = await mail.wait_for(account.email)
+    confirmed = await client.post("/auth/email/verify", json={"token": emailed_token(welcome)})
+    assert confirmed.status_code == 204, confirmed.text
+    tokens = await login(client, account.email, account.password)
+    response = await client.get("/auth/userinfo", headers=tokens.headers)
+    assert response.status_code == 200, response.text
+    assert response.json()["email_verified"] is True
 
 
 async def test_userinfo_refuses_machine_tokens_and_anonymous_callers(

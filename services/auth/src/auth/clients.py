@@ -15,7 +15,6 @@ which ids exist or how much of a secret matched.
 from __future__ import annotations
 
 import base64
-import binascii
 import secrets
 from dataclasses import dataclass
 from urllib.parse import unquote_plus
@@ -53,7 +52,7 @@ def _basic_credentials(authorization: str | None) -> list[tuple[str, str]] | Non
         return None
     try:
         decoded = base64.b64decode(encoded.strip(), validate=True).decode()
-    except (binascii.Error, UnicodeDecodeError) as error:
+    except ValueError as error:  # binascii.Error, UnicodeDecodeError, non-ASCII input
         raise InvalidClient("Malformed Basic credentials") from error
     raw_id, separator, raw_secret = decoded.partition(":")
     if not separator:

@@ -158,9 +158,8 @@ async def _introspect_access_token(token: str, verifier: TokenVerifier) -> Intro
 
 
 def email_verified(user: User) -> bool:
-    """Whether the account's email address was confirmed. Accounts have no
-    verified-address state yet, so no address counts as verified."""
-    return False
+    """Whether the account's email address was confirmed (`/auth/email/verify`)."""
+    return user.email_verified_at is not None
 
 
 @router.get(
