@@ -10,11 +10,11 @@ import uuid
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
-from typing import Any, TypeVar
+from typing import Any, TypeVar, cast
 
 from redis.asyncio import Redis
 from redis.exceptions import RedisError
-from sqlalchemy import any_, bindparam, func, select, update
+from sqlalchemy import CursorResult, any_, bindparam, func, select, update
 from sqlalchemy.dialects.postgresql import ARRAY, insert
 from sqlalchemy.dialects.postgresql import asyncpg as asyncpg_dialect
 from sqlalchemy.exc import IntegrityError
@@ -215,22 +215,72 @@ async def update_user(
         user.is_active = changes["is_active"]
     if "display_name" in changes:
         user.display_name = changes["display_name"]
-    if deactivated:
-        await _revoke_refresh_tokens(session=session, user_id=user.id)
-    await session.commit()
     if deactivated or demoted:
-        await _revoke_user_tokens(redis=redis, settings=settings, user_id=user.id)
+        await _commit_ending_sessions(
+            session=session,
+            redis=redis,
+            settings=settings,
+            user_id=user.id,
+            refresh_tokens=deactivated,
+        )
+    else:
+        await session.commit()
     await session.refresh(user)
     return user
 
 
+async def _commit_ending_sessions(
+    *,
+    session: AsyncSession,
+    redis: Redis,
+    settings: Settings,
+    user_id: uuid.UUID,
+    refresh_tokens: bool = True,
+) -> None:
+    """Commits the session's change with every access token of the user issued
+    before it refused everywhere, and with `refresh_tokens` every login
+    session ended too.
+
+    The revocation time goes to Redis before the commit: if Redis cannot take
+    it, the answer is 503 and nothing was written, so the client's retry does
+    the whole change again. Written after the commit, a change the retry finds
+    already made (an account already inactive, a reset token already spent)
+    would leave the old tokens working. It is written again after the commit,
+    for a token a refresh minted meanwhile from the account as it was; if only
+    that second write fails, the change and the first cutoff stand, and the
+    log says so."""
+    if refresh_tokens:
+        await _revoke_refresh_tokens(session=session, user_id=user_id)
+    await _revoke_user_tokens(redis=redis, settings=settings, user_id=user_id)
+    await session.commit()
+    try:
+        await _revoke_user_tokens(redis=redis, settings=settings, user_id=user_id)
+    except ServiceUnavailable:
+        logger.error(
+            "user %s: the revocation time was written before the change but not after it; "
+            "a token refreshed during the change lives until it expires",
+            user_id,
+        )
+
+
 async def _revoke_refresh_tokens(*, session: AsyncSession, user_id: uuid.UUID) -> None:
-    """Ends every login session of the user (a refresh then answers 401). Caller commits."""
-    await session.execute(
-        update(RefreshToken)
-        .where(RefreshToken.user_id == user_id, RefreshToken.revoked_at.is_(None))
-        .values(revoked_at=datetime.now(UTC))
-    )
+    """Ends every login session of the user (a refresh then answers 401). Caller commits.
+
+    The statement is repeated until it finds nothing left. A refresh under
+    way holds its token's row (`FOR UPDATE`); the statement waits for it, but
+    does not see the token that refresh adds: under READ COMMITTED a
+    statement's snapshot is taken when it starts. The next statement does. A
+    refresh that starts later waits for the rows revoked here, then finds
+    its token revoked."""
+    now = datetime.now(UTC)
+    while True:
+        revoked = await session.execute(
+            update(RefreshToken)
+            .where(RefreshToken.user_id == user_id, RefreshToken.revoked_at.is_(None))
+            .values(revoked_at=now)
+        )
+        if not cast(CursorResult[Any], revoked).rowcount:
+            return
 
 
 async def _revoke_user_tokens(*, redis: Redis, settings: Settings, user_id: uuid.UUID) -> None:
@@ -343,9 +393,7 @@ async def set_password(
             errors=[{"loc": ["password"], "msg": PASSWORD_IS_EMAIL, "type": "value_error"}],
         )
     user.password_hash = await passwords.hash(password)
-    await _revoke_refresh_tokens(session=session, user_id=user.id)
-    await session.commit()
-    await _revoke_user_tokens(redis=redis, settings=settings, user_id=user.id)
+    await _commit_ending_sessions(session=session, redis=redis, settings=settings, user_id=user.id)
 
 
 async def set_active(
@@ -354,10 +402,11 @@ async def set_active(
     """(De)activates an account; deactivating ends every session at once."""
     was_active, user.is_active = user.is_active, active
     if was_active and not active:
-        await _revoke_refresh_tokens(session=session, user_id=user.id)
-    await session.commit()
-    if was_active and not active:
-        await _revoke_user_tokens(redis=redis, settings=settings, user_id=user.id)
+        await _commit_ending_sessions(
+            session=session, redis=redis, settings=settings, user_id=user.id
+        )
+    else:
+        await session.commit()
 
 
 # --- logins and token families -----------------------------------------------
@@ -532,13 +581,20 @@ async def revoke_family(*, session: AsyncSession, redis: Redis, family_id: uuid.
     """Revokes every refresh token of the family and blocklists the access
     tokens issued with them that have not expired yet. Caller commits."""
     now = datetime.now(UTC)
-    rows = await session.execute(
-        update(RefreshToken)
-        .where(RefreshToken.family_id == family_id, RefreshToken.revoked_at.is_(None))
-        .values(revoked_at=now)
-        .returning(RefreshToken.access_jti, RefreshToken.access_expires_at)
-    )
-    live = [(jti, expires_at) for jti, expires_at in rows.all() if expires_at > now]
+    live: list[tuple[str, datetime]] = []
+    # repeated until nothing is left, for the token a refresh under way adds
+    # (see _revoke_refresh_tokens)
+    while True:
+        rows = await session.execute(
+            update(RefreshToken)
+            .where(RefreshToken.family_id == family_id, RefreshToken.revoked_at.is_(None))
+            .values(revoked_at=now)
+            .returning(RefreshToken.access_jti, RefreshToken.access_expires_at)
+        )
+        revoked = rows.all()
+        if not revoked:
+            break
+        live += [(jti, expires_at) for jti, expires_at in revoked if expires_at > now]
     for jti, expires_at in live:
         await blocklist(redis=redis, jti=jti, expires_at=int(expires_at.timestamp()))
 
@@ -673,9 +729,7 @@ async def reset_password(
         .where(PasswordReset.user_id == user.id, PasswordReset.used_at.is_(None))
         .values(used_at=now)
     )
-    await _revoke_refresh_tokens(session=session, user_id=user.id)
-    await session.commit()
-    await _revoke_user_tokens(redis=redis, settings=settings, user_id=user.id)
+    await _commit_ending_sessions(session=session, redis=redis, settings=settings, user_id=user.id)
     # the owner proved who they are: failed-login counts against the account go
     await throttle.forgive(email=user.email)
     logger.info("password reset for user %s", user.id)
