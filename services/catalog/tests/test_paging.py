@@ -149,6 +149,33 @@ async def test_a_nul_in_any_filter_is_a_422_naming_it(
     assert loc in error_locs(problem)
 
 
+@pytest.mark.parametrize(
+    ("sort", "raw"),
+    [
+        ("name", ["name", "Apple", 5]),
+        ("name", ["name", "Apple", ["x"]]),
+        ("name", ["name", "Apple", None]),
+        ("name", ["name", "Apple", str(uuid.uuid4()), "more"]),
+        ("price", ["price", "1E-20000", str(uuid.uuid4())]),
+        ("price", ["price", "19.999", str(uuid.uuid4())]),
+        ("price", ["price", "100000000.00", str(uuid.uuid4())]),
+        ("price", ["price", "1E+400", str(uuid.uuid4())]),
+        ("created_at", ["created_at", "0001-01-01T00:00:00+01:00", str(uuid.uuid4())]),
+        ("created_at", ["created_at", "9999-12-31T23:59:59-01:00", str(uuid.uuid4())]),
+    ],
+)
+async def test_a_cursor_no_page_could_end_with_is_422(
+    client: httpx.AsyncClient, sort: str, raw: list[object]
+) -> None:
+    """Every part of the right kind, and a sort key its column could hold: a
+    key beyond it would reach PostgreSQL, which refuses it."""
+    response = await client.get(LIST, params={"cursor": encoded(raw), "sort": sort})
+    problem = assert_problem(response, 422)
+    assert problem["errors"][0]["type"] == "invalid_cursor"
+    assert problem["errors"][0]["msg"] == "The cursor is not one this API issued"
+    assert response.headers["x-request-id"]
+
+
 async def test_a_cursor_only_continues_its_own_sort(client: httpx.AsyncClient) -> None:
     tag, _ = await seeded(client, 3)
     page = (await client.get(LIST, params={"tag": tag, "sort": "price", "limit": 1})).json()
@@ -184,6 +211,32 @@ async def test_filters_combine(client: httpx.AsyncClient, admin_headers: dict[st
     assert await names(q="hammer", category="tools", max_price="15") == ["Small Hammer"]
     items = (await client.get(LIST, params={"tag": tag, "category": "tools"})).json()["items"]
     assert {item["category"]["slug"] for item in items} == {"tools"}
+
+
+async def test_price_bounds_are_compared_as_sent(
+    client: httpx.AsyncClient, admin_headers: dict[str, str]
+) -> None:
+    """Not rounded to the column's cents, and never refused for being beyond it."""
+    tag, cheap, dear = new_tag(), unique_name("Cheap").title(), unique_name("Dear").title()
+    await import_rows(
+        client,
+        [
+            product_body(name=cheap, price="19.99", tags=[tag]),
+            product_body(name=dear, price="20", tags=[tag]),
+        ],
+    )
+
+    async def names(**params: str) -> list[str]:
+        response = await client.get(LIST, params={"tag": tag, "sort": "price", **params})
+        assert response.status_code == 200, response.text
+        return [item["name"] for item in response.json()["items"]]
+
+    assert await names(min_price="19.994") == [dear]
+    assert await names(max_price="19.995") == [cheap]
+    assert await names(min_price="19.99", max_price="20.00") == [cheap, dear]
+    assert await names(max_price="100000000") == [cheap, dear]
+    assert await names(min_price="100000000") == []
+    assert await names(min_price="99999999999.9") == []
 
 
 async def test_inverted_price_range_is_422(client: httpx.AsyncClient) -> None:

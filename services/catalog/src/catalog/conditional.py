@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 ANY = "*"
+VERSION_MAX = 2**31 - 1
 
 
 def etag_for(version: int) -> str:
@@ -23,7 +24,8 @@ def none_match(header: str, etag: str) -> bool:
 def if_match_versions(header: str) -> frozenset[int] | None:
     """The versions an `If-Match` accepts; None for `*` (any current version).
 
-    The strong comparison applies: weak or malformed tags match nothing.
+    The strong comparison applies: weak or malformed tags match nothing, and
+    so does a number no version reaches (the column is a 32-bit integer).
     """
     tags = _entity_tags(header)
     if ANY in tags:
@@ -31,6 +33,9 @@ def if_match_versions(header: str) -> frozenset[int] | None:
     versions: set[int] = set()
     for tag in tags:
         inner = tag[1:-1] if len(tag) >= 2 and tag[0] == tag[-1] == '"' else ""
-        if inner.isdecimal() and inner.isascii():
-            versions.add(int(inner))
+        # the length first: int() of thousands of digits is refused, and slow
+        if inner.isdecimal() and inner.isascii() and len(inner) <= 10:
+            version = int(inner)
+            if version <= VERSION_MAX:
+                versions.add(version)
     return frozenset(versions)

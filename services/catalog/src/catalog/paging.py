@@ -14,11 +14,15 @@ import enum
 import json
 import uuid
 from dataclasses import dataclass, field
-from datetime import datetime
+from datetime import UTC, datetime
 from decimal import Decimal, InvalidOperation
 
+from catalog.schemas import CENT, PRICE_DIGITS
 from kit.errors import InvalidInput
 from kit.inputs import json_errors
+
+PRICE_LIMIT = Decimal(10) ** (PRICE_DIGITS - 2)
+"""The first price `NUMERIC(10, 2)` cannot hold."""
 
 
 class Sort(enum.StrEnum):
@@ -61,28 +65,35 @@ class Cursor:
             decoded = json.loads(base64.urlsafe_b64decode(padded))
             if json_errors(decoded):  # a NUL or lone surrogate smuggled inside
                 raise ValueError("the cursor holds text no sort key can")
+            if not (
+                isinstance(decoded, list)
+                and len(decoded) == 3
+                and all(isinstance(part, str) for part in decoded)
+            ):
+                raise ValueError("a cursor is three strings")
             sort_value, key, id_value = decoded
             cursor_sort = Sort(sort_value)
             cursor = cls(cursor_sort, _parse_key(cursor_sort, key), uuid.UUID(id_value))
-        except (ValueError, TypeError, binascii.Error, InvalidOperation) as error:
+        except (ValueError, TypeError, binascii.Error, InvalidOperation, OverflowError) as error:
             raise invalid_cursor("The cursor is not one this API issued") from error
         if cursor.sort is not sort:
             raise invalid_cursor(f"The cursor continues sort={cursor.sort}, not sort={sort}")
         return cursor
 
 
-def _parse_key(sort: Sort, key: object) -> SortKey:
-    if not isinstance(key, str):
-        raise TypeError("sort key must be a string")
+def _parse_key(sort: Sort, key: str) -> SortKey:
+    """The sort key, only as its column could hold it (a price of cents under
+    10^8, a moment PostgreSQL can compare); the query never sees another."""
     if sort.column == "price":
         price = Decimal(key)
-        if not price.is_finite():
-            raise ValueError("price must be finite")
+        if not price.is_finite() or price != price.quantize(CENT) or abs(price) >= PRICE_LIMIT:
+            raise ValueError("not a price the catalog stores")
         return price
     if sort.column == "created_at":
         moment = datetime.fromisoformat(key)
         if moment.tzinfo is None:
             raise ValueError("created_at must carry its offset")
+        moment.astimezone(UTC)  # OverflowError at the ends of the calendar
         return moment
     return key
 

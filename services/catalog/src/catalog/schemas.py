@@ -8,6 +8,7 @@ from decimal import ROUND_HALF_UP, Decimal
 from typing import Annotated, Any, Self
 
 from pydantic import (
+    AfterValidator,
     BaseModel,
     ConfigDict,
     Field,
@@ -30,9 +31,19 @@ SALE_PRICE_MAX = Decimal(100)
 TAGS_MAX = 16
 PRICE_DIGITS = 10
 
+
+def _tag_fits(tag: str) -> str:
+    """A tag's length, counted lower-cased as it is stored: a few letters grow
+    when lower-cased (`"İ"` -> `"i̇"`), and the length constraint counts first."""
+    if len(tag) > TAG_MAX:
+        raise PydanticCustomError("string_too_long", f"A tag must be at most {TAG_MAX} characters")
+    return tag
+
+
 Tag = Annotated[
     str,
     StringConstraints(strip_whitespace=True, to_lower=True, min_length=1, max_length=TAG_MAX),
+    AfterValidator(_tag_fits),
 ]
 Slug = Annotated[
     str,

@@ -18,6 +18,7 @@ from sqlalchemy import (
     ColumnElement,
     Executable,
     Integer,
+    Numeric,
     Row,
     RowMapping,
     Select,
@@ -56,6 +57,7 @@ from catalog.schemas import (
     ProductIn,
     ProductOut,
     ProductRecord,
+    check_sale_price,
     price_with_tax,
 )
 from kit.batching import BatchedReads, SharedReads
@@ -228,9 +230,13 @@ _CONDITIONS: dict[str, ColumnElement[bool]] = {
     "tags": Product.tags.contains(bindparam("tags", type_=Product.tags.type)),
     "category": Category.slug == bindparam("category", type_=Category.slug.type),
     "pattern": Product.name.ilike(bindparam("pattern", type_=Product.name.type), escape="\\"),
-    "min_price": Product.price >= bindparam("min_price", type_=Product.price.type),
-    "max_price": Product.price <= bindparam("max_price", type_=Product.price.type),
+    "min_price": Product.price >= bindparam("min_price", type_=Numeric()),
+    "max_price": Product.price <= bindparam("max_price", type_=Numeric()),
 }
+"""A price bound is cast to NUMERIC without the column's precision: cast to
+`NUMERIC(10, 2)` it would be rounded (a `min_price` of 19.994 would take in
+19.99) and one beyond the column would fail the cast, where it only matches
+nothing or everything."""
 
 
 def _filter_values(filters: ProductFilters) -> dict[str, Any]:
@@ -254,8 +260,9 @@ def _after(sort: Sort) -> ColumnElement[bool]:
     (sort key, id) index answers directly."""
     column = _SORT_COLUMNS[sort.column]
     position = tuple_(column, Product.id)
+    key_type = Numeric() if sort.column == "price" else column.type  # as a price bound
     bound = tuple_(
-        bindparam("after_key", type_=column.type), bindparam("after_id", type_=Product.id.type)
+        bindparam("after_key", type_=key_type), bindparam("after_id", type_=Product.id.type)
     )
     return position < bound if sort.descending else position > bound
 
@@ -435,15 +442,23 @@ async def purge_expired_idempotency_keys(*, session: AsyncSession) -> int:
 
 
 def _merged(row: Row[*tuple[Any, ...]], changes: dict[str, Any]) -> ProductIn:
-    """The product after the patch, validated as a whole (the sale rule spans fields)."""
-    current = {
-        "name": row.name,
-        "price": row.price,
-        "tags": row.tags,
-        "category": row.category_slug,
-    }
+    """The product after the patch: the stored fields as they are, the changes
+    as `ProductPatch` checked them, and the rule that spans fields (a sale's
+    price) checked on the whole. The stored fields are not validated again:
+    they were valid when written, and the name's title-casing is not the same
+    twice (`"Di̇yarbakir"` would become `"Di̇Yarbakir"`), so a patch of the
+    price would change the name."""
+    merged = ProductIn.model_construct(
+        **{
+            "name": row.name,
+            "price": row.price,
+            "tags": row.tags,
+            "category": row.category_slug,
+            **changes,
+        }
+    )
     try:
-        return ProductIn.model_validate({**current, **changes})
+        check_sale_price(merged.tags, merged.price)
     except ValidationError as error:
         raise InvalidInput(
             "The patched product breaks a rule",
@@ -452,6 +467,7 @@ def _merged(row: Row[*tuple[Any, ...]], changes: dict[str, Any]) -> ProductIn:
                 for item in error.errors()
             ],
         ) from error
+    return merged
 
 
 def _check_version(version: int, expected: frozenset[int] | None) -> None:
