@@ -3,7 +3,9 @@ database is behind its code is not ready, and is once the migration ran."""
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
+import logging
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -11,9 +13,15 @@ import httpx
 import pytest
 from fastapi import FastAPI
 from sqlalchemy import text
-from sqlalchemy.ext.asyncio import AsyncEngine
+from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession
 
-from kit.db import ensure_database, make_engine, schema_check
+from kit.db import (
+    ensure_database,
+    make_engine,
+    make_sessionmaker,
+    purge_now_and_then,
+    schema_check,
+)
 from kit.errors import install_problem_handlers
 from kit.health import health_router
 from kit_testing import started, unique_database_url
@@ -108,3 +116,36 @@ async def test_an_empty_version_table_is_no_schema(
     assert response.json()["checks"] == {
         "schema": "failed: RuntimeError: schema at none; this code needs 0003"
     }
+
+
+async def test_a_purge_runs_every_interval_and_outlives_a_failure(
+    engine: AsyncEngine, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Each run in a session of its own; a failure (the database away) is
+    logged, and the next interval runs it again."""
+    runs: list[int] = []
+    done = asyncio.Event()
+
+    async def purge(session: AsyncSession) -> int:
+        runs.append(await session.scalar(text("SELECT 1")) or 0)
+        if len(runs) == 2:
+            raise ConnectionRefusedError("the database is away")
+        if len(runs) == 4:
+            done.set()
+        return 3
+
+    caplog.set_level(logging.INFO, logger="kit.db")
+    task = asyncio.create_task(
+        purge_now_and_then(make_sessionmaker(engine), purge, interval_seconds=0.01, what="old rows")
+    )
+    try:
+        async with asyncio.timeout(10):
+            await done.wait()
+    finally:
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
+    assert runs == [1, 1, 1, 1]
+    messages = [record.getMessage() for record in caplog.records]
+    assert "purging old rows failed: the database is away" in messages
+    assert messages.count("purged 3 old rows") == 2

@@ -317,6 +317,6 @@ async def test_not_ready_while_its_schema_is_behind_then_ready_once_migrated(
 
     assert behind.status_code == 503
     assert behind.json()["checks"]["schema"] == (
-        "failed: RuntimeError: schema at 0002; this code needs 0003"
+        "failed: RuntimeError: schema at 0002; this code needs 0004"
     )
     assert (await client.get("/readyz")).json()["checks"]["schema"] == "ok"

@@ -5,20 +5,25 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import time
+import uuid
 from collections.abc import AsyncIterator
-from datetime import timedelta
+from datetime import UTC, datetime, timedelta
 
 import httpx
+import pytest
 from sqlalchemy import select, update
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
+from auth import service
 from auth.main import create_app
-from auth.models import RefreshToken
+from auth.models import EmailVerification, PasswordReset, RefreshToken
 from auth.tokens import opaque_token_hash
-from kit_testing import started
+from kit_testing import MailCatcher, started
 
 from .conftest import ADMIN_EMAIL, ADMIN_PASSWORD, make_settings, wait_until_ready
-from .factories import login
+from .factories import login, register
+from .test_password_reset import emailed_reset_tokens, forgot
+from .test_router import assert_problem
 
 
 @contextlib.asynccontextmanager
@@ -100,3 +105,51 @@ async def test_a_session_from_before_absolute_ends_gets_one_at_its_next_rotation
     assert newest.session_expires_at is not None
     lifetime = newest.session_expires_at - newest.created_at
     assert abs(lifetime - timedelta(days=30)) < timedelta(seconds=5)
+
+
+async def test_tokens_a_day_past_their_expiry_are_purged_and_live_ones_kept(
+    client: httpx.AsyncClient,
+    sessionmaker: async_sessionmaker[AsyncSession],
+    mail: MailCatcher,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    account = await register(client)
+    await mail.wait_for(account.email)  # its verification token's row is written
+    first = await login(client, account.email, account.password)
+    second = (await client.post("/auth/refresh", json={"refresh_token": first.refresh})).json()
+    third = (
+        await client.post("/auth/refresh", json={"refresh_token": second["refresh_token"]})
+    ).json()
+    await forgot(client, account.email)
+    await emailed_reset_tokens(mail, account.email)
+    long_ago = datetime.now(UTC) - timedelta(days=1, minutes=1)
+    spent = [opaque_token_hash(first.refresh), opaque_token_hash(second["refresh_token"])]
+    async with sessionmaker() as session:
+        await session.execute(
+            update(RefreshToken)
+            .where(RefreshToken.token_hash.in_(spent))
+            .values(expires_at=long_ago)
+        )
+        for model in (PasswordReset, EmailVerification):
+            await session.execute(
+                update(model)
+                .where(model.user_id == uuid.UUID(account.id))
+                .values(expires_at=long_ago)
+            )
+        await session.commit()
+        monkeypatch.setattr(service, "PURGE_BATCH", 1)  # a batch at a time, all of them
+        assert await service.purge_expired_tokens(session=session) >= 4
+
+        left = await session.scalars(
+            select(RefreshToken.token_hash).where(RefreshToken.user_id == uuid.UUID(account.id))
+        )
+        assert list(left) == [opaque_token_hash(third["refresh_token"])]
+        for model in (PasswordReset, EmailVerification):
+            rows = await session.scalars(
+                select(model.id).where(model.user_id == uuid.UUID(account.id))
+            )
+            assert list(rows) == []
+    # the session lives on; the purged token is unknown, not a reuse that ends it
+    assert_problem(await client.post("/auth/refresh", json={"refresh_token": first.refresh}), 401)
+    refreshed = await client.post("/auth/refresh", json={"refresh_token": third["refresh_token"]})
+    assert refreshed.status_code == 200, refreshed.text

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
@@ -188,3 +189,25 @@ async def ensure_database(url: str) -> None:
                 pass  # created meanwhile by a concurrent migrate step
     finally:
         await connection.close()
+
+
+async def purge_now_and_then(
+    sessionmaker: async_sessionmaker[AsyncSession],
+    purge: Callable[[AsyncSession], Awaitable[int]],
+    *,
+    interval_seconds: float,
+    what: str,
+) -> None:
+    """Runs `purge` (it deletes what has expired, and says how many rows) in
+    a session of its own every `interval_seconds`, for the process's life. A
+    failure, the database away, is logged and tried again at the next one.
+    Every replica runs it: deleting what has expired twice deletes nothing."""
+    while True:
+        await asyncio.sleep(interval_seconds)
+        try:
+            async with sessionmaker() as session:
+                purged = await purge(session)
+            if purged:
+                logger.info("purged %d %s", purged, what)
+        except Exception as error:  # noqa: BLE001 - tried again at the next interval
+            logger.warning("purging %s failed: %s", what, error)

@@ -131,6 +131,10 @@ class Settings(DatabaseSettings):
     email_verification_emails_per_account: int = Field(default=3, ge=1)
     email_verification_window_seconds: int = Field(default=3600, ge=1)
     email_verification_link: str | None = None
+    # Refresh, reset and verification tokens a day past their expiry are
+    # deleted this often (each replica, in batches): every login and every
+    # refresh adds a row, and nothing reads an expired one.
+    token_purge_interval_seconds: float = Field(default=600.0, gt=0)
 
     smtp_url: SecretStr | None = None
     mail_from: str = "Bazaar <no-reply@bazaar.invalid>"

@@ -28,6 +28,7 @@ from kit.db import (
     database_readiness,
     make_engine,
     make_sessionmaker,
+    purge_now_and_then,
 )
 from kit.health import check_redis, check_revocations
 from kit.lifespan import Parts, lifespan, open_redis, open_verifier
@@ -110,6 +111,15 @@ async def open_parts(parts: Parts, settings: Settings, *, key_source: KeySource 
             sessionmaker=sessionmaker, key_ring=key_ring, passwords=passwords, settings=settings
         ),
         name="auth bootstrap",
+    )
+    parts.task(
+        purge_now_and_then(
+            sessionmaker,
+            lambda session: service.purge_expired_tokens(session=session),
+            interval_seconds=settings.token_purge_interval_seconds,
+            what="expired tokens",
+        ),
+        name="purge expired tokens",
     )
     return State(
         settings=settings,

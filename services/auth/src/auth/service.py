@@ -14,7 +14,7 @@ from typing import Any, TypeVar, cast
 
 from redis.asyncio import Redis
 from redis.exceptions import RedisError
-from sqlalchemy import CursorResult, any_, bindparam, func, select, update
+from sqlalchemy import CursorResult, any_, bindparam, delete, func, select, update
 from sqlalchemy.dialects.postgresql import ARRAY, insert
 from sqlalchemy.dialects.postgresql import asyncpg as asyncpg_dialect
 from sqlalchemy.exc import IntegrityError
@@ -597,6 +597,36 @@ async def revoke_family(*, session: AsyncSession, redis: Redis, family_id: uuid.
         live += [(jti, expires_at) for jti, expires_at in revoked if expires_at > now]
     for jti, expires_at in live:
         await blocklist(redis=redis, jti=jti, expires_at=int(expires_at.timestamp()))
+
+
+SPENT_TOKENS_KEPT = timedelta(days=1)
+"""How long past its expiry a token's row stays before it is purged."""
+PURGE_BATCH = 1000
+
+
+async def purge_expired_tokens(*, session: AsyncSession, now: datetime | None = None) -> int:
+    """Deletes the refresh, reset and verification tokens that expired more
+    than `SPENT_TOKENS_KEPT` ago, `PURGE_BATCH` rows a transaction (locks held
+    briefly, however many there are); returns how many.
+
+    Nothing reads such a row: an expired token is refused before anything
+    else is looked at (a reuse of one is not told from an unknown token, and
+    its family's live token lives on), and the access token named beside a
+    refresh token has expired long before. The limits on emails are Redis's."""
+    cutoff = (now or datetime.now(UTC)) - SPENT_TOKENS_KEPT
+    purged = 0
+    for model in (RefreshToken, PasswordReset, EmailVerification):
+        while True:
+            batch = select(model.id).where(model.expires_at < cutoff).limit(PURGE_BATCH)
+            deleted = await session.execute(
+                delete(model).where(model.id.in_(batch.scalar_subquery()))
+            )
+            await session.commit()
+            count = cast(CursorResult[Any], deleted).rowcount
+            purged += count
+            if count < PURGE_BATCH:
+                break
+    return purged
 
 
 async def blocklist(*, redis: Redis, jti: str, expires_at: int) -> None:

@@ -2,12 +2,8 @@
 
 from __future__ import annotations
 
-import asyncio
-import logging
-
 from fastapi import FastAPI
 from redis.asyncio import Redis
-from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
 from catalog import service
 from catalog.config import Settings
@@ -17,13 +13,11 @@ from catalog.errors import DatabaseUnavailable
 from catalog.router import router
 from kit.app import assemble
 from kit.batching import BatchedReads, SharedReads
-from kit.db import DatabaseState, database_readiness
+from kit.db import DatabaseState, database_readiness, purge_now_and_then
 from kit.health import VERIFIER_CHECKS
 from kit.lifespan import Parts, lifespan, open_redis, open_verifier
 from kit.point_pool import PointReadPool
 from kit.security import KeySource
-
-logger = logging.getLogger("catalog")
 
 
 class State(DatabaseState[Settings]):
@@ -32,21 +26,6 @@ class State(DatabaseState[Settings]):
     list_reads: SharedReads
     point_reads: BatchedReads
     point_pool: PointReadPool | None
-
-
-async def purge_idempotency_keys(
-    sessionmaker: async_sessionmaker[AsyncSession], interval_seconds: float
-) -> None:
-    """Deletes expired idempotency keys now and then; survives a database outage."""
-    while True:
-        await asyncio.sleep(interval_seconds)
-        try:
-            async with sessionmaker() as session:
-                purged = await service.purge_expired_idempotency_keys(session=session)
-            if purged:
-                logger.info("purged %d expired idempotency keys", purged)
-        except Exception as error:  # noqa: BLE001 - retried at the next interval
-            logger.warning("idempotency key purge failed: %s", error)
 
 
 async def open_parts(
@@ -59,7 +38,12 @@ async def open_parts(
     parts.add(point_reads, BatchedReads.aclose)
     list_reads = parts.add(service.list_reads(db.driver_connections), SharedReads.aclose)
     parts.task(
-        purge_idempotency_keys(db.sessionmaker, settings.idempotency_purge_interval_seconds),
+        purge_now_and_then(
+            db.sessionmaker,
+            lambda session: service.purge_expired_idempotency_keys(session=session),
+            interval_seconds=settings.idempotency_purge_interval_seconds,
+            what="expired idempotency keys",
+        ),
         name="purge idempotency keys",
     )
     return State(
