@@ -104,6 +104,52 @@ async def test_the_handshake_is_not_kept_once_the_socket_is_open() -> None:
         assert after == "0"
 
 
+class Counted(WebSocketProtocol):
+    """Keeps each protocol the server made, to look at its books after."""
+
+    made: list[WebSocketProtocol] = []  # noqa: RUF012
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        Counted.made.append(self)
+
+
+@pytest.mark.parametrize(
+    "headers",
+    [
+        b"Upgrade: websocket\r\nConnection: Upgrade\r\n",  # no key, no version
+        (
+            b"Upgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Key: short\r\n"
+            b"Sec-WebSocket-Version: 13\r\n"
+        ),
+        (
+            b"Upgrade: websocket\r\nConnection: Upgrade\r\n"
+            b"Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 8\r\n"
+        ),
+    ],
+    ids=["no-key", "bad-key", "old-version"],
+)
+async def test_an_upgrade_websockets_refuses_is_answered_and_forgotten(headers: bytes) -> None:
+    """A malformed upgrade gets its 400 and leaves nothing behind: not in the
+    server's connections (which the server waits on to stop), and the server
+    stops at once."""
+    Counted.made.clear()
+    async with serve(echo, lifespan="off", ws=Counted, stop_seconds=5) as base:
+        port = int(base.rsplit(":", 1)[1])
+        for _ in range(3):
+            reader, writer = await asyncio.open_connection("127.0.0.1", port)
+            writer.write(b"GET /ws HTTP/1.1\r\nHost: test\r\n" + headers + b"\r\n")
+            answer = await asyncio.wait_for(reader.read(), TIMEOUT)  # until it closes
+            writer.close()
+            assert answer.startswith(b"HTTP/1.1 400 "), answer[:60]
+        # the last socket may be answered before its connection_lost ran
+        async with asyncio.timeout(TIMEOUT):
+            # the server's books have no event to wait on
+            while any(protocol in protocol.connections for protocol in Counted.made):  # noqa: ASYNC110
+                await asyncio.sleep(0.01)
+    assert len(Counted.made) == 3
+
+
 async def test_a_frame_above_the_size_limit_closes_with_1009() -> None:
     async with serve(echo, lifespan="off", ws=WebSocketProtocol, ws_max_size=1024) as base:
         url = base.replace("http://", "ws://") + "/ws"

@@ -229,6 +229,13 @@ class WebSocketProtocol(WebSocketsSansIOProtocol):
 
     def handle_connect(self, event: Any) -> None:
         super().handle_connect(event)
+        if self.response.status_code != 101:
+            # websockets refused the upgrade itself (no or a bad key, another
+            # version): uvicorn answered it and closed, with no scope made. An
+            # error here would leave the protocol in the server's books for
+            # good (uvicorn hands it the transport only after this returns).
+            self.request = None  # type: ignore[assignment]
+            return
         extensions = self.scope.get("extensions")
         if extensions is not None:
             # the protocol itself rather than a dict of its own (ASGI's custom):
