@@ -174,6 +174,11 @@ async def test_same_client_id_from_another_user_is_a_new_message(
         (json.dumps({"type": "message", "text": "x" * 70_000}), "Frame too large (max 65536)"),
         ('{"type": "auth"}', "auth needs a token"),
         ('{"type": "auth", "token": "nope"}', "Token refused: Malformed token"),
+        # a header whose alg is a list ({"alg": []}), which no set of algorithms holds
+        (
+            '{"type": "auth", "token": "eyJhbGciOltdfQ.e30.eA"}',
+            "Token refused: Token algorithm is not allowed",
+        ),
     ],
 )
 async def test_bad_frame_gets_an_error_and_the_socket_stays_open(
@@ -211,6 +216,22 @@ async def test_text_the_database_cannot_take_gets_an_error_naming_the_field(
         (message,) = await client.messages(1)
     assert error["errors"] == [{"loc": loc, "msg": error["errors"][0]["msg"], "type": kind}]
     assert error["detail"] == f"Invalid frame: {'.'.join(loc)}"
+    assert message["text"] == "still open"
+
+
+async def test_a_frame_nested_past_the_parser_gets_json_too_deep(
+    cluster: list[Node], minter: TokenMinter
+) -> None:
+    """json.loads gives up at about a thousand levels with a RecursionError,
+    far inside the frame's size limit: the same error as 33 levels."""
+    nested = '{"type": "message", "text": "hi", "n": ' + "[" * 5000 + "]" * 5000 + "}"
+    async with chat(cluster[0], unique_room(), minter.token()) as client:
+        await client.ws.send(nested)
+        error = await client.recv_type("error")
+        await client.say("still open")
+        (message,) = await client.messages(1)
+    assert error["detail"] == "Invalid frame"
+    assert [(e["loc"], e["type"]) for e in error["errors"]] == [([], "json_too_deep")]
     assert message["text"] == "still open"
 
 
@@ -279,8 +300,21 @@ async def accepted(node: Node, headers: dict[str, str]) -> bool:
         return False
 
 
-async def test_invalid_room_is_refused(cluster: list[Node], minter: TokenMinter) -> None:
-    await assert_refused(cluster[0], {"Authorization": f"Bearer {minter.token()}"}, "bad.room")
+@pytest.mark.parametrize(
+    "room",
+    [
+        "bad.room",
+        "lobby%0A",  # a room pattern's `$` would take the final newline
+        "x" * 65,
+        "lobby?since=abc",
+        "lobby?since=-1",
+        "lobby?since=%C2%B2",  # "²": a digit to isdigit(), not to int()
+    ],
+)
+async def test_invalid_room_or_since_is_refused(
+    cluster: list[Node], minter: TokenMinter, room: str
+) -> None:
+    await assert_refused(cluster[0], {"Authorization": f"Bearer {minter.token()}"}, room)
 
 
 async def test_bearer_subprotocol_is_answered_without_echoing_the_token(

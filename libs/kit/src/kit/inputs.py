@@ -56,6 +56,16 @@ def error(loc: Iterable[str | int], kind: str, message: str) -> dict[str, Any]:
     return {"loc": tuple(loc), "msg": message, "type": kind}
 
 
+_TOO_DEEP = ("json_too_deep", f"JSON must not nest deeper than {MAX_JSON_DEPTH} levels")
+
+
+def too_deep(loc: Iterable[str | int]) -> dict[str, Any]:
+    """The error of JSON nested too deep; also for a text nested so deep that
+    the parser itself gave up (`json.loads` raises RecursionError, not a
+    ValueError, at about a thousand levels: far inside any size limit)."""
+    return error(loc, *_TOO_DEEP)
+
+
 def text_error(value: str, *, max_chars: int) -> tuple[str, str] | None:
     """`(type, message)` when the text is one no field here accepts, else None."""
     if len(value) > max_chars:
@@ -103,7 +113,7 @@ def json_errors(value: Any, loc: Loc = ("body",)) -> list[dict[str, Any]]:
         elif isinstance(item, float):
             problem = _float_error(item)
         elif len(where) - base >= MAX_JSON_DEPTH:
-            problem = ("json_too_deep", f"JSON must not nest deeper than {MAX_JSON_DEPTH} levels")
+            problem = _TOO_DEEP
         elif isinstance(item, dict):
             problem = None
             for key, member in item.items():

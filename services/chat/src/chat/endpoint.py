@@ -51,7 +51,7 @@ from chat.schemas import (
 from chat.tracing import message_span
 from kit.accesslog import AccessLogMiddleware
 from kit.errors import ServiceUnavailable, Unauthenticated
-from kit.inputs import json_errors, screen_request
+from kit.inputs import json_errors, screen_request, too_deep
 from kit.middleware import RequestIdMiddleware, TrustedHostMiddleware
 from kit.observe import ROUTE_TEMPLATE_KEY, remember_user
 from kit.security import (
@@ -126,10 +126,11 @@ EMAIL_NOT_VERIFIED = (
 
 
 def parse_since(raw: str | None) -> int | bool | None:
-    """The `since` query parameter: None when absent, False when invalid."""
+    """The `since` query parameter: None when absent, False when invalid
+    (ASCII digits only: `isdigit` also takes "²", which `int` refuses)."""
     if raw is None:
         return None
-    return int(raw) if raw.isdigit() and len(raw) < 19 else False
+    return int(raw) if raw.isascii() and raw.isdigit() and len(raw) < 19 else False
 
 
 async def authenticate(websocket: WebSocket, verifier: TokenVerifier) -> tuple[Principal, bool]:
@@ -282,7 +283,7 @@ def client_id_of(raw: str) -> str | None:
     """The `client_id` of a dropped frame, so its sender knows what to resend."""
     try:
         frame = json.loads(raw)
-    except ValueError:
+    except (ValueError, RecursionError):
         return None
     client_id = frame.get("client_id") if isinstance(frame, dict) else None
     return client_id if isinstance(client_id, str) and not json_errors(client_id) else None
@@ -299,6 +300,8 @@ def parse_frame(raw: str) -> dict[str, Any] | str:
         frame = json.loads(raw)
     except ValueError:
         return error_frame("Frame is not valid JSON")
+    except RecursionError:
+        return invalid_frame([too_deep(())])
     if not isinstance(frame, dict):
         return error_frame("Frame must be a JSON object")
     if problems := json_errors(frame, ()):

@@ -15,7 +15,8 @@ _ROOM = re.compile(ROOM_PATTERN)
 
 
 def valid_room(room: str) -> bool:
-    return _ROOM.match(room) is not None
+    # fullmatch: `$` also matches before a final newline ("lobby\n")
+    return _ROOM.fullmatch(room) is not None
 
 
 def dumps(value: Any) -> str:
@@ -86,7 +87,8 @@ def invalid_frame(errors: list[dict[str, Any]]) -> str:
     """An `error` frame that names each invalid field, as a 422's `errors` do."""
     cleaned = [{"loc": list(e["loc"]), "msg": e["msg"], "type": e["type"]} for e in errors]
     fields = ", ".join(".".join(str(part) for part in e["loc"]) for e in cleaned)
-    return dumps({"type": "error", "detail": f"Invalid frame: {fields}", "errors": cleaned})
+    detail = f"Invalid frame: {fields}" if fields else "Invalid frame"  # () is the whole frame
+    return dumps({"type": "error", "detail": detail, "errors": cleaned})
 
 
 class PresenceChange(NamedTuple):
