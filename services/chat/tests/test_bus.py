@@ -38,6 +38,42 @@ async def store(engine: AsyncEngine, room: str, text: str) -> StoredMessage:
     return message
 
 
+async def test_a_resend_of_a_message_stored_but_never_published_reaches_the_room(
+    cluster: list[Node], minter: TokenMinter, engine: AsyncEngine
+) -> None:
+    """The sender's replica died (or lost the database's answer) between the
+    commit and the publication: the client resends with its client_id, and
+    the room gets the message once, on every replica, the sender too."""
+    room = unique_room()
+    token = minter.token(user_id="resender")
+    async with (
+        chat(cluster[0], room, token) as sender,
+        chat(cluster[1], room, minter.token()) as elsewhere,
+        chat(cluster[0], room, minter.token()) as beside,
+    ):
+        stored, duplicate = await service.store_message(
+            engine=engine,
+            room=room,
+            user_id="resender",
+            display_name="Resender",
+            text="only once",
+            client_id="c-lost",
+            sent_at=datetime.now(UTC),
+        )
+        assert not duplicate
+        await sender.say("only once", client_id="c-lost")
+        (acknowledged,) = await sender.messages(1)
+        (there,) = await elsewhere.messages(1)
+        (here,) = await beside.messages(1)
+        # and never twice: the next message is the next frame everyone reads
+        await sender.say("after", client_id="c-next")
+        for client in (sender, elsewhere, beside):
+            (after,) = await client.messages(1)
+            assert after["text"] == "after"
+    assert acknowledged["id"] == there["id"] == here["id"] == stored.id
+    assert acknowledged["client_id"] == "c-lost"
+
+
 async def test_a_hole_is_filled_from_the_database_in_order_and_once(
     cluster: list[Node], minter: TokenMinter, engine: AsyncEngine, redis_url: str
 ) -> None:

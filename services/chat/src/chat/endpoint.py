@@ -384,10 +384,13 @@ async def on_message(
         reply(hub, connection, error_frame("Message not stored; try again"))
         return
     hub.metrics.messages.inc(0 if duplicate else 1)
-    if duplicate:
+    if duplicate and hub.delivered_here(message):
         # the sender's acknowledgement again; the room already has it once
         reply(hub, connection, message.frame())
     else:
+        # a resend whose first copy was stored but never published (its
+        # replica killed, or the database lost between the commit and its
+        # answer) is published now: the room's feeds drop what they have had
         await hub.publish_message(message)
 
 

@@ -292,6 +292,11 @@ class Hub:
         if feed is not None:
             feed.offer(message_id, frame)
 
+    def delivered_here(self, message: StoredMessage) -> bool:
+        """Whether this replica's feed of the room has delivered `message`."""
+        feed = self.feeds.get(message.room)
+        return feed is not None and feed.ready and message.id <= feed.delivered
+
     async def publish_message(self, message: StoredMessage) -> None:
         """Delivers a just-committed message here at once, then to the other replicas."""
         frame = message.frame()
