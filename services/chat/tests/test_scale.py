@@ -21,7 +21,7 @@ from chat.config import Settings
 from chat.main import TICK_MARGIN_SECONDS, until_next_tick
 from chat.presence import Presence
 from chat.schemas import PresenceChange, presence_diff_frame
-from kit_testing import TokenMinter
+from kit_testing import TokenMinter, free_port
 
 from .factories import (
     ChatClient,
@@ -334,3 +334,84 @@ async def test_diffs_that_come_together_reach_members_as_one_frame(
         assert len(frames[0]["diffs"]) == 3
     else:
         assert all("diffs" not in frame for frame in frames)
+
+
+def frame_users(frame: str) -> tuple[list[tuple[str, int]], list[tuple[str, int]]]:
+    """A presence frame's joins and leaves, as (user id, here)."""
+    body = json.loads(frame)
+    return (
+        [(user["id"], user["here"]) for user in body["joins"]],
+        [(user["id"], user["here"]) for user in body["leaves"]],
+    )
+
+
+async def test_a_replica_restarted_with_its_node_id_drops_what_the_old_process_left(
+    redis_url: str,
+) -> None:
+    """A container restarted in place keeps its hostname, so its node id: the
+    old process's users went with it, and must leave the room's listing and
+    every member's view, though no replica ever finds the node dead."""
+    redis = Redis.from_url(redis_url)
+    node, room = f"restarted-{unique_room()}", unique_room()
+    old = Presence(redis=redis, node_id=node, ttl_seconds=30)
+    new = Presence(redis=redis, node_id=node, ttl_seconds=30)
+    try:
+        old.joined(room, "gus", "Gus")
+        old.joined(room, "bob", "Bob")
+        await old.flush()
+        # the old process is killed: nothing of it runs again
+        new.joined(room, "ann", "Ann")
+        new.joined(room, "bob", "Bob")
+        frames = await new.flush()
+        listed = await new.users(room)
+        new.joined(room, "cy", "Cy")
+        later = await new.flush()
+    finally:
+        await new.clear()
+        await redis.aclose()
+    assert [user.id for user in listed] == ["ann", "bob"]
+    joins, leaves = frame_users(frames[room])
+    assert sorted(joins) == [("ann", 1), ("bob", 1)]
+    assert leaves == [("gus", 0)]
+    # once written whole, a room is written by its changes again
+    assert frame_users(later[room]) == ([("cy", 1)], [])
+
+
+async def test_a_replica_taken_for_dead_while_redis_was_away_announces_its_users_again(
+    redis_url: str,
+) -> None:
+    """Redis away longer than the entries' lifetime: the first live replica
+    to heartbeat after it finds the others' entries lapsed and announces them
+    gone. A replica whose write failed meanwhile rewrites its rooms whole when
+    Redis is back, and its frame names every user it has."""
+    redis = Redis.from_url(redis_url)
+    unreachable = Redis(host="127.0.0.1", port=free_port(), socket_connect_timeout=1)
+    room = unique_room()
+    live = Presence(redis=redis, node_id=f"live-{room}", ttl_seconds=30)
+    other = Presence(redis=redis, node_id=f"other-{room}", ttl_seconds=30)
+    try:
+        live.joined(room, "ann", "Ann")
+        other.joined(room, "bob", "Bob")
+        other.joined(room, "cy", "Cy")
+        await live.flush()
+        await other.flush()
+        # Redis away: the other replica's heartbeat fails...
+        other.redis = unreachable
+        assert await other.heartbeat() == []
+        # ...and its entries lapse (their score in the room's set is their expiry)
+        await redis.zadd(f"chat:presence:{room}:nodes", {other.node_id: time.time() - 1})
+        (gone,) = await live.heartbeat()
+        other.redis = redis
+        frames = await other.flush()
+        listed = await live.users(room)
+    finally:
+        await live.clear()
+        await other.clear()
+        await unreachable.aclose()
+        await redis.aclose()
+    assert gone[0] == room
+    assert json.loads(gone[1])["gone"] is True
+    joins, leaves = frame_users(frames[room])
+    assert sorted(joins) == [("bob", 1), ("cy", 1)]
+    assert leaves == []
+    assert [user.id for user in listed] == ["ann", "bob", "cy"]

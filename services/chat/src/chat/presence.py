@@ -49,6 +49,15 @@ first live replica to remove it from the room's set (ZREM answers 1 to one
 of them) sends the room a `presence` frame with `"gone": true` that names
 the dead replica's users in `leaves`, so members see them go. Writes are best
 effort: a room whose write failed is rewritten whole by the next flush.
+
+A room is also written whole the first time this process writes it: its hash
+may hold what a previous process of the same node id left (a container
+restarted in place keeps its hostname), whose sockets went with it. A room
+written whole names, in its frame, every user here (`joins`, with `here`) and
+every user its hash held who is not here (`leaves`, `here` 0). So members
+drop a restarted replica's old users, and get a replica's users back after a
+live replica took it for dead (its entries lapsed while Redis was away) and
+announced it `gone`.
 """
 
 from __future__ import annotations
@@ -121,6 +130,10 @@ class Presence:
         self._held_since: dict[str, float] = {}
         # rooms whose last write failed: rewritten whole by the next flush
         self._stale: set[str] = set()
+        # rooms whose hash this process has written and still owns; any other
+        # is written whole, for it may hold what a previous process of the
+        # same node id left (its sockets gone with it)
+        self._claimed: set[str] = set()
         self._seq = 0
 
     # -- local counts (no I/O) ------------------------------------------------
@@ -173,17 +186,29 @@ class Presence:
         if not rooms:
             return {}
         seq = self._next_seq()
-        await self._write(sorted(rooms), changes, seq)
+        rewritten = await self._write(sorted(rooms), changes, seq)
         frames: dict[str, str] = {}
-        for room, users in changes.items():
+        for room in [*changes, *(room for room in rewritten if room not in changes)]:
             joins: list[PresenceChange] = []
             leaves: list[PresenceChange] = []
-            for uid, (name, n) in users.items():
+            for uid, (name, n) in changes.get(room, {}).items():
                 change = PresenceChange(uid, name, abs(n), self.connections(room, uid))
                 if n > 0:
                     joins.append(change)
                 elif n < 0:
                     leaves.append(change)
+            if room in rewritten:
+                # written whole: every user here is named (members may have
+                # dropped this replica's users, a live replica having taken it
+                # for dead while Redis was away), and so is every user its hash
+                # held who is not here (a previous process's, of the same id)
+                named = {change.user_id for change in (*joins, *leaves)}
+                joins += [
+                    PresenceChange(uid, name, 0, here)
+                    for uid, (name, here) in self.rooms.get(room, {}).items()
+                    if uid not in named
+                ]
+                leaves += [ghost for ghost in rewritten[room] if ghost.user_id not in named]
             if joins or leaves:
                 frames[room] = presence_diff_frame(
                     room=room, node=self.node_id, seq=seq, joins=joins, leaves=leaves
@@ -211,11 +236,16 @@ class Presence:
 
     async def _write(
         self, rooms: list[str], changes: dict[str, dict[str, list[Any]]], seq: int
-    ) -> None:
+    ) -> dict[str, list[PresenceChange]]:
+        """Writes the rooms; returns, for each room written whole (a first
+        write of this process, or one after a failed write), the users its
+        hash held who are not here now."""
         expires_at = time.time() + self.ttl_seconds
         key_ttl = math.ceil(self.ttl_seconds) + 5
+        rewritten: dict[str, list[PresenceChange]] = {}
         for start in range(0, len(rooms), PIPELINE_ROOMS):
             batch = rooms[start : start + PIPELINE_ROOMS]
+            read: list[tuple[str, int]] = []  # a room written whole, its HGETALL's place
             try:
                 async with self.redis.pipeline(transaction=False) as pipe:
                     for room in batch:
@@ -225,7 +255,9 @@ class Presence:
                             pipe.delete(key)
                             pipe.zrem(presence_nodes_key(room), self.node_id)
                             continue
-                        if room in self._stale:
+                        if room in self._stale or room not in self._claimed:
+                            read.append((room, len(pipe.command_stack)))
+                            pipe.hgetall(key)
                             pipe.delete(key)
                             changed = list(users)
                         else:
@@ -241,11 +273,30 @@ class Presence:
                         mapping[SEQ_FIELD] = str(seq)
                         pipe.hset(key, mapping=cast(Any, mapping))
                         self._refresh(pipe, room, expires_at, key_ttl)
-                    await pipe.execute()
+                    results = await pipe.execute()
                 self._stale.difference_update(batch)
             except (RedisError, OSError) as error:
                 self._stale.update(batch)
                 logger.warning("presence of %d rooms not written (retried): %s", len(batch), error)
+                continue
+            for room in batch:
+                if room in self.rooms:
+                    self._claimed.add(room)
+                else:
+                    self._claimed.discard(room)  # its hash is gone: nothing left to own
+            for room, index in read:
+                here = self.rooms.get(room, {})
+                held = (
+                    json.loads(raw)
+                    for field, raw in results[index].items()
+                    if field not in SEQ_KEYS
+                )
+                rewritten[room] = [
+                    PresenceChange(user["id"], user["display_name"], int(user["connections"]), 0)
+                    for user in held
+                    if user["id"] not in here
+                ]
+        return rewritten
 
     def _refresh(self, pipe: Any, room: str, expires_at: float, key_ttl: int) -> None:
         nodes = presence_nodes_key(room)
@@ -319,6 +370,7 @@ class Presence:
         self._sockets.clear()
         self._changes.clear()
         self._held_since.clear()
+        self._claimed.clear()
         for start in range(0, len(rooms), PIPELINE_ROOMS):
             try:
                 async with self.redis.pipeline(transaction=False) as pipe:
