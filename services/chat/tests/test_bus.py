@@ -74,6 +74,27 @@ async def test_a_resend_of_a_message_stored_but_never_published_reaches_the_room
     assert acknowledged["client_id"] == "c-lost"
 
 
+async def test_a_message_stored_but_never_published_reaches_the_room_within_a_heartbeat(
+    cluster: list[Node], minter: TokenMinter, engine: AsyncEngine
+) -> None:
+    """Its replica was killed between the commit and the publication, and its
+    sender never sent it again: every replica's heartbeat finds the room's
+    newest id ahead of what it delivered, and reads it."""
+    room = unique_room()
+    async with (
+        chat(cluster[0], room, minter.token()) as here,
+        chat(cluster[1], room, minter.token()) as there,
+    ):
+        orphan = await store(engine, room, "never published")
+        (seen_here,) = await here.messages(1)
+        (seen_there,) = await there.messages(1)
+        await here.say("next")
+        (after,) = await there.messages(1)
+    assert seen_here["id"] == seen_there["id"] == orphan.id
+    assert seen_there["text"] == "never published"
+    assert after["id"] == orphan.id + 1
+
+
 async def test_a_hole_is_filled_from_the_database_in_order_and_once(
     cluster: list[Node], minter: TokenMinter, engine: AsyncEngine, redis_url: str
 ) -> None:

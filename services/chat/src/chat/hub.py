@@ -328,6 +328,23 @@ class Hub:
         elif kind == "p" and head != self.node_id:
             feed.gather_presence(frame, self.presence_gather)
 
+    async def catch_up_behind(self) -> None:
+        """Reads the messages a room's feed here has not delivered though they
+        were stored: one whose publication never happened (its replica killed
+        between the commit and the publish) and that nobody sent again reaches
+        the room within a heartbeat, not only when a later message shows the
+        hole. A message on its way (committed, publication under way) is read
+        too; its publication is then dropped as delivered."""
+        feeds = [feed for feed in self.feeds.values() if feed.ready]
+        if not feeds:
+            return
+        last_ids = await service.rooms_last_ids(
+            engine=self.engine, rooms=[feed.room for feed in feeds]
+        )
+        for feed in feeds:
+            if last_ids.get(feed.room, 0) > feed.delivered:
+                feed.catch_up()
+
     def resync(self) -> None:
         """After the bus came back: read what every room missed meanwhile."""
         for feed in list(self.feeds.values()):

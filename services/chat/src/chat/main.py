@@ -104,6 +104,10 @@ async def beat_once(*, hub: Hub, bus: Bus, redis: Redis, settings: Settings) -> 
     await hub.presence_heartbeat()
     await bus.flush()
     try:
+        await hub.catch_up_behind()
+    except Exception as error:  # noqa: BLE001 - the database away: the next heartbeat checks
+        logger.warning("rooms not checked for messages stored but not delivered: %s", error)
+    try:
         await hub.close_revoked(redis)
     except (RedisError, OSError) as error:
         logger.warning("revocation check of open sockets failed: %s", error)

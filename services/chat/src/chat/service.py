@@ -10,8 +10,8 @@ from dataclasses import replace
 from datetime import datetime
 from typing import TypeVar
 
-from sqlalchemy import Table, bindparam, select
-from sqlalchemy.dialects.postgresql import insert
+from sqlalchemy import Table, any_, bindparam, select
+from sqlalchemy.dialects.postgresql import ARRAY, insert
 from sqlalchemy.exc import DBAPIError
 from sqlalchemy.ext.asyncio import AsyncEngine
 
@@ -53,6 +53,9 @@ _AFTER = (
     .limit(bindparam("limit"))
 )
 _LAST_ID = select(_rooms.c.last_id).where(_rooms.c.id == bindparam("room"))
+_LAST_IDS = select(_rooms.c.id, _rooms.c.last_id).where(
+    _rooms.c.id == any_(bindparam("rooms", type_=ARRAY(_rooms.c.id.type)))
+)
 
 
 async def store_message(
@@ -129,6 +132,13 @@ async def room_last_id(*, engine: AsyncEngine, room: str) -> int:
         return int(last_id or 0)
 
     return await read_again_if_stale(read)
+
+
+async def rooms_last_ids(*, engine: AsyncEngine, rooms: list[str]) -> dict[str, int]:
+    """The newest stored id of each room that has one, in one statement."""
+    async with engine.connect() as connection:
+        rows = await connection.execute(_LAST_IDS, {"rooms": rooms})
+        return {room: int(last_id) for room, last_id in rows}
 
 
 async def messages_after(
