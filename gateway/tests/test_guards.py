@@ -17,7 +17,7 @@ from websockets.asyncio.client import connect
 from websockets.exceptions import InvalidStatus
 
 from gateway.config import Settings
-from gateway.edge import EdgeHttpProtocol
+from gateway.edge import MAX_PIPELINED, EdgeHttpProtocol
 from gateway.main import Gateway, create_app
 from kit_testing import TokenMinter, serve
 
@@ -202,6 +202,67 @@ async def test_a_body_arriving_with_its_head_is_not_counted_as_head(
     assert status == 200
     assert body["bytes"] == 4000
     assert service.hits == 1
+
+
+async def test_pipelined_requests_beyond_the_queue_are_not_read(
+    redis_url: str, minter: TokenMinter
+) -> None:
+    """A client that writes requests and reads nothing: at most MAX_PIPELINED
+    wait behind the one being answered (each a request cycle in memory); the
+    rest are not read, and the connection closes after the last answer."""
+    async with edge(redis_url, minter) as (service, _, base_url):
+        reader, writer = await open_raw(base_url)
+        writer.write(b"GET /catalog/echo HTTP/1.1\r\nHost: edge\r\n\r\n" * 5000)
+        raw = await read_until_closed(reader, within=30)
+        writer.close()
+    answers = raw.count(b"HTTP/1.1 ")
+    assert raw.count(b"HTTP/1.1 200 OK\r\n") == answers
+    assert MAX_PIPELINED < answers <= 3 * (MAX_PIPELINED + 1)
+    assert service.hits == answers
+    # the last answer says the connection ends with it
+    last_head = raw.rsplit(b"HTTP/1.1 ", 1)[1].partition(b"\r\n\r\n")[0].lower()
+    assert b"connection: close" in last_head
+
+
+async def test_a_few_pipelined_requests_are_all_answered(
+    redis_url: str, minter: TokenMinter
+) -> None:
+    async with edge(redis_url, minter) as (service, _, base_url):
+        reader, writer = await open_raw(base_url)
+        writer.write(b"GET /catalog/echo HTTP/1.1\r\nHost: edge\r\n\r\n" * MAX_PIPELINED)
+        writer.write(b"GET /catalog/echo HTTP/1.1\r\nHost: edge\r\nConnection: close\r\n\r\n")
+        raw = await read_until_closed(reader, within=30)
+        writer.close()
+    assert raw.count(b"HTTP/1.1 200 OK\r\n") == MAX_PIPELINED + 1
+    assert service.hits == MAX_PIPELINED + 1
+
+
+async def test_trailers_count_against_the_head_limit(redis_url: str, minter: TokenMinter) -> None:
+    """Header lines after a chunked body: a few pass (and are not passed on),
+    endless ones end the request as an oversized head would."""
+    start = (
+        b"POST /catalog/upload HTTP/1.1\r\nHost: edge\r\nTransfer-Encoding: chunked\r\n"
+        b"Connection: close\r\n\r\n1\r\na\r\n0\r\n"
+    )
+    async with edge(redis_url, minter, max_header_bytes=4096) as (_, _app, base_url):
+        reader, writer = await open_raw(base_url)
+        writer.write(start + b"X-Checksum: abc\r\n\r\n")
+        fine = await read_until_closed(reader)
+        writer.close()
+        reader, writer = await open_raw(base_url)
+        writer.write(start)
+        with contextlib.suppress(ConnectionError):
+            for _ in range(200):  # 1.4 MB of trailers, unless cut off first
+                writer.write(b"X-Trailer: filler\r\n" * 350)
+                await writer.drain()
+        endless = await read_until_closed(reader)
+        writer.close()
+    status, _, body = parse_response(fine)
+    assert (status, body["bytes"]) == (200, 1)
+    status, headers, body = parse_response(endless)
+    assert status == 431
+    assert headers["content-type"] == "application/problem+json"
+    assert body["detail"] == "The request head exceeds 4096 bytes"
 
 
 async def test_a_malformed_request_is_a_problem(redis_url: str, minter: TokenMinter) -> None:

@@ -165,6 +165,10 @@ class DirectResponse:
             if message["type"] != "http.response.start":
                 raise RuntimeError(f"Expected 'http.response.start', got '{message['type']}'")
             cycle.response_started = True
+            # as uvicorn's writer: a body asked for with `Expect: 100-continue`
+            # is not invited once the answer has begun (a "100 Continue" would
+            # land inside it)
+            cycle.waiting_for_100_continue = False
             cycle.transport.write(self.head(message["status"], message.get("headers", ())))
         elif not cycle.response_complete:
             if message["type"] != "http.response.body":

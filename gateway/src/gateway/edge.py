@@ -19,7 +19,21 @@ and lets one address open any number of connections. `EdgeHttpProtocol`
 - uvicorn's bare-text 400 for a malformed request becomes problem+json;
 - a body answered before it was read whole (413) is read and dropped for at
   most `DRAIN_SECONDS`, so the client, which reads only once it has sent
-  everything, gets the answer instead of a reset connection.
+  everything, gets the answer instead of a reset connection;
+- at most `MAX_PIPELINED` requests waiting behind the one being answered:
+  uvicorn queues every request a read holds (a read is up to 256 KiB: about
+  7,000 tiny requests, and each answer resumed reading for more), so one
+  connection that writes requests and reads nothing grew a worker by
+  hundreds of megabytes. Reading stays paused while any wait; a request past
+  the cap is not read, the queued ones are answered, and the last of them
+  closes the connection (a pipelining client sends the rest again, as
+  HTTP/1.1 has it do when a server closes);
+- trailers (header lines after a chunked body) count against
+  `MAX_HEADER_BYTES` as a head does, and are not kept (ASGI passes none on);
+  uvicorn appended every one to the request's headers, with no limit;
+- a refusal made after the answer has begun (a malformed or oversized rest of
+  a request) closes the connection rather than writing a second answer into
+  the first.
 
 The guards cost a request that arrives whole in one read next to nothing: a
 timer is set only when a read ends with a head or a body still owed (and
@@ -76,6 +90,8 @@ _SLUGS = {
     429: "too-many-connections",
     431: "header-too-large",
 }
+MAX_PIPELINED = 32
+"""Requests a connection may have waiting behind the one being answered."""
 LINGER_SECONDS = 1.0
 # how long the rest of a body already answered (413) is read and dropped
 DRAIN_SECONDS = 5.0
@@ -107,7 +123,11 @@ def raw_problem(status: int, detail: str, *, retry_after: int | None = None) -> 
 
 
 class HeadTooLarge(Exception):
-    """The request head is larger than the edge accepts."""
+    """The request head (or a body's trailers) is larger than the edge accepts."""
+
+
+class TooManyPipelined(Exception):
+    """More requests arrived at once than the connection may have waiting."""
 
 
 class EdgeGuard:
@@ -184,7 +204,7 @@ class HeadFirst:
     with it, as it would have taken the written head. Everything else is the
     transport's."""
 
-    __slots__ = ("_flush", "_held", "_loop", "_started", "_transport")
+    __slots__ = ("_flush", "_held", "_loop", "_started", "_transport", "on_close")
 
     def __init__(self, transport: asyncio.Transport, loop: asyncio.AbstractEventLoop) -> None:
         self._transport = transport
@@ -192,6 +212,8 @@ class HeadFirst:
         self._held: bytes | None = None
         self._started = False
         self._flush: asyncio.Handle | None = None
+        # what closing does instead of closing at once (EdgeHttpProtocol.linger_close)
+        self.on_close: Callable[[], None] | None = None
 
     def write(self, data: bytes) -> None:
         held = self._held
@@ -214,7 +236,10 @@ class HeadFirst:
 
     def close(self) -> None:
         self.flush()
-        self._transport.close()
+        if self.on_close is not None:
+            self.on_close()
+        else:
+            self._transport.close()
 
     def is_closing(self) -> bool:
         return self._transport.is_closing()
@@ -247,7 +272,9 @@ class EdgeHttpProtocol(HttpToolsProtocol):
         self.address: str | None = None  # set while this connection holds a slot
         self.timer: asyncio.TimerHandle | None = None
         self.head_bytes = 0  # raw bytes received while the head is still owed
+        self.trailer_bytes = 0  # trailers of the current request's chunked body
         self.head_too_large = False
+        self.pipeline_full = False
         self.reading_head = True
         self.first_request = True
         self.request_begun = False
@@ -336,6 +363,16 @@ class EdgeHttpProtocol(HttpToolsProtocol):
     def send_400_response(self, msg: str) -> None:
         if self.refusing or self.transport.is_closing():
             return
+        if self.pipeline_full:
+            self.answer_queued_then_close()
+            return
+        cycle = self.cycle
+        if cycle is not None and cycle.response_started and not cycle.response_complete:
+            # the rest of a request went wrong while its answer was going out:
+            # a second answer would land inside the first
+            self.refusing = True
+            self.transport.close()
+            return
         if self.head_too_large and self.guard is not None:
             self.guard.refused("header_too_large")
             self.refuse(431, f"The request head exceeds {self.guard.max_header_bytes} bytes")
@@ -345,8 +382,45 @@ class EdgeHttpProtocol(HttpToolsProtocol):
 
     # -- the request's head and body --------------------------------------------
 
+    def answer_queued_then_close(self) -> None:
+        """Reads nothing more; the requests already queued are answered, and
+        the last of them closes the connection."""
+        self.refusing = True  # what the client still sends is dropped
+        self.flow.pause_reading()
+        newest = self.pipeline[0][0] if self.pipeline else self.cycle
+        # each request cycle writes through its own HeadFirst (on_headers_complete)
+        writer: object = None if newest is None else newest.transport
+        if newest is not None and not newest.response_started and isinstance(writer, HeadFirst):
+            newest.keep_alive = False  # says `connection: close`, then closes...
+            writer.on_close = self.linger_close  # ...without a reset
+        else:
+            self.linger_close()
+
+    def linger_close(self) -> None:
+        """Closes the connection without resetting it: the answer's end is
+        sent (FIN), what the client still sends is read and dropped for
+        `LINGER_SECONDS`, then it closes. Closed with requests unread in its
+        buffer, a connection is reset, and the client may lose the answers
+        it has not read yet."""
+        self.refusing = True
+        transport = self.transport
+        if transport.is_closing():
+            return
+        if transport.can_write_eof():
+            transport.write_eof()
+        self.flow.resume_reading()
+        self.loop.call_later(LINGER_SECONDS, transport.close)
+
+    def on_response_complete(self) -> None:
+        super().on_response_complete()
+        if self.pipeline:
+            # uvicorn resumes reading after every answer, though requests still
+            # wait: the next read would queue more behind them
+            self.flow.pause_reading()
+
     def on_message_begin(self) -> None:
         super().on_message_begin()
+        self.trailer_bytes = 0
         self.request_begun = True
         if self.first_request:
             self.first_request = False  # its deadline runs from the connection's start
@@ -363,12 +437,28 @@ class EdgeHttpProtocol(HttpToolsProtocol):
             size += len(name) + len(value) + 4
         return size
 
+    def on_header(self, name: bytes, value: bytes) -> None:
+        if self.reading_head:
+            super().on_header(name, value)
+            return
+        # a trailer, after a chunked body: never passed on, only counted
+        guard = self.guard
+        self.trailer_bytes += len(name) + len(value) + 4
+        if guard is not None and self.trailer_bytes > guard.max_header_bytes:
+            self.head_too_large = True
+            raise HeadTooLarge
+
     def on_headers_complete(self) -> None:
         guard = self.guard
         if guard is not None and self.head_size() > guard.max_header_bytes:
             # raised through the parser: uvicorn answers with send_400_response
             self.head_too_large = True
             raise HeadTooLarge
+        if guard is not None and len(self.pipeline) >= MAX_PIPELINED:
+            # raised through the parser, which stops reading this read's rest
+            self.pipeline_full = True
+            guard.refused("too_many_pipelined")
+            raise TooManyPipelined
         self.reading_head = False
         # the head's deadline is met; a body still owed at the end of this read
         # gets its idle timer from data_received
@@ -445,8 +535,5 @@ class EdgeHttpProtocol(HttpToolsProtocol):
             # to the application the client is gone: it writes nothing after this
             self.cycle.disconnected = True
             self.cycle.message_event.set()
-        transport = self.transport
-        transport.write(raw_problem(status, detail, retry_after=retry_after))
-        if transport.can_write_eof():
-            transport.write_eof()
-        self.loop.call_later(LINGER_SECONDS, transport.close)
+        self.transport.write(raw_problem(status, detail, retry_after=retry_after))
+        self.linger_close()

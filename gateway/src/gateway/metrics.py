@@ -130,7 +130,7 @@ class GatewayMetrics:
         self.edge_refusals = Counter(
             "gateway_edge_refusals_total",
             "Connections the edge cut off or refused, by reason (too_many_connections,"
-            " header_timeout, body_timeout, header_too_large)",
+            " header_timeout, body_timeout, header_too_large, too_many_pipelined)",
             ["reason"],
             registry=registry,
         )
