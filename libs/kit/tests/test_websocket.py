@@ -328,3 +328,52 @@ async def test_a_server_held_open_by_a_peer_that_reads_nothing_fails_to_stop_rat
                 await stall(base, stalled, protocols)
     finally:
         stalled.close()
+
+
+async def test_pings_from_a_peer_that_reads_no_pongs_stop_being_read() -> None:
+    """Each ping is answered with a pong; a peer that sends pings and reads
+    nothing would have the server keep a byte of pong for each byte it sent.
+    Once the pongs fill the write buffer, the server reads no more."""
+    protocols: list[WebSocketProtocol] = []
+
+    async def quiet(scope: Scope, receive: Receive, send: Send) -> None:
+        await receive()
+        await send({"type": "websocket.accept"})
+        protocol = frames_of(scope)
+        assert protocol is not None
+        protocols.append(protocol)
+        while (await receive())["type"] != "websocket.disconnect":
+            pass
+
+    # a masked ping with 125 bytes of payload (a zero mask leaves it as is)
+    pings = (b"\x89\xfd" + bytes(4) + b"p" * 125) * 512
+    flooder = socket.socket()
+    flooder.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+    sent = 0
+    try:
+        async with serve(quiet, lifespan="off", stop_seconds=5) as base:
+            host, port = base.removeprefix("http://").split(":")
+            flooder.connect((host, int(port)))
+            flooder.sendall(websocket_upgrade("/ws", host))
+            async with asyncio.timeout(TIMEOUT):
+                while not protocols:  # noqa: ASYNC110 - the app's own list, no event
+                    await asyncio.sleep(0.01)
+            flooder.setblocking(False)
+            stalled_since = None
+            while sent < 32 * 1024 * 1024:
+                try:
+                    # whole frames only: a partial send goes on where it stopped
+                    sent += flooder.send(pings[sent % len(pings) :])
+                    stalled_since = None
+                except BlockingIOError:
+                    now = time.monotonic()
+                    stalled_since = stalled_since or now
+                    if now - stalled_since > 2:
+                        break  # the server reads no more
+                    await asyncio.sleep(0.01)
+            buffered = protocols[0].transport.get_write_buffer_size()
+            flooder.close()
+    finally:
+        flooder.close()
+    assert buffered < 1024 * 1024
+    assert sent < 32 * 1024 * 1024

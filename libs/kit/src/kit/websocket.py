@@ -269,6 +269,21 @@ class WebSocketProtocol(WebSocketsSansIOProtocol):
             # answered (accepted, refused or an HTTP response): never read again
             self.response = None  # type: ignore[assignment]
 
+    def handle_ping(self) -> None:
+        super().handle_ping()  # the pong, written at once
+        if not self.writable.is_set() and not self.read_paused:
+            # a client that sends pings and reads none of the pongs: they would
+            # pile up in the write buffer, a byte kept for each byte it sends.
+            # Nothing more is read until it reads them (resume_writing)
+            self.read_paused = True
+            self.transport.pause_reading()
+
+    def resume_writing(self) -> None:
+        super().resume_writing()
+        if self.read_paused and self.queue.empty():  # as uvicorn's receive() resumes
+            self.read_paused = False
+            self.transport.resume_reading()
+
     def write_frame(self, frame: bytes) -> bool:
         """Writes an encoded frame (`text_frame`, `binary_frame`) to the client
         now; False, writing nothing, when the socket cannot take it at once: not
