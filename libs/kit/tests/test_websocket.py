@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import gc
+import json
 import socket
 import time
 import weakref
@@ -142,6 +143,14 @@ async def test_an_upgrade_websockets_refuses_is_answered_and_forgotten(headers: 
             answer = await asyncio.wait_for(reader.read(), TIMEOUT)  # until it closes
             writer.close()
             assert answer.startswith(b"HTTP/1.1 400 "), answer[:60]
+            head, _, body = answer.partition(b"\r\n\r\n")
+            head += b"\r\n"
+            assert b"\r\ncontent-type: application/problem+json\r\n" in head.lower()
+            problem = json.loads(body)
+            assert (problem["status"], problem["title"]) == (400, "Bad Request")
+            assert problem["detail"].startswith("Not a valid WebSocket handshake")
+            assert f"\r\nx-request-id: {problem['instance']}\r\n".encode() in head.lower()
+            assert b"short" not in body  # the offending value is named, never quoted
         # the last socket may be answered before its connection_lost ran
         async with asyncio.timeout(TIMEOUT):
             # the server's books have no event to wait on

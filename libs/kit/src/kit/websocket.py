@@ -38,12 +38,22 @@ it at once (its transport is paused, or it is closing).
 from __future__ import annotations
 
 import asyncio
+import email.utils
+import http
+import json
+import os
+import re
 from typing import Any
 
 from starlette.types import Scope
 from uvicorn._types import ASGISendEvent
 from uvicorn.protocols.websockets.websockets_sansio_impl import WebSocketsSansIOProtocol
+from websockets.datastructures import Headers
+from websockets.http11 import Response
 from websockets.protocol import Protocol, State
+from websockets.server import ServerProtocol
+
+from kit.errors import PROBLEM_JSON, problem_type
 
 FRAMES_EXTENSION = "kit.websocket.frames"
 """The scope extension under which the socket's protocol takes encoded frames."""
@@ -175,6 +185,43 @@ class WriteGate:
         return True
 
 
+_INVALID_HEADER = re.compile(r"invalid ([A-Za-z-]+) header")
+
+
+class ProblemRefusals(ServerProtocol):
+    """websockets' server side of the handshake, refusing one it cannot take
+    (no or a bad key, another version, a malformed subprotocol list) with a
+    problem+json answer, the one error format, rather than plain text that
+    quotes the offending header back. The header is named, not quoted."""
+
+    def reject(self, status: http.HTTPStatus | int, text: str) -> Response:
+        status = http.HTTPStatus(status)
+        request_id = os.urandom(16).hex()
+        named = _INVALID_HEADER.search(text)
+        detail = "Not a valid WebSocket handshake" + (
+            f": its {named.group(1)} header" if named else ""
+        )
+        body = json.dumps(
+            {
+                "type": problem_type(status.phrase.lower().replace(" ", "-")),
+                "title": status.phrase,
+                "status": status.value,
+                "detail": detail,
+                "instance": request_id,
+            }
+        ).encode()
+        headers = Headers(
+            [
+                ("Date", email.utils.formatdate(usegmt=True)),
+                ("Connection", "close"),
+                ("Content-Length", str(len(body))),
+                ("Content-Type", PROBLEM_JSON),
+                ("X-Request-ID", request_id),
+            ]
+        )
+        return Response(status.value, status.phrase, headers, body)
+
+
 class WebSocketProtocol(WebSocketsSansIOProtocol):
     """uvicorn's sans-I/O WebSocket protocol with less kept per socket (above)."""
 
@@ -224,6 +271,9 @@ class WebSocketProtocol(WebSocketsSansIOProtocol):
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
+        # the handshake's refusals as problem+json: the class, not a method put
+        # on each instance, so a socket keeps nothing more for it
+        self.conn.__class__ = ProblemRefusals
         self.queue = Inbox()  # type: ignore[assignment]
         self.writable = WriteGate()  # type: ignore[assignment]
 
