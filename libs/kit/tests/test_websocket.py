@@ -303,6 +303,17 @@ def test_a_scope_from_another_server_has_no_frame_writer() -> None:
     assert frames_of({"type": "websocket"}) is None
 
 
+async def accepted(
+    scope: Scope, receive: Receive, send: Send, protocols: list[WebSocketProtocol]
+) -> None:
+    """Accepts the socket, and keeps its server protocol in `protocols`."""
+    await receive()
+    await send({"type": "websocket.accept"})
+    protocol = frames_of(scope)
+    assert protocol is not None
+    protocols.append(protocol)
+
+
 async def stall(base: str, stalled: socket.socket, protocols: list[WebSocketProtocol]) -> None:
     """Opens a socket on `stalled` that reads nothing; returns once the
     server's transport holds bytes, so the kernel's buffers are full."""
@@ -321,11 +332,7 @@ async def test_a_server_held_open_by_a_peer_that_reads_nothing_fails_to_stop_rat
     protocols: list[WebSocketProtocol] = []
 
     async def flood(scope: Scope, receive: Receive, send: Send) -> None:
-        await receive()
-        await send({"type": "websocket.accept"})
-        protocol = frames_of(scope)
-        assert protocol is not None
-        protocols.append(protocol)
+        await accepted(scope, receive, send, protocols)
         while True:  # waits once the transport is paused
             await send({"type": "websocket.send", "bytes": bytes(65536)})
 
@@ -346,11 +353,7 @@ async def test_pings_from_a_peer_that_reads_no_pongs_stop_being_read() -> None:
     protocols: list[WebSocketProtocol] = []
 
     async def quiet(scope: Scope, receive: Receive, send: Send) -> None:
-        await receive()
-        await send({"type": "websocket.accept"})
-        protocol = frames_of(scope)
-        assert protocol is not None
-        protocols.append(protocol)
+        await accepted(scope, receive, send, protocols)
         while (await receive())["type"] != "websocket.disconnect":
             pass
 
