@@ -126,6 +126,8 @@ async def test_docs_use_swagger_ui_from_the_gateway(edge: httpx.AsyncClient) -> 
     assert "SwaggerUIBundle" in bundle.text
     assert css.status_code == 200
     assert 'url: "/openapi.json"' in init.text
+    # the password flow's form and tokens never go to localStorage
+    assert "persistAuthorization: false" in init.text
     # Swagger UI sets style attributes; scripts stay the gateway's own
     csp = policy(docs)
     assert csp["style-src"] == "'self' 'unsafe-inline'"

@@ -539,5 +539,14 @@ async def test_docs_render_offline(tabs: OpenTab) -> None:
     assert tab.refusals() == []
 
 
+async def test_a_malformed_address_is_a_page_not_found(tabs: OpenTab) -> None:
+    """A route whose parameter is not a valid escape ("%E0") cannot be decoded:
+    the page says so, rather than staying on "Loading…" with a script error."""
+    tab = await tabs("stray")
+    await tab.page.goto("/products/%E0")
+    await expect(tab.page.get_by_role("heading", name="Page not found")).to_be_visible()
+    assert tab.page_errors == []
+
+
 def _docker(*args: str) -> None:
     subprocess.run(["docker", *args], check=True, capture_output=True)

@@ -296,10 +296,99 @@ test("without a session the client closes instead of retrying", async () => {
     token: async () => {
       throw new Error("logged out");
     },
+    ended: () => true,
     WebSocketImpl: ScriptedSocket,
   });
   client.start();
   await settle();
   assert.equal(client.state, "closed");
   assert.equal(ScriptedSocket.opened.length, 0);
+});
+
+test("a token that cannot be had for now is a failed attempt, tried again", async () => {
+  ScriptedSocket.opened = [];
+  const timers = [];
+  let offline = false;
+  const client = new ChatClient({
+    url: "ws://edge.test/chat/ws",
+    room: "lobby",
+    token: async (fresh) => {
+      if (fresh && offline) throw new TypeError("Failed to fetch");
+      return "token-1";
+    },
+    ended: () => false,
+    WebSocketImpl: ScriptedSocket,
+    random: () => 0.5,
+    setTimer: (callback, ms) => timers.push({ callback, ms }),
+    clearTimer: () => {},
+  });
+  client.start();
+  await settle();
+  ScriptedSocket.opened.at(-1).deliver({ type: "ready", room: "lobby", last_id: 3, node: "n" });
+  offline = true;
+  // the network drops: the first retry fails too, the next one wants a fresh token
+  for (let attempt = 0; attempt < 3; attempt += 1) {
+    if (ScriptedSocket.opened.at(-1).readyState === 1) ScriptedSocket.opened.at(-1).drop();
+    timers.at(-1).callback();
+    await settle();
+  }
+  assert.equal(client.state, "reconnecting");
+  const opened = ScriptedSocket.opened.length;
+  offline = false;
+  client.reconnectNow(); // the browser is back online
+  await settle();
+  assert.equal(ScriptedSocket.opened.length, opened + 1);
+  assert.match(ScriptedSocket.opened.at(-1).url, /since=3$/);
+});
+
+test("the backoff starts over once caught up, not at ready", async () => {
+  const s = scenario();
+  await openRoom(s, 500);
+  s.socket().drop();
+  const delays = [];
+  for (let attempt = 0; attempt < 4; attempt += 1) {
+    await reconnect(s);
+    // ready, then the replay from since=500 fails (the database away): 1011
+    s.socket().deliver({ type: "ready", room: "lobby", last_id: 900, node: "chat-1" });
+    s.socket().drop(1011);
+    delays.push(s.timers.at(-1).ms);
+  }
+  assert.deepEqual(delays, [750, 1500, 3000, 6000]);
+  await reconnect(s);
+  s.socket().deliver({ type: "ready", room: "lobby", last_id: 501, node: "chat-1" });
+  s.socket().deliver(message(501));
+  s.socket().drop();
+  assert.equal(s.timers.at(-1).ms, 375);
+});
+
+test("a message dropped for the send rate goes again after retry_after", async () => {
+  const s = scenario();
+  await openRoom(s, 0);
+  const clientId = s.client.send("hello");
+  s.socket().deliver({
+    type: "error",
+    detail: "Rate limit exceeded; frame dropped",
+    retry_after: 0.5,
+    client_id: clientId,
+  });
+  assert.deepEqual(
+    s.events.filter((e) => e.type === "problem"),
+    [],
+  );
+  const timer = s.timers.at(-1);
+  assert.equal(timer.ms, 500);
+  timer.callback();
+  assert.deepEqual(
+    s.socket().messagesSent().map((frame) => [frame.client_id, frame.text]),
+    [
+      [clientId, "hello"],
+      [clientId, "hello"],
+    ],
+  );
+  // acknowledged meanwhile: not sent a third time
+  s.client.send("again");
+  s.socket().deliver({ type: "error", detail: "dropped", retry_after: 1, client_id: "c2" });
+  s.socket().deliver(message(1, { clientId: "c2", text: "again" }));
+  s.timers.at(-1).callback();
+  assert.equal(s.socket().messagesSent().length, 3);
 });

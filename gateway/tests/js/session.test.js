@@ -150,6 +150,23 @@ test("a reload restores the session from the cookie, only when there is one", as
   assert.equal(await reloaded.token(), "access-2");
 });
 
+test("logging out with an expired token refreshes it first, so the logout is not refused", async () => {
+  const { session } = await signedIn();
+  // the refresh at 80% fails (auth away) and the token expires meanwhile
+  auth.fetch = async function (path, init) {
+    if (path === "/auth/refresh") throw new TypeError("Failed to fetch");
+    return ScriptedAuth.prototype.fetch.call(this, path, init);
+  };
+  mock.timers.tick(101_000);
+  await settle();
+  auth.fetch = ScriptedAuth.prototype.fetch; // auth is back
+  await session.logOut();
+  const logout = auth.calls.at(-1);
+  assert.equal(logout.path, "/auth/logout");
+  assert.notEqual(logout.headers.Authorization, "Bearer access-1");
+  assert.equal(session.signedIn, false);
+});
+
 test("logging out forgets the token and revokes the session", async () => {
   const { session, events } = await signedIn();
   await session.logOut();

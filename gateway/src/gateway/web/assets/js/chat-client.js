@@ -3,8 +3,12 @@
 // It keeps what a person expects of a chat through faults: after a dropped
 // socket it reconnects with backoff and jitter, resumes with `since` (the last
 // id it showed), re-sends every message not yet acknowledged with the same
-// `client_id` (the server stores a repeat once), and never emits a message
-// twice. It knows nothing of the page: events tell the view what happened.
+// `client_id` (the server stores a repeat once), sends a message the server
+// dropped for the send rate again after the `retry_after` it names, and never
+// emits a message twice. The backoff starts over once a resumed socket has
+// caught up, not at `ready`. A token it cannot get is a failed attempt like a
+// dropped socket, unless the session has ended. It knows nothing of the page:
+// events tell the view what happened.
 //
 // Events (CustomEvent, `detail` as listed):
 //   state    {state, delayMs?, code?}   connecting | open | reconnecting | closed
@@ -14,6 +18,7 @@
 //                                        users that came or went, or {diffs: [...]},
 //                                        several such diffs in order (see presence.js)
 //   problem  the error frame            the server refused a frame; the socket stays open
+//                                        (not for one dropped for the send rate: sent again)
 
 const AUTH_CLOSE_CODES = new Set([4001, 4003]); // token expired / revoked while open
 const NORMAL_CLOSURE = 1000;
@@ -26,11 +31,15 @@ export class ChatClient extends EventTarget {
    * @param {string} options.room
    * @param {(fresh: boolean) => Promise<string>} options.token the current access
    *   token; `fresh` asks for a newly issued one (after the server refused the last)
+   * @param {() => boolean} options.ended whether there is no session any more: a
+   *   token that cannot be had then closes the client; otherwise (the network,
+   *   auth briefly away) it is a failed attempt, tried again with backoff
    */
   constructor({
     url,
     room,
     token,
+    ended = () => false,
     WebSocketImpl = globalThis.WebSocket,
     initialDelayMs = 500,
     maxDelayMs = 15_000,
@@ -50,6 +59,7 @@ export class ChatClient extends EventTarget {
     /** The replica serving the socket (from `ready`). */
     this.node = null;
     this._token = token;
+    this._ended = ended;
     this._WebSocket = WebSocketImpl;
     this._initialDelayMs = initialDelayMs;
     this._maxDelayMs = maxDelayMs;
@@ -63,6 +73,8 @@ export class ChatClient extends EventTarget {
     this._freshToken = false;
     this._caughtUpTo = 0;
     this._ready = false;
+    /** Timers of messages the server dropped for the send rate, to send again. */
+    this._resends = new Set();
   }
 
   start() {
@@ -104,7 +116,12 @@ export class ChatClient extends EventTarget {
     try {
       token = await this._token(this._freshToken);
     } catch {
-      this.close(); // no session any more: nothing to reconnect with
+      if (this.state === "closed") return;
+      if (this._ended()) {
+        this.close(); // no session any more: nothing to reconnect with
+      } else {
+        this._retryLater(); // no token right now: a failed attempt like a dropped socket
+      }
       return;
     }
     if (this.state === "closed") return;
@@ -138,7 +155,7 @@ export class ChatClient extends EventTarget {
         this._emit("presence", frame);
         break;
       case "error":
-        this._emit("problem", frame);
+        if (!this._resendLater(frame)) this._emit("problem", frame);
         break;
       default:
         break;
@@ -147,13 +164,39 @@ export class ChatClient extends EventTarget {
 
   _onReady(frame) {
     this._ready = true;
-    this._failures = 0;
     this.node = frame.node;
     if (this.lastId === null) this.lastId = frame.last_id;
     // a resumed socket first replays what came after `since`, up to here
     this._caughtUpTo = frame.last_id;
     this._setState("open");
-    if (this.lastId >= this._caughtUpTo) this._resendPending();
+    if (this.lastId >= this._caughtUpTo) this._caughtUp();
+  }
+
+  /** The room is live again: the backoff starts over, and what is pending goes out.
+   * Not at `ready`: a socket that keeps failing its replay after `ready` (the
+   * database away) would otherwise be retried at the first delay for ever. */
+  _caughtUp() {
+    this._failures = 0;
+    this._resendPending();
+  }
+
+  /** A message the server dropped for the send rate goes again after the
+   * `retry_after` it named, with the same client_id; true if so. */
+  _resendLater(frame) {
+    const clientId = frame.client_id;
+    if (typeof frame.retry_after !== "number" || !clientId || !this.pending.has(clientId)) {
+      return false;
+    }
+    const timer = this._setTimer(() => {
+      this._resends.delete(timer);
+      const text = this.pending.get(clientId);
+      // not live now: the resend after the next `ready` takes it
+      if (text !== undefined && this._ready && this.lastId >= this._caughtUpTo) {
+        this._sendMessage(clientId, text);
+      }
+    }, frame.retry_after * 1000);
+    this._resends.add(timer);
+    return true;
   }
 
   _onMessage(message) {
@@ -168,7 +211,7 @@ export class ChatClient extends EventTarget {
       this._emit("ack", { clientId, message });
     }
     // the replay is complete: what is still pending was never stored
-    if (isNew && message.id === this._caughtUpTo) this._resendPending();
+    if (isNew && message.id === this._caughtUpTo) this._caughtUp();
   }
 
   _onClose(socket, code) {
@@ -180,12 +223,16 @@ export class ChatClient extends EventTarget {
       // refused or expired: the next attempt asks for a newly issued token
       this._freshToken = true;
     }
+    this._retryLater({ code });
+  }
+
+  _retryLater(extra = {}) {
     this._failures += 1;
     const ceiling = Math.min(this._maxDelayMs, this._initialDelayMs * 2 ** (this._failures - 1));
     // "equal jitter": at least half the ceiling, so a whole room dropped at
     // once by a dying replica spreads its reconnections over the other half
     const delayMs = Math.round(ceiling / 2 + this._random() * (ceiling / 2));
-    this._setState("reconnecting", { delayMs, code });
+    this._setState("reconnecting", { delayMs, ...extra });
     this._timer = this._setTimer(() => {
       this._timer = null;
       this._connect();
@@ -207,6 +254,8 @@ export class ChatClient extends EventTarget {
     this.state = "closed";
     if (this._timer !== null) this._clearTimer(this._timer);
     this._timer = null;
+    for (const timer of this._resends) this._clearTimer(timer);
+    this._resends.clear();
     const socket = this._socket;
     this._socket = null;
     this._ready = false;

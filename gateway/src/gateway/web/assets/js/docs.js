@@ -7,7 +7,10 @@ window.ui = SwaggerUIBundle({
   deepLinking: true,
   showExtensions: true,
   showCommonExtensions: true,
-  persistAuthorization: true,
+  // never kept: the password flow's form (the password with it) and its tokens
+  // (the refresh token too) would stay in localStorage, readable by any script
+  // of the web client's origin and kept after its logout
+  persistAuthorization: false,
   // no badge from the public validator service: the page works offline
   validatorUrl: null,
   presets: [SwaggerUIBundle.presets.apis, SwaggerUIBundle.SwaggerUIStandalonePreset],

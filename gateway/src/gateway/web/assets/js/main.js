@@ -43,7 +43,8 @@ function render() {
   current = null;
   const path = location.pathname;
   const match = ROUTES.map(([pattern, ...rest]) => [pattern.exec(path), ...rest]).find(([m]) => m);
-  if (!match) {
+  const params = match && decodedParams(match[0]);
+  if (!params) {
     fill(main, h("h1", { tabindex: "-1" }, "Page not found"), h("a", { href: "/" }, "To the catalog"));
     document.title = "Not found · Bazaar";
     return;
@@ -57,13 +58,22 @@ function render() {
   const result = view({
     session,
     navigate,
-    params: found.slice(1).map(decodeURIComponent),
+    params,
     query: new URLSearchParams(location.search),
   });
   current = result instanceof Node ? { element: result } : result;
   fill(main, current.element);
   markCurrentLink(path);
   main.querySelector("h1")?.focus({ preventScroll: true });
+}
+
+/** A route's parameters decoded, or null for a malformed escape ("%E0"): not found. */
+function decodedParams(found) {
+  try {
+    return found.slice(1).map(decodeURIComponent);
+  } catch {
+    return null;
+  }
 }
 
 function markCurrentLink(path) {

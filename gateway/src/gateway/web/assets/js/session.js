@@ -55,7 +55,12 @@ export class Session extends EventTarget {
   }
 
   async logOut() {
-    const token = this._accessToken;
+    // a token that has expired (its refresh failed meanwhile, the laptop was
+    // asleep) would be refused before auth sees it, and the session and its
+    // cookie would live on: refreshed first, or the one in hand if that fails
+    const token = this.signedIn
+      ? await this.token().catch(() => this._accessToken)
+      : this._accessToken;
     this._clear();
     this._emit("change");
     if (token) {

@@ -77,6 +77,7 @@ export function roomView({ session, params }) {
     url: `${scheme}://${location.host}/chat/ws`,
     room,
     token: (fresh) => session.token(fresh),
+    ended: () => !session.signedIn,
   });
   let historyLoaded = false;
 
