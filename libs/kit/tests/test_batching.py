@@ -195,6 +195,15 @@ def shared(pool: PointReadPool) -> SharedReads:
     return SharedReads(pool.acquire, on_lost=lambda _error: Lost())
 
 
+async def test_closing_cancels_shared_reads_that_never_started(pool: PointReadPool) -> None:
+    reads = shared(pool)
+    waiting = asyncio.create_task(reads.fetch(PAGE, (3,), numbers))
+    await asyncio.sleep(0)  # the read's task exists and has not run yet
+    await reads.aclose()
+    with pytest.raises(asyncio.CancelledError):
+        await asyncio.wait_for(waiting, 5)
+
+
 async def test_identical_reads_waiting_together_share_one_statement_and_result(
     pool: PointReadPool,
 ) -> None:

@@ -196,10 +196,15 @@ class SharedReads:
         return result
 
     async def aclose(self) -> None:
+        """Stops the running reads; their readers are cancelled."""
         self._closed = True
         for task in list(self._tasks):
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
+        # a read cancelled before it ran never settled its future
+        waiting, self._waiting = self._waiting, {}
+        for future in waiting.values():
+            future.cancel()
 
     async def _run(
         self, key: tuple[str, tuple[Hashable, ...]], future: asyncio.Future[Any], build: Any
