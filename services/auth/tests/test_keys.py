@@ -31,7 +31,7 @@ from auth.main import create_app
 from auth.models import SigningKey
 from kit.db import make_engine, make_sessionmaker
 from kit.settings import DEFAULT_JWT_ISSUER
-from kit_testing import started
+from kit_testing import free_port, started
 
 from .conftest import SERVICE_DIR, fresh_database, make_settings, wait_until_ready
 from .factories import login
@@ -285,3 +285,37 @@ async def test_a_configured_or_unknown_key_cannot_be_retired(
         await retire(sessionmaker, settings, thumbprint(public_pem_of(CONFIGURED_PEM)))
     with pytest.raises(KeyRetirementRefused, match="no key nope in the ring"):
         await retire(sessionmaker, settings, "nope")
+
+
+async def test_with_the_database_away_a_failed_reload_is_not_tried_by_every_request(
+    ring_db: tuple[str, Sessionmaker], redis_url: str
+) -> None:
+    """The cached keys answer at once; the ring is tried again a refresh
+    interval later, not once per verification, each waiting on the last."""
+    url, sessionmaker = ring_db
+    settings = make_settings(url, redis_url, key_ring_refresh_seconds=30)
+    await ensure_signing_key(sessionmaker, settings)
+    ring = KeyRing(sessionmaker=sessionmaker, settings=settings)
+    kid = (await ring.active_key()).kid
+    away = make_engine(f"postgresql+asyncpg://nobody@127.0.0.1:{free_port()}/auth")
+    attempts = 0
+    reload = ring.reload
+
+    async def counted() -> None:
+        nonlocal attempts
+        attempts += 1
+        await reload()
+
+    ring.reload = counted  # type: ignore[method-assign]
+    ring.sessionmaker = make_sessionmaker(away)
+    ring._loaded_at -= 31  # the interval has passed: due for a reload
+    ring._attempted_at = ring._loaded_at  # and so is the last attempt
+    try:
+        keys = await asyncio.gather(*(ring.key_for(kid) for _ in range(20)))
+        again = await ring.key_for(kid)
+    finally:
+        await away.dispose()
+    assert attempts == 1
+    assert {key.kid for key in keys if key is not None} == {kid}
+    assert len(keys) == 20
+    assert again is not None

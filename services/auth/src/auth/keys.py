@@ -228,6 +228,7 @@ class KeyRing:
         self._public: dict[str, VerificationKey] = {}
         self._jwks: dict[str, Any] = {"keys": []}
         self._loaded_at = float("-inf")
+        self._attempted_at = float("-inf")  # the last reload tried, loaded or not
         self._lock = asyncio.Lock()
 
     @property
@@ -272,15 +273,24 @@ class KeyRing:
         self._loaded_at = time.monotonic()
 
     async def _refresh(self, *, older_than: float) -> None:
-        if time.monotonic() - self._loaded_at < older_than:
+        """Re-reads the ring if older than `older_than` seconds. With keys in
+        hand, a failed reload is tried again only `older_than` later: while
+        the database is away, every verification in auth would otherwise
+        queue behind one reload after another (each up to the connect
+        timeout), where the cached keys answer at once."""
+        now = time.monotonic()
+        if now - self._loaded_at < older_than or now - self._attempted_at < older_than:
             return
         async with self._lock:
-            if time.monotonic() - self._loaded_at < older_than:
+            now = time.monotonic()
+            if now - self._loaded_at < older_than or now - self._attempted_at < older_than:
                 return
+            self._attempted_at = now
             try:
                 await self.reload()
             except (SQLAlchemyError, OSError) as error:
                 if not self.loaded:
+                    self._attempted_at = float("-inf")  # nothing to answer with: try each time
                     raise ServiceUnavailable("Signing keys are not available yet") from error
                 logger.warning("key ring refresh failed, keeping cached keys: %s", error)
 
