@@ -22,6 +22,7 @@ from auth.keys import (
     ensure_signing_key,
     generate_private_pem,
     public_pem_of,
+    publish_lead,
     retire,
     rotate,
     thumbprint,
@@ -319,3 +320,43 @@ async def test_with_the_database_away_a_failed_reload_is_not_tried_by_every_requ
     assert {key.kid for key in keys if key is not None} == {kid}
     assert len(keys) == 20
     assert again is not None
+
+
+async def backdate(sessionmaker: Sessionmaker, kid: str, by: timedelta) -> None:
+    async with sessionmaker() as session:
+        await session.execute(
+            update(SigningKey)
+            .where(SigningKey.kid == kid)
+            .values(created_at=SigningKey.created_at - by)
+        )
+        await session.commit()
+
+
+async def test_a_new_key_signs_only_once_every_replica_publishes_it(
+    ring_db: tuple[str, Sessionmaker], redis_url: str
+) -> None:
+    """A replica re-reads the ring every refresh interval: until then its
+    JWKS lacks a key another replica made, and a verifier that asked it
+    would refuse that key's tokens with a 401. So a new key is published at
+    once and signs a refresh interval (and a margin) later; the old one
+    signs meanwhile."""
+    url, sessionmaker = ring_db
+    settings = make_settings(url, redis_url, key_ring_refresh_seconds=30)
+    await ensure_signing_key(sessionmaker, settings)
+    (old_kid,) = await kids(sessionmaker, retired=False)
+    await backdate(sessionmaker, old_kid, timedelta(days=1))  # it has signed for a while
+    stale, fresh = (KeyRing(sessionmaker=sessionmaker, settings=settings) for _ in range(2))
+    assert (await stale.active_key()).kid == old_kid
+
+    new_kid = await rotate(sessionmaker, settings)
+    await fresh.reload()  # one replica has read the ring since, the other not yet
+
+    assert (await fresh.active_key()).kid == old_kid
+    assert {key["kid"] for key in (await fresh.jwks())["keys"]} == {old_kid, new_kid}
+    assert {key["kid"] for key in (await stale.jwks())["keys"]} == {old_kid}
+    # every replica has read the ring again, and the margin has passed
+    await backdate(sessionmaker, new_kid, publish_lead(settings) + timedelta(seconds=1))
+    for ring_ in (stale, fresh):
+        await ring_.reload()
+        assert (await ring_.active_key()).kid == new_kid
+        assert {key["kid"] for key in (await ring_.jwks())["keys"]} == {old_kid, new_kid}

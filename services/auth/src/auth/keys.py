@@ -5,9 +5,13 @@ stores it in the database under an advisory lock, so every replica signs with
 the same one. A configured key is recorded by its public half only, so after
 the secret is replaced its tokens still verify until they expire.
 
-Rotate with `python -m auth.keys rotate` (DATABASE_URL set): a new key signs
-from then on, and the old one stays in the JWKS for one access-token lifetime
-plus the replicas' key-ring refresh interval.
+Rotate with `python -m auth.keys rotate` (DATABASE_URL set): a new key is
+published at once and signs once every replica publishes it, the replicas'
+key-ring refresh interval plus `PUBLISH_MARGIN_SECONDS` later (`publish_lead`);
+the old one signs until then, and stays in the JWKS for one access-token
+lifetime after. Signing with a key some replica does not publish yet would
+have a verifier that asks that replica refuse the token with a 401, and its
+user logged out.
 
 Retire a key that must no longer be trusted (leaked, say) with `python -m
 auth.keys retire <kid>`: it leaves the ring and the JWKS at once (a new key
@@ -27,6 +31,7 @@ import logging
 import sys
 import time
 import uuid
+from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import Any
@@ -53,6 +58,11 @@ _KEY_LOCK_ID = 0x617574686B6579
 # an unknown kid triggers a re-read at most this often
 _UNKNOWN_KID_REFRESH_SECONDS = 5.0
 _CLOCK_LEEWAY = timedelta(seconds=60)
+PUBLISH_MARGIN_SECONDS = 5.0
+"""How long past the key-ring refresh interval a new key waits to sign: at
+least the shortest interval at which a verifier fetches the JWKS again for an
+unknown kid (kit's `min_refresh_seconds`), so none has last fetched it before
+the key was published everywhere."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -98,12 +108,38 @@ def thumbprint(public_pem: str) -> str:
     return base64.urlsafe_b64encode(digest).rstrip(b"=").decode()
 
 
+def publish_lead(settings: Settings) -> timedelta:
+    """How long a new key is published before it signs."""
+    return timedelta(seconds=settings.key_ring_refresh_seconds + PUBLISH_MARGIN_SECONDS)
+
+
 def retention(settings: Settings) -> timedelta:
-    """How long a retired key stays published: until every token it signed expired."""
+    """How long a retired key stays published: until every token it signed
+    expired (it signs for `publish_lead` after it was retired by a rotation,
+    on a replica whose ring is a refresh interval old)."""
     return (
         timedelta(seconds=settings.access_token_ttl_seconds + settings.key_ring_refresh_seconds)
+        + publish_lead(settings)
         + _CLOCK_LEEWAY
     )
+
+
+def signing_row(rows: Sequence[SigningKey], *, now: datetime, lead: timedelta) -> SigningKey | None:
+    """The key that signs at `now`, of `rows` newest first: the newest one
+    published `lead` ago already (a key retired by a rotation signs until its
+    successor is), else the newest one not retired (the first key of the
+    ring, or the replacement of a key retired at once)."""
+    usable = [row for row in rows if row.private_pem is not None]
+    published = next(
+        (
+            row
+            for row in usable
+            if row.created_at <= now - lead
+            and (row.retired_at is None or row.retired_at > now - lead)
+        ),
+        None,
+    )
+    return published or next((row for row in usable if row.retired_at is None), None)
 
 
 async def _lock_ring(session: AsyncSession) -> None:
@@ -247,10 +283,7 @@ class KeyRing:
             ).all()
         active = self._configured
         if active is None:
-            current = next(
-                (row for row in rows if row.retired_at is None and row.private_pem is not None),
-                None,
-            )
+            current = signing_row(rows, now=datetime.now(UTC), lead=publish_lead(self.settings))
             if current is not None and current.private_pem is not None:
                 reuse = self._active is not None and self._active.kid == current.kid
                 active = (
@@ -331,8 +364,16 @@ async def main(argv: list[str] | None = None) -> int:
     sessionmaker = make_sessionmaker(engine)
     try:
         if arguments.command == "list":
-            for key in await ring(sessionmaker):
-                state = "signing" if key.retired_at is None else f"retired {key.retired_at:%FT%TZ}"
+            keys = await ring(sessionmaker)
+            lead = publish_lead(settings)
+            signing = signing_row(keys, now=datetime.now(UTC), lead=lead)
+            for key in keys:
+                if key is signing:
+                    state = "signing"
+                elif key.retired_at is None:
+                    state = f"published, signs from {key.created_at + lead:%FT%TZ}"
+                else:
+                    state = f"retired {key.retired_at:%FT%TZ}"
                 print(f"{key.kid}\t{key.created_at:%FT%TZ}\t{state}")  # noqa: T201
         elif arguments.command == "rotate":
             print(await rotate(sessionmaker, settings))  # noqa: T201 - the command's output
