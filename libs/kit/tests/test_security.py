@@ -18,6 +18,7 @@ from redis.asyncio import Redis
 
 import kit.security
 from kit.errors import ServiceUnavailable, Unauthenticated
+from kit.revocations import RevocationMirror
 from kit.security import (
     Deadline,
     JwksKeySource,
@@ -624,3 +625,51 @@ async def test_closing_a_deadline_ends_the_calls_it_gave_up_on(
 
     assert sorted(ended) == ["finishing finished", "frozen cancelled"]
     assert await deadline.run(lambda: slow("next", finishing)) == "next"
+
+
+async def test_a_revocation_this_process_applies_while_the_mirror_resyncs_is_kept(
+    redis_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A resync rebuilds the mirror from a SCAN; a token this process revoked
+    after the SCAN went past its key (a logout during a reconnection) must
+    not be lost when the scanned sets replace the old ones."""
+    client = Redis.from_url(redis_url)
+    mirror = RevocationMirror(client)
+    jti = uuid.uuid4().hex
+    scan_iter = client.scan_iter
+
+    async def revoked_during_the_scan(*args: Any, **kwargs: Any) -> AsyncIterator[Any]:
+        async for key in scan_iter(*args, **kwargs):
+            yield key
+        mirror.apply(revoked_token_key(jti), "1")
+
+    monkeypatch.setattr(client, "scan_iter", revoked_during_the_scan)
+    try:
+        await mirror._resync()
+    finally:
+        await client.aclose()
+    assert mirror.refuses(jti, "someone", 0)
+
+
+async def test_a_cutoff_this_process_applies_while_its_key_is_read_again_is_kept(
+    redis_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """An event makes the mirror read a user's cutoff again; a newer cutoff
+    this process writes while that GET is on its way must win over it."""
+    client = Redis.from_url(redis_url)
+    mirror = RevocationMirror(client)
+    key = revoked_user_key(f"u-{uuid.uuid4().hex}")
+    get = client.get
+
+    async def newer_written_meanwhile(name: str) -> Any:
+        answer = await get(name)
+        mirror.apply(key, "2000000000.0")  # after Redis answered, before the mirror reads it
+        return answer
+
+    await client.set(key, "1000000000.0", ex=60)
+    monkeypatch.setattr(client, "get", newer_written_meanwhile)
+    try:
+        await mirror._reread(key)
+    finally:
+        await client.aclose()
+    assert mirror.refuses("any", key.rsplit(":", 1)[1], 1_999_999_999)

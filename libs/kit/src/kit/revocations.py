@@ -40,7 +40,7 @@ import math
 import time
 import weakref
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Any
 
 from redis.asyncio import Redis
@@ -109,6 +109,11 @@ class RevocationMirror:
         self._stopping = asyncio.Event()
         self.syncs = 0  # completed full resyncs, for observability and tests
         self._failing = False  # since the last failed attempt, no session synced
+        # this process's revocations while a read of Redis is under way (a
+        # resync's SCAN, a key's GET): the read may predate them, and what it
+        # found must not replace them (see `_journaled`)
+        self._journal: list[tuple[str, Any]] | None = None
+        self._journal_readers = 0
 
     # --- the per-request side: no I/O ---------------------------------------------
 
@@ -145,6 +150,11 @@ class RevocationMirror:
 
     def apply(self, key: str, value: Any) -> None:
         """Records a revocation this process has just written to Redis."""
+        self._apply(key, value)
+        if self._journal is not None:
+            self._journal.append((key, value))
+
+    def _apply(self, key: str, value: Any) -> None:
         if key.startswith(TOKEN_PREFIX):
             self._tokens.add(key[len(TOKEN_PREFIX) :])
         elif key.startswith(USER_PREFIX):
@@ -252,22 +262,43 @@ class RevocationMirror:
                 async with asyncio.timeout(1.0):
                     await pubsub.aclose()
 
+    @contextlib.contextmanager
+    def _journaled(self) -> Iterator[list[tuple[str, Any]]]:
+        """While a read of Redis is under way: the revocations this process
+        applies meanwhile, to apply again over what the read found (a SCAN or
+        GET that passed a key before this process wrote it would lose it)."""
+        if self._journal is None:
+            self._journal = []
+        journal = self._journal
+        self._journal_readers += 1
+        try:
+            yield journal
+        finally:
+            self._journal_readers -= 1
+            if not self._journal_readers:
+                self._journal = None
+
     async def _resync(self) -> None:
         tokens: set[str] = set()
         user_keys: list[str] = []
-        async for raw in self.redis.scan_iter(match=f"{REVOCATION_PREFIX}*", count=_SCAN_BATCH):
-            key = _text(raw)
-            if key.startswith(TOKEN_PREFIX):
-                tokens.add(key[len(TOKEN_PREFIX) :])
-            elif key.startswith(USER_PREFIX):
-                user_keys.append(key)
-        users: dict[str, float] = {}
-        for start in range(0, len(user_keys), _SCAN_BATCH):
-            batch = user_keys[start : start + _SCAN_BATCH]
-            for key, value in zip(batch, await self.redis.mget(batch), strict=True):
-                if value is not None:
-                    users[key[len(USER_PREFIX) :]] = _cutoff(value)
-        self._tokens, self._users = tokens, users
+        with self._journaled() as journal:
+            start = len(journal)
+            scan = self.redis.scan_iter(match=f"{REVOCATION_PREFIX}*", count=_SCAN_BATCH)
+            async for raw in scan:
+                key = _text(raw)
+                if key.startswith(TOKEN_PREFIX):
+                    tokens.add(key[len(TOKEN_PREFIX) :])
+                elif key.startswith(USER_PREFIX):
+                    user_keys.append(key)
+            users: dict[str, float] = {}
+            for first in range(0, len(user_keys), _SCAN_BATCH):
+                batch = user_keys[first : first + _SCAN_BATCH]
+                for key, value in zip(batch, await self.redis.mget(batch), strict=True):
+                    if value is not None:
+                        users[key[len(USER_PREFIX) :]] = _cutoff(value)
+            self._tokens, self._users = tokens, users
+            for key, value in journal[start:]:
+                self._apply(key, value)
 
     async def _listen(self, pubsub: Any) -> None:
         next_ping = time.monotonic()
@@ -309,22 +340,27 @@ class RevocationMirror:
 
     async def _reread(self, key: str) -> None:
         self._reading += 1
-        try:
-            value = await self.redis.get(key)
-        finally:
-            self._reading -= 1
-        if key.startswith(TOKEN_PREFIX):
-            jti = key[len(TOKEN_PREFIX) :]
-            if value is None:
-                self._tokens.discard(jti)
+        with self._journaled() as journal:
+            start = len(journal)
+            try:
+                value = await self.redis.get(key)
+            finally:
+                self._reading -= 1
+            if key.startswith(TOKEN_PREFIX):
+                jti = key[len(TOKEN_PREFIX) :]
+                if value is None:
+                    self._tokens.discard(jti)
+                else:
+                    self._tokens.add(jti)
             else:
-                self._tokens.add(jti)
-        else:
-            user_id = key[len(USER_PREFIX) :]
-            if value is None:
-                self._users.pop(user_id, None)
-            else:
-                self._users[user_id] = _cutoff(value)
+                user_id = key[len(USER_PREFIX) :]
+                if value is None:
+                    self._users.pop(user_id, None)
+                else:
+                    self._users[user_id] = _cutoff(value)
+            for applied, applied_value in journal[start:]:
+                if applied == key:
+                    self._apply(applied, applied_value)
 
 
 def apply_locally(redis: Redis, key: str, value: Any) -> None:
