@@ -14,7 +14,7 @@ from typing import Any, TypeVar, cast
 
 from redis.asyncio import Redis
 from redis.exceptions import RedisError
-from sqlalchemy import CursorResult, any_, bindparam, delete, func, select, update
+from sqlalchemy import ColumnElement, CursorResult, any_, bindparam, delete, func, select, update
 from sqlalchemy.dialects.postgresql import ARRAY, insert
 from sqlalchemy.dialects.postgresql import asyncpg as asyncpg_dialect
 from sqlalchemy.exc import IntegrityError
@@ -264,7 +264,15 @@ async def _commit_ending_sessions(
 
 
 async def _revoke_refresh_tokens(*, session: AsyncSession, user_id: uuid.UUID) -> None:
-    """Ends every login session of the user (a refresh then answers 401). Caller commits.
+    """Ends every login session of the user (a refresh then answers 401). Caller commits."""
+    await _revoke_every(session, RefreshToken.user_id == user_id, now=datetime.now(UTC))
+
+
+async def _revoke_every(
+    session: AsyncSession, which: ColumnElement[bool], *, now: datetime
+) -> list[tuple[str, datetime]]:
+    """Revokes every live refresh token `which` selects; returns the access
+    token (jti, expiry) issued with each. Caller commits.
 
     The statement is repeated until it finds nothing left. A refresh under
     way holds its token's row (`FOR UPDATE`); the statement waits for it, but
@@ -272,15 +280,18 @@ async def _revoke_refresh_tokens(*, session: AsyncSession, user_id: uuid.UUID) -
     statement's snapshot is taken when it starts. The next statement does. A
     refresh that starts later waits for the rows revoked here, then finds
     its token revoked."""
-    now = datetime.now(UTC)
+    revoked: list[tuple[str, datetime]] = []
     while True:
-        revoked = await session.execute(
+        rows = await session.execute(
             update(RefreshToken)
-            .where(RefreshToken.user_id == user_id, RefreshToken.revoked_at.is_(None))
+            .where(which, RefreshToken.revoked_at.is_(None))
             .values(revoked_at=now)
+            .returning(RefreshToken.access_jti, RefreshToken.access_expires_at)
         )
-        if not cast(CursorResult[Any], revoked).rowcount:
-            return
+        found = [(jti, expires_at) for jti, expires_at in rows.all()]
+        if not found:
+            return revoked
+        revoked += found
 
 
 async def _revoke_user_tokens(*, redis: Redis, settings: Settings, user_id: uuid.UUID) -> None:
@@ -581,20 +592,8 @@ async def revoke_family(*, session: AsyncSession, redis: Redis, family_id: uuid.
     """Revokes every refresh token of the family and blocklists the access
     tokens issued with them that have not expired yet. Caller commits."""
     now = datetime.now(UTC)
-    live: list[tuple[str, datetime]] = []
-    # repeated until nothing is left, for the token a refresh under way adds
-    # (see _revoke_refresh_tokens)
-    while True:
-        rows = await session.execute(
-            update(RefreshToken)
-            .where(RefreshToken.family_id == family_id, RefreshToken.revoked_at.is_(None))
-            .values(revoked_at=now)
-            .returning(RefreshToken.access_jti, RefreshToken.access_expires_at)
-        )
-        revoked = rows.all()
-        if not revoked:
-            break
-        live += [(jti, expires_at) for jti, expires_at in revoked if expires_at > now]
+    revoked = await _revoke_every(session, RefreshToken.family_id == family_id, now=now)
+    live = [(jti, expires_at) for jti, expires_at in revoked if expires_at > now]
     for jti, expires_at in live:
         await blocklist(redis=redis, jti=jti, expires_at=int(expires_at.timestamp()))
 
