@@ -377,6 +377,33 @@ async def test_a_replica_restarted_with_its_node_id_drops_what_the_old_process_l
     assert frame_users(later[room]) == ([("cy", 1)], [])
 
 
+async def test_a_frame_says_what_its_write_carried_not_what_came_while_it_was_written(
+    redis_url: str,
+) -> None:
+    """Sockets come and go while a flush's write is under way: its frame
+    gives each user's sockets as written, and the next flush names those who
+    came or went since, once, with what they brought."""
+    redis = Redis.from_url(redis_url)
+    room = unique_room()
+    presence = Presence(redis=redis, node_id=f"racing-{room}", ttl_seconds=30)
+    try:
+        presence.joined(room, "ann", "Ann")
+        presence.joined(room, "bob", "Bob")
+        first = asyncio.create_task(presence.flush())
+        await asyncio.sleep(0)  # the flush now waits on Redis, its write sent
+        presence.joined(room, "cy", "Cy")
+        presence.left(room, "bob", "Bob")
+        frames = await first
+        later = await presence.flush()
+        listed = await presence.users(room)
+    finally:
+        await presence.clear()
+        await redis.aclose()
+    assert frame_users(frames[room]) == ([("ann", 1), ("bob", 1)], [])
+    assert frame_users(later[room]) == ([("cy", 1)], [("bob", 0)])
+    assert [(user.id, user.connections) for user in listed] == [("ann", 1), ("cy", 1)]
+
+
 async def test_a_replica_taken_for_dead_while_redis_was_away_announces_its_users_again(
     redis_url: str,
 ) -> None:

@@ -161,10 +161,6 @@ class Presence:
         change = changes.setdefault(user_id, [display_name, 0])
         change[1] += step
 
-    def connections(self, room: str, user_id: str) -> int:
-        present = self.rooms.get(room, {}).get(user_id)
-        return 0 if present is None else int(present[1])
-
     # -- flushing -------------------------------------------------------------
 
     def _next_seq(self) -> int:
@@ -186,13 +182,17 @@ class Presence:
         if not rooms:
             return {}
         seq = self._next_seq()
-        rewritten = await self._write(sorted(rooms), changes, seq)
+        # room -> user id -> sockets here as written (sockets may come and go
+        # while the write is under way: the next flush carries those)
+        written: dict[str, dict[str, int]] = {}
+        rewritten = await self._write(sorted(rooms), changes, seq, written)
         frames: dict[str, str] = {}
         for room in [*changes, *(room for room in rewritten if room not in changes)]:
             joins: list[PresenceChange] = []
             leaves: list[PresenceChange] = []
+            here = written.get(room, {})
             for uid, (name, n) in changes.get(room, {}).items():
-                change = PresenceChange(uid, name, abs(n), self.connections(room, uid))
+                change = PresenceChange(uid, name, abs(n), here.get(uid, 0))
                 if n > 0:
                     joins.append(change)
                 elif n < 0:
@@ -203,12 +203,13 @@ class Presence:
                 # for dead while Redis was away), and so is every user its hash
                 # held who is not here (a previous process's, of the same id)
                 named = {change.user_id for change in (*joins, *leaves)}
+                whole, ghosts = rewritten[room]
                 joins += [
-                    PresenceChange(uid, name, 0, here)
-                    for uid, (name, here) in self.rooms.get(room, {}).items()
+                    PresenceChange(uid, name, 0, here[uid])
+                    for uid, name in whole
                     if uid not in named
                 ]
-                leaves += [ghost for ghost in rewritten[room] if ghost.user_id not in named]
+                leaves += [ghost for ghost in ghosts if ghost.user_id not in named]
             if joins or leaves:
                 frames[room] = presence_diff_frame(
                     room=room, node=self.node_id, seq=seq, joins=joins, leaves=leaves
@@ -235,14 +236,21 @@ class Presence:
         return math.floor(now / self.max_delay) > math.floor(held_since / self.max_delay)
 
     async def _write(
-        self, rooms: list[str], changes: dict[str, dict[str, list[Any]]], seq: int
-    ) -> dict[str, list[PresenceChange]]:
-        """Writes the rooms; returns, for each room written whole (a first
-        write of this process, or one after a failed write), the users its
-        hash held who are not here now."""
+        self,
+        rooms: list[str],
+        changes: dict[str, dict[str, list[Any]]],
+        seq: int,
+        written: dict[str, dict[str, int]],
+    ) -> dict[str, tuple[list[tuple[str, str]], list[PresenceChange]]]:
+        """Writes the rooms, and puts in `written` each changed user's sockets
+        here as the write carries them (every user's, for a room written whole).
+        Returns, for each room written whole (a first write of this process, or
+        one after a failed write), its users as written and the users its hash
+        held who are not among them."""
         expires_at = time.time() + self.ttl_seconds
         key_ttl = math.ceil(self.ttl_seconds) + 5
-        rewritten: dict[str, list[PresenceChange]] = {}
+        rewritten: dict[str, tuple[list[tuple[str, str]], list[PresenceChange]]] = {}
+        wholes: dict[str, list[tuple[str, str]]] = {}
         for start in range(0, len(rooms), PIPELINE_ROOMS):
             batch = rooms[start : start + PIPELINE_ROOMS]
             read: list[tuple[str, int]] = []  # a room written whole, its HGETALL's place
@@ -252,6 +260,7 @@ class Presence:
                         key = presence_key(room, self.node_id)
                         users = self.rooms.get(room, {})
                         if not users:  # the last socket here left
+                            written[room] = {}
                             pipe.delete(key)
                             pipe.zrem(presence_nodes_key(room), self.node_id)
                             continue
@@ -260,8 +269,12 @@ class Presence:
                             pipe.hgetall(key)
                             pipe.delete(key)
                             changed = list(users)
+                            wholes[room] = [(uid, users[uid][0]) for uid in changed]
                         else:
                             changed = list(changes.get(room, ()))
+                        written[room] = {
+                            uid: users[uid][1] if uid in users else 0 for uid in changed
+                        }
                         gone = [uid for uid in changed if uid not in users]
                         if gone:
                             pipe.hdel(key, *gone)
@@ -285,17 +298,22 @@ class Presence:
                 else:
                     self._claimed.discard(room)  # its hash is gone: nothing left to own
             for room, index in read:
-                here = self.rooms.get(room, {})
+                here = written[room]
                 held = (
                     json.loads(raw)
                     for field, raw in results[index].items()
                     if field not in SEQ_KEYS
                 )
-                rewritten[room] = [
-                    PresenceChange(user["id"], user["display_name"], int(user["connections"]), 0)
-                    for user in held
-                    if user["id"] not in here
-                ]
+                rewritten[room] = (
+                    wholes[room],
+                    [
+                        PresenceChange(
+                            user["id"], user["display_name"], int(user["connections"]), 0
+                        )
+                        for user in held
+                        if user["id"] not in here
+                    ],
+                )
         return rewritten
 
     def _refresh(self, pipe: Any, room: str, expires_at: float, key_ttl: int) -> None:
