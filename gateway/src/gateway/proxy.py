@@ -250,10 +250,12 @@ class Proxy:
         body: bytes | StreamedBody | None,
     ) -> tuple[Replica, UpstreamResponse, float]:
         """Sends the request to a replica, and to another if the connection never
-        opened and the request can be sent twice; the chosen replica stays counted
-        in flight until the caller is done with the response."""
+        opened (nothing was sent); the chosen replica stays counted in flight
+        until the caller is done with the response."""
         method: str = scope["method"]
-        # a body still streaming from the client cannot be sent twice
+        # a kept-alive connection found closed under the request may have
+        # carried part of it: sent again only if it can be sent twice (a body
+        # still streaming from the client cannot)
         replayable = method in IDEMPOTENT_METHODS and not isinstance(body, StreamedBody)
         pool = route.pool
         target = scope["raw_path"] or scope["path"].encode()
@@ -280,11 +282,14 @@ class Proxy:
                     span.answered(response.status)
                 return replica, response, sent_at
             except ConnectFailed as error:
-                # the connection never opened: nothing was sent
+                # the connection never opened: nothing was sent, not a byte of
+                # a streamed body read, so any request may go to another
+                # replica (a POST to a replica that just stopped listening, in
+                # a rolling update, is served by the next one)
                 replica.in_flight -= 1
                 self.metrics.upstream(route.name, 0.0, None)
                 connection_failed(pool, replica, error)
-                if replayable and len(tried) < self.retries:
+                if len(tried) < self.retries:
                     tried.append(replica)
                     self.metrics.retries.labels(route.name).inc()
                     continue
