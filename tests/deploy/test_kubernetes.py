@@ -124,15 +124,62 @@ def test_every_container_runs_unprivileged_and_read_only() -> None:
         assert container["resources"]["limits"]["memory"], name
 
 
-def test_chat_drains_its_sockets_before_it_stops() -> None:
-    chat = pod(objects("Deployment")["chat"])
-    (container,) = chat["containers"]
+@pytest.mark.parametrize("name", SERVICES)
+def test_every_pod_leaves_discovery_before_it_stops_listening(name: str) -> None:
+    spec = pod(objects("Deployment")[name])
+    (container,) = spec["containers"]
     wait = int(container["lifecycle"]["preStop"]["exec"]["command"][1])
-    uvicorn_graceful_seconds = 10  # --timeout-graceful-shutdown in the chat image
+    uvicorn_graceful_seconds = 10  # --timeout-graceful-shutdown in every image
+    dns_refresh = GatewaySettings.model_fields["dns_refresh_seconds"].default
+    coredns_ttl = 5  # CoreDNS's kubernetes plugin answers with a 5 s TTL
 
-    # the wait outlasts the gateway's DNS refresh, and the grace period both
-    assert wait > 5
-    assert chat["terminationGracePeriodSeconds"] >= wait + uvicorn_graceful_seconds + 5
+    # the wait outlasts the gateway's DNS refresh and the record's lifetime
+    # (the gateway's own pods: a load balancer's health checks, longer), and
+    # the grace period covers the wait and the drain both
+    assert wait >= dns_refresh + coredns_ttl, name
+    assert spec["terminationGracePeriodSeconds"] >= wait + uvicorn_graceful_seconds + 5, name
+
+
+@pytest.mark.parametrize("name", SERVICES)
+def test_replicas_spread_over_nodes_and_a_drain_takes_one_at_a_time(name: str) -> None:
+    (spread,) = pod(objects("Deployment")[name])["topologySpreadConstraints"]
+    budget = objects("PodDisruptionBudget")[name]["spec"]
+
+    assert spread["topologyKey"] == "kubernetes.io/hostname"
+    assert spread["labelSelector"] == {"matchLabels": {"app.kubernetes.io/name": name}}
+    assert budget == {
+        "maxUnavailable": 1,
+        "selector": {"matchLabels": {"app.kubernetes.io/name": name}},
+    }
+
+
+def pool_size(name: str) -> int:
+    """PostgreSQL connections one pod of `name` may hold, from its settings'
+    defaults and what the manifests set."""
+    container = pod(objects("Deployment")[name])["containers"][0]
+    values = {**objects("ConfigMap")["bazaar-shared"]["data"]}
+    values.update({e["name"]: e["value"] for e in container.get("env", []) if "value" in e})
+    fields = SETTINGS[name].model_fields
+
+    def setting(field: str) -> int:
+        return int(values.get(field.upper(), fields[field].default))
+
+    size = setting("database_pool_size") + setting("database_pool_overflow")
+    return size + (setting("point_read_pool_size") if "point_read_pool_size" in fields else 0)
+
+
+def test_the_services_at_their_most_pods_stay_within_postgres_connections() -> None:
+    """Every pool together, with chat at the autoscaler's ceiling and a
+    migrate Job's two connections for each service, within PostgreSQL's 100
+    less the 3 kept for the superuser (docs/operations.md)."""
+    deployments = objects("Deployment")
+    (autoscaler,) = objects("HorizontalPodAutoscaler").values()
+    most = {name: deployments[name]["spec"]["replicas"] for name in ("auth", "catalog", "chat")}
+    most[autoscaler["spec"]["scaleTargetRef"]["name"]] = autoscaler["spec"]["maxReplicas"]
+    postgres = pod(objects("StatefulSet")["postgres"])["containers"][0]
+
+    assert "max_connections" not in str(postgres.get("args", [])), "the budget assumes 100"
+    assert sum(pods * pool_size(name) for name, pods in most.items()) + 6 <= 97
 
 
 def test_chat_and_catalog_resolve_to_every_pod() -> None:
@@ -262,6 +309,21 @@ def test_network_policies_let_in_only_who_needs_in() -> None:
     migrations = {"migrate-auth", "migrate-catalog", "migrate-chat"}
     assert allowed_sources("postgres") == {"auth", "catalog", "chat"} | migrations
     assert allowed_sources("redis") == {"auth", "catalog", "chat", "gateway"}
+    scrape = policies["metrics-from-monitoring"]["spec"]
+    (expression,) = scrape["podSelector"]["matchExpressions"]
+    assert sorted(expression["values"]) == sorted(SERVICES)
+    assert scrape["ingress"] == [
+        {
+            "from": [
+                {
+                    "namespaceSelector": {
+                        "matchLabels": {"kubernetes.io/metadata.name": "monitoring"}
+                    }
+                }
+            ],
+            "ports": [{"port": "http"}],
+        }
+    ]
 
 
 def test_postgres_and_redis_are_stateful_sets_with_their_own_volumes() -> None:

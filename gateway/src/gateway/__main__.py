@@ -17,19 +17,15 @@ every browser offers it, and it costs about 50 KiB of zlib state a socket.
 
 from __future__ import annotations
 
-import logging
 import math
 import os
-import resource
 from collections.abc import Mapping
 from pathlib import Path
 
 from uvicorn.main import main as uvicorn_main
 
 from gateway.config import Settings
-
-logger = logging.getLogger("gateway")
-
+from kit.process import raise_open_file_limit
 
 CGROUP = Path("/sys/fs/cgroup")
 WEBSOCKET_PROTOCOL = "kit.websocket:WebSocketProtocol"
@@ -64,19 +60,6 @@ def usable_cores(cgroup: Path = CGROUP) -> int:
 
 def worker_count(configured: int) -> int:
     return configured if configured > 0 else usable_cores()
-
-
-def raise_open_file_limit() -> int:
-    """Raises the soft limit on open files to the hard limit; returns it."""
-    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
-    if hard == resource.RLIM_INFINITY or soft < hard:
-        target = hard if hard != resource.RLIM_INFINITY else max(soft, 1_048_576)
-        try:
-            resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
-            soft = target
-        except (ValueError, OSError) as error:
-            logger.warning("open-file limit stays at %s: %s", soft, error)
-    return soft
 
 
 def uvicorn_arguments(settings: Settings, environ: Mapping[str, str] = os.environ) -> list[str]:

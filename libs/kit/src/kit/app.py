@@ -23,6 +23,7 @@ from kit.middleware import (
 )
 from kit.openapi import install_problem_openapi
 from kit.pools import PoolMetrics
+from kit.process import raise_open_file_limit
 from kit.settings import ServiceSettings
 from kit.tracing import TracingMiddleware, configure_tracing, quiet_fastapi_tracing
 
@@ -83,6 +84,7 @@ def assemble(
     `readiness`: what the core traffic needs; `optional_readiness`: what only
     some requests need, reported without failing readiness (see `kit.health`);
     `database_outage`: see `kit.errors.install_problem_handlers`."""
+    raise_open_file_limit()
     registry = registry or CollectorRegistry()
     metrics = add_common_middleware(app, settings, registry)
     pools = PoolMetrics(registry)
