@@ -61,7 +61,8 @@ async def test_rfc8414_root_well_known_path_redirects_to_auths_metadata(
 async def test_metrics_count_requests_by_route_prefix_and_status(
     upstream: tuple[Upstream, str], redis_url: str, minter: TokenMinter
 ) -> None:
-    settings = gateway_settings(redis_url, catalog_upstream=urls(upstream[1]))
+    # auth's replica stays down past the scrape, however slow the machine
+    settings = gateway_settings(redis_url, catalog_upstream=urls(upstream[1]), eject_seconds=60)
     async with running_gateway(settings, minter) as (_, client):
         await client.get("/catalog/echo")
         await client.get("/auth/users/me")  # auth's pool is a dead port: 503

@@ -246,14 +246,18 @@ async def test_ejects_a_sick_replica_and_takes_it_back(redis_url: str, minter: T
             redis_url,
             catalog_upstream=urls(sick_url, well_url),
             eject_after_failures=2,
-            eject_seconds=0.3,
+            # long enough to outlast the assertions on a slow machine; then
+            # ended by hand, as its time running out would
+            eject_seconds=60,
         )
-        async with running_gateway(settings, minter) as (_, client):
+        async with running_gateway(settings, minter) as (app, client):
             sick.failing, sick.failing_status = True, 503
             answers = [await client.get("/catalog/flaky") for _ in range(6)]
             metrics = (await client.get("/metrics")).text
             nodes_after = {(await client.get("/catalog/flaky")).json()["node"] for _ in range(4)}
             sick.failing = False
+            for replica in app.runtime.routes["catalog"].pool.replicas:
+                replica.ejected_until = min(replica.ejected_until, time.monotonic())
 
             async def back() -> bool:
                 node: str = (await client.get("/catalog/flaky")).json()["node"]

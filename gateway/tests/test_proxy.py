@@ -386,4 +386,5 @@ async def test_answers_503_at_once_without_a_healthy_replica(
     assert body["detail"] == "No catalog replica is available"
     assert body["instance"] == response.headers["x-request-id"]
     assert int(response.headers["retry-after"]) >= 1
-    assert elapsed < 0.2
+    # at once: not after a connect timeout (2 s) or the next probe (5 s)
+    assert elapsed < 1.0

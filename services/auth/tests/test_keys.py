@@ -93,8 +93,12 @@ async def test_rotation_keeps_old_tokens_valid_and_signs_with_the_new_key(
     url, sessionmaker = ring_db
     before = await login(app_client, "root@example.com", "admin-password-1")
     old_kid = jwt.get_unverified_header(before.access)["kid"]
-    new_kid = await rotate(sessionmaker, make_settings(url, redis_url))
+    settings = make_settings(url, redis_url)
+    new_kid = await rotate(sessionmaker, settings)
     assert new_kid != old_kid
+    # published to every replica by now (it signs from then on, whatever the
+    # age of the ring's first key)
+    await backdate(sessionmaker, new_kid, publish_lead(settings) + timedelta(seconds=1))
     after = await login(app_client, "root@example.com", "admin-password-1")
     assert jwt.get_unverified_header(after.access)["kid"] == new_kid
     published = {
@@ -238,7 +242,9 @@ async def test_retiring_a_rotated_out_key_unpublishes_it_and_refuses_its_tokens(
     old = await login(app_client, "root@example.com", "admin-password-1")
     old_kid = jwt.get_unverified_header(old.access)["kid"]
     new_kid = await rotate(sessionmaker, settings)
+    await backdate(sessionmaker, new_kid, publish_lead(settings) + timedelta(seconds=1))
     new = await login(app_client, "root@example.com", "admin-password-1")
+    assert jwt.get_unverified_header(new.access)["kid"] == new_kid
     assert await published_kids(app_client) == {old_kid, new_kid}
 
     assert await retire(sessionmaker, settings, old_kid) is None

@@ -52,8 +52,9 @@ SettingsFor = Callable[..., Settings]
 
 @pytest.fixture(scope="module")
 async def tight(settings_for: SettingsFor, minter: TokenMinter) -> AsyncIterator[Node]:
-    """A replica with a short send queue and a strict per-socket rate."""
-    settings = settings_for("node-tight", send_queue_size=8, send_rate_per_second=1.0, send_burst=3)
+    """A replica with a short send queue and a strict per-socket rate: a
+    frame in ten seconds past the burst, so a slow machine's burst is still one."""
+    settings = settings_for("node-tight", send_queue_size=8, send_rate_per_second=0.1, send_burst=3)
     async with start_node(settings, minter) as node:
         yield node
 

@@ -15,7 +15,7 @@ from redis.asyncio import Redis
 from websockets.asyncio.client import connect
 from websockets.exceptions import InvalidStatus
 
-from chat import service
+from chat import endpoint, service
 from chat.connection import Connection
 from kit.context import request_id_var
 from kit.security import revoked_token_key, revoked_user_key
@@ -334,14 +334,15 @@ async def test_token_expiry_closes_the_socket_unless_renewed(
 ) -> None:
     room = unique_room()
     async with (
-        chat(cluster[0], room, minter.token(user_id="brief", lifetime=2)) as expiring,
-        chat(cluster[1], room, minter.token(user_id="kept", lifetime=2)) as renewed,
+        # tokens of whole seconds: one of 5 lives 4 to 5 s, time for the renewal
+        chat(cluster[0], room, minter.token(user_id="brief", lifetime=5)) as expiring,
+        chat(cluster[1], room, minter.token(user_id="kept", lifetime=5)) as renewed,
     ):
         await renewed.send({"type": "auth", "token": minter.token(user_id="kept")})
         ack = await renewed.recv_type("auth")
         await renewed.send({"type": "auth", "token": minter.token(user_id="someone-else")})
         refused = await renewed.recv_type("error")
-        closed = await expiring.close_frame(within=5)
+        closed = await expiring.close_frame(within=10)
         assert closed == (4001, "token expired")
         await renewed.say("still here")
         (message,) = await renewed.messages(1)
@@ -564,13 +565,19 @@ async def test_resume_reads_postgresql_only_for_what_the_replica_no_longer_holds
             await writer.say(f"old{seq}")
         await writer.messages(3)
         replay_reads: list[int] = []
-        read_after = service.messages_after
 
-        async def counted(**arguments: Any) -> Any:
-            replay_reads.append(arguments["after"])
-            return await read_after(**arguments)
+        class Counted:
+            """chat.service as the sockets' replays see it, their reads counted
+            (a feed's own catch-up, on the heartbeat, is not a replay)."""
 
-        monkeypatch.setattr(service, "messages_after", counted)
+            def __getattr__(self, name: str) -> Any:
+                return getattr(service, name)
+
+            async def messages_after(self, **arguments: Any) -> Any:
+                replay_reads.append(arguments["after"])
+                return await service.messages_after(**arguments)
+
+        monkeypatch.setattr(endpoint, "service", Counted())
         async with (
             # saw everything: nothing to send
             chat(cluster[1], room, minter.token(), since=3) as current,
