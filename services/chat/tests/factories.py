@@ -8,7 +8,7 @@ import json
 import socket
 import time
 import uuid
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 from urllib.parse import SplitResult, urlsplit
@@ -47,6 +47,14 @@ async def wait_ready(url: str, within: float = TIMEOUT) -> None:
                 return
             if time.monotonic() > deadline:
                 raise AssertionError(f"{url} not ready: {response.text}")
+            await asyncio.sleep(0.05)
+
+
+async def eventually(check: Callable[[], Awaitable[bool]], within: float = 10.0) -> None:
+    async with asyncio.timeout(within):
+        while True:
+            if await check():
+                return
             await asyncio.sleep(0.05)
 
 

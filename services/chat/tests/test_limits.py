@@ -4,7 +4,7 @@ import asyncio
 import json
 import time
 import uuid
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Callable
 from typing import Any
 
 import pytest
@@ -21,6 +21,7 @@ from .factories import (
     StalledReader,
     chat,
     chat_uri,
+    eventually,
     has_text,
     joins,
     leaves,
@@ -32,14 +33,6 @@ from .factories import (
 
 def bearer(token: str) -> dict[str, str]:
     return {"Authorization": f"Bearer {token}"}
-
-
-async def eventually(check: Callable[[], Awaitable[bool]], within: float = 10.0) -> None:
-    async with asyncio.timeout(within):
-        while True:
-            if await check():
-                return
-            await asyncio.sleep(0.05)
 
 
 def outcome_of(client_id: str) -> Callable[[dict[str, Any]], bool]:

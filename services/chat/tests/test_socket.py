@@ -21,7 +21,7 @@ from kit.context import request_id_var
 from kit.security import revoked_token_key, revoked_user_key
 from kit_testing import Service, TokenMinter, wait_for_postgres
 
-from .factories import ChatClient, Node, chat, chat_uri, has_text, unique_room
+from .factories import ChatClient, Node, chat, chat_uri, eventually, has_text, unique_room
 
 
 async def test_ready_frame_names_room_last_id_and_node(
@@ -467,6 +467,58 @@ async def test_revoking_a_token_closes_its_open_socket(
         await redis.aclose()
     assert list(closed) == [(4003, "token revoked"), (4003, "token revoked")]
     assert message["text"] == "still open"
+
+
+async def test_a_revoked_socket_whose_close_waits_posts_nothing(
+    cluster: list[Node], minter: TokenMinter, redis_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Its close frame queued behind frames the client does not read, a
+    revoked socket is still open: what it sends meanwhile is not taken."""
+    room, jti = unique_room(), f"jti-{uuid.uuid4().hex[:8]}"
+    node = cluster[0]
+    redis = Redis.from_url(redis_url)
+    stuck = asyncio.Event()
+    joined: list[tuple[Connection, Any]] = []
+    join_and_accept = endpoint.join_and_accept
+
+    async def recorded(connection: Connection, hub: Any, subprotocol: str | None) -> int | None:
+        joined.append((connection, hub))
+        return await join_and_accept(connection, hub, subprotocol)
+
+    monkeypatch.setattr(endpoint, "join_and_accept", recorded)
+
+    async def never_written(text: str) -> None:
+        await stuck.wait()
+
+    try:
+        async with chat(node, room, minter.token(user_id="watcher")) as watcher:
+            async with chat(node, room, minter.token(user_id="leaver", jti=jti)) as leaver:
+                ((connection, hub),) = [(c, h) for c, h in joined if c.jti == jti]
+                # the client stopped reading: nothing more reaches its socket
+                monkeypatch.setattr(connection._frames, "write_frame", lambda frame: False)
+                monkeypatch.setattr(connection.websocket, "send_text", never_written)
+                await watcher.say("queued for the leaver")
+                await redis.set(revoked_token_key(jti), "1", ex=60)
+
+                async def closing() -> bool:
+                    return connection.close_code is not None
+
+                await eventually(closing)
+                await leaver.say("after the logout")
+                # every frame it sent is handled once its socket is gone
+                leaver.ws.transport.abort()
+
+                async def gone() -> bool:
+                    return connection not in hub.connections()
+
+                await eventually(gone)
+            await watcher.say("marker")
+            texts = [frame["text"] for frame in await watcher.messages(2)]
+    finally:
+        stuck.set()
+        await redis.aclose()
+    assert connection.close_code == 4003
+    assert texts == ["queued for the leaver", "marker"]
 
 
 async def revocation_reads(redis_url: str, key: str, reads: int) -> list[list[str]]:

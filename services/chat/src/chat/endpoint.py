@@ -323,6 +323,12 @@ async def receive_frames(
         event = await websocket.receive()
         if event["type"] == "websocket.disconnect":
             return
+        if connection.close_code is not None:
+            # closing: its token expired or was revoked, or the replica stops.
+            # The close frame waits behind what was queued for the socket (a
+            # client reading nothing keeps it there), and meanwhile nothing the
+            # socket sends is taken: a logged-out session posts no more
+            continue
         raw = event.get("text")
         if raw is None:
             reply(hub, connection, error_frame("Binary frames are not supported; send JSON text"))
