@@ -10,7 +10,7 @@ from redis.asyncio import Redis
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from chat import service
-from chat.bus import message_head, message_payload, room_channel
+from chat.bus import Bus, message_head, message_payload, room_channel
 from chat.schemas import StoredMessage
 from kit.db import make_engine
 from kit_testing import Service, TokenMinter
@@ -224,3 +224,36 @@ async def test_a_payload_with_or_without_trace_context_is_delivered(
     assert [frame["text"] for frame in received] == ["untraced", "traced"]
     assert message_head(f"{second.id}/{traceparent}") == (second.id, traceparent)
     assert message_head("12") == (12, None)
+
+
+async def test_publications_kept_through_an_outage_go_out_once_each_in_order(
+    redis_url: str,
+) -> None:
+    """The reconnect and the heartbeat both send what was kept: together they
+    send every publication once, in the order it was made."""
+    channel = room_channel(unique_room())
+    publisher = Redis.from_url(redis_url)
+    listener = Redis.from_url(redis_url, decode_responses=True)
+    bus = Bus(url=redis_url, node_id=f"kept-{channel}", publisher=publisher)
+    payloads = [f"kept {number}" for number in range(40)]
+    received: list[str] = []
+    try:
+        async with listener.pubsub() as pubsub:
+            await pubsub.subscribe(channel)
+            await pubsub.get_message(timeout=5)  # the confirmation
+            for payload in payloads:  # the bus is down: kept
+                await bus.publish(channel, payload)
+            assert bus.backlog_size == len(payloads)
+            bus.connected.set()  # back: the reconnect flushes, and so does a heartbeat
+            await asyncio.gather(bus._flush_backlog(), bus.flush(), bus.flush())
+            while len(received) < len(payloads):
+                reply = await pubsub.get_message(ignore_subscribe_messages=True, timeout=5)
+                assert reply is not None, f"only {len(received)} arrived"
+                received.append(reply["data"])
+            extra = await pubsub.get_message(ignore_subscribe_messages=True, timeout=0.2)
+    finally:
+        await publisher.aclose()
+        await listener.aclose()
+    assert received == payloads
+    assert extra is None
+    assert bus.backlog_size == 0

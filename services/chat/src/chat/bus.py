@@ -103,6 +103,8 @@ class Bus:
         self.connected = asyncio.Event()
         self._probes: dict[str, asyncio.Future[None]] = {}
         self._backlog: deque[tuple[str, str]] = deque(maxlen=BACKLOG_LIMIT)
+        # one flusher of the backlog at a time (the reconnect's and the heartbeat's)
+        self._flushing = asyncio.Lock()
         self._task: asyncio.Task[None] | None = None
         self._subscriber: Redis | None = None
         self._reconnects = 0
@@ -242,18 +244,25 @@ class Bus:
             logger.exception("handling a bus message for room %s failed", room)
 
     async def flush(self) -> None:
-        """Sends kept publications now, if the bus is up (the heartbeat calls this)."""
-        if self._backlog and self.connected.is_set():
+        """Sends kept publications now, if the bus is up and nobody is sending
+        them already (the heartbeat calls this)."""
+        if self._backlog and self.connected.is_set() and not self._flushing.locked():
             try:
                 await self._flush_backlog()
             except (RedisError, OSError) as error:
                 logger.warning("republishing kept messages failed: %s", error)
 
     async def _flush_backlog(self) -> None:
-        while self._backlog:
-            channel, payload = self._backlog[0]
-            await self.publisher.publish(channel, payload)
-            self._backlog.popleft()
+        """Publishes the kept publications in order, each once: one flusher at a
+        time, and an entry leaves the backlog only once it is published (and
+        only if a full backlog did not drop it meanwhile)."""
+        async with self._flushing:
+            backlog = self._backlog
+            while backlog:
+                entry = backlog[0]
+                await self.publisher.publish(*entry)
+                if backlog and backlog[0] is entry:
+                    backlog.popleft()
 
     async def _close_subscriber(self) -> None:
         subscriber, self._subscriber = self._subscriber, None
