@@ -404,6 +404,33 @@ async def test_a_frame_says_what_its_write_carried_not_what_came_while_it_was_wr
     assert [(user.id, user.connections) for user in listed] == [("ann", 1), ("cy", 1)]
 
 
+async def test_a_replica_found_expired_that_wrote_again_is_not_buried(redis_url: str) -> None:
+    """A heartbeat found a replica's entries expired (it was stalled); before
+    the removal that follows, the replica wrote again: it stays, with its users,
+    and nobody hears it is gone."""
+    redis = Redis.from_url(redis_url)
+    room = unique_room()
+    live = Presence(redis=redis, node_id=f"live-{room}", ttl_seconds=30)
+    stalled = Presence(redis=redis, node_id=f"stalled-{room}", ttl_seconds=30)
+    try:
+        live.joined(room, "ann", "Ann")
+        stalled.joined(room, "bob", "Bob")
+        await live.flush()
+        await stalled.flush()
+        # found expired by the live replica's heartbeat...
+        await redis.zadd(f"chat:presence:{room}:nodes", {stalled.node_id: time.time() - 1})
+        # ...which the stalled one's heartbeat overtakes, its expiry pushed ahead
+        await stalled.heartbeat()
+        buried = await live._bury([(room, stalled.node_id)])
+        listed = await live.users(room)
+    finally:
+        await live.clear()
+        await stalled.clear()
+        await redis.aclose()
+    assert buried == []
+    assert [user.id for user in listed] == ["ann", "bob"]
+
+
 async def test_a_replica_taken_for_dead_while_redis_was_away_announces_its_users_again(
     redis_url: str,
 ) -> None:

@@ -45,9 +45,11 @@ interval, as before.
 The heartbeat pushes the expiry of every room ahead (one pipeline) and looks
 for replicas whose entries expired in those rooms: when a replica dies, its
 entries drop out of every listing after `ttl` seconds (the score), and the
-first live replica to remove it from the room's set (ZREM answers 1 to one
-of them) sends the room a `presence` frame with `"gone": true` that names
-the dead replica's users in `leaves`, so members see them go. Writes are best
+first live replica to remove it from the room's set (a script that checks
+the expiry again as it removes, so a replica that wrote since it was found
+expired stays, and only one remover gets its entries) sends the room a
+`presence` frame with `"gone": true` that names the dead replica's users in
+`leaves`, so members see them go. Writes are best
 effort: a room whose write failed is rewritten whole by the next flush.
 
 A room is also written whole the first time this process writes it: its hash
@@ -90,6 +92,22 @@ SEQ_KEYS = (SEQ_FIELD, SEQ_FIELD.encode())
 _clock = time.time  # the shared grid of held rooms (a module attribute so tests can move it)
 
 
+# Removes a replica from a room if its entries expired, and returns what they
+# held; nil if they did not (it wrote again since it was found expired: a
+# stalled replica back, or one whose heartbeat Redis missed for a while).
+# KEYS: the room's set of replicas, the replica's hash; ARGV: the replica, now.
+_BURY = """
+local expires = redis.call('ZSCORE', KEYS[1], ARGV[1])
+if not expires or tonumber(expires) > tonumber(ARGV[2]) then
+    return false
+end
+local entries = redis.call('HGETALL', KEYS[2])
+redis.call('ZREM', KEYS[1], ARGV[1])
+redis.call('DEL', KEYS[2])
+return entries
+"""
+
+
 def presence_key(room: str, node: str) -> str:
     return f"chat:presence:{room}:{node}"
 
@@ -115,6 +133,7 @@ class Presence:
         max_delay: float = 0.0,
     ) -> None:
         self.redis = redis
+        self._bury_script = redis.register_script(_BURY)
         self.node_id = node_id
         self.ttl_seconds = ttl_seconds
         # 0: every changed room is flushed at every interval
@@ -353,23 +372,29 @@ class Presence:
 
     async def _bury(self, expired: list[tuple[str, str]]) -> list[tuple[str, str]]:
         """Removes dead replicas from their rooms; for each removal this replica
-        won, the room's frame naming the dead replica's users as gone."""
+        won, the room's frame naming the dead replica's users as gone.
+
+        Each removal checks the expiry again, with the removal itself (one
+        script): between the heartbeat that found a replica expired and this,
+        the replica may have written again, and a live replica's users must
+        not be announced gone."""
+        bury = self._bury_script
+        now = time.time()
         try:
             async with self.redis.pipeline(transaction=False) as pipe:
                 for room, node in expired:
-                    pipe.hgetall(presence_key(room, node))
-                    pipe.zrem(presence_nodes_key(room), node)
-                    pipe.delete(presence_key(room, node))
+                    keys = [presence_nodes_key(room), presence_key(room, node)]
+                    await bury(keys=keys, args=[node, now], client=pipe)
                 results = await pipe.execute()
         except (RedisError, OSError) as error:
             logger.warning("dead replicas not removed from presence (retried): %s", error)
             return []
         frames: list[tuple[str, str]] = []
-        for index, (room, node) in enumerate(expired):
-            entries, won = results[3 * index], results[3 * index + 1]
-            if not won:
-                continue  # another replica announces it
-            users = [json.loads(raw) for field, raw in entries.items() if field not in SEQ_KEYS]
+        for (room, node), entries in zip(expired, results, strict=True):
+            if entries is None:
+                continue  # alive again, or another replica announces it
+            pairs = zip(entries[::2], entries[1::2], strict=True)
+            users = [json.loads(raw) for field, raw in pairs if field not in SEQ_KEYS]
             leaves = [
                 PresenceChange(u["id"], u["display_name"], int(u["connections"]), 0) for u in users
             ]
