@@ -92,3 +92,16 @@ test("a frame of several diffs applies each in order, as the separate frames wou
   assert.deepEqual(counts(together), { ann: 3 });
   assert.deepEqual(counts(together), counts(apart));
 });
+
+test("a frame carrying the listing (its replica's bus was away) is taken as the listing is", () => {
+  const presence = new RoomPresence();
+  presence.reset(listing(1000, { A: { seq: 900, users: { ann: 1 } }, B: { seq: 950, users: { bob: 1 } } }));
+  // meanwhile bob left B, cy came to B and dee to C: diffs this socket never got
+  presence.apply(frame("A", 1500, { joins: [user("eve", 1)] })); // a later diff it did get
+  presence.apply({
+    type: "presence",
+    room: "lobby",
+    listing: listing(1400, { A: { seq: 1200, users: { ann: 1 } }, B: { seq: 1300, users: { cy: 1 } }, C: { seq: 1350, users: { dee: 2 } } }),
+  });
+  assert.deepEqual(counts(presence), { ann: 1, cy: 1, dee: 2, eve: 1 });
+});

@@ -14,11 +14,15 @@ from typing import TYPE_CHECKING, Any
 from urllib.parse import SplitResult, urlsplit
 
 import httpx
+import pytest
 from fastapi import FastAPI
 from websockets.asyncio.client import ClientConnection, connect
 from websockets.exceptions import ConnectionClosed
 
+from chat import endpoint
 from chat.config import Settings
+from chat.connection import Connection
+from chat.hub import Hub
 from chat.main import create_app
 
 if TYPE_CHECKING:
@@ -56,6 +60,20 @@ async def eventually(check: Callable[[], Awaitable[bool]], within: float = 10.0)
             if await check():
                 return
             await asyncio.sleep(0.05)
+
+
+def joined_sockets(monkeypatch: pytest.MonkeyPatch) -> list[tuple[Connection, Hub]]:
+    """Every socket that joins a room from here on, with its replica's hub (the
+    in-process nodes' insides, for the tests that must reach them)."""
+    joined: list[tuple[Connection, Hub]] = []
+    join_and_accept = endpoint.join_and_accept
+
+    async def recorded(connection: Connection, hub: Hub, subprotocol: str | None) -> int | None:
+        joined.append((connection, hub))
+        return await join_and_accept(connection, hub, subprotocol)
+
+    monkeypatch.setattr(endpoint, "join_and_accept", recorded)
+    return joined
 
 
 @contextlib.asynccontextmanager

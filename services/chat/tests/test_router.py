@@ -1,12 +1,22 @@
 from __future__ import annotations
 
 import httpx
+import pytest
 from redis.asyncio import Redis
 
 from chat.presence import Presence
 from kit_testing import TokenMinter
 
-from .factories import Node, chat, joins, leaves, presence_listing, presence_users, unique_room
+from .factories import (
+    Node,
+    chat,
+    joined_sockets,
+    joins,
+    leaves,
+    presence_listing,
+    presence_users,
+    unique_room,
+)
 
 
 def bearer(minter: TokenMinter) -> dict[str, str]:
@@ -146,6 +156,34 @@ async def test_presence_of_a_dead_replica_vanishes_and_members_hear_it(
     assert gone["leaves"] == [{"id": "gus", "display_name": "Gus", "connections": 2, "here": 0}]
     assert listed == [{"id": "ann", "display_name": "Ann", "connections": 1}]
     assert remaining == 0
+
+
+async def test_after_the_bus_was_away_the_sockets_get_each_room_presence_whole(
+    cluster: list[Node], minter: TokenMinter, redis_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Redis keeps no diff for a subscriber that was away: once a replica's
+    bus is back, its sockets get each room's listing, and what the other
+    replicas said meanwhile is not lost to them."""
+    room = unique_room()
+    redis = Redis.from_url(redis_url)
+    other = Presence(redis=redis, node_id=f"other-{room}", ttl_seconds=30)
+    joined = joined_sockets(monkeypatch)
+    try:
+        async with chat(cluster[0], room, minter.token(user_id="ann", name="Ann")) as ann:
+            ((_, hub),) = joined
+            # while this replica's bus was away: bob came on another replica,
+            # whose diff (its flush's frame) never reached this one
+            other.joined(room, "bob", "Bob")
+            await other.flush()
+            hub.resync()  # the bus is back
+            relisted = await ann.recv_until(lambda frame: "listing" in frame)
+    finally:
+        await other.clear()
+        await redis.aclose()
+    listing = relisted["listing"]
+    assert relisted["room"] == room
+    assert [user["id"] for user in listing["users"]] == ["ann", "bob"]
+    assert {node["node"] for node in listing["nodes"]} == {cluster[0].name, other.node_id}
 
 
 async def test_readyz_proves_database_and_bus(cluster: list[Node]) -> None:

@@ -21,7 +21,16 @@ from kit.context import request_id_var
 from kit.security import revoked_token_key, revoked_user_key
 from kit_testing import Service, TokenMinter, wait_for_postgres
 
-from .factories import ChatClient, Node, chat, chat_uri, eventually, has_text, unique_room
+from .factories import (
+    ChatClient,
+    Node,
+    chat,
+    chat_uri,
+    eventually,
+    has_text,
+    joined_sockets,
+    unique_room,
+)
 
 
 async def test_ready_frame_names_room_last_id_and_node(
@@ -478,14 +487,7 @@ async def test_a_revoked_socket_whose_close_waits_posts_nothing(
     node = cluster[0]
     redis = Redis.from_url(redis_url)
     stuck = asyncio.Event()
-    joined: list[tuple[Connection, Any]] = []
-    join_and_accept = endpoint.join_and_accept
-
-    async def recorded(connection: Connection, hub: Any, subprotocol: str | None) -> int | None:
-        joined.append((connection, hub))
-        return await join_and_accept(connection, hub, subprotocol)
-
-    monkeypatch.setattr(endpoint, "join_and_accept", recorded)
+    joined = joined_sockets(monkeypatch)
 
     async def never_written(text: str) -> None:
         await stuck.wait()

@@ -27,6 +27,7 @@ import logging
 from collections import deque
 
 from redis.asyncio import Redis
+from redis.exceptions import RedisError
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from chat import service, tracing
@@ -40,7 +41,7 @@ from chat.connection import (
 )
 from chat.metrics import ChatMetrics
 from chat.presence import Presence
-from chat.schemas import StoredMessage, presence_frames
+from chat.schemas import StoredMessage, presence_frames, presence_listing_frame
 from kit.security import revoked_among
 from kit.websocket import text_frame
 
@@ -231,6 +232,9 @@ class Hub:
         self.gap_fill_wait = settings.gap_fill_wait_ms / 1000
         self.presence_gather = settings.presence_gather_seconds
         self.feeds: dict[str, RoomFeed] = {}
+        # rooms whose sockets here get the presence listing at the next flush:
+        # the bus was away, and the other replicas' diffs it carried are lost
+        self._relist: set[str] = set()
 
     # -- membership -------------------------------------------------------
 
@@ -346,9 +350,12 @@ class Hub:
                 feed.catch_up()
 
     def resync(self) -> None:
-        """After the bus came back: read what every room missed meanwhile."""
+        """After the bus came back: read what every room missed meanwhile, and
+        give the sockets here each room's presence whole at the next flush
+        (Redis keeps no diff for a subscriber that was away)."""
         for feed in list(self.feeds.values()):
             feed.catch_up()
+        self._relist.update(self.feeds)
 
     # -- presence ---------------------------------------------------------
 
@@ -362,6 +369,27 @@ class Hub:
         here and through the bus (one pipeline for all rooms)."""
         frames = await self.presence.flush()
         await self._tell_rooms(list(frames.items()))
+        if self._relist:
+            await self._send_listings()
+
+    async def _send_listings(self) -> None:
+        """Each room waiting for it gets its listing, to the sockets here: a
+        `presence` frame with `listing`, which a client takes as it takes the
+        listing it reads over HTTP. A room whose read fails waits for the next
+        flush."""
+        rooms, self._relist = self._relist, set()
+        for room in sorted(rooms):
+            feed = self.feeds.get(room)
+            if feed is None or not feed.connections or not self.settings.presence_frames:
+                continue
+            try:
+                listing = await self.presence.listing(room)
+            except (RedisError, OSError) as error:
+                logger.warning("presence of room %s not sent again (retried): %s", room, error)
+                self._relist.add(room)
+                continue
+            if room in self.feeds:
+                self.push_to_room(self.feeds[room], presence_listing_frame(listing))
 
     async def presence_heartbeat(self) -> None:
         """Keeps this replica's presence alive, and tells rooms about dead replicas."""

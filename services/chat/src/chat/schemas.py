@@ -138,6 +138,16 @@ def presence_diff_frame(
     return dumps(frame)
 
 
+def presence_listing_frame(listing: PresenceOut) -> str:
+    """A room's presence whole, as its listing over HTTP gives it: sent to the
+    sockets of a replica whose bus was away (the diffs it carried meanwhile
+    are lost). A client takes it as it takes that listing: counts newer than
+    it, from later frames, stand."""
+    return dumps(
+        {"type": "presence", "room": listing.room, "listing": listing.model_dump(mode="json")}
+    )
+
+
 class ChatUser(BaseModel):
     id: str
     display_name: str

@@ -16,7 +16,8 @@
 //   ack      {clientId, message}        a message of ours is stored
 //   presence the presence frame         {node, seq, joins, leaves, gone?}: one replica's
 //                                        users that came or went, or {diffs: [...]},
-//                                        several such diffs in order (see presence.js)
+//                                        several such diffs in order, or {listing},
+//                                        the room's presence whole (see presence.js)
 //   problem  the error frame            the server refused a frame; the socket stays open
 //                                        (not for one dropped for the send rate: sent again)
 

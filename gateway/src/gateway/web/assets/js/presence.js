@@ -11,6 +11,8 @@
 // replica's `gone` frame (it died; a live one noticed) drops all of its users.
 // Diffs of one room that reach a replica together (the replicas flush on the
 // same tick) come as one frame whose `diffs` holds them, applied in order.
+// A frame with `listing` carries the whole listing (the socket's replica lost
+// the diffs of a while, its bus away): taken as the listing over HTTP is.
 
 export class RoomPresence {
   constructor() {
@@ -44,6 +46,10 @@ export class RoomPresence {
 
   /** Applies one `presence` frame: a replica's diff, or several in `diffs`, in order. */
   apply(frame) {
+    if (frame.listing) {
+      this.reset(frame.listing);
+      return;
+    }
     if (Array.isArray(frame.diffs)) {
       for (const diff of frame.diffs) this.apply(diff);
       return;
