@@ -13,7 +13,7 @@ from websockets.asyncio.client import connect
 from websockets.exceptions import ConnectionClosed
 
 from chat.config import Settings
-from chat.limits import PROCESSES_KEY, UserLimits, sockets_key
+from chat.limits import PROCESSES_KEY, UserLimits, rate_key, sockets_key
 from kit_testing import TokenMinter, free_port
 
 from .factories import (
@@ -41,13 +41,20 @@ def outcome_of(client_id: str) -> Callable[[dict[str, Any]], bool]:
 
 
 SettingsFor = Callable[..., Settings]
+TIGHT_FRAME_CHARS = 1000
 
 
 @pytest.fixture(scope="module")
 async def tight(settings_for: SettingsFor, minter: TokenMinter) -> AsyncIterator[Node]:
     """A replica with a short send queue and a strict per-socket rate: a
     frame in ten seconds past the burst, so a slow machine's burst is still one."""
-    settings = settings_for("node-tight", send_queue_size=8, send_rate_per_second=0.1, send_burst=3)
+    settings = settings_for(
+        "node-tight",
+        send_queue_size=8,
+        send_rate_per_second=0.1,
+        send_burst=3,
+        max_frame_chars=TIGHT_FRAME_CHARS,
+    )
     async with start_node(settings, minter) as node:
         yield node
 
@@ -65,6 +72,56 @@ async def test_rate_limit_answers_with_an_error_frame(tight: Node, minter: Token
     assert {f["detail"] for f in frames if f["type"] == "error"} == {
         "Rate limit exceeded; frame dropped"
     }
+
+
+async def test_binary_and_oversized_frames_draw_on_the_allowance_too(
+    tight: Node, minter: TokenMinter
+) -> None:
+    async with chat(tight, unique_room(), minter.token(user_id=f"b-{uuid.uuid4().hex[:8]}")) as c:
+        await c.ws.send(b"\x00binary")
+        await c.ws.send("x" * (TIGHT_FRAME_CHARS + 1))
+        await c.ws.send(b"\x00binary")
+        await c.say("over the burst", client_id="late")
+        frames = [await c.recv_until(lambda f: f["type"] in ("message", "error")) for _ in range(4)]
+    details = [frame["detail"] for frame in frames]
+    assert details[0] == details[2] == "Binary frames are not supported; send JSON text"
+    assert details[1].startswith("Frame too large")
+    assert details[3] == "Rate limit exceeded; frame dropped"
+    assert frames[3]["client_id"] == "late"
+
+
+async def test_a_refused_user_is_refused_here_until_then_without_asking_redis(
+    redis_url: str,
+) -> None:
+    """A client that ignores `retry_after` and floods costs the shared Redis one
+    round trip per refusal window, not one per frame."""
+    redis = Redis.from_url(redis_url)
+    monitoring = Redis.from_url(redis_url, decode_responses=True)
+    user, sentinel = f"flood-{uuid.uuid4().hex[:8]}", f"sentinel-{uuid.uuid4().hex}"
+    limits = UserLimits(
+        redis=redis,
+        node_id="flood",
+        rate_per_second=0.1,
+        burst=2,
+        max_sockets=5,
+        liveness_seconds=20,
+    )
+    asked = 0
+    try:
+        async with monitoring.monitor() as monitor:
+            waits = [await limits.take_frame(user) for _ in range(20)]
+            await redis.get(sentinel)
+            async for command in monitor.listen():
+                words = str(command.get("command", "")).split()
+                if sentinel in words:
+                    break
+                asked += words[:1] == ["EVALSHA"] and rate_key(user) in words
+    finally:
+        await redis.aclose()
+        await monitoring.aclose()
+    assert waits[:2] == [0.0, 0.0]
+    assert all(wait > 0 for wait in waits[2:])
+    assert asked == 3  # two taken, one refused; the other 17 refused here
 
 
 async def test_slow_consumer_is_dropped_and_the_room_goes_on(

@@ -330,16 +330,17 @@ async def receive_frames(
             # socket sends is taken: a logged-out session posts no more
             continue
         raw = event.get("text")
+        # every frame counts, on the user's one allowance across sockets and
+        # replicas: a binary or oversized one too
+        if (wait := await limits.take_frame(connection.user_id)) > 0:
+            client_id = client_id_of(raw) if raw and len(raw) <= settings.max_frame_chars else None
+            reply(hub, connection, rate_limited_frame(retry_after=wait, client_id=client_id))
+            continue
         if raw is None:
             reply(hub, connection, error_frame("Binary frames are not supported; send JSON text"))
             continue
         if len(raw) > settings.max_frame_chars:
             reply(hub, connection, error_frame(f"Frame too large (max {settings.max_frame_chars})"))
-            continue
-        # every frame counts, on the user's one allowance across sockets and replicas
-        if (wait := await limits.take_frame(connection.user_id)) > 0:
-            dropped = rate_limited_frame(retry_after=wait, client_id=client_id_of(raw))
-            reply(hub, connection, dropped)
             continue
         frame = parse_frame(raw)
         if isinstance(frame, str):

@@ -3,6 +3,8 @@
 - Send rate: every frame a user sends, from any socket on any replica, draws
   on one allowance in Redis (GCRA: one key per user holding the theoretical
   arrival time), `SEND_BURST` at once and `SEND_RATE_PER_SECOND` after that.
+  A refusal names when the next frame will be taken; until then the process
+  refuses the user's frames itself, without asking Redis again.
 - Sockets: a user holds at most `MAX_SOCKETS_PER_USER` at once, across
   replicas. Each process counts its own sockets per user and writes that
   count into the user's hash in Redis (field: the process); a script adds up
@@ -123,6 +125,9 @@ class UserLimits:
         self.sockets: dict[str, int] = {}  # user -> sockets here
         self.unsynced: set[str] = set()  # users whose count here Redis may not have
         self._allowances: dict[str, tuple[float, float]] = {}  # user -> (tokens, at), Redis away
+        # user -> until when Redis said no frame will be allowed (monotonic):
+        # frames before then are refused here, without asking Redis again
+        self._refused_until: dict[str, float] = {}
         self._take = redis.register_script(_TAKE)
         self._open = redis.register_script(_OPEN)
         self._beat = redis.register_script(_BEAT)
@@ -132,7 +137,19 @@ class UserLimits:
 
     async def take_frame(self, user_id: str) -> float:
         """Draws one frame from the user's allowance: 0 when allowed, else the
-        seconds until a frame will be."""
+        seconds until a frame will be.
+
+        Once refused, the user's frames on this replica are refused here until
+        the moment Redis named, without a round trip each: a client that
+        ignores `retry_after` and floods costs the Redis every replica shares
+        nothing more. (Other replicas' frames of the user can only put that
+        moment later, so no frame Redis would take is refused.)"""
+        now = time.monotonic()
+        refused_until = self._refused_until.get(user_id)
+        if refused_until is not None:
+            if refused_until > now:
+                return refused_until - now
+            del self._refused_until[user_id]
         if self._redis_usable():
             try:
                 async with asyncio.timeout(REDIS_TIMEOUT_SECONDS):
@@ -142,7 +159,12 @@ class UserLimits:
             except (RedisError, OSError, TimeoutError) as error:
                 self._redis_failed(error)
             else:
-                return int(wait_ms) / 1000
+                wait = int(wait_ms) / 1000
+                if wait > 0:
+                    if len(self._refused_until) > 100_000:  # long past, most of them
+                        self._refused_until.pop(next(iter(self._refused_until)))
+                    self._refused_until[user_id] = time.monotonic() + wait
+                return wait
         return self._take_locally(user_id)
 
     def _take_locally(self, user_id: str) -> float:
