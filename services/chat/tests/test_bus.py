@@ -1,8 +1,9 @@
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from datetime import UTC, datetime
+from typing import Any
 
 import httpx
 import pytest
@@ -11,11 +12,21 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 
 from chat import service
 from chat.bus import Bus, message_head, message_payload, room_channel
+from chat.config import Settings
 from chat.schemas import StoredMessage
 from kit.db import make_engine
 from kit_testing import Service, TokenMinter
 
-from .factories import ChatClient, Node, chat, has_text, unique_room, wait_ready
+from .factories import (
+    ChatClient,
+    Node,
+    chat,
+    has_text,
+    joined_sockets,
+    start_node,
+    unique_room,
+    wait_ready,
+)
 
 
 @pytest.fixture
@@ -93,6 +104,42 @@ async def test_a_message_stored_but_never_published_reaches_the_room_within_a_he
     assert seen_here["id"] == seen_there["id"] == orphan.id
     assert seen_there["text"] == "never published"
     assert after["id"] == orphan.id + 1
+
+
+async def test_a_catch_up_asked_while_a_read_is_under_way_reads_again_after_it(
+    settings_for: Callable[..., Settings],
+    minter: TokenMinter,
+    engine: AsyncEngine,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The bus came back while the room's feed was reading the database: that
+    read may predate what the outage missed, so the feed reads again once it is
+    done, and does not leave the message to the heartbeat (a minute here)."""
+    room = unique_room()
+    joined = joined_sockets(monkeypatch)
+    answered, release = asyncio.Event(), asyncio.Event()
+    read_after = service.messages_after
+
+    async def answered_late(**arguments: Any) -> Any:
+        page = await read_after(**arguments)
+        if not release.is_set():  # the first read: its answer comes back late
+            answered.set()
+            await release.wait()
+        return page
+
+    settings = settings_for(f"node-again-{room}", presence_heartbeat_seconds=60)
+    async with start_node(settings, minter) as node, chat(node, room, minter.token()) as client:
+        ((_, hub),) = joined
+        feed = hub.feeds[room]
+        monkeypatch.setattr(service, "messages_after", answered_late)
+        feed.catch_up()  # a read under way...
+        await asyncio.wait_for(answered.wait(), 10)
+        missed = await store(engine, room, "stored while the bus was away")
+        feed.catch_up()  # ...when the bus comes back
+        release.set()
+        (delivered,) = await client.messages(1)
+    assert delivered["id"] == missed.id
+    assert delivered["text"] == "stored while the bus was away"
 
 
 async def test_a_hole_is_filled_from_the_database_in_order_and_once(

@@ -58,6 +58,7 @@ class RoomFeed:
     """One room's ordered stream on this replica."""
 
     __slots__ = (
+        "_again",
         "_fill_task",
         "_gap_timer",
         "_presence_timer",
@@ -84,6 +85,9 @@ class RoomFeed:
         self.started: asyncio.Task[None] | None = None
         self._gap_timer: asyncio.TimerHandle | None = None
         self._fill_task: asyncio.Task[None] | None = None
+        # a catch-up was asked for while a read was under way or the feed was
+        # starting: that read may predate what it was asked for, so read again
+        self._again = False
         # presence diffs gathered for the room's next presence frame (`gather_presence`)
         self.presence: list[str] = []
         self._presence_timer: asyncio.TimerHandle | None = None
@@ -94,6 +98,8 @@ class RoomFeed:
         self.delivered = await service.room_last_id(engine=self.hub.engine, room=self.room)
         self.ready = True
         self._after_change()
+        if self._again:
+            self.catch_up()
 
     def offer(self, message_id: int, frame: str) -> None:
         if not self.ready:
@@ -152,11 +158,17 @@ class RoomFeed:
             self._gap_timer = loop.call_later(delay, self.catch_up)
 
     def catch_up(self) -> None:
-        """Reads every stored id above the mark (a hole, or a bus outage)."""
-        self._gap_timer = None
-        if self._fill_task is None and self.ready:
-            self.hub.metrics.gap_fills.inc()
-            self._fill_task = asyncio.create_task(self._fill(), name=f"fill-{self.room}")
+        """Reads every stored id above the mark (a hole, or a bus outage); asked
+        while a read is under way or the feed starts, it reads again after."""
+        if self._gap_timer is not None:
+            self._gap_timer.cancel()  # asked before the hole's timer: this read covers it
+            self._gap_timer = None
+        if self._fill_task is not None or not self.ready:
+            self._again = True
+            return
+        self._again = False
+        self.hub.metrics.gap_fills.inc()
+        self._fill_task = asyncio.create_task(self._fill(), name=f"fill-{self.room}")
 
     async def _fill(self) -> None:
         retry = False
@@ -178,6 +190,8 @@ class RoomFeed:
         self._after_change()
         if retry and self.connections:
             self._schedule_fill(1.0)
+        elif self._again:
+            self.catch_up()
 
     def gather_presence(self, frame: str, wait: float) -> None:
         """Keeps a presence diff for the room's next frame, sent `wait` seconds
