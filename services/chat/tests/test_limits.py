@@ -271,3 +271,43 @@ async def test_without_redis_each_replica_enforces_the_limits_alone() -> None:
     assert frames[2] > 0
     assert sockets == [True, False]
     assert again is True
+
+
+async def test_a_count_written_out_of_order_is_written_again(redis_url: str) -> None:
+    """A socket closes while another of the user's opens: the open's script
+    reaches Redis after the close's write, with the count from before the
+    close. The count in Redis ends as the count here."""
+    redis = Redis.from_url(redis_url)
+    user = f"order-{uuid.uuid4().hex[:8]}"
+    limits = UserLimits(
+        redis=redis,
+        node_id="order",
+        rate_per_second=10,
+        burst=10,
+        max_sockets=5,
+        liveness_seconds=20,
+    )
+    await limits.heartbeat()
+    script = limits._open
+    reached, release = asyncio.Event(), asyncio.Event()
+
+    async def late(**arguments: Any) -> Any:
+        reached.set()
+        await release.wait()
+        return await script(**arguments)
+
+    try:
+        assert await limits.open_socket(user)
+        limits._open = late  # type: ignore[assignment]
+        opening = asyncio.create_task(limits.open_socket(user))
+        await reached.wait()  # its count (2) taken, its script not sent yet
+        await limits.close_socket(user)  # writes 1
+        release.set()
+        assert await opening
+        stored = await redis.hget(sockets_key(user), limits.process)
+    finally:
+        await limits.leave()
+        await redis.delete(sockets_key(user))
+        await redis.aclose()
+    assert limits.sockets[user] == 1
+    assert stored == b"1"

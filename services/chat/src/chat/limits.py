@@ -203,6 +203,12 @@ class UserLimits:
             except (RedisError, OSError, TimeoutError) as error:
                 self._redis_failed(error)
                 self.unsynced.add(user_id)
+            else:
+                if admitted and self.sockets.get(user_id, 0) != mine:
+                    # a socket of the user closed (or opened) here while the
+                    # script ran, and its write may have reached Redis first:
+                    # write the count as it is now
+                    await self._write_count(user_id)
         elif admitted:
             self.unsynced.add(user_id)
         if not admitted:
@@ -223,18 +229,27 @@ class UserLimits:
         self.unsynced.add(user_id)
 
     async def _write_count(self, user_id: str) -> None:
-        """Writes this process's count for the user as it is now (idempotent)."""
-        count = self.sockets.get(user_id, 0)
-        try:
-            async with asyncio.timeout(REDIS_TIMEOUT_SECONDS):
-                if count:
-                    await self.redis.hset(sockets_key(user_id), self.process, count)
-                else:
-                    await self.redis.hdel(sockets_key(user_id), self.process)
-        except (RedisError, OSError, TimeoutError) as error:
-            self._redis_failed(error)
-        else:
-            self.unsynced.discard(user_id)
+        """Writes this process's count for the user as it is now (idempotent).
+
+        Writes of one user's count go on different connections of the pool and
+        may reach Redis in another order than they were made; so a write after
+        which the count here is not what it wrote is made again (and left to
+        the heartbeat after a few tries)."""
+        for _ in range(3):
+            count = self.sockets.get(user_id, 0)
+            try:
+                async with asyncio.timeout(REDIS_TIMEOUT_SECONDS):
+                    if count:
+                        await self.redis.hset(sockets_key(user_id), self.process, count)
+                    else:
+                        await self.redis.hdel(sockets_key(user_id), self.process)
+            except (RedisError, OSError, TimeoutError) as error:
+                self._redis_failed(error)
+                return
+            if self.sockets.get(user_id, 0) == count:
+                self.unsynced.discard(user_id)
+                return
+        self.unsynced.add(user_id)
 
     # -- liveness ---------------------------------------------------------------
 
