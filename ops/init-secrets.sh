@@ -52,6 +52,17 @@ for service in auth catalog chat; do
   put "/secrets/$service/redis-password" "$redis_password"
 done
 put /secrets/gateway/redis-password "$redis_password"
+# auth's signing key, when the operator gave one: SIGNING_KEY (its PEM), or
+# SIGNING_KEY_FILE (a file on this machine, mounted here as /input/signing-key).
+# An empty file names none: auth then keeps the key it generates in its
+# database. Kept out of every container's environment either way.
+if [ -n "${SIGNING_KEY:-}" ]; then
+  put /secrets/auth/signing-key "$SIGNING_KEY"
+elif [ -s /input/signing-key ]; then
+  put /secrets/auth/signing-key "$(cat /input/signing-key)"
+else
+  put /secrets/auth/signing-key ""
+fi
 # Grafana's admin (the observability profile): its image reads
 # GF_SECURITY_ADMIN_PASSWORD__FILE
 put /secrets/grafana/admin-password \

@@ -43,7 +43,11 @@ LINE = re.compile(r"^(#\s*)?([A-Z][A-Z0-9_]*)=(.*)$")
 DERIVED = {"NODE_ID"}
 # Secrets the `setup` step writes to files from its own same-named variable;
 # the services read them as NAME_FILE
-THROUGH_SETUP = {"REDIS_PASSWORD"}
+THROUGH_SETUP = {"REDIS_PASSWORD", "SIGNING_KEY"}
+# A file on the operator's machine that compose mounts into `setup` (here, at
+# this path), which copies it into the volume of the containers that read it;
+# they read the copy, at a path of their own
+MOUNTED_INTO_SETUP = {"SIGNING_KEY_FILE": "/input/signing-key"}
 # Read by every service but set on purpose for some only: CORS headers come
 # from the edge, or responses behind it would carry them twice. Compose passes
 # the OpenTelemetry service name and resource attributes to none: one name
@@ -124,7 +128,7 @@ def test_documented_values_are_the_defaults(service: str) -> None:
             assert getattr(parsed, field) == default, name
 
 
-def resolved_environments(env_file: Path) -> dict[str, dict[str, Any]]:
+def resolved_services(env_file: Path) -> dict[str, dict[str, Any]]:
     """`docker compose config` with this env file, and nothing from the caller's environment."""
     clean = {name: os.environ[name] for name in ("PATH", "HOME") if name in os.environ}
     done = subprocess.run(
@@ -136,7 +140,22 @@ def resolved_environments(env_file: Path) -> dict[str, dict[str, Any]]:
         check=True,
     )
     services: dict[str, dict[str, Any]] = json.loads(done.stdout)["services"]
-    return {name: service.get("environment") or {} for name, service in services.items()}
+    return services
+
+
+def resolved_environments(env_file: Path) -> dict[str, dict[str, Any]]:
+    return {
+        name: service.get("environment") or {}
+        for name, service in resolved_services(env_file).items()
+    }
+
+
+def mounted_into_setup(services: dict[str, dict[str, Any]], target: str) -> str | None:
+    """The source of the file compose mounts into `setup` at `target`."""
+    for volume in services["setup"].get("volumes", []):
+        if volume.get("target") == target:
+            return str(volume["source"])
+    return None
 
 
 def test_every_setting_reaches_the_containers_that_read_it(tmp_path: Path) -> None:
@@ -144,9 +163,16 @@ def test_every_setting_reaches_the_containers_that_read_it(tmp_path: Path) -> No
         name for name, value in documented().items() if value is not None
     } & service_fields()
     env_file = tmp_path / "changed.env"
-    env_file.write_text("".join(f"{name}=changed-{name}\n" for name in sorted(overridable)))
+    env_file.write_text(
+        "".join(
+            # a file is named by its path (./name, or absolute), never a bare name
+            f"{name}={'./' if name in MOUNTED_INTO_SETUP else ''}changed-{name}\n"
+            for name in sorted(overridable)
+        )
+    )
 
-    environments = resolved_environments(env_file)
+    services = resolved_services(env_file)
+    environments = {name: service.get("environment") or {} for name, service in services.items()}
 
     missing = []
     for service, settings in SERVICES.items():
@@ -154,6 +180,9 @@ def test_every_setting_reaches_the_containers_that_read_it(tmp_path: Path) -> No
         for name in sorted(fields(settings) - DERIVED):
             if service not in ONLY_FOR.get(name, {service}):
                 reached = name not in environment
+            elif name in MOUNTED_INTO_SETUP:
+                source = mounted_into_setup(services, MOUNTED_INTO_SETUP[name])
+                reached = source is not None and source.endswith(f"changed-{name}")
             elif name in THROUGH_SETUP:
                 reached = f"{name}_FILE" in environment and (
                     environments["setup"].get(name) == f"changed-{name}"
@@ -171,14 +200,18 @@ def test_compose_runs_with_the_documented_values(tmp_path: Path) -> None:
     empty = tmp_path / "empty.env"
     empty.write_text("")
 
-    environments = resolved_environments(empty)
+    services = resolved_services(empty)
+    environments = {name: service.get("environment") or {} for name, service in services.items()}
 
+    passed_as_files = THROUGH_SETUP | set(MOUNTED_INTO_SETUP)
     for service, settings in SERVICES.items():
         environment = environments[service]
         for name, value in documented().items():
             passed = service in ONLY_FOR.get(name, {service})
-            if value is not None and passed and name in fields(settings) - THROUGH_SETUP:
+            if value is not None and passed and name in fields(settings) - passed_as_files:
                 assert environment[name] == value, f"{service}: {name}"
+    # no key file given: `setup` reads nothing, and writes auth an empty one
+    assert mounted_into_setup(services, MOUNTED_INTO_SETUP["SIGNING_KEY_FILE"]) == "/dev/null"
 
 
 # On a swarm, secrets are Docker secrets read from files (no secret in the

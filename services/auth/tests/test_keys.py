@@ -8,6 +8,7 @@ import subprocess
 import sys
 from collections.abc import AsyncIterator
 from datetime import UTC, datetime, timedelta
+from pathlib import Path
 
 import httpx
 import pytest
@@ -175,6 +176,19 @@ async def test_a_configured_key_signs_and_only_its_public_half_is_stored(
     assert stored.private_pem is None
     assert stored.retired_at is None
     assert count == 1
+
+
+def test_a_key_file_names_the_key_and_an_empty_one_names_none(tmp_path: Path) -> None:
+    """Compose's setup step writes auth an empty key file when no key was
+    given: auth then generates its own, as with none configured."""
+    given, empty = tmp_path / "given.pem", tmp_path / "empty.pem"
+    given.write_text(CONFIGURED_PEM + "\n")
+    empty.write_text("")
+
+    named = make_settings("postgresql+asyncpg://x/y", "redis://r", signing_key_file=given)
+    none = make_settings("postgresql+asyncpg://x/y", "redis://r", signing_key_file=empty)
+    assert named.signing_key_pem() == CONFIGURED_PEM.strip()
+    assert none.signing_key_pem() is None
 
 
 async def test_replacing_the_configured_key_keeps_the_old_one_published(

@@ -210,9 +210,11 @@ class Settings(DatabaseSettings):
         return weak
 
     def signing_key_pem(self) -> str | None:
-        """The configured private key, from the setting or the file it names."""
+        """The configured private key, from the setting or the file it names
+        (an empty file names none: compose's `setup` writes one when no key
+        was given)."""
         if self.signing_key is not None:
             return self.signing_key.get_secret_value()
         if self.signing_key_file is not None:
-            return self.signing_key_file.read_text()
+            return self.signing_key_file.read_text().strip() or None
         return None
