@@ -4,34 +4,15 @@ limits; the system's own on a read-only root file system."""
 
 from __future__ import annotations
 
-import json
-import os
-import subprocess
-from pathlib import Path
-from typing import Any
+from .compose import compose_services
 
-ROOT = Path(__file__).resolve().parents[2]
 OBSERVABILITY = {"prometheus", "jaeger", "grafana"}
 # Started as root with these only, to hand a volume or tmpfs to their user
 CAPABILITIES = {"setup": ["CHOWN"]}
 
 
-def services() -> dict[str, dict[str, Any]]:
-    clean = {name: os.environ[name] for name in ("PATH", "HOME") if name in os.environ}
-    done = subprocess.run(
-        ["docker", "compose", "--profile", "observability", "config", "--format", "json"],
-        cwd=ROOT,
-        env=clean,
-        capture_output=True,
-        text=True,
-        check=True,
-    )
-    loaded: dict[str, dict[str, Any]] = json.loads(done.stdout)["services"]
-    return loaded
-
-
 def test_every_container_is_contained_and_limited() -> None:
-    every = services()
+    every = compose_services("--profile", "observability")
 
     assert set(every) >= OBSERVABILITY
     for name, service in every.items():

@@ -10,7 +10,6 @@ under compose and on a swarm alike.
 
 from __future__ import annotations
 
-import json
 import os
 import re
 import subprocess
@@ -26,6 +25,8 @@ from catalog.config import Settings as CatalogSettings
 from chat.config import Settings as ChatSettings
 from gateway.config import Settings as GatewaySettings
 from kit.migrations import MigrationSettings
+
+from .compose import compose_services
 
 ROOT = Path(__file__).resolve().parents[2]
 STACK_FILE = ROOT / "deploy" / "swarm" / "stack.yaml"
@@ -129,18 +130,7 @@ def test_documented_values_are_the_defaults(service: str) -> None:
 
 
 def resolved_services(env_file: Path) -> dict[str, dict[str, Any]]:
-    """`docker compose config` with this env file, and nothing from the caller's environment."""
-    clean = {name: os.environ[name] for name in ("PATH", "HOME") if name in os.environ}
-    done = subprocess.run(
-        ["docker", "compose", "--env-file", str(env_file), "config", "--format", "json"],
-        cwd=ROOT,
-        env=clean,
-        capture_output=True,
-        text=True,
-        check=True,
-    )
-    services: dict[str, dict[str, Any]] = json.loads(done.stdout)["services"]
-    return services
+    return compose_services("--env-file", str(env_file))
 
 
 def resolved_environments(env_file: Path) -> dict[str, dict[str, Any]]:

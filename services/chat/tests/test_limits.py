@@ -44,6 +44,18 @@ SettingsFor = Callable[..., Settings]
 TIGHT_FRAME_CHARS = 1000
 
 
+def user_limits(redis: Redis, node_id: str, **overrides: Any) -> UserLimits:
+    """A process's limits of its own: two frames, then one in ten seconds; five sockets."""
+    values: dict[str, Any] = {
+        "rate_per_second": 0.1,
+        "burst": 2,
+        "max_sockets": 5,
+        "liveness_seconds": 20,
+        **overrides,
+    }
+    return UserLimits(redis=redis, node_id=node_id, **values)
+
+
 @pytest.fixture(scope="module")
 async def tight(settings_for: SettingsFor, minter: TokenMinter) -> AsyncIterator[Node]:
     """A replica with a short send queue and a strict per-socket rate: a
@@ -98,14 +110,7 @@ async def test_a_refused_user_is_refused_here_until_then_without_asking_redis(
     redis = Redis.from_url(redis_url)
     monitoring = Redis.from_url(redis_url, decode_responses=True)
     user, sentinel = f"flood-{uuid.uuid4().hex[:8]}", f"sentinel-{uuid.uuid4().hex}"
-    limits = UserLimits(
-        redis=redis,
-        node_id="flood",
-        rate_per_second=0.1,
-        burst=2,
-        max_sockets=5,
-        liveness_seconds=20,
-    )
+    limits = user_limits(redis, "flood")
     asked = 0
     try:
         async with monitoring.monitor() as monitor:
@@ -252,14 +257,7 @@ async def test_sockets_of_a_replica_that_stopped_heartbeating_stop_counting(
 
 async def test_without_redis_each_replica_enforces_the_limits_alone() -> None:
     redis = Redis.from_url(f"redis://127.0.0.1:{free_port()}/0")  # nothing listens
-    limits = UserLimits(
-        redis=redis,
-        node_id="alone",
-        rate_per_second=0.1,
-        burst=2,
-        max_sockets=1,
-        liveness_seconds=20,
-    )
+    limits = user_limits(redis, "alone", max_sockets=1)
     try:
         frames = [await limits.take_frame("u") for _ in range(3)]
         sockets = [await limits.open_socket("u"), await limits.open_socket("u")]
@@ -279,14 +277,7 @@ async def test_a_count_written_out_of_order_is_written_again(redis_url: str) -> 
     close. The count in Redis ends as the count here."""
     redis = Redis.from_url(redis_url)
     user = f"order-{uuid.uuid4().hex[:8]}"
-    limits = UserLimits(
-        redis=redis,
-        node_id="order",
-        rate_per_second=10,
-        burst=10,
-        max_sockets=5,
-        liveness_seconds=20,
-    )
+    limits = user_limits(redis, "order", rate_per_second=10, burst=10)
     await limits.heartbeat()
     script = limits._open
     reached, release = asyncio.Event(), asyncio.Event()
