@@ -117,5 +117,8 @@ def test_outage_detection_follows_wrapped_causes() -> None:
     assert is_outage(TimeoutError())
     # the driver's protocol out of step after the server dropped an idle connection
     assert is_outage(WrappedDatabaseError(asyncpg.exceptions.InternalClientError("state")))
+    # PostgreSQL rolled the transaction back to untangle it from another: retry
+    assert is_outage(WrappedDatabaseError(asyncpg.exceptions.DeadlockDetectedError("deadlock")))
+    assert is_outage(WrappedDatabaseError(asyncpg.exceptions.SerializationError("serialize")))
     assert not is_outage(WrappedDatabaseError(ValueError()))
     assert not is_outage(KeyError("x"))

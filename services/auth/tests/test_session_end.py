@@ -16,11 +16,13 @@ from sqlalchemy import text
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
 from auth import service
+from auth.passwords import Passwords
+from kit.errors import ServiceUnavailable
 from kit.security import revoke_user
 from kit_testing import MailCatcher
 
 from .conftest import ADMIN_EMAIL, ADMIN_PASSWORD
-from .factories import Account, Tokens, login, registered_and_logged_in
+from .factories import Account, Tokens, login, register, registered_and_logged_in
 from .test_attacks import refused
 from .test_password_reset import NEW_PASSWORD, emailed_reset_tokens, forgot
 from .test_router import assert_problem
@@ -145,3 +147,105 @@ async def test_redis_failing_during_a_reset_leaves_the_reset_token_for_the_retry
     assert retried.status_code == 204, retried.text
     assert await refused(client, tokens.access) == "Token revoked"
     await login(client, account.email, NEW_PASSWORD)
+
+
+async def test_a_login_whose_password_check_overlaps_a_reset_gets_no_session(
+    client: httpx.AsyncClient, mail: MailCatcher, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Someone with the old password logs in while the owner resets it: the
+    password matched when it was checked, but the reset committed before the
+    login issued anything. The login is refused; nothing it could refresh
+    outlives the reset."""
+    account = await register(client)
+    await forgot(client, account.email)
+    (token,) = await emailed_reset_tokens(mail, account.email)
+    checking, release = asyncio.Event(), asyncio.Event()
+    verify = Passwords.verify
+
+    async def checked_slowly(self: Passwords, password_hash: str, password: str) -> bool:
+        matched = await verify(self, password_hash, password)
+        if password == account.password and not release.is_set():
+            checking.set()
+            await release.wait()
+        return matched
+
+    monkeypatch.setattr(Passwords, "verify", checked_slowly)
+    old_password = {"username": account.email, "password": account.password}
+    attempt = asyncio.create_task(client.post("/auth/token", data=old_password))
+    await asyncio.wait_for(checking.wait(), 10)
+    reset = await client.post(
+        "/auth/password/reset", json={"token": token, "password": NEW_PASSWORD}
+    )
+    release.set()
+    refused_login = await attempt
+
+    assert reset.status_code == 204
+    assert refused_login.status_code == 400
+    assert refused_login.json()["error"] == "invalid_grant"
+    assert (await login(client, account.email, NEW_PASSWORD)).access
+
+
+async def test_a_logout_that_failed_part_way_is_done_by_its_retry(
+    client: httpx.AsyncClient, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Redis refused one of the session's access tokens: 503, and the retry,
+    with the same access token, ends the session."""
+    _, first = await registered_and_logged_in(client)
+    refreshed = await client.post(
+        "/auth/token", data={"grant_type": "refresh_token", "refresh_token": first.refresh}
+    )
+    tokens = Tokens(refreshed.json()["access_token"], refreshed.json()["refresh_token"])
+    calls = 0
+    blocklist = service.blocklist
+
+    async def second_refused(**arguments: Any) -> None:
+        nonlocal calls
+        calls += 1
+        if calls == 2:
+            raise ServiceUnavailable("Token revocation list is unreachable; retry")
+        await blocklist(**arguments)
+
+    monkeypatch.setattr(service, "blocklist", second_refused)
+    failed = await client.post("/auth/logout", headers=tokens.headers)
+    retried = await client.post("/auth/logout", headers=tokens.headers)
+
+    assert failed.status_code == 503
+    assert retried.status_code == 204
+    assert await refused(client, tokens.access)
+    again = await client.post(
+        "/auth/token", data={"grant_type": "refresh_token", "refresh_token": tokens.refresh}
+    )
+    assert again.status_code == 400
+
+
+async def test_two_reset_tokens_of_one_account_used_at_once_reset_it_once(
+    client: httpx.AsyncClient, mail: MailCatcher, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The reset email asked for twice, both links followed at once: one
+    resets, the other finds its token spent (each spends the other's). Never
+    a deadlock, never a 5xx."""
+    account = await register(client)
+    for _ in range(2):
+        await forgot(client, account.email)
+    first, second = await emailed_reset_tokens(mail, account.email, count=2)
+    hashing = 0
+    both_hashing, hash_password = asyncio.Event(), Passwords.hash
+
+    async def hashed_together(self: Passwords, password: str) -> str:
+        nonlocal hashing
+        hashing += 1
+        if hashing == 2:
+            both_hashing.set()
+        await asyncio.wait_for(both_hashing.wait(), 10)
+        return await hash_password(self, password)
+
+    monkeypatch.setattr(Passwords, "hash", hashed_together)
+    answers = await asyncio.gather(
+        *(
+            client.post("/auth/password/reset", json={"token": token, "password": NEW_PASSWORD})
+            for token in (first, second)
+        )
+    )
+
+    assert sorted(answer.status_code for answer in answers) == [204, 400]
+    assert (await login(client, account.email, NEW_PASSWORD)).access

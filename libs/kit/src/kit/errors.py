@@ -212,9 +212,12 @@ async def _on_http_exception(request: Request, error: Exception) -> JSONResponse
 
 
 # Exceptions (by class name, so kit needs neither driver) that mean "PostgreSQL
-# or Redis is restarting or unreachable": a retry will do, nothing was lost.
+# or Redis is restarting or unreachable", or that PostgreSQL rolled the
+# transaction back to untangle it from another (a deadlock, a serialization
+# failure: SQLSTATE class 40): a retry will do, nothing was written.
 _OUTAGE_NAMES = frozenset(
     {
+        "TransactionRollbackError",
         "InternalClientError",
         "AdminShutdownError",
         "CannotConnectNowError",

@@ -186,5 +186,10 @@ async def grant(
         client=client_address,
     )
     return await service.issue_tokens(
-        session=session, redis=redis, key_ring=key_ring, settings=settings, user=user
+        session=session,
+        redis=redis,
+        key_ring=key_ring,
+        settings=settings,
+        user=user,
+        verified_hash=user.password_hash,
     )

@@ -248,7 +248,14 @@ async def _commit_ending_sessions(
     would leave the old tokens working. It is written again after the commit,
     for a token a refresh minted meanwhile from the account as it was; if only
     that second write fails, the change and the first cutoff stand, and the
-    log says so."""
+    log says so.
+
+    The account's change is written first (flushed), holding its row: a login
+    whose password check overlapped reads the account again `FOR SHARE`
+    before it issues anything (`issue_tokens`), so it either waits for this
+    commit and is refused, or committed first and its session is revoked
+    here."""
+    await session.flush()
     if refresh_tokens:
         await _revoke_refresh_tokens(session=session, user_id=user_id)
     await _revoke_user_tokens(redis=redis, settings=settings, user_id=user_id)
@@ -432,14 +439,27 @@ async def authenticate(
     401 cannot be told from a wrong password's by timing.
     """
     user = await session.scalar(select(User).where(User.email == email))
+    # the account as read, apart from the session: its transaction ends, and
+    # its connection goes back to the pool while the password is checked (a
+    # check may wait its turn for a hashing slot)
+    if user is not None:
+        session.expunge(user)
+    await session.rollback()
     if user is None:
         await passwords.burn_verify(password)
         raise InvalidCredentials
     if not await passwords.verify(user.password_hash, password) or not user.is_active:
         raise InvalidCredentials
     if passwords.needs_rehash(user.password_hash):
-        user.password_hash = await passwords.hash(password)
+        upgraded = await passwords.hash(password)
+        await session.execute(
+            update(User)
+            .where(User.id == user.id, User.password_hash == user.password_hash)
+            .values(password_hash=upgraded)
+            .execution_options(synchronize_session=False)
+        )
         await session.commit()
+        user.password_hash = upgraded
         logger.info("upgraded password hash of user %s", user.id)
     return user
 
@@ -478,10 +498,26 @@ async def issue_tokens(
     user: User,
     family_id: uuid.UUID | None = None,
     session_expires_at: datetime | None = None,
+    verified_hash: str | None = None,
 ) -> IssuedTokens:
     """A new access token and the next refresh token of the family (a new
     family for a fresh login, whose absolute end is set now). Adds the refresh
-    row and commits."""
+    row and commits.
+
+    `verified_hash`: the password hash a login just checked. The account is
+    read again, held (`FOR SHARE`) until the commit, and must still be active
+    with that password: a reset, a password change or a deactivation that
+    came while the password was being checked either committed first (the
+    login is refused) or waits for this commit, and then revokes what it
+    issued. Without this, a login racing a reset kept its session."""
+    if verified_hash is not None:
+        current = await session.scalar(
+            select(User).where(User.id == user.id).with_for_update(read=True)
+        )
+        if current is None or not current.is_active or current.password_hash != verified_hash:
+            await session.rollback()
+            raise InvalidCredentials
+        user = current
     family_id = family_id or uuid.uuid4()
     now = datetime.now(UTC)
     session_expires_at = session_expires_at or now + timedelta(
@@ -568,13 +604,11 @@ async def rotate_refresh_token(
         raise InvalidRefreshToken
     if token.used_at is not None:
         logger.warning("refresh token reused; revoking family %s", token.family_id)
-        await revoke_family(session=session, redis=redis, family_id=token.family_id)
-        await session.commit()
+        await end_family(session=session, redis=redis, family_id=token.family_id)
         raise InvalidRefreshToken("Refresh token was already used; the session is revoked")
     user = await session.get(User, token.user_id)
     if user is None or not user.is_active:
-        await revoke_family(session=session, redis=redis, family_id=token.family_id)
-        await session.commit()
+        await end_family(session=session, redis=redis, family_id=token.family_id)
         raise InvalidRefreshToken
     token.used_at = now
     return await issue_tokens(
@@ -588,12 +622,28 @@ async def rotate_refresh_token(
     )
 
 
-async def revoke_family(*, session: AsyncSession, redis: Redis, family_id: uuid.UUID) -> None:
-    """Revokes every refresh token of the family and blocklists the access
-    tokens issued with them that have not expired yet. Caller commits."""
+async def end_family(
+    *, session: AsyncSession, redis: Redis, family_id: uuid.UUID, but_jti: str | None = None
+) -> None:
+    """Ends a login session: revokes every refresh token of the family and
+    commits, then blocklists every access token issued in it that has not
+    expired, but `but_jti` (the caller's to blocklist, last).
+
+    Each step can be done again: a retry after a failure anywhere (the
+    commit, Redis) finds the family revoked and blocklists its access tokens
+    again, those of rows revoked before included. So the access token a
+    client retries a logout with stays usable until the rest is done, and a
+    503 is always worth retrying."""
+    await _revoke_every(session, RefreshToken.family_id == family_id, now=datetime.now(UTC))
+    await session.commit()
     now = datetime.now(UTC)
-    revoked = await _revoke_every(session, RefreshToken.family_id == family_id, now=now)
-    live = [(jti, expires_at) for jti, expires_at in revoked if expires_at > now]
+    rows = await session.execute(
+        select(RefreshToken.access_jti, RefreshToken.access_expires_at).where(
+            RefreshToken.family_id == family_id, RefreshToken.access_expires_at > now
+        )
+    )
+    live = [(jti, expires_at) for jti, expires_at in rows.all() if jti != but_jti]
+    await session.rollback()  # nothing more to read: the connection goes back
     for jti, expires_at in live:
         await blocklist(redis=redis, jti=jti, expires_at=int(expires_at.timestamp()))
 
@@ -638,12 +688,13 @@ async def blocklist(*, redis: Redis, jti: str, expires_at: int) -> None:
 
 
 async def logout(*, session: AsyncSession, redis: Redis, principal: Principal) -> None:
-    """Ends this access token and the login session it was issued in."""
-    await blocklist(redis=redis, jti=principal.jti, expires_at=principal.expires_at)
+    """Ends this access token and the login session it was issued in; this
+    access token is blocklisted last, so a logout that failed part way (503)
+    can be retried with it."""
     family_id = _uuid_or_none(principal.session_id)
     if family_id is not None:
-        await revoke_family(session=session, redis=redis, family_id=family_id)
-        await session.commit()
+        await end_family(session=session, redis=redis, family_id=family_id, but_jti=principal.jti)
+    await blocklist(redis=redis, jti=principal.jti, expires_at=principal.expires_at)
 
 
 async def revoke_refresh_token(*, session: AsyncSession, redis: Redis, refresh_token: str) -> bool:
@@ -658,8 +709,7 @@ async def revoke_refresh_token(*, session: AsyncSession, redis: Redis, refresh_t
     if family_id is None:
         await session.rollback()
         return False
-    await revoke_family(session=session, redis=redis, family_id=family_id)
-    await session.commit()
+    await end_family(session=session, redis=redis, family_id=family_id)
     return True
 
 
@@ -743,16 +793,24 @@ async def reset_password(
     usually means the old password was lost or stolen.
     """
     now = datetime.now(UTC)
+    # the token and the password checked first, nothing held: the hash may
+    # wait its turn for a slot, and no connection or lock waits with it
     user = await _token_holder(
-        session, PasswordReset, token=token, now=now, refused=InvalidResetToken
+        session, PasswordReset, token=token, now=now, refused=InvalidResetToken, lock=False
     )
-    if is_the_email(password, user.email):
-        await session.rollback()
+    is_email = is_the_email(password, user.email)
+    await session.rollback()
+    if is_email:
         raise InvalidInput(
             PASSWORD_IS_EMAIL.capitalize(),
             errors=[{"loc": ["body", "password"], "msg": PASSWORD_IS_EMAIL, "type": "value_error"}],
         )
-    user.password_hash = await passwords.hash(password)
+    password_hash = await passwords.hash(password)
+    # then held, and checked again: a reset racing this one may have spent it
+    user = await _token_holder(
+        session, PasswordReset, token=token, now=now, refused=InvalidResetToken
+    )
+    user.password_hash = password_hash
     await session.execute(
         update(PasswordReset)
         .where(PasswordReset.user_id == user.id, PasswordReset.used_at.is_(None))
@@ -775,14 +833,37 @@ async def _token_holder(
     token: str,
     now: datetime,
     refused: type[DomainError],
+    lock: bool = True,
 ) -> User:
     """The active account a live, unused one-time token (a password reset, an
-    email verification) belongs to, the token locked until the transaction
-    ends; else `refused`."""
-    row = await session.scalar(
-        select(model).where(model.token_hash == opaque_token_hash(token)).with_for_update()
-    )
-    user = None if row is None else await session.get(User, row.user_id)
+    email verification) belongs to, else `refused`; with `lock`, the account
+    and then the token locked until the transaction ends.
+
+    Always the account first: two tokens of one account used at once (a
+    reset email asked for twice) then wait in turn, where locking each token
+    first made them deadlock on spending each other's."""
+    token_hash = opaque_token_hash(token)
+    row = await session.scalar(select(model).where(model.token_hash == token_hash))
+    user = None
+    if row is not None and lock:
+        # FOR NO KEY UPDATE, as the UPDATE of the account would take it: a
+        # refresh under way adds a token row, whose foreign key check shares
+        # the account's key, and must not wait for this (it holds the token
+        # row this transaction's ending of sessions waits for)
+        user = await session.scalar(
+            select(User)
+            .where(User.id == row.user_id)
+            .with_for_update(key_share=True)
+            .execution_options(populate_existing=True)
+        )
+        row = await session.scalar(
+            select(model)
+            .where(model.token_hash == token_hash)
+            .with_for_update()
+            .execution_options(populate_existing=True)
+        )
+    elif row is not None:
+        user = await session.get(User, row.user_id)
     if (
         row is None
         or user is None
