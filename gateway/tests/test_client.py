@@ -21,7 +21,7 @@ from gateway.pool import not_listening
 from gateway.upstream import ConnectFailed
 from kit_testing import free_port
 
-from .test_pool import eventually
+from .conftest import eventually
 
 TIMEOUT = 5.0
 OK = b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\nContent-Type: text/plain\r\n\r\nhello"

@@ -21,8 +21,7 @@ from gateway.edge import MAX_PIPELINED, EdgeHttpProtocol
 from gateway.main import Gateway, create_app
 from kit_testing import TokenMinter, serve
 
-from .conftest import gateway_settings, running_upstream, urls
-from .test_pool import eventually
+from .conftest import eventually, gateway_settings, running_upstream, urls
 from .upstreams import Upstream
 
 

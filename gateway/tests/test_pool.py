@@ -5,7 +5,6 @@ from __future__ import annotations
 import asyncio
 import socket
 import time
-from collections.abc import Awaitable, Callable
 
 import pytest
 from pydantic import ValidationError
@@ -18,19 +17,13 @@ from kit_testing import TokenMinter
 from .conftest import (
     GatewayWithALateReplica,
     dead_url,
+    eventually,
     gateway_settings,
     running_gateway,
     running_upstream,
     urls,
 )
 from .upstreams import Upstream
-
-
-async def eventually(check: Callable[[], Awaitable[bool]], within: float = 5.0) -> None:
-    deadline = time.monotonic() + within
-    while not await check():
-        assert time.monotonic() < deadline, "condition not met in time"
-        await asyncio.sleep(0.05)
 
 
 def make_pool(*targets: tuple[str, int], probing: bool = False) -> Pool:

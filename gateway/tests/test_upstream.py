@@ -22,7 +22,7 @@ from gateway.upstream import (
 )
 from kit_testing import free_port
 
-from .test_pool import eventually
+from .conftest import eventually
 
 TIMEOUT = 5.0
 GUID = b"258EAFA5-E914-47DA-95CA-C5AB0DC85B11"

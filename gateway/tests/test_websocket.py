@@ -22,6 +22,7 @@ from kit_testing import TokenMinter, serve
 
 from .conftest import (
     GatewayWithALateReplica,
+    eventually,
     gateway_settings,
     running_gateway,
     running_upstream,
@@ -221,6 +222,67 @@ async def test_a_replica_that_vanishes_is_out_for_the_sockets_that_reconnect(
             assert app.runtime.routes["chat"].pool.states()["ejected"] == 1
             for socket in kept:
                 await socket.close()
+
+
+@contextlib.asynccontextmanager
+async def deaf_upstream() -> AsyncIterator[str]:
+    """A replica that completes each upgrade, then reads nothing more and
+    never closes: as a replica that dropped the socket, its own close waiting
+    behind what the gateway has not read."""
+    held: list[asyncio.StreamWriter] = []
+
+    async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        head = await reader.readuntil(b"\r\n\r\n")
+        key = next(
+            line.split(b":", 1)[1].strip()
+            for line in head.split(b"\r\n")
+            if line.lower().startswith(b"sec-websocket-key:")
+        )
+        accept = base64.b64encode(hashlib.sha1(key + WEBSOCKET_GUID).digest())
+        writer.write(
+            b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\n"
+            b"Connection: Upgrade\r\nSec-WebSocket-Accept: " + accept + b"\r\n\r\n"
+        )
+        transport = writer.transport
+        assert isinstance(transport, asyncio.Transport)
+        transport.pause_reading()
+        held.append(writer)
+
+    server = await asyncio.start_server(handle, "127.0.0.1", 0)
+    port = server.sockets[0].getsockname()[1]
+    try:
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        for writer in held:
+            writer.transport.abort()
+        server.close()
+        await server.wait_closed()
+
+
+async def test_a_relay_to_a_replica_that_reads_nothing_ends_when_its_client_leaves(
+    redis_url: str, minter: TokenMinter
+) -> None:
+    """The client sends to a replica that reads no more, then goes: the relay
+    ends within the route's timeout and the grace, the replica's count of
+    sockets in flight comes back, and the replica is not held sick for it."""
+    async with deaf_upstream() as url:
+        settings = gateway_settings(redis_url, chat_upstream=urls(url), chat_timeout_seconds=1)
+        async with running_gateway(settings, minter) as (app, client):
+            pool = app.runtime.routes["chat"].pool
+            socket = await connect(ws_url(client, "/chat/ws/lobby"), write_limit=2**16)
+            (replica,) = pool.replicas
+            assert replica.in_flight == 1
+            with contextlib.suppress(TimeoutError, ConnectionClosed):
+                for _ in range(1000):  # until the buffers on the way are full
+                    await asyncio.wait_for(socket.send("x" * 65536), 0.5)
+            socket.transport.abort()
+
+            async def relay_ended() -> bool:
+                return replica.in_flight == 0
+
+            await eventually(relay_ended, within=15)
+            states = pool.states()
+    assert states["available"] == 1
 
 
 async def refusing_upstream(scope: Scope, receive: Receive, send: Send) -> None:

@@ -58,6 +58,7 @@ MAX_HEAD_BYTES = 65_536
 """Longest answer head a replica may send before the gateway gives up on it."""
 _HEAD_END = b"\r\n\r\n"
 _ABNORMAL = 1006
+_STALLED = 1011  # the replica read nothing of what the relay wrote for too long
 _PROTOCOL_ERROR = 1002
 _INVALID_DATA = 1007
 _MESSAGE_TOO_BIG = 1009
@@ -129,13 +130,19 @@ class UpstreamSocket(asyncio.Protocol):
         "_reading_paused",
         "_sent_close",
         "_unread",
+        "_write_stall_seconds",
         "forward",
         "subprotocol",
         "transport",
     )
 
     def __init__(
-        self, *, subprotocols: Iterable[str], max_size: int, read_limit: int = READ_LIMIT_BYTES
+        self,
+        *,
+        subprotocols: Iterable[str],
+        max_size: int,
+        read_limit: int = READ_LIMIT_BYTES,
+        write_stall_seconds: float = 30.0,
     ) -> None:
         offered = [Subprotocol(name) for name in subprotocols]
         # the handshake's parser: fed the answer's head only, then dropped
@@ -158,6 +165,10 @@ class UpstreamSocket(asyncio.Protocol):
         self._reading_paused = False
         self._unread = 0  # bytes of the messages in the inbox
         self._owed = 0  # messages handed to the relay and not yet sent by it
+        # how long a write may wait for the replica to read before the
+        # connection is given up (a replica that dropped the socket and
+        # reads no more); the relay then ends, whatever the client does
+        self._write_stall_seconds = write_stall_seconds
         self.forward: WebSocketProtocol | None = None
         self.subprotocol: str | None = None
         self.transport: asyncio.Transport | None = None
@@ -492,7 +503,14 @@ class UpstreamSocket(asyncio.Protocol):
             raise ConnectionResetError("the upstream socket is closing")
         self._write(opcode, data)
         while self._drained is not None and not self._gone:
-            await asyncio.shield(self._drained)
+            try:
+                await asyncio.wait_for(asyncio.shield(self._drained), self._write_stall_seconds)
+            except TimeoutError:
+                # not a lost replica (it answers others): this socket is over
+                if self._ended is None:
+                    self._end(_STALLED, "the replica stopped reading", lost=False)
+                self.abort()
+                raise ConnectionResetError("the replica stopped reading") from None
 
     async def close(self, code: int = 1000, reason: bytes | str = b"") -> None:
         """Closes with `code` unless a close is under way, then waits (at most
@@ -545,10 +563,13 @@ async def open_upstream(
     subprotocols: Iterable[str],
     max_size: int,
     connect_timeout: float,
+    write_stall_seconds: float = 30.0,
 ) -> UpstreamSocket:
     """Connects to `host:port` and upgrades `target` (path and query string);
     raises ConnectFailed, UpgradeRefused, HandshakeFailed or TimeoutError."""
-    socket = UpstreamSocket(subprotocols=subprotocols, max_size=max_size)
+    socket = UpstreamSocket(
+        subprotocols=subprotocols, max_size=max_size, write_stall_seconds=write_stall_seconds
+    )
     await connect(socket, host, port, connect_timeout, abandon=socket.abort)
     assert socket.transport is not None
     try:

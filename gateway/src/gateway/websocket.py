@@ -200,6 +200,9 @@ class WebSocketProxy:
                             subprotocols=subprotocols,
                             max_size=settings.ws_max_message_bytes,
                             connect_timeout=settings.connect_timeout_seconds,
+                            # the route's timeout bounds silence; here, a replica
+                            # that reads nothing of the client's frames
+                            write_stall_seconds=route.timeout_seconds,
                         )
             except UpgradeRefused as refused:
                 replica.in_flight -= 1
@@ -248,15 +251,29 @@ def upgrade_span(replica: Replica, target: bytes) -> Iterator[list[tuple[str, st
         span.answered(101)
 
 
+RELAY_GRACE_SECONDS = 5.0
+"""How long the other direction has to finish (a close frame each way) once
+one has ended, before the upstream connection is cut."""
+
+
 class Relay:
     """Frames both ways, unbuffered; whichever side closes first, the other follows.
 
     An upstream that vanishes without a close frame (its process killed, its
     connection reset) is reported through `on_lost`: the pool counts it
     against the replica and resolves the replicas again, so the clients that
-    reconnect at once are not sent back to a replica that is gone."""
+    reconnect at once are not sent back to a replica that is gone.
 
-    __slots__ = ("client_open", "on_lost", "receive", "send", "upstream")
+    Once one direction has ended, the other has `RELAY_GRACE_SECONDS` to
+    finish; then the upstream connection is cut (which ends any wait on it)
+    and both are cancelled. A direction can otherwise wait for ever: frames
+    for a replica that no longer reads them (it dropped the socket, and its
+    own close waits behind what the gateway has not read), after the client
+    went away. Each such relay held two tasks, a descriptor and its buffers
+    for good, one more per attempt, which the per-address cap (counting the
+    client's connection, gone) did not bound."""
+
+    __slots__ = ("client_open", "cut", "on_lost", "receive", "send", "upstream")
 
     def __init__(
         self,
@@ -271,18 +288,25 @@ class Relay:
         self.send = send
         self.on_lost = on_lost
         self.client_open = True
+        self.cut = False  # the relay cut the upstream itself: not the replica's fault
 
     async def run(self) -> None:
-        downstream = asyncio.create_task(self.upstream_to_client())
+        directions = {
+            asyncio.create_task(self.client_to_upstream()),
+            asyncio.create_task(self.upstream_to_client()),
+        }
         try:
-            await self.client_to_upstream()
+            await asyncio.wait(directions, return_when=asyncio.FIRST_COMPLETED)
+            await asyncio.wait(directions, timeout=RELAY_GRACE_SECONDS)
         finally:
-            if not downstream.done():
-                with contextlib.suppress(asyncio.TimeoutError):
-                    await asyncio.wait_for(asyncio.shield(downstream), 5.0)
-            downstream.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await downstream
+            if not all(direction.done() for direction in directions):
+                self.cut = True
+                self.upstream.abort()
+            for direction in directions:
+                direction.cancel()
+            for direction in directions:
+                with contextlib.suppress(asyncio.CancelledError):
+                    await direction
 
     async def client_to_upstream(self) -> None:
         upstream = self.upstream
@@ -322,7 +346,8 @@ class Relay:
                         upstream.relayed()
                 elif message.lost:
                     # an upstream that vanished without a close frame: "bad gateway"
-                    self.on_lost()
+                    if not self.cut:
+                        self.on_lost()
                     await self.close_client(WS_BAD_GATEWAY, "")
                     return
                 else:
