@@ -83,7 +83,10 @@ async def register(
     roles: Sequence[str] = (ROLE_USER,),
 ) -> User:
     """`email` arrives normalised (see `schemas.normalise_email`)."""
-    if await session.scalar(select(User.id).where(User.email == email)) is not None:
+    taken = await session.scalar(select(User.id).where(User.email == email)) is not None
+    # no connection held while the password is hashed (it may wait its turn)
+    await session.rollback()
+    if taken:
         raise EmailTaken
     user = User(
         email=email,
