@@ -342,6 +342,26 @@ async def test_with_the_database_away_a_failed_reload_is_not_tried_by_every_requ
     assert again is not None
 
 
+async def test_while_a_reload_is_under_way_the_cached_keys_answer_at_once(
+    ring_db: tuple[str, Sessionmaker], redis_url: str
+) -> None:
+    """A request holding a pooled connection must not wait for a reload that
+    waits for one: with keys in hand, callers do not queue behind it."""
+    url, sessionmaker = ring_db
+    settings = make_settings(url, redis_url, key_ring_refresh_seconds=30)
+    await ensure_signing_key(sessionmaker, settings)
+    ring = KeyRing(sessionmaker=sessionmaker, settings=settings)
+    kid = (await ring.active_key()).kid
+    ring._loaded_at -= 31  # due for a reload...
+    ring._attempted_at = ring._loaded_at
+    async with ring._lock:  # ...which is under way, waiting for a connection
+        async with asyncio.timeout(2):
+            active = await ring.active_key()
+            known = await ring.key_for(kid)
+    assert active.kid == kid
+    assert known is not None
+
+
 async def backdate(sessionmaker: Sessionmaker, kid: str, by: timedelta) -> None:
     async with sessionmaker() as session:
         await session.execute(

@@ -314,6 +314,16 @@ class KeyRing:
         now = time.monotonic()
         if now - self._loaded_at < older_than or now - self._attempted_at < older_than:
             return
+        if (
+            self._lock.locked()
+            and self.loaded
+            and older_than >= self.settings.key_ring_refresh_seconds
+        ):
+            # a reload is under way and the cached keys answer meanwhile: a
+            # caller holding a pooled connection must not wait for a reload
+            # that waits for a pooled connection (ten such callers held every
+            # connection, and auth froze until the pool's timeout)
+            return
         async with self._lock:
             now = time.monotonic()
             if now - self._loaded_at < older_than or now - self._attempted_at < older_than:
