@@ -249,3 +249,27 @@ async def test_two_reset_tokens_of_one_account_used_at_once_reset_it_once(
 
     assert sorted(answer.status_code for answer in answers) == [204, 400]
     assert (await login(client, account.email, NEW_PASSWORD)).access
+
+
+async def test_a_frozen_redis_costs_a_logout_a_503_not_a_hang(
+    client: httpx.AsyncClient, redis_url: str
+) -> None:
+    """Redis takes no write (paused): the logout answers 503 within the
+    revocation's time limit, the session already ended in the database."""
+    _, tokens = await registered_and_logged_in(client)
+    redis = Redis.from_url(redis_url)
+    try:
+        await redis.client_pause(8000, all=False)  # writes wait; reads go on
+        started = asyncio.get_running_loop().time()
+        frozen = await client.post("/auth/logout", headers=tokens.headers)
+        waited = asyncio.get_running_loop().time() - started
+    finally:
+        await redis.client_unpause()
+        await redis.aclose()
+    refresh = await client.post(
+        "/auth/token", data={"grant_type": "refresh_token", "refresh_token": tokens.refresh}
+    )
+
+    assert frozen.status_code == 503
+    assert waited < service.REVOCATION_WRITE_TIMEOUT_SECONDS + 3
+    assert refresh.status_code == 400

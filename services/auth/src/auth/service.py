@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import logging
 import secrets
@@ -308,8 +309,9 @@ async def _revoke_user_tokens(*, redis: Redis, settings: Settings, user_id: uuid
     # kept one access-token lifetime (plus leeway): every older token has expired by then
     ttl = settings.access_token_ttl_seconds + 60
     try:
-        await revoke_user(redis, str(user_id), before=time.time(), ttl=ttl)
-    except RedisError as error:
+        async with asyncio.timeout(REVOCATION_WRITE_TIMEOUT_SECONDS):
+            await revoke_user(redis, str(user_id), before=time.time(), ttl=ttl)
+    except (RedisError, TimeoutError) as error:
         raise ServiceUnavailable("Token revocation list is unreachable; retry") from error
 
 
@@ -651,6 +653,10 @@ async def end_family(
         await blocklist(redis=redis, jti=jti, expires_at=int(expires_at.timestamp()))
 
 
+REVOCATION_WRITE_TIMEOUT_SECONDS = 3.0
+"""A revocation Redis has not taken by then is a 503 to retry: a frozen Redis
+must not hold the request (and, for the per-user time, the rows it locked)."""
+
 SPENT_TOKENS_KEPT = timedelta(days=1)
 """How long past its expiry a token's row stays before it is purged."""
 PURGE_BATCH = 1000
@@ -685,8 +691,9 @@ async def blocklist(*, redis: Redis, jti: str, expires_at: int) -> None:
     """kit's verifier refuses this `jti` until the token would have expired anyway."""
     ttl = max(1, expires_at - int(time.time()) + 1)
     try:
-        await revoke_token(redis, jti, ttl=ttl)
-    except RedisError as error:
+        async with asyncio.timeout(REVOCATION_WRITE_TIMEOUT_SECONDS):
+            await revoke_token(redis, jti, ttl=ttl)
+    except (RedisError, TimeoutError) as error:
         raise ServiceUnavailable("Token revocation list is unreachable; retry") from error
 
 
