@@ -8,6 +8,7 @@ import contextlib
 import gc
 import hashlib
 import json
+import re
 from collections.abc import AsyncIterator
 
 import httpx
@@ -222,6 +223,50 @@ async def test_a_replica_that_vanishes_is_out_for_the_sockets_that_reconnect(
             assert app.runtime.routes["chat"].pool.states()["ejected"] == 1
             for socket in kept:
                 await socket.close()
+
+
+@contextlib.asynccontextmanager
+async def hanging_up_upstream() -> AsyncIterator[str]:
+    """A replica that reads each upgrade request and hangs up without an
+    answer, as one stopping does."""
+
+    async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        head = await reader.readuntil(b"\r\n\r\n")
+        if b"upgrade: websocket" in head.lower():
+            writer.transport.abort()
+            return
+        # its readiness probes pass: it is chosen like any other
+        writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: 0\r\nConnection: close\r\n\r\n")
+        await writer.drain()
+        writer.close()
+
+    server = await asyncio.start_server(handle, "127.0.0.1", 0)
+    port = server.sockets[0].getsockname()[1]
+    try:
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        server.close()
+        await server.wait_closed()
+
+
+async def test_an_upgrade_a_replica_hung_up_on_goes_to_another(
+    redis_url: str, minter: TokenMinter
+) -> None:
+    """No socket opened on the replica that hung up: the upgrade is safe to
+    send elsewhere, and the client gets its socket."""
+    async with hanging_up_upstream() as stopping, running_upstream("one") as (_, live):
+        settings = gateway_settings(redis_url, chat_upstream=urls(stopping, live), eject_seconds=60)
+        async with running_gateway(settings, minter) as (_, client):
+            nodes = []
+            for _ in range(4):
+                async with connect(ws_url(client, "/chat/ws/lobby")) as socket:
+                    nodes.append(json.loads(await socket.recv())["node"])
+            metrics = (await client.get("/metrics")).text
+    retried = re.search(r'gateway_upstream_retries_total\{route="chat"\} (\S+)', metrics)
+    assert nodes == ["one"] * 4
+    # the replica that hung up was tried, and the upgrade went on
+    assert retried is not None
+    assert float(retried.group(1)) >= 1
 
 
 @contextlib.asynccontextmanager

@@ -211,6 +211,9 @@ class WebSocketProxy:
                 else:
                     pool.succeeded(replica)
                 if refused.status >= 500:
+                    # the replica opened nothing (one stopping, say): another may
+                    if self._retry_elsewhere(route, tried, replica):
+                        continue
                     raise BadGateway(f"The {route.name} service refused the upgrade") from refused
                 if refused.status == 404:
                     raise NotFound("No WebSocket endpoint at this path") from refused
@@ -230,11 +233,32 @@ class WebSocketProxy:
                     f"The {route.name} service did not accept within {route.timeout_seconds:g} s"
                 ) from error
             except (HandshakeFailed, OSError) as error:
+                # no socket opened (a reset, or an answer that was no upgrade):
+                # nothing of the client's reached a session, so another replica
+                # may take the upgrade
                 replica.in_flight -= 1
                 pool.failed(replica)
+                if self._retry_elsewhere(route, tried, replica):
+                    continue
                 raise BadGateway(f"The {route.name} service failed the upgrade") from error
             pool.succeeded(replica)
             return upstream, replica
+
+    def _retry_elsewhere(self, route: Route, tried: list[Replica], replica: Replica) -> bool:
+        """Whether an upgrade `replica` answered without opening a socket goes
+        to another: retries are left and another live replica is there (else
+        the client hears what this one answered, not "no replica")."""
+        if len(tried) >= self.proxy.retries:
+            return False
+        now = time.monotonic()
+        if not any(
+            other is not replica and other not in tried and other.down_until <= now
+            for other in route.pool.replicas
+        ):
+            return False
+        tried.append(replica)
+        self.metrics.retries.labels(route.name).inc()
+        return True
 
 
 @contextlib.contextmanager
