@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import gc
 import json
 import socket
@@ -389,3 +390,60 @@ async def test_pings_from_a_peer_that_reads_no_pongs_stop_being_read() -> None:
         flooder.close()
     assert buffered < 1024 * 1024
     assert sent < 32 * 1024 * 1024
+
+
+async def test_a_peer_that_reads_nothing_and_answers_no_ping_is_cut() -> None:
+    """The ping times out with the server's buffers full: the close frame
+    cannot reach the peer, so the connection is cut, and the app hears the
+    disconnect (a close would have waited for the peer to read, for good)."""
+    protocols: list[WebSocketProtocol] = []
+    ended = asyncio.Event()
+
+    async def flood(scope: Scope, receive: Receive, send: Send) -> None:
+        await accepted(scope, receive, send, protocols)
+        try:
+            while True:  # waits once the transport is paused
+                await send({"type": "websocket.send", "bytes": bytes(65536)})
+        finally:  # any way the socket ends will do
+            ended.set()
+
+    stalled = socket.socket()
+    stalled.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+    try:
+        async with serve(
+            flood, lifespan="off", ws=WebSocketProtocol, ws_ping_interval=0.2, ws_ping_timeout=0.3
+        ) as base:
+            await stall(base, stalled, protocols)
+            await asyncio.wait_for(ended.wait(), TIMEOUT)
+    finally:
+        stalled.close()
+
+
+async def test_a_close_the_peer_cannot_read_is_cut_when_its_time_runs_out() -> None:
+    """The app closes a socket whose peer reads nothing: when the close
+    handshake's time runs out, the connection is cut rather than left to
+    drain for good, and the app's server can stop."""
+    protocols: list[WebSocketProtocol] = []
+    closing = asyncio.Event()
+
+    async def flood_then_close(scope: Scope, receive: Receive, send: Send) -> None:
+        await accepted(scope, receive, send, protocols)
+        protocols[0].close_timeout = 0.3
+        with contextlib.suppress(asyncio.TimeoutError):
+            async with asyncio.timeout(1):
+                while True:  # until the transport is paused
+                    await send({"type": "websocket.send", "bytes": bytes(65536)})
+        await send({"type": "websocket.close", "code": 1012})
+        closing.set()
+        while (await receive())["type"] != "websocket.disconnect":
+            pass
+
+    stalled = socket.socket()
+    stalled.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+    try:
+        async with serve(flood_then_close, lifespan="off", stop_seconds=5) as base:
+            await stall(base, stalled, protocols)
+            await asyncio.wait_for(closing.wait(), TIMEOUT)
+            # the server stops within its time: the connection was cut
+    finally:
+        stalled.close()

@@ -304,8 +304,58 @@ class WebSocketProtocol(WebSocketsSansIOProtocol):
             conn.parser = Protocol.parse(conn)
             next(conn.parser)
 
+    def keepalive_timeout(self) -> None:
+        """uvicorn writes 1011 and closes the transport; a close waits for what
+        the transport holds to reach the peer, and a peer that stopped reading
+        (often why it stopped answering pings) never takes it: the socket,
+        and whatever serves it (a relay, a room's membership), were held for
+        good. The connection is cut once the close frame is written."""
+        super().keepalive_timeout()
+        self._cut_unless_drained()
+
+    def _close_or_cut(self) -> None:
+        """The close handshake's time ran out (the peer did not answer the
+        app's close frame): as uvicorn's timer, but cut when the peer reads
+        nothing, which a close would wait on for good."""
+        self.transport.close()
+        self._cut_unless_drained()
+
+    def shutdown(self) -> None:
+        """The server stops: uvicorn closes with 1012 (or ends the close under
+        way), and a close waits for the peer to read; one that reads nothing
+        held the server's stop for good. The connection is cut if it has not
+        drained within the close handshake's time."""
+        super().shutdown()
+        self.loop.call_later(self.close_timeout, self._cut_unless_drained)
+
+    def _cut_unless_drained(self) -> None:
+        if self.transport.get_write_buffer_size() > 0:
+            self.transport.abort()
+
     async def send(self, message: ASGISendEvent) -> None:
+        if (
+            message["type"] == "websocket.close"
+            and self.handshake_complete
+            and not self.close_sent
+            and not self.disconnected
+            and not self.writable.is_set()
+            and not self.transport.is_closing()
+        ):
+            # the peer reads nothing (the transport is paused): uvicorn's close
+            # would wait for it to read before writing the close frame, for good.
+            # The frame goes behind what it has not read, as uvicorn writes it,
+            # and the close handshake's time runs out as for any close
+            code, reason = message.get("code", 1000), message.get("reason", "") or ""
+            self.queue.put_nowait({"type": "websocket.disconnect", "code": code, "reason": reason})
+            self.conn.send_close(code, reason)
+            self.transport.write(b"".join(self.conn.data_to_send()))
+            self.close_sent = True
+            self.close_timer = self.loop.call_later(self.close_timeout, self._close_or_cut)
+            return
         await super().send(message)
+        if message["type"] == "websocket.close" and self.close_timer is not None:
+            self.close_timer.cancel()
+            self.close_timer = self.loop.call_later(self.close_timeout, self._close_or_cut)
         if message["type"] == "websocket.http.response.body" and not message.get(
             "more_body", False
         ):
