@@ -1,7 +1,9 @@
 from __future__ import annotations
 
 import asyncio
+import base64
 import contextlib
+import hashlib
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import AbstractAsyncContextManager
@@ -191,3 +193,42 @@ async def eventually(check: Callable[[], Awaitable[bool]], within: float = 5.0) 
     while not await check():
         assert time.monotonic() < deadline, "condition not met in time"
         await asyncio.sleep(0.05)
+
+
+Handler = Callable[[asyncio.StreamReader, asyncio.StreamWriter], Awaitable[None]]
+WEBSOCKET_GUID = b"258EAFA5-E914-47DA-95CA-C5AB0DC85B11"
+
+
+@contextlib.asynccontextmanager
+async def raw_replica(handle: Handler) -> AsyncIterator[str]:
+    """A replica that is a bare TCP server answering as `handle` says; every
+    connection it holds is cut on the way out."""
+    held: list[asyncio.StreamWriter] = []
+
+    async def holding(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        held.append(writer)
+        await handle(reader, writer)
+
+    server = await asyncio.start_server(holding, "127.0.0.1", 0)
+    port = server.sockets[0].getsockname()[1]
+    try:
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        for writer in held:
+            writer.transport.abort()
+        server.close()
+        await server.wait_closed()
+
+
+def upgrade_accepted(head: bytes, *, extra: bytes = b"") -> bytes:
+    """The 101 answering the upgrade request `head` (with `extra` header lines)."""
+    key = next(
+        line.split(b":", 1)[1].strip()
+        for line in head.split(b"\r\n")
+        if line.lower().startswith(b"sec-websocket-key:")
+    )
+    accept = base64.b64encode(hashlib.sha1(key + WEBSOCKET_GUID).digest())
+    return (
+        b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
+        b"Sec-WebSocket-Accept: " + accept + b"\r\n" + extra + b"\r\n"
+    )

@@ -7,7 +7,6 @@ import asyncio
 import contextlib
 import json
 import time
-from collections.abc import AsyncIterator
 
 import pytest
 from starlette.types import Message
@@ -20,28 +19,17 @@ from gateway.websocket import HandshakeGate, Relay
 from kit.errors import ServiceUnavailable
 from kit_testing import TokenMinter
 
-from .conftest import gateway_settings, running_gateway, running_upstream, urls
+from .conftest import gateway_settings, raw_replica, running_gateway, running_upstream, urls
 from .test_websocket import ws_url
 
 
-@contextlib.asynccontextmanager
-async def silent_upstream() -> AsyncIterator[str]:
+def silent_upstream() -> contextlib.AbstractAsyncContextManager[str]:
     """A replica that takes the connection and never answers the upgrade."""
-    held: list[asyncio.StreamWriter] = []
 
     async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        held.append(writer)
         await reader.read()  # until the gateway gives up on it
 
-    server = await asyncio.start_server(handle, "127.0.0.1", 0)
-    port = server.sockets[0].getsockname()[1]
-    try:
-        yield f"http://127.0.0.1:{port}"
-    finally:
-        for writer in held:
-            writer.close()
-        server.close()
-        await server.wait_closed()
+    return raw_replica(handle)
 
 
 async def test_upgrades_beyond_the_handshake_slots_wait_then_get_503(

@@ -4,9 +4,7 @@ answer byte for byte as the test says."""
 from __future__ import annotations
 
 import asyncio
-import base64
 import contextlib
-import hashlib
 from collections.abc import AsyncIterator, Awaitable, Callable
 
 import pytest
@@ -23,23 +21,10 @@ from gateway.upstream import (
 from kit_testing import free_port
 
 from .conftest import eventually
+from .conftest import upgrade_accepted as accepted
 
 TIMEOUT = 5.0
-GUID = b"258EAFA5-E914-47DA-95CA-C5AB0DC85B11"
 Answer = Callable[[bytes, asyncio.StreamReader, asyncio.StreamWriter], Awaitable[None]]
-
-
-def accepted(head: bytes, *, extra: bytes = b"") -> bytes:
-    key = next(
-        line.split(b":", 1)[1].strip()
-        for line in head.split(b"\r\n")
-        if line.lower().startswith(b"sec-websocket-key:")
-    )
-    accept = base64.b64encode(hashlib.sha1(key + GUID).digest())
-    return (
-        b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
-        b"Sec-WebSocket-Accept: " + accept + b"\r\n" + extra + b"\r\n"
-    )
 
 
 def frame(opcode: int, payload: bytes, *, fin: bool = True) -> bytes:

@@ -3,13 +3,10 @@
 from __future__ import annotations
 
 import asyncio
-import base64
 import contextlib
 import gc
-import hashlib
 import json
 import re
-from collections.abc import AsyncIterator
 
 import httpx
 import pytest
@@ -25,14 +22,15 @@ from .conftest import (
     GatewayWithALateReplica,
     eventually,
     gateway_settings,
+    raw_replica,
     running_gateway,
     running_upstream,
+    upgrade_accepted,
     urls,
 )
 from .upstreams import Upstream
 
 GatewayClient = tuple[Gateway, httpx.AsyncClient]
-WEBSOCKET_GUID = b"258EAFA5-E914-47DA-95CA-C5AB0DC85B11"
 
 
 def ws_url(client: httpx.AsyncClient, path: str) -> str:
@@ -163,33 +161,16 @@ async def test_refuses_the_upgrade_with_503_without_a_replica(
     )
 
 
-@contextlib.asynccontextmanager
-async def vanishing_upstream() -> AsyncIterator[str]:
+def vanishing_upstream() -> contextlib.AbstractAsyncContextManager[str]:
     """A replica that completes each upgrade, then drops the connection without
     a close frame, as a killed process does."""
 
     async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        head = await reader.readuntil(b"\r\n\r\n")
-        key = next(
-            line.split(b":", 1)[1].strip()
-            for line in head.split(b"\r\n")
-            if line.lower().startswith(b"sec-websocket-key:")
-        )
-        accept = base64.b64encode(hashlib.sha1(key + WEBSOCKET_GUID).digest())
-        writer.write(
-            b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\n"
-            b"Connection: Upgrade\r\nSec-WebSocket-Accept: " + accept + b"\r\n\r\n"
-        )
+        writer.write(upgrade_accepted(await reader.readuntil(b"\r\n\r\n")))
         await writer.drain()
         writer.close()
 
-    server = await asyncio.start_server(handle, "127.0.0.1", 0)
-    port = server.sockets[0].getsockname()[1]
-    try:
-        yield f"http://127.0.0.1:{port}"
-    finally:
-        server.close()
-        await server.wait_closed()
+    return raw_replica(handle)
 
 
 async def test_a_replica_that_vanishes_is_out_for_the_sockets_that_reconnect(
@@ -225,8 +206,7 @@ async def test_a_replica_that_vanishes_is_out_for_the_sockets_that_reconnect(
                 await socket.close()
 
 
-@contextlib.asynccontextmanager
-async def hanging_up_upstream() -> AsyncIterator[str]:
+def hanging_up_upstream() -> contextlib.AbstractAsyncContextManager[str]:
     """A replica that reads each upgrade request and hangs up without an
     answer, as one stopping does."""
 
@@ -240,13 +220,7 @@ async def hanging_up_upstream() -> AsyncIterator[str]:
         await writer.drain()
         writer.close()
 
-    server = await asyncio.start_server(handle, "127.0.0.1", 0)
-    port = server.sockets[0].getsockname()[1]
-    try:
-        yield f"http://127.0.0.1:{port}"
-    finally:
-        server.close()
-        await server.wait_closed()
+    return raw_replica(handle)
 
 
 async def test_an_upgrade_a_replica_hung_up_on_goes_to_another(
@@ -269,39 +243,18 @@ async def test_an_upgrade_a_replica_hung_up_on_goes_to_another(
     assert float(retried.group(1)) >= 1
 
 
-@contextlib.asynccontextmanager
-async def deaf_upstream() -> AsyncIterator[str]:
+def deaf_upstream() -> contextlib.AbstractAsyncContextManager[str]:
     """A replica that completes each upgrade, then reads nothing more and
     never closes: as a replica that dropped the socket, its own close waiting
     behind what the gateway has not read."""
-    held: list[asyncio.StreamWriter] = []
 
     async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        head = await reader.readuntil(b"\r\n\r\n")
-        key = next(
-            line.split(b":", 1)[1].strip()
-            for line in head.split(b"\r\n")
-            if line.lower().startswith(b"sec-websocket-key:")
-        )
-        accept = base64.b64encode(hashlib.sha1(key + WEBSOCKET_GUID).digest())
-        writer.write(
-            b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\n"
-            b"Connection: Upgrade\r\nSec-WebSocket-Accept: " + accept + b"\r\n\r\n"
-        )
+        writer.write(upgrade_accepted(await reader.readuntil(b"\r\n\r\n")))
         transport = writer.transport
         assert isinstance(transport, asyncio.Transport)
         transport.pause_reading()
-        held.append(writer)
 
-    server = await asyncio.start_server(handle, "127.0.0.1", 0)
-    port = server.sockets[0].getsockname()[1]
-    try:
-        yield f"http://127.0.0.1:{port}"
-    finally:
-        for writer in held:
-            writer.transport.abort()
-        server.close()
-        await server.wait_closed()
+    return raw_replica(handle)
 
 
 async def test_a_relay_to_a_replica_that_reads_nothing_ends_when_its_client_leaves(
