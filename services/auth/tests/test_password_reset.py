@@ -10,6 +10,7 @@ import pytest
 from sqlalchemy import select, update
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
+from auth import service
 from auth.models import PasswordReset, User
 from auth.tokens import opaque_token_hash
 from kit_testing import MailCatcher, emailed_token
@@ -167,6 +168,29 @@ async def test_reset_emails_per_account_are_limited_without_telling(
     for _ in range(5):
         await forgot(client, account.email)
     assert len(reset_tokens(mail, account.email)) == 3  # the window's limit
+
+
+async def test_reset_emails_asked_for_while_the_database_was_away_spend_no_allowance(
+    client: httpx.AsyncClient, mail: MailCatcher, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Each ask answered 503 (retry, as told) gives its count back: after as
+    many failures as the window allows, the owner still gets the email."""
+    account = await register(client)
+    request_password_reset = service.request_password_reset
+
+    async def database_away(**arguments: object) -> None:
+        raise ConnectionResetError("the database went away")
+
+    monkeypatch.setattr(service, "request_password_reset", database_away)
+    failed = [
+        (await client.post("/auth/password/forgot", json={"email": account.email})).status_code
+        for _ in range(3)
+    ]
+    monkeypatch.setattr(service, "request_password_reset", request_password_reset)
+    await forgot(client, account.email)
+
+    assert failed == [503, 503, 503]
+    assert len(await emailed_reset_tokens(mail, account.email)) == 1
 
 
 @pytest.mark.parametrize(

@@ -5,12 +5,14 @@ from __future__ import annotations
 from datetime import UTC, datetime, timedelta
 
 import httpx
+import pytest
 from jose import jwt
 from sqlalchemy import select, update
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
+from auth import service
 from auth.models import EmailVerification
-from auth.tokens import opaque_token_hash
+from auth.tokens import new_opaque_token, opaque_token_hash
 from kit_testing import MailCatcher, emailed_token
 
 from .factories import Account, Tokens, login, register, unique_email
@@ -134,3 +136,25 @@ async def test_malformed_verifications_are_validation_problems(client: httpx.Asy
         response = await client.post("/auth/email/verify", json=body)
         assert response.status_code == 422, body
         assert response.headers["content-type"] == "application/problem+json"
+
+
+async def test_a_registration_whose_commit_failed_is_registered_by_its_retry(
+    client: httpx.AsyncClient, mail: MailCatcher, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The database lost while the account and its verification token are
+    written: a 503, nothing of it kept, and the retry registers the account,
+    welcome email and all (not a 409 for an account left without a token)."""
+
+    def lost_once() -> str:
+        monkeypatch.setattr(service, "new_opaque_token", new_opaque_token)
+        raise ConnectionResetError("the database went away")
+
+    monkeypatch.setattr(service, "new_opaque_token", lost_once)
+    body = {"email": unique_email(), "password": "correct horse battery", "display_name": "Ada"}
+    failed = await client.post("/auth/register", json=body)
+    retried = await client.post("/auth/register", json=body)
+
+    assert failed.status_code == 503
+    assert retried.status_code == 201
+    (welcome,) = await mail.wait_for(body["email"])
+    assert (await verify(client, emailed_token(welcome))).status_code == 204

@@ -152,7 +152,7 @@ async def create_admin(
     if is_the_email(password, email):
         raise CommandError(PASSWORD_IS_EMAIL)
     try:
-        user = await service.register(
+        user, _ = await service.register(
             session=session,
             passwords=passwords,
             email=email,

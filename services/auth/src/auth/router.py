@@ -34,7 +34,7 @@ from auth.schemas import (
     UserPage,
     UserPatch,
 )
-from auth.throttle import allow_reset_email
+from auth.throttle import reset_email_allowance
 from kit.deps import AdminPrincipal, CurrentPrincipal
 
 router = APIRouter(prefix="/auth", tags=["auth"])
@@ -70,16 +70,15 @@ async def register(
     settings: SettingsDep,
     background: BackgroundTasks,
 ) -> UserOut:
-    user = await service.register(
+    user, verification_token = await service.register(
         session=session,
         passwords=passwords,
         email=body.email,
         password=body.password,
         display_name=body.display_name,
+        verification=settings,
     )
-    verification_token = await service.new_email_verification(
-        session=session, settings=settings, user=user
-    )
+    assert verification_token is not None  # asked for, with `verification`
     background.add_task(
         send_welcome_email,
         settings=settings,
@@ -190,15 +189,17 @@ async def forgot_password(
     settings: SettingsDep,
     background: BackgroundTasks,
 ) -> Response:
-    if await allow_reset_email(redis=redis, settings=settings, email=body.email):
-        issued = await service.request_password_reset(
-            session=session, settings=settings, email=body.email
-        )
-        if issued is not None:
-            user, reset_token = issued
-            background.add_task(
-                send_reset_email, settings=settings, to=user.email, token=reset_token
+    async with reset_email_allowance(redis=redis, settings=settings, email=body.email) as allowed:
+        issued = (
+            await service.request_password_reset(
+                session=session, settings=settings, email=body.email
             )
+            if allowed
+            else None
+        )
+    if issued is not None:
+        user, reset_token = issued
+        background.add_task(send_reset_email, settings=settings, to=user.email, token=reset_token)
     return Response(status_code=202)
 
 

@@ -82,8 +82,12 @@ async def register(
     password: str,
     display_name: str,
     roles: Sequence[str] = (ROLE_USER,),
-) -> User:
-    """`email` arrives normalised (see `schemas.normalise_email`)."""
+    verification: Settings | None = None,
+) -> tuple[User, str | None]:
+    """The new account, and with `verification` the token to email that
+    proves its address: the account and the token's row in one commit, so a
+    failed commit leaves neither (the retry registers) and a committed one
+    both. `email` arrives normalised (see `schemas.normalise_email`)."""
     taken = await session.scalar(select(User.id).where(User.email == email)) is not None
     # no connection held while the password is hashed (it may wait its turn)
     await session.rollback()
@@ -96,13 +100,17 @@ async def register(
         roles=list(roles),
     )
     session.add(user)
+    token = None
     try:
+        if verification is not None:
+            await session.flush()  # the account's id, for the token's row
+            token = _add_email_verification(session=session, settings=verification, user=user)
         await session.commit()
     except IntegrityError as error:  # registered concurrently since the check
         await session.rollback()
         raise EmailTaken from error
     await session.refresh(user)
-    return user
+    return user, token
 
 
 async def get_user(*, session: AsyncSession, user_id: uuid.UUID) -> User:
@@ -892,6 +900,13 @@ async def _token_holder(
 async def new_email_verification(*, session: AsyncSession, settings: Settings, user: User) -> str:
     """A single-use token proving the user's address, to be emailed; commits.
     Earlier tokens stay valid until they expire or one of them is used."""
+    token = _add_email_verification(session=session, settings=settings, user=user)
+    await session.commit()
+    return token
+
+
+def _add_email_verification(*, session: AsyncSession, settings: Settings, user: User) -> str:
+    """Adds a verification token's row (the caller commits); returns the token."""
     token = new_opaque_token()
     session.add(
         EmailVerification(
@@ -901,7 +916,6 @@ async def new_email_verification(*, session: AsyncSession, settings: Settings, u
             + timedelta(seconds=settings.email_verification_ttl_seconds),
         )
     )
-    await session.commit()
     return token
 
 

@@ -367,9 +367,29 @@ async def count_email(
     return int(count) <= limit
 
 
-async def allow_reset_email(*, redis: Redis, settings: Settings, email: str) -> bool:
-    """Counts one reset email for the account; False past the window's limit."""
-    return await count_email(
+@contextlib.asynccontextmanager
+async def email_allowance(
+    *, redis: Redis, key: str, window_seconds: int, limit: int, what: str
+) -> AsyncIterator[bool]:
+    """Counts one email under `key` and yields whether it may go; an email
+    counted whose request then failed (the database away: a 503 the client
+    retries, as told) is given back, so retries spend no allowance."""
+    allowed = await count_email(
+        redis=redis, key=key, window_seconds=window_seconds, limit=limit, what=what
+    )
+    try:
+        yield allowed
+    except BaseException:
+        with contextlib.suppress(RedisError, OSError):
+            await redis.decr(key)
+        raise
+
+
+def reset_email_allowance(
+    *, redis: Redis, settings: Settings, email: str
+) -> contextlib.AbstractAsyncContextManager[bool]:
+    """One reset email for the account; False past the window's limit."""
+    return email_allowance(
         redis=redis,
         key=reset_emails_key(email),
         window_seconds=settings.password_reset_window_seconds,
@@ -378,9 +398,11 @@ async def allow_reset_email(*, redis: Redis, settings: Settings, email: str) -> 
     )
 
 
-async def allow_verification_email(*, redis: Redis, settings: Settings, email: str) -> bool:
-    """Counts one verification email for the address; False past the window's limit."""
-    return await count_email(
+def verification_email_allowance(
+    *, redis: Redis, settings: Settings, email: str
+) -> contextlib.AbstractAsyncContextManager[bool]:
+    """One verification email for the address; False past the window's limit."""
+    return email_allowance(
         redis=redis,
         key=verification_emails_key(email),
         window_seconds=settings.email_verification_window_seconds,

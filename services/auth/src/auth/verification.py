@@ -17,7 +17,7 @@ from auth import service
 from auth.deps import RedisDep, SessionDep, SettingsDep
 from auth.mail import send_verification_email
 from auth.schemas import EmailResendIn, EmailVerifyIn
-from auth.throttle import allow_verification_email
+from auth.throttle import verification_email_allowance
 
 router = APIRouter(prefix="/auth/email", tags=["auth"])
 
@@ -47,13 +47,17 @@ async def resend_verification(
     settings: SettingsDep,
     background: BackgroundTasks,
 ) -> Response:
-    if await allow_verification_email(redis=redis, settings=settings, email=body.email):
-        issued = await service.verification_to_resend(
-            session=session, settings=settings, email=body.email
-        )
-        if issued is not None:
-            user, token = issued
-            background.add_task(
-                send_verification_email, settings=settings, to=user.email, token=token
+    async with verification_email_allowance(
+        redis=redis, settings=settings, email=body.email
+    ) as allowed:
+        issued = (
+            await service.verification_to_resend(
+                session=session, settings=settings, email=body.email
             )
+            if allowed
+            else None
+        )
+    if issued is not None:
+        user, token = issued
+        background.add_task(send_verification_email, settings=settings, to=user.email, token=token)
     return Response(status_code=202)
