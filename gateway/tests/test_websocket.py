@@ -243,6 +243,53 @@ async def test_an_upgrade_a_replica_hung_up_on_goes_to_another(
     assert float(retried.group(1)) >= 1
 
 
+def dropping_upstream(dropped: asyncio.Event) -> contextlib.AbstractAsyncContextManager[str]:
+    """A replica that floods each socket, then cuts it, as chat drops a slow
+    consumer whose close frame could not get through."""
+
+    async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        head = await reader.readuntil(b"\r\n\r\n")
+        if b"upgrade: websocket" not in head.lower():
+            writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: 0\r\nConnection: close\r\n\r\n")
+            await writer.drain()
+            writer.close()
+            return
+        writer.write(upgrade_accepted(head))
+        frame = b"\x82\x7e" + (60000).to_bytes(2, "big") + bytes(60000)
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(1):
+                while True:  # until the gateway reads no more
+                    writer.write(frame)
+                    await writer.drain()
+        writer.transport.abort()
+        dropped.set()
+
+    return raw_replica(handle)
+
+
+async def test_a_socket_a_replica_dropped_while_its_client_read_slowly_ejects_nothing(
+    redis_url: str, minter: TokenMinter
+) -> None:
+    """A client that reads nothing gets its socket dropped by the replica; the
+    gateway, behind on that socket, does not take the cut for the replica
+    dying: no client can eject a live replica this way."""
+    dropped = asyncio.Event()
+    async with dropping_upstream(dropped) as one, dropping_upstream(dropped) as other:
+        settings = gateway_settings(
+            redis_url, chat_upstream=urls(one, other), eject_after_failures=1, eject_seconds=60
+        )
+        async with running_gateway(settings, minter) as (app, client):
+            pool = app.runtime.routes["chat"].pool
+            async with connect(ws_url(client, "/chat/ws/lobby"), max_queue=1) as socket:
+                await asyncio.wait_for(dropped.wait(), 10)
+                with contextlib.suppress(ConnectionClosed):
+                    while True:  # reads again: what was relayed, then the close
+                        await asyncio.wait_for(socket.recv(), 10)
+            states = pool.states()
+    assert states["ejected"] == 0
+    assert states["available"] == 2
+
+
 def deaf_upstream() -> contextlib.AbstractAsyncContextManager[str]:
     """A replica that completes each upgrade, then reads nothing more and
     never closes: as a replica that dropped the socket, its own close waiting

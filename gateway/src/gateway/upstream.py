@@ -130,6 +130,7 @@ class UpstreamSocket(asyncio.Protocol):
         "_reading_paused",
         "_sent_close",
         "_unread",
+        "_was_behind",
         "_write_stall_seconds",
         "forward",
         "subprotocol",
@@ -163,6 +164,9 @@ class UpstreamSocket(asyncio.Protocol):
         self._gone = False
         self._read_limit = read_limit
         self._reading_paused = False
+        # the relay fell behind this socket once (its client read slowly): a
+        # loss then may be the replica dropping a slow consumer, not dying
+        self._was_behind = False
         self._unread = 0  # bytes of the messages in the inbox
         self._owed = 0  # messages handed to the relay and not yet sent by it
         # how long a write may wait for the replica to read before the
@@ -240,7 +244,11 @@ class UpstreamSocket(asyncio.Protocol):
                 # the relay closed first, and the replica hung up before answering
                 self._end(sent.code, sent.reason, lost=False)
             else:
-                self._end(_ABNORMAL, "", lost=True)
+                # after the relay fell behind, the replica may have dropped its
+                # slow consumer, the close frame stuck behind what the gateway
+                # did not read: not counted against a replica any client could
+                # have ejected that way (its other sockets tell if it died)
+                self._end(_ABNORMAL, "", lost=not self._was_behind)
         if self._closed is not None and not self._closed.done():
             self._closed.set_result(None)
         self._wake_writer()
@@ -421,7 +429,7 @@ class UpstreamSocket(asyncio.Protocol):
         self._unread += len(message)
         if self._unread > self._read_limit and not self._reading_paused and self.transport:
             # the relay is behind (its client reads slowly): read no more for now
-            self._reading_paused = True
+            self._reading_paused = self._was_behind = True
             self.transport.pause_reading()
 
     def _closed_by_replica(self, payload: bytes) -> None:
