@@ -315,22 +315,36 @@ class Relay:
         self.cut = False  # the relay cut the upstream itself: not the replica's fault
 
     async def run(self) -> None:
-        directions = {
-            asyncio.create_task(self.client_to_upstream()),
-            asyncio.create_task(self.upstream_to_client()),
-        }
+        # the client's side runs in the handler's own task, the upstream's in
+        # one more: a task per direction cost the gateway 2.4 KiB a socket
+        loop = asyncio.get_running_loop()
+        downstream = asyncio.create_task(self.upstream_to_client())
+        waiting = True
         try:
-            await asyncio.wait(directions, return_when=asyncio.FIRST_COMPLETED)
-            await asyncio.wait(directions, timeout=RELAY_GRACE_SECONDS)
+            async with asyncio.timeout(None) as limit:
+
+                def grace(_: object) -> None:
+                    if waiting:  # the upstream's side ended first
+                        limit.reschedule(loop.time() + RELAY_GRACE_SECONDS)
+
+                downstream.add_done_callback(grace)
+                try:
+                    await self.client_to_upstream()
+                finally:
+                    waiting = False
+                    downstream.remove_done_callback(grace)
+        except TimeoutError:
+            self.cut = True  # the client's side outlived the grace
         finally:
-            if not all(direction.done() for direction in directions):
+            if not downstream.done():
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(asyncio.shield(downstream), RELAY_GRACE_SECONDS)
+            if self.cut or not downstream.done():
                 self.cut = True
                 self.upstream.abort()
-            for direction in directions:
-                direction.cancel()
-            for direction in directions:
-                with contextlib.suppress(asyncio.CancelledError):
-                    await direction
+            downstream.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await downstream
 
     async def client_to_upstream(self) -> None:
         upstream = self.upstream
