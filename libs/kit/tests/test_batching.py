@@ -158,6 +158,29 @@ async def test_a_connection_lost_twice_raises_the_outage_error(database_url: str
         await unreachable.close()
 
 
+async def test_a_read_past_the_statement_timeout_fails_once_and_is_not_run_again(
+    database_url: str,
+) -> None:
+    timed = PointReadPool(
+        asyncpg_dsn(database_url), max_size=1, server_settings={"statement_timeout": "100"}
+    )
+    try:
+        reads = batched(
+            timed, "SELECT key, key AS double FROM unnest($1::int[]) AS key, pg_sleep(30)"
+        )
+        # not a lost connection: the waiting reads get the driver's error, once
+        with pytest.raises(asyncpg.QueryCanceledError):
+            await reads.fetch(1)
+        assert reads.batches == 1
+        assert (timed.size, timed.idle) == (1, 1)
+        shared = SharedReads(timed.acquire, on_lost=lambda _error: Lost())
+        with pytest.raises(asyncpg.QueryCanceledError):
+            await shared.fetch("SELECT pg_sleep(30)", (), lambda rows: rows)
+        assert (timed.size, timed.idle) == (1, 1)
+    finally:
+        await timed.close()
+
+
 async def test_closing_cancels_the_reads_in_flight(pool: PointReadPool) -> None:
     reads = batched(pool, "SELECT key, key AS double FROM unnest($1::int[]) AS key, pg_sleep(30)")
     await warm(pool, 1)

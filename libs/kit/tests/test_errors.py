@@ -120,5 +120,7 @@ def test_outage_detection_follows_wrapped_causes() -> None:
     # PostgreSQL rolled the transaction back to untangle it from another: retry
     assert is_outage(WrappedDatabaseError(asyncpg.exceptions.DeadlockDetectedError("deadlock")))
     assert is_outage(WrappedDatabaseError(asyncpg.exceptions.SerializationError("serialize")))
+    # the statement timeout (57014): cancelled, rolled back, worth a retry
+    assert is_outage(WrappedDatabaseError(asyncpg.QueryCanceledError("statement timeout")))
     assert not is_outage(WrappedDatabaseError(ValueError()))
     assert not is_outage(KeyError("x"))

@@ -74,20 +74,86 @@ async def test_never_opens_more_than_max_size(pool: PointReadPool) -> None:
     assert pool.size == 3
 
 
-async def test_a_lease_ended_by_an_error_closes_its_connection(pool: PointReadPool) -> None:
+async def failing_lease(pool: PointReadPool, *statements: str) -> asyncpg.Connection:
+    """Runs `statements` on one lease until one raises; the lease's connection."""
+    held: list[asyncpg.Connection] = []
+
+    async def lease() -> None:
+        async with pool.acquire() as connection:
+            held.append(connection)
+            for statement in statements:
+                await connection.execute(statement)
+
+    with pytest.raises(asyncpg.PostgresError):
+        await lease()
+    return held[0]
+
+
+@pytest.mark.parametrize(
+    "statement",
+    [
+        "SELECT * FROM no_such_table",  # 42P01
+        "SELECT 'not a number'::int",  # 22P02: the client's input
+        "SELECT chr(0)",  # 54000: a NUL byte
+    ],
+)
+async def test_a_statement_the_server_refused_leaves_its_connection_in_the_pool(
+    pool: PointReadPool, statement: str
+) -> None:
+    first = await backend_pid(pool)
+    connection = await failing_lease(pool, statement)
+    assert not connection.is_closed()
+    assert (pool.size, pool.idle) == (1, 1)
+    assert await backend_pid(pool) == first
+
+
+async def test_a_lease_ended_by_an_error_of_its_own_closes_its_connection(
+    pool: PointReadPool,
+) -> None:
     first = await backend_pid(pool)
     held: list[asyncpg.Connection] = []
 
-    async def failing_read() -> None:
+    async def lease() -> None:
         async with pool.acquire() as connection:
             held.append(connection)
-            await connection.fetch("SELECT * FROM no_such_table")
+            raise RuntimeError("the caller's own failure, midway through its reads")
 
-    with pytest.raises(asyncpg.UndefinedTableError):
-        await failing_read()
+    with pytest.raises(RuntimeError):
+        await lease()
     assert held[0].is_closed()
     assert pool.size == 0
     assert await backend_pid(pool) != first
+
+
+async def test_a_connection_left_inside_a_transaction_is_closed(pool: PointReadPool) -> None:
+    first = await backend_pid(pool)
+    connection = await failing_lease(pool, "BEGIN", "SELECT 'not a number'::int")
+    assert connection.is_closed()
+    assert pool.size == 0
+    assert await backend_pid(pool) != first
+
+
+async def test_a_statement_past_the_statement_timeout_is_cancelled_and_its_connection_kept(
+    dsn: str,
+) -> None:
+    pool = PointReadPool(dsn, max_size=1, server_settings={"statement_timeout": "100"})
+    try:
+        first = await backend_pid(pool)
+        # 30 s unbounded; the statement timeout ends it long before the test's own limit
+        async with asyncio.timeout(10):
+            connection = await failing_lease(pool, "SELECT pg_sleep(30)")
+        assert not connection.is_closed()
+        assert (pool.size, pool.idle) == (1, 1)
+        assert await backend_pid(pool) == first
+        async with pool.acquire() as connection:
+            assert await connection.fetchval("SHOW statement_timeout") == "100ms"
+    finally:
+        await pool.close()
+
+
+async def test_a_cancelled_query_is_not_a_lost_connection() -> None:
+    assert not isinstance(asyncpg.QueryCanceledError("statement timeout"), DISCONNECTED)
+    assert isinstance(asyncpg.exceptions.AdminShutdownError("shutting down"), DISCONNECTED)
 
 
 async def test_a_cancelled_statement_never_goes_back_to_the_pool(pool: PointReadPool) -> None:

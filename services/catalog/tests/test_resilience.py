@@ -3,12 +3,20 @@
 from __future__ import annotations
 
 import asyncio
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import httpx
 import pytest
+from sqlalchemy import text
+from sqlalchemy.ext.asyncio import AsyncEngine
+
+from catalog.config import Settings
+from catalog.main import create_app
 
 from .factories import create_product, product_body
+
+if TYPE_CHECKING:
+    from kit_testing import TokenMinter
 
 
 async def test_reads_and_writes_recover_after_a_database_restart(
@@ -42,3 +50,55 @@ async def test_reads_and_writes_recover_after_a_database_restart(
         "/catalog/products", json=product_body(), headers=admin_headers
     )
     assert again.status_code == 201
+
+
+async def test_a_statement_past_the_statement_timeout_answers_503_and_a_retry_succeeds(
+    settings: Settings,
+    minter: TokenMinter,
+    admin_headers: dict[str, str],
+    engine: AsyncEngine,
+) -> None:
+    """A table another transaction holds (or a scan no index narrows): the
+    request's statement is cancelled after DATABASE_STATEMENT_TIMEOUT_SECONDS,
+    the client hears 503 with Retry-After, and once the table is free the
+    same requests succeed, a create with its Idempotency-Key exactly once."""
+    from kit_testing import started
+
+    application = create_app(
+        settings.model_copy(update={"database_statement_timeout_seconds": 0.2}),
+        key_source=minter.key_source,
+    )
+    async with (
+        started(application) as manager,
+        httpx.AsyncClient(
+            transport=httpx.ASGITransport(manager.app), base_url="http://catalog"
+        ) as client,
+    ):
+        created = await create_product(client, admin_headers)
+        url = f"/catalog/products/{created['id']}"
+        body = product_body()
+        once = {**admin_headers, "Idempotency-Key": body["name"]}
+        async with engine.connect() as holder:
+            transaction = await holder.begin()
+            try:
+                await holder.execute(text("LOCK TABLE products IN ACCESS EXCLUSIVE MODE"))
+                refused = [
+                    await client.get(url),
+                    await client.get("/catalog/products", params={"q": created["name"]}),
+                    await client.post("/catalog/products", json=body, headers=once),
+                ]
+            finally:
+                await transaction.rollback()
+        for response in refused:
+            assert response.status_code == 503, response.text
+            assert response.headers["content-type"] == "application/problem+json"
+            assert response.headers["retry-after"] == "1"
+            assert response.json()["type"] == "urn:problem-type:service-unavailable"
+
+        assert (await client.get(url)).json() == created
+        first = await client.post("/catalog/products", json=body, headers=once)
+        assert first.status_code == 201, first.text
+        replayed = await client.post("/catalog/products", json=body, headers=once)
+        assert replayed.json() == first.json()
+        listed = await client.get("/catalog/products", params={"q": body["name"]})
+        assert [item["id"] for item in listed.json()["items"]] == [first.json()["id"]]

@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
 from contextlib import AbstractAsyncContextManager
 from typing import Any, Generic
 
@@ -78,9 +78,16 @@ class MeasuredPool(AsyncAdaptedQueuePool):
             observe_wait("engine", started)
 
 
-def make_engine(url: str, **overrides: Any) -> AsyncEngine:
+def make_engine(
+    url: str, *, server_settings: Mapping[str, str] | None = None, **overrides: Any
+) -> AsyncEngine:
     """An engine that survives a PostgreSQL restart: stale connections are
-    tested before use (`pool_pre_ping`) and recycled after half an hour."""
+    tested before use (`pool_pre_ping`) and recycled after half an hour.
+    `server_settings` are PostgreSQL settings every connection opens with
+    (`DatabaseSettings.database_server_settings`: the statement timeout)."""
+    connect_args: dict[str, Any] = {"timeout": CONNECT_TIMEOUT_SECONDS}
+    if server_settings:
+        connect_args["server_settings"] = dict(server_settings)
     options: dict[str, Any] = {
         "poolclass": MeasuredPool,
         "pool_pre_ping": True,
@@ -88,7 +95,7 @@ def make_engine(url: str, **overrides: Any) -> AsyncEngine:
         "max_overflow": 10,
         "pool_recycle": 1800,
         "pool_timeout": 10,
-        "connect_args": {"timeout": CONNECT_TIMEOUT_SECONDS},
+        "connect_args": connect_args,
     }
     options.update(overrides)
     return create_async_engine(url, **options)
@@ -103,6 +110,7 @@ def open_unpinged_engine(parts: Parts, settings: DatabaseSettings) -> AsyncEngin
     again (a read; a write only where running it twice is safe)."""
     engine = make_engine(
         str(settings.database_url),
+        server_settings=settings.database_server_settings,
         pool_pre_ping=False,
         pool_size=settings.database_pool_size,
         max_overflow=settings.database_pool_overflow,

@@ -212,12 +212,14 @@ async def _on_http_exception(request: Request, error: Exception) -> JSONResponse
 
 
 # Exceptions (by class name, so kit needs neither driver) that mean "PostgreSQL
-# or Redis is restarting or unreachable", or that PostgreSQL rolled the
+# or Redis is restarting or unreachable", that PostgreSQL rolled the
 # transaction back to untangle it from another (a deadlock, a serialization
-# failure: SQLSTATE class 40): a retry will do, nothing was written.
+# failure: SQLSTATE class 40), or that it cancelled a statement that ran past
+# the statement timeout (57014): a retry will do, nothing was written.
 _OUTAGE_NAMES = frozenset(
     {
         "TransactionRollbackError",
+        "QueryCanceledError",
         "InternalClientError",
         "AdminShutdownError",
         "CannotConnectNowError",

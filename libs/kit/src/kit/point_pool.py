@@ -10,9 +10,13 @@ so there is no session state to reset. What this pool keeps:
 
 - at most `max_size` connections, opened on first need, so start-up never
   waits on the database;
-- a connection goes back only after a lease that ended cleanly; an error or a
-  cancellation (a statement may still be running on it) closes it, and its slot
-  passes to the next waiter, which opens a fresh connection;
+- a connection goes back after a lease that ended cleanly, or with an error
+  the server answered a statement with (a value refused, the statement
+  timeout): the connection is idle again, and a client sending bad input over
+  and over must not cost the service a new connection (TCP and SCRAM) each
+  time. Any other error or a cancellation (a statement may still be running
+  on it) closes it, and its slot passes to the next waiter, which opens a
+  fresh connection;
 - a lost connection (the database restarted) closes every idle one with it, as
   they died the same way, so a retry gets a new connection rather than another
   dead one;
@@ -32,8 +36,10 @@ from typing import Any
 
 import asyncpg
 
-from kit.db import CONNECT_TIMEOUT_SECONDS
+from kit.db import CONNECT_TIMEOUT_SECONDS, asyncpg_dsn
+from kit.lifespan import Parts
 from kit.pools import PoolUsage, observe_wait
+from kit.settings import DatabaseSettings
 
 Connections = Callable[[], AbstractAsyncContextManager[Any]]
 """Opens a bare asyncpg connection for the length of an `async with`
@@ -43,13 +49,29 @@ Connections = Callable[[], AbstractAsyncContextManager[Any]]
 # terminated by an administrator) raises from the driver: the server's own
 # notice (57P01 and its kin), the socket's error, or, when the notice arrived
 # while the connection sat idle, asyncpg's protocol state out of step.
+# Class 57 ("operator intervention") bar 57014: a statement cancelled (the
+# statement timeout) leaves its connection as good as it was.
 DISCONNECTED = (
     asyncpg.PostgresConnectionError,
-    asyncpg.exceptions.OperatorInterventionError,
+    asyncpg.exceptions.AdminShutdownError,
+    asyncpg.exceptions.CrashShutdownError,
+    asyncpg.exceptions.CannotConnectNowError,
+    asyncpg.exceptions.DatabaseDroppedError,
+    asyncpg.exceptions.IdleSessionTimeoutError,
     asyncpg.InterfaceError,
     asyncpg.exceptions.InternalClientError,
     OSError,
 )
+
+
+def statement_refused(error: BaseException | None) -> bool:
+    """Whether the server answered a statement with an error (severity ERROR)
+    that leaves the connection ready for the next one: not a FATAL or PANIC
+    one, which ends the session, and not a lost connection."""
+    if not isinstance(error, asyncpg.PostgresError) or isinstance(error, DISCONNECTED):
+        return False
+    # severity_en is never translated (PostgreSQL 9.6+); severity may be
+    return (getattr(error, "severity_en", None) or getattr(error, "severity", None)) == "ERROR"
 
 
 class PoolClosed(asyncpg.InterfaceError):  # type: ignore[misc] # asyncpg is untyped
@@ -170,7 +192,12 @@ class PointReadPool:
             self._idle.append(connection)
 
     def _give_back(self, connection: asyncpg.Connection, error: BaseException | None) -> None:
-        if error is None and not self._closed and not connection.is_closed():
+        if (
+            (error is None or statement_refused(error))
+            and not self._closed
+            and not connection.is_closed()
+            and not connection.is_in_transaction()
+        ):
             self._hand_on(connection)
             return
         connection.terminate()
@@ -202,3 +229,14 @@ class Lease:
         connection, self._connection = self._connection, None
         if connection is not None:
             self._pool._give_back(connection, error)
+
+
+def open_point_pool(parts: Parts, settings: DatabaseSettings, *, max_size: int) -> PointReadPool:
+    """The service's pool for point reads, on its database with its server
+    settings (the statement timeout), closed when the app stops."""
+    pool = PointReadPool(
+        asyncpg_dsn(str(settings.database_url)),
+        max_size=max_size,
+        server_settings=settings.database_server_settings,
+    )
+    return parts.add(pool, PointReadPool.close)

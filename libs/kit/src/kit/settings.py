@@ -276,6 +276,17 @@ class DatabaseSettings(ServiceSettings):
     # request (TCP + SCRAM each), so by default there are none.
     database_pool_size: int = Field(default=10, ge=1)
     database_pool_overflow: int = Field(default=0, ge=0)
+    # The longest a statement of a request may run, lock waits included;
+    # PostgreSQL cancels it then and the request answers 503 (retry). Below
+    # the gateway's route timeouts (10 s), so a client hears the service's
+    # answer, not the gateway's 504; 0 leaves the database's own setting.
+    database_statement_timeout_seconds: float = Field(default=5.0, ge=0)
+
+    @property
+    def database_server_settings(self) -> dict[str, str]:
+        """What every connection of the service asks PostgreSQL for when it opens."""
+        milliseconds = round(self.database_statement_timeout_seconds * 1000)
+        return {"statement_timeout": str(milliseconds)} if milliseconds else {}
 
     def weak_production_secrets(self) -> list[str]:
         weak = super().weak_production_secrets()

@@ -24,7 +24,6 @@ from kit.app import assemble
 from kit.batching import BatchedReads
 from kit.db import (
     DatabaseState,
-    asyncpg_dsn,
     database_readiness,
     make_engine,
     make_sessionmaker,
@@ -32,7 +31,7 @@ from kit.db import (
 )
 from kit.health import check_redis, check_revocations
 from kit.lifespan import Parts, lifespan, open_redis, open_verifier
-from kit.point_pool import PointReadPool
+from kit.point_pool import PointReadPool, open_point_pool
 from kit.security import KeySource
 
 logger = logging.getLogger("auth.main")
@@ -91,15 +90,13 @@ async def check_bootstrap(request: Request) -> None:
 async def open_parts(parts: Parts, settings: Settings, *, key_source: KeySource | None) -> State:
     engine = make_engine(
         str(settings.database_url),
+        server_settings=settings.database_server_settings,
         pool_size=settings.database_pool_size,
         max_overflow=settings.database_pool_overflow,
     )
     parts.add(engine, AsyncEngine.dispose)
     sessionmaker = make_sessionmaker(engine)
-    point_pool = PointReadPool(
-        asyncpg_dsn(str(settings.database_url)), max_size=settings.point_read_pool_size
-    )
-    parts.add(point_pool, PointReadPool.close)
+    point_pool = open_point_pool(parts, settings, max_size=settings.point_read_pool_size)
     user_reads = service.user_reads(point_pool.acquire, max_in_flight=settings.point_read_pool_size)
     parts.add(user_reads, BatchedReads.aclose)
     redis = open_redis(parts, settings)

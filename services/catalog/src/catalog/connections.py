@@ -19,15 +19,9 @@ from dataclasses import dataclass
 from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker
 
 from catalog.config import Settings
-from kit.db import (
-    ReadConnections,
-    asyncpg_dsn,
-    make_sessionmaker,
-    open_unpinged_engine,
-    read_connections,
-)
+from kit.db import ReadConnections, make_sessionmaker, open_unpinged_engine, read_connections
 from kit.lifespan import Parts
-from kit.point_pool import Connections, PointReadPool
+from kit.point_pool import Connections, PointReadPool, open_point_pool
 
 __all__ = ["Database", "DatabaseOpener", "DriverConnections", "ReadConnections", "open_database"]
 
@@ -54,10 +48,7 @@ async def open_database(parts: Parts, settings: Settings) -> Database:
     its first use, so start-up never waits on the database."""
     # reads retry once on a dropped connection; writes answer 503
     engine = open_unpinged_engine(parts, settings)
-    point_pool = PointReadPool(
-        asyncpg_dsn(str(settings.database_url)), max_size=settings.point_read_pool_size
-    )
-    parts.add(point_pool, PointReadPool.close)
+    point_pool = open_point_pool(parts, settings, max_size=settings.point_read_pool_size)
     return Database(
         engine=engine,
         sessionmaker=make_sessionmaker(engine),
