@@ -3,18 +3,23 @@ from __future__ import annotations
 import asyncio
 import threading
 import time
+from typing import cast
 
 import httpx
+from fastapi import FastAPI, Request
 from sqlalchemy import select
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
 from auth import service
 from auth.config import Settings
+from auth.deps import SessionDep, get_passwords
 from auth.errors import InvalidCredentials
 from auth.models import User
 from auth.passwords import Passwords
+from kit_testing import MailCatcher
 
-from .factories import register
+from .factories import login, register, unique_email
+from .test_password_reset import NEW_PASSWORD, emailed_reset_tokens, forgot
 
 OWASP_PREFIX = "$argon2id$v=19$m=19456,t=2,p=1$"
 
@@ -115,3 +120,64 @@ async def test_at_most_max_concurrent_hashes_run_at_once() -> None:
 
     assert counting.most == 3
     assert len(set(hashes)) == 12
+
+
+class WatchedPasswords:
+    """The app's `Passwords`, noting for each hash or check whether the
+    request's session held a connection (a transaction) while it ran."""
+
+    def __init__(self, passwords: Passwords, session: AsyncSession, seen: list[str]) -> None:
+        self._passwords = passwords
+        self._session = session
+        self._seen = seen
+
+    def _note(self, what: str) -> None:
+        self._seen.append(f"{what} holding" if self._session.in_transaction() else what)
+
+    async def hash(self, password: str) -> str:
+        self._note("hash")
+        return await self._passwords.hash(password)
+
+    async def verify(self, password_hash: str, password: str) -> bool:
+        self._note("verify")
+        return await self._passwords.verify(password_hash, password)
+
+    async def burn_verify(self, password: str) -> None:
+        self._note("burn_verify")
+        await self._passwords.burn_verify(password)
+
+    def needs_rehash(self, password_hash: str) -> bool:
+        return self._passwords.needs_rehash(password_hash)
+
+
+async def test_no_connection_is_held_while_a_password_is_hashed_or_checked(
+    app: FastAPI, client: httpx.AsyncClient, mail: MailCatcher
+) -> None:
+    """A hash takes a slot that may be queued for; a request waiting for one
+    with a connection (and a transaction's locks) in hand would starve every
+    other request of the pool. Registration, logins (right, wrong, unknown
+    account) and a reset each check or hash with the session's transaction
+    ended."""
+    seen: list[str] = []
+
+    def watched(request: Request, session: SessionDep) -> Passwords:
+        # the same session the route gets: FastAPI makes one per request
+        return cast(Passwords, WatchedPasswords(request.state.passwords, session, seen))
+
+    app.dependency_overrides[get_passwords] = watched
+    try:
+        account = await register(client)
+        await login(client, account.email, account.password)
+        wrong = {"username": account.email, "password": account.password + "!"}
+        assert (await client.post("/auth/token", data=wrong)).status_code == 400
+        unknown = {"username": unique_email(), "password": account.password}
+        assert (await client.post("/auth/token", data=unknown)).status_code == 400
+        await forgot(client, account.email)
+        (token,) = await emailed_reset_tokens(mail, account.email)
+        reset = await client.post(
+            "/auth/password/reset", json={"token": token, "password": NEW_PASSWORD}
+        )
+        assert reset.status_code == 204, reset.text
+    finally:
+        app.dependency_overrides.pop(get_passwords, None)
+    assert seen == ["hash", "verify", "verify", "burn_verify", "hash"]
