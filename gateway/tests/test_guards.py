@@ -130,6 +130,74 @@ async def test_a_later_head_stalling_on_a_kept_alive_connection_is_cut_off(
     assert service.hits == 1
 
 
+STREAMED = b"GET /catalog/stream?chunks=2&size=64 HTTP/1.1\r\nHost: edge\r\n\r\n"
+ECHO = b"GET /catalog/echo HTTP/1.1\r\nHost: edge\r\n\r\n"
+PARTIAL_HEAD = b"GET /catalog/echo HTTP/1.1\r\nHost: ed"  # and never the rest
+
+
+def answers(raw: bytes) -> list[tuple[int, bytes]]:
+    """Each answer on a connection, in order: its status and its whole body
+    (chunked or by length)."""
+    found: list[tuple[int, bytes]] = []
+    while raw:
+        head, separator, raw = raw.partition(b"\r\n\r\n")
+        assert separator, f"a head cut short: {head!r}"
+        status = int(head.split(b" ", 2)[1])
+        fields = head.lower().split(b"\r\n")
+        if b"transfer-encoding: chunked" in fields:
+            body = b""
+            while True:
+                size_line, _, raw = raw.partition(b"\r\n")
+                size = int(size_line, 16)
+                assert raw[size : size + 2] == b"\r\n", "a chunk cut short or written into"
+                body, raw = body + raw[:size], raw[size + 2 :]
+                if size == 0:
+                    break
+        else:
+            (length,) = (int(f.split(b": ")[1]) for f in fields if f.startswith(b"content-length"))
+            body, raw = raw[:length], raw[length:]
+        found.append((status, body))
+    return found
+
+
+async def head_timeouts(base_url: str) -> int:
+    async with httpx.AsyncClient(base_url=base_url) as http:
+        metrics = (await http.get("/metrics")).text
+    name = 'gateway_edge_refusals_total{reason="header_timeout"} '
+    return int(float(metrics.split(name, 1)[1].split()[0])) if name in metrics else 0
+
+
+@pytest.mark.parametrize("queued", [0, 1])
+async def test_a_head_late_behind_an_answer_going_out_never_cuts_that_answer(
+    redis_url: str, minter: TokenMinter, queued: int
+) -> None:
+    """The next request's head stalls while an earlier answer streams (with
+    `queued` complete requests waiting behind it): every request read is
+    answered whole, nothing is written into an answer, the last says the
+    connection closes, and it does; the late request was never read, so it
+    gets nothing."""
+    async with edge(redis_url, minter) as (service, _, base_url):
+        service.release_stream.clear()
+        reader, writer = await open_raw(base_url)
+        writer.write(STREAMED + ECHO * queued + PARTIAL_HEAD)
+        first = await reader.readuntil(b"a" * 64)  # the answer has begun
+
+        async def head_timed_out() -> bool:
+            return await head_timeouts(base_url) == 1
+
+        await eventually(head_timed_out)
+        service.release_stream.set()
+        raw = first + await read_until_closed(reader)
+        writer.close()
+    streamed, *echoed = answers(raw)
+    assert streamed == (200, b"a" * 64 + b"b" * 64)
+    assert [status for status, _ in echoed] == [200] * queued
+    assert all(json.loads(body)["path"] == "/catalog/echo" for _, body in echoed)
+    assert service.hits == 1 + queued
+    if queued:  # the last answer not yet begun when the head timed out says so
+        assert b"connection: close" in raw.rsplit(b"HTTP/1.1 ", 1)[1].lower()
+
+
 async def test_a_stalled_body_is_cut_off(redis_url: str, minter: TokenMinter) -> None:
     async with edge(redis_url, minter) as (_, _app, base_url):
         reader, writer = await open_raw(base_url)

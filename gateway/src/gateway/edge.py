@@ -9,7 +9,11 @@ and lets one address open any number of connections. `EdgeHttpProtocol`
 - a head deadline: the request line and headers must arrive within
   `HEADER_TIMEOUT_SECONDS` of the connection opening (or of the first byte of
   a later request on it), else 408 and the connection is closed; a connection
-  that sent nothing is just closed;
+  that sent nothing is just closed. The clock stops while the gateway is not
+  reading (pipelined requests wait for their turn); a later request's head
+  late while an earlier answer is still going out is dropped unanswered, and
+  the connection closes after that answer, which is neither cut nor written
+  into;
 - a body idle timeout: `BODY_IDLE_TIMEOUT_SECONDS` without a byte of a body
   still owed, else 408 and close (the clock stops while the gateway itself
   is not reading, i.e. while the upstream is slow to take the body);
@@ -390,8 +394,10 @@ class EdgeHttpProtocol(HttpToolsProtocol):
         newest = self.pipeline[0][0] if self.pipeline else self.cycle
         # each request cycle writes through its own HeadFirst (on_headers_complete)
         writer: object = None if newest is None else newest.transport
-        if newest is not None and not newest.response_started and isinstance(writer, HeadFirst):
-            newest.keep_alive = False  # says `connection: close`, then closes...
+        if newest is not None and not newest.response_complete and isinstance(writer, HeadFirst):
+            # closes once answered (saying `connection: close` if its head is
+            # still to go)...
+            newest.keep_alive = False
             writer.on_close = self.linger_close  # ...without a reset
         else:
             self.linger_close()
@@ -502,13 +508,30 @@ class EdgeHttpProtocol(HttpToolsProtocol):
 
     def head_timed_out(self) -> None:
         self.timer = None
-        if self.transport.is_closing() or self.guard is None:
+        guard = self.guard
+        if self.transport.is_closing() or guard is None:
             return
-        self.guard.refused("header_timeout")
-        if self.request_begun or self.head_bytes:
+        if self.flow.read_paused:
+            # the gateway is not reading (requests before this one wait for
+            # their answers): the client is not the one late
+            self.arm(guard.header_timeout_seconds, self.head_timed_out)
+            return
+        guard.refused("header_timeout")
+        if self.answer_owed():
+            # an earlier request's answer is still going out: it is finished,
+            # not cut, and not written into; this request is dropped, and the
+            # connection closes after that answer
+            self.answer_queued_then_close()
+        elif self.request_begun or self.head_bytes:
             self.refuse(408, "The request head did not arrive in time")
         else:
             self.transport.close()  # nothing was asked: nothing to answer
+
+    def answer_owed(self) -> bool:
+        """Whether a request read before this point still waits for (or is
+        getting) its answer."""
+        cycle = self.cycle
+        return bool(self.pipeline) or (cycle is not None and not cycle.response_complete)
 
     def body_timed_out(self) -> None:
         self.timer = None
