@@ -673,3 +673,47 @@ async def test_a_cutoff_this_process_applies_while_its_key_is_read_again_is_kept
     finally:
         await client.aclose()
     assert mirror.refuses("any", key.rsplit(":", 1)[1], 1_999_999_999)
+
+
+async def test_a_revocation_written_during_the_scan_is_held_before_the_mirror_is_current(
+    redis: Redis, redis_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Another writer revokes a token after the resync's SCAN went past its
+    key: the SCAN misses it, its event waits on the subscriber's connection.
+    Until that event is applied (a PONG proves it), the mirror is not current,
+    so a verifier asks Redis; and it counts as stale from the SCAN's start."""
+    client = Redis.from_url(redis_url)
+    mirror = RevocationMirror(client, heartbeat_seconds=0.2, lease_seconds=2.0)
+    jti = uuid.uuid4().hex
+    scan_iter, listen = client.scan_iter, mirror._listen
+    seen: list[tuple[bool, bool, bool]] = []
+    scanned_at: list[float] = []
+
+    async def revoked_by_another_writer_meanwhile(*args: Any, **kwargs: Any) -> AsyncIterator[Any]:
+        scanned_at.append(time.monotonic())
+        keys = [key async for key in scan_iter(*args, **kwargs)]
+        await redis.set(revoked_token_key(jti), "1", ex=60)
+        for key in keys:
+            yield key
+
+    async def listening(pubsub: Any) -> None:
+        # the moment the rebuilt mirror takes over, before any event is read
+        since_scan = time.monotonic() - scanned_at[-1]
+        stale = mirror.staleness()
+        seen.append((mirror.current(), mirror.refuses(jti, "someone", 0), stale >= since_scan))
+        await listen(pubsub)
+
+    monkeypatch.setattr(client, "scan_iter", revoked_by_another_writer_meanwhile)
+    monkeypatch.setattr(mirror, "_listen", listening)
+    mirror.start()
+    try:
+        async with asyncio.timeout(15):
+            await mirror.wait_for(mirror.current)
+        assert mirror.refuses(jti, "someone", 0)
+    finally:
+        await mirror.aclose()
+        await client.aclose()
+    ((was_current, refused, stale_since_the_scan),) = seen
+    assert not refused  # the SCAN missed it...
+    assert not was_current  # ...so the mirror did not answer alone
+    assert stale_since_the_scan

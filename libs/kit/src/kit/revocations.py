@@ -14,8 +14,9 @@ Protocol, per connection of the subscriber:
    read is in flight the mirror is not current) and PING on the subscriber
    connection every `heartbeat_seconds`.
 
-The mirror is *current* only while it is synced, has no read in flight, and
-the last PONG answered a PING sent less than `lease_seconds` ago. Because
+The mirror is *current* only while it is synced, has had a PONG since (so
+the events of writes made during the SCAN are applied), has no read in
+flight, and the last PONG answered a PING sent less than `lease_seconds` ago. Because
 Redis answers a PING after delivering every event it published earlier on
 that connection, a current mirror holds every revocation written before that
 PING was sent. Whenever it is not current, the caller falls back to asking
@@ -102,6 +103,9 @@ class RevocationMirror:
         self._users: dict[str, float] = {}
         self._reading = 0
         self._synced = False
+        # a PONG has come back since the last resync: every event Redis queued
+        # during its SCAN (a write the SCAN went past) has been applied
+        self._confirmed = False
         self._heard = -math.inf
         self._pings: deque[float] = deque()
         self._changed = asyncio.Condition()
@@ -125,6 +129,7 @@ class RevocationMirror:
     def current(self) -> bool:
         return (
             self._synced
+            and self._confirmed
             and not self._reading
             and time.monotonic() - self._heard < self.lease_seconds
         )
@@ -246,9 +251,14 @@ class RevocationMirror:
             confirmation = await pubsub.get_message(timeout=self.lease_seconds)
             if confirmation is None or confirmation["type"] != "psubscribe":
                 raise ConnectionError("no subscription confirmation")
+            # the SCAN finds every revocation written before it starts; a later
+            # one reaches this connection as an event, applied once `_listen`
+            # reads it: current after the first PONG, stale from the SCAN's start
+            scan_started = time.monotonic()
+            self._confirmed = False
             await self._resync()
             self._pings.clear()
-            self._heard = time.monotonic()
+            self._heard = scan_started
             self._synced = True
             self.syncs += 1
             if self._failing:
@@ -301,7 +311,7 @@ class RevocationMirror:
                 self._apply(key, value)
 
     async def _listen(self, pubsub: Any) -> None:
-        next_ping = time.monotonic()
+        listening_since = next_ping = time.monotonic()
         while not self._stopping.is_set():
             now = time.monotonic()
             if now >= next_ping:
@@ -310,13 +320,18 @@ class RevocationMirror:
                 next_ping = now + self.heartbeat_seconds
             message = await pubsub.get_message(timeout=max(0.0, next_ping - time.monotonic()))
             if message is None:
-                if time.monotonic() - self._heard >= self.lease_seconds:
+                # the lease of a session that has not heard a PONG yet runs from
+                # its first PING, not from the start of a long SCAN
+                if time.monotonic() - max(self._heard, listening_since) >= self.lease_seconds:
                     raise TimeoutError("no PONG within the lease")
                 continue
             kind = message["type"]
             if kind == "pong":
                 if self._pings:
                     self._heard = self._pings.popleft()
+                if not self._confirmed:
+                    self._confirmed = True
+                    await self._notify()
             elif kind == "pmessage":
                 await self._on_event(_text(message["channel"]), _text(message["data"]))
                 await self._notify()
