@@ -292,6 +292,18 @@ async def test_garbage_and_a_connection_lost_mid_answer_are_broken(
             await get(client, server.port)
 
 
+@pytest.mark.parametrize("status", [b"000", b"099", b"101", b"600", b"999"])
+async def test_a_final_status_outside_200_to_599_is_broken(
+    client: UpstreamClient, status: bytes
+) -> None:
+    """The parser takes any three digits; nothing outside 200-599 (or a 101
+    to a request that asked for no upgrade) is an answer to give a client."""
+    head = b"HTTP/1.1 " + status + b" Odd\r\nContent-Length: 2\r\n\r\nhi"
+    async with replica(answering(head)) as server:
+        with pytest.raises(UpstreamBroken, match=f"status {status.decode()}"):
+            await get(client, server.port)
+
+
 def cut_after(answer: Answer) -> Answer:
     async def cut(request: Request, writer: asyncio.StreamWriter) -> bool:
         await answer(request, writer)

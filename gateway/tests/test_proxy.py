@@ -20,6 +20,7 @@ from .conftest import (
     gateway_settings,
     header_values,
     in_process_gateway,
+    raw_replica,
     running_gateway,
     running_upstream,
     urls,
@@ -388,3 +389,31 @@ async def test_answers_503_at_once_without_a_healthy_replica(
     assert int(response.headers["retry-after"]) >= 1
     # at once: not after a connect timeout (2 s) or the next probe (5 s)
     assert elapsed < 1.0
+
+
+@pytest.mark.parametrize("status", [b"000", b"099", b"101", b"600", b"999"])
+async def test_an_answer_with_no_http_status_is_a_502_on_either_path(
+    redis_url: str, minter: TokenMinter, status: bytes
+) -> None:
+    """A GET (the direct path) and a POST (the ASGI path) to a replica that
+    answers with a status line no client can be given: a 502 problem, never
+    a broken answer."""
+
+    async def odd(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        head = await reader.readuntil(b"\r\n\r\n")
+        if b"content-length: 4" in head.lower():
+            await reader.readexactly(4)
+        writer.write(b"HTTP/1.1 " + status + b" Odd\r\nContent-Length: 2\r\n\r\nhi")
+        await reader.read()  # the gateway keeps no connection that answered so
+
+    async with raw_replica(odd) as replica_url:
+        settings = gateway_settings(redis_url, catalog_upstream=urls(replica_url))
+        async with running_gateway(settings, minter) as (_, client):
+            answers = [
+                await client.get("/catalog/x"),
+                await client.post("/catalog/x", content=b"body"),
+            ]
+    for response in answers:
+        assert response.status_code == 502
+        assert response.headers["content-type"] == "application/problem+json"
+        assert response.json()["detail"] == "The catalog service failed to answer"

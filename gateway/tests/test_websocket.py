@@ -358,6 +358,26 @@ async def test_a_refused_upgrade_is_answered_before_the_socket_opens(
     assert refusal.value.response.status_code == answered
 
 
+@pytest.mark.parametrize("status", [b"099", b"600", b"999"])
+async def test_an_upgrade_answered_with_no_http_status_is_a_502(
+    redis_url: str, minter: TokenMinter, status: bytes
+) -> None:
+    async def odd(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await reader.readuntil(b"\r\n\r\n")
+        writer.write(b"HTTP/1.1 " + status + b" Odd\r\nContent-Length: 2\r\n\r\nhi")
+        await reader.read()
+
+    async with raw_replica(odd) as replica_url:
+        settings = gateway_settings(redis_url, chat_upstream=urls(replica_url))
+        async with running_gateway(settings, minter) as (_, client):
+            with pytest.raises(InvalidStatus) as refusal:
+                async with connect(ws_url(client, "/chat/ws/lobby")):
+                    pass
+    response = refusal.value.response
+    assert response.status_code == 502
+    assert response.headers["content-type"] == "application/problem+json"
+
+
 async def test_a_socket_for_an_untrusted_host_is_refused_before_the_upstream(
     redis_url: str, minter: TokenMinter
 ) -> None:

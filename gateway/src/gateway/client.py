@@ -58,6 +58,13 @@ class UpstreamBroken(Exception):
     response ended."""
 
 
+class InvalidStatus(Exception):
+    """A final status outside 200-599 (raised through the parser)."""
+
+    def __init__(self, status: int) -> None:
+        super().__init__(f"status {status:03d}")
+
+
 class _Stale(UpstreamBroken):
     """A reused connection was closed by the replica before any byte of an answer."""
 
@@ -228,7 +235,9 @@ class UpstreamConnection(asyncio.Protocol):
             response.keep_alive = False
             self.on_message_complete()
         except httptools.HttpParserError as error:
-            self.fail(UpstreamBroken(f"invalid response: {error}"))
+            # a callback's own error is the parser's context, not its cause
+            reason = error.__context__ if isinstance(error.__context__, InvalidStatus) else error
+            self.fail(UpstreamBroken(f"invalid response: {reason}"))
 
     def eof_received(self) -> bool:
         return False  # the transport closes; connection_lost follows
@@ -287,6 +296,10 @@ class UpstreamConnection(asyncio.Protocol):
             response.raw_headers.clear()
             self._length_known = False
             return
+        if not 200 <= status <= 599:
+            # no HTTP status (the parser takes any three digits), or a 101 to a
+            # request that asked for no upgrade: nothing a client could be given
+            raise InvalidStatus(status)
         response.status = status
         response.keep_alive = self.parser.should_keep_alive() and not self.head_request
         if status in (204, 304):

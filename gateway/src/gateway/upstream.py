@@ -296,7 +296,7 @@ class UpstreamSocket(asyncio.Protocol):
         # its parser's frame refers to it: closed, both go now rather than at
         # the collector's next pass
         handshake.parser.close()
-        if isinstance(error, InvalidStatus):
+        if isinstance(error, InvalidStatus) and 100 <= error.response.status_code <= 599:
             self._refuse(UpgradeRefused(error.response.status_code))
         elif error is not None:
             self._refuse(HandshakeFailed(f"invalid handshake: {error}"))
