@@ -83,6 +83,25 @@ def rollback_sessions() -> async_sessionmaker[AsyncSession]:
     )
 
 
+@contextlib.asynccontextmanager
+async def app_client(
+    settings: Settings, minter: TokenMinter | None = None, **overrides: Any
+) -> AsyncIterator[httpx.AsyncClient]:
+    """A client of the app on its own engine, with `settings` and `overrides`
+    (trusting `minter`'s tokens), its lifespan run for the block."""
+    from kit_testing import started
+
+    application = create_app(
+        settings.model_copy(update=overrides),
+        key_source=None if minter is None else minter.key_source,
+    )
+    async with (
+        started(application) as manager,
+        httpx.AsyncClient(transport=httpx.ASGITransport(manager.app), base_url=BASE_URL) as http,
+    ):
+        yield http
+
+
 def joined_database(sessionmaker: async_sessionmaker[AsyncSession]) -> DatabaseOpener:
     """The app's connections, every one of them inside the session's
     transaction: writes, list reads and get-by-id alike."""

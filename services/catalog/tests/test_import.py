@@ -9,9 +9,9 @@ from sqlalchemy import func, select
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from catalog.models import Product
-from kit_testing import TokenMinter, started
+from kit_testing import TokenMinter
 
-from .conftest import IMPORT_KEY
+from .conftest import IMPORT_KEY, app_client
 from .factories import create_category, create_product, product_body
 from .test_router import assert_problem
 
@@ -160,21 +160,10 @@ async def test_import_bounds_the_list(client: httpx.AsyncClient) -> None:
 
 async def test_import_is_disabled_without_a_configured_key(settings: Any, minter: Any) -> None:
 
-    from catalog.main import create_app
-
-    app = create_app(
-        settings.model_copy(
-            # no Redis either: the key check comes before anything else
-            update={"catalog_api_key": None, "redis_url": "redis://127.0.0.1:9/0"}
-        ),
-        key_source=minter.key_source,
-    )
-    async with (
-        started(app) as manager,
-        httpx.AsyncClient(
-            transport=httpx.ASGITransport(manager.app), base_url="http://catalog"
-        ) as client,
-    ):
+    # no Redis either: the key check comes before anything else
+    async with app_client(
+        settings, minter, catalog_api_key=None, redis_url="redis://127.0.0.1:9/0"
+    ) as client:
         response = await client.post(IMPORT, json=[product_body()], headers=KEY)
     assert assert_problem(response, 403)["detail"].startswith(
         "Import by API key is disabled: no key is configured"

@@ -8,10 +8,7 @@ from typing import TYPE_CHECKING, Any
 
 import httpx
 
-from catalog.main import create_app
-from kit_testing import started
-
-from .conftest import SERVICE_DIR
+from .conftest import SERVICE_DIR, app_client
 from .factories import create_product
 from .test_router import assert_problem
 
@@ -39,13 +36,7 @@ async def test_starts_without_its_database_and_redis_and_says_not_ready(settings
             "redis_url": f"redis://127.0.0.1:{free_port()}/0",
         }
     )
-    app = create_app(unreachable)
-    async with (
-        started(app) as manager,
-        httpx.AsyncClient(
-            transport=httpx.ASGITransport(manager.app), base_url="http://catalog"
-        ) as client,
-    ):
+    async with app_client(unreachable) as client:
         assert (await client.get("/healthz")).status_code == 200
         problem = assert_problem(await client.get("/readyz"), 503)
         assert problem["checks"]["database"].startswith("failed")
@@ -63,14 +54,8 @@ async def test_ready_without_redis_public_reads_serve_and_writes_say_retry(
     requests with a 503 to retry, never the replica's readiness or public reads."""
     from kit_testing import free_port
 
-    without_redis = settings.model_copy(update={"redis_url": f"redis://127.0.0.1:{free_port()}/0"})
-    app = create_app(without_redis, key_source=minter.key_source)
-    async with (
-        started(app) as manager,
-        httpx.AsyncClient(
-            transport=httpx.ASGITransport(manager.app), base_url="http://catalog"
-        ) as client,
-    ):
+    without_redis = f"redis://127.0.0.1:{free_port()}/0"
+    async with app_client(settings, minter, redis_url=without_redis) as client:
         ready = await client.get("/readyz")
         listed = await client.get("/catalog/products")
         write = await client.post(
@@ -122,13 +107,7 @@ async def test_not_ready_until_its_migration_ran_then_ready_without_a_restart(
 
     url = unique_database_url(postgres_server_url, "catalog_unmigrated")
     await ensure_database(url)
-    app = create_app(settings.model_copy(update={"database_url": url}))
-    async with (
-        started(app) as manager,
-        httpx.AsyncClient(
-            transport=httpx.ASGITransport(manager.app), base_url="http://catalog"
-        ) as client,
-    ):
+    async with app_client(settings, database_url=url) as client:
         before = await client.get("/readyz")
         await migrate(SERVICE_DIR, url)
         after = await client.get("/readyz")

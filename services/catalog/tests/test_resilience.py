@@ -11,8 +11,8 @@ from sqlalchemy import text
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from catalog.config import Settings
-from catalog.main import create_app
 
+from .conftest import app_client
 from .factories import create_product, product_body
 
 if TYPE_CHECKING:
@@ -62,18 +62,7 @@ async def test_a_statement_past_the_statement_timeout_answers_503_and_a_retry_su
     request's statement is cancelled after DATABASE_STATEMENT_TIMEOUT_SECONDS,
     the client hears 503 with Retry-After, and once the table is free the
     same requests succeed, a create with its Idempotency-Key exactly once."""
-    from kit_testing import started
-
-    application = create_app(
-        settings.model_copy(update={"database_statement_timeout_seconds": 0.2}),
-        key_source=minter.key_source,
-    )
-    async with (
-        started(application) as manager,
-        httpx.AsyncClient(
-            transport=httpx.ASGITransport(manager.app), base_url="http://catalog"
-        ) as client,
-    ):
+    async with app_client(settings, minter, database_statement_timeout_seconds=0.2) as client:
         created = await create_product(client, admin_headers)
         url = f"/catalog/products/{created['id']}"
         body = product_body()

@@ -8,10 +8,9 @@ from collections.abc import AsyncIterator
 import httpx
 import pytest
 
-from catalog.main import create_app
-from kit_testing import TokenMinter, started
+from kit_testing import TokenMinter
 
-from .conftest import BASE_URL, make_settings
+from .conftest import app_client, make_settings
 
 
 @pytest.fixture
@@ -19,11 +18,7 @@ async def strict_client(
     database_url: str, redis_url: str, minter: TokenMinter
 ) -> AsyncIterator[httpx.AsyncClient]:
     settings = make_settings(database_url, redis_url, require_verified_email=True)
-    application = create_app(settings, key_source=minter.key_source)
-    async with (
-        started(application) as manager,
-        httpx.AsyncClient(transport=httpx.ASGITransport(manager.app), base_url=BASE_URL) as http,
-    ):
+    async with app_client(settings, minter) as http:
         yield http
 
 
