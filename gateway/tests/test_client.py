@@ -13,6 +13,7 @@ import pytest
 from gateway.client import (
     BUFFER_LIMIT,
     KEEPALIVE_SECONDS,
+    MAX_RESPONSE_HEAD_BYTES,
     UpstreamBroken,
     UpstreamClient,
     UpstreamResponse,
@@ -302,6 +303,66 @@ async def test_a_final_status_outside_200_to_599_is_broken(
     async with replica(answering(head)) as server:
         with pytest.raises(UpstreamBroken, match=f"status {status.decode()}"):
             await get(client, server.port)
+
+
+def endless(start: bytes, line: bytes) -> Answer:
+    """Answers with `start`, then `line` over and over until the client goes."""
+
+    async def answer(request: Request, writer: asyncio.StreamWriter) -> bool:
+        writer.write(start)
+        with contextlib.suppress(ConnectionError):
+            while not writer.is_closing():
+                writer.write(line * 64)
+                await writer.drain()
+        return False
+
+    return answer
+
+
+@pytest.mark.parametrize(
+    ("start", "line"),
+    [
+        (b"HTTP/1.1 200 OK\r\n", b"X-Filler: " + b"a" * 100 + b"\r\n"),  # header after header
+        (b"HTTP/1.1 200 OK\r\nX-Endless: ", b"a" * 100),  # one header without end
+        (b"", b"HTTP/1.1 100 Continue\r\n\r\n"),  # interim answers without end
+    ],
+)
+async def test_a_head_without_end_is_broken_at_its_bound(
+    client: UpstreamClient, start: bytes, line: bytes
+) -> None:
+    async with replica(endless(start, line)) as server:
+        with pytest.raises(UpstreamBroken, match=f"a head over {MAX_RESPONSE_HEAD_BYTES} bytes"):
+            await get(client, server.port)
+
+
+async def test_a_large_head_within_the_bound_and_a_few_trailers_pass() -> None:
+    headers = b"".join(b"X-Filler-%d: %s\r\n" % (n, b"a" * 100) for n in range(500))
+    answer = (
+        b"HTTP/1.1 200 OK\r\n" + headers + b"Transfer-Encoding: chunked\r\n\r\n"
+        b"5\r\nhello\r\n0\r\nX-Checksum: abc\r\n\r\n"
+    )
+    assert 50_000 < len(headers) < MAX_RESPONSE_HEAD_BYTES
+    upstream = UpstreamClient(connect_timeout=TIMEOUT)
+    try:
+        async with replica(answering(answer)) as server:
+            response = await get(upstream, server.port)
+            assert response.status == 200
+            assert len(response.raw_headers) == 501
+            assert await whole(response) == b"hello"
+            # and the connection serves the next request
+            assert await whole(await get(upstream, server.port)) == b"hello"
+            assert server.connections == 1
+    finally:
+        upstream.close()
+
+
+async def test_trailers_without_end_are_broken_at_the_bound(client: UpstreamClient) -> None:
+    start = b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n5\r\nhello\r\n0\r\n"
+    async with replica(endless(start, b"X-Trailer: " + b"a" * 100 + b"\r\n")) as server:
+        response = await get(client, server.port)
+        assert await response.read(TIMEOUT) == b"hello"
+        with pytest.raises(UpstreamBroken, match=f"trailers over {MAX_RESPONSE_HEAD_BYTES} bytes"):
+            await response.read(TIMEOUT)
 
 
 def cut_after(answer: Answer) -> Answer:

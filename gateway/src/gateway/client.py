@@ -50,6 +50,10 @@ BUFFER_LIMIT = 2**16
 # into a connection the replica is closing
 KEEPALIVE_SECONDS = 4.0
 MAX_IDLE_PER_REPLICA = 256
+MAX_RESPONSE_HEAD_BYTES = 65_536
+"""The most a replica's answer may send before its body (interim 1xx answers
+included), and the most of trailers after a chunked one: beyond it the answer
+is garbage (a 502), not something the worker keeps growing for."""
 _CHUNK_END = b"0\r\n\r\n"
 
 
@@ -63,6 +67,13 @@ class InvalidStatus(Exception):
 
     def __init__(self, status: int) -> None:
         super().__init__(f"status {status:03d}")
+
+
+class HeadTooLarge(Exception):
+    """Trailers past MAX_RESPONSE_HEAD_BYTES (raised through the parser)."""
+
+    def __init__(self) -> None:
+        super().__init__(f"trailers over {MAX_RESPONSE_HEAD_BYTES} bytes")
 
 
 class _Stale(UpstreamBroken):
@@ -205,6 +216,8 @@ class UpstreamConnection(asyncio.Protocol):
         self.head_request = False
         # a body that ends with the connection: no length, not chunked
         self._length_known = False
+        # what came of the answer before its body, or of its trailers after it
+        self._head_bytes = 0
         self._writable: asyncio.Future[None] | None = None
         self._write_paused = False
 
@@ -229,6 +242,7 @@ class UpstreamConnection(asyncio.Protocol):
             # bytes after the end of the answer: this connection serves no other
             response.keep_alive = False
             return
+        in_head = not response.head_done
         try:
             self.parser.feed_data(data)
         except httptools.HttpParserUpgrade:
@@ -236,8 +250,20 @@ class UpstreamConnection(asyncio.Protocol):
             self.on_message_complete()
         except httptools.HttpParserError as error:
             # a callback's own error is the parser's context, not its cause
-            reason = error.__context__ if isinstance(error.__context__, InvalidStatus) else error
+            cause = error.__context__
+            reason = cause if isinstance(cause, InvalidStatus | HeadTooLarge) else error
             self.fail(UpstreamBroken(f"invalid response: {reason}"))
+            return
+        if in_head and not response.head_done and not response.done:
+            # all of it head still (the parser holds a header line it has not
+            # finished): counted, so an endless head is cut off
+            self._head_bytes += len(data)
+            if self._head_bytes > MAX_RESPONSE_HEAD_BYTES:
+                self.fail(
+                    UpstreamBroken(
+                        f"invalid response: a head over {MAX_RESPONSE_HEAD_BYTES} bytes"
+                    )
+                )
 
     def eof_received(self) -> bool:
         return False  # the transport closes; connection_lost follows
@@ -279,6 +305,12 @@ class UpstreamConnection(asyncio.Protocol):
         response = self.response
         if response is None or response.done:
             return
+        if response.head_done:
+            # a trailer: its head went out long ago, so it is only counted
+            self._head_bytes += len(name) + len(value) + 4
+            if self._head_bytes > MAX_RESPONSE_HEAD_BYTES:
+                raise HeadTooLarge
+            return
         lowered = name.lower()
         if lowered == b"content-length" or (
             lowered == b"transfer-encoding" and b"chunked" in value.lower()
@@ -302,6 +334,7 @@ class UpstreamConnection(asyncio.Protocol):
             raise InvalidStatus(status)
         response.status = status
         response.keep_alive = self.parser.should_keep_alive() and not self.head_request
+        self._head_bytes = 0  # from here on, only trailers count
         if status in (204, 304):
             self._length_known = True
         response.head_done = True
@@ -393,6 +426,7 @@ class UpstreamConnection(asyncio.Protocol):
         response = self.response = UpstreamResponse(self)
         self.head_request = head_request
         self._length_known = False
+        self._head_bytes = 0
         self.last_read = 0.0
         self.sent_at = time.monotonic()
         if body is None:
