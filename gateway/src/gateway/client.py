@@ -260,9 +260,7 @@ class UpstreamConnection(asyncio.Protocol):
             self._head_bytes += len(data)
             if self._head_bytes > MAX_RESPONSE_HEAD_BYTES:
                 self.fail(
-                    UpstreamBroken(
-                        f"invalid response: a head over {MAX_RESPONSE_HEAD_BYTES} bytes"
-                    )
+                    UpstreamBroken(f"invalid response: a head over {MAX_RESPONSE_HEAD_BYTES} bytes")
                 )
 
     def eof_received(self) -> bool:
