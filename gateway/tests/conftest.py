@@ -220,6 +220,22 @@ async def raw_replica(handle: Handler) -> AsyncIterator[str]:
         await server.wait_closed()
 
 
+def answering_status(status: bytes) -> contextlib.AbstractAsyncContextManager[str]:
+    """A replica that answers a request (its body read, if it has one) or an
+    upgrade with `status` and a two-byte body, then waits for the gateway to
+    close the connection."""
+
+    async def answer(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        head = await reader.readuntil(b"\r\n\r\n")
+        for line in head.lower().split(b"\r\n"):
+            if line.startswith(b"content-length:"):
+                await reader.readexactly(int(line.split(b":", 1)[1]))
+        writer.write(b"HTTP/1.1 " + status + b" Odd\r\nContent-Length: 2\r\n\r\nhi")
+        await reader.read()  # the gateway keeps no connection that answered so
+
+    return raw_replica(answer)
+
+
 def upgrade_accepted(head: bytes, *, extra: bytes = b"") -> bytes:
     """The 101 answering the upgrade request `head` (with `extra` header lines)."""
     key = next(

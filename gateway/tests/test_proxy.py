@@ -16,11 +16,11 @@ from gateway.main import Gateway
 from kit_testing import TokenMinter
 
 from .conftest import (
+    answering_status,
     dead_url,
     gateway_settings,
     header_values,
     in_process_gateway,
-    raw_replica,
     running_gateway,
     running_upstream,
     urls,
@@ -399,14 +399,7 @@ async def test_an_answer_with_no_http_status_is_a_502_on_either_path(
     answers with a status line no client can be given: a 502 problem, never
     a broken answer."""
 
-    async def odd(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        head = await reader.readuntil(b"\r\n\r\n")
-        if b"content-length: 4" in head.lower():
-            await reader.readexactly(4)
-        writer.write(b"HTTP/1.1 " + status + b" Odd\r\nContent-Length: 2\r\n\r\nhi")
-        await reader.read()  # the gateway keeps no connection that answered so
-
-    async with raw_replica(odd) as replica_url:
+    async with answering_status(status) as replica_url:
         settings = gateway_settings(redis_url, catalog_upstream=urls(replica_url))
         async with running_gateway(settings, minter) as (_, client):
             answers = [

@@ -20,6 +20,7 @@ from kit_testing import TokenMinter, serve
 
 from .conftest import (
     GatewayWithALateReplica,
+    answering_status,
     eventually,
     gateway_settings,
     raw_replica,
@@ -362,12 +363,7 @@ async def test_a_refused_upgrade_is_answered_before_the_socket_opens(
 async def test_an_upgrade_answered_with_no_http_status_is_a_502(
     redis_url: str, minter: TokenMinter, status: bytes
 ) -> None:
-    async def odd(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        await reader.readuntil(b"\r\n\r\n")
-        writer.write(b"HTTP/1.1 " + status + b" Odd\r\nContent-Length: 2\r\n\r\nhi")
-        await reader.read()
-
-    async with raw_replica(odd) as replica_url:
+    async with answering_status(status) as replica_url:
         settings = gateway_settings(redis_url, chat_upstream=urls(replica_url))
         async with running_gateway(settings, minter) as (_, client):
             with pytest.raises(InvalidStatus) as refusal:

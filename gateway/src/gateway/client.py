@@ -62,7 +62,7 @@ class UpstreamBroken(Exception):
     response ended."""
 
 
-class InvalidStatus(Exception):
+class NoHttpStatus(Exception):
     """A final status outside 200-599 (raised through the parser)."""
 
     def __init__(self, status: int) -> None:
@@ -251,7 +251,7 @@ class UpstreamConnection(asyncio.Protocol):
         except httptools.HttpParserError as error:
             # a callback's own error is the parser's context, not its cause
             cause = error.__context__
-            reason = cause if isinstance(cause, InvalidStatus | HeadTooLarge) else error
+            reason = cause if isinstance(cause, NoHttpStatus | HeadTooLarge) else error
             self.fail(UpstreamBroken(f"invalid response: {reason}"))
             return
         if in_head and not response.head_done and not response.done:
@@ -329,7 +329,7 @@ class UpstreamConnection(asyncio.Protocol):
         if not 200 <= status <= 599:
             # no HTTP status (the parser takes any three digits), or a 101 to a
             # request that asked for no upgrade: nothing a client could be given
-            raise InvalidStatus(status)
+            raise NoHttpStatus(status)
         response.status = status
         response.keep_alive = self.parser.should_keep_alive() and not self.head_request
         self._head_bytes = 0  # from here on, only trailers count
