@@ -14,6 +14,7 @@ import pytest
 from sqlalchemy import select, update
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
+import kit.db
 from auth import service
 from auth.main import create_app
 from auth.models import EmailVerification, PasswordReset, RefreshToken
@@ -137,7 +138,7 @@ async def test_tokens_a_day_past_their_expiry_are_purged_and_live_ones_kept(
                 .values(expires_at=long_ago)
             )
         await session.commit()
-        monkeypatch.setattr(service, "PURGE_BATCH", 1)  # a batch at a time, all of them
+        monkeypatch.setattr(kit.db, "PURGE_BATCH", 1)  # a batch at a time, all of them
         assert await service.purge_expired_tokens(session=session) >= 4
 
         left = await session.scalars(

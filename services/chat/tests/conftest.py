@@ -6,8 +6,10 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 import pytest
+from sqlalchemy.ext.asyncio import AsyncEngine
 
 from chat.config import Settings
+from kit.db import make_engine
 
 from .factories import Node, start_node
 
@@ -32,6 +34,14 @@ async def database_url(postgres_server_url: str) -> str:
     from kit_testing import migrated_database
 
     return await migrated_database(postgres_server_url, SERVICE_DIR)
+
+
+@pytest.fixture
+async def engine(database_url: str) -> AsyncIterator[AsyncEngine]:
+    """An engine of the tests' own on the replicas' database."""
+    engine = make_engine(database_url)
+    yield engine
+    await engine.dispose()
 
 
 @pytest.fixture(scope="session")

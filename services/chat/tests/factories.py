@@ -10,20 +10,23 @@ import time
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
+from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any
 from urllib.parse import SplitResult, urlsplit
 
 import httpx
 import pytest
 from fastapi import FastAPI
+from sqlalchemy.ext.asyncio import AsyncEngine
 from websockets.asyncio.client import ClientConnection, connect
 from websockets.exceptions import ConnectionClosed
 
-from chat import endpoint
+from chat import endpoint, service
 from chat.config import Settings
 from chat.connection import Connection
 from chat.hub import Hub
 from chat.main import create_app
+from chat.schemas import StoredMessage
 
 if TYPE_CHECKING:
     from kit_testing import TokenMinter
@@ -133,6 +136,22 @@ def leaves(user_id: str) -> Callable[[dict[str, Any]], bool]:
     return lambda frame: (
         frame.get("type") == "presence" and any(user["id"] == user_id for user in frame["leaves"])
     )
+
+
+async def store(
+    engine: AsyncEngine, room: str, text: str, *, sent_at: datetime | None = None
+) -> StoredMessage:
+    """A message stored straight in PostgreSQL, as a replica stores one (not published)."""
+    message, _ = await service.store_message(
+        engine=engine,
+        room=room,
+        user_id="direct",
+        display_name="Direct",
+        text=text,
+        client_id=None,
+        sent_at=sent_at or datetime.now(UTC),
+    )
+    return message
 
 
 def unique_room(prefix: str = "room") -> str:

@@ -1,7 +1,7 @@
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator, Callable
+from collections.abc import Callable
 from datetime import UTC, datetime
 from typing import Any
 
@@ -13,8 +13,6 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 from chat import service
 from chat.bus import Bus, message_head, message_payload, room_channel
 from chat.config import Settings
-from chat.schemas import StoredMessage
-from kit.db import make_engine
 from kit_testing import Service, TokenMinter
 
 from .factories import (
@@ -24,29 +22,10 @@ from .factories import (
     has_text,
     joined_sockets,
     start_node,
+    store,
     unique_room,
     wait_ready,
 )
-
-
-@pytest.fixture
-async def engine(database_url: str) -> AsyncIterator[AsyncEngine]:
-    engine = make_engine(database_url)
-    yield engine
-    await engine.dispose()
-
-
-async def store(engine: AsyncEngine, room: str, text: str) -> StoredMessage:
-    message, _ = await service.store_message(
-        engine=engine,
-        room=room,
-        user_id="direct",
-        display_name="Direct",
-        text=text,
-        client_id=None,
-        sent_at=datetime.now(UTC),
-    )
-    return message
 
 
 async def test_a_resend_of_a_message_stored_but_never_published_reaches_the_room(

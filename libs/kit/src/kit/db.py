@@ -7,11 +7,11 @@ import logging
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
 from contextlib import AbstractAsyncContextManager
-from typing import Any, Generic
+from typing import Any, Generic, cast
 
 import asyncpg
 from fastapi import Request
-from sqlalchemy import MetaData, text
+from sqlalchemy import ColumnElement, CursorResult, MetaData, Table, delete, select, text, tuple_
 from sqlalchemy.engine import make_url
 from sqlalchemy.exc import ProgrammingError
 from sqlalchemy.ext.asyncio import (
@@ -197,6 +197,28 @@ async def ensure_database(url: str) -> None:
                 pass  # created meanwhile by a concurrent migrate step
     finally:
         await connection.close()
+
+
+PURGE_BATCH = 1000
+"""Rows a purge deletes per transaction (`delete_in_batches`)."""
+
+
+async def delete_in_batches(
+    session: AsyncSession, table: Table, condition: ColumnElement[bool]
+) -> int:
+    """Deletes the rows of `table` matching `condition`, `PURGE_BATCH` rows a
+    transaction, so locks are held briefly however many there are (and a
+    purge never holds the table's writers up for long); returns how many."""
+    key = table.primary_key.columns
+    purged = 0
+    while True:
+        batch = select(*key).where(condition).limit(PURGE_BATCH)
+        deleted = await session.execute(delete(table).where(tuple_(*key).in_(batch)))
+        await session.commit()
+        count = cast(CursorResult[Any], deleted).rowcount
+        purged += count
+        if count < PURGE_BATCH:
+            return purged
 
 
 async def purge_now_and_then(

@@ -15,7 +15,7 @@ from typing import Any, TypeVar, cast
 
 from redis.asyncio import Redis
 from redis.exceptions import RedisError
-from sqlalchemy import ColumnElement, CursorResult, any_, bindparam, delete, func, select, update
+from sqlalchemy import ColumnElement, Table, any_, bindparam, func, select, update
 from sqlalchemy.dialects.postgresql import ARRAY, insert
 from sqlalchemy.dialects.postgresql import asyncpg as asyncpg_dialect
 from sqlalchemy.exc import IntegrityError
@@ -50,6 +50,7 @@ from auth.tokens import (
     opaque_token_hash,
 )
 from kit.batching import BatchedReads
+from kit.db import delete_in_batches
 from kit.errors import DomainError, InvalidInput, ServiceUnavailable, Unauthenticated
 from kit.point_pool import Connections
 from kit.security import Principal, revoke_token, revoke_user, user_revoked_before
@@ -667,13 +668,12 @@ must not hold the request (and, for the per-user time, the rows it locked)."""
 
 SPENT_TOKENS_KEPT = timedelta(days=1)
 """How long past its expiry a token's row stays before it is purged."""
-PURGE_BATCH = 1000
 
 
 async def purge_expired_tokens(*, session: AsyncSession, now: datetime | None = None) -> int:
     """Deletes the refresh, reset and verification tokens that expired more
-    than `SPENT_TOKENS_KEPT` ago, `PURGE_BATCH` rows a transaction (locks held
-    briefly, however many there are); returns how many.
+    than `SPENT_TOKENS_KEPT` ago, in batches (`kit.db.delete_in_batches`);
+    returns how many.
 
     Nothing reads such a row: an expired token is refused before anything
     else is looked at (a reuse of one is not told from an unknown token, and
@@ -682,16 +682,8 @@ async def purge_expired_tokens(*, session: AsyncSession, now: datetime | None = 
     cutoff = (now or datetime.now(UTC)) - SPENT_TOKENS_KEPT
     purged = 0
     for model in (RefreshToken, PasswordReset, EmailVerification):
-        while True:
-            batch = select(model.id).where(model.expires_at < cutoff).limit(PURGE_BATCH)
-            deleted = await session.execute(
-                delete(model).where(model.id.in_(batch.scalar_subquery()))
-            )
-            await session.commit()
-            count = cast(CursorResult[Any], deleted).rowcount
-            purged += count
-            if count < PURGE_BATCH:
-                break
+        table = cast(Table, model.__table__)
+        purged += await delete_in_batches(session, table, table.c.expires_at < cutoff)
     return purged
 
 

@@ -11,7 +11,7 @@ import uuid
 from collections.abc import AsyncIterator, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
-from typing import Any
+from typing import Any, cast
 
 from pydantic import ValidationError
 from sqlalchemy import (
@@ -22,6 +22,7 @@ from sqlalchemy import (
     Row,
     RowMapping,
     Select,
+    Table,
     any_,
     bindparam,
     delete,
@@ -61,6 +62,7 @@ from catalog.schemas import (
     price_with_tax,
 )
 from kit.batching import BatchedReads, SharedReads
+from kit.db import delete_in_batches
 from kit.errors import InvalidInput, ServiceUnavailable
 
 logger = logging.getLogger("catalog.service")
@@ -431,14 +433,9 @@ async def _replay(
 
 
 async def purge_expired_idempotency_keys(*, session: AsyncSession) -> int:
-    result = await session.execute(
-        delete(IdempotencyRecord)
-        .where(IdempotencyRecord.expires_at <= func.now())
-        .returning(IdempotencyRecord.key)
-    )
-    purged = len(result.all())
-    await session.commit()
-    return purged
+    """Deletes the keys past their expiry, in batches; returns how many."""
+    table = cast(Table, IdempotencyRecord.__table__)
+    return await delete_in_batches(session, table, table.c.expires_at <= func.now())
 
 
 def _merged(row: Row[*tuple[Any, ...]], changes: dict[str, Any]) -> ProductIn:

@@ -43,6 +43,11 @@ class Settings(DatabaseSettings, VerifiedWritesSettings):
 
     history_max_limit: int = Field(default=200, gt=0)
     replay_page_size: int = Field(default=500, gt=0)
+    message_retention_days: float = Field(default=0.0, ge=0)
+    """Messages older than this many days are deleted; 0 keeps every message.
+    A room's ids go on from where they were: a jump in them is history removed."""
+    message_purge_interval_seconds: float = Field(default=600.0, gt=0)
+    """How often a replica deletes the messages past `message_retention_days`."""
 
     presence_ttl_seconds: float = Field(default=20.0, gt=0)
     """A replica's presence entries vanish this long after its last heartbeat."""

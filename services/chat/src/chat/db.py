@@ -14,4 +14,4 @@ class Base(DeclarativeBase):
 # This code's Alembic revisions, oldest first (test_migrations.py keeps them in
 # step with migrations/versions): a replica is ready once the database is at
 # the last one (kit.db.schema_check). Add each new revision here.
-SCHEMA_REVISIONS = ("0001",)
+SCHEMA_REVISIONS = ("0001", "0002")

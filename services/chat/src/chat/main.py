@@ -6,6 +6,7 @@ import asyncio
 import contextlib
 import logging
 import time
+from datetime import UTC, datetime, timedelta
 
 from fastapi import FastAPI, Request
 from prometheus_client import CollectorRegistry
@@ -17,6 +18,7 @@ from redis.exceptions import RedisError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 from starlette.types import Receive, Scope, Send
 
+from chat import service
 from chat.bus import Bus
 from chat.config import Settings
 from chat.db import SCHEMA_REVISIONS
@@ -27,7 +29,13 @@ from chat.metrics import ChatMetrics
 from chat.presence import Presence
 from chat.router import router
 from kit.app import assemble
-from kit.db import DatabaseState, database_readiness, make_sessionmaker, open_unpinged_engine
+from kit.db import (
+    DatabaseState,
+    database_readiness,
+    make_sessionmaker,
+    open_unpinged_engine,
+    purge_now_and_then,
+)
 from kit.health import VERIFIER_CHECKS
 from kit.lifespan import Parts, lifespan, open_verifier
 from kit.pools import REDIS_DRIVER
@@ -197,11 +205,25 @@ async def open_parts(
         name="heartbeat",
     )
     parts.task(presence_loop(hub, settings), name="presence")
+    sessionmaker = make_sessionmaker(engine)
+    if settings.message_retention_days > 0:
+        retention = timedelta(days=settings.message_retention_days)
+        parts.task(
+            purge_now_and_then(
+                sessionmaker,
+                lambda session: service.purge_messages_before(
+                    session=session, cutoff=datetime.now(UTC) - retention
+                ),
+                interval_seconds=settings.message_purge_interval_seconds,
+                what="messages past the retention",
+            ),
+            name="purge old messages",
+        )
     return State(
         settings=settings,
         verifier=verifier,
         engine=engine,
-        sessionmaker=make_sessionmaker(engine),
+        sessionmaker=sessionmaker,
         redis=redis,
         presence=presence,
         hub=hub,

@@ -13,10 +13,11 @@ from typing import TypeVar
 from sqlalchemy import Table, any_, bindparam, select
 from sqlalchemy.dialects.postgresql import ARRAY, insert
 from sqlalchemy.exc import DBAPIError
-from sqlalchemy.ext.asyncio import AsyncEngine
+from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession
 
 from chat.models import Message, Room
 from chat.schemas import StoredMessage
+from kit.db import delete_in_batches
 
 logger = logging.getLogger("chat.service")
 T = TypeVar("T")
@@ -152,6 +153,15 @@ async def messages_after(
             return [StoredMessage(**row) for row in rows.mappings()]
 
     return await read_again_if_stale(read)
+
+
+async def purge_messages_before(*, session: AsyncSession, cutoff: datetime) -> int:
+    """Deletes the messages sent before `cutoff`, in batches; returns how many.
+
+    A room's counter row stays: the next message takes the id after the last
+    one ever stored, so ids still follow commit order, and a reader finds the
+    removed history as a jump in them (the room had no holes before)."""
+    return await delete_in_batches(session, _messages, _messages.c.sent_at < cutoff)
 
 
 async def read_again_if_stale(read: Callable[[], Awaitable[T]]) -> T:
