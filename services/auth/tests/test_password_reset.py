@@ -7,6 +7,7 @@ from datetime import UTC, datetime, timedelta
 
 import httpx
 import pytest
+from jose import jwt
 from sqlalchemy import select, update
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
@@ -77,6 +78,29 @@ async def test_a_reset_sets_the_new_password_and_ends_every_session(
     assert (await client.get("/auth/users/me", headers=tokens.headers)).status_code == 401
     refreshed = await client.post("/auth/refresh", json={"refresh_token": tokens.refresh})
     assert refreshed.status_code == 401
+
+
+async def test_a_reset_verifies_the_address_its_token_was_emailed_to(
+    client: httpx.AsyncClient, mail: MailCatcher
+) -> None:
+    # someone registered an address that is not theirs and never verified it;
+    # its owner asks for a reset and takes the account back
+    squatter = await register(client)
+    squatter_session = await login(client, squatter.email, squatter.password)
+    unverified = await client.get("/auth/users/me", headers=squatter_session.headers)
+    assert unverified.json()["email_verified"] is False
+    await forgot(client, squatter.email)
+    (token,) = await emailed_reset_tokens(mail, squatter.email)
+
+    body = {"token": token, "password": NEW_PASSWORD}
+    assert (await client.post("/auth/password/reset", json=body)).status_code == 204
+
+    owner = await login(client, squatter.email, NEW_PASSWORD)
+    assert jwt.get_unverified_claims(owner.access)["email_verified"] is True
+    me = await client.get("/auth/users/me", headers=owner.headers)
+    assert me.json()["email_verified"] is True
+    # and the squatter's session is over
+    assert (await client.get("/auth/users/me", headers=squatter_session.headers)).status_code == 401
 
 
 async def test_a_token_works_once_and_spends_the_others(

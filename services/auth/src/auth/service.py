@@ -800,7 +800,10 @@ async def reset_password(
     Every outstanding reset token of the user is spent with it, and every
     session ends: refresh tokens are revoked and access tokens issued before
     now are refused everywhere (kit's per-user revocation time), since a reset
-    usually means the old password was lost or stolen.
+    usually means the old password was lost or stolen. The token came by
+    email, so using it proves the address: an unverified one is verified (the
+    owner of an address someone else registered takes the account back, and
+    its sessions end, in one step).
     """
     now = datetime.now(UTC)
     # the token and the password checked first, nothing held: the hash may
@@ -821,6 +824,7 @@ async def reset_password(
         session, PasswordReset, token=token, now=now, refused=InvalidResetToken
     )
     user.password_hash = password_hash
+    user.email_verified_at = user.email_verified_at or now
     await session.execute(
         update(PasswordReset)
         .where(PasswordReset.user_id == user.id, PasswordReset.used_at.is_(None))
