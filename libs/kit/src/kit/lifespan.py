@@ -79,7 +79,7 @@ class Parts:
     def task(self, work: Coroutine[Any, Any, None], *, name: str) -> asyncio.Task[None]:
         """Background work for the app's life: cancelled, and awaited, when it stops."""
         task = asyncio.create_task(work, name=name)
-        self._stack.push_async_callback(_cancel, task)
+        self._stack.push_async_callback(cancel_and_wait, task)
         return task
 
 
@@ -87,7 +87,7 @@ CANCEL_GRACE_SECONDS = 5.0
 CANCEL_ATTEMPTS = 3
 
 
-async def _cancel(task: asyncio.Task[None]) -> None:
+async def cancel_and_wait(task: asyncio.Task[None]) -> None:
     """Cancels `task` and waits for it to end. A cancellation can be lost (on
     Python 3.11, `asyncio.wait_for` returns the result of an inner future that
     completes as it is cancelled), and a loop that lost it runs on: so the task

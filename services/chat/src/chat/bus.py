@@ -19,7 +19,12 @@ When the subscriber connection breaks, the bus reconnects with jittered
 exponential backoff, subscribes again and then calls `on_resync` (given to
 `start`, with `on_message`), which reads from PostgreSQL whatever the replica
 missed. Publishes that fail meanwhile are kept (bounded) and sent again after
-the reconnect.
+the reconnect; a publish that fails while the bus is taken for up (Redis
+frozen: a partition, a server stuck in a long command) starts that reconnect
+itself, so the publishes after it are kept at once rather than each waiting
+out its timeout. Meanwhile the other replicas' messages still arrive: each
+room here reads from PostgreSQL what it has not delivered
+(`main.catch_up_loop`).
 
 The publisher is a pool of its own (`main`): publishing never waits for a
 connection that presence or the limits hold. `publish_many` sends a batch in
@@ -40,6 +45,7 @@ from typing import Any
 from redis.asyncio import Redis
 from redis.exceptions import RedisError
 
+from kit.lifespan import cancel_and_wait
 from kit.pools import REDIS_DRIVER
 
 logger = logging.getLogger("chat.bus")
@@ -126,10 +132,10 @@ class Bus:
         self._task = asyncio.create_task(self._run(), name="chat-bus")
 
     async def stop(self) -> None:
-        if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
+        task, self._task = self._task, None
+        if task is not None:
+            # never waits for good on a task that lost its cancellation
+            await cancel_and_wait(task)
         await self._close_subscriber()
 
     def force_reconnect(self) -> None:
@@ -149,6 +155,7 @@ class Bus:
         except (RedisError, OSError) as error:
             logger.warning("publish to %s failed, kept for later: %s", channel, error)
             self._backlog.append((channel, payload))
+            self._publish_failed()
 
     async def publish_many(self, publications: list[tuple[str, str]]) -> None:
         """Publishes (channel, payload) pairs in one round trip, or keeps them."""
@@ -165,6 +172,16 @@ class Bus:
         except (RedisError, OSError) as error:
             logger.warning("publishing %d payloads failed, kept: %s", len(publications), error)
             self._backlog.extend(publications)
+            self._publish_failed()
+
+    def _publish_failed(self) -> None:
+        """A publish that failed on a bus taken for up: the subscriber starts
+        over, and until it is back every publication is kept at once instead
+        of waiting out its own timeout (a frozen Redis would otherwise hold each
+        sender's next frame that long). The reconnect republishes what was kept
+        and reads what this replica missed."""
+        if self.connected.is_set():
+            self.force_reconnect()
 
     async def probe(self, within: float) -> None:
         """Publishes on this replica's own channel and waits for it to come back:
@@ -176,7 +193,8 @@ class Bus:
         self._probes[token] = arrived
         try:
             await self.publisher.publish(node_channel(self.node_id), token)
-            await asyncio.wait_for(arrived, within)
+            async with asyncio.timeout(within):
+                await arrived
         finally:
             self._probes.pop(token, None)
 
@@ -216,10 +234,14 @@ class Bus:
         await pubsub.psubscribe(ROOM_PATTERN)
         await pubsub.subscribe(node_channel(self.node_id))
         confirmed = 0
-        while confirmed < 2:  # both confirmations: the subscriptions are live from here
-            reply = await asyncio.wait_for(pubsub.get_message(timeout=None), 5.0)
-            if reply is not None and reply["type"] in ("subscribe", "psubscribe"):
-                confirmed += 1
+        # asyncio.timeout, not wait_for: on Python 3.11 wait_for loses a
+        # cancellation that comes as the reply does, and the bus stopped (or
+        # replaced by a reconnect) would listen on for good
+        async with asyncio.timeout(5.0):
+            while confirmed < 2:  # both confirmations: the subscriptions are live from here
+                reply = await pubsub.get_message(timeout=None)
+                if reply is not None and reply["type"] in ("subscribe", "psubscribe"):
+                    confirmed += 1
         return pubsub
 
     async def _listen(self, pubsub: Any) -> None:

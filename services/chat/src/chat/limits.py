@@ -14,10 +14,11 @@
   `PRESENCE_TTL_SECONDS` after its last heartbeat. Redis work grows with
   sockets opened and closed, not with sockets held.
 
-Redis unreachable: each replica enforces both limits on its own (the rate
-per user with a local allowance, the sockets with its own count), so chat
-keeps serving; counts written while Redis was away are rewritten by the
-heartbeat once it is back.
+Redis unreachable or frozen: each replica enforces both limits on its own
+(the rate per user with a local allowance, the sockets with its own count),
+so chat keeps serving; frames and sockets stop asking Redis after the first
+failure, until the heartbeat hears it again, which then rewrites the counts
+written meanwhile.
 """
 
 from __future__ import annotations
@@ -37,9 +38,12 @@ CLOSE_TOO_MANY_SOCKETS = 4029
 """Close code for a socket over the user's limit: accepted, then closed at once."""
 # Long enough that a busy machine is not taken for an outage (each replica
 # alone would then admit more), short enough that a frozen Redis holds up a
-# socket's frames for one moment (the next second skips Redis)
+# socket's frames for one moment
 REDIS_TIMEOUT_SECONDS = 2.0
-REDIS_BACKOFF_SECONDS = 1.0
+REDIS_AWAY_SECONDS = 30.0
+"""After a failure, how long frames and sockets are counted here alone unless
+the heartbeat hears Redis again first: a frozen Redis (a partition, a server
+stuck in a long command) holds up one frame, not one every few seconds."""
 SOCKET_COUNTS_TTL_SECONDS = 24 * 3600
 
 
@@ -254,9 +258,15 @@ class UserLimits:
     # -- liveness ---------------------------------------------------------------
 
     async def heartbeat(self) -> None:
-        """Keeps this process's counts alive and rewrites what Redis missed.
-        Raises RedisError while Redis is away (the caller logs and goes on)."""
-        await self._beat(keys=[PROCESSES_KEY], args=[self.process, self.liveness_seconds])
+        """Keeps this process's counts alive and rewrites what Redis missed;
+        the one place that finds Redis back after a failure. Raises while
+        Redis is away or frozen (the caller logs and goes on)."""
+        try:
+            async with asyncio.timeout(REDIS_TIMEOUT_SECONDS):
+                await self._beat(keys=[PROCESSES_KEY], args=[self.process, self.liveness_seconds])
+        except (RedisError, OSError, TimeoutError) as error:
+            self._redis_failed(error)
+            raise
         self._redis_down_until = 0.0
         for user_id in list(self.unsynced):
             await self._write_count(user_id)
@@ -277,4 +287,4 @@ class UserLimits:
                 "per-user limits cannot reach Redis (%s); this replica enforces them alone",
                 error or type(error).__name__,
             )
-        self._redis_down_until = time.monotonic() + REDIS_BACKOFF_SECONDS
+        self._redis_down_until = time.monotonic() + REDIS_AWAY_SECONDS

@@ -11,11 +11,7 @@ from datetime import UTC, datetime, timedelta
 from fastapi import FastAPI, Request
 from prometheus_client import CollectorRegistry
 from redis.asyncio import BlockingConnectionPool, Redis
-from redis.asyncio.retry import Retry
-from redis.backoff import ExponentialBackoff
-from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import RedisError
-from redis.exceptions import TimeoutError as RedisTimeoutError
 from starlette.types import Receive, Scope, Send
 
 from chat import service
@@ -38,7 +34,7 @@ from kit.db import (
 )
 from kit.health import VERIFIER_CHECKS
 from kit.lifespan import Parts, lifespan, open_verifier
-from kit.pools import REDIS_DRIVER
+from kit.pools import REDIS_DRIVER, redis_reconnects
 from kit.security import KeySource
 
 logger = logging.getLogger("chat.main")
@@ -69,7 +65,8 @@ async def heartbeat(
 ) -> None:
     """Refreshes presence, republishes what waited for Redis, closes sockets whose
     token was revoked, checks that the subscriber still hears the bus, and keeps
-    this replica's per-user socket counts alive."""
+    this replica's per-user socket counts alive (all of it Redis's work; the
+    catch-up from PostgreSQL has a loop of its own)."""
     while True:
         await asyncio.sleep(settings.presence_heartbeat_seconds)
         try:
@@ -108,13 +105,23 @@ async def presence_loop(hub: Hub, settings: Settings) -> None:
             logger.exception("presence flush failed")
 
 
+async def catch_up_loop(hub: Hub, settings: Settings) -> None:
+    """Every `presence_heartbeat_seconds`: the rooms here read from PostgreSQL
+    what they have not delivered though it was stored. A loop of its own, apart
+    from the heartbeat's Redis work: while Redis is frozen (a partition, a
+    server stuck in a long command) every call to it waits out its timeout,
+    and the messages of the other replicas still arrive this way."""
+    while True:
+        await asyncio.sleep(settings.presence_heartbeat_seconds)
+        try:
+            await hub.catch_up_behind()
+        except Exception as error:  # noqa: BLE001 - the database away: the next round checks
+            logger.warning("rooms not checked for messages stored but not delivered: %s", error)
+
+
 async def beat_once(*, hub: Hub, bus: Bus, redis: Redis, settings: Settings) -> None:
     await hub.presence_heartbeat()
     await bus.flush()
-    try:
-        await hub.catch_up_behind()
-    except Exception as error:  # noqa: BLE001 - the database away: the next heartbeat checks
-        logger.warning("rooms not checked for messages stored but not delivered: %s", error)
     try:
         await hub.close_revoked(redis)
     except (RedisError, OSError) as error:
@@ -127,19 +134,23 @@ async def beat_once(*, hub: Hub, bus: Bus, redis: Redis, settings: Settings) -> 
             bus.force_reconnect()
 
 
-def open_command_redis(parts: Parts, settings: Settings, *, max_connections: int) -> Redis:
+def open_command_redis(
+    parts: Parts, settings: Settings, *, max_connections: int, socket_timeout: float = 5.0
+) -> Redis:
     """A Redis client on a bounded, blocking pool: a burst of sockets joining
     waits for a connection instead of failing with "Too many connections"; after
     a Redis restart the pooled connections are dead, so a command is retried on
-    a fresh one."""
+    a fresh one (`kit.pools.redis_reconnects`). A command that timed out is not
+    sent again: a Redis that did not answer in `socket_timeout` is frozen (a
+    partition, a server stuck in a long command), and each retry would hold
+    the caller, and a pooled connection, as long again."""
     pool = BlockingConnectionPool.from_url(
         str(settings.redis_url),
         max_connections=max_connections,
         timeout=5.0,
         socket_connect_timeout=2.0,
-        socket_timeout=5.0,
-        retry=Retry(ExponentialBackoff(cap=0.2, base=0.02), retries=2),
-        retry_on_error=[RedisConnectionError, RedisTimeoutError],
+        socket_timeout=socket_timeout,
+        **redis_reconnects(),
         driver_info=REDIS_DRIVER,
     )
     return parts.add(Redis.from_pool(pool), Redis.aclose)
@@ -175,9 +186,11 @@ async def open_parts(
     # a message is stored again once on a fresh connection (chat.service)
     engine = open_unpinged_engine(parts, settings)
     redis = open_command_redis(parts, settings, max_connections=settings.redis_max_connections)
-    # publishing has connections of its own: it never waits behind presence or the limits
+    # publishing has connections of its own: it never waits behind presence or
+    # the limits; a publish Redis has not taken in 2 s (frozen) is kept for the
+    # reconnect, and the sender's next frame waits no longer (chat.bus)
     publisher = open_command_redis(
-        parts, settings, max_connections=settings.redis_publish_connections
+        parts, settings, max_connections=settings.redis_publish_connections, socket_timeout=2.0
     )
     verifier = await open_verifier(parts, settings, redis=redis, keys=key_source)
     bus = Bus(
@@ -205,6 +218,7 @@ async def open_parts(
         name="heartbeat",
     )
     parts.task(presence_loop(hub, settings), name="presence")
+    parts.task(catch_up_loop(hub, settings), name="catch up")
     sessionmaker = make_sessionmaker(engine)
     if settings.message_retention_days > 0:
         retention = timedelta(days=settings.message_retention_days)
