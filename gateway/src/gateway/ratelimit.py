@@ -24,6 +24,7 @@ from redis.exceptions import RedisError
 from gateway.metrics import GatewayMetrics
 from kit.addresses import limit_key
 from kit.errors import RateLimited
+from kit.pools import RedisBackoff
 
 logger = logging.getLogger("gateway.ratelimit")
 
@@ -98,20 +99,20 @@ class RateLimiter:
         self.metrics = metrics
         self.local = local or LocalWindows()
         self._count_hit = redis.register_script(_COUNT_HIT)
-        self._redis_down_until = 0.0
-        self._backoff = REDIS_BACKOFF_SECONDS[0]
-        self._local_since: float | None = None
+        first, cap = REDIS_BACKOFF_SECONDS
+        self._redis = RedisBackoff(first=first, cap=cap)
 
     @property
     def counting_locally(self) -> bool:
         """Whether the last requests were counted in this process (Redis away)."""
-        return self._local_since is not None
+        return self._redis.since is not None
 
     def describe(self) -> str:
         """One line for `/readyz`."""
-        if self._local_since is None:
+        since = self._redis.since
+        if since is None:
             return "ok"
-        away = time.monotonic() - self._local_since
+        away = time.monotonic() - since
         return f"Redis unreachable for {away:.0f} s: counted per gateway process"
 
     async def hit(self, *, user_id: str | None, client_address: str) -> Quota:
@@ -137,7 +138,7 @@ class RateLimiter:
         return quota
 
     async def _count(self, identity: str, window: int, window_end: int) -> int:
-        if time.monotonic() >= self._redis_down_until:
+        if self._redis.usable():
             try:
                 count = int(
                     await self._count_hit(
@@ -145,17 +146,12 @@ class RateLimiter:
                     )
                 )
             except (RedisError, OSError) as error:
-                if self._local_since is None:
-                    self._local_since = time.monotonic()
+                if self._redis.failed():
                     logger.warning(
                         "rate limiting cannot reach Redis (%s); counting per process", error
                     )
-                self._redis_down_until = time.monotonic() + self._backoff
-                self._backoff = min(self._backoff * 2, REDIS_BACKOFF_SECONDS[1])
             else:
-                if self._local_since is not None:
-                    self._local_since = None
-                    self._backoff = REDIS_BACKOFF_SECONDS[0]
+                if self._redis.answered():
                     logger.info("rate limiting counts in Redis again")
                 return count
         self.metrics.rate_limit_local.inc()

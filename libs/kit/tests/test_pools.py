@@ -18,7 +18,7 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 from kit.app import assemble
 from kit.db import make_engine
 from kit.lifespan import Parts, open_redis
-from kit.pools import REDIS_DRIVER
+from kit.pools import REDIS_DRIVER, RedisBackoff
 from kit.settings import ServiceSettings
 from kit_testing import started
 
@@ -138,3 +138,38 @@ async def test_a_connection_redis_closed_costs_a_reconnect_not_an_error(redis_ur
         assert await client.incr(key) == 1  # sent once: counted once
         assert await client.client_id() != killed
         await client.delete(key)
+
+
+class Clock:
+    """A `time.monotonic` the test moves by hand."""
+
+    def __init__(self) -> None:
+        self.now = 100.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def test_redis_is_asked_again_after_a_backoff_that_doubles_up_to_its_cap() -> None:
+    clock = Clock()
+    backoff = RedisBackoff(first=1.0, cap=4.0, clock=clock)
+    assert backoff.usable()
+    assert backoff.answered() is False  # no run of failures to end
+
+    waits = []
+    for _ in range(4):
+        first_of_run = backoff.failed()
+        waited = 0.0
+        while not backoff.usable():
+            clock.now += 0.25
+            waited += 0.25
+        waits.append((first_of_run, waited))
+    assert waits == [(True, 1.0), (False, 2.0), (False, 4.0), (False, 4.0)]
+    assert backoff.since == 100.0  # the run's first failure
+
+    assert backoff.answered() is True  # the end of the run, to log once
+    assert backoff.usable()
+    assert backoff.answered() is False
+    backoff.failed()
+    clock.now += 1.0
+    assert backoff.usable()  # a new run starts from `first` again

@@ -22,7 +22,7 @@ renames them shows 0 waiting, never an error.
 from __future__ import annotations
 
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any, Protocol, runtime_checkable
 
@@ -57,6 +57,48 @@ def redis_reconnects() -> dict[str, Any]:
         ),
         "retry_on_error": [RedisConnectionError],
     }
+
+
+class RedisBackoff:
+    """When a caller that can do without Redis (it counts locally meanwhile)
+    asks it again after a failure: not for `first` seconds, then twice as long
+    after each failure in a row, up to `cap`; at once after an answer. A
+    frozen Redis (each call waits out its timeout) then holds one call per
+    interval, not every call, and one that is down is not dialled per call."""
+
+    __slots__ = ("_clock", "_next", "_until", "cap", "first", "since")
+
+    def __init__(
+        self, *, first: float, cap: float, clock: Callable[[], float] = time.monotonic
+    ) -> None:
+        self.first = first
+        self.cap = cap
+        self._clock = clock
+        self.since: float | None = None
+        """`time.monotonic()` of the first failure of the current run, None while Redis answers."""
+        self._until = 0.0
+        self._next = first
+
+    def usable(self) -> bool:
+        return self._clock() >= self._until
+
+    def failed(self) -> bool:
+        """Notes a failure; True for the first of a run (the one to log)."""
+        now = self._clock()
+        first = self.since is None
+        if first:
+            self.since = now
+        self._until = now + self._next
+        self._next = min(self._next * 2, self.cap)
+        return first
+
+    def answered(self) -> bool:
+        """Notes an answer; True if it ends a run of failures (the return to log)."""
+        ended = self.since is not None
+        self.since = None
+        self._until = 0.0
+        self._next = self.first
+        return ended
 
 
 DB_POOL_WAIT = Histogram(

@@ -46,6 +46,7 @@ from redis.exceptions import RedisError
 from auth.config import Settings
 from auth.errors import InvalidCredentials
 from kit.errors import RateLimited, ServiceUnavailable
+from kit.pools import RedisBackoff
 
 logger = logging.getLogger("auth.throttle")
 
@@ -53,7 +54,9 @@ logger = logging.getLogger("auth.throttle")
 # then would count attempts twice and admit more), short enough that a frozen
 # Redis delays one login, not all of them (the next second skips it).
 REDIS_TIMEOUT_SECONDS = 3.0
-REDIS_BACKOFF_SECONDS = 1.0
+REDIS_BACKOFF_SECONDS = (1.0, 8.0)
+"""After a failure Redis is asked again after 1 s, then 2, 4 and 8 s while it
+keeps failing: a frozen Redis holds one login per interval its timeout long."""
 LOCAL_ENTRIES_MAX = 100_000
 REFUSAL = "Too many failed logins; try again later"
 
@@ -237,7 +240,7 @@ class LoginThrottle:
         )
         self._reserve = redis.register_script(_RESERVE)
         self._give_back = redis.register_script(_GIVE_BACK)
-        self._redis_down_until = 0.0
+        self._redis = RedisBackoff(first=REDIS_BACKOFF_SECONDS[0], cap=REDIS_BACKOFF_SECONDS[1])
 
     @contextlib.asynccontextmanager
     async def attempt(self, *, email: str, client: str) -> AsyncIterator[None]:
@@ -283,6 +286,8 @@ class LoginThrottle:
             except (RedisError, OSError, TimeoutError) as error:
                 self._redis_failed(error)
             else:
+                if self._redis.answered():
+                    logger.info("login throttling counts in Redis again")
                 if int(refused):
                     raise RateLimited(REFUSAL, retry_after=math.ceil(int(wait_ms) / 1000))
                 return Reservation(pair, client_key, account, local=False)
@@ -326,15 +331,14 @@ class LoginThrottle:
             self._redis_failed(error)
 
     def _redis_usable(self) -> bool:
-        return time.monotonic() >= self._redis_down_until
+        return self._redis.usable()
 
     def _redis_failed(self, error: BaseException) -> None:
-        if self._redis_usable():
+        if self._redis.failed():
             logger.warning(
                 "login throttling cannot reach Redis (%s); this replica counts on its own",
                 error or type(error).__name__,
             )
-        self._redis_down_until = time.monotonic() + REDIS_BACKOFF_SECONDS
 
 
 def reset_emails_key(email: str) -> str:

@@ -31,6 +31,8 @@ import uuid
 from redis.asyncio import Redis
 from redis.exceptions import RedisError
 
+from kit.pools import RedisBackoff
+
 logger = logging.getLogger("chat.limits")
 
 PROCESSES_KEY = "chat:limits:processes"
@@ -135,7 +137,8 @@ class UserLimits:
         self._take = redis.register_script(_TAKE)
         self._open = redis.register_script(_OPEN)
         self._beat = redis.register_script(_BEAT)
-        self._redis_down_until = 0.0
+        # after a failure: counted here alone until the heartbeat hears Redis
+        self._redis = RedisBackoff(first=REDIS_AWAY_SECONDS, cap=REDIS_AWAY_SECONDS)
 
     # -- send rate ------------------------------------------------------------
 
@@ -267,7 +270,8 @@ class UserLimits:
         except (RedisError, OSError, TimeoutError) as error:
             self._redis_failed(error)
             raise
-        self._redis_down_until = 0.0
+        if self._redis.answered():
+            logger.info("per-user limits count in Redis again")
         for user_id in list(self.unsynced):
             await self._write_count(user_id)
 
@@ -279,12 +283,11 @@ class UserLimits:
             logger.warning("could not retire this process's socket counts: %s", error)
 
     def _redis_usable(self) -> bool:
-        return time.monotonic() >= self._redis_down_until
+        return self._redis.usable()
 
     def _redis_failed(self, error: BaseException) -> None:
-        if self._redis_usable():
+        if self._redis.failed():
             logger.warning(
                 "per-user limits cannot reach Redis (%s); this replica enforces them alone",
                 error or type(error).__name__,
             )
-        self._redis_down_until = time.monotonic() + REDIS_AWAY_SECONDS
