@@ -8,6 +8,7 @@ from datetime import UTC, datetime, timedelta
 import httpx
 import pytest
 from jose import jwt
+from redis.asyncio import Redis
 from sqlalchemy import select, update
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
@@ -214,6 +215,28 @@ async def test_reset_emails_asked_for_while_the_database_was_away_spend_no_allow
     await forgot(client, account.email)
 
     assert failed == [503, 503, 503]
+    assert len(await emailed_reset_tokens(mail, account.email)) == 1
+
+
+async def test_a_frozen_redis_costs_a_reset_email_ask_a_503_not_a_hang(
+    client: httpx.AsyncClient, mail: MailCatcher, redis_url: str
+) -> None:
+    """Redis takes no write (paused) for longer than a command may wait: the
+    ask for a reset email, which must be counted before it goes, answers 503
+    rather than waiting for Redis; asked again once Redis answers, it goes."""
+    account = await register(client)
+    redis = Redis.from_url(redis_url)
+    try:
+        await redis.client_pause(8000, all=False)  # writes wait; reads go on
+        frozen = await client.post("/auth/password/forgot", json={"email": account.email})
+    finally:
+        await redis.client_unpause()
+        await redis.aclose()
+
+    assert frozen.status_code == 503
+    assert frozen.headers["content-type"] == "application/problem+json"
+    assert reset_tokens(mail, account.email) == []
+    await forgot(client, account.email)
     assert len(await emailed_reset_tokens(mail, account.email)) == 1
 
 

@@ -124,15 +124,25 @@ def lifespan(
     return run
 
 
+REDIS_COMMAND_TIMEOUT_SECONDS = 5.0
+
+
 def open_redis(parts: Parts, settings: ServiceSettings) -> Redis:
     """The service's Redis client. A connect that hangs (Redis stopping, a
     partition) fails after 2 s instead of the kernel's minutes, so the
     revocation mirror reconnects promptly; a pooled connection Redis closed
-    (a restart) costs a reconnect, not an error (`redis_reconnects`)."""
+    (a restart) costs a reconnect, not an error (`redis_reconnects`); and no
+    command waits longer than `REDIS_COMMAND_TIMEOUT_SECONDS` for a frozen
+    Redis (a partition, a server stuck in a long command), however its caller
+    bounds it: a request that needs Redis then answers 503, never hangs. The
+    callers that can do without Redis bound their calls tighter themselves.
+    (redis-py 8 defaults to the same 5 s; earlier releases waited for good, so
+    it is said here.)"""
     return parts.add(
         Redis.from_url(
             str(settings.redis_url),
             socket_connect_timeout=2.0,
+            socket_timeout=REDIS_COMMAND_TIMEOUT_SECONDS,
             driver_info=REDIS_DRIVER,
             **redis_reconnects(),
         ),
