@@ -52,7 +52,7 @@ logger = logging.getLogger("auth.throttle")
 
 # Long enough that a busy machine is not taken for an outage (falling back
 # then would count attempts twice and admit more), short enough that a frozen
-# Redis delays one login, not all of them (the next second skips it).
+# Redis delays one login, not all of them (the backoff below skips it).
 REDIS_TIMEOUT_SECONDS = 3.0
 REDIS_BACKOFF_SECONDS = (1.0, 8.0)
 """After a failure Redis is asked again after 1 s, then 2, 4 and 8 s while it
