@@ -27,6 +27,7 @@ from gateway.ratelimit import RateLimiter
 from kit.loopwatch import LoopWatch
 from kit.pools import REDIS_DRIVER, redis_reconnects
 from kit.security import KeySource, TokenVerifier
+from kit.tasks import cancel_and_wait
 
 logger = logging.getLogger("gateway.runtime")
 
@@ -203,8 +204,11 @@ class Runtime:
     async def _rediscover(self, pool: Pool) -> None:
         while True:
             # every interval, or as soon as a connection to the pool failed
+            # asyncio.timeout: wait_for (Python 3.11) could lose the stop's
+            # cancellation as the pool went stale, and the stop then waited for good
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(pool.stale.wait(), self.settings.dns_refresh_seconds)
+                async with asyncio.timeout(self.settings.dns_refresh_seconds):
+                    await pool.stale.wait()
             try:
                 await self.discover(pool)
             except Exception:
@@ -222,8 +226,7 @@ class Runtime:
         for task in self._tasks:
             task.cancel()
         for task in self._tasks:
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
+            await cancel_and_wait(task)  # never for good on a lost cancellation
         self._tasks.clear()
         for route in self.routes.values():
             await route.pool.stop_looking()

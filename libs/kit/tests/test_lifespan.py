@@ -13,6 +13,7 @@ from pydantic import RedisDsn
 from redis.asyncio import Redis
 from redis.asyncio.connection import Connection
 
+import kit.tasks
 from kit import lifespan, security
 from kit.errors import ServiceUnavailable
 from kit.lifespan import Parts, open_redis, open_verifier
@@ -38,7 +39,7 @@ async def test_a_task_is_cancelled_and_awaited_when_the_parts_close() -> None:
 async def test_a_task_that_loses_its_cancellation_is_cancelled_again(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    monkeypatch.setattr(lifespan, "CANCEL_GRACE_SECONDS", 0.05)
+    monkeypatch.setattr(kit.tasks, "CANCEL_GRACE_SECONDS", 0.05)
     cancellations = 0
 
     async def swallows_the_first() -> None:
@@ -62,7 +63,7 @@ async def test_a_task_that_loses_its_cancellation_is_cancelled_again(
 async def test_a_task_that_never_stops_does_not_hold_the_shutdown(
     monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
 ) -> None:
-    monkeypatch.setattr(lifespan, "CANCEL_GRACE_SECONDS", 0.02)
+    monkeypatch.setattr(kit.tasks, "CANCEL_GRACE_SECONDS", 0.02)
     release = asyncio.Event()
 
     async def never_stops() -> None:

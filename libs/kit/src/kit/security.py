@@ -51,6 +51,7 @@ from kit.revocations import (
     mirrored_cutoff,
 )
 from kit.settings import ServiceSettings
+from kit.tasks import cancel_and_wait
 
 logger = logging.getLogger("kit.security")
 T = TypeVar("T")
@@ -375,9 +376,7 @@ class JwksKeySource:
         inflight, self._inflight = self._inflight, None
         for pending in (task, inflight):
             if pending is not None:
-                pending.cancel()
-                with contextlib.suppress(asyncio.CancelledError):
-                    await pending
+                await cancel_and_wait(pending)
         # a Redis call the fetch gave up on (or was cancelled in) ends before Redis closes
         await self._deadline.aclose()
 

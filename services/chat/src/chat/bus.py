@@ -45,8 +45,8 @@ from typing import Any
 from redis.asyncio import Redis
 from redis.exceptions import RedisError
 
-from kit.lifespan import cancel_and_wait
 from kit.pools import REDIS_DRIVER
+from kit.tasks import cancel_and_wait
 
 logger = logging.getLogger("chat.bus")
 
