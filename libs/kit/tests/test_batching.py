@@ -181,6 +181,30 @@ async def test_a_read_past_the_statement_timeout_fails_once_and_is_not_run_again
         await timed.close()
 
 
+async def test_a_read_the_database_never_answers_is_given_up_once_not_asked_again(
+    database_url: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The command timeout (the driver's, for a database that answers
+    nothing): the connection is closed and the reads fail, without a second
+    statement on a fresh connection that would keep them waiting as long again."""
+    silent = PointReadPool(asyncpg_dsn(database_url), max_size=1, command_timeout=0.3)
+    try:
+        reads = batched(
+            silent, "SELECT key, key AS double FROM unnest($1::int[]) AS key, pg_sleep(30)"
+        )
+        with pytest.raises(Lost):
+            await reads.fetch(1)
+        assert reads.batches == 1
+        shared = SharedReads(silent.acquire, on_lost=lambda _error: Lost())
+        with pytest.raises(Lost):
+            await shared.fetch("SELECT pg_sleep(30)", (), lambda rows: rows)
+        assert shared.statements == 1
+        assert "retrying on a new one" not in caplog.text
+        assert (silent.size, silent.idle) == (0, 0)
+    finally:
+        await silent.close()
+
+
 async def test_closing_cancels_the_reads_in_flight(pool: PointReadPool) -> None:
     reads = batched(pool, "SELECT key, key AS double FROM unnest($1::int[]) AS key, pg_sleep(30)")
     await warm(pool, 1)

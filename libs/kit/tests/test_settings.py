@@ -178,3 +178,25 @@ def test_refusals_print_no_secret() -> None:
     assert "METRICS_PASSWORD" in str(refused.value)
     assert "the-redis-secret" not in str(refused.value)
     assert "the-database-secret" not in str(refused.value)
+
+
+def test_the_command_timeout_outlasts_the_statement_timeout() -> None:
+    settings = DatabaseSettings(_env_file=None)
+    assert settings.database_connect_options == {
+        "server_settings": {"statement_timeout": "5000"},
+        "command_timeout": 6.0,
+    }
+    with pytest.raises(ValidationError, match="must exceed DATABASE_STATEMENT_TIMEOUT_SECONDS"):
+        DatabaseSettings(
+            _env_file=None,
+            database_statement_timeout_seconds=10,
+            database_command_timeout_seconds=6,
+        )
+    # either one off: nothing to compare
+    unbounded = DatabaseSettings(_env_file=None, database_command_timeout_seconds=0)
+    assert unbounded.database_connect_options == {"server_settings": {"statement_timeout": "5000"}}
+    by_the_client = DatabaseSettings(_env_file=None, database_statement_timeout_seconds=0)
+    assert by_the_client.database_connect_options == {
+        "server_settings": {},
+        "command_timeout": 6.0,
+    }

@@ -16,7 +16,7 @@ from .conftest import app_client
 from .factories import create_product, product_body
 
 if TYPE_CHECKING:
-    from kit_testing import TokenMinter
+    from kit_testing import Service, TokenMinter
 
 
 async def test_reads_and_writes_recover_after_a_database_restart(
@@ -85,6 +85,52 @@ async def test_a_statement_past_the_statement_timeout_answers_503_and_a_retry_su
             assert response.json()["type"] == "urn:problem-type:service-unavailable"
 
         assert (await client.get(url)).json() == created
+        first = await client.post("/catalog/products", json=body, headers=once)
+        assert first.status_code == 201, first.text
+        replayed = await client.post("/catalog/products", json=body, headers=once)
+        assert replayed.json() == first.json()
+        listed = await client.get("/catalog/products", params={"q": body["name"]})
+        assert [item["id"] for item in listed.json()["items"]] == [first.json()["id"]]
+
+
+async def test_a_frozen_database_answers_503_and_a_retry_succeeds(
+    settings: Settings,
+    minter: TokenMinter,
+    admin_headers: dict[str, str],
+    postgres_service: Service,
+) -> None:
+    """PostgreSQL takes connections and answers nothing (cut off by the
+    network, or stuck): its statement timeout cannot fire. Every read path
+    (a point read, the list, the engine's categories) and a create answer 503
+    within the command timeout, never waiting for the database to come back,
+    and once it answers again the same requests succeed, the create with its
+    Idempotency-Key exactly once."""
+    async with app_client(
+        settings,
+        minter,
+        database_statement_timeout_seconds=0.5,
+        database_command_timeout_seconds=1,
+    ) as client:
+        created = await create_product(client, admin_headers)
+        url = f"/catalog/products/{created['id']}"
+        body = product_body()
+        once = {**admin_headers, "Idempotency-Key": body["name"]}
+        assert (await client.get("/catalog/categories")).status_code == 200
+
+        async with postgres_service.frozen(), asyncio.timeout(20):
+            refused = await asyncio.gather(
+                client.get(url),
+                client.get("/catalog/products", params={"q": created["name"]}),
+                client.get("/catalog/categories"),
+                client.post("/catalog/products", json=body, headers=once),
+            )
+        for response in refused:
+            assert response.status_code == 503, response.text
+            assert response.headers["content-type"] == "application/problem+json"
+            assert response.headers["retry-after"] == "1"
+
+        assert (await client.get(url)).json() == created
+        assert (await client.get("/catalog/categories")).status_code == 200
         first = await client.post("/catalog/products", json=body, headers=once)
         assert first.status_code == 201, first.text
         replayed = await client.post("/catalog/products", json=body, headers=once)

@@ -74,6 +74,18 @@ class Service:
     def start(self) -> None:
         self.container.get_wrapped_container().start()
 
+    @contextlib.asynccontextmanager
+    async def frozen(self) -> AsyncIterator[None]:
+        """The server frozen for the block (`docker pause`): its port still
+        takes connections, and nothing on them is ever answered, as with a
+        database cut off by the network or stuck."""
+        container = self.container.get_wrapped_container()
+        await asyncio.to_thread(container.pause)
+        try:
+            yield
+        finally:
+            await asyncio.to_thread(container.unpause)
+
 
 async def wait_for_postgres(url: str, within: float = STARTUP_TIMEOUT_SECONDS) -> None:
     deadline = time.monotonic() + within

@@ -18,14 +18,15 @@ connection is free for it. At most `max_in_flight` batches run at once.
 - A request that gives up (cancelled) leaves the batch; the others still get
   their rows.
 - A connection lost to a database restart is retried once on a fresh one;
-  other errors reach every read of the batch.
+  one that timed out (a silent database) is not, and other errors reach every
+  read of the batch.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Callable, Hashable
+from collections.abc import Awaitable, Callable, Hashable
 from typing import Any, TypeVar
 
 from kit.point_pool import DISCONNECTED, Connections, PoolClosed
@@ -34,6 +35,26 @@ logger = logging.getLogger("kit.batching")
 
 Futures = list[asyncio.Future[Any]]
 T = TypeVar("T")
+
+
+async def _on_a_live_connection(
+    connections: Connections,
+    read: Callable[[Any], Awaitable[list[Any]]],
+    on_lost: Callable[[BaseException], BaseException],
+) -> list[Any]:
+    """`read`'s rows, on a connection of `connections`. A connection lost (the
+    database restarted) is tried once more on a fresh one; one that timed out
+    is not: the database answered nothing in time (frozen, or cut off), and
+    asking again would make the request wait as long once more."""
+    for attempt in range(2):
+        try:
+            async with connections() as connection:
+                return await read(connection)
+        except DISCONNECTED as error:
+            if attempt or isinstance(error, TimeoutError):
+                raise on_lost(error) from error
+            logger.warning("database connection lost (%s); retrying on a new one", error)
+    raise AssertionError("unreachable")
 
 
 class BatchedReads:
@@ -114,19 +135,16 @@ class BatchedReads:
 
     async def _run(self) -> None:
         batch: dict[Hashable, Futures] | None = None
+
+        async def read(connection: Any) -> list[Any]:
+            nonlocal batch
+            if batch is None:
+                batch = self._take()
+            self.batches += 1
+            return await connection.fetch(self._sql, list(batch))  # type: ignore[no-any-return]
+
         try:
-            for attempt in range(2):
-                try:
-                    async with self._connections() as connection:
-                        if batch is None:
-                            batch = self._take()
-                        self.batches += 1
-                        rows = await connection.fetch(self._sql, list(batch))
-                    break
-                except DISCONNECTED as error:
-                    if attempt:
-                        raise self._on_lost(error) from error
-                    logger.warning("database connection lost (%s); retrying on a new one", error)
+            rows = await _on_a_live_connection(self._connections, read, self._on_lost)
         except BaseException as error:
             if batch is None:
                 batch = self._take()
@@ -210,18 +228,14 @@ class SharedReads:
         self, key: tuple[str, tuple[Hashable, ...]], future: asyncio.Future[Any], build: Any
     ) -> None:
         sql, arguments = key
+
+        async def read(connection: Any) -> list[Any]:
+            self._stop_joining(key, future)
+            self.statements += 1
+            return await connection.fetch(sql, *arguments)  # type: ignore[no-any-return]
+
         try:
-            for attempt in range(2):
-                try:
-                    async with self._connections() as connection:
-                        self._stop_joining(key, future)
-                        self.statements += 1
-                        rows = await connection.fetch(sql, *arguments)
-                    break
-                except DISCONNECTED as error:
-                    if attempt:
-                        raise self._on_lost(error) from error
-                    logger.warning("database connection lost (%s); retrying on a new one", error)
+            rows = await _on_a_live_connection(self._connections, read, self._on_lost)
             result = build(rows)
         except asyncio.CancelledError:
             self._stop_joining(key, future)

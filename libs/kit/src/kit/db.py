@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
@@ -11,8 +12,18 @@ from typing import Any, Generic, cast
 
 import asyncpg
 from fastapi import Request
-from sqlalchemy import ColumnElement, CursorResult, MetaData, Table, delete, select, text, tuple_
-from sqlalchemy.engine import make_url
+from sqlalchemy import (
+    ColumnElement,
+    CursorResult,
+    MetaData,
+    Table,
+    delete,
+    event,
+    select,
+    text,
+    tuple_,
+)
+from sqlalchemy.engine import ExceptionContext, make_url
 from sqlalchemy.exc import ProgrammingError
 from sqlalchemy.ext.asyncio import (
     AsyncConnection,
@@ -79,15 +90,14 @@ class MeasuredPool(AsyncAdaptedQueuePool):
 
 
 def make_engine(
-    url: str, *, server_settings: Mapping[str, str] | None = None, **overrides: Any
+    url: str, *, connect_options: Mapping[str, Any] | None = None, **overrides: Any
 ) -> AsyncEngine:
     """An engine that survives a PostgreSQL restart: stale connections are
     tested before use (`pool_pre_ping`) and recycled after half an hour.
-    `server_settings` are PostgreSQL settings every connection opens with
-    (`DatabaseSettings.database_server_settings`: the statement timeout)."""
-    connect_args: dict[str, Any] = {"timeout": CONNECT_TIMEOUT_SECONDS}
-    if server_settings:
-        connect_args["server_settings"] = dict(server_settings)
+    `connect_options` are asyncpg's `connect` arguments for every connection
+    (`DatabaseSettings.database_connect_options`: the statement timeout and
+    the command timeout)."""
+    connect_args: dict[str, Any] = {"timeout": CONNECT_TIMEOUT_SECONDS, **(connect_options or {})}
     options: dict[str, Any] = {
         "poolclass": MeasuredPool,
         "pool_pre_ping": True,
@@ -98,7 +108,24 @@ def make_engine(
         "connect_args": connect_args,
     }
     options.update(overrides)
-    return create_async_engine(url, **options)
+    engine = create_async_engine(url, **options)
+    event.listen(engine.sync_engine, "handle_error", _give_up_a_silent_connection)
+    return engine
+
+
+def _give_up_a_silent_connection(context: ExceptionContext) -> None:
+    """asyncpg's command timeout fired: the database answered nothing in time
+    (frozen, or cut off by the network). The connection is closed at once and
+    taken for lost. Left to SQLAlchemy, a connection that timed out is closed
+    politely, which waits up to 2 s more for an answer from the same silent
+    server before the request hears anything."""
+    if not isinstance(context.original_exception, TimeoutError) or context.connection is None:
+        return
+    context.is_disconnect = True
+    with contextlib.suppress(Exception):  # invalidated already
+        driver = context.connection.connection.driver_connection
+        if driver is not None:
+            driver.terminate()
 
 
 def open_unpinged_engine(parts: Parts, settings: DatabaseSettings) -> AsyncEngine:
@@ -110,7 +137,7 @@ def open_unpinged_engine(parts: Parts, settings: DatabaseSettings) -> AsyncEngin
     again (a read; a write only where running it twice is safe)."""
     engine = make_engine(
         str(settings.database_url),
-        server_settings=settings.database_server_settings,
+        connect_options=settings.database_connect_options,
         pool_pre_ping=False,
         pool_size=settings.database_pool_size,
         max_overflow=settings.database_pool_overflow,

@@ -233,10 +233,10 @@ class Lease:
 
 def open_point_pool(parts: Parts, settings: DatabaseSettings, *, max_size: int) -> PointReadPool:
     """The service's pool for point reads, on its database with its server
-    settings (the statement timeout), closed when the app stops."""
+    settings (the statement and command timeouts), closed when the app stops."""
     pool = PointReadPool(
         asyncpg_dsn(str(settings.database_url)),
         max_size=max_size,
-        server_settings=settings.database_server_settings,
+        **settings.database_connect_options,
     )
     return parts.add(pool, PointReadPool.close)

@@ -281,12 +281,42 @@ class DatabaseSettings(ServiceSettings):
     # the gateway's route timeouts (10 s), so a client hears the service's
     # answer, not the gateway's 504; 0 leaves the database's own setting.
     database_statement_timeout_seconds: float = Field(default=5.0, ge=0)
+    # The longest a service waits for any answer from PostgreSQL, the
+    # statement timeout's own cancel included, before it gives the connection
+    # up: a frozen or partitioned database answers nothing, not even the
+    # statement timeout, and without this bound a request (and its pooled
+    # connection) would wait until the network gave up, many minutes later.
+    # Past it the request answers 503 and the connection is closed. Above the
+    # statement timeout, so a slow statement is the server's to cancel (its
+    # connection is kept); 0 waits for good.
+    database_command_timeout_seconds: float = Field(default=6.0, ge=0)
+
+    @model_validator(mode="after")
+    def _command_timeout_outlasts_the_statement_timeout(self) -> Self:
+        command = self.database_command_timeout_seconds
+        statement = self.database_statement_timeout_seconds
+        if command and statement and command <= statement:
+            raise ValueError(
+                f"DATABASE_COMMAND_TIMEOUT_SECONDS ({command:g}) must exceed"
+                f" DATABASE_STATEMENT_TIMEOUT_SECONDS ({statement:g}): the server"
+                " cancels a slow statement, the client only gives up on a silent server"
+            )
+        return self
 
     @property
     def database_server_settings(self) -> dict[str, str]:
         """What every connection of the service asks PostgreSQL for when it opens."""
         milliseconds = round(self.database_statement_timeout_seconds * 1000)
         return {"statement_timeout": str(milliseconds)} if milliseconds else {}
+
+    @property
+    def database_connect_options(self) -> dict[str, Any]:
+        """How every connection of the service opens (asyncpg's `connect`
+        arguments): PostgreSQL's settings and the driver's command timeout."""
+        options: dict[str, Any] = {"server_settings": self.database_server_settings}
+        if self.database_command_timeout_seconds:
+            options["command_timeout"] = self.database_command_timeout_seconds
+        return options
 
     def weak_production_secrets(self) -> list[str]:
         weak = super().weak_production_secrets()

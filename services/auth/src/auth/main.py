@@ -90,7 +90,7 @@ async def check_bootstrap(request: Request) -> None:
 async def open_parts(parts: Parts, settings: Settings, *, key_source: KeySource | None) -> State:
     engine = make_engine(
         str(settings.database_url),
-        server_settings=settings.database_server_settings,
+        connect_options=settings.database_connect_options,
         pool_size=settings.database_pool_size,
         max_overflow=settings.database_pool_overflow,
     )
