@@ -27,7 +27,7 @@ from gateway.ratelimit import RateLimiter
 from kit.loopwatch import LoopWatch
 from kit.pools import REDIS_DRIVER, redis_reconnects
 from kit.security import KeySource, TokenVerifier
-from kit.tasks import cancel_and_wait
+from kit.tasks import cancel_and_wait, every
 
 logger = logging.getLogger("gateway.runtime")
 
@@ -215,18 +215,17 @@ class Runtime:
                 logger.exception("%s pool: discovery failed", pool.name)
 
     async def _probe_periodically(self, pool: Pool) -> None:
-        while True:
-            await asyncio.sleep(self.settings.health_check_interval_seconds)
-            try:
-                await self.prober.probe_all(pool)
-            except Exception:
-                logger.exception("%s pool: health probes failed", pool.name)
+        await every(
+            self.settings.health_check_interval_seconds,
+            lambda: self.prober.probe_all(pool),
+            log=logger,
+            failed=f"{pool.name} pool: health probes failed",
+            traceback=True,
+        )
 
     async def stop(self) -> None:
-        for task in self._tasks:
-            task.cancel()
-        for task in self._tasks:
-            await cancel_and_wait(task)  # never for good on a lost cancellation
+        # all at once, and never for good on a lost cancellation
+        await asyncio.gather(*(cancel_and_wait(task) for task in self._tasks))
         self._tasks.clear()
         for route in self.routes.values():
             await route.pool.stop_looking()

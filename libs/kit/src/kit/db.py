@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import logging
 import time
@@ -37,6 +36,7 @@ from sqlalchemy.pool import AsyncAdaptedQueuePool, ConnectionPoolEntry
 from kit.lifespan import AppState, Parts, SettingsT
 from kit.pools import observe_wait
 from kit.settings import DatabaseSettings
+from kit.tasks import every
 
 logger = logging.getLogger("kit.db")
 
@@ -259,12 +259,11 @@ async def purge_now_and_then(
     a session of its own every `interval_seconds`, for the process's life. A
     failure, the database away, is logged and tried again at the next one.
     Every replica runs it: deleting what has expired twice deletes nothing."""
-    while True:
-        await asyncio.sleep(interval_seconds)
-        try:
-            async with sessionmaker() as session:
-                purged = await purge(session)
-            if purged:
-                logger.info("purged %d %s", purged, what)
-        except Exception as error:  # noqa: BLE001 - tried again at the next interval
-            logger.warning("purging %s failed: %s", what, error)
+
+    async def purge_once() -> None:
+        async with sessionmaker() as session:
+            purged = await purge(session)
+        if purged:
+            logger.info("purged %d %s", purged, what)
+
+    await every(interval_seconds, purge_once, log=logger, failed=f"purging {what} failed")

@@ -1,10 +1,12 @@
-"""Stopping background tasks without ever waiting for good."""
+"""Background chores: run over and over for the process's life, and stopped
+without ever waiting for good."""
 
 from __future__ import annotations
 
 import asyncio
 import logging
-from typing import Any
+from collections.abc import Awaitable, Callable
+from typing import Any, NoReturn
 
 logger = logging.getLogger("kit.tasks")
 
@@ -31,3 +33,28 @@ async def cancel_and_wait(task: asyncio.Task[Any]) -> None:
             "background task %s outlived its cancellation; cancelling again", task.get_name()
         )
     logger.error("background task %s would not stop; shutting down without it", task.get_name())
+
+
+async def every(
+    wait: float | Callable[[], float],
+    run: Callable[[], Awaitable[object]],
+    *,
+    log: logging.Logger,
+    failed: str,
+    traceback: bool = False,
+) -> NoReturn:
+    """Waits, runs `run`, and so on until cancelled (a task of the app's
+    `Parts`, cancelled when it stops). `wait` is seconds, or a function that
+    gives the next wait (a flush on the clock's grid). A failure is logged as
+    `failed`, with the error's message, or its whole traceback where any
+    failure would be a bug (`traceback`), and the next round tries again: a
+    chore outlives an outage of what it needs."""
+    while True:
+        await asyncio.sleep(wait() if callable(wait) else wait)
+        try:
+            await run()
+        except Exception as error:
+            if traceback:
+                log.exception(failed)
+            else:
+                log.warning("%s: %s", failed, error)

@@ -38,9 +38,11 @@ logger = logging.getLogger("chat.limits")
 PROCESSES_KEY = "chat:limits:processes"
 CLOSE_TOO_MANY_SOCKETS = 4029
 """Close code for a socket over the user's limit: accepted, then closed at once."""
-# Long enough that a busy machine is not taken for an outage (each replica
-# alone would then admit more), short enough that a frozen Redis holds up a
-# socket's frames for one moment
+# How long a socket's frame waits on Redis, for the limits' checks here and
+# for a publish (the publishing pool's socket timeout, chat.main). Long enough
+# that a busy machine is not taken for an outage (each replica alone would
+# then admit more), short enough that a frozen Redis holds up a socket's
+# frames for one moment
 REDIS_TIMEOUT_SECONDS = 2.0
 REDIS_AWAY_SECONDS = 30.0
 """After a failure, how long frames and sockets are counted here alone unless

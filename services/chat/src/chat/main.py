@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import logging
 import time
@@ -20,7 +19,7 @@ from chat.config import Settings
 from chat.db import SCHEMA_REVISIONS
 from chat.endpoint import SocketEntry
 from chat.hub import Hub
-from chat.limits import UserLimits
+from chat.limits import REDIS_TIMEOUT_SECONDS, UserLimits
 from chat.metrics import ChatMetrics
 from chat.presence import Presence
 from chat.router import router
@@ -36,6 +35,7 @@ from kit.health import VERIFIER_CHECKS
 from kit.lifespan import Parts, lifespan, open_verifier
 from kit.pools import REDIS_DRIVER, redis_reconnects
 from kit.security import KeySource
+from kit.tasks import every
 
 logger = logging.getLogger("chat.main")
 
@@ -67,18 +67,13 @@ async def heartbeat(
     token was revoked, checks that the subscriber still hears the bus, and keeps
     this replica's per-user socket counts alive (all of it Redis's work; the
     catch-up from PostgreSQL has a loop of its own)."""
-    while True:
-        await asyncio.sleep(settings.presence_heartbeat_seconds)
-        try:
-            await limits.heartbeat()
-        except (RedisError, OSError) as error:
-            logger.warning("socket counts not refreshed: %s", error)
-        try:
-            await beat_once(hub=hub, bus=bus, redis=redis, settings=settings)
-        except Exception:
-            logger.exception(
-                "heartbeat failed; next one in %s s", settings.presence_heartbeat_seconds
-            )
+    await every(
+        settings.presence_heartbeat_seconds,
+        lambda: beat_once(hub=hub, bus=bus, redis=redis, settings=settings, limits=limits),
+        log=logger,
+        failed=f"heartbeat failed; next one in {settings.presence_heartbeat_seconds} s",
+        traceback=True,
+    )
 
 
 TICK_MARGIN_SECONDS = 0.005
@@ -97,12 +92,13 @@ async def presence_loop(hub: Hub, settings: Settings) -> None:
     every replica alike: the replicas' diffs of a room reach each other within
     `presence_gather_seconds` and go to the members as one frame."""
     interval = settings.presence_interval_seconds
-    while True:
-        await asyncio.sleep(until_next_tick(time.time(), interval))
-        try:
-            await hub.flush_presence()
-        except Exception:
-            logger.exception("presence flush failed")
+    await every(
+        lambda: until_next_tick(time.time(), interval),
+        hub.flush_presence,
+        log=logger,
+        failed="presence flush failed",
+        traceback=True,
+    )
 
 
 async def catch_up_loop(hub: Hub, settings: Settings) -> None:
@@ -110,16 +106,23 @@ async def catch_up_loop(hub: Hub, settings: Settings) -> None:
     what they have not delivered though it was stored. A loop of its own, apart
     from the heartbeat's Redis work: while Redis is frozen (a partition, a
     server stuck in a long command) every call to it waits out its timeout,
-    and the messages of the other replicas still arrive this way."""
-    while True:
-        await asyncio.sleep(settings.presence_heartbeat_seconds)
-        try:
-            await hub.catch_up_behind()
-        except Exception as error:  # noqa: BLE001 - the database away: the next round checks
-            logger.warning("rooms not checked for messages stored but not delivered: %s", error)
+    and the messages of the other replicas still arrive this way. A failure
+    (the database away) is the next round's to mend."""
+    await every(
+        settings.presence_heartbeat_seconds,
+        hub.catch_up_behind,
+        log=logger,
+        failed="rooms not checked for messages stored but not delivered",
+    )
 
 
-async def beat_once(*, hub: Hub, bus: Bus, redis: Redis, settings: Settings) -> None:
+async def beat_once(
+    *, hub: Hub, bus: Bus, redis: Redis, settings: Settings, limits: UserLimits
+) -> None:
+    try:
+        await limits.heartbeat()
+    except (RedisError, OSError) as error:
+        logger.warning("socket counts not refreshed: %s", error)
     await hub.presence_heartbeat()
     await bus.flush()
     try:
@@ -190,7 +193,10 @@ async def open_parts(
     # the limits; a publish Redis has not taken in 2 s (frozen) is kept for the
     # reconnect, and the sender's next frame waits no longer (chat.bus)
     publisher = open_command_redis(
-        parts, settings, max_connections=settings.redis_publish_connections, socket_timeout=2.0
+        parts,
+        settings,
+        max_connections=settings.redis_publish_connections,
+        socket_timeout=REDIS_TIMEOUT_SECONDS,
     )
     verifier = await open_verifier(parts, settings, redis=redis, keys=key_source)
     bus = Bus(
