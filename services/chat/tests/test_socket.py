@@ -29,6 +29,7 @@ from .factories import (
     eventually,
     has_text,
     joined_sockets,
+    start_node,
     unique_room,
 )
 
@@ -420,6 +421,33 @@ async def test_database_outage_answers_with_an_error_and_keeps_the_socket(
     assert error == {"type": "error", "detail": "Message not stored; try again"}
     assert frame["id"] == 1
     assert frame["client_id"] == "retry-1"
+
+
+async def test_a_frozen_database_answers_with_an_error_in_time_and_a_retry_stores_once(
+    settings_for: Any, minter: TokenMinter, postgres_service: Service
+) -> None:
+    """PostgreSQL takes connections and answers nothing (cut off, or stuck):
+    the sender hears the error within the command timeout rather than when
+    the database comes back, keeps its socket, and the same frame sent again
+    stores the message once."""
+    room = unique_room()
+    settings = settings_for(
+        "node-frozen", database_statement_timeout_seconds=0.5, database_command_timeout_seconds=1
+    )
+    async with (
+        start_node(settings, minter) as node,
+        chat(node, room, minter.token(user_id="patient")) as client,
+    ):
+        async with postgres_service.frozen():
+            await client.say("lost?", client_id="frozen-1")
+            error = await client.recv_type("error", within=10)
+        await client.say("lost?", client_id="frozen-1")
+        frame = await client.recv_until(lambda f: f["type"] in ("message", "error"))
+        await client.say("and then")
+        (then,) = await client.messages(1)
+    assert error == {"type": "error", "detail": "Message not stored; try again"}
+    assert (frame["type"], frame["id"], frame["client_id"]) == ("message", 1, "frozen-1")
+    assert then["id"] == 2
 
 
 async def test_connections_lost_with_a_database_restart_cost_no_message(
