@@ -17,8 +17,10 @@ import time
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
+from typing import Any, NamedTuple
 
 import httpx
+from websockets.asyncio.client import ClientConnection
 
 from kit_testing import TokenMinter
 
@@ -66,10 +68,11 @@ class Outage:
 
     stopping_at: float
     stopped_at: float
+    seconds: float = OUTAGE_SECONDS
 
     @property
     def until(self) -> float:
-        return self.stopped_at + OUTAGE_SECONDS
+        return self.stopped_at + self.seconds
 
 
 @contextlib.asynccontextmanager
@@ -128,6 +131,39 @@ async def create_product(client: httpx.AsyncClient, admin: dict[str, str]) -> ht
     return await client.post(
         "/catalog/products", json={"name": f"Degraded {letters()}", "price": "4.5"}, headers=admin
     )
+
+
+class Cast(NamedTuple):
+    """Who and what an outage test works with, made while everything is up."""
+
+    admin: dict[str, str]  # the admin's Authorization header
+    user: dict[str, str]  # a registered user's email and password
+    token: str  # the user's access token
+    product: dict[str, Any]  # a product the admin created
+
+
+async def cast(client: httpx.AsyncClient) -> Cast:
+    admin = bearer((await login(client, ADMIN_EMAIL, ADMIN_PASSWORD))["access_token"])
+    user = await register(client)
+    token = (await login(client, user["email"], user["password"]))["access_token"]
+    product = await create_product(client, admin)
+    assert product.status_code == 201, product.text
+    return Cast(admin, user, token, product.json())
+
+
+async def resend_until_stored(
+    socket: ClientConnection, text: str, client_id: str
+) -> dict[str, Any]:
+    """Sends a message until it is stored (the error frame says "try again": a
+    client sends the same client_id again); returns its message frame."""
+    while True:
+        await socket.send(json.dumps({"type": "message", "text": text, "client_id": client_id}))
+        frame = await receive_json(socket)
+        while frame["type"] == "presence":
+            frame = await receive_json(socket)
+        if frame["type"] == "message":
+            return frame
+        await asyncio.sleep(PACE_SECONDS)  # before re-sending
 
 
 def summary(answers: list[Answer]) -> list[tuple[float, int, str | None, str]]:
@@ -195,12 +231,8 @@ async def test_redis_stopped_reads_chat_and_logins_go_on_and_nothing_is_lost(
     healthy_stack: Stack, client: httpx.AsyncClient
 ) -> None:
     stack = healthy_stack
-    admin = bearer((await login(client, ADMIN_EMAIL, ADMIN_PASSWORD))["access_token"])
-    user = await register(client)
-    token = (await login(client, user["email"], user["password"]))["access_token"]
-    product = await create_product(client, admin)
-    assert product.status_code == 201, product.text
-    product_path = f"/catalog/products/{product.json()['id']}"
+    admin, user, token, product = await cast(client)
+    product_path = f"/catalog/products/{product['id']}"
 
     clients = await connect_chat(stack, token, f"redis-down-{letters()}", 4)
     readers = [asyncio.create_task(chat.run()) for chat in clients]
@@ -434,12 +466,8 @@ async def test_postgres_stopped_reads_answer_503_at_once_and_all_serves_soon_aft
     healthy_stack: Stack, client: httpx.AsyncClient
 ) -> None:
     stack = healthy_stack
-    admin = bearer((await login(client, ADMIN_EMAIL, ADMIN_PASSWORD))["access_token"])
-    user = await register(client)
-    token = (await login(client, user["email"], user["password"]))["access_token"]
-    product = await create_product(client, admin)
-    assert product.status_code == 201, product.text
-    product_path = f"/catalog/products/{product.json()['id']}"
+    admin, user, token, product = await cast(client)
+    product_path = f"/catalog/products/{product['id']}"
     socket = await open_socket(stack.ws_url, f"pg-down-{letters()}", token)
     await receive_of_type(socket, "ready")
     try:
@@ -451,18 +479,6 @@ async def test_postgres_stopped_reads_answer_503_at_once_and_all_serves_soon_aft
             await socket.send(json.dumps({"type": "message", "text": "lost?", "client_id": "a1"}))
             refusal = await receive_of_type(socket, "error")
         back = await postgres_healthy(stack)
-
-        async def chat_again() -> None:
-            while True:  # the error frame says "try again": a client re-sends its client_id
-                await socket.send(
-                    json.dumps({"type": "message", "text": "back", "client_id": "a2"})
-                )
-                frame = await receive_json(socket)
-                while frame["type"] == "presence":
-                    frame = await receive_json(socket)
-                if frame["type"] == "message":
-                    return
-                await asyncio.sleep(PACE_SECONDS)  # before re-sending
 
         async with asyncio.timeout(BACK_WITHIN_SECONDS):
             await asyncio.gather(
@@ -479,7 +495,7 @@ async def test_postgres_stopped_reads_answer_503_at_once_and_all_serves_soon_aft
                     200,
                     what="login",
                 ),
-                chat_again(),
+                resend_until_stored(socket, "back", "a2"),
             )
         served_after = time.monotonic() - back
     finally:
@@ -494,3 +510,80 @@ async def test_postgres_stopped_reads_answer_503_at_once_and_all_serves_soon_aft
     # the replicas stay in the gateway's rotation: the 503 is the catalog's own
     database_down = "The database is unreachable; retry"
     assert not (wrong := unexpected(answers, lambda a: a.detail == database_down)), summary(wrong)
+
+
+# A frozen PostgreSQL (cut off by the network, or stuck) takes connections and
+# answers nothing, so its statement timeout cannot fire: the services' command
+# timeout (DATABASE_COMMAND_TIMEOUT_SECONDS, 6 s) bounds every wait on it.
+FROZEN_SECONDS = 20.0
+# the command timeout with room for a busy machine, and still short of the
+# gateway's 10 s route timeout: the 503 is the service's own, not a 504
+FROZEN_ANSWER_SECONDS = 9.5
+
+
+@contextlib.asynccontextmanager
+async def frozen(stack: Stack, service: str) -> AsyncIterator[Outage]:
+    """`service`'s container paused (`docker compose pause`) for the block."""
+    pausing_at = time.monotonic()
+    await asyncio.to_thread(stack.compose_cmd, "pause", service)
+    try:
+        yield Outage(pausing_at, time.monotonic(), FROZEN_SECONDS)
+    finally:
+        await asyncio.to_thread(stack.compose_cmd, "unpause", service)
+
+
+async def test_postgres_frozen_every_wait_is_bounded_and_all_serves_once_it_answers(
+    healthy_stack: Stack, client: httpx.AsyncClient
+) -> None:
+    stack = healthy_stack
+    admin, user, token, product = await cast(client)
+    product_path = f"/catalog/products/{product['id']}"
+    body = {"name": f"Frozen {letters()}", "price": "3.5"}
+    once = {**admin, "Idempotency-Key": body["name"]}
+    socket = await open_socket(stack.ws_url, f"pg-frozen-{letters()}", token)
+    await receive_of_type(socket, "ready")
+    try:
+        async with frozen(stack, "postgres") as outage:
+            calls = (
+                lambda: client.get(product_path),
+                lambda: client.get("/catalog/products?limit=5"),
+                lambda: client.get("/auth/users/me", headers=bearer(token)),
+                lambda: client.post("/catalog/products", json=body, headers=once),
+            )
+            answers = await asyncio.gather(
+                *(keep_calling(call, outage, within=FROZEN_ANSWER_SECONDS) for call in calls)
+            )
+            await socket.send(json.dumps({"type": "message", "text": "lost?", "client_id": "f1"}))
+            async with asyncio.timeout(FROZEN_ANSWER_SECONDS):
+                refusal = await receive_of_type(socket, "error")
+
+        async with asyncio.timeout(RECOVERY_DEADLINE_SECONDS):
+            read, created, me = await asyncio.gather(
+                until_answers(lambda: client.get(product_path), 200, what="read"),
+                until_answers(
+                    lambda: client.post("/catalog/products", json=body, headers=once),
+                    201,
+                    what="write",
+                ),
+                until_answers(
+                    lambda: client.get("/auth/users/me", headers=bearer(token)), 200, what="me"
+                ),
+            )
+            frame = await resend_until_stored(socket, "lost?", "f1")
+        listed = await client.get("/catalog/products", params={"q": body["name"]})
+        # Docker marks a paused container unhealthy at once, and healthy again
+        # at its next check: the stack is left as it was found
+        await postgres_healthy(stack)
+    finally:
+        await socket.close()
+
+    everything = [answer for each in answers for answer in each]
+    assert all(answers)
+    # each one a 503 to retry, within the command timeout, never the gateway's 504
+    assert not (wrong := unexpected(everything, retry_later)), summary(wrong)
+    assert refusal["detail"] == "Message not stored; try again"
+    assert read.json() == product
+    assert me.json()["email"] == user["email"]
+    # the create asked for during the freeze and after it: one product
+    assert [item["id"] for item in listed.json()["items"]] == [created.json()["id"]]
+    assert (frame["client_id"], frame["text"]) == ("f1", "lost?")

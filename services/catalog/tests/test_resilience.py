@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
 import httpx
@@ -78,19 +79,9 @@ async def test_a_statement_past_the_statement_timeout_answers_503_and_a_retry_su
                 ]
             finally:
                 await transaction.rollback()
-        for response in refused:
-            assert response.status_code == 503, response.text
-            assert response.headers["content-type"] == "application/problem+json"
-            assert response.headers["retry-after"] == "1"
-            assert response.json()["type"] == "urn:problem-type:service-unavailable"
-
+        assert_retry_later(refused)
         assert (await client.get(url)).json() == created
-        first = await client.post("/catalog/products", json=body, headers=once)
-        assert first.status_code == 201, first.text
-        replayed = await client.post("/catalog/products", json=body, headers=once)
-        assert replayed.json() == first.json()
-        listed = await client.get("/catalog/products", params={"q": body["name"]})
-        assert [item["id"] for item in listed.json()["items"]] == [first.json()["id"]]
+        await assert_created_once(client, body, once)
 
 
 async def test_a_frozen_database_answers_503_and_a_retry_succeeds(
@@ -124,16 +115,28 @@ async def test_a_frozen_database_answers_503_and_a_retry_succeeds(
                 client.get("/catalog/categories"),
                 client.post("/catalog/products", json=body, headers=once),
             )
-        for response in refused:
-            assert response.status_code == 503, response.text
-            assert response.headers["content-type"] == "application/problem+json"
-            assert response.headers["retry-after"] == "1"
-
+        assert_retry_later(refused)
         assert (await client.get(url)).json() == created
         assert (await client.get("/catalog/categories")).status_code == 200
-        first = await client.post("/catalog/products", json=body, headers=once)
-        assert first.status_code == 201, first.text
-        replayed = await client.post("/catalog/products", json=body, headers=once)
-        assert replayed.json() == first.json()
-        listed = await client.get("/catalog/products", params={"q": body["name"]})
-        assert [item["id"] for item in listed.json()["items"]] == [first.json()["id"]]
+        await assert_created_once(client, body, once)
+
+
+def assert_retry_later(responses: Sequence[httpx.Response]) -> None:
+    for response in responses:
+        assert response.status_code == 503, response.text
+        assert response.headers["content-type"] == "application/problem+json"
+        assert response.headers["retry-after"] == "1"
+        assert response.json()["type"] == "urn:problem-type:service-unavailable"
+
+
+async def assert_created_once(
+    client: httpx.AsyncClient, body: dict[str, Any], headers: dict[str, str]
+) -> None:
+    """A create refused earlier, asked for again with its Idempotency-Key: one
+    product, and the same key once more replays it."""
+    first = await client.post("/catalog/products", json=body, headers=headers)
+    assert first.status_code == 201, first.text
+    replayed = await client.post("/catalog/products", json=body, headers=headers)
+    assert replayed.json() == first.json()
+    listed = await client.get("/catalog/products", params={"q": body["name"]})
+    assert [item["id"] for item in listed.json()["items"]] == [first.json()["id"]]
