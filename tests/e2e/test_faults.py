@@ -198,6 +198,65 @@ async def test_stopped_catalog_replica_is_routed_around(
     assert statuses == [200] * 30
 
 
+# A replica frozen (paused: it takes connections and answers nothing). The
+# gateway may take this long to stop sending it requests: three probes in a
+# row timing out (every HEALTH_CHECK_INTERVAL_SECONDS, 5 s, each waiting
+# 2 s), from wherever its probe cycle stood.
+OUT_OF_ROTATION_WITHIN = 25.0
+FROZEN_REPLICA_SECONDS = 35.0
+
+
+async def test_frozen_catalog_replica_is_taken_out_of_rotation_and_back(
+    healthy_stack: Stack, client: httpx.AsyncClient
+) -> None:
+    """A request that reaches the frozen replica waits out the route's timeout
+    (504); within a few probes the gateway sends none there, and once it
+    answers again a probe takes it back."""
+    replicas = healthy_stack.containers("catalog")
+    assert len(replicas) == 2
+    frozen = replicas[0]["ID"]
+    answers: list[tuple[float, int]] = []
+
+    async def browse(until: float, started: float) -> None:
+        async with httpx.AsyncClient(base_url=healthy_stack.base_url, timeout=20) as http:
+            while time.monotonic() < until:
+                sent = time.monotonic()
+                response = await http.get("/catalog/products?limit=5")
+                answers.append((sent - started, response.status_code))
+                await asyncio.sleep(0.25)  # a browsing client's pace
+
+    await asyncio.to_thread(_docker, "pause", frozen)
+    started = time.monotonic()
+    try:
+        await asyncio.gather(*(browse(started + FROZEN_REPLICA_SECONDS, started) for _ in range(4)))
+    finally:
+        await asyncio.to_thread(_docker, "unpause", frozen)
+    taken_back = await wait_for_metric(
+        client, 'gateway_upstream_replicas{route="catalog",state="available"} 2.0'
+    )
+    # Docker marks a paused container unhealthy; the stack is left as found
+    deadline = time.monotonic() + 30
+    while any(c.get("Health") != "healthy" for c in healthy_stack.containers("catalog")):
+        assert time.monotonic() < deadline, "the unfrozen replica is not healthy again"
+        await asyncio.sleep(0.5)  # compose reports health at the check's interval
+
+    assert {status for _, status in answers} <= {200, 504}
+    late = [status for at, status in answers if at >= OUT_OF_ROTATION_WITHIN]
+    assert late
+    assert late == [200] * len(late), sorted(answers)
+    assert taken_back
+
+
+async def wait_for_metric(client: httpx.AsyncClient, line: str, within: float = 30) -> bool:
+    """Whether a scrape of the gateway's /metrics shows `line` within `within` s."""
+    deadline = time.monotonic() + within
+    while time.monotonic() < deadline:
+        if line in (await client.get("/metrics")).text:
+            return True
+        await asyncio.sleep(0.5)  # the next probe cycle
+    return False
+
+
 async def test_chat_scaled_down_then_up(healthy_stack: Stack, client: httpx.AsyncClient) -> None:
     async with chat_clients(healthy_stack.ws_url, client, 6, room_prefix="fault") as clients:
         old_nodes = {c.node for c in clients}
