@@ -11,7 +11,8 @@ import asyncpg
 import pytest
 
 from kit.db import asyncpg_dsn
-from kit.point_pool import DISCONNECTED, PointReadPool, PoolClosed
+from kit.errors import is_outage
+from kit.point_pool import DISCONNECTED, PointReadPool, PoolClosed, PoolTimeout
 
 
 @pytest.fixture
@@ -208,6 +209,29 @@ async def test_a_waiter_that_gives_up_takes_no_slot_with_it(dsn: str) -> None:
         impatient.cancel()
         with pytest.raises(asyncio.CancelledError):
             await impatient
+        release.set()
+        await holder
+        assert await asyncio.wait_for(backend_pid(pool), 10) > 0
+        assert (pool.size, pool.idle) == (1, 1)
+    finally:
+        await pool.close()
+
+
+async def test_a_wait_for_a_connection_is_bounded_and_leaves_the_pool_as_it_was(
+    dsn: str,
+) -> None:
+    pool = PointReadPool(dsn, max_size=1, wait_timeout=0.2)
+    try:
+        held, release = asyncio.Event(), asyncio.Event()
+        holder = asyncio.create_task(hold(pool, held, release))
+        await held.wait()
+        with pytest.raises(PoolTimeout, match=r"no database connection came free within 0\.2 s"):
+            await backend_pid(pool)
+        # an outage to the client (503, retry), and a timeout to batched reads
+        # (not asked again)
+        assert is_outage(PoolTimeout())
+        assert isinstance(PoolTimeout(), TimeoutError)
+        assert pool.waiting == 0
         release.set()
         await holder
         assert await asyncio.wait_for(backend_pid(pool), 10) > 0

@@ -40,13 +40,18 @@ from kit.tasks import every
 
 logger = logging.getLogger("kit.db")
 
-# Explicit constraint names, so Alembic can drop and alter them by name.
 CONNECT_TIMEOUT_SECONDS = 3.0
 """How long opening a PostgreSQL connection may take, name lookup included.
 Without it asyncpg waits 60 s, and a request during a database outage (a
 name the network's DNS no longer answers for, a host that does not reply)
 would hang instead of answering 503 at once."""
 
+POOL_TIMEOUT_SECONDS = 10.0
+"""How long a request waits its turn for a pooled connection, in the engine's
+pool and the point-read pool, before it is refused (503, retry): a slow or
+silent database must not gather requests whose clients gave up long ago."""
+
+# Explicit constraint names, so Alembic can drop and alter them by name.
 NAMING_CONVENTION = {
     "ix": "ix_%(column_0_label)s",
     "uq": "uq_%(table_name)s_%(column_0_N_name)s",
@@ -104,7 +109,7 @@ def make_engine(
         "pool_size": 10,
         "max_overflow": 10,
         "pool_recycle": 1800,
-        "pool_timeout": 10,
+        "pool_timeout": POOL_TIMEOUT_SECONDS,
         "connect_args": connect_args,
     }
     options.update(overrides)

@@ -20,8 +20,10 @@ so there is no session state to reset. What this pool keeps:
 - a lost connection (the database restarted) closes every idle one with it, as
   they died the same way, so a retry gets a new connection rather than another
   dead one;
-- waiters are served first come, first served; idle connections last in, first
-  out, so a quiet period keeps the same few warm.
+- waiters are served first come, first served, each for at most
+  `wait_timeout` (the engine's pool timeout, 10 s), then refused with
+  `PoolTimeout`; idle connections last in, first out, so a quiet period keeps
+  the same few warm.
 """
 
 from __future__ import annotations
@@ -36,7 +38,7 @@ from typing import Any
 
 import asyncpg
 
-from kit.db import CONNECT_TIMEOUT_SECONDS, asyncpg_dsn
+from kit.db import CONNECT_TIMEOUT_SECONDS, POOL_TIMEOUT_SECONDS, asyncpg_dsn
 from kit.lifespan import Parts
 from kit.pools import PoolUsage, observe_wait
 from kit.settings import DatabaseSettings
@@ -78,12 +80,27 @@ class PoolClosed(asyncpg.InterfaceError):  # type: ignore[misc] # asyncpg is unt
     """The pool was closed (the app is shutting down)."""
 
 
+class PoolTimeout(TimeoutError):
+    """No connection came free within the pool's wait: the database is slow or
+    silent, and a request that waited this long is better answered 503 (a
+    retry) than served after its client gave up. A timeout, so batched reads
+    do not ask again (kit.batching)."""
+
+
 class PointReadPool:
-    def __init__(self, dsn: str, *, max_size: int, **connect_options: Any) -> None:
+    def __init__(
+        self,
+        dsn: str,
+        *,
+        max_size: int,
+        wait_timeout: float = POOL_TIMEOUT_SECONDS,
+        **connect_options: Any,
+    ) -> None:
         if max_size < 1:
             raise ValueError("max_size must be at least 1")
         self._dsn = dsn
         self._max_size = max_size
+        self._wait_timeout = wait_timeout
         self._connect_options = {"timeout": CONNECT_TIMEOUT_SECONDS, **connect_options}
         self._idle: collections.deque[asyncpg.Connection] = collections.deque()
         # A waiter gets a connection, or None: a free slot to open one in.
@@ -144,7 +161,13 @@ class PointReadPool:
         # a connection in hand costs no clock read; a wait or a connect is timed
         started = time.perf_counter()
         if self._size >= self._max_size:
-            handed = await self._wait()
+            try:
+                async with asyncio.timeout(self._wait_timeout):
+                    handed = await self._wait()
+            except TimeoutError:
+                raise PoolTimeout(
+                    f"no database connection came free within {self._wait_timeout:g} s"
+                ) from None
             if handed is not None:
                 observe_wait("point_pool", started)
                 return handed
