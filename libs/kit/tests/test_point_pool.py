@@ -48,6 +48,14 @@ async def backend_pid(pool: PointReadPool) -> int:
         return pid
 
 
+async def let_go(pool: PointReadPool, release: asyncio.Event, holder: asyncio.Task[None]) -> None:
+    """Ends `hold`'s lease: the pool of one serves again, on its one connection."""
+    release.set()
+    await holder
+    assert await asyncio.wait_for(backend_pid(pool), 10) > 0
+    assert (pool.size, pool.idle) == (1, 1)
+
+
 async def test_opens_nothing_until_first_used_then_reuses_one_connection(
     pool: PointReadPool,
 ) -> None:
@@ -209,10 +217,7 @@ async def test_a_waiter_that_gives_up_takes_no_slot_with_it(dsn: str) -> None:
         impatient.cancel()
         with pytest.raises(asyncio.CancelledError):
             await impatient
-        release.set()
-        await holder
-        assert await asyncio.wait_for(backend_pid(pool), 10) > 0
-        assert (pool.size, pool.idle) == (1, 1)
+        await let_go(pool, release, holder)
     finally:
         await pool.close()
 
@@ -232,10 +237,7 @@ async def test_a_wait_for_a_connection_is_bounded_and_leaves_the_pool_as_it_was(
         assert is_outage(PoolTimeout())
         assert isinstance(PoolTimeout(), TimeoutError)
         assert pool.waiting == 0
-        release.set()
-        await holder
-        assert await asyncio.wait_for(backend_pid(pool), 10) > 0
-        assert (pool.size, pool.idle) == (1, 1)
+        await let_go(pool, release, holder)
     finally:
         await pool.close()
 
