@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import functools
 import json
 import os
 import re
@@ -36,11 +37,11 @@ import tempfile
 import textwrap
 import time
 import urllib.request
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
-from infra import cpu_seconds
+from infra import connections_per_worker, cpu_seconds
 
 PATH = "/catalog/ping"
 FLOOR_RELAY = Path(__file__).with_name("floor_relay.py")
@@ -177,9 +178,20 @@ _LATENCY = re.compile(r"^\s*(50|99)%\s+([\d.]+)(us|ms|s)\s*$", re.MULTILINE)
 _UNITS = {"us": 0.001, "ms": 1.0, "s": 1000.0}
 
 
-def wrk(url: str, *, connections: int, seconds: float) -> dict[str, float]:
-    command = ["wrk", "-t1", f"-c{connections}", f"-d{max(1, round(seconds))}s", "--latency", url]
-    output = subprocess.run(command, capture_output=True, text=True, check=True).stdout
+def wrk(
+    url: str, *, connections: int, seconds: float, midway: Callable[[], Any] | None = None
+) -> dict[str, Any]:
+    """One wrk run; `midway` is called halfway through it and its answer kept."""
+    duration = max(1, round(seconds))
+    command = ["wrk", "-t1", f"-c{connections}", f"-d{duration}s", "--latency", url]
+    with subprocess.Popen(command, stdout=subprocess.PIPE, text=True) as child:
+        seen = None
+        if midway is not None:
+            time.sleep(duration / 2)
+            seen = midway()
+        output, _ = child.communicate()
+    if child.returncode:
+        raise subprocess.CalledProcessError(child.returncode, command, output)
     rps_match = re.search(r"Requests/sec:\s+([\d.]+)", output)
     if rps_match is None:
         raise RuntimeError(f"unexpected wrk output:\n{output}")
@@ -192,6 +204,7 @@ def wrk(url: str, *, connections: int, seconds: float) -> dict[str, float]:
         "p50_ms": latency["50"],
         "p99_ms": latency["99"],
         "non_2xx": float(errors.group(1)) if errors else 0.0,
+        **({} if seen is None else {"midway": seen}),
     }
 
 
@@ -201,25 +214,38 @@ def measure(
     connections: int,
     seconds: float,
     rounds: int,
-) -> dict[str, dict[str, float]]:
+    workers: dict[str, int] | None = None,
+) -> dict[str, dict[str, Any]]:
     """Interleaved rounds (direct, gateway, nginx, direct, ...); the median round
     wins. A target is its URL and the process whose CPU time (its own and its
-    workers') it costs: the proxy's, the upstream's when it is loaded directly."""
-    runs: dict[str, list[dict[str, float]]] = {name: [] for name in targets}
+    workers') it costs: the proxy's, the upstream's when it is loaded directly.
+    For a target named in `workers` (with the port it listens on), how its
+    workers share the connections is looked at halfway through each round, and
+    every round is kept beside the median (`rounds`: that split and the rps
+    ratio to the same round's direct run)."""
+    runs: dict[str, list[dict[str, Any]]] = {name: [] for name in targets}
     for url, _ in targets.values():
         wrk(url, connections=connections, seconds=1)  # warm-up: connections, caches
     for _ in range(rounds):
         for name, (url, pid) in targets.items():
+            port = (workers or {}).get(name)
+            midway = None if port is None else functools.partial(connections_per_worker, pid, port)
             before = cpu_seconds(pid, descendants=True)
-            result = wrk(url, connections=connections, seconds=seconds)
+            result = wrk(url, connections=connections, seconds=seconds, midway=midway)
             after = cpu_seconds(pid, descendants=True)
             if before is not None and after is not None and result["requests"]:
                 result["cpu_us"] = (after - before) / result["requests"] * 1e6
             runs[name].append(result)
-    return {
-        name: sorted(results, key=lambda r: r["rps"])[len(results) // 2]
+    medians = {
+        name: dict(sorted(results, key=lambda r: r["rps"])[len(results) // 2])
         for name, results in runs.items()
     }
+    for name in workers or {}:
+        medians[name]["rounds"] = [
+            {"split": run.get("midway"), "rps_ratio": round(run["rps"] / direct["rps"], 3)}
+            for run, direct in zip(runs[name], runs["direct"], strict=True)
+        ]
+    return medians
 
 
 def main() -> None:
@@ -296,7 +322,11 @@ def main() -> None:
                     wait_until_answers(url)
                 for connections in (1, 32):
                     figures = measure(
-                        targets, connections=connections, seconds=args.seconds, rounds=args.rounds
+                        targets,
+                        connections=connections,
+                        seconds=args.seconds,
+                        rounds=args.rounds,
+                        workers={"gateway": gateway_port} if connections > 1 else None,
                     )
                     results["cases"].append(
                         {"upstream": upstream_kind, "connections": connections, **figures}
@@ -334,7 +364,7 @@ def report(results: dict[str, Any]) -> None:
                 f"{row['p50_ms']:>8.3f} {row['p99_ms']:>8.3f} {ratio:>10.2f} {added:>+8.3f}"
                 f" {'-' if cpu is None else f'{cpu:.0f}':>7}"
             )
-    goals = []
+    goals, notes = [], []
     for case in results["cases"]:
         gateway, nginx = case["gateway"], case["nginx"]
         single = case["gateway1"]
@@ -352,9 +382,17 @@ def report(results: dict[str, Any]) -> None:
                 f"nginx {nginx['rps_ratio']:.2f}x{_floor(case)}){_cpu_note(case)}"
             )
             goals.append((f"{label}: gateway >= {wanted}x direct rps", ratio >= wanted, figure))
+            if gateway.get("rounds"):
+                spread = ", ".join(
+                    f"{'/'.join(map(str, r['split'] or ['?']))} {r['rps_ratio']:.2f}x"
+                    for r in gateway["rounds"]
+                )
+                notes.append(f"{label}: each round's connections per worker, rps/direct: {spread}")
     print()
     for goal, met, figure in goals:
         print(f"[{'met' if met else 'MISSED'}] {goal}: {figure}")
+    for note in notes:
+        print(note)
     results["goals"] = [{"goal": goal, "met": met, "figure": figure} for goal, met, figure in goals]
 
 
