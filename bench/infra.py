@@ -36,20 +36,6 @@ def _children(pid: int) -> list[int]:
     return found
 
 
-def cpu_seconds(pid: int, *, descendants: bool = False) -> float | None:
-    """User + system CPU time of a process (with `descendants`, of every process
-    under it as well: a server's workers), from /proc; None where there is none."""
-    total = _ticks(pid)
-    if total is None:
-        return None
-    pending = _children(pid) if descendants else []
-    while pending:
-        child = pending.pop()
-        total += _ticks(child) or 0  # a worker gone meanwhile took its time along
-        pending += _children(child)
-    return total / CLOCK_TICKS
-
-
 def _descendants(pid: int) -> list[int]:
     found, pending = [], _children(pid)
     while pending:
@@ -57,6 +43,17 @@ def _descendants(pid: int) -> list[int]:
         found.append(child)
         pending += _children(child)
     return found
+
+
+def cpu_seconds(pid: int, *, descendants: bool = False) -> float | None:
+    """User + system CPU time of a process (with `descendants`, of every process
+    under it as well: a server's workers), from /proc; None where there is none."""
+    total = _ticks(pid)
+    if total is None:
+        return None
+    for child in _descendants(pid) if descendants else []:
+        total += _ticks(child) or 0  # a worker gone meanwhile took its time along
+    return total / CLOCK_TICKS
 
 
 def _socket_inodes(port: int) -> tuple[set[str], set[str]]:
