@@ -9,7 +9,9 @@ proxy, and through `floor_relay.py`, a relay on the same loop and parser as
 the gateway with nothing else in it (the floor of a relay in Python), at one
 connection and at 32. Each proxy's CPU time per request (all its processes)
 is reported beside its rps: the figure that does not depend on how the
-scheduler shared the cores.
+scheduler shared the cores. Beside them, the cores the upstream got and the
+cores the upstream, the proxy and wrk kept busy together: at 32 connections
+the upstream sets the pace, and the ratio follows its share.
 
     uv run python bench/gateway_bench.py --json /tmp/gateway.json
 
@@ -29,6 +31,7 @@ import functools
 import json
 import os
 import re
+import resource
 import shutil
 import socket
 import subprocess
@@ -184,12 +187,21 @@ def wrk(
     """One wrk run; `midway` is called halfway through it and its answer kept."""
     duration = max(1, round(seconds))
     command = ["wrk", "-t1", f"-c{connections}", f"-d{duration}s", "--latency", url]
+    children_before = resource.getrusage(resource.RUSAGE_CHILDREN)
+    started = time.monotonic()
     with subprocess.Popen(command, stdout=subprocess.PIPE, text=True) as child:
         seen = None
         if midway is not None:
             time.sleep(duration / 2)
             seen = midway()
         output, _ = child.communicate()
+    elapsed = time.monotonic() - started
+    # wrk is the one child reaped meanwhile: the servers run on until the end
+    children_after = resource.getrusage(resource.RUSAGE_CHILDREN)
+    wrk_cpu = sum(
+        getattr(children_after, field) - getattr(children_before, field)
+        for field in ("ru_utime", "ru_stime")
+    )
     if child.returncode:
         raise subprocess.CalledProcessError(child.returncode, command, output)
     rps_match = re.search(r"Requests/sec:\s+([\d.]+)", output)
@@ -204,6 +216,8 @@ def wrk(
         "p50_ms": latency["50"],
         "p99_ms": latency["99"],
         "non_2xx": float(errors.group(1)) if errors else 0.0,
+        "seconds": elapsed,
+        "wrk_cpu_seconds": wrk_cpu,
         **({} if seen is None else {"midway": seen}),
     }
 
@@ -215,14 +229,17 @@ def measure(
     seconds: float,
     rounds: int,
     workers: dict[str, int] | None = None,
+    upstream: int | None = None,
 ) -> dict[str, dict[str, Any]]:
     """Interleaved rounds (direct, gateway, nginx, direct, ...); the median round
     wins. A target is its URL and the process whose CPU time (its own and its
     workers') it costs: the proxy's, the upstream's when it is loaded directly.
-    For a target named in `workers` (with the port it listens on), how its
-    workers share the connections is looked at halfway through each round, and
-    every round is kept beside the median (`rounds`: that split and the rps
-    ratio to the same round's direct run)."""
+    With the `upstream` process, every round also keeps how many cores the
+    upstream got and how many the upstream, the proxy and wrk kept busy
+    together. For a target named in `workers` (with the port it listens on),
+    how its workers share the connections is looked at halfway through each
+    round, and every round is kept beside the median (`rounds`: that split and
+    the rps ratio to the same round's direct run)."""
     runs: dict[str, list[dict[str, Any]]] = {name: [] for name in targets}
     for url, _ in targets.values():
         wrk(url, connections=connections, seconds=1)  # warm-up: connections, caches
@@ -231,10 +248,18 @@ def measure(
             port = (workers or {}).get(name)
             midway = None if port is None else functools.partial(connections_per_worker, pid, port)
             before = cpu_seconds(pid, descendants=True)
+            upstream_before = None if upstream is None else cpu_seconds(upstream)
             result = wrk(url, connections=connections, seconds=seconds, midway=midway)
             after = cpu_seconds(pid, descendants=True)
+            upstream_after = None if upstream is None else cpu_seconds(upstream)
             if before is not None and after is not None and result["requests"]:
                 result["cpu_us"] = (after - before) / result["requests"] * 1e6
+            if upstream_before is not None and upstream_after is not None:
+                upstream_cpu = upstream_after - upstream_before
+                proxy_cpu = 0.0 if pid == upstream else (after or 0.0) - (before or 0.0)
+                busy = upstream_cpu + proxy_cpu + result["wrk_cpu_seconds"]
+                result["upstream_cores"] = upstream_cpu / result["seconds"]
+                result["busy_cores"] = busy / result["seconds"]
             runs[name].append(result)
     medians = {
         name: dict(sorted(results, key=lambda r: r["rps"])[len(results) // 2])
@@ -242,7 +267,12 @@ def measure(
     }
     for name in workers or {}:
         medians[name]["rounds"] = [
-            {"split": run.get("midway"), "rps_ratio": round(run["rps"] / direct["rps"], 3)}
+            {
+                "split": run.get("midway"),
+                "rps_ratio": round(run["rps"] / direct["rps"], 3),
+                "upstream_cores": run.get("upstream_cores"),
+                "busy_cores": run.get("busy_cores"),
+            }
             for run, direct in zip(runs[name], runs["direct"], strict=True)
         ]
     return medians
@@ -327,6 +357,7 @@ def main() -> None:
                         seconds=args.seconds,
                         rounds=args.rounds,
                         workers={"gateway": gateway_port} if connections > 1 else None,
+                        upstream=upstream.pid,
                     )
                     results["cases"].append(
                         {"upstream": upstream_kind, "connections": connections, **figures}
@@ -343,9 +374,11 @@ def report(results: dict[str, Any]) -> None:
     print("gateway: one worker per core (as the image runs it); gateway1: one worker;")
     print("floor: a relay on uvloop and httptools with nothing else in it (floor_relay.py)")
     print("cpu us: the proxy's CPU time per request, all its processes (direct: the upstream's)")
+    print(f"busy: cores the upstream, the proxy and wrk kept busy together (of {os.cpu_count()});")
+    print("up: the cores the upstream got")
     header = (
         f"{'upstream':<9} {'c':>3} {'path':<8} {'rps':>9} {'p50 ms':>8} {'p99 ms':>8} "
-        f"{'rps/direct':>10} {'+p50 ms':>8} {'cpu us':>7}"
+        f"{'rps/direct':>10} {'+p50 ms':>8} {'cpu us':>7} {'busy':>5} {'up':>5}"
     )
     print(header)
     print("-" * len(header))
@@ -363,11 +396,12 @@ def report(results: dict[str, Any]) -> None:
                 f"{case['upstream']:<9} {case['connections']:>3} {name:<8} {row['rps']:>9.0f} "
                 f"{row['p50_ms']:>8.3f} {row['p99_ms']:>8.3f} {ratio:>10.2f} {added:>+8.3f}"
                 f" {'-' if cpu is None else f'{cpu:.0f}':>7}"
+                f" {_cores(row.get('busy_cores')):>5} {_cores(row.get('upstream_cores')):>5}"
             )
     goals, notes = [], []
     for case in results["cases"]:
         gateway, nginx = case["gateway"], case["nginx"]
-        single = case["gateway1"]
+        single, direct = case["gateway1"], case["direct"]
         label = f"{case['upstream']}, c={case['connections']}"
         if case["connections"] == 1:
             # one connection measures latency; rps there is 1 / latency for every path
@@ -385,15 +419,41 @@ def report(results: dict[str, Any]) -> None:
             if gateway.get("rounds"):
                 spread = ", ".join(
                     f"{'/'.join(map(str, r['split'] or ['?']))} {r['rps_ratio']:.2f}x"
+                    f" {_cores(r.get('upstream_cores'))}/{_cores(r.get('busy_cores'))}"
                     for r in gateway["rounds"]
                 )
-                notes.append(f"{label}: each round's connections per worker, rps/direct: {spread}")
+                notes.append(
+                    f"{label}: each round's connections per worker, rps/direct, "
+                    f"cores the upstream got/cores busy: {spread}"
+                )
+            if direct.get("upstream_cores") is not None:
+                notes.append(f"{label}: {_pace(case)}")
     print()
     for goal, met, figure in goals:
         print(f"[{'met' if met else 'MISSED'}] {goal}: {figure}")
     for note in notes:
         print(note)
     results["goals"] = [{"goal": goal, "met": met, "figure": figure} for goal, met, figure in goals]
+
+
+def _cores(value: float | None) -> str:
+    return "-" if value is None else f"{value:.2f}"
+
+
+def _pace(case: dict[str, Any]) -> str:
+    """The upstream sets the pace at 32 connections: the cores it got through
+    each proxy beside the cores it got alone with wrk, and how busy the machine was."""
+    direct = case["direct"]
+    parts = [
+        f"{name} {_cores(case[name].get('upstream_cores'))} ({_cores(case[name].get('busy_cores'))}"
+        " busy)"
+        for name in PATHS[1:]
+        if name in case
+    ]
+    return (
+        f"the upstream got {_cores(direct.get('upstream_cores'))} cores loaded directly "
+        f"({_cores(direct.get('busy_cores'))} busy), through {', '.join(parts)}"
+    )
 
 
 def _floor(case: dict[str, Any]) -> str:
