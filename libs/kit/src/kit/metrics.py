@@ -1,12 +1,19 @@
 """Prometheus metrics: a pure-ASGI middleware that counts requests by route
 template, the process's own series (CPU, memory, file descriptors, garbage
-collections), and `/metrics`, behind HTTP Basic when credentials are configured."""
+collections), and `/metrics`, behind HTTP Basic when credentials are configured.
+
+A server whose worker processes share one listening socket (the gateway) has
+any of them answer a scrape. With `PROMETHEUS_MULTIPROC_DIR` set, each worker
+keeps its counts in that directory, and the answering worker reports them
+all (`AcrossWorkers`)."""
 
 from __future__ import annotations
 
+import os
 import secrets
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
+from pathlib import Path
 from typing import Annotated, Any
 
 from fastapi import APIRouter, Depends, Request, Response
@@ -22,6 +29,9 @@ from prometheus_client import (
     Histogram,
     generate_latest,
 )
+from prometheus_client.metrics_core import Metric
+from prometheus_client.multiprocess import MultiProcessCollector, mark_process_dead
+from prometheus_client.registry import Collector
 from starlette.routing import Match
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
@@ -47,7 +57,11 @@ class HttpMetrics:
             registry=registry,
         )
         self.in_flight = Gauge(
-            "http_requests_in_flight", "Requests being handled right now", registry=registry
+            "http_requests_in_flight",
+            "Requests being handled right now",
+            registry=registry,
+            # with several workers: the sum over the live ones (AcrossWorkers)
+            multiprocess_mode="livesum",
         )
         # process_* (CPU, memory, open files), python_gc_*, python_info: the
         # process-wide collectors, in this app's registry too
@@ -121,6 +135,88 @@ def require_metrics_credentials(
     )
     if not (user_ok and password_ok):
         raise Unauthenticated("Wrong metrics credentials", scheme="Basic")
+
+
+WORKERS_DIRECTORY = "PROMETHEUS_MULTIPROC_DIR"
+_SUMMED = frozenset({"counter", "histogram"})
+_GROWING = frozenset({"counter", "histogram", "summary"})
+
+
+class AcrossWorkers(Collector):
+    """What a scrape reports for a server of several worker processes, any of
+    which may answer it (prometheus_client's multiprocess mode: each worker's
+    counts in a file of its own in `directory`):
+
+    - counters and histograms: summed over every worker that ran, a dead
+      one's counts kept, so a series never goes back when the next scrape
+      reaches another worker or a worker is replaced;
+    - gauges declared with a summing `multiprocess_mode` ("livesum"): summed
+      over the live workers, a dead one's dropped;
+    - everything else is the answering worker's own, read now: gauges set
+      at scrape time (pool sizes), what custom collectors report. Its own
+      counters among them (process CPU, garbage collections) carry its `pid`,
+      so that each worker's series only grows.
+    """
+
+    def __init__(self, registry: CollectorRegistry, directory: str | Path) -> None:
+        self.registry = registry
+        self.directory = str(directory)
+
+    def collect(self) -> Iterable[Metric]:
+        forget_dead_workers(self.directory)
+        shared: dict[str, Metric] = {}
+        for family in MultiProcessCollector(None, self.directory).collect():
+            # a gauge left per process ("all", the default) has a pid label
+            if family.type in _SUMMED or (
+                family.type == "gauge" and not any("pid" in s.labels for s in family.samples)
+            ):
+                shared[family.name] = family
+        yield from shared.values()
+        pid = str(os.getpid())
+        for family in self.registry.collect():
+            if family.name in shared:
+                continue
+            if family.type in _GROWING:
+                family = _with_label(family, "pid", pid)
+            yield family
+
+
+def _with_label(family: Metric, name: str, value: str) -> Metric:
+    labelled = Metric(family.name, family.documentation, family.type, family.unit)
+    for sample in family.samples:
+        labelled.add_sample(
+            sample.name, {**sample.labels, name: value}, sample.value, sample.timestamp
+        )
+    return labelled
+
+
+def forget_dead_workers(directory: str) -> None:
+    """Drops the live-summed gauges of workers that have exited."""
+    for file in Path(directory).glob("gauge_live*_*.db"):
+        pid = file.stem.rsplit("_", 1)[1]
+        if pid.isdigit() and not _alive(int(pid)):
+            mark_process_dead(int(pid), directory)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True  # someone else's: alive
+    return True
+
+
+def exposed(registry: CollectorRegistry) -> CollectorRegistry:
+    """What `/metrics` reports: `registry`, or, with `PROMETHEUS_MULTIPROC_DIR`
+    set (several workers), every worker's counts through `AcrossWorkers`."""
+    directory = os.environ.get(WORKERS_DIRECTORY)
+    if not directory:
+        return registry
+    across = CollectorRegistry()
+    across.register(AcrossWorkers(registry, directory))
+    return across
 
 
 Sampler = Callable[[Any], None]
