@@ -14,6 +14,7 @@ from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 
 import httpx
+from prometheus_client.parser import text_string_to_metric_families
 
 from .conftest import dead_url, running_upstream
 
@@ -64,9 +65,12 @@ def open_files_limit(pid: int) -> tuple[str, str]:
 
 
 @contextlib.contextmanager
-def gateway_process(port: int, redis_url: str, catalog: str) -> Iterator[subprocess.Popen[bytes]]:
+def gateway_process(
+    port: int, redis_url: str, catalog: str, **more: str
+) -> Iterator[subprocess.Popen[bytes]]:
     env = {
         **os.environ,
+        **more,
         "WORKERS": "2",
         "UVICORN_HOST": "127.0.0.1",
         "UVICORN_PORT": str(port),
@@ -170,6 +174,98 @@ async def test_every_worker_serves_and_a_dead_one_is_replaced(redis_url: str) ->
     assert upstream.hits > 0
 
 
+def scraped(text: str) -> tuple[float, str]:
+    """The count of proxied catalog GETs answered 200 a scrape reports, and
+    the worker that answered it (the pid on its own process counters)."""
+    count, answered_by = 0.0, ""
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            if sample.name == "http_requests_total" and sample.labels == {
+                "method": "GET",
+                "route": "catalog",
+                "status": "200",
+            }:
+                count = sample.value
+            if sample.name == "process_cpu_seconds_total":
+                answered_by = sample.labels.get("pid", "")
+    return count, answered_by
+
+
+async def test_a_scrape_reports_every_workers_requests_whichever_worker_answers(
+    redis_url: str, tmp_path: Path
+) -> None:
+    """Each worker keeps its counts in the shared directory, emptied at start;
+    any worker's scrape reports the sum, a dead worker's counts included."""
+    from prometheus_client.mmap_dict import MmapedDict, mmap_key
+
+    from kit_testing import free_port
+
+    directory = tmp_path / "metrics"
+    directory.mkdir()
+    # an earlier run's counts, left in the directory: not this run's
+    earlier = MmapedDict(str(directory / "counter_1.db"))
+    labels = ["route", "method", "status"], ["catalog", "GET", "200"]
+    earlier.write_value(
+        mmap_key("http_requests", "http_requests_total", *labels, "help"), 1000.0, 0.0
+    )
+    earlier.close()
+    port = free_port()
+    base_url = f"http://127.0.0.1:{port}"
+    sent = 0
+
+    async def get(client: httpx.AsyncClient) -> None:
+        nonlocal sent
+        assert (await client.get("/catalog/echo")).status_code == 200
+        sent += 1
+
+    async def every_worker_reports_all(workers: list[int]) -> None:
+        """Scrapes on new connections until each worker has answered one with
+        every request sent so far (a count lands just after its answer)."""
+        reported: set[str] = set()
+
+        async def all_reported() -> bool:
+            async with httpx.AsyncClient(base_url=base_url) as fresh:
+                count, answered_by = scraped((await fresh.get("/metrics")).text)
+            assert count <= sent
+            if count == sent:
+                reported.add(answered_by)
+            return reported == {str(pid) for pid in workers}
+
+        await wait_for("every worker's scrape reporting every request", all_reported)
+
+    async with running_upstream("one") as (_, upstream_url):
+        with gateway_process(
+            port, redis_url, upstream_url, PROMETHEUS_MULTIPROC_DIR=str(directory)
+        ) as supervisor:
+            async with keep_alive_clients(base_url) as clients:
+
+                async def both_serve() -> bool:
+                    client = httpx.AsyncClient(base_url=base_url)
+                    clients.append(client)
+                    await get(client)
+                    workers = children(supervisor.pid)
+                    return len(workers) == 2 and all(
+                        established_sockets(pid, port) > 0 for pid in workers
+                    )
+
+                await wait_for("requests on both workers", both_serve)
+                for client in clients:
+                    await get(client)
+            workers = children(supervisor.pid)
+            await every_worker_reports_all(workers)
+
+            # a killed worker's counts stay in the sum
+            os.kill(workers[0], signal.SIGKILL)
+
+            async def replaced() -> bool:
+                now = children(supervisor.pid)
+                return len(now) == 2 and workers[0] not in now
+
+            await wait_for("the dead worker replaced", replaced)
+            await every_worker_reports_all(children(supervisor.pid))
+    assert sent >= 4
+
+
 def cgroup(tmp_path: Path, files: dict[str, str]) -> Path:
     for name, text in files.items():
         (tmp_path / name).parent.mkdir(parents=True, exist_ok=True)
@@ -229,3 +325,30 @@ def test_the_listening_socket_queues_a_reconnect_storm() -> None:
 
     assert backlog(uvicorn_arguments(Settings(workers=1), {})) == 4096
     assert backlog(uvicorn_arguments(Settings(workers=1, listen_backlog=8192), {})) == 8192
+
+
+def test_the_workers_metrics_directory_is_fresh_and_goes_with_the_gateway(tmp_path: Path) -> None:
+    from gateway.__main__ import shared_metrics
+
+    environ: dict[str, str] = {}
+    with shared_metrics(1, environ) as directory:
+        assert directory is None  # one worker: its own registry
+        assert environ == {}
+    with shared_metrics(2, environ) as directory:
+        assert directory is not None
+        assert environ["PROMETHEUS_MULTIPROC_DIR"] == str(directory)
+        (directory / "counter_1.db").write_bytes(b"")
+    assert not directory.exists()
+    assert environ == {}
+
+    # the operator's directory: kept, emptied of an earlier run's counts
+    chosen = tmp_path / "metrics"
+    chosen.mkdir()
+    (chosen / "counter_1.db").write_bytes(b"")
+    (chosen / "notes.txt").write_text("not ours")
+    environ = {"PROMETHEUS_MULTIPROC_DIR": str(chosen)}
+    with shared_metrics(1, environ) as directory:
+        assert directory == chosen
+        assert not (chosen / "counter_1.db").exists()
+    assert (chosen / "notes.txt").exists()
+    assert environ == {"PROMETHEUS_MULTIPROC_DIR": str(chosen)}

@@ -13,18 +13,28 @@ holds two descriptors (client and upstream), so the default soft limit of
 given in the environment as `UVICORN_<OPTION>` (e.g. `UVICORN_WS_MAX_SIZE`).
 Per-message deflate is off unless `UVICORN_WS_PER_MESSAGE_DEFLATE=true`:
 every browser offers it, and it costs about 50 KiB of zlib state a socket.
+
+With more than one worker, a scrape of `/metrics` reaches any of them, so each
+keeps its counts in a directory they share (`PROMETHEUS_MULTIPROC_DIR`: the
+operator's, emptied at start, or a new one under the temporary directory,
+removed at the end) and the answering one reports every worker's
+(`kit.metrics.AcrossWorkers`).
 """
 
 from __future__ import annotations
 
+import contextlib
 import math
 import os
-from collections.abc import Mapping
+import shutil
+import tempfile
+from collections.abc import Iterator, Mapping, MutableMapping
 from pathlib import Path
 
 from uvicorn.main import main as uvicorn_main
 
 from gateway.config import Settings
+from kit.metrics import WORKERS_DIRECTORY
 from kit.process import raise_open_file_limit
 
 CGROUP = Path("/sys/fs/cgroup")
@@ -101,9 +111,39 @@ def uvicorn_arguments(settings: Settings, environ: Mapping[str, str] = os.enviro
     ]
 
 
+@contextlib.contextmanager
+def shared_metrics(
+    workers: int, environ: MutableMapping[str, str] = os.environ
+) -> Iterator[Path | None]:
+    """The directory where the workers keep their counts, set in the
+    environment they inherit: the operator's `PROMETHEUS_MULTIPROC_DIR`,
+    emptied of an earlier run's counts, else, for more than one worker, a new
+    one removed at the end. None: one worker, its own registry."""
+    given = environ.get(WORKERS_DIRECTORY)
+    if given:
+        directory = Path(given)
+        directory.mkdir(parents=True, exist_ok=True)
+        for stale in directory.glob("*.db"):
+            stale.unlink()
+        yield directory
+        return
+    if workers <= 1:
+        yield None
+        return
+    directory = Path(tempfile.mkdtemp(prefix="gateway-metrics-"))
+    environ[WORKERS_DIRECTORY] = str(directory)
+    try:
+        yield directory
+    finally:
+        environ.pop(WORKERS_DIRECTORY, None)
+        shutil.rmtree(directory, ignore_errors=True)
+
+
 def main() -> None:
     raise_open_file_limit()
-    uvicorn_main(args=uvicorn_arguments(Settings()), prog_name="uvicorn")
+    settings = Settings()
+    with shared_metrics(worker_count(settings.workers)):
+        uvicorn_main(args=uvicorn_arguments(settings), prog_name="uvicorn")
 
 
 if __name__ == "__main__":

@@ -42,7 +42,7 @@ from kit.errors import install_problem_handlers
 from kit.health import VERIFIER_CHECKS, Degraded, health_router
 from kit.heap import settled_heap
 from kit.logs import configure_logging
-from kit.metrics import MetricsMiddleware, metrics_router
+from kit.metrics import MetricsMiddleware, exposed, metrics_router
 from kit.middleware import RequestIdMiddleware, TimingMiddleware, TrustedHostMiddleware
 from kit.observe import ROUTE_TEMPLATE_KEY
 from kit.openapi import describe_problems
@@ -245,7 +245,14 @@ def build_api(runtime: Runtime) -> FastAPI:
     api.include_router(
         health_router({}, optional={**VERIFIER_CHECKS, "rate_limits": check_rate_limits})
     )
-    api.include_router(metrics_router(runtime.registry, samplers=(runtime.metrics.pools.sample,)))
+    # with several workers, a scrape reports them all (kit.metrics.AcrossWorkers);
+    # the answering worker's tally goes in first
+    api.include_router(
+        metrics_router(
+            exposed(runtime.registry),
+            samplers=(lambda state: runtime.metrics.flush(), runtime.metrics.pools.sample),
+        )
+    )
 
     def own_spec() -> dict[str, Any]:
         return describe_problems(get_openapi(title=api.title, version="1", routes=api.routes))

@@ -32,6 +32,8 @@ from kit.tasks import cancel_and_wait, every
 logger = logging.getLogger("gateway.runtime")
 
 ROUTE_NAMES = ("auth", "catalog", "chat")
+METRICS_FLUSH_SECONDS = 1.0
+"""How often the request path's tally goes into the metrics (gateway.metrics)."""
 
 
 class ForwardedRequest(aiohttp.ClientRequest):
@@ -175,6 +177,7 @@ class Runtime:
             timeout_seconds=settings.health_check_timeout_seconds,
         )
         self._tasks.append(asyncio.create_task(self.loop_watch.run()))
+        self._tasks.append(asyncio.create_task(self._flush_metrics()))
         # the first membership and probe round before the first request
         await asyncio.gather(*(self.discover(route.pool) for route in self.routes.values()))
         for route in self.routes.values():
@@ -223,10 +226,23 @@ class Runtime:
             traceback=True,
         )
 
+    async def _flush_metrics(self) -> None:
+        async def flush() -> None:
+            self.metrics.flush()
+
+        await every(
+            METRICS_FLUSH_SECONDS,
+            flush,
+            log=logger,
+            failed="adding the request path's counts to the metrics failed",
+            traceback=True,
+        )
+
     async def stop(self) -> None:
         # all at once, and never for good on a lost cancellation
         await asyncio.gather(*(cancel_and_wait(task) for task in self._tasks))
         self._tasks.clear()
+        self.metrics.flush()
         for route in self.routes.values():
             await route.pool.stop_looking()
         # Sockets still open (a server that does not close them itself): 1012,
