@@ -20,6 +20,7 @@ from typing import Any
 
 import httpx
 import yaml
+from prometheus_client.parser import text_string_to_metric_families
 from websockets.asyncio.client import ClientConnection
 
 from kit_testing.otlp_receiver import OtlpReceiver, ReceivedSpan
@@ -320,3 +321,49 @@ async def test_every_series_the_dashboard_queries_is_exported_by_the_stack(
         for name in metric_names(expression)
     }
     assert wanted - exported == set()
+
+
+def catalog_gets_and_worker(exposition: str) -> tuple[float, str]:
+    """Proxied catalog GETs answered 200 that a gateway scrape reports, and the
+    worker that answered it (the pid on its own process counters)."""
+    count, worker = 0.0, ""
+    for family in text_string_to_metric_families(exposition):
+        for sample in family.samples:
+            labels = sample.labels
+            if sample.name == "http_requests_total" and labels == {
+                "route": "catalog",
+                "method": "GET",
+                "status": "200",
+            }:
+                count = sample.value
+            elif sample.name == "process_cpu_seconds_total":
+                worker = labels.get("pid", "")
+    return count, worker
+
+
+async def test_whichever_gateway_worker_answers_a_scrape_it_counts_every_workers_requests(
+    stack: Stack,
+) -> None:
+    """The gateway runs a worker per core on one port; a scrape, like a
+    request, reaches any of them."""
+
+    async def scraped() -> tuple[float, str]:
+        async with httpx.AsyncClient(base_url=stack.base_url, timeout=20) as fresh:
+            return catalog_gets_and_worker((await fresh.get("/metrics")).text)
+
+    before, _ = await scraped()
+    sent = 40
+    for _ in range(sent):  # each on a new connection: the workers share them
+        async with httpx.AsyncClient(base_url=stack.base_url, timeout=20) as fresh:
+            response = await fresh.get("/catalog/products", params={"limit": 1})
+            assert response.status_code == 200
+    workers = min(2, os.cpu_count() or 1)
+    counted_all: set[str] = set()
+    deadline = time.monotonic() + TRACE_DEADLINE_SECONDS
+    while len(counted_all) < workers:
+        count, worker = await scraped()
+        if count >= before + sent:
+            counted_all.add(worker)
+        assert time.monotonic() < deadline, (counted_all, count, before + sent)
+        await asyncio.sleep(0.1)
+    assert "" not in counted_all
