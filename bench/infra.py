@@ -15,6 +15,7 @@ from pathlib import Path
 from testcontainers.core.container import DockerContainer
 
 from kit_testing import postgres_container, redis_container
+from kit_testing.running import held_sockets, port_sockets
 
 CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
 
@@ -56,34 +57,14 @@ def cpu_seconds(pid: int, *, descendants: bool = False) -> float | None:
     return total / CLOCK_TICKS
 
 
-def _socket_inodes(port: int) -> tuple[set[str], set[str]]:
-    """Socket inodes on a local TCP port: (listening, accepted connections)."""
-    listening: set[str] = set()
-    accepted: set[str] = set()
-    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
-        with contextlib.suppress(OSError):
-            for line in Path(table).read_text().splitlines()[1:]:
-                fields = line.split()
-                # local address "ADDR:PORT" in hex; state 0A is LISTEN, 01 ESTABLISHED
-                if int(fields[1].rsplit(":", 1)[1], 16) == port:
-                    {"0A": listening, "01": accepted}.get(fields[3], set()).add(fields[9])
-    return listening, accepted
-
-
 def connections_per_worker(pid: int, port: int) -> list[int]:
     """How many of the connections accepted on `port` each worker under `pid`
     holds (a worker: a process with the listening socket), largest first: how
     evenly the workers share them."""
-    listening, accepted = _socket_inodes(port)
+    listening, accepted = port_sockets(port)
     counts = []
     for process in _descendants(pid):
-        held: set[str] = set()
-        with contextlib.suppress(OSError):
-            for fd in Path(f"/proc/{process}/fd").iterdir():
-                with contextlib.suppress(OSError):
-                    target = os.readlink(fd)
-                    if target.startswith("socket:["):
-                        held.add(target[8:-1])
+        held = held_sockets(process)
         if held & listening:
             counts.append(len(held & accepted))
     return sorted(counts, reverse=True)

@@ -14,7 +14,8 @@ from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 
 import httpx
-from prometheus_client.parser import text_string_to_metric_families
+
+from kit_testing.running import count_and_worker, held_sockets, port_sockets
 
 from .conftest import dead_url, running_upstream
 
@@ -38,22 +39,8 @@ def children(pid: int) -> list[int]:
 
 def established_sockets(pid: int, port: int) -> int:
     """Connections to `port` accepted by process `pid` and still open."""
-    inodes = set()
-    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
-        with contextlib.suppress(OSError):
-            for line in Path(table).read_text().splitlines()[1:]:
-                fields = line.split()
-                local_port = int(fields[1].rsplit(":", 1)[1], 16)
-                if local_port == port and fields[3] == "01":  # ESTABLISHED
-                    inodes.add(fields[9])
-    count = 0
-    with contextlib.suppress(OSError):
-        for fd in Path(f"/proc/{pid}/fd").iterdir():
-            with contextlib.suppress(OSError):
-                target = os.readlink(fd)
-                if target.startswith("socket:[") and target[8:-1] in inodes:
-                    count += 1
-    return count
+    _, established = port_sockets(port)
+    return len(held_sockets(pid) & established)
 
 
 def open_files_limit(pid: int) -> tuple[str, str]:
@@ -176,19 +163,10 @@ async def test_every_worker_serves_and_a_dead_one_is_replaced(redis_url: str) ->
 
 def scraped(text: str) -> tuple[float, str]:
     """The count of proxied catalog GETs answered 200 a scrape reports, and
-    the worker that answered it (the pid on its own process counters)."""
-    count, answered_by = 0.0, ""
-    for family in text_string_to_metric_families(text):
-        for sample in family.samples:
-            if sample.name == "http_requests_total" and sample.labels == {
-                "method": "GET",
-                "route": "catalog",
-                "status": "200",
-            }:
-                count = sample.value
-            if sample.name == "process_cpu_seconds_total":
-                answered_by = sample.labels.get("pid", "")
-    return count, answered_by
+    the worker that answered it."""
+    return count_and_worker(
+        text, "http_requests_total", {"method": "GET", "route": "catalog", "status": "200"}
+    )
 
 
 async def test_a_scrape_reports_every_workers_requests_whichever_worker_answers(

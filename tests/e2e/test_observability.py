@@ -20,10 +20,10 @@ from typing import Any
 
 import httpx
 import yaml
-from prometheus_client.parser import text_string_to_metric_families
 from websockets.asyncio.client import ClientConnection
 
 from kit_testing.otlp_receiver import OtlpReceiver, ReceivedSpan
+from kit_testing.running import count_and_worker
 
 from .conftest import ADMIN_EMAIL, ADMIN_PASSWORD, ROOT, Stack
 from .helpers import bearer, login, open_socket, receive_json, receive_messages, register
@@ -323,24 +323,6 @@ async def test_every_series_the_dashboard_queries_is_exported_by_the_stack(
     assert wanted - exported == set()
 
 
-def catalog_gets_and_worker(exposition: str) -> tuple[float, str]:
-    """Proxied catalog GETs answered 200 that a gateway scrape reports, and the
-    worker that answered it (the pid on its own process counters)."""
-    count, worker = 0.0, ""
-    for family in text_string_to_metric_families(exposition):
-        for sample in family.samples:
-            labels = sample.labels
-            if sample.name == "http_requests_total" and labels == {
-                "route": "catalog",
-                "method": "GET",
-                "status": "200",
-            }:
-                count = sample.value
-            elif sample.name == "process_cpu_seconds_total":
-                worker = labels.get("pid", "")
-    return count, worker
-
-
 async def test_whichever_gateway_worker_answers_a_scrape_it_counts_every_workers_requests(
     stack: Stack,
 ) -> None:
@@ -349,7 +331,11 @@ async def test_whichever_gateway_worker_answers_a_scrape_it_counts_every_workers
 
     async def scraped() -> tuple[float, str]:
         async with httpx.AsyncClient(base_url=stack.base_url, timeout=20) as fresh:
-            return catalog_gets_and_worker((await fresh.get("/metrics")).text)
+            return count_and_worker(
+                (await fresh.get("/metrics")).text,
+                "http_requests_total",
+                {"route": "catalog", "method": "GET", "status": "200"},
+            )
 
     before, _ = await scraped()
     sent = 40
