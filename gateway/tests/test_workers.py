@@ -1,5 +1,5 @@
 """`python -m gateway` (the image's command): worker processes, each a
-complete gateway on the one listening socket, restarted when one dies."""
+complete gateway on a listening socket of its own, restarted when one dies."""
 
 from __future__ import annotations
 
@@ -14,6 +14,7 @@ from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 
 import httpx
+import pytest
 
 from kit_testing.running import count_and_worker, held_sockets, port_sockets
 
@@ -41,6 +42,18 @@ def established_sockets(pid: int, port: int) -> int:
     """Connections to `port` accepted by process `pid` and still open."""
     _, established = port_sockets(port)
     return len(held_sockets(pid) & established)
+
+
+def queued(port: int) -> int:
+    """Connections made to `port` and waiting in a listening socket's queue
+    (`/proc/net/tcp` gives a listening socket's queue as its rx_queue)."""
+    waiting = 0
+    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+        for line in Path(table).read_text().splitlines()[1:]:
+            fields = line.split()
+            if int(fields[1].rsplit(":", 1)[1], 16) == port and fields[3] == "0A":
+                waiting += int(fields[4].split(":")[1], 16)
+    return waiting
 
 
 def open_files_limit(pid: int) -> tuple[str, str]:
@@ -121,7 +134,7 @@ async def test_every_worker_serves_and_a_dead_one_is_replaced(redis_url: str) ->
                     soft, hard = open_files_limit(worker)
                     assert soft == hard, (worker, soft, hard)
 
-                # new connections reach both workers (one listening socket)
+                # new connections reach both workers
                 async with keep_alive_clients(base_url) as clients:
 
                     async def both_hold_connections() -> bool:
@@ -159,6 +172,116 @@ async def test_every_worker_serves_and_a_dead_one_is_replaced(redis_url: str) ->
 
                     await wait_for("the replacement serving", replacement_serves)
     assert upstream.hits > 0
+
+
+BURST = 64
+
+
+async def test_connections_are_spread_over_the_workers_even_while_one_is_busy(
+    redis_url: str,
+) -> None:
+    """Each worker has a listening socket of its own, and the kernel hashes
+    each new connection to one of them. On one shared socket, connections
+    that arrived while a worker was busy (stopped here) all went to the
+    other, and keep-alive connections stay where they land."""
+    from kit_testing import free_port
+
+    port = free_port()
+    base_url = f"http://127.0.0.1:{port}"
+    async with running_upstream("one") as (_, upstream_url):
+        with gateway_process(port, redis_url, upstream_url) as supervisor:
+            async with httpx.AsyncClient(base_url=base_url) as http:
+
+                async def serving() -> bool:
+                    ok = (await http.get("/catalog/echo")).status_code == 200
+                    return ok and len(children(supervisor.pid)) == 2
+
+                await wait_for("two workers serving", serving)
+            workers = children(supervisor.pid)
+            listening, _ = port_sockets(port)
+            assert len(listening) == 2
+            assert [len(held_sockets(pid) & listening) for pid in workers] == [1, 1]
+
+            async with keep_alive_clients(base_url) as clients:
+                clients.extend(
+                    httpx.AsyncClient(base_url=base_url, timeout=DEADLINE) for _ in range(BURST)
+                )
+                os.kill(workers[0], signal.SIGSTOP)
+                try:
+                    answers = asyncio.gather(*(c.get("/catalog/echo") for c in clients))
+
+                    async def all_connected() -> bool:
+                        accepted = established_sockets(workers[1], port)
+                        return accepted + queued(port) == BURST
+
+                    await wait_for("the burst's connections made", all_connected)
+                finally:
+                    os.kill(workers[0], signal.SIGCONT)
+                assert [a.status_code for a in await answers] == [200] * BURST
+                held = [established_sockets(pid, port) for pid in workers]
+    assert sum(held) == BURST
+    # 64 fair coin tosses give fewer than 16 on one side about once in 50,000
+    assert min(held) >= BURST // 4, held
+
+
+def sockets_of(supervisor: int, port: int) -> tuple[set[str], list[set[str]]]:
+    """The port's listening sockets, and those each worker serves."""
+    listening, _ = port_sockets(port)
+    return listening, [held_sockets(pid) & listening for pid in children(supervisor)]
+
+
+async def test_workers_added_taken_away_and_replaced_each_serve_a_socket_of_their_own(
+    redis_url: str,
+) -> None:
+    """uvicorn's signals keep working: SIGTTIN adds a worker (and a socket),
+    SIGTTOU takes one away (and its socket), SIGHUP replaces every worker,
+    each new one serving its predecessor's socket; requests are answered
+    throughout."""
+    from kit_testing import free_port
+
+    port = free_port()
+    base_url = f"http://127.0.0.1:{port}"
+    failures = 0
+
+    async def served(http: httpx.AsyncClient) -> bool:
+        nonlocal failures
+        ok = (await http.get("/catalog/echo")).status_code == 200
+        failures += not ok
+        return ok
+
+    def one_socket_each(supervisor: int, workers: int) -> bool:
+        listening, served_by_each = sockets_of(supervisor, port)
+        return (
+            len(listening) == workers
+            and len(served_by_each) == workers
+            and all(len(socket) == 1 for socket in served_by_each)
+            and set().union(*served_by_each) == listening
+        )
+
+    async with running_upstream("one") as (_, upstream_url):
+        with gateway_process(port, redis_url, upstream_url) as supervisor:
+            async with httpx.AsyncClient(base_url=base_url) as http:
+
+                async def serving(workers: int) -> bool:
+                    return await served(http) and one_socket_each(supervisor.pid, workers)
+
+                await wait_for("two workers serving", lambda: serving(2))
+                failures = 0
+                os.kill(supervisor.pid, signal.SIGTTIN)
+                await wait_for("a third worker", lambda: serving(3))
+                os.kill(supervisor.pid, signal.SIGTTOU)
+                await wait_for("back to two workers", lambda: serving(2))
+                before = set(children(supervisor.pid))
+                listening_before, _ = sockets_of(supervisor.pid, port)
+                os.kill(supervisor.pid, signal.SIGHUP)
+
+                async def replaced() -> bool:
+                    now = set(children(supervisor.pid))
+                    return await serving(2) and not now & before
+
+                await wait_for("both workers replaced", replaced)
+                assert sockets_of(supervisor.pid, port)[0] == listening_before
+    assert failures == 0
 
 
 def scraped(text: str) -> tuple[float, str]:
@@ -290,6 +413,24 @@ def test_the_lean_websocket_protocol_and_no_deflate_unless_the_environment_says_
     )
     assert "--ws" not in chosen
     assert "--ws-per-message-deflate" not in chosen
+
+
+def test_the_supervisors_config_is_the_one_uvicorns_command_line_makes(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """With several workers the gateway's own supervisor runs them, on the
+    options uvicorn would have taken: its arguments and `UVICORN_*`."""
+    from gateway.__main__ import uvicorn_arguments, uvicorn_config
+    from gateway.config import Settings
+
+    monkeypatch.setenv("UVICORN_WS_MAX_SIZE", "65536")
+    arguments = uvicorn_arguments(Settings(workers=3, listen_backlog=512), {})
+    config = uvicorn_config([*arguments, "--header", "x-served-by:gateway"])
+    assert (config.workers, config.backlog, config.host, config.port) == (3, 512, "0.0.0.0", 8000)
+    assert config.ws == "kit.websocket:WebSocketProtocol"
+    assert config.timeout_worker_healthcheck == 30
+    assert config.ws_max_size == 65536
+    assert [list(header) for header in config.headers] == [["x-served-by", "gateway"]]
 
 
 def test_the_listening_socket_queues_a_reconnect_storm() -> None:

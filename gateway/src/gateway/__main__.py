@@ -3,7 +3,9 @@ and one worker process per core (`WORKERS`, 0 = one per usable core).
 
 Each worker is a complete gateway: it imports the app, runs its own lifespan
 (upstream session, health probes, DNS refresh, token verifier) and takes
-connections from the one listening socket the supervisor binds. What must be
+connections from a listening socket of its own, which the supervisor binds
+and keeps (`gateway.supervisor`: the kernel spreads new connections over the
+workers' sockets, and a dead worker's goes to its replacement). What must be
 shared between workers already lives in Redis (rate limits, revocations);
 the per-address connection cap of `gateway.edge` is counted per worker.
 
@@ -27,13 +29,16 @@ import contextlib
 import math
 import os
 import shutil
+import sys
 import tempfile
 from collections.abc import Iterator, Mapping, MutableMapping
 from pathlib import Path
 
+from uvicorn.config import LOGGING_CONFIG, Config
 from uvicorn.main import main as uvicorn_main
 
 from gateway.config import Settings
+from gateway.supervisor import Supervisor, reuse_port_supported
 from kit.metrics import WORKERS_DIRECTORY
 from kit.process import raise_open_file_limit
 
@@ -139,11 +144,35 @@ def shared_metrics(
         shutil.rmtree(directory, ignore_errors=True)
 
 
+def uvicorn_config(arguments: list[str]) -> Config:
+    """The `Config` uvicorn's command line would make of `arguments` (and of
+    the `UVICORN_*` environment), as its `main` turns them into `run`'s."""
+    with uvicorn_main.make_context("uvicorn", list(arguments)) as context:
+        options = dict(context.params)
+    app_dir = options.pop("app_dir")
+    if app_dir is not None:
+        sys.path.insert(0, app_dir)
+    if options["log_config"] is None:
+        options["log_config"] = LOGGING_CONFIG
+    options["headers"] = [header.split(":", 1) for header in options["headers"]]
+    for listed in ("reload_dirs", "reload_includes", "reload_excludes"):
+        options[listed] = options[listed] or None
+    return Config(**options)
+
+
 def main() -> None:
     raise_open_file_limit()
     settings = Settings()
-    with shared_metrics(worker_count(settings.workers)):
-        uvicorn_main(args=uvicorn_arguments(settings), prog_name="uvicorn")
+    arguments = uvicorn_arguments(settings)
+    workers = worker_count(settings.workers)
+    with shared_metrics(workers):
+        if workers > 1:
+            config = uvicorn_config(arguments)
+            if reuse_port_supported(config) and not config.reload:
+                Supervisor(config).run()
+                return
+        # one worker, or no SO_REUSEPORT: uvicorn as it comes
+        uvicorn_main(args=arguments, prog_name="uvicorn")
 
 
 if __name__ == "__main__":

@@ -60,10 +60,11 @@ class Settings(ServiceSettings):
     health_check_path: str = "/readyz"
 
     # Worker processes of `python -m gateway` (the image's command), each a
-    # complete gateway on the one listening socket; 0 = one per usable core.
+    # complete gateway on a listening socket of its own (SO_REUSEPORT, so the
+    # kernel spreads connections over them); 0 = one per usable core.
     workers: int = Field(default=0, ge=0)
-    # Connections the kernel queues for the workers before they accept them
-    # (the listening socket's backlog); beyond it a client's SYN is dropped and
+    # Connections the kernel queues for a worker before it accepts them (the
+    # backlog of each worker's listening socket); beyond it a client's SYN is dropped and
     # retried after 1 s, then 3 s. A killed chat replica's clients come back
     # within a second, thousands at once: queued, they are served in order. The
     # kernel caps it at `net.core.somaxconn` (4096 since Linux 5.4).

@@ -2,8 +2,8 @@
 template, the process's own series (CPU, memory, file descriptors, garbage
 collections), and `/metrics`, behind HTTP Basic when credentials are configured.
 
-A server whose worker processes share one listening socket (the gateway) has
-any of them answer a scrape. With `PROMETHEUS_MULTIPROC_DIR` set, each worker
+A server whose worker processes all serve one port (the gateway) has any of
+them answer a scrape. With `PROMETHEUS_MULTIPROC_DIR` set, each worker
 keeps its counts in that directory, and the answering worker reports them
 all (`AcrossWorkers`)."""
 
