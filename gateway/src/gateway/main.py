@@ -271,5 +271,6 @@ def create_app(settings: Settings | None = None, *, key_source: KeySource | None
         level=settings.log_level,
         log_format=settings.log_format,
         access_log=settings.access_log,
+        flush_seconds=settings.log_flush_seconds,
     )
     return Gateway(settings, key_source=key_source)

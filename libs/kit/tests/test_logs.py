@@ -12,7 +12,7 @@ import subprocess
 import sys
 
 from kit.context import request_id_var
-from kit.logs import JsonFormatter, RequestIdFilter, TextFormatter, TickWriter
+from kit.logs import FLUSH_SECONDS, BatchedWriter, JsonFormatter, RequestIdFilter, TextFormatter
 
 ISO_MILLIS_UTC = re.compile(r"^\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}\+00:00$")
 
@@ -59,8 +59,8 @@ class CountingStream(io.StringIO):
         return super().write(text)
 
 
-def tick_logger(stream: CountingStream) -> logging.Logger:
-    handler = TickWriter(stream)
+def tick_logger(stream: CountingStream, **options: float) -> logging.Logger:
+    handler = BatchedWriter(stream, **options)
     handler.setFormatter(logging.Formatter("%(message)s"))
     log = logging.getLogger(f"kit.test.tick.{id(stream)}")
     log.handlers[:] = [handler]
@@ -77,17 +77,52 @@ def test_lines_logged_off_the_event_loop_are_written_at_once() -> None:
     assert stream.writes == ["first\n", "second\n"]
 
 
-async def test_lines_of_one_turn_of_the_loop_go_out_in_one_write_in_order() -> None:
+async def written(stream: CountingStream, count: int) -> None:
+    """Waits (a second at most) for the stream's `count`th write."""
+    for _ in range(100):
+        if len(stream.writes) >= count:
+            return
+        await asyncio.sleep(FLUSH_SECONDS / 5)
+    raise AssertionError(f"{len(stream.writes)} writes, not {count}")
+
+
+async def test_lines_logged_on_the_loop_go_out_together_in_order() -> None:
     stream = CountingStream()
     log = tick_logger(stream)
-    for number in range(5):
+    for number in range(3):
+        log.info("line %d", number)
+        await asyncio.sleep(0)  # other turns of the loop: still kept
+    log.info("line 3")
+    assert stream.writes == []
+    await written(stream, 1)
+    assert stream.writes == ["line 0\nline 1\nline 2\nline 3\n"]
+    log.info("later")
+    await written(stream, 2)
+    assert stream.writes[1:] == ["later\n"]
+
+
+async def test_with_no_flush_interval_a_turns_lines_go_out_at_its_end() -> None:
+    stream = CountingStream()
+    log = tick_logger(stream, flush_seconds=0)
+    for number in range(3):
         log.info("line %d", number)
     assert stream.writes == []  # kept until the loop has run what it had ready
     await asyncio.sleep(0)
-    assert stream.writes == ["line 0\nline 1\nline 2\nline 3\nline 4\n"]
-    log.info("later")
+    assert stream.writes == ["line 0\nline 1\nline 2\n"]
+    log.info("next turn")
     await asyncio.sleep(0)
-    assert stream.writes[1:] == ["later\n"]
+    assert stream.writes[1:] == ["next turn\n"]
+
+
+async def test_kept_lines_that_fill_an_atomic_write_go_out_without_waiting() -> None:
+    stream = CountingStream()
+    log = tick_logger(stream)
+    line = "x" * 999
+    for _ in range(5):
+        log.info("%s", line)
+    # the fifth line took the kept ones past PIPE_BUF: written, in writes a pipe takes whole
+    assert stream.getvalue() == f"{line}\n" * 5
+    assert all(len(write) <= select.PIPE_BUF for write in stream.writes)
 
 
 async def test_a_line_logged_off_the_loop_writes_what_the_loop_kept_first() -> None:
@@ -106,7 +141,7 @@ async def test_flush_writes_what_is_kept() -> None:
     assert stream.getvalue() == "kept\n"
 
 
-async def test_a_turns_lines_go_out_in_writes_no_larger_than_a_pipe_writes_atomically() -> None:
+async def test_kept_lines_go_out_in_writes_no_larger_than_a_pipe_writes_atomically() -> None:
     stream = CountingStream()
     log = tick_logger(stream)
     lines = [f"line {number} " + "x" * 290 + " \N{EM DASH}" for number in range(40)]
@@ -114,7 +149,7 @@ async def test_a_turns_lines_go_out_in_writes_no_larger_than_a_pipe_writes_atomi
     lines.append("last")
     for line in lines:
         log.info("%s", line)
-    await asyncio.sleep(0)
+    log.handlers[0].flush()
     assert stream.getvalue() == "".join(f"{line}\n" for line in lines)
     assert len(stream.writes) > 1
     assert "y" * 5000 + "\n" in stream.writes
@@ -127,8 +162,8 @@ async def test_a_turns_lines_go_out_in_writes_no_larger_than_a_pipe_writes_atomi
 # workers write to the container's output while its reader lags behind.
 PIPE_WRITER = """
 import asyncio, json, logging, sys
-from kit.logs import TickWriter
-handler = TickWriter(sys.stdout)
+from kit.logs import BatchedWriter
+handler = BatchedWriter(sys.stdout)
 handler.setFormatter(logging.Formatter("%(message)s"))
 log = logging.getLogger("writer")
 log.handlers[:] = [handler]

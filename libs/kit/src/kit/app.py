@@ -42,6 +42,7 @@ def add_common_middleware(
         level=settings.log_level,
         log_format=settings.log_format,
         access_log=settings.access_log,
+        flush_seconds=settings.log_flush_seconds,
     )
     tracing = configure_tracing(settings)
     metrics = HttpMetrics(registry)

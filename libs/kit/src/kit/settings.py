@@ -195,6 +195,9 @@ class ServiceSettings(SettingsBase):
     log_format: Literal["json", "text"] = "json"
     # the access log's lines (kit.accesslog); off, every other INFO line stays
     access_log: bool = True
+    # lines logged on the event loop wait up to this long to share one write
+    # (kit.logs); 0: written at the end of the loop's turn
+    log_flush_seconds: float = Field(default=0.05, ge=0, le=1)
     node_id: str = Field(default_factory=socket.gethostname)
 
     redis_url: RedisDsn = RedisDsn("redis://redis:6379/0")
