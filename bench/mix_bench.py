@@ -32,7 +32,13 @@ objective when
 
 The search: the rate starts at MIX_START_RPS and grows by half each level
 until a level misses; then MIX_REFINE bisections between the last level
-within and the first one missed. The capacity of a path is the highest
+within and the first one missed. A level that misses is run once more
+straight away and counts as missed only if it misses again: on a shared
+machine one level's p99 can pass 100 ms for reasons of its own (a chat p99
+of 129 ms at 759 rps, with 755 rps served at an HTTP p99 of 69 ms, set the
+gateway's capacity at 728 in one run, while 728 and every level below held),
+and the search never goes back above a level it took as missed. Both tries
+are in the table. The capacity of a path is the highest
 offered rate within the objective. The two paths take their levels in turns,
 so a machine that grows busier favours neither. Through the gateway every
 request and socket goes to the gateway; straight, each goes to its service's
@@ -448,23 +454,27 @@ def run() -> dict[str, Any]:
                     if rate is None:
                         continue
                     ran = True
-                    sides[name].start()
-                    http = wrk({**base_env, **env}, target, rate, SECONDS)
-                    chat = sides[name].result()
-                    checks = within(http, chat, rate)
-                    ok = all(checks.values())
+                    for attempt in (1, 2):  # a miss is tried again (the docstring)
+                        sides[name].start()
+                        http = wrk({**base_env, **env}, target, rate, SECONDS)
+                        chat = sides[name].result()
+                        checks = within(http, chat, rate)
+                        ok = all(checks.values())
+                        row = {
+                            "path": name,
+                            "offered": rate,
+                            "attempt": attempt,
+                            **http,
+                            "chat": chat,
+                            "checks": checks,
+                            "ok": ok,
+                            "load": round(os.getloadavg()[0], 1),
+                        }
+                        results["runs"].append(row)
+                        print(f"  {json.dumps(row)}", file=sys.stderr, flush=True)
+                        if ok:
+                            break
                     searches[name].record(rate, ok)
-                    row = {
-                        "path": name,
-                        "offered": rate,
-                        **http,
-                        "chat": chat,
-                        "checks": checks,
-                        "ok": ok,
-                        "load": round(os.getloadavg()[0], 1),
-                    }
-                    results["runs"].append(row)
-                    print(f"  {json.dumps(row)}", file=sys.stderr, flush=True)
                 if not ran:
                     break
         finally:
@@ -509,6 +519,7 @@ def report(results: dict[str, Any]) -> list[str]:
             f"{row['late']:>5} {row['error_count']:>6} {chat['p50_ms']:>8.1f} "
             f"{chat['p99_ms']:>8.1f} {chat['lost']:>5} {row['load']:>5.1f}  "
             f"{'yes' if row['ok'] else 'no: ' + ', '.join(missed)}"
+            f"{' (again)' if row.get('attempt', 1) > 1 else ''}"
         )
     best = results["capacity_rps"]
     ratio = best["gateway"] / best["direct"] if best["direct"] else 0.0
