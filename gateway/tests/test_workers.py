@@ -114,6 +114,18 @@ async def keep_alive_clients(base_url: str) -> AsyncIterator[list[httpx.AsyncCli
         await asyncio.gather(*(client.aclose() for client in clients))
 
 
+async def workers_serving(base_url: str, supervisor: int) -> list[int]:
+    """Waits for the gateway to answer with both its workers running; returns them."""
+    async with httpx.AsyncClient(base_url=base_url) as http:
+
+        async def serving() -> bool:
+            ok = (await http.get("/catalog/echo")).status_code == 200
+            return ok and len(children(supervisor)) == 2
+
+        await wait_for("two workers serving", serving)
+    return children(supervisor)
+
+
 async def test_every_worker_serves_and_a_dead_one_is_replaced(redis_url: str) -> None:
     from kit_testing import free_port
 
@@ -121,56 +133,51 @@ async def test_every_worker_serves_and_a_dead_one_is_replaced(redis_url: str) ->
     base_url = f"http://127.0.0.1:{port}"
     async with running_upstream("one") as (upstream, upstream_url):
         with gateway_process(port, redis_url, upstream_url) as supervisor:
-            async with httpx.AsyncClient(base_url=base_url) as http:
+            workers = await workers_serving(base_url, supervisor.pid)
+            # each worker raised its open-file limit to the hard limit
+            for worker in workers:
+                soft, hard = open_files_limit(worker)
+                assert soft == hard, (worker, soft, hard)
 
-                async def serving() -> bool:
-                    ok = (await http.get("/catalog/echo")).status_code == 200
-                    return ok and len(children(supervisor.pid)) == 2
+            # new connections reach both workers
+            async with keep_alive_clients(base_url) as clients:
 
-                await wait_for("two workers serving", serving)
-                workers = children(supervisor.pid)
-                # each worker raised its open-file limit to the hard limit
-                for worker in workers:
-                    soft, hard = open_files_limit(worker)
-                    assert soft == hard, (worker, soft, hard)
+                async def both_hold_connections() -> bool:
+                    client = httpx.AsyncClient(base_url=base_url)
+                    clients.append(client)
+                    assert (await client.get("/catalog/echo")).status_code == 200
+                    return all(established_sockets(pid, port) > 0 for pid in workers)
 
-                # new connections reach both workers
-                async with keep_alive_clients(base_url) as clients:
+                await wait_for("connections on both workers", both_hold_connections)
+                assert len(clients) < 200
 
-                    async def both_hold_connections() -> bool:
-                        client = httpx.AsyncClient(base_url=base_url)
-                        clients.append(client)
-                        assert (await client.get("/catalog/echo")).status_code == 200
-                        return all(established_sockets(pid, port) > 0 for pid in workers)
+            # a killed worker is replaced, and the gateway answered meanwhile
+            # (a connection hashed to the dead worker's socket waits for its
+            # replacement in the socket's queue)
+            os.kill(workers[0], signal.SIGKILL)
+            failures = 0
+            deadline = time.monotonic() + DEADLINE
+            while True:
+                async with httpx.AsyncClient(base_url=base_url, timeout=DEADLINE) as fresh:
+                    status = (await fresh.get("/catalog/echo")).status_code
+                failures += status != 200
+                now = children(supervisor.pid)
+                if len(now) == 2 and workers[0] not in now:
+                    break
+                assert time.monotonic() < deadline, "the dead worker was not replaced"
+                await asyncio.sleep(0.05)
+            assert failures == 0
 
-                    await wait_for("connections on both workers", both_hold_connections)
-                    assert len(clients) < 200
+            (replacement,) = set(now) - set(workers)
+            async with keep_alive_clients(base_url) as clients:
 
-                # a killed worker is replaced, and the gateway answered meanwhile
-                os.kill(workers[0], signal.SIGKILL)
-                failures = 0
-                deadline = time.monotonic() + DEADLINE
-                while True:
-                    async with httpx.AsyncClient(base_url=base_url) as fresh:
-                        status = (await fresh.get("/catalog/echo")).status_code
-                    failures += status != 200
-                    now = children(supervisor.pid)
-                    if len(now) == 2 and workers[0] not in now:
-                        break
-                    assert time.monotonic() < deadline, "the dead worker was not replaced"
-                    await asyncio.sleep(0.05)
-                assert failures == 0
+                async def replacement_serves() -> bool:
+                    client = httpx.AsyncClient(base_url=base_url)
+                    clients.append(client)
+                    assert (await client.get("/catalog/echo")).status_code == 200
+                    return established_sockets(replacement, port) > 0
 
-                (replacement,) = set(now) - set(workers)
-                async with keep_alive_clients(base_url) as clients:
-
-                    async def replacement_serves() -> bool:
-                        client = httpx.AsyncClient(base_url=base_url)
-                        clients.append(client)
-                        assert (await client.get("/catalog/echo")).status_code == 200
-                        return established_sockets(replacement, port) > 0
-
-                    await wait_for("the replacement serving", replacement_serves)
+                await wait_for("the replacement serving", replacement_serves)
     assert upstream.hits > 0
 
 
@@ -190,14 +197,7 @@ async def test_connections_are_spread_over_the_workers_even_while_one_is_busy(
     base_url = f"http://127.0.0.1:{port}"
     async with running_upstream("one") as (_, upstream_url):
         with gateway_process(port, redis_url, upstream_url) as supervisor:
-            async with httpx.AsyncClient(base_url=base_url) as http:
-
-                async def serving() -> bool:
-                    ok = (await http.get("/catalog/echo")).status_code == 200
-                    return ok and len(children(supervisor.pid)) == 2
-
-                await wait_for("two workers serving", serving)
-            workers = children(supervisor.pid)
+            workers = await workers_serving(base_url, supervisor.pid)
             listening, _ = port_sockets(port)
             assert len(listening) == 2
             assert [len(held_sockets(pid) & listening) for pid in workers] == [1, 1]
