@@ -20,7 +20,7 @@ shards work the same way). What that costs, and how it is kept small:
   the gateway does nothing that blocks it, so the wait is a loop turn.
 - The supervisor keeps every socket open, so a worker that dies leaves its
   socket's queue to its replacement: the connections hashed to it wait for
-  the replacement to start (about a second) instead of being refused.
+  the replacement to start (1.5-1.7 s here) instead of being refused.
 - A worker taken away (`SIGTTOU`) closes its socket last: the connections
   still queued on it are reset, as they are when any server stops.
 
