@@ -64,10 +64,11 @@ class Settings(ServiceSettings):
     # kernel spreads connections over them); 0 = one per usable core.
     workers: int = Field(default=0, ge=0)
     # Connections the kernel queues for a worker before it accepts them (the
-    # backlog of each worker's listening socket); beyond it a client's SYN is dropped and
-    # retried after 1 s, then 3 s. A killed chat replica's clients come back
-    # within a second, thousands at once: queued, they are served in order. The
-    # kernel caps it at `net.core.somaxconn` (4096 since Linux 5.4).
+    # backlog of each worker's listening socket); beyond it a client's SYN is
+    # dropped and retried after 1 s, then 3 s. A killed chat replica's
+    # clients come back within a second, thousands at once: queued, they are
+    # served in order. The kernel caps it at `net.core.somaxconn` (4096 since
+    # Linux 5.4).
     listen_backlog: int = Field(default=4096, ge=1)
 
     # Edge guards below ASGI (gateway.edge): the request head must arrive

@@ -12,12 +12,12 @@ Lines logged on a running event loop are kept for at most
 `LOG_FLUSH_SECONDS` (50 ms) and written together (`BatchedWriter`), at once
 when they fill a pipe's atomic write: a server logs a line a request, and
 one write of many lines costs what one line's own would, in the process and
-in whatever reads its output (a container's log driver). No write is larger than `PIPE_BUF`
-(4 KiB), the most a pipe takes whole, so processes sharing one output (the
-gateway's workers) never split each other's lines. Lines logged off the loop
-(start-up, other threads) are written at once, after what was kept; so are
-the kept ones when logging shuts down at exit. A process killed outright
-loses at most its last 50 ms of lines.
+in whatever reads its output (a container's log driver). No write is larger
+than `PIPE_BUF` (4 KiB), the most a pipe takes whole, so processes sharing
+one output (the gateway's workers) never split each other's lines. Lines
+logged off the loop (start-up, other threads) are written at once, after
+what was kept; so are the kept ones when logging shuts down at exit. A
+process killed outright loses at most its last 50 ms of lines.
 """
 
 from __future__ import annotations
@@ -211,8 +211,9 @@ def configure_logging(
 ) -> None:
     """Root logging to stdout. `log_format`, `access_log` and `flush_seconds`
     stick for the process: a later call without them (a lifespan
-    re-configuring) keeps what was chosen. With `access_log` False the `access` logger writes nothing
-    below WARNING, and kit's access log middleware then follows no request."""
+    re-configuring) keeps what was chosen. With `access_log` False the
+    `access` logger writes nothing below WARNING, and kit's access log
+    middleware then follows no request."""
     global _format, _access_log, _flush_seconds
     if log_format is not None:
         _format = log_format

@@ -39,6 +39,8 @@ from pydantic_settings import (
     SettingsError,
 )
 
+from kit.logs import FLUSH_SECONDS
+
 Environment = Literal["development", "production"]
 
 # Every value this project ever shipped as a default, and the usual placeholders.
@@ -197,7 +199,7 @@ class ServiceSettings(SettingsBase):
     access_log: bool = True
     # lines logged on the event loop wait up to this long to share one write
     # (kit.logs); 0: written at the end of the loop's turn
-    log_flush_seconds: float = Field(default=0.05, ge=0, le=1)
+    log_flush_seconds: float = Field(default=FLUSH_SECONDS, ge=0, le=1)
     node_id: str = Field(default_factory=socket.gethostname)
 
     redis_url: RedisDsn = RedisDsn("redis://redis:6379/0")
