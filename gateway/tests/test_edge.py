@@ -17,6 +17,7 @@ from gateway.config import Settings
 from gateway.main import Gateway, create_app
 from gateway.metrics import GatewayMetrics
 from gateway.ratelimit import LocalWindows, RateLimiter
+from kit.errors import RateLimited
 from kit.security import revoke_token, revoke_user
 from kit_testing import JwksServer, Service, TokenMinter, free_port, serve, wait_for_redis
 
@@ -271,6 +272,7 @@ async def test_limits_move_back_to_redis_when_it_returns(
         user_limit=100,
         window_seconds=DAY,
         metrics=GatewayMetrics(CollectorRegistry(), list),
+        sync_seconds=0,  # every request counted in Redis as it comes
     )
     try:
         await limiter.hit(user_id=None, client_address="10.0.0.1")
@@ -291,6 +293,145 @@ async def test_limits_move_back_to_redis_when_it_returns(
         # the hit that found Redis again was counted there (a restart emptied it)
         assert [key async for key in redis.scan_iter("gateway:ratelimit:ip:10.0.0.1:*")]
     finally:
+        await redis.aclose()
+
+
+def limiter_on(redis: Redis, *, limit: int, sync_seconds: float) -> RateLimiter:
+    """A limiter of `limit` requests a day for anonymous clients and users alike."""
+    return RateLimiter(
+        redis,
+        anonymous_limit=limit,
+        user_limit=limit,
+        window_seconds=DAY,
+        metrics=GatewayMetrics(CollectorRegistry(), list),
+        sync_seconds=sync_seconds,
+    )
+
+
+async def counts_in_redis(redis: Redis, identity: str) -> int | None:
+    keys = [key async for key in redis.scan_iter(f"gateway:ratelimit:{identity}:*")]
+    assert len(keys) <= 1
+    if not keys:
+        return None
+    count = await redis.get(keys[0])
+    assert count is not None
+    return int(count)
+
+
+async def test_counts_far_from_the_limit_reach_redis_together_within_the_sync_interval(
+    clean_redis_url: str,
+) -> None:
+    async with Redis.from_url(clean_redis_url) as redis:
+        limiter = limiter_on(redis, limit=1000, sync_seconds=0.05)
+        other = limiter_on(redis, limit=1000, sync_seconds=0.05)  # another gateway process
+        try:
+            remaining = [
+                (await limiter.hit(user_id=None, client_address="10.0.0.1")).remaining
+                for _ in range(10)
+            ]
+            for _ in range(5):
+                await limiter.hit(user_id="alice", client_address="10.0.0.1")
+            for _ in range(7):
+                await other.hit(user_id=None, client_address="10.0.0.1")
+            # admitted at once, counted here: nothing has gone to Redis yet
+            assert remaining == list(range(999, 989, -1))
+            assert await counts_in_redis(redis, "ip:10.0.0.1") is None
+            deadline = time.monotonic() + 10
+            while await counts_in_redis(redis, "ip:10.0.0.1") != 17:
+                assert time.monotonic() < deadline, "the kept counts never reached Redis"
+                await asyncio.sleep(0.01)
+            assert await counts_in_redis(redis, "user:alice") == 5
+            # a sync brings back the count of every process: the later of the two knows 17
+            await asyncio.gather(*limiter._syncs, *other._syncs)
+            quotas = [
+                await process.hit(user_id=None, client_address="10.0.0.1")
+                for process in (limiter, other)
+            ]
+            assert 1000 - 18 in {quota.remaining for quota in quotas}
+            key = await anext(redis.scan_iter("gateway:ratelimit:ip:*"))
+            assert 0 < await redis.ttl(key) <= DAY + 1
+        finally:
+            await limiter.close()
+            await other.close()
+        assert await counts_in_redis(redis, "ip:10.0.0.1") == 19  # the last two, sent at close
+
+
+async def test_near_its_limit_a_client_is_counted_in_redis_before_it_is_admitted(
+    clean_redis_url: str,
+) -> None:
+    # a limit of 100: a process keeps at most 5 unsent, and none past 50
+    async with Redis.from_url(clean_redis_url) as redis:
+        limiter = limiter_on(redis, limit=100, sync_seconds=60)  # no sync meanwhile
+
+        async def hit() -> int:
+            return (await limiter.hit(user_id=None, client_address="10.0.0.1")).remaining
+
+        try:
+            assert [await hit() for _ in range(5)] == [99, 98, 97, 96, 95]
+            assert await counts_in_redis(redis, "ip:10.0.0.1") is None
+            assert await hit() == 94  # a sixth unsent is past the share: all six sent
+            assert await counts_in_redis(redis, "ip:10.0.0.1") == 6
+            # other processes count 54 more; this one does not know yet
+            key = await anext(redis.scan_iter("gateway:ratelimit:ip:*"))
+            await redis.incrby(key, 54)
+            assert [await hit() for _ in range(5)] == [93, 92, 91, 90, 89]
+            assert await hit() == 100 - 66  # sent with the five kept, and learns of the 54
+            # past half the limit, each request is counted in Redis before it passes
+            assert await hit() == 100 - 67
+            assert await counts_in_redis(redis, "ip:10.0.0.1") == 67
+            await redis.incrby(key, 100 - 67)
+            with pytest.raises(RateLimited):
+                await hit()
+            assert await counts_in_redis(redis, "ip:10.0.0.1") == 101
+        finally:
+            await limiter.close()
+
+
+async def test_counts_kept_while_redis_is_down_are_sent_once_it_answers(
+    redis_service: Service, clean_redis_url: str
+) -> None:
+    redis = Redis.from_url(clean_redis_url, socket_timeout=0.5, socket_connect_timeout=0.5)
+    registry = CollectorRegistry()
+    limiter = RateLimiter(
+        redis,
+        anonymous_limit=100,
+        user_limit=100,
+        window_seconds=DAY,
+        metrics=GatewayMetrics(registry, list),
+        sync_seconds=0.05,
+    )
+    hits = 0
+
+    async def hit() -> int:
+        nonlocal hits
+        hits += 1
+        return (await limiter.hit(user_id=None, client_address="10.0.0.2")).remaining
+
+    try:
+        await asyncio.to_thread(redis_service.stop)
+        try:
+            assert await hit() == 99  # kept, for a sync that finds Redis gone
+            deadline = time.monotonic() + 10
+            while limiter.describe() == "ok":
+                assert time.monotonic() < deadline, "the failed sync went unnoticed"
+                await asyncio.sleep(0.01)
+            assert await hit() == 99  # counted in this process, from one
+        finally:
+            await asyncio.to_thread(redis_service.start)
+        await wait_for_redis(clean_redis_url)
+        deadline = time.monotonic() + 15
+        while limiter.counting_locally:  # Redis is tried again 1, 2, 4... s after failing
+            assert time.monotonic() < deadline, "the limiter never went back to Redis"
+            await hit()
+            await asyncio.sleep(0.05)
+        await limiter.close()
+        # every request not counted per process reached Redis (emptied by its
+        # restart): the one kept through the outage too
+        counted_locally = registry.get_sample_value("gateway_rate_limit_local_total")
+        assert counted_locally is not None
+        assert await counts_in_redis(redis, "ip:10.0.0.2") == hits - counted_locally
+    finally:
+        await limiter.close()
         await redis.aclose()
 
 

@@ -7,6 +7,7 @@ from typing import Annotated
 from pydantic import AnyHttpUrl, Field, field_validator
 from pydantic_settings import NoDecode
 
+from gateway.ratelimit import SYNC_SECONDS
 from kit.settings import ServiceSettings
 
 UpstreamList = Annotated[list[AnyHttpUrl], NoDecode, Field(min_length=1)]
@@ -83,11 +84,15 @@ class Settings(ServiceSettings):
     max_header_bytes: int = Field(default=32_768, ge=1024)
     max_connections_per_client: int = Field(default=256, ge=0)
 
-    # Fixed-window limits per client address (anonymous) and per user.
+    # Fixed-window limits per client address (anonymous) and per user. A client
+    # far from its limit is counted in Redis in batches, every
+    # `rate_limit_sync_seconds` (0: each request before it is admitted); near
+    # it, one request at a time (gateway.ratelimit).
     rate_limit_enabled: bool = True
     rate_limit_anonymous: int = Field(default=300, ge=1)
     rate_limit_user: int = Field(default=1200, ge=1)
     rate_limit_window_seconds: int = Field(default=60, ge=1)
+    rate_limit_sync_seconds: float = Field(default=SYNC_SECONDS, ge=0, le=5)
     # While Redis cannot answer, each gateway process counts on its own.
     redis_timeout_seconds: float = Field(default=0.5, gt=0)
 

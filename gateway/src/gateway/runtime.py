@@ -169,6 +169,7 @@ class Runtime:
                 anonymous_limit=settings.rate_limit_anonymous,
                 user_limit=settings.rate_limit_user,
                 window_seconds=settings.rate_limit_window_seconds,
+                sync_seconds=settings.rate_limit_sync_seconds,
                 metrics=self.metrics,
             )
         self.prober = HealthProber(
@@ -243,6 +244,8 @@ class Runtime:
         await asyncio.gather(*(cancel_and_wait(task) for task in self._tasks))
         self._tasks.clear()
         self.metrics.flush()
+        if self.limiter is not None:
+            await self.limiter.close()
         for route in self.routes.values():
             await route.pool.stop_looking()
         # Sockets still open (a server that does not close them itself): 1012,
