@@ -356,6 +356,30 @@ async def test_counts_far_from_the_limit_reach_redis_together_within_the_sync_in
         assert await counts_in_redis(redis, "ip:10.0.0.1") == 19  # the last two, sent at close
 
 
+async def test_a_client_dropped_from_the_known_ones_still_has_its_counts_sent(
+    clean_redis_url: str,
+) -> None:
+    async with Redis.from_url(clean_redis_url) as redis:
+        limiter = RateLimiter(
+            redis,
+            anonymous_limit=1000,
+            user_limit=1000,
+            window_seconds=DAY,
+            metrics=GatewayMetrics(CollectorRegistry(), list),
+            sync_seconds=60,  # no sync but the one below
+            max_identities=2,
+        )
+        for address in ("10.0.0.1", "10.0.0.1", "10.0.0.2", "10.0.0.3"):
+            await limiter.hit(user_id=None, client_address=address)
+        await limiter.sync()
+        counts = [await counts_in_redis(redis, f"ip:10.0.0.{n}") for n in (1, 2, 3)]
+        assert counts == [2, 1, 1]
+        # 10.0.0.1 was dropped: what this process knows of it starts afresh
+        assert (await limiter.hit(user_id=None, client_address="10.0.0.1")).remaining == 999
+        await limiter.close()
+        assert await counts_in_redis(redis, "ip:10.0.0.1") == 3
+
+
 async def test_near_its_limit_a_client_is_counted_in_redis_before_it_is_admitted(
     clean_redis_url: str,
 ) -> None:

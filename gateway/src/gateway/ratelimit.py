@@ -57,6 +57,9 @@ REDIS_BACKOFF_SECONDS = (1.0, 8.0)
 # window; the least recently seen go first, so memory stays bounded whatever
 # the number of client addresses.
 LOCAL_MAX_IDENTITIES = 100_000
+# Clients whose counts a process knows while Redis answers (about 220 bytes
+# each); one dropped starts again from its next sync's answer.
+KNOWN_MAX_IDENTITIES = 20_000
 
 
 def rate_limit_key(identity: str, window: int) -> str:
@@ -129,7 +132,7 @@ class RateLimiter:
         metrics: GatewayMetrics,
         sync_seconds: float = SYNC_SECONDS,
         local: LocalWindows | None = None,
-        max_identities: int = LOCAL_MAX_IDENTITIES,
+        max_identities: int = KNOWN_MAX_IDENTITIES,
     ) -> None:
         self.anonymous_limit = anonymous_limit
         self.user_limit = user_limit
@@ -144,6 +147,7 @@ class RateLimiter:
         self._redis = RedisBackoff(first=first, cap=cap)
         self._window = -1
         self._tallies: OrderedDict[str, _Tally] = OrderedDict()
+        self._unsent: dict[str, _Tally] = {}  # the tallies with requests to send
         self._sync_due: asyncio.TimerHandle | None = None
         self._syncs: set[asyncio.Task[None]] = set()
 
@@ -187,6 +191,7 @@ class RateLimiter:
             tally = self._tally(identity, window)
             if self._keeps(tally, limit):
                 tally.unsent += 1
+                self._unsent[identity] = tally
                 self._sync_soon()
                 return tally.count
             # sent now, with what was kept: refused only on Redis's own count
@@ -227,6 +232,7 @@ class RateLimiter:
             # the window's end ends its counts, the unsent ones with it
             self._window = window
             self._tallies.clear()
+            self._unsent.clear()
         tally = self._tallies.pop(identity, None) or _Tally()
         self._tallies[identity] = tally
         if len(self._tallies) > self.max_identities:
@@ -250,10 +256,11 @@ class RateLimiter:
         if not self._redis.usable():
             return  # kept for the first sync once Redis is asked again
         window = self._window
+        unsent, self._unsent = self._unsent, {}
+        # a client dropped from the known ones still has its count sent; one
+        # sent in full by a request near its limit has none left
         kept = [
-            (identity, tally, tally.unsent)
-            for identity, tally in self._tallies.items()
-            if tally.unsent
+            (identity, tally, tally.unsent) for identity, tally in unsent.items() if tally.unsent
         ]
         if not kept:
             return
@@ -271,9 +278,11 @@ class RateLimiter:
         except (RedisError, OSError) as error:
             # kept for the first sync once Redis answers again (in this window);
             # requests meanwhile are counted per process
-            for _, tally, amount in kept:
+            for identity, tally, amount in kept:
                 tally.sending -= amount
                 tally.unsent += amount
+                if self._window == window:
+                    self._unsent[identity] = tally
             if self._redis.failed():
                 logger.warning("rate limiting cannot reach Redis (%s); counting per process", error)
             return
