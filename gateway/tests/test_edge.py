@@ -6,6 +6,7 @@ import asyncio
 import logging
 import time
 import uuid
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 import httpx
@@ -16,7 +17,7 @@ from redis.asyncio import Redis
 from gateway.config import Settings
 from gateway.main import Gateway, create_app
 from gateway.metrics import GatewayMetrics
-from gateway.ratelimit import LocalWindows, RateLimiter
+from gateway.ratelimit import KNOWN_MAX_IDENTITIES, LocalWindows, RateLimiter
 from kit.errors import RateLimited
 from kit.security import revoke_token, revoke_user
 from kit_testing import JwksServer, Service, TokenMinter, free_port, serve, wait_for_redis
@@ -262,18 +263,44 @@ async def test_a_redis_connection_closed_under_the_limiter_costs_no_count(
     ]
 
 
+def limiter_on(
+    redis: Redis,
+    *,
+    limit: int,
+    sync_seconds: float,
+    registry: CollectorRegistry | None = None,
+    max_identities: int = KNOWN_MAX_IDENTITIES,
+) -> RateLimiter:
+    """A limiter of `limit` requests a day for anonymous clients and users alike."""
+    return RateLimiter(
+        redis,
+        anonymous_limit=limit,
+        user_limit=limit,
+        window_seconds=DAY,
+        metrics=GatewayMetrics(registry or CollectorRegistry(), list),
+        sync_seconds=sync_seconds,
+        max_identities=max_identities,
+    )
+
+
+async def hit_until_counted_in_redis(
+    limiter: RateLimiter, redis_url: str, hit: Callable[[], Awaitable[object]]
+) -> None:
+    """Once Redis answers again, makes requests until the limiter counts there."""
+    await wait_for_redis(redis_url)
+    deadline = time.monotonic() + 15
+    while limiter.counting_locally:  # Redis is tried again 1, 2, 4... s after failing
+        assert time.monotonic() < deadline, "the limiter never went back to Redis"
+        await hit()
+        await asyncio.sleep(0.05)
+
+
 async def test_limits_move_back_to_redis_when_it_returns(
     redis_service: Service, clean_redis_url: str
 ) -> None:
     redis = Redis.from_url(clean_redis_url, socket_timeout=0.5, socket_connect_timeout=0.5)
-    limiter = RateLimiter(
-        redis,
-        anonymous_limit=100,
-        user_limit=100,
-        window_seconds=DAY,
-        metrics=GatewayMetrics(CollectorRegistry(), list),
-        sync_seconds=0,  # every request counted in Redis as it comes
-    )
+    # every request counted in Redis as it comes
+    limiter = limiter_on(redis, limit=100, sync_seconds=0)
     try:
         await limiter.hit(user_id=None, client_address="10.0.0.1")
         assert limiter.describe() == "ok"
@@ -284,28 +311,13 @@ async def test_limits_move_back_to_redis_when_it_returns(
             assert quota.remaining == 99  # a count of this process's own, from one
         finally:
             await asyncio.to_thread(redis_service.start)
-        await wait_for_redis(clean_redis_url)
-        deadline = time.monotonic() + 15
-        while limiter.counting_locally:  # Redis is tried again 1, 2, 4... s after failing
-            assert time.monotonic() < deadline, "the limiter never went back to Redis"
-            await limiter.hit(user_id=None, client_address="10.0.0.1")
-            await asyncio.sleep(0.05)
+        await hit_until_counted_in_redis(
+            limiter, clean_redis_url, lambda: limiter.hit(user_id=None, client_address="10.0.0.1")
+        )
         # the hit that found Redis again was counted there (a restart emptied it)
         assert [key async for key in redis.scan_iter("gateway:ratelimit:ip:10.0.0.1:*")]
     finally:
         await redis.aclose()
-
-
-def limiter_on(redis: Redis, *, limit: int, sync_seconds: float) -> RateLimiter:
-    """A limiter of `limit` requests a day for anonymous clients and users alike."""
-    return RateLimiter(
-        redis,
-        anonymous_limit=limit,
-        user_limit=limit,
-        window_seconds=DAY,
-        metrics=GatewayMetrics(CollectorRegistry(), list),
-        sync_seconds=sync_seconds,
-    )
 
 
 async def counts_in_redis(redis: Redis, identity: str) -> int | None:
@@ -360,15 +372,8 @@ async def test_a_client_dropped_from_the_known_ones_still_has_its_counts_sent(
     clean_redis_url: str,
 ) -> None:
     async with Redis.from_url(clean_redis_url) as redis:
-        limiter = RateLimiter(
-            redis,
-            anonymous_limit=1000,
-            user_limit=1000,
-            window_seconds=DAY,
-            metrics=GatewayMetrics(CollectorRegistry(), list),
-            sync_seconds=60,  # no sync but the one below
-            max_identities=2,
-        )
+        # no sync but the one below
+        limiter = limiter_on(redis, limit=1000, sync_seconds=60, max_identities=2)
         for address in ("10.0.0.1", "10.0.0.1", "10.0.0.2", "10.0.0.3"):
             await limiter.hit(user_id=None, client_address=address)
         await limiter.sync()
@@ -416,14 +421,7 @@ async def test_counts_kept_while_redis_is_down_are_sent_once_it_answers(
 ) -> None:
     redis = Redis.from_url(clean_redis_url, socket_timeout=0.5, socket_connect_timeout=0.5)
     registry = CollectorRegistry()
-    limiter = RateLimiter(
-        redis,
-        anonymous_limit=100,
-        user_limit=100,
-        window_seconds=DAY,
-        metrics=GatewayMetrics(registry, list),
-        sync_seconds=0.05,
-    )
+    limiter = limiter_on(redis, limit=100, sync_seconds=0.05, registry=registry)
     hits = 0
 
     async def hit() -> int:
@@ -442,12 +440,7 @@ async def test_counts_kept_while_redis_is_down_are_sent_once_it_answers(
             assert await hit() == 99  # counted in this process, from one
         finally:
             await asyncio.to_thread(redis_service.start)
-        await wait_for_redis(clean_redis_url)
-        deadline = time.monotonic() + 15
-        while limiter.counting_locally:  # Redis is tried again 1, 2, 4... s after failing
-            assert time.monotonic() < deadline, "the limiter never went back to Redis"
-            await hit()
-            await asyncio.sleep(0.05)
+        await hit_until_counted_in_redis(limiter, clean_redis_url, hit)
         await limiter.close()
         # every request not counted per process reached Redis (emptied by its
         # restart): the one kept through the outage too
