@@ -124,6 +124,21 @@ async def test_limits_anonymous_clients_by_address(
     assert 'gateway_rate_limited_total{client="anonymous"} 1.0' in metrics
 
 
+async def test_a_gateway_that_stops_sends_the_counts_it_kept(
+    upstream: tuple[Upstream, str], clean_redis_url: str, minter: TokenMinter
+) -> None:
+    # far from the limit, and no sync due before the gateway stops
+    settings = limited(
+        clean_redis_url, upstream[1], rate_limit_anonymous=1000, rate_limit_sync_seconds=60
+    )
+    async with Redis.from_url(clean_redis_url) as redis:
+        async with running_gateway(settings, minter) as (_, client):
+            responses = [await client.get("/catalog/echo") for _ in range(3)]
+            assert [r.headers["ratelimit-remaining"] for r in responses] == ["999", "998", "997"]
+            assert await counts_in_redis(redis, "ip:127.0.0.1") is None
+        assert await counts_in_redis(redis, "ip:127.0.0.1") == 3
+
+
 @pytest.mark.parametrize(
     ("trusted", "expected"), [(True, [200, 429, 200]), (False, [200, 429, 429])]
 )

@@ -92,7 +92,7 @@ class Settings(ServiceSettings):
     rate_limit_anonymous: int = Field(default=300, ge=1)
     rate_limit_user: int = Field(default=1200, ge=1)
     rate_limit_window_seconds: int = Field(default=60, ge=1)
-    rate_limit_sync_seconds: float = Field(default=SYNC_SECONDS, ge=0, le=5)
+    rate_limit_sync_seconds: float = Field(default=SYNC_SECONDS, ge=0)
     # While Redis cannot answer, each gateway process counts on its own.
     redis_timeout_seconds: float = Field(default=0.5, gt=0)
 
