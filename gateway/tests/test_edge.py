@@ -467,6 +467,31 @@ async def test_counts_kept_while_redis_is_down_are_sent_once_it_answers(
         await redis.aclose()
 
 
+async def test_counts_of_a_sync_that_timed_out_are_not_sent_twice(
+    redis_service: Service, clean_redis_url: str
+) -> None:
+    # Redis frozen: it takes the sync's counts and answers too late. They may
+    # have been counted (here they are, once Redis runs again), so the
+    # limiter does not send them again.
+    redis = Redis.from_url(clean_redis_url, socket_timeout=0.5, socket_connect_timeout=0.5)
+    limiter = limiter_on(redis, limit=100, sync_seconds=60)  # no sync but the ones below
+    try:
+        for _ in range(3):
+            await limiter.hit(user_id=None, client_address="10.0.0.3")
+        await redis.ping()  # the sync's connection, open before Redis freezes
+        async with redis_service.frozen():
+            await limiter.sync()
+            assert limiter.counting_locally
+        await hit_until_counted_in_redis(
+            limiter, clean_redis_url, lambda: limiter.hit(user_id=None, client_address="10.0.0.4")
+        )
+        await limiter.close()
+        assert await counts_in_redis(redis, "ip:10.0.0.3") == 3
+    finally:
+        await limiter.close()
+        await redis.aclose()
+
+
 def test_local_counters_are_bounded_and_start_afresh_each_window() -> None:
     local = LocalWindows(max_identities=2)
     assert [local.hit("a", 1), local.hit("a", 1), local.hit("b", 1)] == [1, 2, 1]

@@ -32,6 +32,7 @@ from dataclasses import dataclass
 
 from redis.asyncio import Redis
 from redis.exceptions import RedisError
+from redis.exceptions import TimeoutError as RedisTimeout
 
 from gateway.metrics import GatewayMetrics
 from kit.addresses import limit_key
@@ -53,9 +54,8 @@ UNSENT_SHARE = 20
 # While Redis fails, it is tried again after 1 s, then 2, 4 and 8 s at most:
 # each try costs a connection attempt and a lookup of its name.
 REDIS_BACKOFF_SECONDS = (1.0, 8.0)
-# Identities the local counters (and the counts kept for Redis) hold in one
-# window; the least recently seen go first, so memory stays bounded whatever
-# the number of client addresses.
+# Identities the local counters hold in one window; the least recently seen go
+# first, so memory stays bounded whatever the number of client addresses.
 LOCAL_MAX_IDENTITIES = 100_000
 # Clients whose counts a process knows while Redis answers (about 220 bytes
 # each); one dropped starts again from its next sync's answer.
@@ -269,19 +269,21 @@ class RateLimiter:
             tally.sending += amount
         expiry = (window + 1) * self.window_seconds + 1
         try:
+            # EVAL, not EVALSHA: the pipeline goes out in one write, with no
+            # round trip first to see whether Redis has the script
             async with self._client.pipeline(transaction=False) as pipe:
                 for identity, _, amount in kept:
-                    await self._count_hits(
-                        keys=[rate_limit_key(identity, window)], args=[expiry, amount], client=pipe
-                    )
+                    pipe.eval(_COUNT_HITS, 1, rate_limit_key(identity, window), expiry, amount)
                 counts = await pipe.execute()
         except (RedisError, OSError) as error:
-            # kept for the first sync once Redis answers again (in this window);
-            # requests meanwhile are counted per process
+            # Kept for the first sync once Redis answers again (in this window);
+            # requests meanwhile are counted per process. Not after a timeout:
+            # Redis may have run the counts, and they would count twice.
+            timed_out = isinstance(error, RedisTimeout | TimeoutError)
             for identity, tally, amount in kept:
                 tally.sending -= amount
-                tally.unsent += amount
-                if self._window == window:
+                if not timed_out and self._window == window:
+                    tally.unsent += amount
                     self._unsent[identity] = tally
             if self._redis.failed():
                 logger.warning("rate limiting cannot reach Redis (%s); counting per process", error)
