@@ -18,6 +18,7 @@ from gateway.config import Settings
 from gateway.main import Gateway, create_app
 from gateway.metrics import GatewayMetrics
 from gateway.ratelimit import KNOWN_MAX_IDENTITIES, LocalWindows, RateLimiter
+from kit.context import request_id_var
 from kit.errors import RateLimited
 from kit.security import revoke_token, revoke_user
 from kit_testing import JwksServer, Service, TokenMinter, free_port, serve, wait_for_redis
@@ -398,6 +399,34 @@ async def test_a_client_dropped_from_the_known_ones_still_has_its_counts_sent(
         assert (await limiter.hit(user_id=None, client_address="10.0.0.1")).remaining == 999
         await limiter.close()
         assert await counts_in_redis(redis, "ip:10.0.0.1") == 3
+
+
+async def test_a_sync_runs_outside_the_request_that_started_its_interval(
+    clean_redis_url: str,
+) -> None:
+    # the sync carries many requests' counts: it must not log or trace as the
+    # first of them (kit.tracing traces no Redis call outside a request)
+    async with Redis.from_url(clean_redis_url) as redis:
+        limiter = limiter_on(redis, limit=1000, sync_seconds=0.01)
+        seen: list[str | None] = []
+        synced = asyncio.Event()
+        send = limiter.sync
+
+        async def sync() -> None:
+            seen.append(request_id_var.get())
+            await send()
+            synced.set()
+
+        limiter.sync = sync  # type: ignore[method-assign]
+
+        async def request() -> None:
+            request_id_var.set("first-request")
+            await limiter.hit(user_id=None, client_address="10.0.0.5")
+
+        await asyncio.create_task(request())
+        await asyncio.wait_for(synced.wait(), timeout=10)
+        assert seen == [None]
+        await limiter.close()
 
 
 async def test_near_its_limit_a_client_is_counted_in_redis_before_it_is_admitted(

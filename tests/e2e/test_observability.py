@@ -117,9 +117,6 @@ async def test_a_catalog_request_is_one_trace_from_the_gateway_to_the_database(
     assert sql, "no SQL span"
     assert all(span.parent_span_id == catalog.span_id for span in sql)
     assert all(span.service == "catalog" for span in sql)
-    redis = [span for span in spans if span.attributes.get("db.system") == "redis"]
-    assert redis, "no Redis span (the gateway's rate limit)"
-    assert all(span.service == "gateway" and span.parent_span_id == edge.span_id for span in redis)
 
     lines = await access_lines(stack, response.headers["x-request-id"], ["gateway", "catalog"])
     assert lines["gateway"]["trace_id"] == lines["catalog"]["trace_id"] == trace_id

@@ -24,6 +24,7 @@ timeout to every request, and taken back as soon as it answers.
 from __future__ import annotations
 
 import asyncio
+import contextvars
 import logging
 import math
 import time
@@ -241,8 +242,11 @@ class RateLimiter:
 
     def _sync_soon(self) -> None:
         if self._sync_due is None:
+            # in a context of its own: the sync carries many requests' counts,
+            # so it belongs to no request's trace or log lines (kit.tracing
+            # traces no Redis call outside a request)
             self._sync_due = asyncio.get_running_loop().call_later(
-                self.sync_seconds, self._start_sync
+                self.sync_seconds, self._start_sync, context=contextvars.Context()
             )
 
     def _start_sync(self) -> None:
