@@ -206,15 +206,11 @@ class RateLimiter:
                 )
             except (RedisError, OSError) as error:
                 tally.sending -= amount
-                if self._redis.failed():
-                    logger.warning(
-                        "rate limiting cannot reach Redis (%s); counting per process", error
-                    )
+                self._redis_failed(error)
             else:
                 tally.sending -= amount
                 tally.shared = max(tally.shared, count)
-                if self._redis.answered():
-                    logger.info("rate limiting counts in Redis again")
+                self._redis_answered()
                 return count
         self.metrics.rate_limit_local.inc()
         return self.local.hit(identity, window)
@@ -289,12 +285,18 @@ class RateLimiter:
                 if not timed_out and self._window == window:
                     tally.unsent += amount
                     self._unsent[identity] = tally
-            if self._redis.failed():
-                logger.warning("rate limiting cannot reach Redis (%s); counting per process", error)
+            self._redis_failed(error)
             return
         for (_, tally, amount), count in zip(kept, counts, strict=True):
             tally.sending -= amount
             tally.shared = max(tally.shared, int(count))
+        self._redis_answered()
+
+    def _redis_failed(self, error: Exception) -> None:
+        if self._redis.failed():
+            logger.warning("rate limiting cannot reach Redis (%s); counting per process", error)
+
+    def _redis_answered(self) -> None:
         if self._redis.answered():
             logger.info("rate limiting counts in Redis again")
 
