@@ -225,6 +225,7 @@ class HeadFirst:
             self._held = None
             assert self._flush is not None
             self._flush.cancel()
+            self._flush = None
             self._transport.writelines((held, data))
         elif self._started:
             self._transport.write(data)
@@ -234,6 +235,7 @@ class HeadFirst:
             self._flush = self._loop.call_soon(self.flush)
 
     def flush(self) -> None:
+        self._flush = None
         held, self._held = self._held, None
         if held is not None and not self._transport.is_closing():
             self._transport.write(held)
