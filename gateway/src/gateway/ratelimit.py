@@ -230,8 +230,11 @@ class RateLimiter:
             self._window = window
             self._tallies.clear()
             self._unsent.clear()
-        tally = self._tallies.pop(identity, None) or _Tally()
-        self._tallies[identity] = tally
+        tally = self._tallies.get(identity)
+        if tally is not None:
+            self._tallies.move_to_end(identity)
+            return tally
+        tally = self._tallies[identity] = _Tally()
         if len(self._tallies) > self.max_identities:
             self._tallies.popitem(last=False)
         return tally
